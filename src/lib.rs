@@ -1,0 +1,14 @@
+//! The kernel probe distribution API: the gRPC code generated from
+//! `proto/kprobes/v1`, and the naming rules for module versions and probe
+//! files that Central, the uploader and the Collector all enforce.
+
+pub mod digest;
+pub mod names;
+
+/// Generated messages, clients and servers of package `kprobes.v1`.
+pub mod v1 {
+    tonic::include_proto!("kprobes.v1");
+}
+
+/// The encoded descriptor set of `proto/`, served by gRPC reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("kprobes_descriptor");
