@@ -1,0 +1,91 @@
+//! The probe store: where uploaded probes live, behind a small trait so that
+//! the services hold no file system assumptions and a second backend (a
+//! database shared by several Central replicas) is an addition.
+//!
+//! A store is the authority on the overwrite rule: `ProbeWriter::finish`
+//! decides, atomically with the commit, whether the new bytes are stored,
+//! identical to what is there, a conflict, or an overwrite.
+
+pub mod filesystem;
+
+use std::future::Future;
+use std::pin::Pin;
+
+use bytes::Bytes;
+use probe_api::digest::Sha256Digest;
+use probe_api::names::{ModuleVersion, ProbePath};
+use tokio_stream::Stream;
+
+use crate::error::Result;
+
+/// What the store knows about one probe.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredProbe {
+    pub path: ProbePath,
+    pub size: u64,
+    pub sha256: Sha256Digest,
+}
+
+/// What committing one file did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CommitOutcome {
+    /// No probe had this path; it is stored now.
+    Stored,
+    /// The same bytes were stored already; nothing changed.
+    Identical,
+    /// Other bytes are stored under this path and were kept.
+    Conflict { existing: Sha256Digest },
+    /// Other bytes were stored under this path and have been replaced.
+    Overwritten { previous: Sha256Digest },
+}
+
+/// A probe's bytes, in order, as chunks of bounded size.
+pub type ChunkStream = Pin<Box<dyn Stream<Item = Result<Bytes>> + Send>>;
+
+/// A commit that has been verified and is being made durable. It completes
+/// even if whoever started it goes away.
+pub type PendingCommit = Pin<Box<dyn Future<Output = Result<CommitOutcome>> + Send>>;
+
+/// An open probe: its metadata, then its bytes.
+pub struct ProbeReader {
+    pub probe: StoredProbe,
+    pub chunks: ChunkStream,
+}
+
+#[tonic::async_trait]
+pub trait ProbeStore: Send + Sync + 'static {
+    /// The probe stored under `path`, if any.
+    async fn stat(&self, path: &ProbePath) -> Result<Option<StoredProbe>>;
+
+    /// Up to `limit` probes in path order, after `after` when given, only of
+    /// `module_version` when given.
+    async fn list(
+        &self,
+        module_version: Option<&ModuleVersion>,
+        after: Option<&ProbePath>,
+        limit: usize,
+    ) -> Result<Vec<StoredProbe>>;
+
+    /// Starts writing a probe of exactly `size` bytes. Nothing is visible
+    /// until the writer's `finish` commits; a writer dropped before that
+    /// leaves nothing behind.
+    async fn create(&self, path: ProbePath, size: u64) -> Result<Box<dyn ProbeWriter>>;
+
+    /// Opens the probe stored under `path`, if any.
+    async fn open(&self, path: &ProbePath) -> Result<Option<ProbeReader>>;
+}
+
+#[tonic::async_trait]
+pub trait ProbeWriter: Send {
+    /// Appends the next bytes.
+    async fn write(&mut self, chunk: Bytes) -> Result<()>;
+
+    /// Checks that exactly the declared size arrived and that it hashes to
+    /// `sha256` (INVALID_ARGUMENT or DATA_LOSS otherwise, keeping nothing),
+    /// then starts the commit under the overwrite rule.
+    async fn finish(
+        self: Box<Self>,
+        sha256: Sha256Digest,
+        overwrite: bool,
+    ) -> Result<PendingCommit>;
+}
