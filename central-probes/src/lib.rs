@@ -1,5 +1,10 @@
 //! Central's side of kernel probe distribution: the probe store, the gRPC
 //! services that fill it and serve from it, and the admin tooling.
 
+pub mod auth;
 pub mod error;
+pub mod probe_service;
+pub mod server;
 pub mod store;
+pub mod upload_service;
+pub mod upload_session;

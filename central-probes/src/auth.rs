@@ -1,0 +1,297 @@
+//! API tokens for the admin-facing service.
+//!
+//! `central-probes token create` makes a random token, prints it once and
+//! keeps only its SHA-256 in `<data dir>/tokens`, one line per token:
+//! `<sha256 hex> <role> <name>`. Central reads that file on each check (it
+//! is small), so a revoked token stops working at once, without a restart.
+//! Presented tokens are hashed and compared with every stored hash in
+//! constant time.
+
+use std::fmt;
+use std::fs;
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+
+use probe_api::digest::Sha256Digest;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+use tonic::Code;
+use tonic::metadata::MetadataMap;
+
+use crate::error::{Error, Result};
+
+/// What a token may do. `Admin` may do everything `View` may.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum)]
+pub enum Role {
+    /// Query and list probes.
+    View,
+    /// Also upload probes.
+    Admin,
+}
+
+impl Role {
+    fn as_str(self) -> &'static str {
+        match self {
+            Role::View => "view",
+            Role::Admin => "admin",
+        }
+    }
+
+    fn parse(s: &str) -> Option<Role> {
+        match s {
+            "view" => Some(Role::View),
+            "admin" => Some(Role::Admin),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One line of the tokens file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TokenRecord {
+    pub hash: Sha256Digest,
+    pub role: Role,
+    pub name: String,
+}
+
+/// The tokens file of a data directory.
+#[derive(Clone, Debug)]
+pub struct TokenFile {
+    path: PathBuf,
+}
+
+impl TokenFile {
+    pub fn in_data_dir(data_dir: &Path) -> Self {
+        TokenFile {
+            path: data_dir.join("tokens"),
+        }
+    }
+
+    /// All tokens; none when the file does not exist yet.
+    pub fn load(&self) -> io::Result<Vec<TokenRecord>> {
+        let text = match fs::read_to_string(&self.path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(e),
+        };
+        text.lines()
+            .filter(|line| !line.trim().is_empty())
+            .map(|line| {
+                let mut fields = line.splitn(3, ' ');
+                let hash = fields.next().and_then(Sha256Digest::from_hex);
+                let role = fields.next().and_then(Role::parse);
+                let name = fields.next().unwrap_or_default().to_owned();
+                match (hash, role) {
+                    (Some(hash), Some(role)) => Ok(TokenRecord { hash, role, name }),
+                    _ => Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!("{}: malformed line {line:?}", self.path.display()),
+                    )),
+                }
+            })
+            .collect()
+    }
+
+    /// Makes a new token, stores its hash and returns the token itself:
+    /// the only time it is ever seen.
+    pub fn create(&self, role: Role, name: &str) -> io::Result<String> {
+        if name.is_empty() || name.contains(char::is_whitespace) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "a token name must be non-empty and without white space",
+            ));
+        }
+        let mut records = self.load()?;
+        if records.iter().any(|r| r.name == name) {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                format!(
+                    "a token named {name:?} exists already; revoke it first or pick another name"
+                ),
+            ));
+        }
+        let mut secret = [0u8; 32];
+        getrandom::getrandom(&mut secret).map_err(io::Error::other)?;
+        let token = format!("kp_{}", Sha256Digest(secret).to_hex());
+        records.push(TokenRecord {
+            hash: hash_token(&token),
+            role,
+            name: name.to_owned(),
+        });
+        self.save(&records)?;
+        Ok(token)
+    }
+
+    /// Removes the token named `name`; false if there was none.
+    pub fn revoke(&self, name: &str) -> io::Result<bool> {
+        let mut records = self.load()?;
+        let before = records.len();
+        records.retain(|r| r.name != name);
+        if records.len() == before {
+            return Ok(false);
+        }
+        self.save(&records)?;
+        Ok(true)
+    }
+
+    /// Replaces the file atomically: a reader sees the old or the new list.
+    fn save(&self, records: &[TokenRecord]) -> io::Result<()> {
+        if let Some(dir) = self.path.parent() {
+            fs::create_dir_all(dir)?;
+        }
+        let temp = self.path.with_extension("new");
+        let mut file = fs::File::create(&temp)?;
+        for r in records {
+            writeln!(file, "{} {} {}", r.hash, r.role, r.name)?;
+        }
+        file.sync_all()?;
+        fs::rename(&temp, &self.path)
+    }
+}
+
+fn hash_token(token: &str) -> Sha256Digest {
+    Sha256Digest(Sha256::digest(token.as_bytes()).into())
+}
+
+/// Checks the bearer token of a request against the tokens file.
+#[derive(Clone, Debug)]
+pub struct TokenAuth {
+    tokens: TokenFile,
+}
+
+impl TokenAuth {
+    pub fn new(tokens: TokenFile) -> Self {
+        TokenAuth { tokens }
+    }
+
+    /// The role of the request's token if it has at least `needed`:
+    /// UNAUTHENTICATED for a missing or unknown token, PERMISSION_DENIED for
+    /// too weak a role.
+    pub fn authorize(&self, metadata: &MetadataMap, needed: Role) -> Result<Role> {
+        let unauthenticated = |why: &str| Error::new(Code::Unauthenticated, why.to_owned());
+        let Some(value) = metadata.get("authorization") else {
+            return Err(unauthenticated(
+                "missing API token: send the metadata \"authorization: Bearer <token>\"",
+            ));
+        };
+        let token = value
+            .to_str()
+            .ok()
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .ok_or_else(|| {
+                unauthenticated("malformed authorization metadata: expected \"Bearer <token>\"")
+            })?;
+        let presented = hash_token(token);
+        let records = self
+            .tokens
+            .load()
+            .map_err(|e| Error::internal(format!("reading the tokens: {e}")))?;
+        // Every record is compared, matched or not, so timing tells nothing.
+        let mut role = None;
+        for record in &records {
+            if bool::from(record.hash.0.ct_eq(&presented.0)) {
+                role = Some(record.role);
+            }
+        }
+        let role = role.ok_or_else(|| unauthenticated("unknown or revoked API token"))?;
+        if role < needed {
+            return Err(Error::new(
+                Code::PermissionDenied,
+                format!("this needs a token with role {needed}; yours has role {role}"),
+            ));
+        }
+        Ok(role)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn metadata(value: &str) -> MetadataMap {
+        let mut metadata = MetadataMap::new();
+        metadata.insert("authorization", value.parse().unwrap());
+        metadata
+    }
+
+    #[test]
+    fn tokens_authorize_by_role_until_revoked() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = TokenFile::in_data_dir(dir.path());
+        let admin = file.create(Role::Admin, "ci").unwrap();
+        let view = file.create(Role::View, "dashboard").unwrap();
+        assert!(
+            !fs::read_to_string(dir.path().join("tokens"))
+                .unwrap()
+                .contains(&admin)
+        );
+        let auth = TokenAuth::new(file.clone());
+
+        let bearer = |t: &str| metadata(&format!("Bearer {t}"));
+        assert_eq!(
+            auth.authorize(&bearer(&admin), Role::Admin).unwrap(),
+            Role::Admin
+        );
+        assert_eq!(
+            auth.authorize(&bearer(&view), Role::View).unwrap(),
+            Role::View
+        );
+        assert_eq!(
+            auth.authorize(&bearer(&view), Role::Admin)
+                .unwrap_err()
+                .code,
+            Code::PermissionDenied
+        );
+
+        assert!(file.revoke("ci").unwrap());
+        assert!(!file.revoke("ci").unwrap());
+        assert_eq!(
+            auth.authorize(&bearer(&admin), Role::View)
+                .unwrap_err()
+                .code,
+            Code::Unauthenticated
+        );
+        assert_eq!(
+            auth.authorize(&bearer(&view), Role::View).unwrap(),
+            Role::View
+        );
+    }
+
+    #[test]
+    fn missing_malformed_and_unknown_tokens_are_unauthenticated() {
+        let dir = tempfile::tempdir().unwrap();
+        let auth = TokenAuth::new(TokenFile::in_data_dir(dir.path()));
+        assert_eq!(
+            auth.authorize(&MetadataMap::new(), Role::View)
+                .unwrap_err()
+                .code,
+            Code::Unauthenticated
+        );
+        for value in ["", "Bearer ", "Basic abc", "kp_123", "Bearer kp_unknown"] {
+            assert_eq!(
+                auth.authorize(&metadata(value), Role::View)
+                    .unwrap_err()
+                    .code,
+                Code::Unauthenticated
+            );
+        }
+    }
+
+    #[test]
+    fn token_names_are_unique_and_without_spaces() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = TokenFile::in_data_dir(dir.path());
+        file.create(Role::View, "a").unwrap();
+        assert!(file.create(Role::Admin, "a").is_err());
+        assert!(file.create(Role::Admin, "a b").is_err());
+        assert!(file.create(Role::Admin, "").is_err());
+    }
+}

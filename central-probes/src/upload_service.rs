@@ -1,0 +1,158 @@
+//! `ProbeUploadService`: the admin-facing RPCs. Each RPC checks the bearer
+//! token, then calls an inner function returning the crate's `Error`.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use probe_api::names::{ModuleVersion, ProbePath};
+use probe_api::v1::probe_upload_service_server::ProbeUploadService;
+use probe_api::v1::{
+    GetExistingProbesRequest, GetExistingProbesResponse, ListProbesRequest, ListProbesResponse,
+    ProbeInfo, UploadProbesRequest, UploadProbesResponse,
+};
+use tonic::{Request, Response, Status, Streaming};
+use tracing::{info, instrument};
+
+use crate::auth::{Role, TokenAuth};
+use crate::error::{Error, Result};
+use crate::store::{ProbeStore, StoredProbe};
+use crate::upload_session::UploadSession;
+
+/// Most paths one GetExistingProbes call may ask for.
+pub const MAX_EXISTING_PATHS: usize = 100_000;
+/// Default and largest ListProbes page.
+pub const DEFAULT_PAGE_SIZE: u32 = 1_000;
+pub const MAX_PAGE_SIZE: u32 = 10_000;
+
+pub struct UploadService {
+    store: Arc<dyn ProbeStore>,
+    auth: TokenAuth,
+}
+
+impl UploadService {
+    pub fn new(store: Arc<dyn ProbeStore>, auth: TokenAuth) -> Self {
+        UploadService { store, auth }
+    }
+
+    async fn get_existing(
+        &self,
+        request: GetExistingProbesRequest,
+    ) -> Result<GetExistingProbesResponse> {
+        if request.paths.len() > MAX_EXISTING_PATHS {
+            return Err(Error::invalid_argument(format!(
+                "{} paths asked for; at most {MAX_EXISTING_PATHS} per call",
+                request.paths.len()
+            )));
+        }
+        let paths = request
+            .paths
+            .iter()
+            .map(|p| ProbePath::parse(p))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut seen = HashSet::new();
+        let mut probes = Vec::new();
+        for path in paths {
+            if seen.insert(path.clone())
+                && let Some(probe) = self.store.stat(&path).await?
+            {
+                probes.push(info_of(probe));
+            }
+        }
+        Ok(GetExistingProbesResponse { probes })
+    }
+
+    async fn list(&self, request: ListProbesRequest) -> Result<ListProbesResponse> {
+        let module_version = match request.module_version.as_str() {
+            "" => None,
+            v => Some(ModuleVersion::parse(v)?),
+        };
+        let page_size = match request.page_size {
+            0 => DEFAULT_PAGE_SIZE,
+            n if n > MAX_PAGE_SIZE => {
+                return Err(Error::invalid_argument(format!(
+                    "page_size {n} is over {MAX_PAGE_SIZE}"
+                )));
+            }
+            n => n,
+        } as usize;
+        // The page token is the last path of the previous page.
+        let after =
+            match request.page_token.as_str() {
+                "" => None,
+                token => Some(ProbePath::parse(token).map_err(|_| {
+                    Error::invalid_argument("page_token is not one this server gave")
+                })?),
+            };
+        // One more than asked tells whether another page follows.
+        let mut probes = self
+            .store
+            .list(module_version.as_ref(), after.as_ref(), page_size + 1)
+            .await?;
+        let next_page_token = if probes.len() > page_size {
+            probes.truncate(page_size);
+            probes
+                .last()
+                .map(|p| p.path.to_string())
+                .unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok(ListProbesResponse {
+            probes: probes.into_iter().map(info_of).collect(),
+            next_page_token,
+        })
+    }
+}
+
+fn info_of(probe: StoredProbe) -> ProbeInfo {
+    ProbeInfo {
+        path: probe.path.to_string(),
+        size: probe.size,
+        sha256: probe.sha256.to_hex(),
+    }
+}
+
+#[tonic::async_trait]
+impl ProbeUploadService for UploadService {
+    #[instrument(skip_all, fields(paths = request.get_ref().paths.len()))]
+    async fn get_existing_probes(
+        &self,
+        request: Request<GetExistingProbesRequest>,
+    ) -> Result<Response<GetExistingProbesResponse>, Status> {
+        self.auth.authorize(request.metadata(), Role::View)?;
+        Ok(Response::new(
+            self.get_existing(request.into_inner()).await?,
+        ))
+    }
+
+    #[instrument(skip_all)]
+    async fn upload_probes(
+        &self,
+        request: Request<Streaming<UploadProbesRequest>>,
+    ) -> Result<Response<UploadProbesResponse>, Status> {
+        let role = self.auth.authorize(request.metadata(), Role::Admin)?;
+        let response = UploadSession::new(self.store.clone())
+            .run(request.into_inner())
+            .await
+            .inspect_err(|error| info!(code = ?error.code, %error, "upload failed"))?;
+        info!(
+            %role,
+            stored = response.stored_count,
+            identical = response.identical_count,
+            conflicts = response.conflict_count,
+            overwritten = response.overwritten_count,
+            bytes = response.bytes_received,
+            "upload finished"
+        );
+        Ok(Response::new(response))
+    }
+
+    #[instrument(skip_all)]
+    async fn list_probes(
+        &self,
+        request: Request<ListProbesRequest>,
+    ) -> Result<Response<ListProbesResponse>, Status> {
+        self.auth.authorize(request.metadata(), Role::View)?;
+        Ok(Response::new(self.list(request.into_inner()).await?))
+    }
+}
