@@ -4,6 +4,7 @@
 
 pub mod digest;
 pub mod names;
+pub mod transport;
 
 /// Generated messages, clients and servers of package `kprobes.v1`.
 pub mod v1 {

@@ -3,8 +3,11 @@
 
 pub mod auth;
 pub mod error;
+pub mod package;
+pub mod pki;
 pub mod probe_service;
 pub mod server;
 pub mod store;
+pub mod synthetic;
 pub mod upload_service;
 pub mod upload_session;

@@ -1,0 +1,262 @@
+//! Reading support packages (zip files) without extracting them.
+//!
+//! `PackageIndex::scan` reads the central directory only: which entries are
+//! probes, which are ignored (directories, LICENSE files, anything outside
+//! `kernel-modules/`) and which look wrong. `Package::read_entry` then reads
+//! one probe's bytes (stored or deflated), refusing an entry that inflates
+//! to more or fewer bytes than it declares. Reading is blocking: callers
+//! run it on a blocking thread.
+
+use std::collections::HashSet;
+use std::fs::File;
+use std::io::{self, BufReader, Read};
+use std::path::Path;
+
+use probe_api::names::{PackageEntry, ProbePath, classify_package_entry};
+use zip::ZipArchive;
+
+/// A probe file inside the package.
+#[derive(Clone, Debug)]
+pub struct PackageProbe {
+    /// Position in the zip's central directory.
+    pub index: usize,
+    pub path: ProbePath,
+    /// Uncompressed size, as declared by the zip.
+    pub size: u64,
+}
+
+/// What a package holds, from its central directory.
+#[derive(Debug, Default)]
+pub struct PackageIndex {
+    /// In archive order, which is the order to read them in.
+    pub probes: Vec<PackageProbe>,
+    pub ignored: usize,
+    /// Entries under `kernel-modules/` that are not probes, with the reason.
+    pub unrecognised: Vec<String>,
+}
+
+pub struct Package {
+    archive: ZipArchive<BufReader<File>>,
+}
+
+/// Read buffer for the package file: large sequential reads.
+const READ_BUFFER: usize = 1 << 20;
+
+impl Package {
+    pub fn open(path: &Path) -> Result<Self, String> {
+        let file = File::open(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+        let archive = ZipArchive::new(BufReader::with_capacity(READ_BUFFER, file))
+            .map_err(|e| format!("{} is not a readable zip file: {e}", path.display()))?;
+        Ok(Package { archive })
+    }
+
+    /// Classifies every entry. Two entries with the same probe path are an
+    /// error: which one is meant cannot be known.
+    pub fn index(&mut self) -> Result<PackageIndex, String> {
+        let mut index = PackageIndex::default();
+        let mut seen = HashSet::new();
+        for i in 0..self.archive.len() {
+            let entry = self
+                .archive
+                .by_index_raw(i)
+                .map_err(|e| format!("zip entry {i} is unreadable: {e}"))?;
+            let name = entry
+                .name()
+                .map_err(|e| format!("zip entry {i} has an unreadable name: {e}"))?
+                .into_owned();
+            match classify_package_entry(&name) {
+                PackageEntry::Probe(_) | PackageEntry::Unrecognised(_) if entry.is_dir() => {
+                    index.ignored += 1
+                }
+                PackageEntry::Probe(path) => {
+                    if !seen.insert(path.clone()) {
+                        return Err(format!("the package holds {name} twice"));
+                    }
+                    index.probes.push(PackageProbe {
+                        index: i,
+                        path,
+                        size: entry.size(),
+                    });
+                }
+                PackageEntry::Ignored => index.ignored += 1,
+                PackageEntry::Unrecognised(reason) => {
+                    index.unrecognised.push(format!("{name}: {reason}"))
+                }
+            }
+        }
+        Ok(index)
+    }
+
+    /// Reads a probe entry and hands its bytes to `consume` in pieces of at
+    /// most `chunk_size`. Fails if the entry yields a byte count other than
+    /// the one it declares, or its CRC-32 does not match.
+    pub fn read_entry(
+        &mut self,
+        probe: &PackageProbe,
+        chunk_size: usize,
+        mut consume: impl FnMut(&[u8]) -> io::Result<()>,
+    ) -> io::Result<()> {
+        let entry = self
+            .archive
+            .by_index(probe.index)
+            .map_err(io::Error::other)?;
+        // One byte more than declared is enough to catch a lying entry
+        // (a zip bomb) without reading what it inflates to.
+        let mut reader = entry.take(probe.size + 1);
+        let mut buffer = vec![0u8; chunk_size.min(probe.size as usize + 1).max(1)];
+        let mut total = 0u64;
+        loop {
+            let n = read_full(&mut reader, &mut buffer)?;
+            if n == 0 {
+                break;
+            }
+            total += n as u64;
+            if total > probe.size {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!(
+                        "{}: the entry holds more bytes than its declared {}",
+                        probe.path, probe.size
+                    ),
+                ));
+            }
+            consume(&buffer[..n])?;
+        }
+        if total != probe.size {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "{}: the entry holds {total} bytes but declares {}",
+                    probe.path, probe.size
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Fills `buffer` as far as the reader allows; 0 only at the end.
+fn read_full(reader: &mut impl Read, buffer: &mut [u8]) -> io::Result<usize> {
+    let mut filled = 0;
+    while filled < buffer.len() {
+        match reader.read(&mut buffer[filled..]) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(filled)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+    use zip::write::SimpleFileOptions;
+
+    fn write_zip(path: &Path, entries: &[(&str, &[u8], bool)]) {
+        let mut zip = zip::ZipWriter::new(File::create(path).unwrap());
+        for (name, bytes, deflate) in entries {
+            let method = if *deflate {
+                zip::CompressionMethod::Deflated
+            } else {
+                zip::CompressionMethod::Stored
+            };
+            if name.ends_with('/') {
+                zip.add_directory(*name, SimpleFileOptions::default())
+                    .unwrap();
+            } else {
+                zip.start_file(
+                    *name,
+                    SimpleFileOptions::default().compression_method(method),
+                )
+                .unwrap();
+                zip.write_all(bytes).unwrap();
+            }
+        }
+        zip.finish().unwrap();
+    }
+
+    fn read_all(package: &mut Package, probe: &PackageProbe) -> io::Result<Vec<u8>> {
+        let mut out = Vec::new();
+        package.read_entry(probe, 7, |b| {
+            out.extend_from_slice(b);
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
+    #[test]
+    fn stored_and_deflated_probes_are_read_and_the_rest_classified() {
+        let dir = tempfile::tempdir().unwrap();
+        let zip_path = dir.path().join("pkg.zip");
+        let deflated = vec![7u8; 10_000];
+        write_zip(
+            &zip_path,
+            &[
+                ("kernel-modules/", b"", false),
+                ("kernel-modules/2.5.0/", b"", false),
+                ("kernel-modules/2.5.0/LICENSE", b"license", false),
+                (
+                    "kernel-modules/2.5.0/collector-ebpf-5.4.0.o.gz",
+                    b"stored probe",
+                    false,
+                ),
+                (
+                    "kernel-modules/2.5.0/collector-5.4.0.ko.gz",
+                    &deflated,
+                    true,
+                ),
+                ("kernel-modules/2.5.0/README", b"?", false),
+                ("other.txt", b"", false),
+            ],
+        );
+        let mut package = Package::open(&zip_path).unwrap();
+        let index = package.index().unwrap();
+        assert_eq!(index.probes.len(), 2);
+        assert_eq!(index.ignored, 4);
+        assert_eq!(index.unrecognised.len(), 1);
+        assert!(index.unrecognised[0].contains("README"));
+        assert_eq!(
+            read_all(&mut package, &index.probes[0]).unwrap(),
+            b"stored probe"
+        );
+        assert_eq!(read_all(&mut package, &index.probes[1]).unwrap(), deflated);
+    }
+
+    #[test]
+    fn a_file_that_is_no_zip_is_refused_clearly() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("pkg.zip");
+        std::fs::write(&path, b"not a zip at all").unwrap();
+        let error = Package::open(&path).err().unwrap();
+        assert!(error.contains("is not a readable zip file"), "{error}");
+        let error = Package::open(&dir.path().join("missing.zip"))
+            .err()
+            .unwrap();
+        assert!(error.contains("cannot open"), "{error}");
+    }
+
+    #[test]
+    fn an_entry_that_inflates_beyond_its_declared_size_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("pkg.zip");
+        write_zip(
+            &path,
+            &[(
+                "kernel-modules/2.5.0/collector-5.4.0.ko.gz",
+                &[0u8; 5000],
+                true,
+            )],
+        );
+        let mut package = Package::open(&path).unwrap();
+        let mut probe = package.index().unwrap().probes.remove(0);
+        probe.size = 100; // what a lying header would declare
+        let error = read_all(&mut package, &probe).unwrap_err();
+        assert!(
+            error.to_string().contains("more bytes than its declared"),
+            "{error}"
+        );
+    }
+}

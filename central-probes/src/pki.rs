@@ -1,0 +1,146 @@
+//! A development PKI made with rcgen: a cluster CA, Central's server
+//! certificate (valid for localhost and 127.0.0.1) and a Collector client
+//! identity. `central-probes pki init --out DIR` writes it; tests make their
+//! own at run time.
+
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose,
+};
+
+/// A certificate and its private key, both PEM.
+#[derive(Clone, Debug)]
+pub struct CertifiedKey {
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+/// A certificate authority that can issue server and client certificates.
+pub struct CertificateAuthority {
+    issuer: Issuer<'static, KeyPair>,
+    pub cert_pem: String,
+}
+
+fn distinguished_name(common_name: &str) -> DistinguishedName {
+    let mut name = DistinguishedName::new();
+    name.push(DnType::CommonName, common_name);
+    name
+}
+
+impl CertificateAuthority {
+    pub fn new(common_name: &str) -> Result<Self, rcgen::Error> {
+        let mut params = CertificateParams::new(Vec::new())?;
+        params.distinguished_name = distinguished_name(common_name);
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let key = KeyPair::generate()?;
+        let cert_pem = params.self_signed(&key)?.pem();
+        Ok(CertificateAuthority {
+            issuer: Issuer::new(params, key),
+            cert_pem,
+        })
+    }
+
+    /// A server certificate for the given DNS names and IP addresses.
+    pub fn issue_server(&self, names: &[&str]) -> Result<CertifiedKey, rcgen::Error> {
+        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+        let mut params = CertificateParams::new(names.clone())?;
+        params.distinguished_name = distinguished_name(&names[0]);
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        self.issue(params)
+    }
+
+    /// A client certificate, such as a Collector's identity.
+    pub fn issue_client(&self, common_name: &str) -> Result<CertifiedKey, rcgen::Error> {
+        self.issue(self.client_params(common_name)?)
+    }
+
+    /// A client certificate that expired long ago, for tests of refusal.
+    pub fn issue_expired_client(&self, common_name: &str) -> Result<CertifiedKey, rcgen::Error> {
+        let mut params = self.client_params(common_name)?;
+        params.not_before = rcgen::date_time_ymd(2000, 1, 1);
+        params.not_after = rcgen::date_time_ymd(2001, 1, 1);
+        self.issue(params)
+    }
+
+    fn client_params(&self, common_name: &str) -> Result<CertificateParams, rcgen::Error> {
+        let mut params = CertificateParams::new(Vec::new())?;
+        params.distinguished_name = distinguished_name(common_name);
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        Ok(params)
+    }
+
+    fn issue(&self, mut params: CertificateParams) -> Result<CertifiedKey, rcgen::Error> {
+        params.use_authority_key_identifier_extension = true;
+        let key = KeyPair::generate()?;
+        let cert = params.signed_by(&key, &self.issuer)?;
+        Ok(CertifiedKey {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        })
+    }
+
+    pub fn key_pem(&self) -> String {
+        self.issuer.key().serialize_pem()
+    }
+}
+
+/// Writes a development PKI into `out`: `ca.pem`, `ca-key.pem`,
+/// `server.pem`, `server-key.pem`, `collector.pem`, `collector-key.pem`.
+/// Private keys are readable by their owner only.
+pub fn init(out: &Path) -> std::io::Result<()> {
+    let error = |e: rcgen::Error| std::io::Error::other(format!("making certificates: {e}"));
+    let ca = CertificateAuthority::new("central-probes development CA").map_err(error)?;
+    let server = ca
+        .issue_server(&["localhost", "127.0.0.1"])
+        .map_err(error)?;
+    let collector = ca.issue_client("collector").map_err(error)?;
+    fs::create_dir_all(out)?;
+    write_file(&out.join("ca.pem"), &ca.cert_pem, 0o644)?;
+    write_file(&out.join("ca-key.pem"), &ca.key_pem(), 0o600)?;
+    write_file(&out.join("server.pem"), &server.cert_pem, 0o644)?;
+    write_file(&out.join("server-key.pem"), &server.key_pem, 0o600)?;
+    write_file(&out.join("collector.pem"), &collector.cert_pem, 0o644)?;
+    write_file(&out.join("collector-key.pem"), &collector.key_pem, 0o600)?;
+    Ok(())
+}
+
+fn write_file(path: &Path, content: &str, mode: u32) -> std::io::Result<()> {
+    let mut file = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(mode)
+        .open(path)?;
+    file.write_all(content.as_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn init_writes_all_six_files_with_private_keys_kept_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        init(dir.path()).unwrap();
+        for name in ["ca.pem", "server.pem", "collector.pem"] {
+            let text = fs::read_to_string(dir.path().join(name)).unwrap();
+            assert!(text.starts_with("-----BEGIN CERTIFICATE-----"), "{name}");
+        }
+        for name in ["ca-key.pem", "server-key.pem", "collector-key.pem"] {
+            let path = dir.path().join(name);
+            assert!(fs::read_to_string(&path).unwrap().contains("PRIVATE KEY"));
+            assert_eq!(
+                fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+                0o600,
+                "{name}"
+            );
+        }
+    }
+}

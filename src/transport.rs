@@ -1,0 +1,105 @@
+//! Client connections to Central: TLS with the CA that signed Central's
+//! certificate, an optional client identity (a Collector's), and HTTP/2
+//! windows sized for bulk transfers.
+
+use std::time::Duration;
+
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+
+/// Per-stream and per-connection HTTP/2 receive windows of clients.
+pub const STREAM_WINDOW: u32 = 16 << 20;
+pub const CONNECTION_WINDOW: u32 = 32 << 20;
+
+/// TLS settings of a client.
+#[derive(Clone, Debug, Default)]
+pub struct ClientTls {
+    /// PEM of the CA that signed Central's server certificate.
+    pub ca_pem: Vec<u8>,
+    /// PEM certificate and key presented to Central, if any.
+    pub identity: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+/// Makes a channel to `address` (`host:port`, optionally with `https://`).
+/// It connects lazily, on the first call, within `connect_timeout`.
+pub fn channel(
+    address: &str,
+    tls: &ClientTls,
+    connect_timeout: Duration,
+) -> Result<Channel, String> {
+    let authority = address.strip_prefix("https://").unwrap_or(address);
+    if authority.starts_with("http://") {
+        return Err(format!(
+            "{address}: Central speaks TLS only; use https:// or plain host:port"
+        ));
+    }
+    let host = host_of(authority).ok_or_else(|| format!("{address:?} is not HOST:PORT"))?;
+    let mut config = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(&tls.ca_pem))
+        .domain_name(host);
+    if let Some((cert, key)) = &tls.identity {
+        config = config.identity(Identity::from_pem(cert, key));
+    }
+    let endpoint = Endpoint::from_shared(format!("https://{authority}"))
+        .map_err(|e| format!("{address}: {e}"))?
+        .tls_config(config)
+        .map_err(|e| format!("TLS configuration: {e}"))?
+        .connect_timeout(connect_timeout)
+        .tcp_nodelay(true)
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW);
+    Ok(endpoint.connect_lazy())
+}
+
+/// The host of `host:port` or `[v6]:port`, without brackets.
+fn host_of(authority: &str) -> Option<String> {
+    let (host, port) = authority.rsplit_once(':')?;
+    port.parse::<u16>().ok()?;
+    let host = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    (!host.is_empty()).then(|| host.to_owned())
+}
+
+/// A one-line explanation of a failed call, with a hint where the raw
+/// status is cryptic: a refused client certificate shows up only as a
+/// "transport error" on the first call.
+pub fn describe(status: &tonic::Status) -> String {
+    let mut text = format!("{:?}: {}", status.code(), status.message());
+    let source = std::error::Error::source(status)
+        .map(|s| format!("{s:?}"))
+        .unwrap_or_default();
+    let certificate_trouble = ["Certificate", "UnknownCA", "certificate", "BadCertificate"]
+        .iter()
+        .any(|word| source.contains(word));
+    if certificate_trouble {
+        text.push_str(
+            " (TLS refused: check that --ca is the CA that signed Central's certificate, \
+             and that the client certificate is signed by Central's cluster CA)",
+        );
+    } else if matches!(
+        status.code(),
+        tonic::Code::Unknown | tonic::Code::Unavailable
+    ) && status.message().contains("transport error")
+    {
+        text.push_str(&format!(
+            " (could not talk to Central: is it running at that address, and does it trust this client's certificate?{})",
+            if source.is_empty() { String::new() } else { format!(" details: {source}") }
+        ));
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hosts_are_taken_from_addresses() {
+        assert_eq!(host_of("localhost:8443").as_deref(), Some("localhost"));
+        assert_eq!(host_of("[::1]:8443").as_deref(), Some("::1"));
+        assert_eq!(host_of("localhost"), None);
+        assert_eq!(host_of(":8443"), None);
+        assert_eq!(host_of("host:port"), None);
+    }
+}
