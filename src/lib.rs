@@ -7,6 +7,9 @@ pub mod names;
 pub mod transport;
 
 /// Generated messages, clients and servers of package `kprobes.v1`.
+// The proto comments are written for readers of every language, not for
+// clippy's Markdown rules.
+#[allow(clippy::all)]
 pub mod v1 {
     tonic::include_proto!("kprobes.v1");
 }

@@ -1,11 +1,13 @@
 //! Central's side of kernel probe distribution: the probe store, the gRPC
 //! services that fill it and serve from it, and the admin tooling.
 
+pub mod admin_client;
 pub mod auth;
 pub mod error;
 pub mod package;
 pub mod pki;
 pub mod probe_service;
+pub mod progress;
 pub mod server;
 pub mod store;
 pub mod synthetic;

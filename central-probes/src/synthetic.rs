@@ -97,7 +97,7 @@ impl PackageSpec {
 
 /// 50-150 KB for most probes; about one in 500 is near 1.5 MB.
 fn realistic_size(seed: u64) -> usize {
-    if seed % 500 == 0 {
+    if seed.is_multiple_of(500) {
         1_400_000 + (seed >> 20) as usize % 200_000
     } else {
         50_000 + (seed >> 8) as usize % 100_000

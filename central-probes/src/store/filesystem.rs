@@ -184,10 +184,10 @@ struct TempFile {
 
 impl Drop for TempFile {
     fn drop(&mut self) {
-        if !self.renamed {
-            if let Err(error) = fs::remove_file(&self.path) {
-                warn!(path = %self.path.display(), %error, "could not remove a temporary file");
-            }
+        if !self.renamed
+            && let Err(error) = fs::remove_file(&self.path)
+        {
+            warn!(path = %self.path.display(), %error, "could not remove a temporary file");
         }
     }
 }
@@ -473,6 +473,8 @@ fn available_bytes(dir: &Path) -> Result<u64> {
             io::Error::last_os_error(),
         ));
     }
+    // The field types differ between platforms; u64 holds all of them.
+    #[allow(clippy::useless_conversion)]
     Ok(u64::from(stats.f_bavail).saturating_mul(u64::from(stats.f_frsize)))
 }
 

@@ -1,0 +1,398 @@
+//! The admin side of the API: a client of `ProbeUploadService` that sends
+//! the bearer token with every call, and the support-package upload built
+//! on it (`central-probes upload`).
+//!
+//! An upload reads the package's central directory, asks Central which
+//! probes it has, and then makes one sequential pass over the package on a
+//! blocking thread: new files are hashed while they stream; files Central
+//! has with the same size are hashed locally and skipped when identical;
+//! files that differ are sent only with `--overwrite`. The RPC starts only
+//! once there is something to send.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use probe_api::digest::Sha256Digest;
+use probe_api::transport::{self, ClientTls};
+use probe_api::v1::probe_upload_service_client::ProbeUploadServiceClient;
+use probe_api::v1::upload_probes_request::Message;
+use probe_api::v1::{
+    FileHeader, FileTrailer, GetExistingProbesRequest, ListProbesRequest, ProbeInfo, UploadOptions,
+    UploadProbesRequest, UploadProbesResponse,
+};
+use sha2::{Digest, Sha256};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::Interceptor;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+use tonic::{Request, Status};
+
+use crate::package::{Package, PackageIndex, PackageProbe};
+use crate::progress::Progress;
+use crate::server::MAX_REQUEST_MESSAGE;
+
+/// Adds `authorization: Bearer <token>` to every call.
+#[derive(Clone)]
+pub struct BearerToken(MetadataValue<Ascii>);
+
+impl Interceptor for BearerToken {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        request
+            .metadata_mut()
+            .insert("authorization", self.0.clone());
+        Ok(request)
+    }
+}
+
+pub type AdminClient = ProbeUploadServiceClient<InterceptedService<Channel, BearerToken>>;
+
+/// A client of Central's admin API.
+pub fn connect(
+    address: &str,
+    ca_pem: Vec<u8>,
+    token: &str,
+    connect_timeout: Duration,
+) -> Result<AdminClient, String> {
+    let token = format!("Bearer {}", token.trim())
+        .parse()
+        .map_err(|_| "the API token holds characters that cannot be sent".to_owned())?;
+    let channel = transport::channel(
+        address,
+        &ClientTls {
+            ca_pem,
+            identity: None,
+        },
+        connect_timeout,
+    )?;
+    Ok(
+        ProbeUploadServiceClient::with_interceptor(channel, BearerToken(token))
+            .max_decoding_message_size(MAX_REQUEST_MESSAGE)
+            .max_encoding_message_size(MAX_REQUEST_MESSAGE),
+    )
+}
+
+/// Paths asked about per GetExistingProbes call: well inside the limits.
+const EXISTING_BATCH: usize = 10_000;
+/// Bytes per chunk message: most probes fit in one.
+pub const UPLOAD_CHUNK: usize = 1 << 20;
+/// Messages queued between the package reader and the network.
+const UPLOAD_QUEUE: usize = 8;
+
+#[derive(Clone, Debug)]
+pub struct UploadRequest {
+    pub package: PathBuf,
+    pub overwrite: bool,
+}
+
+/// What an upload did.
+#[derive(Debug, Default)]
+pub struct UploadReport {
+    pub probes_in_package: usize,
+    /// Entries under kernel-modules/ that are not probes.
+    pub unrecognised: Vec<String>,
+    /// Files Central had with the same content.
+    pub identical: usize,
+    /// Files whose content differs from Central's and that were kept as
+    /// Central has them (no --overwrite).
+    pub conflicts: Vec<String>,
+    pub files_sent: usize,
+    pub bytes_sent: u64,
+    /// Central's answer; `None` when nothing had to be sent.
+    pub response: Option<UploadProbesResponse>,
+    pub elapsed: Duration,
+}
+
+/// The planning facts printed before the transfer starts.
+#[derive(Debug)]
+pub struct UploadPlan {
+    pub probes_in_package: usize,
+    pub new_files: usize,
+    pub new_bytes: u64,
+    /// Files Central has that must be compared by digest.
+    pub to_compare: usize,
+}
+
+/// What the reading thread found while streaming.
+#[derive(Default)]
+struct StreamTally {
+    identical: usize,
+    conflicts: Vec<String>,
+    files_sent: usize,
+    bytes_sent: u64,
+}
+
+enum Action {
+    Send,
+    /// Central has a file of this size: compare digests first.
+    Compare(Sha256Digest),
+    /// Central has a file of another size: it differs for sure.
+    Differs,
+}
+
+pub async fn upload(
+    client: &mut AdminClient,
+    request: &UploadRequest,
+    on_plan: impl FnOnce(&UploadPlan) -> Progress,
+) -> Result<UploadReport, String> {
+    let started = Instant::now();
+    let package_path = request.package.clone();
+    let (package, index) = tokio::task::spawn_blocking(move || {
+        let mut package = Package::open(&package_path)?;
+        let index = package.index()?;
+        Ok::<_, String>((package, index))
+    })
+    .await
+    .map_err(|e| e.to_string())??;
+    if index.probes.is_empty() {
+        return Err(format!(
+            "{} holds no probe files under kernel-modules/: is it a kernel support package?",
+            request.package.display()
+        ));
+    }
+    let existing = existing_probes(client, &index).await?;
+    let actions: Vec<Action> = index
+        .probes
+        .iter()
+        .map(|probe| match existing.get(&probe.path.to_string()) {
+            None => Action::Send,
+            Some(info) if info.size == probe.size => Action::Compare(
+                Sha256Digest::from_hex(&info.sha256).unwrap_or(Sha256Digest([0; 32])),
+            ),
+            Some(_) => Action::Differs,
+        })
+        .collect();
+    let plan = UploadPlan {
+        probes_in_package: index.probes.len(),
+        new_files: actions.iter().filter(|a| matches!(a, Action::Send)).count(),
+        new_bytes: index
+            .probes
+            .iter()
+            .zip(&actions)
+            .filter(|(_, a)| matches!(a, Action::Send))
+            .map(|(p, _)| p.size)
+            .sum(),
+        to_compare: actions
+            .iter()
+            .filter(|a| !matches!(a, Action::Send))
+            .count(),
+    };
+    let to_read: u64 = index
+        .probes
+        .iter()
+        .zip(&actions)
+        .filter(|(_, a)| request.overwrite || !matches!(a, Action::Differs))
+        .map(|(p, _)| p.size)
+        .sum();
+    let progress = Arc::new(on_plan(&plan));
+    progress.start(to_read);
+
+    let (sender, mut receiver) = mpsc::channel(UPLOAD_QUEUE);
+    let overwrite = request.overwrite;
+    let PackageIndex {
+        probes,
+        unrecognised,
+        ..
+    } = index;
+    let reader_progress = progress.clone();
+    let reader = tokio::task::spawn_blocking(move || {
+        stream_package(
+            package,
+            &probes,
+            &actions,
+            overwrite,
+            &sender,
+            &reader_progress,
+        )
+    });
+
+    // Start the call only when the first message arrives: an upload with
+    // nothing new makes no UploadProbes call at all.
+    let response = match receiver.recv().await {
+        None => None,
+        Some(first) => {
+            let messages = tokio_stream::StreamExt::chain(
+                tokio_stream::once(first),
+                ReceiverStream::new(receiver),
+            );
+            Some(client.upload_probes(messages).await)
+        }
+    };
+    // A reading error explains a broken stream better than the server's
+    // "ended inside a file", so it is reported first.
+    let tally = reader
+        .await
+        .map_err(|e| format!("reading the package: {e}"))?;
+    progress.finish();
+    let tally = tally?;
+    let response = match response {
+        None => None,
+        Some(Ok(response)) => Some(response.into_inner()),
+        Some(Err(status)) => {
+            return Err(format!("upload failed: {}", transport::describe(&status)));
+        }
+    };
+    let mut conflicts = tally.conflicts;
+    if let Some(response) = &response {
+        // Central is the authority: it may have seen a conflict this client
+        // could not (another upload racing this one).
+        conflicts.extend(
+            response
+                .results
+                .iter()
+                .filter(|r| r.outcome == probe_api::v1::FileOutcome::Conflict as i32)
+                .map(|r| r.path.clone()),
+        );
+    }
+    Ok(UploadReport {
+        probes_in_package: plan.probes_in_package,
+        unrecognised,
+        identical: tally.identical + response.as_ref().map_or(0, |r| r.identical_count as usize),
+        conflicts,
+        files_sent: tally.files_sent,
+        bytes_sent: tally.bytes_sent,
+        response,
+        elapsed: started.elapsed(),
+    })
+}
+
+async fn existing_probes(
+    client: &mut AdminClient,
+    index: &PackageIndex,
+) -> Result<HashMap<String, ProbeInfo>, String> {
+    let mut existing = HashMap::new();
+    for batch in index.probes.chunks(EXISTING_BATCH) {
+        let paths = batch.iter().map(|p| p.path.to_string()).collect();
+        let response = client
+            .get_existing_probes(GetExistingProbesRequest { paths })
+            .await
+            .map_err(|status| {
+                format!(
+                    "asking Central which probes it has: {}",
+                    transport::describe(&status)
+                )
+            })?;
+        existing.extend(
+            response
+                .into_inner()
+                .probes
+                .into_iter()
+                .map(|p| (p.path.clone(), p)),
+        );
+    }
+    Ok(existing)
+}
+
+/// The one pass over the package, on a blocking thread.
+fn stream_package(
+    mut package: Package,
+    probes: &[PackageProbe],
+    actions: &[Action],
+    overwrite: bool,
+    sender: &mpsc::Sender<UploadProbesRequest>,
+    progress: &Progress,
+) -> Result<StreamTally, String> {
+    let mut tally = StreamTally::default();
+    let mut options_sent = false;
+    let send = |message: Message| {
+        sender
+            .blocking_send(UploadProbesRequest {
+                message: Some(message),
+            })
+            // The receiver is gone only when the call failed; its error is
+            // the one to report, so this one just stops the thread.
+            .map_err(|_| "the upload call ended early".to_owned())
+    };
+    for (probe, action) in probes.iter().zip(actions) {
+        let send_it = match action {
+            Action::Send => true,
+            Action::Differs => overwrite,
+            Action::Compare(theirs) => {
+                let ours = hash_entry(&mut package, probe, progress)?;
+                if ours == *theirs {
+                    tally.identical += 1;
+                    continue;
+                }
+                overwrite
+            }
+        };
+        if !send_it {
+            tally.conflicts.push(probe.path.to_string());
+            continue;
+        }
+        if !options_sent {
+            send(Message::Options(UploadOptions { overwrite }))?;
+            options_sent = true;
+        }
+        send(Message::FileHeader(FileHeader {
+            path: probe.path.to_string(),
+            size: probe.size,
+        }))?;
+        let mut hasher = Sha256::new();
+        let mut send_error = None;
+        package
+            .read_entry(probe, UPLOAD_CHUNK, |bytes| {
+                hasher.update(bytes);
+                progress.inc(bytes.len() as u64);
+                send(Message::Chunk(Bytes::copy_from_slice(bytes))).map_err(|e| {
+                    send_error = Some(e);
+                    std::io::Error::other("stopped")
+                })
+            })
+            .map_err(|e| {
+                send_error
+                    .take()
+                    .unwrap_or_else(|| format!("reading {}: {e}", probe.path))
+            })?;
+        let sha256 = Sha256Digest(hasher.finalize().into()).to_hex();
+        send(Message::FileTrailer(FileTrailer { sha256 }))?;
+        tally.files_sent += 1;
+        tally.bytes_sent += probe.size;
+    }
+    Ok(tally)
+}
+
+fn hash_entry(
+    package: &mut Package,
+    probe: &PackageProbe,
+    progress: &Progress,
+) -> Result<Sha256Digest, String> {
+    let mut hasher = Sha256::new();
+    package
+        .read_entry(probe, UPLOAD_CHUNK, |bytes| {
+            hasher.update(bytes);
+            progress.inc(bytes.len() as u64);
+            Ok(())
+        })
+        .map_err(|e| format!("reading {}: {e}", probe.path))?;
+    Ok(Sha256Digest(hasher.finalize().into()))
+}
+
+/// Every stored probe, optionally of one module version, page by page.
+pub async fn list_all(
+    client: &mut AdminClient,
+    module_version: Option<&str>,
+) -> Result<Vec<ProbeInfo>, String> {
+    let mut probes = Vec::new();
+    let mut page_token = String::new();
+    loop {
+        let response = client
+            .list_probes(ListProbesRequest {
+                module_version: module_version.unwrap_or_default().to_owned(),
+                page_size: 0,
+                page_token,
+            })
+            .await
+            .map_err(|status| format!("listing probes: {}", transport::describe(&status)))?
+            .into_inner();
+        probes.extend(response.probes);
+        if response.next_page_token.is_empty() {
+            return Ok(probes);
+        }
+        page_token = response.next_page_token;
+    }
+}
