@@ -62,29 +62,36 @@ fn host_of(authority: &str) -> Option<String> {
 }
 
 /// A one-line explanation of a failed call, with a hint where the raw
-/// status is cryptic: a refused client certificate shows up only as a
-/// "transport error" on the first call.
+/// status is cryptic. Under TLS 1.3 a refused client certificate surfaces
+/// only after the handshake, as a "transport error" or, when the request was
+/// already on its way, as a bare "operation was canceled".
 pub fn describe(status: &tonic::Status) -> String {
     let mut text = format!("{:?}: {}", status.code(), status.message());
-    let source = std::error::Error::source(status)
-        .map(|s| format!("{s:?}"))
-        .unwrap_or_default();
-    let certificate_trouble = ["Certificate", "UnknownCA", "certificate", "BadCertificate"]
+    let mut source = String::new();
+    let mut next = std::error::Error::source(status);
+    while let Some(error) = next {
+        source = error.to_string();
+        next = error.source();
+    }
+    let certificate_trouble = ["Certificate", "UnknownCA", "certificate", "UnknownIssuer"]
         .iter()
         .any(|word| source.contains(word));
-    if certificate_trouble {
-        text.push_str(
-            " (TLS refused: check that --ca is the CA that signed Central's certificate, \
-             and that the client certificate is signed by Central's cluster CA)",
-        );
-    } else if matches!(
+    let connection_lost = matches!(
         status.code(),
-        tonic::Code::Unknown | tonic::Code::Unavailable
-    ) && status.message().contains("transport error")
-    {
+        tonic::Code::Unknown | tonic::Code::Unavailable | tonic::Code::Cancelled
+    ) && ["transport error", "operation was canceled"]
+        .iter()
+        .any(|m| status.message().contains(m));
+    if certificate_trouble {
         text.push_str(&format!(
-            " (could not talk to Central: is it running at that address, and does it trust this client's certificate?{})",
-            if source.is_empty() { String::new() } else { format!(" details: {source}") }
+            " ({source}: TLS refused; check that --ca is the CA that signed Central's certificate, \
+             and that the client certificate is signed by Central's cluster CA and still valid)"
+        ));
+    } else if connection_lost {
+        text.push_str(&format!(
+            " (the connection to Central failed{}: check the address, and that the client certificate, \
+             if any, is signed by Central's cluster CA and still valid)",
+            if source.is_empty() { String::new() } else { format!(": {source}") }
         ));
     }
     text

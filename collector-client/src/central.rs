@@ -1,0 +1,135 @@
+//! A client of Central's `ProbeService` with the Collector's identity.
+
+use std::time::Duration;
+
+use probe_api::digest::Sha256Digest;
+use probe_api::transport::{self, ClientTls};
+use probe_api::v1::get_probe_response::Message;
+use probe_api::v1::probe_service_client::ProbeServiceClient;
+use probe_api::v1::{GetProbeRequest, ProbeSource};
+use sha2::{Digest, Sha256};
+use tonic::Code;
+use tonic::transport::Channel;
+
+/// A probe received and verified.
+#[derive(Debug)]
+pub struct FetchedProbe {
+    /// The probe file's bytes (gzip'd, as stored).
+    pub bytes: Vec<u8>,
+    pub sha256: Sha256Digest,
+    pub source: ProbeSource,
+}
+
+/// Why a fetch failed.
+#[derive(Debug)]
+pub enum FetchError {
+    /// Central answered with an error status.
+    Status(tonic::Status),
+    /// Central's reply broke the protocol or failed verification.
+    BadReply(String),
+}
+
+impl FetchError {
+    /// The gRPC code, `DataLoss` for a reply that failed verification.
+    pub fn code(&self) -> Code {
+        match self {
+            FetchError::Status(status) => status.code(),
+            FetchError::BadReply(_) => Code::DataLoss,
+        }
+    }
+}
+
+impl std::fmt::Display for FetchError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            FetchError::Status(status) => f.write_str(&transport::describe(status)),
+            FetchError::BadReply(why) => write!(f, "bad reply: {why}"),
+        }
+    }
+}
+
+impl std::error::Error for FetchError {}
+
+#[derive(Clone)]
+pub struct CentralClient {
+    client: ProbeServiceClient<Channel>,
+}
+
+impl CentralClient {
+    /// A client of Central at `address` (`host:port`). It connects on the
+    /// first call.
+    pub fn new(address: &str, tls: &ClientTls, connect_timeout: Duration) -> Result<Self, String> {
+        let channel = transport::channel(address, tls, connect_timeout)?;
+        Ok(CentralClient {
+            client: ProbeServiceClient::new(channel),
+        })
+    }
+
+    /// Fetches `<module_version>/<file_name>` and verifies it.
+    pub async fn fetch(
+        &self,
+        module_version: &str,
+        file_name: &str,
+    ) -> Result<FetchedProbe, FetchError> {
+        let request = GetProbeRequest {
+            module_version: module_version.to_owned(),
+            file_name: file_name.to_owned(),
+        };
+        let mut stream = self
+            .client
+            .clone()
+            .get_probe(request)
+            .await
+            .map_err(FetchError::Status)?
+            .into_inner();
+        let bad = |why: String| FetchError::BadReply(why);
+        let header = match stream.message().await.map_err(FetchError::Status)? {
+            Some(probe_api::v1::GetProbeResponse {
+                message: Some(Message::Header(header)),
+            }) => header,
+            _ => return Err(bad("the reply did not start with a header".into())),
+        };
+        let expected = Sha256Digest::from_hex(&header.sha256).ok_or_else(|| {
+            bad(format!(
+                "malformed SHA-256 {:?} in the header",
+                header.sha256
+            ))
+        })?;
+        // The header's size is only a claim: grow as bytes arrive rather
+        // than reserving what it says.
+        let mut bytes = Vec::with_capacity(header.size.min(16 << 20) as usize);
+        let mut hasher = Sha256::new();
+        while let Some(response) = stream.message().await.map_err(FetchError::Status)? {
+            let Some(Message::Chunk(chunk)) = response.message else {
+                return Err(bad("a second header".into()));
+            };
+            if bytes.len() as u64 + chunk.len() as u64 > header.size {
+                return Err(bad(format!(
+                    "more bytes than the {} in the header",
+                    header.size
+                )));
+            }
+            hasher.update(&chunk);
+            bytes.extend_from_slice(&chunk);
+        }
+        if bytes.len() as u64 != header.size {
+            return Err(bad(format!(
+                "{} bytes received, {} announced",
+                bytes.len(),
+                header.size
+            )));
+        }
+        let sha256 = Sha256Digest(hasher.finalize().into());
+        if sha256 != expected {
+            return Err(bad(format!(
+                "SHA-256 {sha256} does not match the header's {expected}"
+            )));
+        }
+        let source = ProbeSource::try_from(header.source).unwrap_or(ProbeSource::Unspecified);
+        Ok(FetchedProbe {
+            bytes,
+            sha256,
+            source,
+        })
+    }
+}

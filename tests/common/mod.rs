@@ -1,0 +1,198 @@
+//! Shared pieces of the end-to-end tests: a generated PKI, Central started
+//! in-process on 127.0.0.1:0 over real TLS, and clients of both services.
+
+#![allow(dead_code)] // each test file uses a different part of it
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use central_probes::admin_client::{self, AdminClient};
+use central_probes::auth::{Role, TokenAuth, TokenFile};
+use central_probes::pki::{CertificateAuthority, CertifiedKey};
+use central_probes::server::{self, ServerOptions, TlsMaterial};
+use central_probes::store::filesystem::{FilesystemStore, FilesystemStoreConfig};
+use collector_client::central::CentralClient;
+use probe_api::transport::ClientTls;
+use tempfile::TempDir;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+/// The cluster CA, Central's server certificate, a Collector identity, and
+/// a Collector identity from an unrelated CA. Also written to files for the
+/// CLI.
+pub struct TestPki {
+    pub ca: CertificateAuthority,
+    pub server: CertifiedKey,
+    pub collector: CertifiedKey,
+    pub foreign_collector: CertifiedKey,
+    pub dir: TempDir,
+}
+
+impl TestPki {
+    pub fn new() -> Self {
+        let ca = CertificateAuthority::new("test cluster CA").unwrap();
+        let server = ca.issue_server(&["localhost", "127.0.0.1"]).unwrap();
+        let collector = ca.issue_client("collector").unwrap();
+        let foreign_collector = CertificateAuthority::new("another CA")
+            .unwrap()
+            .issue_client("collector")
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("ca.pem"), &ca.cert_pem).unwrap();
+        TestPki {
+            ca,
+            server,
+            collector,
+            foreign_collector,
+            dir,
+        }
+    }
+
+    pub fn ca_file(&self) -> PathBuf {
+        self.dir.path().join("ca.pem")
+    }
+
+    pub fn tls_with(&self, identity: Option<&CertifiedKey>) -> ClientTls {
+        ClientTls {
+            ca_pem: self.ca.cert_pem.clone().into_bytes(),
+            identity: identity.map(|id| {
+                (
+                    id.cert_pem.clone().into_bytes(),
+                    id.key_pem.clone().into_bytes(),
+                )
+            }),
+        }
+    }
+}
+
+/// Central running in this process.
+pub struct Central {
+    pub address: String,
+    pub data_dir: PathBuf,
+    pub admin_token: String,
+    pub view_token: String,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<central_probes::error::Result<()>>>,
+}
+
+impl Central {
+    pub async fn start(pki: &TestPki, data_dir: &Path) -> Self {
+        let tokens = TokenFile::in_data_dir(data_dir);
+        let admin_token = tokens
+            .create(Role::Admin, &format!("admin-{}", unique()))
+            .unwrap();
+        let view_token = tokens
+            .create(Role::View, &format!("view-{}", unique()))
+            .unwrap();
+        Self::start_with(pki, data_dir, 0, admin_token, view_token).await
+    }
+
+    pub async fn start_with(
+        pki: &TestPki,
+        data_dir: &Path,
+        min_free_bytes: u64,
+        admin_token: String,
+        view_token: String,
+    ) -> Self {
+        let config = FilesystemStoreConfig {
+            data_dir: data_dir.to_owned(),
+            min_free_bytes,
+        };
+        let store = FilesystemStore::open(&config).unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap().to_string();
+        let tls = TlsMaterial {
+            cert_pem: pki.server.cert_pem.clone().into_bytes(),
+            key_pem: pki.server.key_pem.clone().into_bytes(),
+            client_ca_pem: pki.ca.cert_pem.clone().into_bytes(),
+        };
+        let (shutdown, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(server::run(
+            Arc::new(store),
+            TokenAuth::new(TokenFile::in_data_dir(data_dir)),
+            ServerOptions {
+                tls,
+                allow_anonymous_reads: false,
+            },
+            listener,
+            async {
+                let _ = stopped.await;
+            },
+        ));
+        Central {
+            address,
+            data_dir: data_dir.to_owned(),
+            admin_token,
+            view_token,
+            shutdown: Some(shutdown),
+            task: Some(task),
+        }
+    }
+
+    /// Stops the server and re-raises its error or panic, if any.
+    pub async fn stop(mut self) {
+        let _ = self.shutdown.take().unwrap().send(());
+        let task = self.task.take().unwrap();
+        tokio::time::timeout(Duration::from_secs(30), task)
+            .await
+            .expect("Central stops within 30 s")
+            .expect("Central's task did not panic")
+            .expect("Central ran without error");
+    }
+
+    pub fn admin(&self, pki: &TestPki, token: &str) -> AdminClient {
+        admin_client::connect(
+            &self.address,
+            pki.ca.cert_pem.clone().into_bytes(),
+            token,
+            Duration::from_secs(5),
+        )
+        .unwrap()
+    }
+
+    pub fn collector(&self, pki: &TestPki, identity: Option<&CertifiedKey>) -> CentralClient {
+        CentralClient::new(
+            &self.address,
+            &pki.tls_with(identity),
+            Duration::from_secs(5),
+        )
+        .unwrap()
+    }
+}
+
+impl Drop for Central {
+    fn drop(&mut self) {
+        if let Some(shutdown) = self.shutdown.take() {
+            let _ = shutdown.send(());
+        }
+    }
+}
+
+fn unique() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    NEXT.fetch_add(1, Ordering::Relaxed)
+}
+
+/// Runs the `central-probes` binary and returns (success, stdout, stderr).
+pub async fn central_cli(args: &[&str], token: &str) -> (bool, String, String) {
+    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    let token = token.to_owned();
+    tokio::task::spawn_blocking(move || {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_central-probes"))
+            .args(&args)
+            .env("ROX_API_TOKEN", token)
+            .env_remove("ROX_CENTRAL_ADDRESS")
+            .env_remove("ROX_CA_CERT_FILE")
+            .output()
+            .unwrap();
+        (
+            output.status.success(),
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    })
+    .await
+    .unwrap()
+}
