@@ -1,0 +1,36 @@
+# Shared by demo.sh, python-check.sh and bench/upload.sh: where the binaries
+# are, and starting a Central on a free loopback port.
+
+# BIN: the directory holding central-probes, make-package, collector-client.
+BIN=${BIN:-target/debug}
+
+# Kernel releases for synthetic packages: the real list when it is there.
+kernel_list() {
+  local out=$1
+  if [ -f ../shared/data/kernel-versions.txt ]; then
+    cp ../shared/data/kernel-versions.txt "$out"
+  else
+    for i in $(seq 0 99); do echo "5.$((4 + i % 10)).0-$((100 + i))-generic"; done >"$out"
+  fi
+}
+
+# start_central DATA_DIR PKI_DIR [serve flags...]
+# Starts Central on 127.0.0.1:0 and sets CENTRAL_PID and CENTRAL_ADDR.
+start_central() {
+  local data=$1 pki=$2
+  shift 2
+  "$BIN/central-probes" serve --listen 127.0.0.1:0 --data-dir "$data" \
+    --tls-cert "$pki/server.pem" --tls-key "$pki/server-key.pem" --client-ca "$pki/ca.pem" "$@" \
+    >"$data.log" 2>&1 &
+  CENTRAL_PID=$!
+  CENTRAL_ADDR=
+  for _ in $(seq 1 200); do
+    CENTRAL_ADDR=$(sed -n 's/.*listening on \([0-9.]*:[0-9]*\).*/\1/p' "$data.log" | head -n 1)
+    [ -n "$CENTRAL_ADDR" ] && return 0
+    kill -0 "$CENTRAL_PID" 2>/dev/null || break
+    sleep 0.05
+  done
+  echo "Central did not start; its log:" >&2
+  cat "$data.log" >&2
+  return 1
+}
