@@ -198,3 +198,64 @@ async fn an_admin_client_that_does_not_trust_central_is_told_so() {
     );
     central.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_and_reflection_answer_anyone_over_tls() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let central = Central::start(&pki, dir.path()).await;
+    let channel = probe_api::transport::channel(
+        &central.address,
+        &pki.tls_with(None),
+        std::time::Duration::from_secs(5),
+    )
+    .unwrap();
+
+    let mut health = HealthClient::new(channel.clone());
+    for service in [
+        "",
+        "kprobes.v1.ProbeService",
+        "kprobes.v1.ProbeUploadService",
+    ] {
+        let request = HealthCheckRequest {
+            service: service.into(),
+        };
+        let status = health.check(request).await.unwrap().into_inner().status;
+        assert_eq!(status, ServingStatus::Serving as i32, "{service:?}");
+    }
+
+    let mut reflection = ServerReflectionClient::new(channel);
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut replies = reflection
+        .server_reflection_info(tokio_stream::once(request))
+        .await
+        .unwrap()
+        .into_inner();
+    let Some(MessageResponse::ListServicesResponse(list)) =
+        replies.message().await.unwrap().unwrap().message_response
+    else {
+        panic!("no service list");
+    };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    for expected in [
+        "kprobes.v1.ProbeService",
+        "kprobes.v1.ProbeUploadService",
+        "grpc.health.v1.Health",
+    ] {
+        assert!(
+            names.iter().any(|n| n == expected),
+            "{expected} missing from {names:?}"
+        );
+    }
+    central.stop().await;
+}

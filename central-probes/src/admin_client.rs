@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use probe_api::digest::Sha256Digest;
+use probe_api::digest::{Sha256Digest, Sha256Hasher};
 use probe_api::transport::{self, ClientTls};
 use probe_api::v1::probe_upload_service_client::ProbeUploadServiceClient;
 use probe_api::v1::upload_probes_request::Message;
@@ -23,7 +23,6 @@ use probe_api::v1::{
     FileHeader, FileTrailer, GetExistingProbesRequest, ListProbesRequest, ProbeInfo, UploadOptions,
     UploadProbesRequest, UploadProbesResponse,
 };
-use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::metadata::{Ascii, MetadataValue};
@@ -332,7 +331,7 @@ fn stream_package(
             path: probe.path.to_string(),
             size: probe.size,
         }))?;
-        let mut hasher = Sha256::new();
+        let mut hasher = Sha256Hasher::new();
         let mut send_error = None;
         package
             .read_entry(probe, UPLOAD_CHUNK, |bytes| {
@@ -348,7 +347,7 @@ fn stream_package(
                     .take()
                     .unwrap_or_else(|| format!("reading {}: {e}", probe.path))
             })?;
-        let sha256 = Sha256Digest(hasher.finalize().into()).to_hex();
+        let sha256 = hasher.finish().to_hex();
         send(Message::FileTrailer(FileTrailer { sha256 }))?;
         tally.files_sent += 1;
         tally.bytes_sent += probe.size;
@@ -361,7 +360,7 @@ fn hash_entry(
     probe: &PackageProbe,
     progress: &Progress,
 ) -> Result<Sha256Digest, String> {
-    let mut hasher = Sha256::new();
+    let mut hasher = Sha256Hasher::new();
     package
         .read_entry(probe, UPLOAD_CHUNK, |bytes| {
             hasher.update(bytes);
@@ -369,7 +368,7 @@ fn hash_entry(
             Ok(())
         })
         .map_err(|e| format!("reading {}: {e}", probe.path))?;
-    Ok(Sha256Digest(hasher.finalize().into()))
+    Ok(hasher.finish())
 }
 
 /// Every stored probe, optionally of one module version, page by page.

@@ -13,7 +13,6 @@ use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
 use probe_api::digest::Sha256Digest;
-use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use tonic::Code;
 use tonic::metadata::MetadataMap;
@@ -156,7 +155,7 @@ impl TokenFile {
 }
 
 fn hash_token(token: &str) -> Sha256Digest {
-    Sha256Digest(Sha256::digest(token.as_bytes()).into())
+    Sha256Digest::of(token.as_bytes())
 }
 
 /// Checks the bearer token of a request against the tokens file.

@@ -39,8 +39,10 @@ pub struct Package {
     archive: ZipArchive<BufReader<File>>,
 }
 
-/// Read buffer for the package file: large sequential reads.
-const READ_BUFFER: usize = 1 << 20;
+/// Read buffer for the package file. Every entry starts with a seek, which
+/// empties the buffer: a buffer much larger than a probe reads (and copies)
+/// data that is thrown away. 64 KiB still makes header reads cheap.
+const READ_BUFFER: usize = 64 << 10;
 
 impl Package {
     pub fn open(path: &Path) -> Result<Self, String> {

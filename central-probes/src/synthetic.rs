@@ -19,7 +19,7 @@ pub struct PackageSpec {
     /// Changes every probe's bytes (but not their sizes): a package built
     /// with another variant conflicts with this one file by file.
     pub variant: u64,
-    /// Scales realistic sizes (50-150 KB, one in 500 near 1.5 MB) down for
+    /// Scales realistic sizes (60-200 KB, one in 500 near 1.5 MB) down for
     /// quick tests: the size is divided by this.
     pub size_divisor: usize,
     /// Deflate entries instead of storing them.
@@ -95,12 +95,13 @@ impl PackageSpec {
     }
 }
 
-/// 50-150 KB for most probes; about one in 500 is near 1.5 MB.
+/// 60-200 KB for most probes; about one in 500 is near 1.5 MB. 16,256
+/// probes then make about 2.1 GB, as a real package does.
 fn realistic_size(seed: u64) -> usize {
     if seed.is_multiple_of(500) {
         1_400_000 + (seed >> 20) as usize % 200_000
     } else {
-        50_000 + (seed >> 8) as usize % 100_000
+        60_000 + (seed >> 8) as usize % 140_000
     }
 }
 
@@ -140,6 +141,6 @@ mod tests {
         assert_ne!(spec.probe_bytes(path), other.probe_bytes(path));
         assert_eq!(spec.probe_bytes(path).len(), other.probe_bytes(path).len());
         let size = spec.probe_bytes(path).len();
-        assert!((50_000..1_600_000).contains(&size), "{size}");
+        assert!((60_000..1_600_000).contains(&size), "{size}");
     }
 }

@@ -221,7 +221,6 @@ impl UploadSession {
 
 /// Helper for tests and clients: the messages that upload one file.
 pub fn file_messages(path: &str, bytes: &[u8], chunk_size: usize) -> Vec<UploadProbesRequest> {
-    use sha2::{Digest, Sha256};
     let message = |m| UploadProbesRequest { message: Some(m) };
     let mut messages = vec![message(Message::FileHeader(FileHeader {
         path: path.to_owned(),
@@ -232,7 +231,7 @@ pub fn file_messages(path: &str, bytes: &[u8], chunk_size: usize) -> Vec<UploadP
             .chunks(chunk_size.max(1))
             .map(|c| message(Message::Chunk(Bytes::copy_from_slice(c)))),
     );
-    let sha256 = Sha256Digest(Sha256::digest(bytes).into()).to_hex();
+    let sha256 = Sha256Digest::of(bytes).to_hex();
     messages.push(message(Message::FileTrailer(probe_api::v1::FileTrailer {
         sha256,
     })));

@@ -2,12 +2,11 @@
 
 use std::time::Duration;
 
-use probe_api::digest::Sha256Digest;
+use probe_api::digest::{Sha256Digest, Sha256Hasher};
 use probe_api::transport::{self, ClientTls};
 use probe_api::v1::get_probe_response::Message;
 use probe_api::v1::probe_service_client::ProbeServiceClient;
 use probe_api::v1::{GetProbeRequest, ProbeSource};
-use sha2::{Digest, Sha256};
 use tonic::Code;
 use tonic::transport::Channel;
 
@@ -98,7 +97,7 @@ impl CentralClient {
         // The header's size is only a claim: grow as bytes arrive rather
         // than reserving what it says.
         let mut bytes = Vec::with_capacity(header.size.min(16 << 20) as usize);
-        let mut hasher = Sha256::new();
+        let mut hasher = Sha256Hasher::new();
         while let Some(response) = stream.message().await.map_err(FetchError::Status)? {
             let Some(Message::Chunk(chunk)) = response.message else {
                 return Err(bad("a second header".into()));
@@ -119,7 +118,7 @@ impl CentralClient {
                 header.size
             )));
         }
-        let sha256 = Sha256Digest(hasher.finalize().into());
+        let sha256 = hasher.finish();
         if sha256 != expected {
             return Err(bad(format!(
                 "SHA-256 {sha256} does not match the header's {expected}"

@@ -24,9 +24,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::{Bytes, BytesMut};
-use probe_api::digest::Sha256Digest;
+use probe_api::digest::{Sha256Digest, Sha256Hasher};
 use probe_api::names::{ModuleVersion, ProbeFileName, ProbePath};
-use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::ReceiverStream;
@@ -212,7 +211,7 @@ struct FsProbeWriter {
 }
 
 fn write_all_chunks(mut temp: TempFile, mut chunks: mpsc::Receiver<Bytes>) -> io::Result<Written> {
-    let mut hasher = Sha256::new();
+    let mut hasher = Sha256Hasher::new();
     let mut len = 0u64;
     temp.file.write_all(&[0u8; HEADER_LEN as usize])?;
     while let Some(chunk) = chunks.blocking_recv() {
@@ -223,7 +222,7 @@ fn write_all_chunks(mut temp: TempFile, mut chunks: mpsc::Receiver<Bytes>) -> io
     Ok(Written {
         temp,
         len,
-        sha256: Sha256Digest(hasher.finalize().into()),
+        sha256: hasher.finish(),
     })
 }
 
@@ -653,7 +652,7 @@ mod tests {
     }
 
     fn sha(bytes: &[u8]) -> Sha256Digest {
-        Sha256Digest(Sha256::digest(bytes).into())
+        Sha256Digest::of(bytes)
     }
 
     const P: &str = "2.5.0/collector-ebpf-5.4.0-42-generic.o.gz";
