@@ -2,12 +2,12 @@
 //! the bearer token with every call, and the support-package upload built
 //! on it (`central-probes upload`).
 //!
-//! An upload reads the package's central directory, asks Central which
-//! probes it has, and then makes one sequential pass over the package on a
-//! blocking thread: new files are hashed while they stream; files Central
-//! has with the same size are hashed locally and skipped when identical;
-//! files that differ are sent only with `--overwrite`. The RPC starts only
-//! once there is something to send.
+//! An upload reads the package's central directory and asks Central which
+//! probes it has. Files Central has with the same size are hashed locally,
+//! on every core, and skipped when identical; files that differ are sent
+//! only with `--overwrite`. Then one sequential pass over the package on a
+//! blocking thread streams what is to be sent, hashing while it streams.
+//! The RPC starts only once there is something to send.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -129,8 +129,10 @@ enum Action {
     Send,
     /// Central has a file of this size: compare digests first.
     Compare(Sha256Digest),
-    /// Central has a file of another size: it differs for sure.
+    /// Central has other content under this path.
     Differs,
+    /// Central has this very content.
+    Identical,
 }
 
 pub async fn upload(
@@ -189,6 +191,7 @@ pub async fn upload(
         .sum();
     let progress = Arc::new(on_plan(&plan));
     progress.start(to_read);
+    let actions = compare_digests(&request.package, &index.probes, actions, &progress).await?;
 
     let (sender, mut receiver) = mpsc::channel(UPLOAD_QUEUE);
     let overwrite = request.overwrite;
@@ -310,14 +313,11 @@ fn stream_package(
         let send_it = match action {
             Action::Send => true,
             Action::Differs => overwrite,
-            Action::Compare(theirs) => {
-                let ours = hash_entry(&mut package, probe, progress)?;
-                if ours == *theirs {
-                    tally.identical += 1;
-                    continue;
-                }
-                overwrite
+            Action::Identical => {
+                tally.identical += 1;
+                continue;
             }
+            Action::Compare(_) => unreachable!("compared before streaming"),
         };
         if !send_it {
             tally.conflicts.push(probe.path.to_string());
@@ -353,6 +353,55 @@ fn stream_package(
         tally.bytes_sent += probe.size;
     }
     Ok(tally)
+}
+
+/// Replaces every `Compare` by `Identical` or `Differs`, hashing the
+/// entries on one thread per core, each over a contiguous share of them.
+async fn compare_digests(
+    package: &std::path::Path,
+    probes: &[PackageProbe],
+    mut actions: Vec<Action>,
+    progress: &Arc<Progress>,
+) -> Result<Vec<Action>, String> {
+    let to_compare: Vec<usize> = (0..probes.len())
+        .filter(|&i| matches!(actions[i], Action::Compare(_)))
+        .collect();
+    if to_compare.is_empty() {
+        return Ok(actions);
+    }
+    let threads = std::thread::available_parallelism()
+        .map_or(2, |n| n.get())
+        .min(8);
+    let share = to_compare.len().div_ceil(threads);
+    let mut workers = Vec::new();
+    for indices in to_compare.chunks(share) {
+        let entries: Vec<(usize, PackageProbe)> =
+            indices.iter().map(|&i| (i, probes[i].clone())).collect();
+        let package = package.to_owned();
+        let progress = progress.clone();
+        workers.push(tokio::task::spawn_blocking(move || {
+            let mut package = Package::open(&package)?;
+            entries
+                .into_iter()
+                .map(|(i, probe)| Ok((i, hash_entry(&mut package, &probe, &progress)?)))
+                .collect::<Result<Vec<_>, String>>()
+        }));
+    }
+    for worker in workers {
+        for (i, ours) in worker
+            .await
+            .map_err(|e| format!("hashing the package: {e}"))??
+        {
+            if let Action::Compare(theirs) = actions[i] {
+                actions[i] = if ours == theirs {
+                    Action::Identical
+                } else {
+                    Action::Differs
+                };
+            }
+        }
+    }
+    Ok(actions)
 }
 
 fn hash_entry(
