@@ -17,10 +17,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let descriptors = protox::compile(PROTO_FILES, ["proto"])?;
     let out_dir = PathBuf::from(std::env::var("OUT_DIR")?);
-    std::fs::write(
-        out_dir.join("kprobes_descriptor.bin"),
-        protox::prost::Message::encode_to_vec(&descriptors),
-    )?;
+    std::fs::write(out_dir.join("kprobes_descriptor.bin"), protox::prost::Message::encode_to_vec(&descriptors))?;
     tonic_prost_build::configure()
         // Probe bytes are handed from the wire to the store without copies.
         .bytes(".kprobes.v1")

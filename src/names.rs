@@ -103,10 +103,7 @@ impl ProbeFileName {
         if digits == 0 || release.as_bytes().get(digits) != Some(&b'.') {
             return error("the kernel release must start with a number and a dot");
         }
-        if let Some(bad) = release
-            .bytes()
-            .find(|b| !b.is_ascii_graphic() || matches!(b, b'/' | b'\\'))
-        {
+        if let Some(bad) = release.bytes().find(|b| !b.is_ascii_graphic() || matches!(b, b'/' | b'\\')) {
             return Err(NameError::new(
                 "probe file name",
                 s,
@@ -123,10 +120,7 @@ impl ProbeFileName {
     /// The kind and the kernel release of a well-formed name. The eBPF form is
     /// tried first: `collector-ebpf-5.4.o.gz` is never a kernel module.
     fn split(s: &str) -> Option<(ProbeKind, &str)> {
-        if let Some(release) = s
-            .strip_prefix("collector-ebpf-")
-            .and_then(|r| r.strip_suffix(".o.gz"))
-        {
+        if let Some(release) = s.strip_prefix("collector-ebpf-").and_then(|r| r.strip_suffix(".o.gz")) {
             return Some((ProbeKind::Ebpf, release));
         }
         let release = s.strip_prefix("collector-")?.strip_suffix(".ko.gz")?;
@@ -153,26 +147,16 @@ impl ProbeFileName {
 
 impl ProbePath {
     pub fn new(module_version: ModuleVersion, file_name: ProbeFileName) -> Self {
-        ProbePath {
-            module_version,
-            file_name,
-        }
+        ProbePath { module_version, file_name }
     }
 
     pub fn parse(s: &str) -> Result<Self, NameError> {
         let Some((module_version, file_name)) = s.split_once('/') else {
-            return Err(NameError::new(
-                "probe path",
-                s,
-                "expected <module version>/<probe file name>",
-            ));
+            return Err(NameError::new("probe path", s, "expected <module version>/<probe file name>"));
         };
         let module_version = ModuleVersion::parse(module_version)?;
         let file_name = ProbeFileName::parse(file_name)?;
-        Ok(ProbePath {
-            module_version,
-            file_name,
-        })
+        Ok(ProbePath { module_version, file_name })
     }
 
     pub fn module_version(&self) -> &ModuleVersion {
@@ -234,18 +218,8 @@ mod tests {
     #[test]
     fn module_versions_from_the_reference_are_judged_right() {
         let hex64 = "1123dde0458e72a49880b06922e135dbcd36fb784fed530ab84ddfa8924e5c05";
-        for valid in [
-            "2.5.0",
-            "0.0.0",
-            "10.5.155",
-            "2.5.0-rc1",
-            "2.5.0-rc12",
-            hex64,
-        ] {
-            assert!(
-                ModuleVersion::parse(valid).is_ok(),
-                "{valid} should be valid"
-            );
+        for valid in ["2.5.0", "0.0.0", "10.5.155", "2.5.0-rc1", "2.5.0-rc12", hex64] {
+            assert!(ModuleVersion::parse(valid).is_ok(), "{valid} should be valid");
         }
         let hex63 = &hex64[..63];
         let hex65 = format!("{hex64}0");
@@ -268,32 +242,17 @@ mod tests {
             "2.\u{0665}.0", // ARABIC-INDIC DIGIT FIVE: a Unicode digit
             "2.5.0/..",
         ] {
-            assert!(
-                ModuleVersion::parse(invalid).is_err(),
-                "{invalid:?} should be invalid"
-            );
+            assert!(ModuleVersion::parse(invalid).is_err(), "{invalid:?} should be invalid");
         }
     }
 
     #[test]
     fn probe_file_names_from_the_reference_are_judged_right() {
         for (valid, kind, release) in [
-            (
-                "collector-ebpf-5.14.0-284.11.1.el9_2.x86_64.o.gz",
-                ProbeKind::Ebpf,
-                "5.14.0-284.11.1.el9_2.x86_64",
-            ),
-            (
-                "collector-4.9.24-coreos.ko.gz",
-                ProbeKind::KernelModule,
-                "4.9.24-coreos",
-            ),
+            ("collector-ebpf-5.14.0-284.11.1.el9_2.x86_64.o.gz", ProbeKind::Ebpf, "5.14.0-284.11.1.el9_2.x86_64"),
+            ("collector-4.9.24-coreos.ko.gz", ProbeKind::KernelModule, "4.9.24-coreos"),
             ("collector-10.1.ko.gz", ProbeKind::KernelModule, "10.1"),
-            (
-                "collector-ebpf-5.4.0-1.el8~20.04+1.o.gz",
-                ProbeKind::Ebpf,
-                "5.4.0-1.el8~20.04+1",
-            ),
+            ("collector-ebpf-5.4.0-1.el8~20.04+1.o.gz", ProbeKind::Ebpf, "5.4.0-1.el8~20.04+1"),
         ] {
             let name = ProbeFileName::parse(valid).unwrap();
             assert_eq!(name.kind(), kind);
@@ -315,10 +274,7 @@ mod tests {
             "collector-\u{0664}.9.ko.gz",
             "collector-4.9\\a.ko.gz",
         ] {
-            assert!(
-                ProbeFileName::parse(invalid).is_err(),
-                "{invalid:?} should be invalid"
-            );
+            assert!(ProbeFileName::parse(invalid).is_err(), "{invalid:?} should be invalid");
         }
         let long = format!("collector-4.{}.ko.gz", "1".repeat(250));
         assert!(ProbeFileName::parse(&long).is_err());
@@ -343,10 +299,7 @@ mod tests {
             "2.5.0/",
             "",
         ] {
-            assert!(
-                ProbePath::parse(invalid).is_err(),
-                "{invalid:?} should be invalid"
-            );
+            assert!(ProbePath::parse(invalid).is_err(), "{invalid:?} should be invalid");
         }
     }
 
@@ -364,11 +317,7 @@ mod tests {
             "README.md",
             "other/2.5.0/collector-5.4.0.ko.gz",
         ] {
-            assert_eq!(
-                classify_package_entry(ignored),
-                PackageEntry::Ignored,
-                "{ignored}"
-            );
+            assert_eq!(classify_package_entry(ignored), PackageEntry::Ignored, "{ignored}");
         }
         for odd in [
             "kernel-modules/2.5.0/notes.txt",
@@ -376,10 +325,7 @@ mod tests {
             "kernel-modules/../2.5.0/collector-5.4.0.ko.gz",
             "kernel-modules/2.5.0/sub/collector-5.4.0.ko.gz",
         ] {
-            assert!(
-                matches!(classify_package_entry(odd), PackageEntry::Unrecognised(_)),
-                "{odd}"
-            );
+            assert!(matches!(classify_package_entry(odd), PackageEntry::Unrecognised(_)), "{odd}");
         }
     }
 }

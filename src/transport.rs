@@ -21,21 +21,13 @@ pub struct ClientTls {
 
 /// Makes a channel to `address` (`host:port`, optionally with `https://`).
 /// It connects lazily, on the first call, within `connect_timeout`.
-pub fn channel(
-    address: &str,
-    tls: &ClientTls,
-    connect_timeout: Duration,
-) -> Result<Channel, String> {
+pub fn channel(address: &str, tls: &ClientTls, connect_timeout: Duration) -> Result<Channel, String> {
     let authority = address.strip_prefix("https://").unwrap_or(address);
     if authority.starts_with("http://") {
-        return Err(format!(
-            "{address}: Central speaks TLS only; use https:// or plain host:port"
-        ));
+        return Err(format!("{address}: Central speaks TLS only; use https:// or plain host:port"));
     }
     let host = host_of(authority).ok_or_else(|| format!("{address:?} is not HOST:PORT"))?;
-    let mut config = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(&tls.ca_pem))
-        .domain_name(host);
+    let mut config = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&tls.ca_pem)).domain_name(host);
     if let Some((cert, key)) = &tls.identity {
         config = config.identity(Identity::from_pem(cert, key));
     }
@@ -54,10 +46,7 @@ pub fn channel(
 fn host_of(authority: &str) -> Option<String> {
     let (host, port) = authority.rsplit_once(':')?;
     port.parse::<u16>().ok()?;
-    let host = host
-        .strip_prefix('[')
-        .and_then(|h| h.strip_suffix(']'))
-        .unwrap_or(host);
+    let host = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
     (!host.is_empty()).then(|| host.to_owned())
 }
 
@@ -73,15 +62,11 @@ pub fn describe(status: &tonic::Status) -> String {
         source = error.to_string();
         next = error.source();
     }
-    let certificate_trouble = ["Certificate", "UnknownCA", "certificate", "UnknownIssuer"]
-        .iter()
-        .any(|word| source.contains(word));
-    let connection_lost = matches!(
-        status.code(),
-        tonic::Code::Unknown | tonic::Code::Unavailable | tonic::Code::Cancelled
-    ) && ["transport error", "operation was canceled"]
-        .iter()
-        .any(|m| status.message().contains(m));
+    let certificate_trouble =
+        ["Certificate", "UnknownCA", "certificate", "UnknownIssuer"].iter().any(|word| source.contains(word));
+    let connection_lost =
+        matches!(status.code(), tonic::Code::Unknown | tonic::Code::Unavailable | tonic::Code::Cancelled)
+            && ["transport error", "operation was canceled"].iter().any(|m| status.message().contains(m));
     if certificate_trouble {
         text.push_str(&format!(
             " ({source}: TLS refused; check that --ca is the CA that signed Central's certificate, \

@@ -6,43 +6,23 @@ mod common;
 use central_probes::auth::TokenFile;
 use common::{Central, TestPki};
 use probe_api::v1::upload_probes_request::Message;
-use probe_api::v1::{
-    GetExistingProbesRequest, ListProbesRequest, UploadOptions, UploadProbesRequest,
-};
+use probe_api::v1::{GetExistingProbesRequest, ListProbesRequest, UploadOptions, UploadProbesRequest};
 use tonic::Code;
 
 const PROBE: (&str, &str) = ("2.5.0", "collector-ebpf-5.4.0-42-generic.o.gz");
 
 async fn store_probe(central: &Central, pki: &TestPki) {
     let mut admin = central.admin(pki, &central.admin_token);
-    let mut messages = vec![UploadProbesRequest {
-        message: Some(Message::Options(UploadOptions::default())),
-    }];
-    messages.extend(central_probes::upload_session::file_messages(
-        &format!("{}/{}", PROBE.0, PROBE.1),
-        b"probe",
-        2,
-    ));
-    admin
-        .upload_probes(tokio_stream::iter(messages))
-        .await
-        .unwrap();
+    let mut messages = vec![UploadProbesRequest { message: Some(Message::Options(UploadOptions::default())) }];
+    messages.extend(central_probes::upload_session::file_messages(&format!("{}/{}", PROBE.0, PROBE.1), b"probe", 2));
+    admin.upload_probes(tokio_stream::iter(messages)).await.unwrap();
 }
 
 /// A refused client certificate shows only after the TLS 1.3 handshake, as
 /// a failed or cancelled call; the message must still point at the cause.
 fn assert_refused_for_its_certificate(error: &collector_client::central::FetchError) {
-    assert!(
-        matches!(
-            error.code(),
-            Code::Unavailable | Code::Unknown | Code::Cancelled
-        ),
-        "{error}"
-    );
-    assert!(
-        error.to_string().contains("client certificate"),
-        "the error says why: {error}"
-    );
+    assert!(matches!(error.code(), Code::Unavailable | Code::Unknown | Code::Cancelled), "{error}");
+    assert!(error.to_string().contains("client certificate"), "the error says why: {error}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -52,33 +32,17 @@ async fn get_probe_needs_a_client_certificate_from_the_cluster_ca() {
     let central = Central::start(&pki, dir.path()).await;
     store_probe(&central, &pki).await;
 
-    let probe = central
-        .collector(&pki, Some(&pki.collector))
-        .fetch(PROBE.0, PROBE.1)
-        .await
-        .unwrap();
+    let probe = central.collector(&pki, Some(&pki.collector)).fetch(PROBE.0, PROBE.1).await.unwrap();
     assert_eq!(probe.bytes, b"probe");
 
-    let error = central
-        .collector(&pki, None)
-        .fetch(PROBE.0, PROBE.1)
-        .await
-        .unwrap_err();
+    let error = central.collector(&pki, None).fetch(PROBE.0, PROBE.1).await.unwrap_err();
     assert_eq!(error.code(), Code::Unauthenticated, "{error}");
 
-    let error = central
-        .collector(&pki, Some(&pki.foreign_collector))
-        .fetch(PROBE.0, PROBE.1)
-        .await
-        .unwrap_err();
+    let error = central.collector(&pki, Some(&pki.foreign_collector)).fetch(PROBE.0, PROBE.1).await.unwrap_err();
     assert_refused_for_its_certificate(&error);
 
     let expired = pki.ca.issue_expired_client("collector").unwrap();
-    let error = central
-        .collector(&pki, Some(&expired))
-        .fetch(PROBE.0, PROBE.1)
-        .await
-        .unwrap_err();
+    let error = central.collector(&pki, Some(&expired)).fetch(PROBE.0, PROBE.1).await.unwrap_err();
     assert_refused_for_its_certificate(&error);
     central.stop().await;
 }
@@ -89,20 +53,11 @@ async fn get_probe_rejects_invalid_names_and_reports_missing_probes() {
     let dir = tempfile::tempdir().unwrap();
     let central = Central::start(&pki, dir.path()).await;
     let collector = central.collector(&pki, Some(&pki.collector));
-    for (module_version, file_name) in [
-        ("latest", PROBE.1),
-        (PROBE.0, "../../etc/passwd"),
-        (PROBE.0, "collector.ko.gz"),
-    ] {
-        let error = collector
-            .fetch(module_version, file_name)
-            .await
-            .unwrap_err();
-        assert_eq!(
-            error.code(),
-            Code::InvalidArgument,
-            "{module_version}/{file_name}: {error}"
-        );
+    for (module_version, file_name) in
+        [("latest", PROBE.1), (PROBE.0, "../../etc/passwd"), (PROBE.0, "collector.ko.gz")]
+    {
+        let error = collector.fetch(module_version, file_name).await.unwrap_err();
+        assert_eq!(error.code(), Code::InvalidArgument, "{module_version}/{file_name}: {error}");
     }
     let error = collector.fetch(PROBE.0, PROBE.1).await.unwrap_err();
     assert_eq!(error.code(), Code::NotFound);
@@ -114,69 +69,32 @@ async fn admin_calls_need_a_token_with_the_right_role() {
     let pki = TestPki::new();
     let dir = tempfile::tempdir().unwrap();
     let central = Central::start(&pki, dir.path()).await;
-    let ask = GetExistingProbesRequest {
-        paths: vec![format!("{}/{}", PROBE.0, PROBE.1)],
-    };
-    let upload = || {
-        tokio_stream::iter(vec![UploadProbesRequest {
-            message: Some(Message::Options(UploadOptions::default())),
-        }])
-    };
+    let ask = GetExistingProbesRequest { paths: vec![format!("{}/{}", PROBE.0, PROBE.1)] };
+    let upload =
+        || tokio_stream::iter(vec![UploadProbesRequest { message: Some(Message::Options(UploadOptions::default())) }]);
 
     for token in ["", "not-a-token", "kp_0000"] {
         let mut client = central.admin(&pki, token);
-        assert_eq!(
-            client
-                .get_existing_probes(ask.clone())
-                .await
-                .unwrap_err()
-                .code(),
-            Code::Unauthenticated
-        );
-        assert_eq!(
-            client
-                .list_probes(ListProbesRequest::default())
-                .await
-                .unwrap_err()
-                .code(),
-            Code::Unauthenticated
-        );
-        assert_eq!(
-            client.upload_probes(upload()).await.unwrap_err().code(),
-            Code::Unauthenticated
-        );
+        assert_eq!(client.get_existing_probes(ask.clone()).await.unwrap_err().code(), Code::Unauthenticated);
+        assert_eq!(client.list_probes(ListProbesRequest::default()).await.unwrap_err().code(), Code::Unauthenticated);
+        assert_eq!(client.upload_probes(upload()).await.unwrap_err().code(), Code::Unauthenticated);
     }
 
     let mut view = central.admin(&pki, &central.view_token);
     view.get_existing_probes(ask.clone()).await.unwrap();
-    view.list_probes(ListProbesRequest::default())
-        .await
-        .unwrap();
+    view.list_probes(ListProbesRequest::default()).await.unwrap();
     let denied = view.upload_probes(upload()).await.unwrap_err();
     assert_eq!(denied.code(), Code::PermissionDenied);
-    assert!(
-        denied.message().contains("role admin"),
-        "{}",
-        denied.message()
-    );
+    assert!(denied.message().contains("role admin"), "{}", denied.message());
 
     let mut admin = central.admin(&pki, &central.admin_token);
     admin.upload_probes(upload()).await.unwrap();
 
     // Revocation takes effect at once, without a restart.
     let tokens = TokenFile::in_data_dir(dir.path());
-    let name = tokens
-        .load()
-        .unwrap()
-        .into_iter()
-        .find(|r| r.role == central_probes::auth::Role::Admin)
-        .unwrap()
-        .name;
+    let name = tokens.load().unwrap().into_iter().find(|r| r.role == central_probes::auth::Role::Admin).unwrap().name;
     assert!(tokens.revoke(&name).unwrap());
-    assert_eq!(
-        admin.upload_probes(upload()).await.unwrap_err().code(),
-        Code::Unauthenticated
-    );
+    assert_eq!(admin.upload_probes(upload()).await.unwrap_err().code(), Code::Unauthenticated);
     central.stop().await;
 }
 
@@ -187,15 +105,9 @@ async fn an_admin_client_that_does_not_trust_central_is_told_so() {
     let dir = tempfile::tempdir().unwrap();
     let central = Central::start(&pki, dir.path()).await;
     let mut client = central.admin(&other, &central.admin_token);
-    let status = client
-        .list_probes(ListProbesRequest::default())
-        .await
-        .unwrap_err();
+    let status = client.list_probes(ListProbesRequest::default()).await.unwrap_err();
     let description = probe_api::transport::describe(&status);
-    assert!(
-        description.contains("UnknownIssuer") || description.contains("certificate"),
-        "{description}"
-    );
+    assert!(description.contains("UnknownIssuer") || description.contains("certificate"), "{description}");
     central.stop().await;
 }
 
@@ -211,22 +123,13 @@ async fn health_and_reflection_answer_anyone_over_tls() {
     let pki = TestPki::new();
     let dir = tempfile::tempdir().unwrap();
     let central = Central::start(&pki, dir.path()).await;
-    let channel = probe_api::transport::channel(
-        &central.address,
-        &pki.tls_with(None),
-        std::time::Duration::from_secs(5),
-    )
-    .unwrap();
+    let channel =
+        probe_api::transport::channel(&central.address, &pki.tls_with(None), std::time::Duration::from_secs(5))
+            .unwrap();
 
     let mut health = HealthClient::new(channel.clone());
-    for service in [
-        "",
-        "kprobes.v1.ProbeService",
-        "kprobes.v1.ProbeUploadService",
-    ] {
-        let request = HealthCheckRequest {
-            service: service.into(),
-        };
+    for service in ["", "kprobes.v1.ProbeService", "kprobes.v1.ProbeUploadService"] {
+        let request = HealthCheckRequest { service: service.into() };
         let status = health.check(request).await.unwrap().into_inner().status;
         assert_eq!(status, ServingStatus::Serving as i32, "{service:?}");
     }
@@ -236,26 +139,14 @@ async fn health_and_reflection_answer_anyone_over_tls() {
         host: String::new(),
         message_request: Some(MessageRequest::ListServices(String::new())),
     };
-    let mut replies = reflection
-        .server_reflection_info(tokio_stream::once(request))
-        .await
-        .unwrap()
-        .into_inner();
-    let Some(MessageResponse::ListServicesResponse(list)) =
-        replies.message().await.unwrap().unwrap().message_response
+    let mut replies = reflection.server_reflection_info(tokio_stream::once(request)).await.unwrap().into_inner();
+    let Some(MessageResponse::ListServicesResponse(list)) = replies.message().await.unwrap().unwrap().message_response
     else {
         panic!("no service list");
     };
     let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
-    for expected in [
-        "kprobes.v1.ProbeService",
-        "kprobes.v1.ProbeUploadService",
-        "grpc.health.v1.Health",
-    ] {
-        assert!(
-            names.iter().any(|n| n == expected),
-            "{expected} missing from {names:?}"
-        );
+    for expected in ["kprobes.v1.ProbeService", "kprobes.v1.ProbeUploadService", "grpc.health.v1.Health"] {
+        assert!(names.iter().any(|n| n == expected), "{expected} missing from {names:?}");
     }
     central.stop().await;
 }

@@ -8,27 +8,21 @@ use std::time::Duration;
 use central_probes::admin_client::{self, UploadRequest};
 use central_probes::progress::Progress;
 use central_probes::synthetic::PackageSpec;
-use common::{Central, TestPki, central_cli};
+use common::{Central, CentralOptions, TestPki, central_cli};
+
 use probe_api::v1::upload_probes_request::Message;
 use probe_api::v1::{GetExistingProbesRequest, ProbeSource, UploadOptions, UploadProbesRequest};
 use tonic::Code;
 
 fn kernels(n: usize) -> Vec<String> {
-    (0..n)
-        .map(|i| format!("5.{}.0-{}-generic", 4 + i % 7, 100 + i))
-        .collect()
+    (0..n).map(|i| format!("5.{}.0-{}-generic", 4 + i % 7, 100 + i)).collect()
 }
 
 /// A package of `n` kernels with both probe kinds, small probes.
 fn spec(n: usize, variant: u64) -> PackageSpec {
     let kernels = kernels(n);
     let kernels: Vec<&str> = kernels.iter().map(String::as_str).collect();
-    PackageSpec {
-        kernel_modules: true,
-        variant,
-        size_divisor: 20,
-        ..PackageSpec::new("2.5.0", &kernels)
-    }
+    PackageSpec { kernel_modules: true, variant, size_divisor: 20, ..PackageSpec::new("2.5.0", &kernels) }
 }
 
 fn write(spec: &PackageSpec, dir: &std::path::Path, name: &str) -> String {
@@ -39,19 +33,13 @@ fn write(spec: &PackageSpec, dir: &std::path::Path, name: &str) -> String {
 
 async fn fetch(central: &Central, pki: &TestPki, path: &str) -> Vec<u8> {
     let (module_version, file_name) = path.split_once('/').unwrap();
-    let probe = central
-        .collector(pki, Some(&pki.collector))
-        .fetch(module_version, file_name)
-        .await
-        .unwrap();
+    let probe = central.collector(pki, Some(&pki.collector)).fetch(module_version, file_name).await.unwrap();
     assert_eq!(probe.source, ProbeSource::UploadedPackage);
     probe.bytes
 }
 
 fn tmp_files(central: &Central) -> usize {
-    std::fs::read_dir(central.data_dir.join("tmp"))
-        .unwrap()
-        .count()
+    std::fs::read_dir(central.data_dir.join("tmp")).unwrap().count()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -62,35 +50,19 @@ async fn first_upload_through_the_cli_stores_every_probe_for_collectors() {
     let spec = spec(30, 0);
     let package = write(&spec, dir.path(), "support-pkg-2.5.0-20260101000000.zip");
     let ca = pki.ca_file();
-    let (ok, stdout, stderr) = central_cli(
-        &[
-            "upload",
-            &package,
-            "-e",
-            &central.address,
-            "--ca",
-            ca.to_str().unwrap(),
-        ],
-        &central.admin_token,
-    )
-    .await;
+    let (ok, stdout, stderr) =
+        central_cli(&["upload", &package, "-e", &central.address, "--ca", ca.to_str().unwrap()], &central.admin_token)
+            .await;
     assert!(ok, "{stdout}\n{stderr}");
     assert!(stdout.contains("Uploaded 60 files"), "{stdout}");
     assert!(stdout.contains("60 stored"), "{stdout}");
     assert!(stderr.contains("60 new"), "{stderr}");
 
     for path in spec.probe_paths().iter().step_by(7) {
-        assert_eq!(
-            fetch(&central, &pki, path).await,
-            spec.probe_bytes(path),
-            "{path}"
-        );
+        assert_eq!(fetch(&central, &pki, path).await, spec.probe_bytes(path), "{path}");
     }
-    let (ok, stdout, stderr) = central_cli(
-        &["ls", "-e", &central.address, "--ca", ca.to_str().unwrap()],
-        &central.view_token,
-    )
-    .await;
+    let (ok, stdout, stderr) =
+        central_cli(&["ls", "-e", &central.address, "--ca", ca.to_str().unwrap()], &central.view_token).await;
     assert!(ok, "{stderr}");
     assert_eq!(stdout.lines().count(), 60);
     assert_eq!(tmp_files(&central), 0);
@@ -104,44 +76,25 @@ async fn reupload_of_an_unchanged_package_sends_no_probe_bytes() {
     let central = Central::start(&pki, &dir.path().join("data")).await;
     let package = write(&spec(20, 0), dir.path(), "pkg.zip");
     let mut admin = central.admin(&pki, &central.admin_token);
-    let request = UploadRequest {
-        package: package.clone().into(),
-        overwrite: false,
-    };
+    let request = UploadRequest { package: package.clone().into(), overwrite: false };
 
-    let first = admin_client::upload(&mut admin, &request, |_| Progress::Silent)
-        .await
-        .unwrap();
+    let first = admin_client::upload(&mut admin, &request, |_| Progress::Silent).await.unwrap();
     assert_eq!(first.files_sent, 40);
     assert_eq!(first.response.unwrap().stored_count, 40);
 
-    let again = admin_client::upload(&mut admin, &request, |_| Progress::Silent)
-        .await
-        .unwrap();
+    let again = admin_client::upload(&mut admin, &request, |_| Progress::Silent).await.unwrap();
     assert_eq!((again.files_sent, again.bytes_sent), (0, 0));
     assert!(again.response.is_none(), "no UploadProbes call at all");
     assert_eq!(again.identical, 40);
 
     let ca = pki.ca_file();
     let (ok, stdout, _) = central_cli(
-        &[
-            "collector",
-            "support-packages",
-            "upload",
-            &package,
-            "-e",
-            &central.address,
-            "--ca",
-            ca.to_str().unwrap(),
-        ],
+        &["collector", "support-packages", "upload", &package, "-e", &central.address, "--ca", ca.to_str().unwrap()],
         &central.admin_token,
     )
     .await;
     assert!(ok);
-    assert!(
-        stdout.contains("Nothing to do: all 40 probe files are already in Central."),
-        "{stdout}"
-    );
+    assert!(stdout.contains("Nothing to do: all 40 probe files are already in Central."), "{stdout}");
     central.stop().await;
 }
 
@@ -155,14 +108,8 @@ async fn conflicting_files_are_kept_without_overwrite_and_replaced_with_it() {
     let ca = pki.ca_file();
     let ca = ca.to_str().unwrap();
     let upload = |package: String, overwrite: bool| {
-        let mut args = vec![
-            "upload".to_owned(),
-            package,
-            "-e".into(),
-            central.address.clone(),
-            "--ca".into(),
-            ca.into(),
-        ];
+        let mut args =
+            vec!["upload".to_owned(), package, "-e".into(), central.address.clone(), "--ca".into(), ca.into()];
         if overwrite {
             args.push("--overwrite".into());
         }
@@ -175,17 +122,11 @@ async fn conflicting_files_are_kept_without_overwrite_and_replaced_with_it() {
     let changed_package = write(&changed, dir.path(), "b.zip");
     let (ok, stdout, stderr) = upload(changed_package.clone(), false).await;
     assert!(ok, "a conflict is a warning, not a failure: {stderr}");
-    assert!(
-        stderr.contains("10 files differ from the ones in Central and were not overwritten"),
-        "{stderr}"
-    );
+    assert!(stderr.contains("10 files differ from the ones in Central and were not overwritten"), "{stderr}");
     assert!(stderr.contains("--overwrite"), "{stderr}");
     assert!(stdout.contains("Nothing to do"), "{stdout}");
     let path = &original.probe_paths()[3];
-    assert_eq!(
-        fetch(&central, &pki, path).await,
-        original.probe_bytes(path)
-    );
+    assert_eq!(fetch(&central, &pki, path).await, original.probe_bytes(path));
 
     let (ok, stdout, stderr) = upload(changed_package, true).await;
     assert!(ok, "{stderr}");
@@ -206,43 +147,26 @@ async fn an_interrupted_upload_keeps_finished_files_and_the_rerun_sends_only_the
     // Three whole files and half of a fourth, then the client goes away.
     let (sender, receiver) = tokio::sync::mpsc::channel(64);
     let mut call_client = admin.clone();
-    let call = tokio::spawn(async move {
-        call_client
-            .upload_probes(tokio_stream::wrappers::ReceiverStream::new(receiver))
-            .await
-    });
-    let options = UploadProbesRequest {
-        message: Some(Message::Options(UploadOptions { overwrite: false })),
-    };
+    let call =
+        tokio::spawn(
+            async move { call_client.upload_probes(tokio_stream::wrappers::ReceiverStream::new(receiver)).await },
+        );
+    let options = UploadProbesRequest { message: Some(Message::Options(UploadOptions { overwrite: false })) };
     sender.send(options).await.unwrap();
     for path in &paths[..3] {
-        for message in
-            central_probes::upload_session::file_messages(path, &spec.probe_bytes(path), 4096)
-        {
+        for message in central_probes::upload_session::file_messages(path, &spec.probe_bytes(path), 4096) {
             sender.send(message).await.unwrap();
         }
     }
-    let mut fourth = central_probes::upload_session::file_messages(
-        &paths[3],
-        &spec.probe_bytes(&paths[3]),
-        1024,
-    );
+    let mut fourth = central_probes::upload_session::file_messages(&paths[3], &spec.probe_bytes(&paths[3]), 1024);
     fourth.truncate(3);
     for message in fourth {
         sender.send(message).await.unwrap();
     }
-    let ask = GetExistingProbesRequest {
-        paths: paths.clone(),
-    };
+    let ask = GetExistingProbesRequest { paths: paths.clone() };
     let mut stored = 0;
     for _ in 0..500 {
-        stored = admin
-            .get_existing_probes(ask.clone())
-            .await
-            .unwrap()
-            .into_inner()
-            .probes
-            .len();
+        stored = admin.get_existing_probes(ask.clone()).await.unwrap().into_inner().probes.len();
         if stored == 3 {
             break;
         }
@@ -260,26 +184,13 @@ async fn an_interrupted_upload_keeps_finished_files_and_the_rerun_sends_only_the
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert_eq!(tmp_files(&central), 0);
-    let existing = admin
-        .get_existing_probes(ask)
-        .await
-        .unwrap()
-        .into_inner()
-        .probes;
+    let existing = admin.get_existing_probes(ask).await.unwrap().into_inner().probes;
     assert_eq!(existing.len(), 3);
 
     let package = write(&spec, dir.path(), "pkg.zip");
-    let request = UploadRequest {
-        package: package.into(),
-        overwrite: false,
-    };
-    let report = admin_client::upload(&mut admin, &request, |_| Progress::Silent)
-        .await
-        .unwrap();
-    assert_eq!(
-        report.files_sent, 3,
-        "only the files the interruption missed"
-    );
+    let request = UploadRequest { package: package.into(), overwrite: false };
+    let report = admin_client::upload(&mut admin, &request, |_| Progress::Silent).await.unwrap();
+    assert_eq!(report.files_sent, 3, "only the files the interruption missed");
     assert_eq!(report.identical, 3);
     for path in &paths {
         assert_eq!(fetch(&central, &pki, path).await, spec.probe_bytes(path));
@@ -292,39 +203,19 @@ async fn an_upload_that_would_fill_the_disk_is_refused_and_keeps_nothing() {
     let pki = TestPki::new();
     let dir = tempfile::tempdir().unwrap();
     let data_dir = dir.path().join("data");
-    let central =
-        Central::start_with(&pki, &data_dir, u64::MAX / 4, String::new(), String::new()).await;
-    let token = central_probes::auth::TokenFile::in_data_dir(&data_dir)
-        .create(central_probes::auth::Role::Admin, "admin")
-        .unwrap();
+    let options = CentralOptions { min_free_bytes: u64::MAX / 4, ..CentralOptions::default() };
+    let central = Central::start_with(&pki, &data_dir, options).await;
+    let token = central.admin_token.clone();
     let package = write(&spec(2, 0), dir.path(), "pkg.zip");
     let ca = pki.ca_file();
-    let (ok, stdout, stderr) = central_cli(
-        &[
-            "upload",
-            &package,
-            "-e",
-            &central.address,
-            "--ca",
-            ca.to_str().unwrap(),
-        ],
-        &token,
-    )
-    .await;
+    let (ok, stdout, stderr) =
+        central_cli(&["upload", &package, "-e", &central.address, "--ca", ca.to_str().unwrap()], &token).await;
     assert!(!ok, "{stdout}");
     let error_line = stderr.lines().last().unwrap();
-    assert!(
-        error_line.starts_with("error: upload failed: ResourceExhausted"),
-        "{stderr}"
-    );
+    assert!(error_line.starts_with("error: upload failed: ResourceExhausted"), "{stderr}");
     assert!(error_line.contains("not enough disk space"), "{stderr}");
     let mut admin = central.admin(&pki, &token);
-    assert!(
-        admin_client::list_all(&mut admin, None)
-            .await
-            .unwrap()
-            .is_empty()
-    );
+    assert!(admin_client::list_all(&mut admin, None).await.unwrap().is_empty());
     assert_eq!(tmp_files(&central), 0);
     central.stop().await;
 }
@@ -345,23 +236,13 @@ async fn bad_packages_fail_with_one_clear_line() {
         ("/nonexistent/pkg.zip", "cannot open"),
     ] {
         let (ok, _, stderr) = central_cli(
-            &[
-                "upload",
-                package,
-                "-e",
-                &central.address,
-                "--ca",
-                ca.to_str().unwrap(),
-            ],
+            &["upload", package, "-e", &central.address, "--ca", ca.to_str().unwrap()],
             &central.admin_token,
         )
         .await;
         assert!(!ok);
         let last = stderr.lines().last().unwrap();
-        assert!(
-            last.starts_with("error: ") && last.contains(expected),
-            "{stderr}"
-        );
+        assert!(last.starts_with("error: ") && last.contains(expected), "{stderr}");
     }
     central.stop().await;
 }
@@ -374,13 +255,8 @@ async fn existing_probes_are_answered_for_20000_names_in_one_call() {
     let spec = spec(2, 0);
     let mut admin = central.admin(&pki, &central.admin_token);
     let package = write(&spec, dir.path(), "pkg.zip");
-    let request = UploadRequest {
-        package: package.into(),
-        overwrite: false,
-    };
-    admin_client::upload(&mut admin, &request, |_| Progress::Silent)
-        .await
-        .unwrap();
+    let request = UploadRequest { package: package.into(), overwrite: false };
+    admin_client::upload(&mut admin, &request, |_| Progress::Silent).await.unwrap();
 
     let mut paths: Vec<String> = kernels(10_000)
         .iter()
@@ -393,26 +269,12 @@ async fn existing_probes_are_answered_for_20000_names_in_one_call() {
         .collect();
     paths.extend(spec.probe_paths());
     assert!(paths.len() > 20_000);
-    let response = admin
-        .get_existing_probes(GetExistingProbesRequest { paths })
-        .await
-        .unwrap()
-        .into_inner();
+    let response = admin.get_existing_probes(GetExistingProbesRequest { paths }).await.unwrap().into_inner();
     assert_eq!(response.probes.len(), 4);
-    assert!(
-        response
-            .probes
-            .iter()
-            .all(|p| p.sha256.len() == 64 && p.size > 0)
-    );
+    assert!(response.probes.iter().all(|p| p.sha256.len() == 64 && p.size > 0));
 
-    let bad = GetExistingProbesRequest {
-        paths: vec!["2.5.0/../../etc/passwd".into()],
-    };
-    assert_eq!(
-        admin.get_existing_probes(bad).await.unwrap_err().code(),
-        Code::InvalidArgument
-    );
+    let bad = GetExistingProbesRequest { paths: vec!["2.5.0/../../etc/passwd".into()] };
+    assert_eq!(admin.get_existing_probes(bad).await.unwrap_err().code(), Code::InvalidArgument);
     central.stop().await;
 }
 
@@ -423,30 +285,16 @@ async fn listing_pages_through_all_probes_and_filters_by_module_version() {
     let central = Central::start(&pki, &dir.path().join("data")).await;
     let mut admin = central.admin(&pki, &central.admin_token);
     let a = spec(700, 0);
-    let b = PackageSpec {
-        module_version: "2.6.0".into(),
-        ..spec(10, 0)
-    };
+    let b = PackageSpec { module_version: "2.6.0".into(), ..spec(10, 0) };
     for (spec, name) in [(&a, "a.zip"), (&b, "b.zip")] {
-        let request = UploadRequest {
-            package: write(spec, dir.path(), name).into(),
-            overwrite: false,
-        };
-        admin_client::upload(&mut admin, &request, |_| Progress::Silent)
-            .await
-            .unwrap();
+        let request = UploadRequest { package: write(spec, dir.path(), name).into(), overwrite: false };
+        admin_client::upload(&mut admin, &request, |_| Progress::Silent).await.unwrap();
     }
     let all = admin_client::list_all(&mut admin, None).await.unwrap();
     assert_eq!(all.len(), 1420, "1,420 probes take two pages of 1,000");
     assert!(all.windows(2).all(|w| w[0].path < w[1].path));
-    let only_b = admin_client::list_all(&mut admin, Some("2.6.0"))
-        .await
-        .unwrap();
+    let only_b = admin_client::list_all(&mut admin, Some("2.6.0")).await.unwrap();
     assert_eq!(only_b.len(), 20);
-    assert!(
-        admin_client::list_all(&mut admin, Some("latest"))
-            .await
-            .is_err()
-    );
+    assert!(admin_client::list_all(&mut admin, Some("latest")).await.is_err());
     central.stop().await;
 }

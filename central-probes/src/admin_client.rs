@@ -41,9 +41,7 @@ pub struct BearerToken(MetadataValue<Ascii>);
 
 impl Interceptor for BearerToken {
     fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
-        request
-            .metadata_mut()
-            .insert("authorization", self.0.clone());
+        request.metadata_mut().insert("authorization", self.0.clone());
         Ok(request)
     }
 }
@@ -51,28 +49,14 @@ impl Interceptor for BearerToken {
 pub type AdminClient = ProbeUploadServiceClient<InterceptedService<Channel, BearerToken>>;
 
 /// A client of Central's admin API.
-pub fn connect(
-    address: &str,
-    ca_pem: Vec<u8>,
-    token: &str,
-    connect_timeout: Duration,
-) -> Result<AdminClient, String> {
+pub fn connect(address: &str, ca_pem: Vec<u8>, token: &str, connect_timeout: Duration) -> Result<AdminClient, String> {
     let token = format!("Bearer {}", token.trim())
         .parse()
         .map_err(|_| "the API token holds characters that cannot be sent".to_owned())?;
-    let channel = transport::channel(
-        address,
-        &ClientTls {
-            ca_pem,
-            identity: None,
-        },
-        connect_timeout,
-    )?;
-    Ok(
-        ProbeUploadServiceClient::with_interceptor(channel, BearerToken(token))
-            .max_decoding_message_size(MAX_REQUEST_MESSAGE)
-            .max_encoding_message_size(MAX_REQUEST_MESSAGE),
-    )
+    let channel = transport::channel(address, &ClientTls { ca_pem, identity: None }, connect_timeout)?;
+    Ok(ProbeUploadServiceClient::with_interceptor(channel, BearerToken(token))
+        .max_decoding_message_size(MAX_REQUEST_MESSAGE)
+        .max_encoding_message_size(MAX_REQUEST_MESSAGE))
 }
 
 /// Paths asked about per GetExistingProbes call: well inside the limits.
@@ -161,9 +145,9 @@ pub async fn upload(
         .iter()
         .map(|probe| match existing.get(&probe.path.to_string()) {
             None => Action::Send,
-            Some(info) if info.size == probe.size => Action::Compare(
-                Sha256Digest::from_hex(&info.sha256).unwrap_or(Sha256Digest([0; 32])),
-            ),
+            Some(info) if info.size == probe.size => {
+                Action::Compare(Sha256Digest::from_hex(&info.sha256).unwrap_or(Sha256Digest([0; 32])))
+            }
             Some(_) => Action::Differs,
         })
         .collect();
@@ -177,10 +161,7 @@ pub async fn upload(
             .filter(|(_, a)| matches!(a, Action::Send))
             .map(|(p, _)| p.size)
             .sum(),
-        to_compare: actions
-            .iter()
-            .filter(|a| !matches!(a, Action::Send))
-            .count(),
+        to_compare: actions.iter().filter(|a| !matches!(a, Action::Send)).count(),
     };
     let to_read: u64 = index
         .probes
@@ -195,21 +176,10 @@ pub async fn upload(
 
     let (sender, mut receiver) = mpsc::channel(UPLOAD_QUEUE);
     let overwrite = request.overwrite;
-    let PackageIndex {
-        probes,
-        unrecognised,
-        ..
-    } = index;
+    let PackageIndex { probes, unrecognised, .. } = index;
     let reader_progress = progress.clone();
     let reader = tokio::task::spawn_blocking(move || {
-        stream_package(
-            package,
-            &probes,
-            &actions,
-            overwrite,
-            &sender,
-            &reader_progress,
-        )
+        stream_package(package, &probes, &actions, overwrite, &sender, &reader_progress)
     });
 
     // Start the call only when the first message arrives: an upload with
@@ -217,18 +187,13 @@ pub async fn upload(
     let response = match receiver.recv().await {
         None => None,
         Some(first) => {
-            let messages = tokio_stream::StreamExt::chain(
-                tokio_stream::once(first),
-                ReceiverStream::new(receiver),
-            );
+            let messages = tokio_stream::StreamExt::chain(tokio_stream::once(first), ReceiverStream::new(receiver));
             Some(client.upload_probes(messages).await)
         }
     };
     // A reading error explains a broken stream better than the server's
     // "ended inside a file", so it is reported first.
-    let tally = reader
-        .await
-        .map_err(|e| format!("reading the package: {e}"))?;
+    let tally = reader.await.map_err(|e| format!("reading the package: {e}"))?;
     progress.finish();
     let tally = tally?;
     let response = match response {
@@ -262,29 +227,15 @@ pub async fn upload(
     })
 }
 
-async fn existing_probes(
-    client: &mut AdminClient,
-    index: &PackageIndex,
-) -> Result<HashMap<String, ProbeInfo>, String> {
+async fn existing_probes(client: &mut AdminClient, index: &PackageIndex) -> Result<HashMap<String, ProbeInfo>, String> {
     let mut existing = HashMap::new();
     for batch in index.probes.chunks(EXISTING_BATCH) {
         let paths = batch.iter().map(|p| p.path.to_string()).collect();
         let response = client
             .get_existing_probes(GetExistingProbesRequest { paths })
             .await
-            .map_err(|status| {
-                format!(
-                    "asking Central which probes it has: {}",
-                    transport::describe(&status)
-                )
-            })?;
-        existing.extend(
-            response
-                .into_inner()
-                .probes
-                .into_iter()
-                .map(|p| (p.path.clone(), p)),
-        );
+            .map_err(|status| format!("asking Central which probes it has: {}", transport::describe(&status)))?;
+        existing.extend(response.into_inner().probes.into_iter().map(|p| (p.path.clone(), p)));
     }
     Ok(existing)
 }
@@ -302,9 +253,7 @@ fn stream_package(
     let mut options_sent = false;
     let send = |message: Message| {
         sender
-            .blocking_send(UploadProbesRequest {
-                message: Some(message),
-            })
+            .blocking_send(UploadProbesRequest { message: Some(message) })
             // The receiver is gone only when the call failed; its error is
             // the one to report, so this one just stops the thread.
             .map_err(|_| "the upload call ended early".to_owned())
@@ -327,10 +276,7 @@ fn stream_package(
             send(Message::Options(UploadOptions { overwrite }))?;
             options_sent = true;
         }
-        send(Message::FileHeader(FileHeader {
-            path: probe.path.to_string(),
-            size: probe.size,
-        }))?;
+        send(Message::FileHeader(FileHeader { path: probe.path.to_string(), size: probe.size }))?;
         let mut hasher = Sha256Hasher::new();
         let mut send_error = None;
         package
@@ -342,11 +288,7 @@ fn stream_package(
                     std::io::Error::other("stopped")
                 })
             })
-            .map_err(|e| {
-                send_error
-                    .take()
-                    .unwrap_or_else(|| format!("reading {}: {e}", probe.path))
-            })?;
+            .map_err(|e| send_error.take().unwrap_or_else(|| format!("reading {}: {e}", probe.path)))?;
         let sha256 = hasher.finish().to_hex();
         send(Message::FileTrailer(FileTrailer { sha256 }))?;
         tally.files_sent += 1;
@@ -363,20 +305,15 @@ async fn compare_digests(
     mut actions: Vec<Action>,
     progress: &Arc<Progress>,
 ) -> Result<Vec<Action>, String> {
-    let to_compare: Vec<usize> = (0..probes.len())
-        .filter(|&i| matches!(actions[i], Action::Compare(_)))
-        .collect();
+    let to_compare: Vec<usize> = (0..probes.len()).filter(|&i| matches!(actions[i], Action::Compare(_))).collect();
     if to_compare.is_empty() {
         return Ok(actions);
     }
-    let threads = std::thread::available_parallelism()
-        .map_or(2, |n| n.get())
-        .min(8);
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get()).min(8);
     let share = to_compare.len().div_ceil(threads);
     let mut workers = Vec::new();
     for indices in to_compare.chunks(share) {
-        let entries: Vec<(usize, PackageProbe)> =
-            indices.iter().map(|&i| (i, probes[i].clone())).collect();
+        let entries: Vec<(usize, PackageProbe)> = indices.iter().map(|&i| (i, probes[i].clone())).collect();
         let package = package.to_owned();
         let progress = progress.clone();
         workers.push(tokio::task::spawn_blocking(move || {
@@ -388,27 +325,16 @@ async fn compare_digests(
         }));
     }
     for worker in workers {
-        for (i, ours) in worker
-            .await
-            .map_err(|e| format!("hashing the package: {e}"))??
-        {
+        for (i, ours) in worker.await.map_err(|e| format!("hashing the package: {e}"))?? {
             if let Action::Compare(theirs) = actions[i] {
-                actions[i] = if ours == theirs {
-                    Action::Identical
-                } else {
-                    Action::Differs
-                };
+                actions[i] = if ours == theirs { Action::Identical } else { Action::Differs };
             }
         }
     }
     Ok(actions)
 }
 
-fn hash_entry(
-    package: &mut Package,
-    probe: &PackageProbe,
-    progress: &Progress,
-) -> Result<Sha256Digest, String> {
+fn hash_entry(package: &mut Package, probe: &PackageProbe, progress: &Progress) -> Result<Sha256Digest, String> {
     let mut hasher = Sha256Hasher::new();
     package
         .read_entry(probe, UPLOAD_CHUNK, |bytes| {
@@ -421,10 +347,7 @@ fn hash_entry(
 }
 
 /// Every stored probe, optionally of one module version, page by page.
-pub async fn list_all(
-    client: &mut AdminClient,
-    module_version: Option<&str>,
-) -> Result<Vec<ProbeInfo>, String> {
+pub async fn list_all(client: &mut AdminClient, module_version: Option<&str>) -> Result<Vec<ProbeInfo>, String> {
     let mut probes = Vec::new();
     let mut page_token = String::new();
     loop {

@@ -67,9 +67,7 @@ pub struct TokenFile {
 
 impl TokenFile {
     pub fn in_data_dir(data_dir: &Path) -> Self {
-        TokenFile {
-            path: data_dir.join("tokens"),
-        }
+        TokenFile { path: data_dir.join("tokens") }
     }
 
     /// All tokens; none when the file does not exist yet.
@@ -110,19 +108,13 @@ impl TokenFile {
         if records.iter().any(|r| r.name == name) {
             return Err(io::Error::new(
                 io::ErrorKind::AlreadyExists,
-                format!(
-                    "a token named {name:?} exists already; revoke it first or pick another name"
-                ),
+                format!("a token named {name:?} exists already; revoke it first or pick another name"),
             ));
         }
         let mut secret = [0u8; 32];
         getrandom::getrandom(&mut secret).map_err(io::Error::other)?;
         let token = format!("kp_{}", Sha256Digest(secret).to_hex());
-        records.push(TokenRecord {
-            hash: hash_token(&token),
-            role,
-            name: name.to_owned(),
-        });
+        records.push(TokenRecord { hash: hash_token(&token), role, name: name.to_owned() });
         self.save(&records)?;
         Ok(token)
     }
@@ -175,9 +167,7 @@ impl TokenAuth {
     pub fn authorize(&self, metadata: &MetadataMap, needed: Role) -> Result<Role> {
         let unauthenticated = |why: &str| Error::new(Code::Unauthenticated, why.to_owned());
         let Some(value) = metadata.get("authorization") else {
-            return Err(unauthenticated(
-                "missing API token: send the metadata \"authorization: Bearer <token>\"",
-            ));
+            return Err(unauthenticated("missing API token: send the metadata \"authorization: Bearer <token>\""));
         };
         let token = value
             .to_str()
@@ -185,14 +175,9 @@ impl TokenAuth {
             .and_then(|v| v.strip_prefix("Bearer "))
             .map(str::trim)
             .filter(|t| !t.is_empty())
-            .ok_or_else(|| {
-                unauthenticated("malformed authorization metadata: expected \"Bearer <token>\"")
-            })?;
+            .ok_or_else(|| unauthenticated("malformed authorization metadata: expected \"Bearer <token>\""))?;
         let presented = hash_token(token);
-        let records = self
-            .tokens
-            .load()
-            .map_err(|e| Error::internal(format!("reading the tokens: {e}")))?;
+        let records = self.tokens.load().map_err(|e| Error::internal(format!("reading the tokens: {e}")))?;
         // Every record is compared, matched or not, so timing tells nothing.
         let mut role = None;
         for record in &records {
@@ -227,60 +212,27 @@ mod tests {
         let file = TokenFile::in_data_dir(dir.path());
         let admin = file.create(Role::Admin, "ci").unwrap();
         let view = file.create(Role::View, "dashboard").unwrap();
-        assert!(
-            !fs::read_to_string(dir.path().join("tokens"))
-                .unwrap()
-                .contains(&admin)
-        );
+        assert!(!fs::read_to_string(dir.path().join("tokens")).unwrap().contains(&admin));
         let auth = TokenAuth::new(file.clone());
 
         let bearer = |t: &str| metadata(&format!("Bearer {t}"));
-        assert_eq!(
-            auth.authorize(&bearer(&admin), Role::Admin).unwrap(),
-            Role::Admin
-        );
-        assert_eq!(
-            auth.authorize(&bearer(&view), Role::View).unwrap(),
-            Role::View
-        );
-        assert_eq!(
-            auth.authorize(&bearer(&view), Role::Admin)
-                .unwrap_err()
-                .code,
-            Code::PermissionDenied
-        );
+        assert_eq!(auth.authorize(&bearer(&admin), Role::Admin).unwrap(), Role::Admin);
+        assert_eq!(auth.authorize(&bearer(&view), Role::View).unwrap(), Role::View);
+        assert_eq!(auth.authorize(&bearer(&view), Role::Admin).unwrap_err().code, Code::PermissionDenied);
 
         assert!(file.revoke("ci").unwrap());
         assert!(!file.revoke("ci").unwrap());
-        assert_eq!(
-            auth.authorize(&bearer(&admin), Role::View)
-                .unwrap_err()
-                .code,
-            Code::Unauthenticated
-        );
-        assert_eq!(
-            auth.authorize(&bearer(&view), Role::View).unwrap(),
-            Role::View
-        );
+        assert_eq!(auth.authorize(&bearer(&admin), Role::View).unwrap_err().code, Code::Unauthenticated);
+        assert_eq!(auth.authorize(&bearer(&view), Role::View).unwrap(), Role::View);
     }
 
     #[test]
     fn missing_malformed_and_unknown_tokens_are_unauthenticated() {
         let dir = tempfile::tempdir().unwrap();
         let auth = TokenAuth::new(TokenFile::in_data_dir(dir.path()));
-        assert_eq!(
-            auth.authorize(&MetadataMap::new(), Role::View)
-                .unwrap_err()
-                .code,
-            Code::Unauthenticated
-        );
+        assert_eq!(auth.authorize(&MetadataMap::new(), Role::View).unwrap_err().code, Code::Unauthenticated);
         for value in ["", "Bearer ", "Basic abc", "kp_123", "Bearer kp_unknown"] {
-            assert_eq!(
-                auth.authorize(&metadata(value), Role::View)
-                    .unwrap_err()
-                    .code,
-                Code::Unauthenticated
-            );
+            assert_eq!(auth.authorize(&metadata(value), Role::View).unwrap_err().code, Code::Unauthenticated);
         }
     }
 

@@ -4,12 +4,15 @@
 pub mod admin_client;
 pub mod auth;
 pub mod error;
+pub mod metrics;
 pub mod package;
 pub mod pki;
 pub mod probe_service;
 pub mod progress;
 pub mod server;
+pub mod sources;
 pub mod store;
 pub mod synthetic;
 pub mod upload_service;
 pub mod upload_session;
+pub mod upstream;

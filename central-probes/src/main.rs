@@ -9,6 +9,10 @@ use std::time::Duration;
 
 use central_probes::admin_client::{self, UploadReport, UploadRequest};
 use central_probes::auth::{Role, TokenAuth, TokenFile};
+use central_probes::metrics::Metrics;
+use central_probes::upstream::{UpstreamConfig, UpstreamSource};
+use probe_api::transport::ClientTls;
+
 use central_probes::progress::Progress;
 use central_probes::server::{self, ServerOptions, TlsMaterial};
 use central_probes::store::filesystem::{FilesystemStore, FilesystemStoreConfig};
@@ -16,10 +20,7 @@ use clap::{Args, Parser, Subcommand};
 use tracing::{info, warn};
 
 #[derive(Parser)]
-#[command(
-    version,
-    about = "Kernel probe store and server for Collectors, and its admin tools"
-)]
+#[command(version, about = "Kernel probe store and server for Collectors, and its admin tools")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -93,6 +94,34 @@ struct ServeArgs {
     /// before they are abandoned (an abandoned file is never made visible).
     #[arg(long, env = "CENTRAL_SHUTDOWN_GRACE", default_value = "30s", value_parser = humantime::parse_duration)]
     shutdown_grace: Duration,
+    /// The upstream probe server, https://HOST:PORT, asked when no uploaded
+    /// package has a probe.
+    #[arg(long, env = "CENTRAL_UPSTREAM")]
+    upstream: Option<String>,
+    /// The CA (PEM) that signed the upstream's certificate.
+    #[arg(long, env = "CENTRAL_UPSTREAM_CA", requires = "upstream")]
+    upstream_ca: Option<PathBuf>,
+    /// A client certificate (PEM) for the upstream, if it wants one.
+    #[arg(long, env = "CENTRAL_UPSTREAM_CERT", requires = "upstream_key")]
+    upstream_cert: Option<PathBuf>,
+    #[arg(long, env = "CENTRAL_UPSTREAM_KEY", requires = "upstream_cert")]
+    upstream_key: Option<PathBuf>,
+    /// Time allowed to connect to the upstream.
+    #[arg(long, env = "CENTRAL_UPSTREAM_CONNECT_TIMEOUT", default_value = "2s", value_parser = humantime::parse_duration)]
+    upstream_connect_timeout: Duration,
+    /// Time allowed for one whole fetch from the upstream.
+    #[arg(long, env = "CENTRAL_UPSTREAM_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
+    upstream_timeout: Duration,
+    /// Disk space for probes fetched from the upstream; least recently used
+    /// ones are evicted beyond it.
+    #[arg(long, env = "CENTRAL_UPSTREAM_CACHE_SIZE", default_value = "1GiB", value_parser = parse_size)]
+    upstream_cache_size: u64,
+    /// Never contact the upstream (no outbound connection at all).
+    #[arg(long, env = "ROX_OFFLINE_MODE")]
+    offline: bool,
+    /// Serve Prometheus metrics at http://ADDR/metrics.
+    #[arg(long, env = "CENTRAL_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
 }
 
 #[derive(Args)]
@@ -169,9 +198,7 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .init();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
@@ -193,18 +220,12 @@ async fn run(command: Command) -> Result<(), String> {
         Command::Serve(args) => serve(args).await,
         Command::Upload(args)
         | Command::Collector {
-            command:
-                CollectorCommand::SupportPackages {
-                    command: SupportPackagesCommand::Upload(args),
-                },
+            command: CollectorCommand::SupportPackages { command: SupportPackagesCommand::Upload(args) },
         } => upload(args).await,
         Command::Ls(args) => ls(args).await,
         Command::Token { command } => token(command),
-        Command::Pki {
-            command: PkiCommand::Init { out },
-        } => {
-            central_probes::pki::init(&out)
-                .map_err(|e| format!("writing certificates to {}: {e}", out.display()))?;
+        Command::Pki { command: PkiCommand::Init { out } } => {
+            central_probes::pki::init(&out).map_err(|e| format!("writing certificates to {}: {e}", out.display()))?;
             println!(
                 "wrote ca.pem, ca-key.pem, server.pem, server-key.pem, collector.pem, collector-key.pem to {}",
                 out.display()
@@ -224,17 +245,21 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
         key_pem: read(&args.tls_key, "the TLS key")?,
         client_ca_pem: read(&args.client_ca, "the client CA")?,
     };
-    let config = FilesystemStoreConfig {
-        data_dir: args.data_dir.clone(),
-        min_free_bytes: args.min_free_space,
-    };
+    let config = FilesystemStoreConfig { data_dir: args.data_dir.clone(), min_free_bytes: args.min_free_space };
     let store = tokio::task::spawn_blocking(move || FilesystemStore::open(&config))
         .await
         .map_err(|e| e.to_string())?
         .map_err(|e| format!("opening the probe store: {e}"))?;
-    let listener = tokio::net::TcpListener::bind(args.listen)
-        .await
-        .map_err(|e| format!("listening on {}: {e}", args.listen))?;
+    let metrics = Metrics::new();
+    let upstream = upstream_source(&args, &metrics).await?;
+    if let Some(address) = args.metrics_listen {
+        let listener = tokio::net::TcpListener::bind(address)
+            .await
+            .map_err(|e| format!("listening for metrics on {address}: {e}"))?;
+        tokio::spawn(central_probes::metrics::serve(metrics.clone(), listener));
+    }
+    let listener =
+        tokio::net::TcpListener::bind(args.listen).await.map_err(|e| format!("listening on {}: {e}", args.listen))?;
     let (stop, mut stopped) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
         shutdown_signal().await;
@@ -245,10 +270,7 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
     let server = server::run(
         Arc::new(store),
         TokenAuth::new(TokenFile::in_data_dir(&args.data_dir)),
-        ServerOptions {
-            tls,
-            allow_anonymous_reads: args.allow_anonymous_reads,
-        },
+        ServerOptions { tls, allow_anonymous_reads: args.allow_anonymous_reads, upstream, metrics },
         listener,
         async move {
             let _ = server_stopped.wait_for(|stop| *stop).await;
@@ -262,6 +284,41 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
             Ok(())
         }
     }
+}
+
+/// The upstream source, unless offline or none is configured.
+async fn upstream_source(args: &ServeArgs, metrics: &Metrics) -> Result<Option<Arc<UpstreamSource>>, String> {
+    let Some(address) = &args.upstream else {
+        info!("no upstream configured: only uploaded probes are served");
+        return Ok(None);
+    };
+    if args.offline {
+        info!("offline mode: the upstream is never contacted");
+        return Ok(None);
+    }
+    let ca = args.upstream_ca.as_ref().ok_or("--upstream needs --upstream-ca")?;
+    let identity = match (&args.upstream_cert, &args.upstream_key) {
+        (Some(cert), Some(key)) => {
+            Some((read(cert, "the upstream client certificate")?, read(key, "the upstream client key")?))
+        }
+        _ => None,
+    };
+    let config = UpstreamConfig {
+        address: address.clone(),
+        tls: ClientTls { ca_pem: read(ca, "the upstream CA")?, identity },
+        connect_timeout: args.upstream_connect_timeout,
+        fetch_timeout: args.upstream_timeout,
+        cache_dir: args.data_dir.join("upstream-cache"),
+        cache_max_bytes: args.upstream_cache_size,
+        min_free_bytes: args.min_free_space,
+        not_found_ttl: Duration::from_secs(30),
+    };
+    let metrics = metrics.clone();
+    let source = tokio::task::spawn_blocking(move || UpstreamSource::new(config, metrics))
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| format!("setting up the upstream: {e}"))?;
+    Ok(Some(Arc::new(source)))
 }
 
 async fn shutdown_signal() {
@@ -288,10 +345,7 @@ async fn upload(args: UploadArgs) -> Result<(), String> {
         &api_token()?,
         Duration::from_secs(10),
     )?;
-    let request = UploadRequest {
-        package: args.package.clone(),
-        overwrite: args.overwrite,
-    };
+    let request = UploadRequest { package: args.package.clone(), overwrite: args.overwrite };
     let upload = admin_client::upload(&mut client, &request, |plan| {
         eprintln!(
             "{}: {} probe files; {} new ({:.1} MiB) to upload; {} already in Central to compare by digest",
@@ -303,14 +357,9 @@ async fn upload(args: UploadArgs) -> Result<(), String> {
         );
         Progress::for_stderr()
     });
-    let report = tokio::time::timeout(endpoint.timeout, upload)
-        .await
-        .map_err(|_| {
-            format!(
-                "the upload did not finish within --timeout {}",
-                humantime::format_duration(endpoint.timeout)
-            )
-        })??;
+    let report = tokio::time::timeout(endpoint.timeout, upload).await.map_err(|_| {
+        format!("the upload did not finish within --timeout {}", humantime::format_duration(endpoint.timeout))
+    })??;
     print_report(&report);
     Ok(())
 }
@@ -369,12 +418,10 @@ async fn ls(args: LsArgs) -> Result<(), String> {
         &api_token()?,
         Duration::from_secs(10),
     )?;
-    let probes = tokio::time::timeout(
-        endpoint.timeout,
-        admin_client::list_all(&mut client, args.module_version.as_deref()),
-    )
-    .await
-    .map_err(|_| "listing did not finish within --timeout".to_owned())??;
+    let probes =
+        tokio::time::timeout(endpoint.timeout, admin_client::list_all(&mut client, args.module_version.as_deref()))
+            .await
+            .map_err(|_| "listing did not finish within --timeout".to_owned())??;
     for probe in &probes {
         println!("{}  {:>10}  {}", probe.sha256, probe.size, probe.path);
     }
@@ -384,11 +431,7 @@ async fn ls(args: LsArgs) -> Result<(), String> {
 
 fn token(command: TokenCommand) -> Result<(), String> {
     match command {
-        TokenCommand::Create {
-            data_dir,
-            role,
-            name,
-        } => {
+        TokenCommand::Create { data_dir, role, name } => {
             let tokens = TokenFile::in_data_dir(&data_dir);
             let name = match name {
                 Some(name) => name,
@@ -397,18 +440,13 @@ fn token(command: TokenCommand) -> Result<(), String> {
                     format!("{role}-{}", count + 1)
                 }
             };
-            let token = tokens
-                .create(role, &name)
-                .map_err(|e| format!("creating a token: {e}"))?;
+            let token = tokens.create(role, &name).map_err(|e| format!("creating a token: {e}"))?;
             eprintln!("created token {name:?} with role {role}; it is shown only now:");
             println!("{token}");
             Ok(())
         }
         TokenCommand::Revoke { data_dir, name } => {
-            if TokenFile::in_data_dir(&data_dir)
-                .revoke(&name)
-                .map_err(|e| e.to_string())?
-            {
+            if TokenFile::in_data_dir(&data_dir).revoke(&name).map_err(|e| e.to_string())? {
                 eprintln!("revoked token {name:?}");
                 Ok(())
             } else {
@@ -416,10 +454,7 @@ fn token(command: TokenCommand) -> Result<(), String> {
             }
         }
         TokenCommand::List { data_dir } => {
-            for record in TokenFile::in_data_dir(&data_dir)
-                .load()
-                .map_err(|e| e.to_string())?
-            {
+            for record in TokenFile::in_data_dir(&data_dir).load().map_err(|e| e.to_string())? {
                 println!("{}\t{}", record.name, record.role);
             }
             Ok(())
@@ -430,13 +465,9 @@ fn token(command: TokenCommand) -> Result<(), String> {
 /// Parses `1073741824`, `1G` (10^9), `1GiB` (2^30) and the like.
 fn parse_size(text: &str) -> Result<u64, String> {
     let text = text.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
+    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
     let (number, unit) = text.split_at(split);
-    let number: u64 = number
-        .parse()
-        .map_err(|_| format!("{text:?} is not a size such as 1GiB"))?;
+    let number: u64 = number.parse().map_err(|_| format!("{text:?} is not a size such as 1GiB"))?;
     let multiplier: u64 = match unit.trim() {
         "" | "B" => 1,
         "K" | "KB" => 1_000,
@@ -449,9 +480,7 @@ fn parse_size(text: &str) -> Result<u64, String> {
         "TiB" => 1 << 40,
         other => return Err(format!("unknown size unit {other:?}")),
     };
-    number
-        .checked_mul(multiplier)
-        .ok_or_else(|| format!("{text} is too large"))
+    number.checked_mul(multiplier).ok_or_else(|| format!("{text} is too large"))
 }
 
 #[cfg(test)]

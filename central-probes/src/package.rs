@@ -58,32 +58,18 @@ impl Package {
         let mut index = PackageIndex::default();
         let mut seen = HashSet::new();
         for i in 0..self.archive.len() {
-            let entry = self
-                .archive
-                .by_index_raw(i)
-                .map_err(|e| format!("zip entry {i} is unreadable: {e}"))?;
-            let name = entry
-                .name()
-                .map_err(|e| format!("zip entry {i} has an unreadable name: {e}"))?
-                .into_owned();
+            let entry = self.archive.by_index_raw(i).map_err(|e| format!("zip entry {i} is unreadable: {e}"))?;
+            let name = entry.name().map_err(|e| format!("zip entry {i} has an unreadable name: {e}"))?.into_owned();
             match classify_package_entry(&name) {
-                PackageEntry::Probe(_) | PackageEntry::Unrecognised(_) if entry.is_dir() => {
-                    index.ignored += 1
-                }
+                PackageEntry::Probe(_) | PackageEntry::Unrecognised(_) if entry.is_dir() => index.ignored += 1,
                 PackageEntry::Probe(path) => {
                     if !seen.insert(path.clone()) {
                         return Err(format!("the package holds {name} twice"));
                     }
-                    index.probes.push(PackageProbe {
-                        index: i,
-                        path,
-                        size: entry.size(),
-                    });
+                    index.probes.push(PackageProbe { index: i, path, size: entry.size() });
                 }
                 PackageEntry::Ignored => index.ignored += 1,
-                PackageEntry::Unrecognised(reason) => {
-                    index.unrecognised.push(format!("{name}: {reason}"))
-                }
+                PackageEntry::Unrecognised(reason) => index.unrecognised.push(format!("{name}: {reason}")),
             }
         }
         Ok(index)
@@ -98,10 +84,7 @@ impl Package {
         chunk_size: usize,
         mut consume: impl FnMut(&[u8]) -> io::Result<()>,
     ) -> io::Result<()> {
-        let entry = self
-            .archive
-            .by_index(probe.index)
-            .map_err(io::Error::other)?;
+        let entry = self.archive.by_index(probe.index).map_err(io::Error::other)?;
         // One byte more than declared is enough to catch a lying entry
         // (a zip bomb) without reading what it inflates to.
         let mut reader = entry.take(probe.size + 1);
@@ -116,10 +99,7 @@ impl Package {
             if total > probe.size {
                 return Err(io::Error::new(
                     io::ErrorKind::InvalidData,
-                    format!(
-                        "{}: the entry holds more bytes than its declared {}",
-                        probe.path, probe.size
-                    ),
+                    format!("{}: the entry holds more bytes than its declared {}", probe.path, probe.size),
                 ));
             }
             consume(&buffer[..n])?;
@@ -127,10 +107,7 @@ impl Package {
         if total != probe.size {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
-                format!(
-                    "{}: the entry holds {total} bytes but declares {}",
-                    probe.path, probe.size
-                ),
+                format!("{}: the entry holds {total} bytes but declares {}", probe.path, probe.size),
             ));
         }
         Ok(())
@@ -160,20 +137,11 @@ mod tests {
     fn write_zip(path: &Path, entries: &[(&str, &[u8], bool)]) {
         let mut zip = zip::ZipWriter::new(File::create(path).unwrap());
         for (name, bytes, deflate) in entries {
-            let method = if *deflate {
-                zip::CompressionMethod::Deflated
-            } else {
-                zip::CompressionMethod::Stored
-            };
+            let method = if *deflate { zip::CompressionMethod::Deflated } else { zip::CompressionMethod::Stored };
             if name.ends_with('/') {
-                zip.add_directory(*name, SimpleFileOptions::default())
-                    .unwrap();
+                zip.add_directory(*name, SimpleFileOptions::default()).unwrap();
             } else {
-                zip.start_file(
-                    *name,
-                    SimpleFileOptions::default().compression_method(method),
-                )
-                .unwrap();
+                zip.start_file(*name, SimpleFileOptions::default().compression_method(method)).unwrap();
                 zip.write_all(bytes).unwrap();
             }
         }
@@ -200,16 +168,8 @@ mod tests {
                 ("kernel-modules/", b"", false),
                 ("kernel-modules/2.5.0/", b"", false),
                 ("kernel-modules/2.5.0/LICENSE", b"license", false),
-                (
-                    "kernel-modules/2.5.0/collector-ebpf-5.4.0.o.gz",
-                    b"stored probe",
-                    false,
-                ),
-                (
-                    "kernel-modules/2.5.0/collector-5.4.0.ko.gz",
-                    &deflated,
-                    true,
-                ),
+                ("kernel-modules/2.5.0/collector-ebpf-5.4.0.o.gz", b"stored probe", false),
+                ("kernel-modules/2.5.0/collector-5.4.0.ko.gz", &deflated, true),
                 ("kernel-modules/2.5.0/README", b"?", false),
                 ("other.txt", b"", false),
             ],
@@ -220,10 +180,7 @@ mod tests {
         assert_eq!(index.ignored, 4);
         assert_eq!(index.unrecognised.len(), 1);
         assert!(index.unrecognised[0].contains("README"));
-        assert_eq!(
-            read_all(&mut package, &index.probes[0]).unwrap(),
-            b"stored probe"
-        );
+        assert_eq!(read_all(&mut package, &index.probes[0]).unwrap(), b"stored probe");
         assert_eq!(read_all(&mut package, &index.probes[1]).unwrap(), deflated);
     }
 
@@ -234,9 +191,7 @@ mod tests {
         std::fs::write(&path, b"not a zip at all").unwrap();
         let error = Package::open(&path).err().unwrap();
         assert!(error.contains("is not a readable zip file"), "{error}");
-        let error = Package::open(&dir.path().join("missing.zip"))
-            .err()
-            .unwrap();
+        let error = Package::open(&dir.path().join("missing.zip")).err().unwrap();
         assert!(error.contains("cannot open"), "{error}");
     }
 
@@ -244,21 +199,11 @@ mod tests {
     fn an_entry_that_inflates_beyond_its_declared_size_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("pkg.zip");
-        write_zip(
-            &path,
-            &[(
-                "kernel-modules/2.5.0/collector-5.4.0.ko.gz",
-                &[0u8; 5000],
-                true,
-            )],
-        );
+        write_zip(&path, &[("kernel-modules/2.5.0/collector-5.4.0.ko.gz", &[0u8; 5000], true)]);
         let mut package = Package::open(&path).unwrap();
         let mut probe = package.index().unwrap().probes.remove(0);
         probe.size = 100; // what a lying header would declare
         let error = read_all(&mut package, &probe).unwrap_err();
-        assert!(
-            error.to_string().contains("more bytes than its declared"),
-            "{error}"
-        );
+        assert!(error.to_string().contains("more bytes than its declared"), "{error}");
     }
 }

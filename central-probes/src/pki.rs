@@ -9,8 +9,8 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose,
 };
 
 /// A certificate and its private key, both PEM.
@@ -40,10 +40,7 @@ impl CertificateAuthority {
         params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
         let key = KeyPair::generate()?;
         let cert_pem = params.self_signed(&key)?.pem();
-        Ok(CertificateAuthority {
-            issuer: Issuer::new(params, key),
-            cert_pem,
-        })
+        Ok(CertificateAuthority { issuer: Issuer::new(params, key), cert_pem })
     }
 
     /// A server certificate for the given DNS names and IP addresses.
@@ -79,10 +76,7 @@ impl CertificateAuthority {
         params.use_authority_key_identifier_extension = true;
         let key = KeyPair::generate()?;
         let cert = params.signed_by(&key, &self.issuer)?;
-        Ok(CertifiedKey {
-            cert_pem: cert.pem(),
-            key_pem: key.serialize_pem(),
-        })
+        Ok(CertifiedKey { cert_pem: cert.pem(), key_pem: key.serialize_pem() })
     }
 
     pub fn key_pem(&self) -> String {
@@ -96,9 +90,7 @@ impl CertificateAuthority {
 pub fn init(out: &Path) -> std::io::Result<()> {
     let error = |e: rcgen::Error| std::io::Error::other(format!("making certificates: {e}"));
     let ca = CertificateAuthority::new("central-probes development CA").map_err(error)?;
-    let server = ca
-        .issue_server(&["localhost", "127.0.0.1"])
-        .map_err(error)?;
+    let server = ca.issue_server(&["localhost", "127.0.0.1"]).map_err(error)?;
     let collector = ca.issue_client("collector").map_err(error)?;
     fs::create_dir_all(out)?;
     write_file(&out.join("ca.pem"), &ca.cert_pem, 0o644)?;
@@ -111,12 +103,7 @@ pub fn init(out: &Path) -> std::io::Result<()> {
 }
 
 fn write_file(path: &Path, content: &str, mode: u32) -> std::io::Result<()> {
-    let mut file = fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(mode)
-        .open(path)?;
+    let mut file = fs::OpenOptions::new().write(true).create(true).truncate(true).mode(mode).open(path)?;
     file.write_all(content.as_bytes())
 }
 
@@ -136,11 +123,7 @@ mod tests {
         for name in ["ca-key.pem", "server-key.pem", "collector-key.pem"] {
             let path = dir.path().join(name);
             assert!(fs::read_to_string(&path).unwrap().contains("PRIVATE KEY"));
-            assert_eq!(
-                fs::metadata(&path).unwrap().permissions().mode() & 0o777,
-                0o600,
-                "{name}"
-            );
+            assert_eq!(fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600, "{name}");
         }
     }
 }

@@ -26,10 +26,8 @@ impl Progress {
         if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
             let bar = ProgressBar::new(0);
             bar.set_style(
-                ProgressStyle::with_template(
-                    "{bar:40} {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta}",
-                )
-                .expect("a valid template"),
+                ProgressStyle::with_template("{bar:40} {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta}")
+                    .expect("a valid template"),
             );
             Progress::Bar(bar)
         } else {

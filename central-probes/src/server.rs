@@ -17,9 +17,12 @@ use tracing::info;
 
 use crate::auth::TokenAuth;
 use crate::error::{Error, Result};
+use crate::metrics::Metrics;
 use crate::probe_service::CollectorService;
+use crate::sources::{ProbeSource, SourceChain, UploadedProbes};
 use crate::store::ProbeStore;
 use crate::upload_service::UploadService;
+use crate::upstream::UpstreamSource;
 
 /// Per-stream and per-connection HTTP/2 receive windows. tonic's defaults
 /// roughly halve bulk throughput here.
@@ -41,6 +44,9 @@ pub struct ServerOptions {
     pub tls: TlsMaterial,
     /// Serve GetProbe to callers without a client certificate.
     pub allow_anonymous_reads: bool,
+    /// Asked when no uploaded package has a probe; `None` when offline.
+    pub upstream: Option<Arc<UpstreamSource>>,
+    pub metrics: Metrics,
 }
 
 /// Installs the one rustls crypto provider this build has. Idempotent.
@@ -58,37 +64,34 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<()> {
     install_crypto_provider();
-    let address = listener
-        .local_addr()
-        .map_err(|e| Error::io("reading the listening address", e))?;
+    let address = listener.local_addr().map_err(|e| Error::io("reading the listening address", e))?;
     let tls = ServerTlsConfig::new()
-        .identity(Identity::from_pem(
-            &options.tls.cert_pem,
-            &options.tls.key_pem,
-        ))
+        .identity(Identity::from_pem(&options.tls.cert_pem, &options.tls.key_pem))
         .client_ca_root(Certificate::from_pem(&options.tls.client_ca_pem))
         // Admins authenticate with tokens and carry no client certificate;
         // ProbeService checks for one itself.
         .client_auth_optional(true);
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
-    health_reporter
-        .set_serving::<ProbeServiceServer<CollectorService>>()
-        .await;
-    health_reporter
-        .set_serving::<ProbeUploadServiceServer<UploadService>>()
-        .await;
+    health_reporter.set_serving::<ProbeServiceServer<CollectorService>>().await;
+    health_reporter.set_serving::<ProbeUploadServiceServer<UploadService>>().await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(probe_api::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
         .map_err(|e| Error::internal(format!("building reflection: {e}")))?;
 
+    // Uploaded probes always win over the upstream's.
+    let mut sources: Vec<Arc<dyn ProbeSource>> = vec![Arc::new(UploadedProbes(store.clone()))];
+    if let Some(upstream) = options.upstream {
+        sources.push(upstream);
+    }
     let collector = ProbeServiceServer::new(CollectorService::new(
-        store.clone(),
+        SourceChain::new(sources),
         options.allow_anonymous_reads,
+        options.metrics.clone(),
     ));
-    let upload = ProbeUploadServiceServer::new(UploadService::new(store, auth))
+    let upload = ProbeUploadServiceServer::new(UploadService::new(store, auth, options.metrics))
         .max_decoding_message_size(MAX_REQUEST_MESSAGE)
         .max_encoding_message_size(MAX_REQUEST_MESSAGE);
 

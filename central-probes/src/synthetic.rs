@@ -42,10 +42,7 @@ impl PackageSpec {
     pub fn probe_paths(&self) -> Vec<String> {
         let mut paths = Vec::new();
         for kernel in &self.kernels {
-            paths.push(format!(
-                "{}/collector-ebpf-{kernel}.o.gz",
-                self.module_version
-            ));
+            paths.push(format!("{}/collector-ebpf-{kernel}.o.gz", self.module_version));
             if self.kernel_modules {
                 paths.push(format!("{}/collector-{kernel}.ko.gz", self.module_version));
             }
@@ -57,37 +54,24 @@ impl PackageSpec {
     pub fn probe_bytes(&self, path: &str) -> Vec<u8> {
         let seed = fnv1a(path.as_bytes());
         let size = (realistic_size(seed) / self.size_divisor.max(1)).max(1);
-        pseudo_random_bytes(
-            seed ^ self.variant.wrapping_mul(0x9e37_79b9_7f4a_7c15),
-            size,
-        )
+        pseudo_random_bytes(seed ^ self.variant.wrapping_mul(0x9e37_79b9_7f4a_7c15), size)
     }
 
     /// Writes the package; returns the total probe bytes.
     pub fn write(&self, out: &Path) -> io::Result<u64> {
         let mut zip = zip::ZipWriter::new(BufWriter::with_capacity(1 << 20, File::create(out)?));
-        let method = if self.deflate {
-            zip::CompressionMethod::Deflated
-        } else {
-            zip::CompressionMethod::Stored
-        };
-        let options = SimpleFileOptions::default()
-            .compression_method(method)
-            .large_file(false);
+        let method = if self.deflate { zip::CompressionMethod::Deflated } else { zip::CompressionMethod::Stored };
+        let options = SimpleFileOptions::default().compression_method(method).large_file(false);
         let dir = format!("kernel-modules/{}/", self.module_version);
-        zip.add_directory("kernel-modules/", SimpleFileOptions::default())
-            .map_err(io::Error::other)?;
-        zip.add_directory(dir.as_str(), SimpleFileOptions::default())
-            .map_err(io::Error::other)?;
-        zip.start_file(format!("{dir}LICENSE"), options)
-            .map_err(io::Error::other)?;
+        zip.add_directory("kernel-modules/", SimpleFileOptions::default()).map_err(io::Error::other)?;
+        zip.add_directory(dir.as_str(), SimpleFileOptions::default()).map_err(io::Error::other)?;
+        zip.start_file(format!("{dir}LICENSE"), options).map_err(io::Error::other)?;
         zip.write_all(b"Synthetic probes for testing; no license needed.\n")?;
         let mut total = 0;
         for path in self.probe_paths() {
             let bytes = self.probe_bytes(&path);
             total += bytes.len() as u64;
-            zip.start_file(format!("kernel-modules/{path}"), options)
-                .map_err(io::Error::other)?;
+            zip.start_file(format!("kernel-modules/{path}"), options).map_err(io::Error::other)?;
             zip.write_all(&bytes)?;
         }
         zip.finish().map_err(io::Error::other)?.flush()?;
@@ -106,9 +90,7 @@ fn realistic_size(seed: u64) -> usize {
 }
 
 fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, &b| {
-        (hash ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-    })
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, &b| (hash ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
 }
 
 /// xorshift64*: fast, deterministic, and incompressible enough.
@@ -132,10 +114,7 @@ mod tests {
     #[test]
     fn variants_change_bytes_but_not_sizes() {
         let spec = PackageSpec::new("2.5.0", &["5.4.0"]);
-        let other = PackageSpec {
-            variant: 1,
-            ..spec.clone()
-        };
+        let other = PackageSpec { variant: 1, ..spec.clone() };
         let path = &spec.probe_paths()[0];
         assert_eq!(spec.probe_bytes(path), spec.probe_bytes(path));
         assert_ne!(spec.probe_bytes(path), other.probe_bytes(path));

@@ -7,14 +7,15 @@ use std::sync::Arc;
 use probe_api::names::{ModuleVersion, ProbePath};
 use probe_api::v1::probe_upload_service_server::ProbeUploadService;
 use probe_api::v1::{
-    GetExistingProbesRequest, GetExistingProbesResponse, ListProbesRequest, ListProbesResponse,
-    ProbeInfo, UploadProbesRequest, UploadProbesResponse,
+    GetExistingProbesRequest, GetExistingProbesResponse, ListProbesRequest, ListProbesResponse, ProbeInfo,
+    UploadProbesRequest, UploadProbesResponse,
 };
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{info, instrument};
 
 use crate::auth::{Role, TokenAuth};
 use crate::error::{Error, Result};
+use crate::metrics::{Metrics, OutcomeLabels};
 use crate::store::{ProbeStore, StoredProbe};
 use crate::upload_session::UploadSession;
 
@@ -27,28 +28,50 @@ pub const MAX_PAGE_SIZE: u32 = 10_000;
 pub struct UploadService {
     store: Arc<dyn ProbeStore>,
     auth: TokenAuth,
+    metrics: Metrics,
 }
 
 impl UploadService {
-    pub fn new(store: Arc<dyn ProbeStore>, auth: TokenAuth) -> Self {
-        UploadService { store, auth }
+    pub fn new(store: Arc<dyn ProbeStore>, auth: TokenAuth, metrics: Metrics) -> Self {
+        UploadService { store, auth, metrics }
     }
 
-    async fn get_existing(
-        &self,
-        request: GetExistingProbesRequest,
-    ) -> Result<GetExistingProbesResponse> {
+    fn record_upload(&self, response: &UploadProbesResponse) {
+        info!(
+            stored = response.stored_count,
+            identical = response.identical_count,
+            conflicts = response.conflict_count,
+            overwritten = response.overwritten_count,
+            bytes = response.bytes_received,
+            "upload finished"
+        );
+        self.metrics.upload_bytes.inc_by(response.bytes_received);
+        for (outcome, count) in [
+            ("stored", response.stored_count),
+            ("identical", response.identical_count),
+            ("conflict", response.conflict_count),
+            ("overwritten", response.overwritten_count),
+        ] {
+            let labels = OutcomeLabels { outcome };
+            self.metrics.upload_files.get_or_create(&labels).inc_by(u64::from(count));
+        }
+    }
+
+    /// Counts the call under its final status code.
+    fn counted<T>(&self, rpc: &'static str, result: Result<T>) -> Result<Response<T>, Status> {
+        let code = result.as_ref().map_or_else(|e| e.code, |_| tonic::Code::Ok);
+        self.metrics.count_request(rpc, code, "");
+        Ok(Response::new(result?))
+    }
+
+    async fn get_existing(&self, request: GetExistingProbesRequest) -> Result<GetExistingProbesResponse> {
         if request.paths.len() > MAX_EXISTING_PATHS {
             return Err(Error::invalid_argument(format!(
                 "{} paths asked for; at most {MAX_EXISTING_PATHS} per call",
                 request.paths.len()
             )));
         }
-        let paths = request
-            .paths
-            .iter()
-            .map(|p| ProbePath::parse(p))
-            .collect::<Result<Vec<_>, _>>()?;
+        let paths = request.paths.iter().map(|p| ProbePath::parse(p)).collect::<Result<Vec<_>, _>>()?;
         let mut seen = HashSet::new();
         let mut probes = Vec::new();
         for path in paths {
@@ -69,47 +92,32 @@ impl UploadService {
         let page_size = match request.page_size {
             0 => DEFAULT_PAGE_SIZE,
             n if n > MAX_PAGE_SIZE => {
-                return Err(Error::invalid_argument(format!(
-                    "page_size {n} is over {MAX_PAGE_SIZE}"
-                )));
+                return Err(Error::invalid_argument(format!("page_size {n} is over {MAX_PAGE_SIZE}")));
             }
             n => n,
         } as usize;
         // The page token is the last path of the previous page.
-        let after =
-            match request.page_token.as_str() {
-                "" => None,
-                token => Some(ProbePath::parse(token).map_err(|_| {
-                    Error::invalid_argument("page_token is not one this server gave")
-                })?),
-            };
+        let after = match request.page_token.as_str() {
+            "" => None,
+            token => Some(
+                ProbePath::parse(token)
+                    .map_err(|_| Error::invalid_argument("page_token is not one this server gave"))?,
+            ),
+        };
         // One more than asked tells whether another page follows.
-        let mut probes = self
-            .store
-            .list(module_version.as_ref(), after.as_ref(), page_size + 1)
-            .await?;
+        let mut probes = self.store.list(module_version.as_ref(), after.as_ref(), page_size + 1).await?;
         let next_page_token = if probes.len() > page_size {
             probes.truncate(page_size);
-            probes
-                .last()
-                .map(|p| p.path.to_string())
-                .unwrap_or_default()
+            probes.last().map(|p| p.path.to_string()).unwrap_or_default()
         } else {
             String::new()
         };
-        Ok(ListProbesResponse {
-            probes: probes.into_iter().map(info_of).collect(),
-            next_page_token,
-        })
+        Ok(ListProbesResponse { probes: probes.into_iter().map(info_of).collect(), next_page_token })
     }
 }
 
 fn info_of(probe: StoredProbe) -> ProbeInfo {
-    ProbeInfo {
-        path: probe.path.to_string(),
-        size: probe.size,
-        sha256: probe.sha256.to_hex(),
-    }
+    ProbeInfo { path: probe.path.to_string(), size: probe.size, sha256: probe.sha256.to_hex() }
 }
 
 #[tonic::async_trait]
@@ -119,10 +127,11 @@ impl ProbeUploadService for UploadService {
         &self,
         request: Request<GetExistingProbesRequest>,
     ) -> Result<Response<GetExistingProbesResponse>, Status> {
-        self.auth.authorize(request.metadata(), Role::View)?;
-        Ok(Response::new(
-            self.get_existing(request.into_inner()).await?,
-        ))
+        let result = match self.auth.authorize(request.metadata(), Role::View) {
+            Ok(_) => self.get_existing(request.into_inner()).await,
+            Err(error) => Err(error),
+        };
+        self.counted("GetExistingProbes", result)
     }
 
     #[instrument(skip_all)]
@@ -130,29 +139,25 @@ impl ProbeUploadService for UploadService {
         &self,
         request: Request<Streaming<UploadProbesRequest>>,
     ) -> Result<Response<UploadProbesResponse>, Status> {
-        let role = self.auth.authorize(request.metadata(), Role::Admin)?;
-        let response = UploadSession::new(self.store.clone())
-            .run(request.into_inner())
-            .await
-            .inspect_err(|error| info!(code = ?error.code, %error, "upload failed"))?;
-        info!(
-            %role,
-            stored = response.stored_count,
-            identical = response.identical_count,
-            conflicts = response.conflict_count,
-            overwritten = response.overwritten_count,
-            bytes = response.bytes_received,
-            "upload finished"
-        );
-        Ok(Response::new(response))
+        let result = match self.auth.authorize(request.metadata(), Role::Admin) {
+            Ok(_) => UploadSession::new(self.store.clone())
+                .run(request.into_inner())
+                .await
+                .inspect_err(|error| info!(code = ?error.code, %error, "upload failed")),
+            Err(error) => Err(error),
+        };
+        if let Ok(response) = &result {
+            self.record_upload(response);
+        }
+        self.counted("UploadProbes", result)
     }
 
     #[instrument(skip_all)]
-    async fn list_probes(
-        &self,
-        request: Request<ListProbesRequest>,
-    ) -> Result<Response<ListProbesResponse>, Status> {
-        self.auth.authorize(request.metadata(), Role::View)?;
-        Ok(Response::new(self.list(request.into_inner()).await?))
+    async fn list_probes(&self, request: Request<ListProbesRequest>) -> Result<Response<ListProbesResponse>, Status> {
+        let result = match self.auth.authorize(request.metadata(), Role::View) {
+            Ok(_) => self.list(request.into_inner()).await,
+            Err(error) => Err(error),
+        };
+        self.counted("ListProbes", result)
     }
 }

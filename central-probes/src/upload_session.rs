@@ -14,9 +14,7 @@ use bytes::Bytes;
 use probe_api::digest::Sha256Digest;
 use probe_api::names::ProbePath;
 use probe_api::v1::upload_probes_request::Message;
-use probe_api::v1::{
-    FileHeader, FileOutcome, FileResult, UploadProbesRequest, UploadProbesResponse,
-};
+use probe_api::v1::{FileHeader, FileOutcome, FileResult, UploadProbesRequest, UploadProbesResponse};
 use tokio_stream::{Stream, StreamExt};
 use tonic::Code;
 
@@ -32,10 +30,7 @@ const MAX_PENDING_COMMITS: usize = 32;
 enum State {
     AwaitingOptions,
     BetweenFiles,
-    InFile {
-        path: ProbePath,
-        writer: Box<dyn ProbeWriter>,
-    },
+    InFile { path: ProbePath, writer: Box<dyn ProbeWriter> },
 }
 
 struct Pending {
@@ -75,14 +70,10 @@ impl UploadSession {
         let outcome = async {
             while let Some(request) = requests.next().await {
                 let request = request.map_err(|status| {
-                    Error::new(
-                        Code::Cancelled,
-                        format!("the upload stream broke off: {}", status.message()),
-                    )
+                    Error::new(Code::Cancelled, format!("the upload stream broke off: {}", status.message()))
                 })?;
-                let message = request
-                    .message
-                    .ok_or_else(|| Error::invalid_argument("an upload message without content"))?;
+                let message =
+                    request.message.ok_or_else(|| Error::invalid_argument("an upload message without content"))?;
                 self.handle(message).await?;
             }
             self.end_of_stream()
@@ -93,33 +84,25 @@ impl UploadSession {
             (Ok(()), Ok(())) => Ok(self.response),
             (Err(error), _) | (Ok(()), Err(error)) => {
                 let committed = self.response.results.len();
-                Err(error.context(format!("upload stopped after {committed} committed files")))
+                Err(error.context(format!("upload stopped after {committed} finished files")))
             }
         }
     }
 
     async fn handle(&mut self, message: Message) -> Result<()> {
-        match (
-            std::mem::replace(&mut self.state, State::BetweenFiles),
-            message,
-        ) {
+        match (std::mem::replace(&mut self.state, State::BetweenFiles), message) {
             (State::AwaitingOptions, Message::Options(options)) => {
                 self.overwrite = options.overwrite;
                 Ok(())
             }
-            (State::AwaitingOptions, _) => Err(Error::invalid_argument(
-                "the upload stream must start with an options message",
-            )),
+            (State::AwaitingOptions, _) => {
+                Err(Error::invalid_argument("the upload stream must start with an options message"))
+            }
             (_, Message::Options(_)) => Err(Error::invalid_argument("a second options message")),
             (State::BetweenFiles, Message::FileHeader(header)) => self.start_file(header).await,
-            (State::BetweenFiles, _) => Err(Error::invalid_argument(
-                "file content or trailer without a file header",
-            )),
+            (State::BetweenFiles, _) => Err(Error::invalid_argument("file content or trailer without a file header")),
             (State::InFile { path, .. }, Message::FileHeader(header)) => {
-                Err(Error::invalid_argument(format!(
-                    "header of {:?} before the trailer of {path}",
-                    header.path
-                )))
+                Err(Error::invalid_argument(format!("header of {:?} before the trailer of {path}", header.path)))
             }
             (State::InFile { path, mut writer }, Message::Chunk(chunk)) => {
                 self.response.bytes_received += chunk.len() as u64;
@@ -129,16 +112,10 @@ impl UploadSession {
             }
             (State::InFile { path, writer }, Message::FileTrailer(trailer)) => {
                 let sha256 = Sha256Digest::from_hex(&trailer.sha256).ok_or_else(|| {
-                    Error::invalid_argument(format!(
-                        "{path}: the trailer's SHA-256 is not 64 lowercase hex characters"
-                    ))
+                    Error::invalid_argument(format!("{path}: the trailer's SHA-256 is not 64 lowercase hex characters"))
                 })?;
                 let commit = writer.finish(sha256, self.overwrite).await?;
-                self.pending.push_back(Pending {
-                    path,
-                    sha256,
-                    commit,
-                });
+                self.pending.push_back(Pending { path, sha256, commit });
                 if self.pending.len() > MAX_PENDING_COMMITS {
                     self.complete_oldest().await?;
                 }
@@ -156,9 +133,7 @@ impl UploadSession {
             )));
         }
         if !self.seen.insert(path.clone()) {
-            return Err(Error::invalid_argument(format!(
-                "{path} comes twice in one upload"
-            )));
+            return Err(Error::invalid_argument(format!("{path} comes twice in one upload")));
         }
         let writer = self.store.create(path.clone(), header.size).await?;
         self.state = State::InFile { path, writer };
@@ -169,21 +144,15 @@ impl UploadSession {
         match &self.state {
             State::AwaitingOptions => Err(Error::invalid_argument("an empty upload stream")),
             State::BetweenFiles => Ok(()),
-            State::InFile { path, .. } => Err(Error::invalid_argument(format!(
-                "the upload stream ended inside {path}"
-            ))),
+            State::InFile { path, .. } => {
+                Err(Error::invalid_argument(format!("the upload stream ended inside {path}")))
+            }
         }
     }
 
     async fn complete_oldest(&mut self) -> Result<()> {
-        let Pending {
-            path,
-            sha256,
-            commit,
-        } = self.pending.pop_front().expect("a pending commit");
-        let outcome = commit
-            .await
-            .map_err(|e| e.context(format!("committing {path}")))?;
+        let Pending { path, sha256, commit } = self.pending.pop_front().expect("a pending commit");
+        let outcome = commit.await.map_err(|e| e.context(format!("committing {path}")))?;
         let (outcome, existing) = match outcome {
             CommitOutcome::Stored => (FileOutcome::Stored, None),
             CommitOutcome::Identical => (FileOutcome::Identical, None),
@@ -222,19 +191,11 @@ impl UploadSession {
 /// Helper for tests and clients: the messages that upload one file.
 pub fn file_messages(path: &str, bytes: &[u8], chunk_size: usize) -> Vec<UploadProbesRequest> {
     let message = |m| UploadProbesRequest { message: Some(m) };
-    let mut messages = vec![message(Message::FileHeader(FileHeader {
-        path: path.to_owned(),
-        size: bytes.len() as u64,
-    }))];
-    messages.extend(
-        bytes
-            .chunks(chunk_size.max(1))
-            .map(|c| message(Message::Chunk(Bytes::copy_from_slice(c)))),
-    );
+    let mut messages =
+        vec![message(Message::FileHeader(FileHeader { path: path.to_owned(), size: bytes.len() as u64 }))];
+    messages.extend(bytes.chunks(chunk_size.max(1)).map(|c| message(Message::Chunk(Bytes::copy_from_slice(c)))));
     let sha256 = Sha256Digest::of(bytes).to_hex();
-    messages.push(message(Message::FileTrailer(probe_api::v1::FileTrailer {
-        sha256,
-    })));
+    messages.push(message(Message::FileTrailer(probe_api::v1::FileTrailer { sha256 })));
     messages
 }
 
@@ -248,40 +209,24 @@ mod tests {
     const B: &str = "2.5.0/collector-ebpf-5.5.0.o.gz";
 
     fn store(dir: &std::path::Path) -> Arc<dyn ProbeStore> {
-        let config = FilesystemStoreConfig {
-            data_dir: dir.to_owned(),
-            min_free_bytes: 0,
-        };
+        let config = FilesystemStoreConfig { data_dir: dir.to_owned(), min_free_bytes: 0 };
         Arc::new(FilesystemStore::open(&config).unwrap())
     }
 
     fn options(overwrite: bool) -> UploadProbesRequest {
-        UploadProbesRequest {
-            message: Some(Message::Options(UploadOptions { overwrite })),
-        }
+        UploadProbesRequest { message: Some(Message::Options(UploadOptions { overwrite })) }
     }
 
     fn chunk(bytes: &'static [u8]) -> UploadProbesRequest {
-        UploadProbesRequest {
-            message: Some(Message::Chunk(Bytes::from_static(bytes))),
-        }
+        UploadProbesRequest { message: Some(Message::Chunk(Bytes::from_static(bytes))) }
     }
 
-    async fn run(
-        store: &Arc<dyn ProbeStore>,
-        messages: Vec<UploadProbesRequest>,
-    ) -> Result<UploadProbesResponse> {
-        UploadSession::new(store.clone())
-            .run(tokio_stream::iter(messages.into_iter().map(Ok)))
-            .await
+    async fn run(store: &Arc<dyn ProbeStore>, messages: Vec<UploadProbesRequest>) -> Result<UploadProbesResponse> {
+        UploadSession::new(store.clone()).run(tokio_stream::iter(messages.into_iter().map(Ok))).await
     }
 
     async fn stored(store: &Arc<dyn ProbeStore>, path: &str) -> bool {
-        store
-            .stat(&ProbePath::parse(path).unwrap())
-            .await
-            .unwrap()
-            .is_some()
+        store.stat(&ProbePath::parse(path).unwrap()).await.unwrap().is_some()
     }
 
     #[tokio::test]
@@ -316,18 +261,9 @@ mod tests {
             ("no options first", file_messages(A, b"x", 1)),
             ("second options", vec![options(false), options(true)]),
             ("chunk outside a file", vec![options(false), chunk(b"x")]),
-            (
-                "trailer outside a file",
-                vec![options(false), trailer.clone()],
-            ),
-            (
-                "header inside a file",
-                vec![options(false), header.clone(), header.clone()],
-            ),
-            (
-                "empty message",
-                vec![options(false), UploadProbesRequest { message: None }],
-            ),
+            ("trailer outside a file", vec![options(false), trailer.clone()]),
+            ("header inside a file", vec![options(false), header.clone(), header.clone()]),
+            ("empty message", vec![options(false), UploadProbesRequest { message: None }]),
         ];
         for (case, messages) in cases {
             let error = run(&store, messages).await.unwrap_err();
@@ -347,7 +283,7 @@ mod tests {
         messages.extend(second);
         let error = run(&store, messages).await.unwrap_err();
         assert_eq!(error.code, Code::InvalidArgument);
-        assert!(error.message.contains("after 1 committed files"), "{error}");
+        assert!(error.message.contains("after 1 finished files"), "{error}");
         assert!(stored(&store, A).await);
         assert!(!stored(&store, B).await);
     }
@@ -360,10 +296,7 @@ mod tests {
         messages.extend(file_messages(A, b"complete", 4).into_iter().map(Ok));
         messages.push(Ok(file_messages(B, b"x", 4).remove(0)));
         messages.push(Err(tonic::Status::cancelled("client went away")));
-        let error = UploadSession::new(store.clone())
-            .run(tokio_stream::iter(messages))
-            .await
-            .unwrap_err();
+        let error = UploadSession::new(store.clone()).run(tokio_stream::iter(messages)).await.unwrap_err();
         assert_eq!(error.code, Code::Cancelled);
         assert!(stored(&store, A).await);
         assert!(!stored(&store, B).await);
@@ -373,54 +306,29 @@ mod tests {
     async fn lying_sizes_and_digests_store_nothing() {
         let dir = tempfile::tempdir().unwrap();
         let store = store(dir.path());
-        let header = |size| UploadProbesRequest {
-            message: Some(Message::FileHeader(FileHeader {
-                path: A.to_owned(),
-                size,
-            })),
-        };
+        let header =
+            |size| UploadProbesRequest { message: Some(Message::FileHeader(FileHeader { path: A.to_owned(), size })) };
         let trailer = |sha256: &str| UploadProbesRequest {
-            message: Some(Message::FileTrailer(FileTrailer {
-                sha256: sha256.to_owned(),
-            })),
+            message: Some(Message::FileTrailer(FileTrailer { sha256: sha256.to_owned() })),
         };
         let good = file_messages(A, b"abc", 10).pop().unwrap();
         let wrong_digest = file_messages(A, b"abd", 10).pop().unwrap();
         let cases = vec![
-            (
-                "more bytes than declared",
-                vec![options(false), header(2), chunk(b"abc")],
-                Code::InvalidArgument,
-            ),
+            ("more bytes than declared", vec![options(false), header(2), chunk(b"abc")], Code::InvalidArgument),
             (
                 "fewer bytes than declared",
                 vec![options(false), header(4), chunk(b"abc"), good.clone()],
                 Code::InvalidArgument,
             ),
-            (
-                "wrong digest",
-                vec![options(false), header(3), chunk(b"abc"), wrong_digest],
-                Code::DataLoss,
-            ),
-            (
-                "malformed digest",
-                vec![options(false), header(3), chunk(b"abc"), trailer("ABC")],
-                Code::InvalidArgument,
-            ),
-            (
-                "too large",
-                vec![options(false), header(MAX_FILE_SIZE + 1)],
-                Code::InvalidArgument,
-            ),
+            ("wrong digest", vec![options(false), header(3), chunk(b"abc"), wrong_digest], Code::DataLoss),
+            ("malformed digest", vec![options(false), header(3), chunk(b"abc"), trailer("ABC")], Code::InvalidArgument),
+            ("too large", vec![options(false), header(MAX_FILE_SIZE + 1)], Code::InvalidArgument),
             (
                 "invalid path",
                 vec![
                     options(false),
                     UploadProbesRequest {
-                        message: Some(Message::FileHeader(FileHeader {
-                            path: "../etc/passwd".into(),
-                            size: 1,
-                        })),
+                        message: Some(Message::FileHeader(FileHeader { path: "../etc/passwd".into(), size: 1 })),
                     },
                 ],
                 Code::InvalidArgument,
@@ -442,9 +350,6 @@ mod tests {
         messages.extend(file_messages(A, b"two", 4));
         let error = run(&store, messages).await.unwrap_err();
         assert_eq!(error.code, Code::InvalidArgument);
-        assert!(
-            stored(&store, A).await,
-            "the first copy was complete and stays"
-        );
+        assert!(stored(&store, A).await, "the first copy was complete and stays");
     }
 }

@@ -59,41 +59,20 @@ impl CentralClient {
     /// first call.
     pub fn new(address: &str, tls: &ClientTls, connect_timeout: Duration) -> Result<Self, String> {
         let channel = transport::channel(address, tls, connect_timeout)?;
-        Ok(CentralClient {
-            client: ProbeServiceClient::new(channel),
-        })
+        Ok(CentralClient { client: ProbeServiceClient::new(channel) })
     }
 
     /// Fetches `<module_version>/<file_name>` and verifies it.
-    pub async fn fetch(
-        &self,
-        module_version: &str,
-        file_name: &str,
-    ) -> Result<FetchedProbe, FetchError> {
-        let request = GetProbeRequest {
-            module_version: module_version.to_owned(),
-            file_name: file_name.to_owned(),
-        };
-        let mut stream = self
-            .client
-            .clone()
-            .get_probe(request)
-            .await
-            .map_err(FetchError::Status)?
-            .into_inner();
+    pub async fn fetch(&self, module_version: &str, file_name: &str) -> Result<FetchedProbe, FetchError> {
+        let request = GetProbeRequest { module_version: module_version.to_owned(), file_name: file_name.to_owned() };
+        let mut stream = self.client.clone().get_probe(request).await.map_err(FetchError::Status)?.into_inner();
         let bad = |why: String| FetchError::BadReply(why);
         let header = match stream.message().await.map_err(FetchError::Status)? {
-            Some(probe_api::v1::GetProbeResponse {
-                message: Some(Message::Header(header)),
-            }) => header,
+            Some(probe_api::v1::GetProbeResponse { message: Some(Message::Header(header)) }) => header,
             _ => return Err(bad("the reply did not start with a header".into())),
         };
-        let expected = Sha256Digest::from_hex(&header.sha256).ok_or_else(|| {
-            bad(format!(
-                "malformed SHA-256 {:?} in the header",
-                header.sha256
-            ))
-        })?;
+        let expected = Sha256Digest::from_hex(&header.sha256)
+            .ok_or_else(|| bad(format!("malformed SHA-256 {:?} in the header", header.sha256)))?;
         // The header's size is only a claim: grow as bytes arrive rather
         // than reserving what it says.
         let mut bytes = Vec::with_capacity(header.size.min(16 << 20) as usize);
@@ -103,32 +82,19 @@ impl CentralClient {
                 return Err(bad("a second header".into()));
             };
             if bytes.len() as u64 + chunk.len() as u64 > header.size {
-                return Err(bad(format!(
-                    "more bytes than the {} in the header",
-                    header.size
-                )));
+                return Err(bad(format!("more bytes than the {} in the header", header.size)));
             }
             hasher.update(&chunk);
             bytes.extend_from_slice(&chunk);
         }
         if bytes.len() as u64 != header.size {
-            return Err(bad(format!(
-                "{} bytes received, {} announced",
-                bytes.len(),
-                header.size
-            )));
+            return Err(bad(format!("{} bytes received, {} announced", bytes.len(), header.size)));
         }
         let sha256 = hasher.finish();
         if sha256 != expected {
-            return Err(bad(format!(
-                "SHA-256 {sha256} does not match the header's {expected}"
-            )));
+            return Err(bad(format!("SHA-256 {sha256} does not match the header's {expected}")));
         }
         let source = ProbeSource::try_from(header.source).unwrap_or(ProbeSource::Unspecified);
-        Ok(FetchedProbe {
-            bytes,
-            sha256,
-            source,
-        })
+        Ok(FetchedProbe { bytes, sha256, source })
     }
 }

@@ -45,20 +45,10 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    let Command::GetProbe {
-        module_version,
-        kernel,
-        central,
-        ca,
-        cert,
-        key,
-        out,
-    } = Cli::parse().command;
+    let Command::GetProbe { module_version, kernel, central, ca, cert, key, out } = Cli::parse().command;
     let runtime = tokio::runtime::Runtime::new().expect("a tokio runtime");
     let result = runtime.block_on(async {
-        let read = |path: &PathBuf| {
-            std::fs::read(path).map_err(|e| format!("reading {}: {e}", path.display()))
-        };
+        let read = |path: &PathBuf| std::fs::read(path).map_err(|e| format!("reading {}: {e}", path.display()));
         let module_version = ModuleVersion::parse(&module_version).map_err(|e| e.to_string())?;
         let kernel = match kernel {
             Some(kernel) => kernel,
@@ -67,17 +57,13 @@ fn main() -> ExitCode {
                 .map_err(|e| format!("reading the kernel release: {e}"))?,
         };
         let file_name = ProbeFileName::ebpf(&kernel).map_err(|e| e.to_string())?;
-        let tls = ClientTls {
-            ca_pem: read(&ca)?,
-            identity: Some((read(&cert)?, read(&key)?)),
-        };
+        let tls = ClientTls { ca_pem: read(&ca)?, identity: Some((read(&cert)?, read(&key)?)) };
         let client = CentralClient::new(&central, &tls, Duration::from_secs(2))?;
         let probe = client
             .fetch(module_version.as_str(), file_name.as_str())
             .await
             .map_err(|e| format!("fetching {module_version}/{file_name} from Central: {e}"))?;
-        std::fs::write(&out, &probe.bytes)
-            .map_err(|e| format!("writing {}: {e}", out.display()))?;
+        std::fs::write(&out, &probe.bytes).map_err(|e| format!("writing {}: {e}", out.display()))?;
         println!(
             "wrote {} ({} bytes, SHA-256 {}) for kernel {kernel}, served by Central ({:?})",
             out.display(),

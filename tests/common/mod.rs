@@ -9,9 +9,11 @@ use std::time::Duration;
 
 use central_probes::admin_client::{self, AdminClient};
 use central_probes::auth::{Role, TokenAuth, TokenFile};
+use central_probes::metrics::Metrics;
 use central_probes::pki::{CertificateAuthority, CertifiedKey};
 use central_probes::server::{self, ServerOptions, TlsMaterial};
 use central_probes::store::filesystem::{FilesystemStore, FilesystemStoreConfig};
+use central_probes::upstream::{UpstreamConfig, UpstreamSource};
 use collector_client::central::CentralClient;
 use probe_api::transport::ClientTls;
 use tempfile::TempDir;
@@ -34,19 +36,10 @@ impl TestPki {
         let ca = CertificateAuthority::new("test cluster CA").unwrap();
         let server = ca.issue_server(&["localhost", "127.0.0.1"]).unwrap();
         let collector = ca.issue_client("collector").unwrap();
-        let foreign_collector = CertificateAuthority::new("another CA")
-            .unwrap()
-            .issue_client("collector")
-            .unwrap();
+        let foreign_collector = CertificateAuthority::new("another CA").unwrap().issue_client("collector").unwrap();
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("ca.pem"), &ca.cert_pem).unwrap();
-        TestPki {
-            ca,
-            server,
-            collector,
-            foreign_collector,
-            dir,
-        }
+        TestPki { ca, server, collector, foreign_collector, dir }
     }
 
     pub fn ca_file(&self) -> PathBuf {
@@ -56,14 +49,17 @@ impl TestPki {
     pub fn tls_with(&self, identity: Option<&CertifiedKey>) -> ClientTls {
         ClientTls {
             ca_pem: self.ca.cert_pem.clone().into_bytes(),
-            identity: identity.map(|id| {
-                (
-                    id.cert_pem.clone().into_bytes(),
-                    id.key_pem.clone().into_bytes(),
-                )
-            }),
+            identity: identity.map(|id| (id.cert_pem.clone().into_bytes(), id.key_pem.clone().into_bytes())),
         }
     }
+}
+
+/// How to start a test Central; `Default` is a plain one.
+#[derive(Default)]
+pub struct CentralOptions {
+    pub min_free_bytes: u64,
+    pub allow_anonymous_reads: bool,
+    pub upstream: Option<UpstreamConfig>,
 }
 
 /// Central running in this process.
@@ -72,34 +68,24 @@ pub struct Central {
     pub data_dir: PathBuf,
     pub admin_token: String,
     pub view_token: String,
+    pub metrics: Metrics,
     shutdown: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<central_probes::error::Result<()>>>,
 }
 
 impl Central {
     pub async fn start(pki: &TestPki, data_dir: &Path) -> Self {
-        let tokens = TokenFile::in_data_dir(data_dir);
-        let admin_token = tokens
-            .create(Role::Admin, &format!("admin-{}", unique()))
-            .unwrap();
-        let view_token = tokens
-            .create(Role::View, &format!("view-{}", unique()))
-            .unwrap();
-        Self::start_with(pki, data_dir, 0, admin_token, view_token).await
+        Self::start_with(pki, data_dir, CentralOptions::default()).await
     }
 
-    pub async fn start_with(
-        pki: &TestPki,
-        data_dir: &Path,
-        min_free_bytes: u64,
-        admin_token: String,
-        view_token: String,
-    ) -> Self {
-        let config = FilesystemStoreConfig {
-            data_dir: data_dir.to_owned(),
-            min_free_bytes,
-        };
+    pub async fn start_with(pki: &TestPki, data_dir: &Path, options: CentralOptions) -> Self {
+        let tokens = TokenFile::in_data_dir(data_dir);
+        let admin_token = tokens.create(Role::Admin, &format!("admin-{}", unique())).unwrap();
+        let view_token = tokens.create(Role::View, &format!("view-{}", unique())).unwrap();
+        let config = FilesystemStoreConfig { data_dir: data_dir.to_owned(), min_free_bytes: options.min_free_bytes };
         let store = FilesystemStore::open(&config).unwrap();
+        let metrics = Metrics::new();
+        let upstream = options.upstream.map(|config| Arc::new(UpstreamSource::new(config, metrics.clone()).unwrap()));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap().to_string();
         let tls = TlsMaterial {
@@ -113,7 +99,9 @@ impl Central {
             TokenAuth::new(TokenFile::in_data_dir(data_dir)),
             ServerOptions {
                 tls,
-                allow_anonymous_reads: false,
+                allow_anonymous_reads: options.allow_anonymous_reads,
+                upstream,
+                metrics: metrics.clone(),
             },
             listener,
             async {
@@ -125,6 +113,7 @@ impl Central {
             data_dir: data_dir.to_owned(),
             admin_token,
             view_token,
+            metrics,
             shutdown: Some(shutdown),
             task: Some(task),
         }
@@ -142,22 +131,12 @@ impl Central {
     }
 
     pub fn admin(&self, pki: &TestPki, token: &str) -> AdminClient {
-        admin_client::connect(
-            &self.address,
-            pki.ca.cert_pem.clone().into_bytes(),
-            token,
-            Duration::from_secs(5),
-        )
-        .unwrap()
+        admin_client::connect(&self.address, pki.ca.cert_pem.clone().into_bytes(), token, Duration::from_secs(5))
+            .unwrap()
     }
 
     pub fn collector(&self, pki: &TestPki, identity: Option<&CertifiedKey>) -> CentralClient {
-        CentralClient::new(
-            &self.address,
-            &pki.tls_with(identity),
-            Duration::from_secs(5),
-        )
-        .unwrap()
+        CentralClient::new(&self.address, &pki.tls_with(identity), Duration::from_secs(5)).unwrap()
     }
 }
 

@@ -44,12 +44,8 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let kernels: Vec<&str> = text
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty())
-        .take(args.limit.unwrap_or(usize::MAX))
-        .collect();
+    let kernels: Vec<&str> =
+        text.lines().map(str::trim).filter(|l| !l.is_empty()).take(args.limit.unwrap_or(usize::MAX)).collect();
     let spec = PackageSpec {
         kernel_modules: args.kernel_modules,
         variant: args.variant,

@@ -32,9 +32,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::Code;
 use tracing::{info, warn};
 
-use super::{
-    ChunkStream, CommitOutcome, PendingCommit, ProbeReader, ProbeStore, ProbeWriter, StoredProbe,
-};
+use super::{ChunkStream, CommitOutcome, PendingCommit, ProbeReader, ProbeStore, ProbeWriter, StoredProbe};
 use crate::error::{Error, Result};
 
 const MAGIC: &[u8; 8] = b"KPROBE01";
@@ -86,8 +84,7 @@ impl FilesystemStore {
         let probes_dir = data_dir.join("probes");
         let tmp_dir = data_dir.join("tmp");
         for dir in [data_dir, &probes_dir, &tmp_dir] {
-            fs::create_dir_all(dir)
-                .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+            fs::create_dir_all(dir).map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
         }
         let lock = lock_data_dir(data_dir)?;
         let leftovers = remove_leftovers(&tmp_dir)?;
@@ -117,21 +114,22 @@ impl FilesystemStore {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+
+    /// Every probe with its size, in path order.
+    pub fn sizes(&self) -> Vec<(ProbePath, u64)> {
+        self.inner.index().iter().map(|(path, entry)| (path.clone(), entry.size)).collect()
+    }
 }
 
 impl Inner {
     fn index(&self) -> std::sync::MutexGuard<'_, BTreeMap<ProbePath, Entry>> {
         // A panic while holding the lock cannot leave the map half-updated
         // (each change is one insert), so a poisoned lock is still usable.
-        self.index
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.index.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     fn final_path(&self, path: &ProbePath) -> PathBuf {
-        self.probes_dir
-            .join(path.module_version().as_str())
-            .join(path.file_name().as_str())
+        self.probes_dir.join(path.module_version().as_str()).join(path.file_name().as_str())
     }
 
     fn entry(&self, path: &ProbePath) -> Option<Entry> {
@@ -143,10 +141,7 @@ impl Inner {
     fn reserve(self: &Arc<Self>, size: u64) -> Result<Reservation> {
         let available = available_bytes(&self.tmp_dir)?;
         let reserved = self.reserved.fetch_add(size, Ordering::SeqCst) + size;
-        let reservation = Reservation {
-            inner: self.clone(),
-            size,
-        };
+        let reservation = Reservation { inner: self.clone(), size };
         let needed = reserved.saturating_add(self.min_free_bytes);
         if available < needed {
             return Err(Error::new(
@@ -219,11 +214,7 @@ fn write_all_chunks(mut temp: TempFile, mut chunks: mpsc::Receiver<Bytes>) -> io
         temp.file.write_all(&chunk)?;
         len += chunk.len() as u64;
     }
-    Ok(Written {
-        temp,
-        len,
-        sha256: hasher.finish(),
-    })
+    Ok(Written { temp, len, sha256: hasher.finish() })
 }
 
 #[tonic::async_trait]
@@ -231,10 +222,7 @@ impl ProbeWriter for FsProbeWriter {
     async fn write(&mut self, chunk: Bytes) -> Result<()> {
         let received = self.received + chunk.len() as u64;
         if received > self.size {
-            return Err(Error::invalid_argument(format!(
-                "{}: more bytes than the declared {}",
-                self.path, self.size
-            )));
+            return Err(Error::invalid_argument(format!("{}: more bytes than the declared {}", self.path, self.size)));
         }
         self.received = received;
         if self.chunks.send(chunk).await.is_err() {
@@ -248,46 +236,25 @@ impl ProbeWriter for FsProbeWriter {
         Ok(())
     }
 
-    async fn finish(
-        self: Box<Self>,
-        sha256: Sha256Digest,
-        overwrite: bool,
-    ) -> Result<PendingCommit> {
-        let FsProbeWriter {
-            inner,
-            path,
-            size,
-            chunks,
-            worker,
-            reservation,
-            ..
-        } = *self;
+    async fn finish(self: Box<Self>, sha256: Sha256Digest, overwrite: bool) -> Result<PendingCommit> {
+        let FsProbeWriter { inner, path, size, chunks, worker, reservation, .. } = *self;
         drop(chunks);
         let written = worker
             .await
             .map_err(|e| Error::internal(format!("writing {path}: {e}")))?
             .map_err(|e| Error::io(format!("writing {path}"), e))?;
         if written.len != size {
-            return Err(Error::invalid_argument(format!(
-                "{path}: {} bytes received but {size} declared",
-                written.len
-            )));
+            return Err(Error::invalid_argument(format!("{path}: {} bytes received but {size} declared", written.len)));
         }
         if written.sha256 != sha256 {
             return Err(Error::new(
                 Code::DataLoss,
-                format!(
-                    "{path}: the received bytes have SHA-256 {} but the uploader sent {sha256}",
-                    written.sha256
-                ),
+                format!("{path}: the received bytes have SHA-256 {} but the uploader sent {sha256}", written.sha256),
             ));
         }
         let new = Entry { size, sha256 };
         // Decide early when nothing will be stored: no fsync is needed then.
-        if let Some(outcome) = inner
-            .entry(&path)
-            .and_then(|old| outcome(old, new, overwrite).1)
-        {
+        if let Some(outcome) = inner.entry(&path).and_then(|old| outcome(old, new, overwrite).1) {
             return Ok(Box::pin(std::future::ready(Ok(outcome))));
         }
         // A blocking task runs to its end even if the stream is dropped, so
@@ -297,11 +264,7 @@ impl ProbeWriter for FsProbeWriter {
             drop(reservation);
             outcome
         });
-        Ok(Box::pin(async move {
-            commit
-                .await
-                .map_err(|e| Error::internal(format!("commit task failed: {e}")))?
-        }))
+        Ok(Box::pin(async move { commit.await.map_err(|e| Error::internal(format!("commit task failed: {e}")))? }))
     }
 }
 
@@ -311,36 +274,19 @@ fn outcome(old: Entry, new: Entry, overwrite: bool) -> (CommitOutcome, Option<Co
     if old == new {
         (CommitOutcome::Identical, Some(CommitOutcome::Identical))
     } else if overwrite {
-        (
-            CommitOutcome::Overwritten {
-                previous: old.sha256,
-            },
-            None,
-        )
+        (CommitOutcome::Overwritten { previous: old.sha256 }, None)
     } else {
-        let conflict = CommitOutcome::Conflict {
-            existing: old.sha256,
-        };
+        let conflict = CommitOutcome::Conflict { existing: old.sha256 };
         (conflict, Some(conflict))
     }
 }
 
-fn commit(
-    inner: &Inner,
-    path: &ProbePath,
-    mut written: Written,
-    new: Entry,
-    overwrite: bool,
-) -> Result<CommitOutcome> {
+fn commit(inner: &Inner, path: &ProbePath, mut written: Written, new: Entry, overwrite: bool) -> Result<CommitOutcome> {
     let io_error = |what: &str| {
         let what = format!("{what} {path}");
         move |e| Error::io(what, e)
     };
-    written
-        .temp
-        .file
-        .write_all_at(&header(new), 0)
-        .map_err(io_error("writing the header of"))?;
+    written.temp.file.write_all_at(&header(new), 0).map_err(io_error("writing the header of"))?;
     written.temp.file.sync_all().map_err(io_error("syncing"))?;
     let final_path = inner.final_path(path);
     let module_dir = final_path.parent().expect("a probe path has a directory");
@@ -405,18 +351,14 @@ fn lock_data_dir(data_dir: &Path) -> Result<File> {
         .open(&path)
         .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
     file.try_lock().map_err(|_| {
-        Error::new(
-            Code::FailedPrecondition,
-            format!("{} is in use by another Central", data_dir.display()),
-        )
+        Error::new(Code::FailedPrecondition, format!("{} is in use by another Central", data_dir.display()))
     })?;
     Ok(file)
 }
 
 fn remove_leftovers(tmp_dir: &Path) -> Result<usize> {
     let mut removed = 0;
-    let entries = fs::read_dir(tmp_dir)
-        .map_err(|e| Error::io(format!("reading {}", tmp_dir.display()), e))?;
+    let entries = fs::read_dir(tmp_dir).map_err(|e| Error::io(format!("reading {}", tmp_dir.display()), e))?;
     for entry in entries {
         let path = entry.map_err(|e| Error::io("reading tmp/", e))?.path();
         fs::remove_file(&path).map_err(|e| Error::io(format!("removing {}", path.display()), e))?;
@@ -426,14 +368,10 @@ fn remove_leftovers(tmp_dir: &Path) -> Result<usize> {
 }
 
 fn load_index(probes_dir: &Path) -> Result<BTreeMap<ProbePath, Entry>> {
-    let read_dir = |dir: &Path| {
-        fs::read_dir(dir).map_err(|e| Error::io(format!("reading {}", dir.display()), e))
-    };
+    let read_dir = |dir: &Path| fs::read_dir(dir).map_err(|e| Error::io(format!("reading {}", dir.display()), e));
     let mut index = BTreeMap::new();
     for module_dir in read_dir(probes_dir)? {
-        let module_dir = module_dir
-            .map_err(|e| Error::io("reading probes/", e))?
-            .path();
+        let module_dir = module_dir.map_err(|e| Error::io("reading probes/", e))?.path();
         let name = module_dir.file_name().unwrap_or_default().to_string_lossy();
         let Ok(module_version) = ModuleVersion::parse(&name) else {
             warn!(path = %module_dir.display(), "ignoring an entry that is not a module version");
@@ -467,10 +405,7 @@ fn available_bytes(dir: &Path) -> Result<u64> {
     let mut stats: libc::statvfs = unsafe { std::mem::zeroed() };
     // SAFETY: `c_path` is a valid C string and `stats` a writable statvfs.
     if unsafe { libc::statvfs(c_path.as_ptr(), &mut stats) } != 0 {
-        return Err(Error::io(
-            "checking free disk space",
-            io::Error::last_os_error(),
-        ));
+        return Err(Error::io("checking free disk space", io::Error::last_os_error()));
     }
     // The field types differ between platforms; u64 holds all of them.
     #[allow(clippy::useless_conversion)]
@@ -480,10 +415,7 @@ fn available_bytes(dir: &Path) -> Result<u64> {
 #[tonic::async_trait]
 impl ProbeStore for FilesystemStore {
     async fn stat(&self, path: &ProbePath) -> Result<Option<StoredProbe>> {
-        Ok(self
-            .inner
-            .entry(path)
-            .map(|entry| stored(path.clone(), entry)))
+        Ok(self.inner.entry(path).map(|entry| stored(path.clone(), entry)))
     }
 
     async fn list(
@@ -494,8 +426,7 @@ impl ProbeStore for FilesystemStore {
     ) -> Result<Vec<StoredProbe>> {
         let index = self.inner.index();
         let start = after.map_or(Bound::Unbounded, Bound::Excluded);
-        let in_module =
-            |path: &ProbePath| module_version.is_none_or(|v| path.module_version() == v);
+        let in_module = |path: &ProbePath| module_version.is_none_or(|v| path.module_version() == v);
         Ok(index
             .range((start, Bound::Unbounded))
             .skip_while(|(path, _)| module_version.is_some_and(|v| path.module_version() < v))
@@ -508,31 +439,16 @@ impl ProbeStore for FilesystemStore {
     async fn create(&self, path: ProbePath, size: u64) -> Result<Box<dyn ProbeWriter>> {
         let reservation = self.inner.reserve(size)?;
         let n = self.inner.next_temp.fetch_add(1, Ordering::Relaxed);
-        let temp_path = self
-            .inner
-            .tmp_dir
-            .join(format!("{}-{n}.part", std::process::id()));
+        let temp_path = self.inner.tmp_dir.join(format!("{}-{n}.part", std::process::id()));
         let file = OpenOptions::new()
             .write(true)
             .create_new(true)
             .open(&temp_path)
             .map_err(|e| Error::io(format!("creating {}", temp_path.display()), e))?;
-        let temp = TempFile {
-            path: temp_path,
-            file,
-            renamed: false,
-        };
+        let temp = TempFile { path: temp_path, file, renamed: false };
         let (chunks, receiver) = mpsc::channel(WRITE_QUEUE);
         let worker = tokio::task::spawn_blocking(move || write_all_chunks(temp, receiver));
-        Ok(Box::new(FsProbeWriter {
-            inner: self.inner.clone(),
-            path,
-            size,
-            received: 0,
-            chunks,
-            worker,
-            reservation,
-        }))
+        Ok(Box::new(FsProbeWriter { inner: self.inner.clone(), path, size, received: 0, chunks, worker, reservation }))
     }
 
     async fn open(&self, path: &ProbePath) -> Result<Option<ProbeReader>> {
@@ -545,14 +461,39 @@ impl ProbeStore for FilesystemStore {
             .await
             .map_err(|e| Error::internal(format!("reading a probe: {e}")))?
     }
+
+    async fn remove(&self, path: &ProbePath) -> Result<bool> {
+        let inner = self.inner.clone();
+        let path = path.clone();
+        tokio::task::spawn_blocking(move || remove_probe(&inner, &path))
+            .await
+            .map_err(|e| Error::internal(format!("removing a probe: {e}")))?
+    }
+}
+
+fn remove_probe(inner: &Inner, path: &ProbePath) -> Result<bool> {
+    let file_path = inner.final_path(path);
+    let mut index = inner.index();
+    if index.remove(path).is_none() {
+        return Ok(false);
+    }
+    match fs::remove_file(&file_path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => {
+            drop(index);
+            return Err(Error::io(format!("removing {path}"), e));
+        }
+    }
+    drop(index);
+    if let Some(dir) = file_path.parent() {
+        sync_dir(dir).map_err(|e| Error::io(format!("syncing the directory of {path}"), e))?;
+    }
+    Ok(true)
 }
 
 fn stored(path: ProbePath, entry: Entry) -> StoredProbe {
-    StoredProbe {
-        path,
-        size: entry.size,
-        sha256: entry.sha256,
-    }
+    StoredProbe { path, size: entry.size, sha256: entry.sha256 }
 }
 
 /// Opens a stored probe and reads its first chunk; a reader thread streams
@@ -566,14 +507,8 @@ fn open_probe(path: ProbePath, file_path: &Path) -> Result<Option<ProbeReader>> 
     // The header, not the index, describes this file: it may have been
     // overwritten since the index was asked.
     let entry = read_header(&file).map_err(|e| Error::io(format!("reading {path}"), e))?;
-    let mut reader = ProbeBytes {
-        file,
-        offset: HEADER_LEN,
-        remaining: entry.size,
-    };
-    let first = reader
-        .next_chunk()
-        .map_err(|e| Error::io(format!("reading {path}"), e))?;
+    let mut reader = ProbeBytes { file, offset: HEADER_LEN, remaining: entry.size };
+    let first = reader.next_chunk().map_err(|e| Error::io(format!("reading {path}"), e))?;
     let chunks: ChunkStream = if reader.remaining == 0 {
         Box::pin(tokio_stream::iter(first.map(Ok)))
     } else {
@@ -598,10 +533,7 @@ fn open_probe(path: ProbePath, file_path: &Path) -> Result<Option<ProbeReader>> 
         });
         Box::pin(ReceiverStream::new(receiver))
     };
-    Ok(Some(ProbeReader {
-        probe: stored(path, entry),
-        chunks,
-    }))
+    Ok(Some(ProbeReader { probe: stored(path, entry), chunks }))
 }
 
 struct ProbeBytes {
@@ -641,10 +573,7 @@ mod tests {
     use tokio_stream::StreamExt;
 
     fn config(dir: &Path) -> FilesystemStoreConfig {
-        FilesystemStoreConfig {
-            data_dir: dir.to_owned(),
-            min_free_bytes: 0,
-        }
+        FilesystemStoreConfig { data_dir: dir.to_owned(), min_free_bytes: 0 }
     }
 
     fn path(s: &str) -> ProbePath {
@@ -657,12 +586,7 @@ mod tests {
 
     const P: &str = "2.5.0/collector-ebpf-5.4.0-42-generic.o.gz";
 
-    async fn put(
-        store: &FilesystemStore,
-        p: &str,
-        bytes: &[u8],
-        overwrite: bool,
-    ) -> Result<CommitOutcome> {
+    async fn put(store: &FilesystemStore, p: &str, bytes: &[u8], overwrite: bool) -> Result<CommitOutcome> {
         let mut writer = store.create(path(p), bytes.len() as u64).await?;
         for chunk in bytes.chunks(1000) {
             writer.write(Bytes::copy_from_slice(chunk)).await?;
@@ -698,15 +622,9 @@ mod tests {
         let bytes: Vec<u8> = (0..READ_CHUNK * 2 + 77).map(|i| (i % 251) as u8).collect();
         {
             let store = FilesystemStore::open(&config(dir.path())).unwrap();
-            assert_eq!(
-                put(&store, P, &bytes, false).await.unwrap(),
-                CommitOutcome::Stored
-            );
+            assert_eq!(put(&store, P, &bytes, false).await.unwrap(), CommitOutcome::Stored);
             let (probe, read) = read_back(&store, P).await.unwrap();
-            assert_eq!(
-                (probe.size, probe.sha256),
-                (bytes.len() as u64, sha(&bytes))
-            );
+            assert_eq!((probe.size, probe.sha256), (bytes.len() as u64, sha(&bytes)));
             assert_eq!(read, bytes);
         }
         let store = FilesystemStore::open(&config(dir.path())).unwrap();
@@ -720,26 +638,16 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = FilesystemStore::open(&config(dir.path())).unwrap();
         put(&store, P, b"first", false).await.unwrap();
-        assert_eq!(
-            put(&store, P, b"first", false).await.unwrap(),
-            CommitOutcome::Identical
-        );
-        assert_eq!(
-            put(&store, P, b"first", true).await.unwrap(),
-            CommitOutcome::Identical
-        );
+        assert_eq!(put(&store, P, b"first", false).await.unwrap(), CommitOutcome::Identical);
+        assert_eq!(put(&store, P, b"first", true).await.unwrap(), CommitOutcome::Identical);
         assert_eq!(
             put(&store, P, b"second", false).await.unwrap(),
-            CommitOutcome::Conflict {
-                existing: sha(b"first")
-            }
+            CommitOutcome::Conflict { existing: sha(b"first") }
         );
         assert_eq!(read_back(&store, P).await.unwrap().1, b"first");
         assert_eq!(
             put(&store, P, b"second", true).await.unwrap(),
-            CommitOutcome::Overwritten {
-                previous: sha(b"first")
-            }
+            CommitOutcome::Overwritten { previous: sha(b"first") }
         );
         assert_eq!(read_back(&store, P).await.unwrap().1, b"second");
         assert_eq!(tmp_files(dir.path()), 0);
@@ -757,14 +665,8 @@ mod tests {
         let second = second.finish(sha(b"b"), false).await.unwrap();
         let (first, second) = tokio::join!(first, second);
         let outcomes = [first.unwrap(), second.unwrap()];
-        let stored = outcomes
-            .iter()
-            .filter(|o| **o == CommitOutcome::Stored)
-            .count();
-        let conflicts = outcomes
-            .iter()
-            .filter(|o| matches!(o, CommitOutcome::Conflict { .. }))
-            .count();
+        let stored = outcomes.iter().filter(|o| **o == CommitOutcome::Stored).count();
+        let conflicts = outcomes.iter().filter(|o| matches!(o, CommitOutcome::Conflict { .. })).count();
         assert_eq!((stored, conflicts), (1, 1), "{outcomes:?}");
     }
 
@@ -784,10 +686,7 @@ mod tests {
         assert_eq!(error.code, Code::InvalidArgument);
 
         let mut writer = store.create(path(P), 5).await.unwrap();
-        let error = writer
-            .write(Bytes::from_static(b"hello!"))
-            .await
-            .unwrap_err();
+        let error = writer.write(Bytes::from_static(b"hello!")).await.unwrap_err();
         assert_eq!(error.code, Code::InvalidArgument);
         drop(writer);
 
@@ -826,11 +725,7 @@ mod tests {
         fs::create_dir_all(&module).unwrap();
         fs::write(module.join("collector-ebpf-5.4.0.o.gz"), b"no header").unwrap();
         fs::write(module.join("notes.txt"), b"").unwrap();
-        let mut truncated = header(Entry {
-            size: 100,
-            sha256: sha(b""),
-        })
-        .to_vec();
+        let mut truncated = header(Entry { size: 100, sha256: sha(b"") }).to_vec();
         truncated.extend_from_slice(b"short");
         fs::write(module.join("collector-ebpf-5.5.0.o.gz"), truncated).unwrap();
         let store = FilesystemStore::open(&config(dir.path())).unwrap();
@@ -848,15 +743,28 @@ mod tests {
     #[tokio::test]
     async fn writes_that_would_cross_the_free_space_floor_are_refused() {
         let dir = tempfile::tempdir().unwrap();
-        let config = FilesystemStoreConfig {
-            data_dir: dir.path().to_owned(),
-            min_free_bytes: u64::MAX / 2,
-        };
+        let config = FilesystemStoreConfig { data_dir: dir.path().to_owned(), min_free_bytes: u64::MAX / 2 };
         let store = FilesystemStore::open(&config).unwrap();
         let error = store.create(path(P), 10).await.err().unwrap();
         assert_eq!(error.code, Code::ResourceExhausted);
         assert_eq!(tmp_files(dir.path()), 0);
         assert_eq!(store.inner.reserved.load(Ordering::SeqCst), 0);
+    }
+
+    #[tokio::test]
+    async fn a_removed_probe_is_gone_also_after_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = FilesystemStore::open(&config(dir.path())).unwrap();
+            put(&store, P, b"bytes", false).await.unwrap();
+            let reader = store.open(&path(P)).await.unwrap().unwrap();
+            assert!(store.remove(&path(P)).await.unwrap());
+            assert!(!store.remove(&path(P)).await.unwrap());
+            assert!(store.open(&path(P)).await.unwrap().is_none());
+            let chunks: Vec<Bytes> = reader.chunks.map(|c| c.unwrap()).collect().await;
+            assert_eq!(chunks.concat(), b"bytes", "an open reader still reads it");
+        }
+        assert!(FilesystemStore::open(&config(dir.path())).unwrap().is_empty());
     }
 
     #[tokio::test]
@@ -874,10 +782,7 @@ mod tests {
         let v = ModuleVersion::parse("2.5.0").unwrap();
         let first = store.list(Some(&v), None, 1).await.unwrap();
         assert_eq!(first[0].path.to_string(), "2.5.0/collector-5.4.0.ko.gz");
-        let second = store
-            .list(Some(&v), Some(&first[0].path), 10)
-            .await
-            .unwrap();
+        let second = store.list(Some(&v), Some(&first[0].path), 10).await.unwrap();
         let names: Vec<String> = second.iter().map(|p| p.path.to_string()).collect();
         assert_eq!(names, ["2.5.0/collector-ebpf-5.4.0.o.gz"]);
         assert_eq!(store.list(None, None, 10).await.unwrap().len(), 4);

@@ -73,6 +73,10 @@ pub trait ProbeStore: Send + Sync + 'static {
 
     /// Opens the probe stored under `path`, if any.
     async fn open(&self, path: &ProbePath) -> Result<Option<ProbeReader>>;
+
+    /// Deletes the probe under `path`; false if there was none. Readers
+    /// that opened it already still read it whole.
+    async fn remove(&self, path: &ProbePath) -> Result<bool>;
 }
 
 #[tonic::async_trait]
@@ -83,9 +87,5 @@ pub trait ProbeWriter: Send {
     /// Checks that exactly the declared size arrived and that it hashes to
     /// `sha256` (INVALID_ARGUMENT or DATA_LOSS otherwise, keeping nothing),
     /// then starts the commit under the overwrite rule.
-    async fn finish(
-        self: Box<Self>,
-        sha256: Sha256Digest,
-        overwrite: bool,
-    ) -> Result<PendingCommit>;
+    async fn finish(self: Box<Self>, sha256: Sha256Digest, overwrite: bool) -> Result<PendingCommit>;
 }
