@@ -29,7 +29,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run Central's probe server.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Upload a kernel support package (zip) to Central.
     Upload(UploadArgs),
     /// The documented spelling: `collector support-packages upload`.
@@ -217,7 +217,7 @@ fn fail(message: String) -> ExitCode {
 
 async fn run(command: Command) -> Result<(), String> {
     match command {
-        Command::Serve(args) => serve(args).await,
+        Command::Serve(args) => serve(*args).await,
         Command::Upload(args)
         | Command::Collector {
             command: CollectorCommand::SupportPackages { command: SupportPackagesCommand::Upload(args) },
