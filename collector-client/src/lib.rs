@@ -1,5 +1,11 @@
-//! The Collector's side of probe distribution: fetch a probe from Central
-//! over mutual TLS and accept it only if its size and SHA-256 match the
-//! header Central sent first.
+//! The Collector's side of probe distribution: derive the candidate kernel
+//! names of this node, look for the probe in the Collector image and then
+//! at Central (over mutual TLS), retrying within a budget, and write the
+//! verified, decompressed probe atomically; or fail with a report that
+//! says what was tried and what to do.
 
+pub mod candidates;
 pub mod central;
+pub mod chain;
+pub mod output;
+pub mod sources;

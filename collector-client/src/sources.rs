@@ -1,0 +1,97 @@
+//! Where a Collector can find a probe, each behind one small trait: the
+//! probes built into its image (gzip'd, or uncompressed) and Central.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use probe_api::names::{ModuleVersion, ProbeFileName};
+use tonic::Code;
+
+use crate::central::{CentralClient, FetchError};
+
+/// What one look-up in one source gave.
+#[derive(Debug)]
+pub enum Lookup {
+    /// The probe; `gzipped` tells whether it still needs decompressing.
+    Found { bytes: Vec<u8>, gzipped: bool, detail: String },
+    /// The source answered that it does not have it.
+    NotFound(String),
+    /// The source could not answer (unreachable, refused, a bad reply).
+    Failed(String),
+}
+
+#[tonic::async_trait]
+pub trait ProbeSource: Send + Sync {
+    /// How the source is named in logs and in the final report.
+    fn name(&self) -> String;
+
+    /// Whether a later try may give another answer. Built-in files do not
+    /// change while the Collector runs; Central may get a package uploaded.
+    fn worth_retrying(&self) -> bool;
+
+    async fn lookup(&self, module_version: &ModuleVersion, file_name: &ProbeFileName) -> Lookup;
+}
+
+/// Probes built into the Collector image: `<dir>/<file name>` (gzip'd) or,
+/// with `uncompressed`, `<dir>/<file name without .gz>`.
+pub struct BuiltinDir {
+    pub dir: PathBuf,
+    pub uncompressed: bool,
+}
+
+#[tonic::async_trait]
+impl ProbeSource for BuiltinDir {
+    fn name(&self) -> String {
+        let kind = if self.uncompressed { "uncompressed" } else { "gzip" };
+        format!("built-in {} ({kind})", self.dir.display())
+    }
+
+    fn worth_retrying(&self) -> bool {
+        false
+    }
+
+    async fn lookup(&self, _: &ModuleVersion, file_name: &ProbeFileName) -> Lookup {
+        let name = file_name.as_str();
+        let name = if self.uncompressed { name.strip_suffix(".gz").unwrap_or(name) } else { name };
+        let path = self.dir.join(name);
+        match tokio::fs::read(&path).await {
+            Ok(bytes) => Lookup::Found { bytes, gzipped: !self.uncompressed, detail: path.display().to_string() },
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Lookup::NotFound(format!("no {}", path.display())),
+            Err(e) => Lookup::Failed(format!("reading {}: {e}", path.display())),
+        }
+    }
+}
+
+/// Central, over mutual TLS. Each try is bounded by `request_timeout`.
+pub struct CentralSource {
+    pub address: String,
+    pub client: CentralClient,
+    pub request_timeout: Duration,
+}
+
+#[tonic::async_trait]
+impl ProbeSource for CentralSource {
+    fn name(&self) -> String {
+        format!("Central {}", self.address)
+    }
+
+    fn worth_retrying(&self) -> bool {
+        true
+    }
+
+    async fn lookup(&self, module_version: &ModuleVersion, file_name: &ProbeFileName) -> Lookup {
+        let fetch = self.client.fetch(module_version.as_str(), file_name.as_str());
+        match tokio::time::timeout(self.request_timeout, fetch).await {
+            Err(_) => Lookup::Failed(format!("no answer within {:?}", self.request_timeout)),
+            Ok(Ok(probe)) => Lookup::Found {
+                bytes: probe.bytes,
+                gzipped: true,
+                detail: format!("{:?}, SHA-256 {}", probe.source, probe.sha256),
+            },
+            Ok(Err(FetchError::Status(status))) if status.code() == Code::NotFound => {
+                Lookup::NotFound(format!("NotFound: {}", status.message()))
+            }
+            Ok(Err(error)) => Lookup::Failed(error.to_string()),
+        }
+    }
+}
