@@ -8,11 +8,33 @@ use std::time::Duration;
 use central_probes::admin_client::{self, UploadRequest};
 use central_probes::progress::Progress;
 use central_probes::synthetic::PackageSpec;
-use common::{Central, CentralOptions, TestPki, central_cli};
+use common::{Central, CentralOptions, TestPki};
 
 use probe_api::v1::upload_probes_request::Message;
 use probe_api::v1::{GetExistingProbesRequest, ProbeSource, UploadOptions, UploadProbesRequest};
 use tonic::Code;
+
+/// Runs the `central-probes` binary and returns (success, stdout, stderr).
+pub async fn central_cli(args: &[&str], token: &str) -> (bool, String, String) {
+    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    let token = token.to_owned();
+    tokio::task::spawn_blocking(move || {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_central-probes"))
+            .args(&args)
+            .env("ROX_API_TOKEN", token)
+            .env_remove("ROX_CENTRAL_ADDRESS")
+            .env_remove("ROX_CA_CERT_FILE")
+            .output()
+            .unwrap();
+        (
+            output.status.success(),
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    })
+    .await
+    .unwrap()
+}
 
 fn kernels(n: usize) -> Vec<String> {
     (0..n).map(|i| format!("5.{}.0-{}-generic", 4 + i % 7, 100 + i)).collect()

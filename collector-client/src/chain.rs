@@ -80,7 +80,7 @@ pub async fn get_probe(
                         Err(why) => why,
                     },
                     Lookup::NotFound(why) => {
-                        if round <= 1 || !source.worth_retrying() {
+                        if round == 0 {
                             info!(%file_name, source = %source.name(), "not found: {why}");
                         }
                         why

@@ -1,0 +1,356 @@
+//! End to end: a Collector gets its probe through the chain, built-in
+//! files, then Central over mutual TLS, then the upstream that Central asks
+//! over TLS; or fails the way operators know.
+
+mod common;
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::time::Duration;
+
+use central_probes::upstream::UpstreamConfig;
+use common::{Central, CentralOptions, TestPki};
+use probe_api::v1::probe_service_server::{ProbeService, ProbeServiceServer};
+use probe_api::v1::upload_probes_request::Message;
+use probe_api::v1::{
+    GetProbeRequest, GetProbeResponse, ProbeHeader, ProbeSource, UploadOptions, UploadProbesRequest, get_probe_response,
+};
+use tokio_stream::Stream;
+use tonic::transport::{Identity, Server, ServerTlsConfig};
+use tonic::{Code, Request, Response, Status};
+
+const MODULE: &str = "2.5.0";
+const KERNEL: &str = "5.14.0-284.11.1.el9_2.x86_64";
+
+fn file_name(kernel: &str) -> String {
+    format!("collector-ebpf-{kernel}.o.gz")
+}
+
+fn gzip(bytes: &[u8]) -> Vec<u8> {
+    let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    encoder.write_all(bytes).unwrap();
+    encoder.finish().unwrap()
+}
+
+/// The eBPF object of a kernel, and the gzip'd probe file holding it.
+fn probe_for(kernel: &str) -> (Vec<u8>, Vec<u8>) {
+    let object = format!("eBPF object for {kernel}").repeat(100).into_bytes();
+    let file = gzip(&object);
+    (object, file)
+}
+
+async fn upload(central: &Central, pki: &TestPki, kernel: &str) {
+    let mut admin = central.admin(pki, &central.admin_token);
+    let mut messages = vec![UploadProbesRequest { message: Some(Message::Options(UploadOptions::default())) }];
+    let path = format!("{MODULE}/{}", file_name(kernel));
+    messages.extend(central_probes::upload_session::file_messages(&path, &probe_for(kernel).1, 1000));
+    admin.upload_probes(tokio_stream::iter(messages)).await.unwrap();
+}
+
+/// An upstream probe server: a Central serving anonymous reads.
+async fn upstream_server(pki: &TestPki, dir: &Path) -> Central {
+    let options = CentralOptions { allow_anonymous_reads: true, ..CentralOptions::default() };
+    Central::start_with(pki, &dir.join("upstream"), options).await
+}
+
+fn upstream_config(pki: &TestPki, address: &str, dir: &Path) -> UpstreamConfig {
+    UpstreamConfig {
+        address: format!("https://{address}"),
+        tls: pki.tls_with(None),
+        connect_timeout: Duration::from_secs(2),
+        fetch_timeout: Duration::from_secs(10),
+        cache_dir: dir.join("central-cache"),
+        cache_max_bytes: 1 << 30,
+        min_free_bytes: 0,
+        not_found_ttl: Duration::from_secs(30),
+    }
+}
+
+/// Central with `upstream` behind it, or offline when `None`.
+async fn central_with(pki: &TestPki, dir: &Path, upstream: Option<&str>) -> Central {
+    let upstream = upstream.map(|address| upstream_config(pki, address, dir));
+    Central::start_with(pki, &dir.join("central"), CentralOptions { upstream, ..CentralOptions::default() }).await
+}
+
+/// `collector-client get-probe` with the Collector identity written to
+/// `dir`, quick retries, and the probe written to `dir/probe.o`.
+#[derive(Clone)]
+struct CollectorCli {
+    ca_file: PathBuf,
+    dir: PathBuf,
+    retry_interval: &'static str,
+    retry_budget: &'static str,
+}
+
+impl CollectorCli {
+    fn new(pki: &TestPki, dir: &Path) -> Self {
+        std::fs::write(dir.join("collector.pem"), &pki.collector.cert_pem).unwrap();
+        std::fs::write(dir.join("collector-key.pem"), &pki.collector.key_pem).unwrap();
+        CollectorCli { ca_file: pki.ca_file(), dir: dir.to_owned(), retry_interval: "100ms", retry_budget: "1s" }
+    }
+
+    /// Returns (exit code, stdout, stderr).
+    async fn run(&self, central: &str, extra: &[&str]) -> (i32, String, String) {
+        let dir = &self.dir;
+        let mut args: Vec<String> = vec![
+            "get-probe".into(),
+            "--module-version".into(),
+            MODULE.into(),
+            "--kernel-candidates".into(),
+            KERNEL.into(),
+            "--central".into(),
+            central.into(),
+            "--ca".into(),
+            self.ca_file.display().to_string(),
+            "--cert".into(),
+            dir.join("collector.pem").display().to_string(),
+            "--key".into(),
+            dir.join("collector-key.pem").display().to_string(),
+            "--out".into(),
+            dir.join("probe.o").display().to_string(),
+            "--retry-interval".into(),
+            self.retry_interval.into(),
+            "--retry-budget".into(),
+            self.retry_budget.into(),
+            "--connect-timeout".into(),
+            "500ms".into(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        run_collector(args).await
+    }
+}
+
+async fn run_collector(args: Vec<String>) -> (i32, String, String) {
+    tokio::task::spawn_blocking(move || {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_collector-client"))
+            .args(&args)
+            .env_remove("KERNEL_VERSION")
+            .env_remove("MODULE_VERSION")
+            .env_remove("GRPC_SERVER")
+            .env_remove("COLLECTION_METHOD")
+            .output()
+            .unwrap();
+        (
+            output.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn core_bpf_needs_no_probe_and_contacts_nothing() {
+    let args = "get-probe --collection-method core_bpf --central 127.0.0.1:1 --ca /none --cert /none --key /none";
+    let (code, stdout, stderr) = run_collector(args.split(' ').map(String::from).collect()).await;
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("CORE_BPF") && stdout.contains("nothing to fetch"), "{stdout}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_built_in_probe_is_used_without_contacting_central() {
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let central = central_with(&pki, dir.path(), None).await;
+    let builtin = dir.path().join("builtin");
+    std::fs::create_dir(&builtin).unwrap();
+    let (object, file) = probe_for(KERNEL);
+    std::fs::write(builtin.join(file_name(KERNEL)), file).unwrap();
+
+    let (code, stdout, stderr) =
+        CollectorCli::new(&pki, dir.path()).run(&central.address, &["--builtin-dir", builtin.to_str().unwrap()]).await;
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("built-in"), "{stdout}");
+    assert_eq!(std::fs::read(dir.path().join("probe.o")).unwrap(), object);
+    assert_eq!(central.metrics.get_probe_requests(), 0, "Central was never asked");
+
+    // An uncompressed built-in probe works too.
+    std::fs::remove_file(builtin.join(file_name(KERNEL))).unwrap();
+    std::fs::write(builtin.join(format!("collector-ebpf-{KERNEL}.o")), b"raw object").unwrap();
+    let (code, _, stderr) =
+        CollectorCli::new(&pki, dir.path()).run(&central.address, &["--builtin-dir", builtin.to_str().unwrap()]).await;
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(std::fs::read(dir.path().join("probe.o")).unwrap(), b"raw object");
+    central.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_probe_in_central_is_served_without_asking_the_upstream() {
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let upstream = upstream_server(&pki, dir.path()).await;
+    upload(&upstream, &pki, KERNEL).await;
+    let central = central_with(&pki, dir.path(), Some(&upstream.address)).await;
+    upload(&central, &pki, KERNEL).await;
+
+    let (code, stdout, stderr) = CollectorCli::new(&pki, dir.path()).run(&central.address, &[]).await;
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("UploadedPackage"), "{stdout}");
+    assert_eq!(std::fs::read(dir.path().join("probe.o")).unwrap(), probe_for(KERNEL).0);
+    assert_eq!(upstream.metrics.get_probe_requests(), 0, "the upstream received no request");
+    central.stop().await;
+    upstream.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_probe_is_fetched_once_then_served_from_centrals_cache() {
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let upstream = upstream_server(&pki, dir.path()).await;
+    upload(&upstream, &pki, KERNEL).await;
+    let central = central_with(&pki, dir.path(), Some(&upstream.address)).await;
+    let collector = central.collector(&pki, Some(&pki.collector));
+
+    let first = collector.fetch(MODULE, &file_name(KERNEL)).await.unwrap();
+    assert_eq!(first.source, ProbeSource::Upstream);
+    let second = collector.fetch(MODULE, &file_name(KERNEL)).await.unwrap();
+    assert_eq!(second.source, ProbeSource::UpstreamCache);
+    assert_eq!(first.bytes, probe_for(KERNEL).1);
+    assert_eq!(second.bytes, first.bytes);
+    assert_eq!(upstream.metrics.get_probe_requests(), 1);
+
+    // The CLI gets it from the cache as well.
+    let (code, stdout, stderr) = CollectorCli::new(&pki, dir.path()).run(&central.address, &[]).await;
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("UpstreamCache"), "{stdout}");
+    assert_eq!(upstream.metrics.get_probe_requests(), 1);
+    central.stop().await;
+    upstream.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_offline_miss_exits_1_with_the_crash_loop_report() {
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let central = central_with(&pki, dir.path(), None).await;
+    let (code, _, stderr) = CollectorCli::new(&pki, dir.path()).run(&central.address, &[]).await;
+    assert_eq!(code, 1, "{stderr}");
+    for expected in [
+        "CrashLoopBackOff",
+        &format!("{} from Central {}: NotFound", file_name(KERNEL), central.address),
+        &format!("upload a kernel support package for module version {MODULE} that covers kernel {KERNEL}"),
+        "CORE_BPF",
+    ] {
+        assert!(stderr.contains(expected), "missing {expected:?} in:\n{stderr}");
+    }
+    assert!(!dir.path().join("probe.o").exists());
+    central.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_upstream_is_retried_then_reported() {
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().unwrap();
+    // A port with nothing listening: bind, note it, close.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string();
+    let central = central_with(&pki, dir.path(), Some(&closed)).await;
+    let (code, _, stderr) = CollectorCli::new(&pki, dir.path()).run(&central.address, &[]).await;
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("Unavailable") && stderr.contains("upstream"), "{stderr}");
+    let tries = central.metrics.get_probe_requests();
+    assert!(tries >= 3, "the collector retried: {tries} tries");
+    assert!(central.metrics.upstream_fetch_count("error") >= 3);
+    central.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_probe_uploaded_while_the_collector_retries_is_picked_up() {
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let central = central_with(&pki, dir.path(), None).await;
+    let address = central.address.clone();
+    let cli = CollectorCli { retry_interval: "200ms", retry_budget: "30s", ..CollectorCli::new(&pki, dir.path()) };
+    let collector = tokio::spawn(async move { cli.run(&address, &[]).await });
+    // Let it miss a few times first.
+    while central.metrics.get_probe_requests() < 3 {
+        assert!(!collector.is_finished(), "the collector gave up early: {:?}", collector.await);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    upload(&central, &pki, KERNEL).await;
+    let (code, stdout, stderr) = collector.await.unwrap();
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("UploadedPackage"), "{stdout}");
+    assert_eq!(stderr.matches("not found").count(), 1, "NOT_FOUND is logged once:\n{stderr}");
+    assert_eq!(std::fs::read(dir.path().join("probe.o")).unwrap(), probe_for(KERNEL).0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_collectors_on_a_new_kernel_cause_one_upstream_request() {
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let upstream = upstream_server(&pki, dir.path()).await;
+    upload(&upstream, &pki, KERNEL).await;
+    let central = central_with(&pki, dir.path(), Some(&upstream.address)).await;
+    let mut collectors = Vec::new();
+    for _ in 0..200 {
+        let client = central.collector(&pki, Some(&pki.collector));
+        collectors.push(tokio::spawn(async move { client.fetch(MODULE, &file_name(KERNEL)).await }));
+    }
+    let expected = probe_for(KERNEL).1;
+    for collector in collectors {
+        let probe = collector.await.unwrap().unwrap();
+        assert_eq!(probe.bytes, expected);
+    }
+    assert_eq!(upstream.metrics.get_probe_requests(), 1, "exactly one upstream request");
+    central.stop().await;
+    upstream.stop().await;
+}
+
+/// An upstream that announces one digest and sends other bytes.
+struct LyingUpstream;
+
+#[tonic::async_trait]
+impl ProbeService for LyingUpstream {
+    type GetProbeStream = Pin<Box<dyn Stream<Item = Result<GetProbeResponse, Status>> + Send>>;
+
+    async fn get_probe(&self, request: Request<GetProbeRequest>) -> Result<Response<Self::GetProbeStream>, Status> {
+        let request = request.into_inner();
+        let promised = probe_for(KERNEL).1;
+        let mut delivered = promised.clone();
+        delivered[10] ^= 0xff;
+        let header = ProbeHeader {
+            path: format!("{}/{}", request.module_version, request.file_name),
+            size: promised.len() as u64,
+            sha256: probe_api::digest::Sha256Digest::of(&promised).to_hex(),
+            source: ProbeSource::UploadedPackage.into(),
+        };
+        let messages = vec![
+            Ok(GetProbeResponse { message: Some(get_probe_response::Message::Header(header)) }),
+            Ok(GetProbeResponse { message: Some(get_probe_response::Message::Chunk(delivered.into())) }),
+        ];
+        Ok(Response::new(Box::pin(tokio_stream::iter(messages))))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_upstream_reply_is_rejected_and_nothing_is_written() {
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().unwrap();
+    central_probes::server::install_crypto_provider();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let liar = listener.local_addr().unwrap().to_string();
+    let tls = ServerTlsConfig::new().identity(Identity::from_pem(&pki.server.cert_pem, &pki.server.key_pem));
+    let server = tokio::spawn(
+        Server::builder()
+            .tls_config(tls)
+            .unwrap()
+            .add_service(ProbeServiceServer::new(LyingUpstream))
+            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
+    );
+    let central = central_with(&pki, dir.path(), Some(&liar)).await;
+
+    let error = central.collector(&pki, Some(&pki.collector)).fetch(MODULE, &file_name(KERNEL)).await.unwrap_err();
+    assert_eq!(error.code(), Code::Unavailable, "{error}");
+    assert!(error.to_string().contains("bad reply"), "{error}");
+    let cached = dir.path().join("central-cache/probes");
+    let cached_files = std::fs::read_dir(&cached).map(|d| d.count()).unwrap_or(0);
+    assert_eq!(cached_files, 0, "nothing unverified is cached");
+
+    let (code, _, stderr) = CollectorCli::new(&pki, dir.path()).run(&central.address, &[]).await;
+    assert_eq!(code, 1, "{stderr}");
+    assert!(!dir.path().join("probe.o").exists());
+    central.stop().await;
+    server.abort();
+}
