@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# The main job end to end: make certificates, start Central, upload a kernel
-# support package, and have a Collector fetch the probe for its kernel over
-# mutual TLS. Leaves everything in $DEMO_DIR (a fresh temporary directory by
-# default) and stops Central on exit.
+# The main job end to end, showing the whole fallback chain: certificates,
+# an upstream probe server, Central with that upstream behind it, a support
+# package uploaded to Central, and Collectors that get their probes from
+# each source in turn: built into the image, Central's uploaded package, the
+# upstream (fetched by Central), and Central's cache of upstream probes.
+# Leaves everything in $DEMO_DIR (a fresh temporary directory by default)
+# and stops the servers on exit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/common.sh
@@ -11,33 +14,50 @@ echo "== building"
 cargo build --quiet --bins
 WORK=${DEMO_DIR:-$(mktemp -d)}
 mkdir -p "$WORK"
-trap '[ -n "${CENTRAL_PID:-}" ] && kill "$CENTRAL_PID" 2>/dev/null; wait 2>/dev/null || true' EXIT
+PIDS=()
+trap 'kill "${PIDS[@]}" 2>/dev/null; wait 2>/dev/null || true' EXIT
 
-echo "== certificates (development CA, Central, a Collector) in $WORK/pki"
+echo "== certificates (development CA, servers, a Collector) in $WORK/pki"
 "$BIN/central-probes" pki init --out "$WORK/pki"
-
-echo "== an admin API token"
-export ROX_API_TOKEN
-ROX_API_TOKEN=$("$BIN/central-probes" token create --data-dir "$WORK/data" --role admin --name demo-admin)
-
-echo "== Central"
-start_central "$WORK/data" "$WORK/pki"
-export ROX_CENTRAL_ADDRESS=$CENTRAL_ADDR
-echo "listening on $CENTRAL_ADDR (log: $WORK/data.log)"
-
-echo "== a support package for module version 2.5.0 (50 kernels, eBPF probes and kernel modules)"
 kernel_list "$WORK/kernels.txt"
-"$BIN/make-package" --out "$WORK/support-pkg-2.5.0-20261127000000.zip" --kernels "$WORK/kernels.txt" \
-  --limit 50 --kernel-modules
+kernel() { sed -n "${1}p" "$WORK/kernels.txt"; }
 
-echo "== upload (documented spelling), then again: only new files are sent"
-"$BIN/central-probes" collector support-packages upload "$WORK/support-pkg-2.5.0-20261127000000.zip" \
-  -e "$ROX_CENTRAL_ADDRESS" --ca "$WORK/pki/ca.pem"
-"$BIN/central-probes" upload "$WORK/support-pkg-2.5.0-20261127000000.zip" -e "$ROX_CENTRAL_ADDRESS" --ca "$WORK/pki/ca.pem"
+echo "== the upstream probe server (anonymous reads), holding probes of kernels 1-40"
+UPSTREAM_TOKEN=$("$BIN/central-probes" token create --data-dir "$WORK/upstream" --role admin --name demo 2>/dev/null)
+start_central "$WORK/upstream" "$WORK/pki" --allow-anonymous-reads
+PIDS+=("$CENTRAL_PID")
+UPSTREAM_ADDR=$CENTRAL_ADDR
+"$BIN/make-package" --out "$WORK/upstream-pkg.zip" --kernels "$WORK/kernels.txt" --limit 40
+ROX_API_TOKEN=$UPSTREAM_TOKEN "$BIN/central-probes" upload "$WORK/upstream-pkg.zip" -e "$UPSTREAM_ADDR" \
+  --ca "$WORK/pki/ca.pem" 2>/dev/null
 
-KERNEL=$(sed -n 7p "$WORK/kernels.txt")
-echo "== a Collector on kernel $KERNEL fetches its probe"
-"$BIN/collector-client" get-probe --module-version 2.5.0 --kernel "$KERNEL" --central "$CENTRAL_ADDR" \
-  --ca "$WORK/pki/ca.pem" --cert "$WORK/pki/collector.pem" --key "$WORK/pki/collector-key.pem" \
-  --out "$WORK/probe.o.gz"
-echo "== demo finished"
+echo "== Central, with the upstream at $UPSTREAM_ADDR behind it"
+export ROX_API_TOKEN
+ROX_API_TOKEN=$("$BIN/central-probes" token create --data-dir "$WORK/data" --role admin --name demo-admin 2>/dev/null)
+start_central "$WORK/data" "$WORK/pki" --upstream "https://$UPSTREAM_ADDR" --upstream-ca "$WORK/pki/ca.pem"
+PIDS+=("$CENTRAL_PID")
+export ROX_CENTRAL_ADDRESS=$CENTRAL_ADDR
+echo "Central listening on $CENTRAL_ADDR (log: $WORK/data.log)"
+
+PACKAGE="$WORK/support-pkg-2.5.0-20261127000000.zip"
+echo "== a support package for kernels 41-90 (eBPF probes and kernel modules), uploaded twice"
+"$BIN/make-package" --out "$PACKAGE" --kernels "$WORK/kernels.txt" --skip 40 --limit 50 --kernel-modules
+"$BIN/central-probes" collector support-packages upload "$PACKAGE" -e "$ROX_CENTRAL_ADDRESS" --ca "$WORK/pki/ca.pem"
+"$BIN/central-probes" upload "$PACKAGE" -e "$ROX_CENTRAL_ADDRESS" --ca "$WORK/pki/ca.pem"
+
+echo "== a Collector image with the probe of kernel 95 built in"
+mkdir -p "$WORK/builtin"
+head -c 100000 /dev/urandom | gzip >"$WORK/builtin/collector-ebpf-$(kernel 95).o.gz"
+
+collector() {
+  echo "== a Collector on kernel $1 ($2)"
+  RUST_LOG=warn "$BIN/collector-client" get-probe --module-version 2.5.0 --kernel "$1" \
+    --builtin-dir "$WORK/builtin" --central "$CENTRAL_ADDR" --ca "$WORK/pki/ca.pem" \
+    --cert "$WORK/pki/collector.pem" --key "$WORK/pki/collector-key.pem" --out "$WORK/probe-$3.o" \
+    --retry-budget 10s
+}
+collector "$(kernel 95)" "built into its image" builtin
+collector "$(kernel 60)" "in the uploaded package" central
+collector "$(kernel 7)" "only the upstream has it" upstream
+collector "$(kernel 7)" "again: now in Central's cache" cache
+echo "== demo finished; files in $WORK"

@@ -170,3 +170,36 @@ pub async fn serve(metrics: Metrics, listener: TcpListener) {
         });
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn get(address: std::net::SocketAddr, path: &str) -> String {
+        let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
+        stream.write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\n\r\n").as_bytes()).await.unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await.unwrap();
+        response
+    }
+
+    #[tokio::test]
+    async fn the_endpoint_serves_counters_in_prometheus_text_format() {
+        let metrics = Metrics::new();
+        metrics.count_request("GetProbe", tonic::Code::Ok, "upstream_cache");
+        metrics.count_request("GetProbe", tonic::Code::NotFound, "");
+        metrics.upstream_fetches.get_or_create(&ResultLabels { result: "fetched" }).inc();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let server = tokio::spawn(serve(metrics.clone(), listener));
+
+        let response = get(address, "/metrics").await;
+        assert!(response.starts_with("HTTP/1.1 200 OK"), "{response}");
+        let expected = r#"central_probes_requests_total{rpc="GetProbe",code="Ok",source="upstream_cache"} 1"#;
+        assert!(response.contains(expected), "{response}");
+        assert!(response.contains(r#"central_probes_upstream_fetches_total{result="fetched"} 1"#), "{response}");
+        assert_eq!(metrics.get_probe_requests(), 2);
+        assert!(get(address, "/other").await.starts_with("HTTP/1.1 404"));
+        server.abort();
+    }
+}

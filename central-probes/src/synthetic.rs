@@ -1,6 +1,7 @@
 //! Synthetic support packages for the demo, the tests and the benchmarks:
-//! the real layout and names, with deterministic pseudo-random probe bytes
-//! (incompressible, like real gzip'd probes) and realistic sizes.
+//! the real layout and names, and probes that are real gzip files of
+//! deterministic pseudo-random bytes (incompressible, like real gzip'd
+//! probes) with realistic sizes.
 
 use std::fs::File;
 use std::io::{self, BufWriter, Write};
@@ -50,11 +51,15 @@ impl PackageSpec {
         paths
     }
 
-    /// The bytes of the probe at `path` in this package.
+    /// The bytes of the probe file at `path` in this package: a gzip file.
     pub fn probe_bytes(&self, path: &str) -> Vec<u8> {
         let seed = fnv1a(path.as_bytes());
         let size = (realistic_size(seed) / self.size_divisor.max(1)).max(1);
-        pseudo_random_bytes(seed ^ self.variant.wrapping_mul(0x9e37_79b9_7f4a_7c15), size)
+        let object = pseudo_random_bytes(seed ^ self.variant.wrapping_mul(0x9e37_79b9_7f4a_7c15), size);
+        // Level 0: random bytes do not compress, and storing them is fast.
+        let mut gzip = flate2::write::GzEncoder::new(Vec::with_capacity(size + 64), flate2::Compression::none());
+        gzip.write_all(&object).expect("writing to a Vec cannot fail");
+        gzip.finish().expect("writing to a Vec cannot fail")
     }
 
     /// Writes the package; returns the total probe bytes.
@@ -121,5 +126,9 @@ mod tests {
         assert_eq!(spec.probe_bytes(path).len(), other.probe_bytes(path).len());
         let size = spec.probe_bytes(path).len();
         assert!((60_000..1_600_000).contains(&size), "{size}");
+        let mut object = Vec::new();
+        std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&spec.probe_bytes(path)[..]), &mut object)
+            .unwrap();
+        assert!(size - object.len() < 100, "a gzip file with stored blocks around the object");
     }
 }

@@ -18,7 +18,10 @@ struct Args {
     /// A file of kernel releases, one per line.
     #[arg(long)]
     kernels: PathBuf,
-    /// Use only the first N kernels.
+    /// Skip the first N kernels of the file.
+    #[arg(long, default_value_t = 0)]
+    skip: usize,
+    /// Use only N kernels.
     #[arg(long)]
     limit: Option<usize>,
     /// Also add a kernel module (.ko.gz) per kernel.
@@ -44,8 +47,13 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let kernels: Vec<&str> =
-        text.lines().map(str::trim).filter(|l| !l.is_empty()).take(args.limit.unwrap_or(usize::MAX)).collect();
+    let kernels: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .skip(args.skip)
+        .take(args.limit.unwrap_or(usize::MAX))
+        .collect();
     let spec = PackageSpec {
         kernel_modules: args.kernel_modules,
         variant: args.variant,
