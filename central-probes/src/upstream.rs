@@ -166,11 +166,12 @@ impl UpstreamSource {
             writer.write(chunk).await.map_err(|e| bad_reply(e.message))?;
         }
         // The cache verifies size and digest; nothing unverified is kept.
-        let commit = writer.finish(sha256, true).await.map_err(|e| match e.code {
+        let commit = writer.finish(sha256, true).await?;
+        commit.await.map_err(|e| match e.code {
             Code::DataLoss | Code::InvalidArgument => bad_reply(e.message),
             _ => e,
         })?;
-        commit.await?;
+
         let evicted = {
             let mut lru = self.lru();
             lru.insert(path.clone(), header.size);

@@ -239,33 +239,52 @@ impl ProbeWriter for FsProbeWriter {
     async fn finish(self: Box<Self>, sha256: Sha256Digest, overwrite: bool) -> Result<PendingCommit> {
         let FsProbeWriter { inner, path, size, chunks, worker, reservation, .. } = *self;
         drop(chunks);
-        let written = worker
-            .await
-            .map_err(|e| Error::internal(format!("writing {path}: {e}")))?
-            .map_err(|e| Error::io(format!("writing {path}"), e))?;
-        if written.len != size {
-            return Err(Error::invalid_argument(format!("{path}: {} bytes received but {size} declared", written.len)));
-        }
-        if written.sha256 != sha256 {
-            return Err(Error::new(
-                Code::DataLoss,
-                format!("{path}: the received bytes have SHA-256 {} but the uploader sent {sha256}", written.sha256),
-            ));
-        }
-        let new = Entry { size, sha256 };
-        // Decide early when nothing will be stored: no fsync is needed then.
-        if let Some(outcome) = inner.entry(&path).and_then(|old| outcome(old, new, overwrite).1) {
-            return Ok(Box::pin(std::future::ready(Ok(outcome))));
-        }
-        // A blocking task runs to its end even if the stream is dropped, so
-        // a file is never left half-committed by a client going away.
-        let commit = tokio::task::spawn_blocking(move || {
-            let outcome = commit(&inner, &path, written, new, overwrite);
-            drop(reservation);
-            outcome
+        // The writing thread may still be hashing; the caller need not wait
+        // for it to go on receiving the next file. The task runs to its end
+        // even if the caller goes away, so a file whose last byte arrived is
+        // never left half-committed.
+        let task = tokio::spawn(async move {
+            let written = worker
+                .await
+                .map_err(|e| Error::internal(format!("writing {path}: {e}")))?
+                .map_err(|e| Error::io(format!("writing {path}"), e))?;
+            verify_and_commit(inner, path, written, Entry { size, sha256 }, overwrite, reservation).await
         });
-        Ok(Box::pin(async move { commit.await.map_err(|e| Error::internal(format!("commit task failed: {e}")))? }))
+        Ok(Box::pin(async move { task.await.map_err(|e| Error::internal(format!("commit task failed: {e}")))? }))
     }
+}
+
+async fn verify_and_commit(
+    inner: Arc<Inner>,
+    path: ProbePath,
+    written: Written,
+    new: Entry,
+    overwrite: bool,
+    reservation: Reservation,
+) -> Result<CommitOutcome> {
+    if written.len != new.size {
+        return Err(Error::invalid_argument(format!(
+            "{path}: {} bytes received but {} declared",
+            written.len, new.size
+        )));
+    }
+    if written.sha256 != new.sha256 {
+        return Err(Error::new(
+            Code::DataLoss,
+            format!("{path}: the received bytes have SHA-256 {} but the uploader sent {}", written.sha256, new.sha256),
+        ));
+    }
+    // Decide early when nothing will be stored: no fsync is needed then.
+    if let Some(outcome) = inner.entry(&path).and_then(|old| outcome(old, new, overwrite).1) {
+        return Ok(outcome);
+    }
+    tokio::task::spawn_blocking(move || {
+        let outcome = commit(&inner, &path, written, new, overwrite);
+        drop(reservation);
+        outcome
+    })
+    .await
+    .map_err(|e| Error::internal(format!("commit task failed: {e}")))?
 }
 
 /// The overwrite rule: what storing `new` over `old` does. The second value
@@ -677,12 +696,12 @@ mod tests {
 
         let mut writer = store.create(path(P), 5).await.unwrap();
         writer.write(Bytes::from_static(b"hello")).await.unwrap();
-        let error = writer.finish(sha(b"other"), false).await.err().unwrap();
+        let error = writer.finish(sha(b"other"), false).await.unwrap().await.unwrap_err();
         assert_eq!(error.code, Code::DataLoss);
 
         let mut writer = store.create(path(P), 5).await.unwrap();
         writer.write(Bytes::from_static(b"hell")).await.unwrap();
-        let error = writer.finish(sha(b"hell"), false).await.err().unwrap();
+        let error = writer.finish(sha(b"hell"), false).await.unwrap().await.unwrap_err();
         assert_eq!(error.code, Code::InvalidArgument);
 
         let mut writer = store.create(path(P), 5).await.unwrap();

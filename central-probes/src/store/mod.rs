@@ -84,8 +84,10 @@ pub trait ProbeWriter: Send {
     /// Appends the next bytes.
     async fn write(&mut self, chunk: Bytes) -> Result<()>;
 
-    /// Checks that exactly the declared size arrived and that it hashes to
-    /// `sha256` (INVALID_ARGUMENT or DATA_LOSS otherwise, keeping nothing),
-    /// then starts the commit under the overwrite rule.
+    /// Ends the file. The returned commit checks that exactly the declared
+    /// size arrived and that it hashes to `sha256` (INVALID_ARGUMENT or
+    /// DATA_LOSS otherwise, keeping nothing), then commits under the
+    /// overwrite rule. It runs on its own, so the caller may go on with the
+    /// next file meanwhile, and it completes even if the caller goes away.
     async fn finish(self: Box<Self>, sha256: Sha256Digest, overwrite: bool) -> Result<PendingCommit>;
 }
