@@ -22,6 +22,11 @@ pub struct ClientTls {
 /// Makes a channel to `address` (`host:port`, optionally with `https://`).
 /// It connects lazily, on the first call, within `connect_timeout`.
 pub fn channel(address: &str, tls: &ClientTls, connect_timeout: Duration) -> Result<Channel, String> {
+    Ok(endpoint(address, tls, connect_timeout)?.connect_lazy())
+}
+
+/// The endpoint behind `channel`, for callers that want to connect now.
+pub fn endpoint(address: &str, tls: &ClientTls, connect_timeout: Duration) -> Result<Endpoint, String> {
     let authority = address.strip_prefix("https://").unwrap_or(address);
     if authority.starts_with("http://") {
         return Err(format!("{address}: Central speaks TLS only; use https:// or plain host:port"));
@@ -38,8 +43,9 @@ pub fn channel(address: &str, tls: &ClientTls, connect_timeout: Duration) -> Res
         .connect_timeout(connect_timeout)
         .tcp_nodelay(true)
         .initial_stream_window_size(STREAM_WINDOW)
-        .initial_connection_window_size(CONNECTION_WINDOW);
-    Ok(endpoint.connect_lazy())
+                .initial_connection_window_size(CONNECTION_WINDOW);
+    Ok(endpoint)
+
 }
 
 /// The host of `host:port` or `[v6]:port`, without brackets.

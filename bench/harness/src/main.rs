@@ -1,0 +1,388 @@
+//! `probe-bench`: the load harness of `bench/run.sh`. One concurrency
+//! model for both servers under test: N tokio tasks, each with its own
+//! connection (or a new one per request), picking probes at random for a
+//! fixed time. Against Central it calls GetProbe over gRPC; against nginx
+//! it GETs the same files over HTTP/2; both over mutual TLS. Neither side
+//! hashes what it receives, so the servers are compared on equal work.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use central_probes::package::Package;
+use clap::{Parser, Subcommand, ValueEnum};
+use http_body_util::{BodyExt, Empty};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use probe_api::transport::{self, ClientTls};
+use probe_api::v1::probe_service_client::ProbeServiceClient;
+use probe_api::v1::{GetExistingProbesRequest, GetProbeRequest, ListProbesRequest};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+
+#[derive(Parser)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Protocol {
+    Grpc,
+    Https,
+}
+
+#[derive(clap::Args, Clone)]
+struct Tls {
+    #[arg(long)]
+    ca: PathBuf,
+    #[arg(long)]
+    cert: PathBuf,
+    #[arg(long)]
+    key: PathBuf,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Writes every probe of a package as a plain file under OUT/<module>/<name>.
+    Extract {
+        #[arg(long)]
+        package: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Random GetProbe calls (gRPC) or GETs of /<module>/<name> (HTTPS).
+    Load {
+        #[arg(long, value_enum)]
+        protocol: Protocol,
+        #[arg(long)]
+        address: String,
+        #[command(flatten)]
+        tls: Tls,
+        /// Probe paths, one per line.
+        #[arg(long)]
+        paths: PathBuf,
+        #[arg(long)]
+        concurrency: usize,
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+        /// A new TCP + TLS connection for every request.
+        #[arg(long)]
+        new_connection_per_request: bool,
+    },
+    /// Many clients, each on a new connection, ask for one probe at once.
+    Fanout {
+        #[arg(long)]
+        address: String,
+        #[command(flatten)]
+        tls: Tls,
+        #[arg(long)]
+        path: String,
+        #[arg(long, default_value_t = 1000)]
+        clients: usize,
+    },
+    /// Times GetExistingProbes for the paths of a file, and one ListProbes page.
+    Queries {
+        #[arg(long)]
+        address: String,
+        #[arg(long)]
+        ca: PathBuf,
+        #[arg(long)]
+        token: String,
+        #[arg(long)]
+        paths: PathBuf,
+    },
+    /// Fills a store directly with many small probes over several module versions.
+    Fill {
+        #[arg(long)]
+        data_dir: PathBuf,
+        #[arg(long)]
+        probes: usize,
+        #[arg(long, default_value_t = 6)]
+        module_versions: usize,
+        /// Also write the paths of the first module version here.
+        #[arg(long)]
+        paths_out: PathBuf,
+    },
+}
+
+fn read(path: &Path) -> Vec<u8> {
+    std::fs::read(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
+}
+
+fn client_tls(tls: &Tls) -> ClientTls {
+    ClientTls { ca_pem: read(&tls.ca), identity: Some((read(&tls.cert), read(&tls.key))) }
+}
+
+#[tokio::main]
+async fn main() {
+    central_probes::server::install_crypto_provider();
+    match Cli::parse().command {
+        Command::Extract { package, out } => extract(&package, &out),
+        Command::Load { protocol, address, tls, paths, concurrency, seconds, new_connection_per_request } => {
+            let paths: Vec<String> = std::fs::read_to_string(&paths).unwrap().lines().map(String::from).collect();
+            let client = match protocol {
+                Protocol::Grpc => Client::Grpc { address, tls: client_tls(&tls) },
+                Protocol::Https => Client::Https { address, config: Arc::new(rustls_config(&tls)) },
+            };
+            load(Arc::new(client), Arc::new(paths), concurrency, seconds, new_connection_per_request).await;
+        }
+        Command::Fanout { address, tls, path, clients } => fanout(&address, &client_tls(&tls), &path, clients).await,
+        Command::Queries { address, ca, token, paths } => queries(&address, read(&ca), &token, &paths).await,
+        Command::Fill { data_dir, probes, module_versions, paths_out } => {
+            fill(&data_dir, probes, module_versions, &paths_out).await
+        }
+    }
+}
+
+fn extract(package: &Path, out: &Path) {
+    let mut package = Package::open(package).unwrap();
+    let index = package.index().unwrap();
+    for probe in &index.probes {
+        let dir = out.join(probe.path.module_version().as_str());
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut bytes = Vec::with_capacity(probe.size as usize);
+        package
+            .read_entry(probe, 1 << 20, |chunk| {
+                bytes.extend_from_slice(chunk);
+                Ok(())
+            })
+            .unwrap();
+        std::fs::write(dir.join(probe.path.file_name().as_str()), bytes).unwrap();
+    }
+    println!("extracted {} probes to {}", index.probes.len(), out.display());
+}
+
+fn rustls_config(tls: &Tls) -> rustls::ClientConfig {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(&tls.ca).unwrap() {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let chain: Vec<CertificateDer<'static>> =
+        CertificateDer::pem_file_iter(&tls.cert).unwrap().map(|c| c.unwrap()).collect();
+    let key = PrivateKeyDer::from_pem_file(&tls.key).unwrap();
+    let mut config =
+        rustls::ClientConfig::builder().with_root_certificates(roots).with_client_auth_cert(chain, key).unwrap();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    config
+}
+
+enum Client {
+    Grpc { address: String, tls: ClientTls },
+    Https { address: String, config: Arc<rustls::ClientConfig> },
+}
+
+/// One connection's worth of client: reused, or made anew per request.
+enum Connection {
+    Grpc(ProbeServiceClient<tonic::transport::Channel>),
+    Https(hyper::client::conn::http2::SendRequest<Empty<Bytes>>),
+}
+
+impl Client {
+    async fn connect(&self) -> Result<Connection, String> {
+        match self {
+            Client::Grpc { address, tls } => {
+                                // Connect now, so a per-request connection is timed in full.
+                let endpoint = transport::endpoint(address, tls, Duration::from_secs(5))?;
+                let channel = endpoint.connect().await.map_err(|e| e.to_string())?;
+                Ok(Connection::Grpc(ProbeServiceClient::new(channel)))
+            }
+            Client::Https { address, config } => {
+                let tcp = tokio::net::TcpStream::connect(address).await.map_err(|e| e.to_string())?;
+                tcp.set_nodelay(true).map_err(|e| e.to_string())?;
+                let host = address.rsplit_once(':').map_or(address.as_str(), |(h, _)| h).to_owned();
+                let name = ServerName::try_from(host).map_err(|e| e.to_string())?;
+                let tls = tokio_rustls::TlsConnector::from(config.clone())
+                    .connect(name, tcp)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let (sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+                    .initial_stream_window_size(transport::STREAM_WINDOW)
+                    .initial_connection_window_size(transport::CONNECTION_WINDOW)
+                    .handshake(TokioIo::new(tls))
+                    .await
+                    .map_err(|e| e.to_string())?;
+                tokio::spawn(connection);
+                Ok(Connection::Https(sender))
+            }
+        }
+    }
+}
+
+
+
+impl Connection {
+    /// Fetches one probe; returns its size.
+    async fn get(&mut self, path: &str, address: &str) -> Result<u64, String> {
+        match self {
+            Connection::Grpc(client) => {
+                let (module_version, file_name) = path.split_once('/').ok_or("bad path")?;
+                let request =
+                    GetProbeRequest { module_version: module_version.to_owned(), file_name: file_name.to_owned() };
+                let mut stream = client.get_probe(request).await.map_err(|s| s.to_string())?.into_inner();
+                let mut bytes = 0;
+                while let Some(message) = stream.message().await.map_err(|s| s.to_string())? {
+                    if let Some(probe_api::v1::get_probe_response::Message::Chunk(chunk)) = message.message {
+                        bytes += chunk.len() as u64;
+                    }
+                }
+                Ok(bytes)
+            }
+            Connection::Https(sender) => {
+                sender.ready().await.map_err(|e| e.to_string())?;
+                let request = hyper::Request::get(format!("https://{address}/{path}"))
+                    .body(Empty::<Bytes>::new())
+                    .map_err(|e| e.to_string())?;
+                let response = sender.send_request(request).await.map_err(|e| e.to_string())?;
+                if !response.status().is_success() {
+                    return Err(format!("HTTP {}", response.status()));
+                }
+                let mut body = response.into_body();
+                let mut bytes = 0;
+                while let Some(frame) = body.frame().await {
+                    if let Ok(data) = frame.map_err(|e| e.to_string())?.into_data() {
+                        bytes += data.len() as u64;
+                    }
+                }
+                Ok(bytes)
+            }
+        }
+    }
+}
+
+async fn load(client: Arc<Client>, paths: Arc<Vec<String>>, concurrency: usize, seconds: u64, per_request: bool) {
+    let address = match &*client {
+        Client::Grpc { address, .. } | Client::Https { address, .. } => address.clone(),
+    };
+    let bytes = Arc::new(AtomicU64::new(0));
+    let errors = Arc::new(AtomicU64::new(0));
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    let started = Instant::now();
+    let mut workers = Vec::new();
+    for worker in 0..concurrency {
+        let (client, paths, bytes, errors, address) =
+            (client.clone(), paths.clone(), bytes.clone(), errors.clone(), address.clone());
+        workers.push(tokio::spawn(async move {
+            let mut latencies = Vec::new();
+            let mut state = 0x9e37_79b9_7f4a_7c15u64 ^ (worker as u64 + 1).wrapping_mul(0xff51_afd7_ed55_8ccd);
+            let mut connection = None;
+            while Instant::now() < deadline {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                let path = &paths[(state % paths.len() as u64) as usize];
+                let begun = Instant::now();
+                if per_request || connection.is_none() {
+                    connection = client.connect().await.map_err(|e| eprintln!("connect: {e}")).ok();
+                }
+                let Some(open) = connection.as_mut() else {
+                    errors.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                };
+                match open.get(path, &address).await {
+                    Ok(n) => {
+                        latencies.push(begun.elapsed());
+                        bytes.fetch_add(n, Ordering::Relaxed);
+                    }
+                    Err(e) => {
+                        eprintln!("request: {e}");
+                        errors.fetch_add(1, Ordering::Relaxed);
+                        connection = None;
+                    }
+                }
+            }
+            latencies
+        }));
+    }
+    let mut latencies = Vec::new();
+    for worker in workers {
+        latencies.extend(worker.await.unwrap());
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    latencies.sort();
+    let pct = |p: f64| latencies.get(((latencies.len() as f64 * p) as usize).min(latencies.len().saturating_sub(1)));
+    let ms = |d: Option<&Duration>| d.map_or(f64::NAN, |d| d.as_secs_f64() * 1e3);
+    // One machine-readable line: requests/s MB/s p50_ms p99_ms errors
+    println!(
+        "{:.0} {:.0} {:.2} {:.2} {}",
+        latencies.len() as f64 / elapsed,
+        bytes.load(Ordering::Relaxed) as f64 / elapsed / 1e6,
+        ms(pct(0.50)),
+        ms(pct(0.99)),
+        errors.load(Ordering::Relaxed)
+    );
+}
+
+async fn fanout(address: &str, tls: &ClientTls, path: &str, clients: usize) {
+    let client = Client::Grpc { address: address.to_owned(), tls: tls.clone() };
+    let client = Arc::new(client);
+    let started = Instant::now();
+    let calls: Vec<_> = (0..clients)
+        .map(|_| {
+            let (client, path, address) = (client.clone(), path.to_owned(), address.to_owned());
+            tokio::spawn(async move { client.connect().await?.get(&path, &address).await })
+        })
+        .collect();
+    let mut failed = 0;
+    for call in calls {
+        if let Err(e) = call.await.unwrap() {
+            failed += 1;
+            eprintln!("fan-out call: {e}");
+        }
+    }
+    // Machine-readable: milliseconds failures
+    println!("{:.0} {failed}", started.elapsed().as_secs_f64() * 1e3);
+}
+
+async fn queries(address: &str, ca: Vec<u8>, token: &str, paths: &Path) {
+    let mut client = central_probes::admin_client::connect(address, ca, token, Duration::from_secs(5)).unwrap();
+    let paths: Vec<String> = std::fs::read_to_string(paths).unwrap().lines().map(String::from).collect();
+    let started = Instant::now();
+    let found = client.get_existing_probes(GetExistingProbesRequest { paths: paths.clone() }).await.unwrap();
+    let existing_ms = started.elapsed().as_secs_f64() * 1e3;
+    let started = Instant::now();
+    let page = client.list_probes(ListProbesRequest { page_size: 1000, ..Default::default() }).await.unwrap();
+    let list_ms = started.elapsed().as_secs_f64() * 1e3;
+    // Machine-readable: asked found existing_ms page_len list_ms
+    println!(
+        "{} {} {existing_ms:.1} {} {list_ms:.1}",
+        paths.len(),
+        found.into_inner().probes.len(),
+        page.into_inner().probes.len()
+    );
+}
+
+async fn fill(data_dir: &Path, probes: usize, module_versions: usize, paths_out: &Path) {
+    use central_probes::store::ProbeStore;
+    use central_probes::store::filesystem::{FilesystemStore, FilesystemStoreConfig};
+    let store = FilesystemStore::open(&FilesystemStoreConfig { data_dir: data_dir.to_owned(), min_free_bytes: 0 })
+        .unwrap();
+    let per_version = probes.div_ceil(module_versions);
+    let mut first_version = Vec::new();
+    let mut pending = Vec::new();
+    for i in 0..probes {
+        let version = format!("2.{}.0", i / per_version);
+        let path = format!("{version}/collector-ebpf-5.{}.{}-{}-generic.o.gz", i % 20, i % 7, i);
+        if i < per_version {
+            first_version.push(path.clone());
+        }
+        // Small probes: start-up cost depends on the number of files.
+        let bytes = Bytes::from(format!("probe {i}").repeat(20));
+        let mut writer =
+            store.create(probe_api::names::ProbePath::parse(&path).unwrap(), bytes.len() as u64).await.unwrap();
+        let digest = probe_api::digest::Sha256Digest::of(&bytes);
+        writer.write(bytes).await.unwrap();
+        pending.push(writer.finish(digest, false).await.unwrap());
+        if pending.len() >= 64 {
+            for commit in pending.drain(..) {
+                commit.await.unwrap();
+            }
+        }
+    }
+    for commit in pending {
+        commit.await.unwrap();
+    }
+    std::fs::write(paths_out, first_version.join("\n")).unwrap();
+    println!("stored {probes} probes in {module_versions} module versions");
+}

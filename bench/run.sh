@@ -1,0 +1,247 @@
+#!/usr/bin/env bash
+# The benchmark suite, one command (not part of CI): bench/run.sh
+#
+# Measures, in one run on this machine, side by side:
+#   1. upload: central-probes upload vs sha256sum + cp + sync of the same
+#      package (the local floor) vs nginx receiving it over HTTPS with mutual
+#      TLS (curl -T); then the re-upload of the unchanged package;
+#   2. serving: Central's GetProbe vs nginx serving the same files over
+#      HTTP/2, both over mutual TLS, driven by one harness (probe-bench) at
+#      concurrency 1, 16, 64, 256, long-lived and new-per-request connections;
+#   3. fan-out: 1,000 concurrent GetProbe calls for a probe only the upstream has;
+#   4. scale: a store of 100,000 probes: start-up time and RSS,
+#      GetExistingProbes for 16,000 names, a ListProbes page;
+#   5. Collector start: collector-client get-probe served by Central.
+# Results: bench/work/results.md. Settings: SECONDS_PER_RUN (default 5),
+# SCALE_PROBES (default 100000).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/common.sh
+BIN=target/release
+WORK=$(pwd)/bench/work
+SECONDS_PER_RUN=${SECONDS_PER_RUN:-5}
+SCALE_PROBES=${SCALE_PROBES:-100000}
+mkdir -p "$WORK"
+RESULTS="$WORK/results.md"
+
+for tool in nginx curl /usr/bin/time; do
+  command -v "$tool" >/dev/null || need_install=1
+done
+if [ -n "${need_install:-}" ]; then
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx curl time >/dev/null
+fi
+cargo build --release --quiet -p central-probes -p collector-client -p probe-bench
+
+PIDS=()
+cleanup() {
+  kill "${PIDS[@]}" 2>/dev/null || true
+  [ -f "$WORK/nginx/nginx.pid" ] && kill "$(cat "$WORK/nginx/nginx.pid")" 2>/dev/null || true
+  wait 2>/dev/null || true
+}
+trap cleanup EXIT
+
+PACKAGE="$WORK/support-pkg-2.5.0-bench.zip"
+if [ ! -f "$PACKAGE" ]; then
+  kernel_list "$WORK/kernels.txt"
+  "$BIN/make-package" --out "$PACKAGE" --kernels "$WORK/kernels.txt" --kernel-modules
+fi
+SIZE=$(stat -c %s "$PACKAGE")
+rm -rf "$WORK/pki" "$WORK/data" "$WORK/nginx" "$WORK/copy.zip"
+"$BIN/central-probes" pki init --out "$WORK/pki" >/dev/null
+PKI=$WORK/pki
+TLS=(--ca "$PKI/ca.pem" --cert "$PKI/collector.pem" --key "$PKI/collector-key.pem")
+
+secs() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", b - a }'; }
+now() { date +%s.%N; }
+mbps() { awk -v b="$1" -v s="$2" 'BEGIN { printf "%.0f", b / s / 1e6 }'; }
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2fx", a / b }'; }
+cpu_of() { awk '{ printf "%.2f", ($14 + $15) / 100 }' "/proc/$1/stat"; }
+hwm_mib() { awk '/VmHWM/ { printf "%d", $2 / 1024 }' "/proc/$1/status"; }
+
+{
+  echo "# Benchmark results"
+  echo
+  echo "$(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores, $(awk '/MemTotal/ {printf "%d GiB", $2/1048576}' /proc/meminfo),"
+  echo "$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), SHA-NI: $(grep -qw sha_ni /proc/cpuinfo && echo yes || echo no),"
+  echo "package $((SIZE / 1048576)) MiB with 16,256 probes; ${SECONDS_PER_RUN} s per serving run."
+} >"$RESULTS"
+
+# ---------------------------------------------------------------- 1. upload
+echo "== 1. upload"
+sha256sum "$PACKAGE" >/dev/null
+t0=$(now); sha256sum "$PACKAGE" >/dev/null; sha_s=$(secs "$t0" "$(now)")
+sync; t0=$(now); cp "$PACKAGE" "$WORK/copy.zip" && sync; cp_s=$(secs "$t0" "$(now)"); rm -f "$WORK/copy.zip"; sync
+
+export ROX_API_TOKEN
+ROX_API_TOKEN=$("$BIN/central-probes" token create --data-dir "$WORK/data" --role admin --name bench 2>/dev/null)
+start_central "$WORK/data" "$PKI" --metrics-listen 127.0.0.1:0
+PIDS+=("$CENTRAL_PID"); MAIN_PID=$CENTRAL_PID; MAIN_ADDR=$CENTRAL_ADDR
+c0=$(cpu_of "$MAIN_PID")
+/usr/bin/time -f "%e %M %U %S" -o "$WORK/time.txt" "$BIN/central-probes" upload "$PACKAGE" -e "$MAIN_ADDR" \
+  --ca "$PKI/ca.pem" >"$WORK/upload.out" 2>"$WORK/upload.err"
+read -r up_s up_rss up_u up_s2 <"$WORK/time.txt"
+central_cpu=$(secs "$c0" "$(cpu_of "$MAIN_PID")"); central_rss=$(hwm_mib "$MAIN_PID")
+/usr/bin/time -f "%e %M" -o "$WORK/time2.txt" "$BIN/central-probes" upload "$PACKAGE" -e "$MAIN_ADDR" \
+  --ca "$PKI/ca.pem" >"$WORK/reupload.out" 2>"$WORK/reupload.err"
+read -r re_s re_rss <"$WORK/time2.txt"
+grep -q "Nothing to do" "$WORK/reupload.out" && re_bytes=0 || re_bytes="see $WORK/reupload.out"
+
+# nginx: static files for serving, WebDAV PUT for the upload, mutual TLS, HTTP/2.
+mkdir -p "$WORK/nginx"/{body,upload,tmp}
+NGINX_PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+"$BIN/probe-bench" extract --package "$PACKAGE" --out "$WORK/files" >/dev/null
+cat >"$WORK/nginx/nginx.conf" <<CONF
+user root;
+worker_processes $(nproc);
+pid $WORK/nginx/nginx.pid;
+error_log $WORK/nginx/error.log warn;
+events { worker_connections 8192; }
+http {
+  access_log off;
+  sendfile on;
+  tcp_nodelay on;
+  keepalive_requests 1000000;
+  client_body_temp_path $WORK/nginx/body;
+  proxy_temp_path $WORK/nginx/tmp; fastcgi_temp_path $WORK/nginx/tmp;
+  uwsgi_temp_path $WORK/nginx/tmp; scgi_temp_path $WORK/nginx/tmp;
+  server {
+    listen 127.0.0.1:$NGINX_PORT ssl http2;
+    ssl_certificate $PKI/server.pem;
+    ssl_certificate_key $PKI/server-key.pem;
+    ssl_client_certificate $PKI/ca.pem;
+    ssl_verify_client on;
+    ssl_protocols TLSv1.3;
+    location /upload/ {
+      root $WORK/nginx;
+      dav_methods PUT;
+      client_max_body_size 0;
+    }
+    location / { root $WORK/files; }
+  }
+}
+CONF
+nginx -c "$WORK/nginx/nginx.conf" -e "$WORK/nginx/error.log"
+sleep 0.5
+NGINX_WORKERS=$(pgrep -P "$(cat "$WORK/nginx/nginx.pid")" | tr '\n' ' ')
+nginx_cpu() { local t=0; for w in $NGINX_WORKERS; do t=$(awk -v a="$t" -v b="$(cpu_of "$w")" 'BEGIN { print a + b }'); done; echo "$t"; }
+n0=0; for w in $NGINX_WORKERS; do n0=$(awk -v a="$n0" -v b="$(cpu_of "$w")" 'BEGIN { print a + b }'); done
+/usr/bin/time -f "%e %M %U %S" -o "$WORK/time3.txt" curl -sS --fail -T "$PACKAGE" "${TLS[@]/#--ca/--cacert}" \
+  "https://127.0.0.1:$NGINX_PORT/upload/pkg.zip" -o /dev/null
+read -r ng_s curl_rss curl_u curl_s <"$WORK/time3.txt"
+n1=0; nginx_rss=0
+for w in $NGINX_WORKERS; do
+  n1=$(awk -v a="$n1" -v b="$(cpu_of "$w")" 'BEGIN { print a + b }')
+  nginx_rss=$((nginx_rss + $(hwm_mib "$w")))
+done
+nginx_cpu=$(secs "$n0" "$n1")
+cmp -s "$PACKAGE" "$WORK/nginx/upload/pkg.zip" || echo "warning: nginx stored a different file" >&2
+
+{
+  echo
+  echo "## 1. Upload of the package"
+  echo
+  echo "| run | seconds | MB/s | vs nginx | vs cp + sync | peak RSS server / client (MiB) | CPU s server / client |"
+  echo "|---|---|---|---|---|---|---|"
+  echo "| sha256sum (local) | $sha_s | $(mbps "$SIZE" "$sha_s") | | | | |"
+  echo "| cp + sync (local floor) | $cp_s | $(mbps "$SIZE" "$cp_s") | | 1.00x | | |"
+  echo "| nginx PUT over HTTPS mTLS (curl -T), no fsync | $ng_s | $(mbps "$SIZE" "$ng_s") | 1.00x | $(ratio "$cp_s" "$ng_s") | $nginx_rss / $((curl_rss / 1024)) | $nginx_cpu / $(awk -v a="$curl_u" -v b="$curl_s" 'BEGIN{print a+b}') |"
+  echo "| central-probes upload, every probe verified and fsync'd | $up_s | $(mbps "$SIZE" "$up_s") | $(ratio "$ng_s" "$up_s") | $(ratio "$cp_s" "$up_s") | $central_rss / $((up_rss / 1024)) | $central_cpu / $(awk -v a="$up_u" -v b="$up_s2" 'BEGIN{print a+b}') |"
+  echo "| re-upload, unchanged package | $re_s | | | | - / $((re_rss / 1024)) | |"
+  echo
+  echo "Re-upload: probe bytes sent: $re_bytes; time $(awk -v a="$re_s" -v b="$up_s" 'BEGIN { printf "%.2f", a / b }') of the first upload."
+} >>"$RESULTS"
+
+# --------------------------------------------------------------- 2. serving
+echo "== 2. serving"
+(cd "$WORK/files" && find . -type f | sed "s|^\./||" | sort) >"$WORK/paths.txt"
+{
+  echo
+  echo "## 2. Serving the probes (random picks over $(wc -l <"$WORK/paths.txt") files, mutual TLS)"
+  echo
+  echo "| connections | concurrency | Central req/s | nginx req/s | ratio | Central MB/s | nginx MB/s | Central p50 / p99 ms | nginx p50 / p99 ms | server CPU µs/request C / n | errors C / n |"
+  echo "|---|---|---|---|---|---|---|---|---|---|---|"
+} >>"$RESULTS"
+for mode in long-lived new-per-request; do
+  flag=(); [ "$mode" = new-per-request ] && flag=(--new-connection-per-request)
+  for c in 1 16 64 256; do
+    c0=$(cpu_of "$MAIN_PID")
+    g=$("$BIN/probe-bench" load --protocol grpc --address "$MAIN_ADDR" "${TLS[@]}" --paths "$WORK/paths.txt" \
+      --concurrency "$c" --seconds "$SECONDS_PER_RUN" "${flag[@]}" 2>>"$WORK/load.err")
+    g_cpu=$(secs "$c0" "$(cpu_of "$MAIN_PID")")
+    n0=$(nginx_cpu)
+    h=$("$BIN/probe-bench" load --protocol https --address "127.0.0.1:$NGINX_PORT" "${TLS[@]}" --paths "$WORK/paths.txt" \
+      --concurrency "$c" --seconds "$SECONDS_PER_RUN" "${flag[@]}" 2>>"$WORK/load.err")
+    h_cpu=$(secs "$n0" "$(nginx_cpu)")
+    read -r g_rps g_mbs g_p50 g_p99 g_err <<<"$g"
+    read -r h_rps h_mbs h_p50 h_p99 h_err <<<"$h"
+    per_request() { awk -v c="$1" -v r="$2" -v s="$SECONDS_PER_RUN" 'BEGIN { printf "%.0f", c / (r * s) * 1e6 }'; }
+    echo "| $mode | $c | $g_rps | $h_rps | $(ratio "$g_rps" "$h_rps") | $g_mbs | $h_mbs | $g_p50 / $g_p99 | $h_p50 / $h_p99 | $(per_request "$g_cpu" "$g_rps") / $(per_request "$h_cpu" "$h_rps") | $g_err / $h_err |" >>"$RESULTS"
+    echo "$mode c=$c grpc: $g | nginx: $h"
+  done
+done
+
+# --------------------------------------------------------------- 3. fan-out
+echo "== 3. fan-out"
+"$BIN/central-probes" token create --data-dir "$WORK/upstream" --role admin --name bench >"$WORK/upstream.token" 2>/dev/null
+start_central "$WORK/upstream" "$PKI" --allow-anonymous-reads --metrics-listen 127.0.0.1:0
+PIDS+=("$CENTRAL_PID"); UP_ADDR=$CENTRAL_ADDR
+UP_METRICS=$(sed -n 's|.*metrics on http://\([0-9.:]*\)/metrics.*|\1|p' "$WORK/upstream.log" | head -n 1)
+"$BIN/make-package" --out "$WORK/one.zip" --kernels <(echo "6.1.0-99-cloud-amd64") >/dev/null
+ROX_API_TOKEN=$(cat "$WORK/upstream.token") "$BIN/central-probes" upload "$WORK/one.zip" -e "$UP_ADDR" \
+  --ca "$PKI/ca.pem" >/dev/null 2>&1
+"$BIN/central-probes" token create --data-dir "$WORK/middle" --role view --name bench >/dev/null 2>&1
+start_central "$WORK/middle" "$PKI" --upstream "https://$UP_ADDR" --upstream-ca "$PKI/ca.pem"
+PIDS+=("$CENTRAL_PID")
+read -r fan_ms fan_failed <<<"$("$BIN/probe-bench" fanout --address "$CENTRAL_ADDR" "${TLS[@]}" \
+  --path "2.5.0/collector-ebpf-6.1.0-99-cloud-amd64.o.gz" --clients 1000 2>>"$WORK/load.err")"
+up_requests=$(curl -s "http://$UP_METRICS/metrics" | awk '/^central_probes_requests_total\{rpc="GetProbe"/ { n += $2 } END { print n + 0 }')
+{
+  echo
+  echo "## 3. Fan-out"
+  echo
+  echo "1,000 concurrent GetProbe calls (each on a new connection) for a probe only the upstream has:"
+  echo "all served in $fan_ms ms, $fan_failed failed; upstream requests: $up_requests."
+} >>"$RESULTS"
+
+# ----------------------------------------------------------------- 4. scale
+echo "== 4. scale ($SCALE_PROBES probes)"
+rm -rf "$WORK/scale"
+"$BIN/probe-bench" fill --data-dir "$WORK/scale" --probes "$SCALE_PROBES" --paths-out "$WORK/scale-paths.txt" >/dev/null
+head -n 16000 "$WORK/scale-paths.txt" >"$WORK/scale-16k.txt"
+SCALE_TOKEN=$("$BIN/central-probes" token create --data-dir "$WORK/scale" --role view --name bench 2>/dev/null)
+sync; echo 3 >/proc/sys/vm/drop_caches 2>/dev/null || true
+t0=$(now)
+start_central "$WORK/scale" "$PKI"
+start_s=$(secs "$t0" "$(now)")
+PIDS+=("$CENTRAL_PID")
+scale_rss=$(hwm_mib "$CENTRAL_PID")
+read -r asked found existing_ms page list_ms <<<"$("$BIN/probe-bench" queries --address "$CENTRAL_ADDR" \
+  --ca "$PKI/ca.pem" --token "$SCALE_TOKEN" --paths "$WORK/scale-16k.txt")"
+{
+  echo
+  echo "## 4. Scale"
+  echo
+  echo "A store of $SCALE_PROBES probes in 6 module versions (cold page cache where the machine allows):"
+  echo "start-up to listening $start_s s, RSS after start-up $scale_rss MiB;"
+  echo "GetExistingProbes for $asked names ($found found) $existing_ms ms; a ListProbes page of $page $list_ms ms."
+} >>"$RESULTS"
+
+# ------------------------------------------------------- 5. Collector start
+echo "== 5. collector start"
+KERNEL=$(sed -n 5p "$WORK/kernels.txt")
+times=()
+for _ in $(seq 1 20); do
+  t0=$(now)
+  "$BIN/collector-client" get-probe --module-version 2.5.0 --kernel "$KERNEL" --central "$MAIN_ADDR" \
+    "${TLS[@]}" --out "$WORK/probe.o" >/dev/null 2>&1
+  times+=("$(awk -v a="$t0" -v b="$(now)" 'BEGIN { printf "%.1f", (b - a) * 1000 }')")
+done
+median=$(printf '%s\n' "${times[@]}" | sort -n | sed -n 10p)
+{
+  echo
+  echo "## 5. Collector start"
+  echo
+  echo "collector-client get-probe served by Central, process start to probe written: median of 20 runs $median ms."
+} >>"$RESULTS"
+echo "results in $RESULTS"
+cat "$RESULTS"
