@@ -46,7 +46,7 @@ if [ ! -f "$PACKAGE" ]; then
   "$BIN/make-package" --out "$PACKAGE" --kernels "$WORK/kernels.txt" --kernel-modules
 fi
 SIZE=$(stat -c %s "$PACKAGE")
-rm -rf "$WORK/pki" "$WORK/data" "$WORK/nginx" "$WORK/copy.zip"
+rm -rf "$WORK"/{pki,data,nginx,upstream,middle,scale,copy.zip,files} "$WORK"/*.log
 "$BIN/central-probes" pki init --out "$WORK/pki" >/dev/null
 PKI=$WORK/pki
 TLS=(--ca "$PKI/ca.pem" --cert "$PKI/collector.pem" --key "$PKI/collector-key.pem")

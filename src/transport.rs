@@ -43,9 +43,8 @@ pub fn endpoint(address: &str, tls: &ClientTls, connect_timeout: Duration) -> Re
         .connect_timeout(connect_timeout)
         .tcp_nodelay(true)
         .initial_stream_window_size(STREAM_WINDOW)
-                .initial_connection_window_size(CONNECTION_WINDOW);
+        .initial_connection_window_size(CONNECTION_WINDOW);
     Ok(endpoint)
-
 }
 
 /// The host of `host:port` or `[v6]:port`, without brackets.

@@ -146,7 +146,8 @@ async fn conflicting_files_are_kept_without_overwrite_and_replaced_with_it() {
     assert!(ok, "a conflict is a warning, not a failure: {stderr}");
     assert!(stderr.contains("10 files differ from the ones in Central and were not overwritten"), "{stderr}");
     assert!(stderr.contains("--overwrite"), "{stderr}");
-    assert!(stdout.contains("Nothing to do"), "{stdout}");
+    assert!(stdout.contains("Nothing uploaded: 0 probe files are already in Central, 10 differ"), "{stdout}");
+
     let path = &original.probe_paths()[3];
     assert_eq!(fetch(&central, &pki, path).await, original.probe_bytes(path));
 

@@ -373,10 +373,15 @@ fn print_report(report: &UploadReport) {
         );
     }
     match &report.response {
+        None if report.conflicts.is_empty() => {
+            println!("Nothing to do: all {} probe files are already in Central.", report.probes_in_package)
+        }
         None => println!(
-            "Nothing to do: all {} probe files are already in Central.",
-            report.probes_in_package - report.conflicts.len()
+            "Nothing uploaded: {} probe files are already in Central, {} differ from Central's.",
+            report.identical,
+            report.conflicts.len()
         ),
+
         Some(response) => {
             let seconds = report.elapsed.as_secs_f64().max(1e-3);
             println!(

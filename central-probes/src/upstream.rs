@@ -75,7 +75,8 @@ impl UpstreamSource {
         let channel = transport::channel(&config.address, &config.tls, config.connect_timeout)
             .map_err(|e| Error::invalid_argument(format!("upstream: {e}")))?;
         let client = ProbeServiceClient::new(channel);
-        let lru = Lru::from_listing(&cache)?;
+        let lru = Lru::of(&cache);
+
         info!(address = %config.address, cached = lru.by_path.len(), "upstream probe server configured");
         Ok(UpstreamSource {
             config,
@@ -249,12 +250,13 @@ struct Lru {
 }
 
 impl Lru {
-    fn from_listing(cache: &FilesystemStore) -> Result<Self> {
+    /// Everything the cache holds, in no particular recency.
+    fn of(cache: &FilesystemStore) -> Self {
         let mut lru = Lru::default();
         for (path, size) in cache.sizes() {
             lru.insert(path, size);
         }
-        Ok(lru)
+        lru
     }
 
     fn touch(&mut self, path: &ProbePath) {

@@ -183,7 +183,7 @@ impl Client {
     async fn connect(&self) -> Result<Connection, String> {
         match self {
             Client::Grpc { address, tls } => {
-                                // Connect now, so a per-request connection is timed in full.
+                // Connect now, so a per-request connection is timed in full.
                 let endpoint = transport::endpoint(address, tls, Duration::from_secs(5))?;
                 let channel = endpoint.connect().await.map_err(|e| e.to_string())?;
                 Ok(Connection::Grpc(ProbeServiceClient::new(channel)))
@@ -209,8 +209,6 @@ impl Client {
         }
     }
 }
-
-
 
 impl Connection {
     /// Fetches one probe; returns its size.
@@ -356,8 +354,8 @@ async fn queries(address: &str, ca: Vec<u8>, token: &str, paths: &Path) {
 async fn fill(data_dir: &Path, probes: usize, module_versions: usize, paths_out: &Path) {
     use central_probes::store::ProbeStore;
     use central_probes::store::filesystem::{FilesystemStore, FilesystemStoreConfig};
-    let store = FilesystemStore::open(&FilesystemStoreConfig { data_dir: data_dir.to_owned(), min_free_bytes: 0 })
-        .unwrap();
+    let store =
+        FilesystemStore::open(&FilesystemStoreConfig { data_dir: data_dir.to_owned(), min_free_bytes: 0 }).unwrap();
     let per_version = probes.div_ceil(module_versions);
     let mut first_version = Vec::new();
     let mut pending = Vec::new();

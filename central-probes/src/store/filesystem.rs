@@ -474,14 +474,12 @@ impl ProbeStore for FilesystemStore {
         if self.inner.entry(path).is_none() {
             return Ok(None);
         }
-                        // Opened and first chunk read on the calling thread, as nginx does:
+        // Opened and first chunk read on the calling thread, as nginx does:
         // a probe is usually one chunk and in the page cache, and a hop to a
         // blocking thread cost a third of the requests/s of one client.
         let file_path = self.inner.final_path(path);
         open_probe(path.clone(), &file_path)
     }
-
-
 
     async fn remove(&self, path: &ProbePath) -> Result<bool> {
         let inner = self.inner.clone();
