@@ -32,9 +32,9 @@ if [ -n "${need_install:-}" ]; then
 fi
 cargo build --release --quiet -p central-probes -p collector-client -p probe-bench
 
-PIDS=()
 cleanup() {
-  kill "${PIDS[@]}" 2>/dev/null || true
+  # Every server this script started, also one whose start failed midway.
+  kill $(jobs -p) 2>/dev/null || true
   [ -f "$WORK/nginx/nginx.pid" ] && kill "$(cat "$WORK/nginx/nginx.pid")" 2>/dev/null || true
   wait 2>/dev/null || true
 }
@@ -75,7 +75,7 @@ sync; t0=$(now); cp "$PACKAGE" "$WORK/copy.zip" && sync; cp_s=$(secs "$t0" "$(no
 export ROX_API_TOKEN
 ROX_API_TOKEN=$("$BIN/central-probes" token create --data-dir "$WORK/data" --role admin --name bench 2>/dev/null)
 start_central "$WORK/data" "$PKI" --metrics-listen 127.0.0.1:0
-PIDS+=("$CENTRAL_PID"); MAIN_PID=$CENTRAL_PID; MAIN_ADDR=$CENTRAL_ADDR
+MAIN_PID=$CENTRAL_PID; MAIN_ADDR=$CENTRAL_ADDR
 c0=$(cpu_of "$MAIN_PID")
 /usr/bin/time -f "%e %M %U %S" -o "$WORK/time.txt" "$BIN/central-probes" upload "$PACKAGE" -e "$MAIN_ADDR" \
   --ca "$PKI/ca.pem" >"$WORK/upload.out" 2>"$WORK/upload.err"
@@ -184,14 +184,13 @@ done
 echo "== 3. fan-out"
 "$BIN/central-probes" token create --data-dir "$WORK/upstream" --role admin --name bench >"$WORK/upstream.token" 2>/dev/null
 start_central "$WORK/upstream" "$PKI" --allow-anonymous-reads --metrics-listen 127.0.0.1:0
-PIDS+=("$CENTRAL_PID"); UP_ADDR=$CENTRAL_ADDR
+UP_ADDR=$CENTRAL_ADDR
 UP_METRICS=$(sed -n 's|.*metrics on http://\([0-9.:]*\)/metrics.*|\1|p' "$WORK/upstream.log" | head -n 1)
 "$BIN/make-package" --out "$WORK/one.zip" --kernels <(echo "6.1.0-99-cloud-amd64") >/dev/null
 ROX_API_TOKEN=$(cat "$WORK/upstream.token") "$BIN/central-probes" upload "$WORK/one.zip" -e "$UP_ADDR" \
   --ca "$PKI/ca.pem" >/dev/null 2>&1
 "$BIN/central-probes" token create --data-dir "$WORK/middle" --role view --name bench >/dev/null 2>&1
 start_central "$WORK/middle" "$PKI" --upstream "https://$UP_ADDR" --upstream-ca "$PKI/ca.pem"
-PIDS+=("$CENTRAL_PID")
 read -r fan_ms fan_failed <<<"$("$BIN/probe-bench" fanout --address "$CENTRAL_ADDR" "${TLS[@]}" \
   --path "2.5.0/collector-ebpf-6.1.0-99-cloud-amd64.o.gz" --clients 1000 2>>"$WORK/load.err")"
 up_requests=$(curl -s "http://$UP_METRICS/metrics" | awk '/^central_probes_requests_total\{rpc="GetProbe"/ { n += $2 } END { print n + 0 }')
@@ -213,7 +212,6 @@ sync; echo 3 >/proc/sys/vm/drop_caches 2>/dev/null || true
 t0=$(now)
 start_central "$WORK/scale" "$PKI"
 start_s=$(secs "$t0" "$(now)")
-PIDS+=("$CENTRAL_PID")
 scale_rss=$(hwm_mib "$CENTRAL_PID")
 read -r asked found existing_ms page list_ms <<<"$("$BIN/probe-bench" queries --address "$CENTRAL_ADDR" \
   --ca "$PKI/ca.pem" --token "$SCALE_TOKEN" --paths "$WORK/scale-16k.txt")"

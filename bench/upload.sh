@@ -38,7 +38,7 @@ start=$(now); cp "$PACKAGE" "$WORK/copy.zip" && sync; cp_s=$(awk -v a="$start" -
 rm -f "$WORK/copy.zip"; sync
 
 start_central "$WORK/data" "$WORK/pki" --min-free-space 1GiB
-trap 'kill "$CENTRAL_PID" 2>/dev/null; wait 2>/dev/null || true' EXIT
+trap 'kill $(jobs -p) 2>/dev/null; wait 2>/dev/null || true' EXIT
 cpu_before=$(cpu_seconds "$CENTRAL_PID")
 
 upload() {

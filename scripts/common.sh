@@ -17,8 +17,10 @@ kernel_list() {
 # start_central DATA_DIR PKI_DIR [serve flags...]
 # Starts Central on 127.0.0.1:0 and sets CENTRAL_PID and CENTRAL_ADDR.
 start_central() {
-  local data=$1 pki=$2
+    local data=$1 pki=$2
   shift 2
+  : >"$data.log"
+
   "$BIN/central-probes" serve --listen 127.0.0.1:0 --data-dir "$data" \
     --tls-cert "$pki/server.pem" --tls-key "$pki/server-key.pem" --client-ca "$pki/ca.pem" "$@" \
     >"$data.log" 2>&1 &

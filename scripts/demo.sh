@@ -14,8 +14,7 @@ echo "== building"
 cargo build --quiet --bins
 WORK=${DEMO_DIR:-$(mktemp -d)}
 mkdir -p "$WORK"
-PIDS=()
-trap 'kill "${PIDS[@]}" 2>/dev/null; wait 2>/dev/null || true' EXIT
+trap 'kill $(jobs -p) 2>/dev/null; wait 2>/dev/null || true' EXIT
 
 echo "== certificates (development CA, servers, a Collector) in $WORK/pki"
 "$BIN/central-probes" pki init --out "$WORK/pki"
@@ -25,7 +24,6 @@ kernel() { sed -n "${1}p" "$WORK/kernels.txt"; }
 echo "== the upstream probe server (anonymous reads), holding probes of kernels 1-40"
 UPSTREAM_TOKEN=$("$BIN/central-probes" token create --data-dir "$WORK/upstream" --role admin --name demo 2>/dev/null)
 start_central "$WORK/upstream" "$WORK/pki" --allow-anonymous-reads
-PIDS+=("$CENTRAL_PID")
 UPSTREAM_ADDR=$CENTRAL_ADDR
 "$BIN/make-package" --out "$WORK/upstream-pkg.zip" --kernels "$WORK/kernels.txt" --limit 40
 ROX_API_TOKEN=$UPSTREAM_TOKEN "$BIN/central-probes" upload "$WORK/upstream-pkg.zip" -e "$UPSTREAM_ADDR" \
@@ -35,7 +33,6 @@ echo "== Central, with the upstream at $UPSTREAM_ADDR behind it"
 export ROX_API_TOKEN
 ROX_API_TOKEN=$("$BIN/central-probes" token create --data-dir "$WORK/data" --role admin --name demo-admin 2>/dev/null)
 start_central "$WORK/data" "$WORK/pki" --upstream "https://$UPSTREAM_ADDR" --upstream-ca "$WORK/pki/ca.pem"
-PIDS+=("$CENTRAL_PID")
 export ROX_CENTRAL_ADDRESS=$CENTRAL_ADDR
 echo "Central listening on $CENTRAL_ADDR (log: $WORK/data.log)"
 

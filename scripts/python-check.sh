@@ -9,7 +9,7 @@ source scripts/common.sh
 PYTHON=${PYTHON:-.venv/bin/python}
 
 WORK=$(mktemp -d)
-trap '[ -n "${CENTRAL_PID:-}" ] && kill "$CENTRAL_PID" 2>/dev/null; wait 2>/dev/null || true; rm -rf "$WORK"' EXIT
+trap 'kill $(jobs -p) 2>/dev/null; wait 2>/dev/null || true; rm -rf "$WORK"' EXIT
 
 mkdir -p "$WORK/stubs"
 "$PYTHON" -m grpc_tools.protoc -Iproto --python_out="$WORK/stubs" --grpc_python_out="$WORK/stubs" \
