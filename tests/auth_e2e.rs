@@ -150,3 +150,117 @@ async fn health_and_reflection_answer_anyone_over_tls() {
     }
     central.stop().await;
 }
+
+/// What a caller gets from an RPC in the auth matrix.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Expect {
+    Ok,
+    Code(Code),
+    /// Refused by TLS before any RPC runs: the call fails at transport level.
+    Refused,
+}
+
+use Expect::{Code as C, Ok as Served, Refused};
+
+/// Callers, and what each RPC gives them:
+/// GetProbe, GetExistingProbes, UploadProbes, ListProbes.
+const AUTH_MATRIX: &[(&str, [Expect; 4])] = &[
+    ("plain TCP, no TLS", [Refused, Refused, Refused, Refused]),
+    ("TLS, no client certificate", [C(Code::Unauthenticated); 4]),
+    ("client certificate from another CA", [Refused, Refused, Refused, Refused]),
+    ("expired client certificate", [Refused, Refused, Refused, Refused]),
+    (
+        "Collector certificate",
+        [Served, C(Code::Unauthenticated), C(Code::Unauthenticated), C(Code::Unauthenticated)],
+    ),
+    ("view token", [C(Code::Unauthenticated), Served, C(Code::PermissionDenied), Served]),
+    ("admin token", [C(Code::Unauthenticated), Served, Served, Served]),
+    ("malformed token", [C(Code::Unauthenticated); 4]),
+    ("empty token", [C(Code::Unauthenticated); 4]),
+    ("revoked token", [C(Code::Unauthenticated); 4]),
+];
+
+fn classify(result: Result<(), tonic::Status>) -> Expect {
+    match result {
+        Ok(()) => Expect::Ok,
+        // TLS refusals surface as transport failures of the first call.
+        Err(status)
+            if matches!(status.code(), Code::Unavailable | Code::Unknown | Code::Cancelled)
+                && (status.message().contains("transport error")
+                    || status.message().contains("operation was canceled")
+                    || status.message().contains("tls")
+                    || status.message().contains("connection")) =>
+        {
+            Expect::Refused
+        }
+        Err(status) => Expect::Code(status.code()),
+    }
+}
+
+async fn call_all(channel: tonic::transport::Channel, authorization: Option<&str>) -> [Expect; 4] {
+    use probe_api::v1::probe_service_client::ProbeServiceClient;
+    use probe_api::v1::probe_upload_service_client::ProbeUploadServiceClient;
+    let with_token = |mut request: tonic::Request<()>| {
+        if let Some(value) = authorization {
+            request.metadata_mut().insert("authorization", value.parse().unwrap());
+        }
+        Ok(request)
+    };
+    let mut collector = ProbeServiceClient::new(channel.clone());
+    let mut admin = ProbeUploadServiceClient::with_interceptor(channel, with_token);
+    let get_probe = async {
+        let request = probe_api::v1::GetProbeRequest {
+            module_version: PROBE.0.into(),
+            file_name: PROBE.1.into(),
+        };
+        let mut stream = collector.get_probe(request).await?.into_inner();
+        while stream.message().await?.is_some() {}
+        Ok(())
+    }
+    .await;
+    let existing = admin
+        .get_existing_probes(GetExistingProbesRequest { paths: vec![format!("{}/{}", PROBE.0, PROBE.1)] })
+        .await
+        .map(drop);
+    let mut messages = vec![UploadProbesRequest { message: Some(Message::Options(UploadOptions::default())) }];
+    messages.extend(central_probes::upload_session::file_messages(&format!("{}/{}", PROBE.0, PROBE.1), b"probe", 2));
+    let upload = admin.upload_probes(tokio_stream::iter(messages)).await.map(drop);
+    let list = admin.list_probes(ListProbesRequest::default()).await.map(drop);
+    [classify(get_probe), classify(existing), classify(upload), classify(list)]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_caller_gets_the_expected_code_from_every_rpc() {
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let central = Central::start(&pki, dir.path()).await;
+    store_probe(&central, &pki).await;
+    let tokens = TokenFile::in_data_dir(dir.path());
+    let revoked = tokens.create(central_probes::auth::Role::Admin, "to-revoke").unwrap();
+    assert!(tokens.revoke("to-revoke").unwrap());
+    let expired = pki.ca.issue_expired_client("collector").unwrap();
+    let timeout = std::time::Duration::from_secs(5);
+    let tls = |identity| probe_api::transport::channel(&central.address, &pki.tls_with(identity), timeout).unwrap();
+
+    for (caller, expected) in AUTH_MATRIX {
+        let (channel, authorization) = match *caller {
+            "plain TCP, no TLS" => {
+                let plain = tonic::transport::Endpoint::from_shared(format!("http://{}", central.address)).unwrap();
+                (plain.connect_lazy(), None)
+            }
+            "TLS, no client certificate" => (tls(None), None),
+            "client certificate from another CA" => (tls(Some(&pki.foreign_collector)), None),
+            "expired client certificate" => (tls(Some(&expired)), None),
+            "Collector certificate" => (tls(Some(&pki.collector)), None),
+            "view token" => (tls(None), Some(format!("Bearer {}", central.view_token))),
+            "admin token" => (tls(None), Some(format!("Bearer {}", central.admin_token))),
+            "malformed token" => (tls(None), Some(format!("Token {}", central.admin_token))),
+            "empty token" => (tls(None), Some("Bearer ".to_owned())),
+            "revoked token" => (tls(None), Some(format!("Bearer {revoked}"))),
+            other => panic!("no caller {other}"),
+        };
+        let got = call_all(channel, authorization.as_deref()).await;
+        assert_eq!(&got, expected, "{caller}: GetProbe, GetExistingProbes, UploadProbes, ListProbes");
+    }
+    central.stop().await;
+}

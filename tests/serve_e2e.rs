@@ -8,7 +8,9 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use central_probes::synthetic::PackageSpec;
 use common::TestPki;
+
 use tonic::Code;
 
 /// A running `central-probes serve` and the address it logged.
@@ -49,6 +51,12 @@ fn serve(pki: &TestPki, data_dir: &Path, extra: &[&str]) -> Served {
 }
 
 impl Served {
+    /// kill -9: no chance to clean up.
+    fn kill(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
     /// Sends SIGTERM and waits for the exit status.
     fn terminate(mut self) -> (std::process::ExitStatus, Vec<String>) {
         // SAFETY: kill(2) with a child's pid and a valid signal number.
@@ -125,4 +133,166 @@ async fn with_an_upstream_configured_a_miss_goes_to_it() {
     assert!(upstream.accept().is_ok(), "Central did connect to the upstream");
     let (status, _) = served.terminate();
     assert!(status.success());
+}
+
+/// Every probe file visible in `data_dir` holds whole, verified content:
+/// its bytes hash to the digest in its header, and are what the package had.
+fn assert_every_visible_probe_is_whole(data_dir: &Path, spec: &PackageSpec) -> usize {
+    let mut count = 0;
+    let probes = data_dir.join("probes");
+    for module in std::fs::read_dir(&probes).into_iter().flatten() {
+        let module = module.unwrap().path();
+        for file in std::fs::read_dir(&module).unwrap() {
+            let file = file.unwrap().path();
+            let (digest, content) = central_probes::store::filesystem::read_probe_file(&file).unwrap();
+            assert_eq!(probe_api::digest::Sha256Digest::of(&content), digest, "{}", file.display());
+            let path = format!(
+                "{}/{}",
+                module.file_name().unwrap().to_str().unwrap(),
+                file.file_name().unwrap().to_str().unwrap()
+            );
+            assert_eq!(content, spec.probe_bytes(&path), "{path}");
+            count += 1;
+        }
+    }
+    count
+}
+
+fn tmp_files(data_dir: &Path) -> usize {
+    std::fs::read_dir(data_dir.join("tmp")).map(|d| d.count()).unwrap_or(0)
+}
+
+fn crash_spec() -> PackageSpec {
+    let kernels: Vec<String> = (0..40).map(|i| format!("5.{}.0-{i}-generic", i % 9)).collect();
+    let kernels: Vec<&str> = kernels.iter().map(String::as_str).collect();
+    PackageSpec { kernel_modules: true, size_divisor: 2, ..PackageSpec::new("2.5.0", &kernels) }
+}
+
+async fn stored_count(address: &str, pki: &TestPki, token: &str, spec: &PackageSpec) -> usize {
+    let mut admin =
+        central_probes::admin_client::connect(address, pki.ca.cert_pem.clone().into_bytes(), token, Duration::from_secs(5))
+            .unwrap();
+    let paths = spec.probe_paths();
+    match admin.get_existing_probes(probe_api::v1::GetExistingProbesRequest { paths }).await {
+        Ok(response) => response.into_inner().probes.len(),
+        Err(_) => 0,
+    }
+}
+
+fn start_upload(address: &str, pki: &TestPki, token: &str, package: &Path) -> tokio::task::JoinHandle<Result<usize, String>> {
+    let mut admin =
+        central_probes::admin_client::connect(address, pki.ca.cert_pem.clone().into_bytes(), token, Duration::from_secs(5))
+            .unwrap();
+    let request = central_probes::admin_client::UploadRequest { package: package.to_owned(), overwrite: false };
+    tokio::spawn(async move {
+        let report = central_probes::admin_client::upload(&mut admin, &request, |_| {
+            central_probes::progress::Progress::Silent
+        })
+        .await?;
+        Ok(report.files_sent)
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn central_killed_at_many_points_of_an_upload_keeps_only_whole_probes_and_resumes() {
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("data");
+    let token = central_probes::auth::TokenFile::in_data_dir(&data_dir)
+        .create(central_probes::auth::Role::Admin, "admin")
+        .unwrap();
+    let spec = crash_spec();
+    let package = dir.path().join("pkg.zip");
+    spec.write(&package).unwrap();
+    let total = spec.probe_paths().len();
+
+    // Kill points: before any commit, then after more and more commits,
+    // each time with the upload in full flow.
+    for kill_after in [0, 1, 3, 8, 15, 30, 50] {
+        let served = serve(&pki, &data_dir, &[]);
+        assert_eq!(tmp_files(&data_dir), 0, "start-up removed every leftover");
+        let before = assert_every_visible_probe_is_whole(&data_dir, &spec);
+        if before == total {
+            break;
+        }
+        let upload = start_upload(&served.address, &pki, &token, &package);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while stored_count(&served.address, &pki, &token, &spec).await < (before + kill_after).min(total)
+            && !upload.is_finished()
+            && Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        served.kill();
+        let _ = upload.await;
+        let after = assert_every_visible_probe_is_whole(&data_dir, &spec);
+        assert!(after >= before, "committed probes survive a crash ({before} -> {after})");
+    }
+
+    let served = serve(&pki, &data_dir, &[]);
+    assert_eq!(tmp_files(&data_dir), 0);
+    let already = assert_every_visible_probe_is_whole(&data_dir, &spec);
+    let sent = start_upload(&served.address, &pki, &token, &package).await.unwrap().unwrap();
+    assert_eq!(sent, total - already, "the rerun sends only what the crashes lost");
+    assert_eq!(assert_every_visible_probe_is_whole(&data_dir, &spec), total);
+    let (status, _) = served.terminate();
+    assert!(status.success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_during_an_upload_lets_it_finish_and_the_restart_is_clean() {
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("data");
+    let token = central_probes::auth::TokenFile::in_data_dir(&data_dir)
+        .create(central_probes::auth::Role::Admin, "admin")
+        .unwrap();
+    let spec = crash_spec();
+    let package = dir.path().join("pkg.zip");
+    spec.write(&package).unwrap();
+
+    let served = serve(&pki, &data_dir, &["--shutdown-grace", "30s"]);
+    let upload = start_upload(&served.address, &pki, &token, &package);
+    while stored_count(&served.address, &pki, &token, &spec).await < 2 && !upload.is_finished() {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let (status, log) = served.terminate();
+    assert!(status.success(), "{}", log.join("\n"));
+    let sent = upload.await.unwrap().expect("the upload in flight completes during the grace period");
+    assert_eq!(sent, spec.probe_paths().len());
+    assert_eq!(assert_every_visible_probe_is_whole(&data_dir, &spec), spec.probe_paths().len());
+
+    let served = serve(&pki, &data_dir, &[]);
+    assert_eq!(tmp_files(&data_dir), 0);
+    served.terminate();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_with_no_grace_abandons_the_file_in_flight_cleanly() {
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("data");
+    let token = central_probes::auth::TokenFile::in_data_dir(&data_dir)
+        .create(central_probes::auth::Role::Admin, "admin")
+        .unwrap();
+    let spec = crash_spec();
+    let package = dir.path().join("pkg.zip");
+    spec.write(&package).unwrap();
+
+    let served = serve(&pki, &data_dir, &["--shutdown-grace", "0s"]);
+    let upload = start_upload(&served.address, &pki, &token, &package);
+    while stored_count(&served.address, &pki, &token, &spec).await < 2 && !upload.is_finished() {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let (status, _) = served.terminate();
+    assert!(status.success());
+    let _ = upload.await;
+    assert_eq!(tmp_files(&data_dir), 0, "an abandoned file leaves nothing behind");
+    let kept = assert_every_visible_probe_is_whole(&data_dir, &spec);
+    assert!(kept >= 2);
+
+    let served = serve(&pki, &data_dir, &[]);
+    let sent = start_upload(&served.address, &pki, &token, &package).await.unwrap().unwrap();
+    assert_eq!(sent, spec.probe_paths().len() - kept);
+    served.terminate();
 }

@@ -321,3 +321,127 @@ async fn listing_pages_through_all_probes_and_filters_by_module_version() {
     assert!(admin_client::list_all(&mut admin, Some("latest")).await.is_err());
     central.stop().await;
 }
+
+/// Probes stored right now, read from the store's files and checked whole.
+fn whole_probes_on_disk(data_dir: &std::path::Path, spec: &PackageSpec) -> usize {
+    let mut count = 0;
+    for module in std::fs::read_dir(data_dir.join("probes")).into_iter().flatten() {
+        let module = module.unwrap().path();
+        for file in std::fs::read_dir(&module).unwrap() {
+            let file = file.unwrap().path();
+            let (digest, content) = central_probes::store::filesystem::read_probe_file(&file).unwrap();
+            assert_eq!(probe_api::digest::Sha256Digest::of(&content), digest);
+            let path =
+                format!("{}/{}", module.file_name().unwrap().to_str().unwrap(), file.file_name().unwrap().to_str().unwrap());
+            assert_eq!(content, spec.probe_bytes(&path));
+            count += 1;
+        }
+    }
+    count
+}
+
+async fn wait_for_no_tmp_files(central: &Central) {
+    for _ in 0..1000 {
+        if tmp_files(central) == 0 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("temporary files stayed behind");
+}
+
+async fn wait_for_stored(admin: &mut central_probes::admin_client::AdminClient, spec: &PackageSpec, at_least: usize) {
+    let ask = GetExistingProbesRequest { paths: spec.probe_paths() };
+    for _ in 0..2000 {
+        if admin.get_existing_probes(ask.clone()).await.unwrap().into_inner().probes.len() >= at_least {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    panic!("fewer than {at_least} probes were stored");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_uploader_leaves_whole_probes_only_and_the_rerun_completes() {
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let central = Central::start(&pki, &dir.path().join("data")).await;
+    let spec = PackageSpec { size_divisor: 2, ..spec(40, 0) };
+    let package = write(&spec, dir.path(), "pkg.zip");
+    let mut uploader = std::process::Command::new(env!("CARGO_BIN_EXE_central-probes"))
+        .args(["upload", &package, "-e", &central.address, "--ca", pki.ca_file().to_str().unwrap()])
+        .env("ROX_API_TOKEN", &central.admin_token)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut admin = central.admin(&pki, &central.admin_token);
+    wait_for_stored(&mut admin, &spec, 3).await;
+    uploader.kill().unwrap(); // SIGKILL
+    uploader.wait().unwrap();
+
+    wait_for_no_tmp_files(&central).await;
+    let kept = whole_probes_on_disk(&central.data_dir, &spec);
+    let request = UploadRequest { package: package.into(), overwrite: false };
+    let report = admin_client::upload(&mut admin, &request, |_| Progress::Silent).await.unwrap();
+    assert_eq!(report.files_sent, spec.probe_paths().len() - kept);
+    assert_eq!(whole_probes_on_disk(&central.data_dir, &spec), spec.probe_paths().len());
+    central.stop().await;
+}
+
+/// Forwards one connection to `target` and cuts it once `cut_after` bytes
+/// went from the client to the server.
+async fn cutting_proxy(target: String, cut_after: u64) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap().to_string();
+    tokio::spawn(async move {
+        let (client, _) = listener.accept().await.unwrap();
+        let server = tokio::net::TcpStream::connect(target).await.unwrap();
+        let (mut client_read, mut client_write) = client.into_split();
+        let (mut server_read, mut server_write) = server.into_split();
+        let back = tokio::spawn(async move { tokio::io::copy(&mut server_read, &mut client_write).await });
+        let mut forwarded = 0u64;
+        let mut buffer = vec![0u8; 16 << 10];
+        while forwarded < cut_after {
+            let n = client_read.read(&mut buffer).await.unwrap_or(0);
+            if n == 0 || server_write.write_all(&buffer[..n]).await.is_err() {
+                break;
+            }
+            forwarded += n as u64;
+        }
+        // Both directions go down at once, as when a link drops.
+        back.abort();
+    });
+    address
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_network_cut_mid_stream_keeps_whole_probes_only_and_the_rerun_completes() {
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let central = Central::start(&pki, &dir.path().join("data")).await;
+    let spec = PackageSpec { size_divisor: 2, ..spec(40, 0) };
+    let package = write(&spec, dir.path(), "pkg.zip");
+    let total: usize = spec.probe_paths().iter().map(|p| spec.probe_bytes(p).len()).sum();
+    let proxy = cutting_proxy(central.address.clone(), total as u64 / 3).await;
+    let mut through_proxy = central_probes::admin_client::connect(
+        &proxy,
+        pki.ca.cert_pem.clone().into_bytes(),
+        &central.admin_token,
+        Duration::from_secs(5),
+    )
+    .unwrap();
+    let request = UploadRequest { package: package.into(), overwrite: false };
+    let error = admin_client::upload(&mut through_proxy, &request, |_| Progress::Silent).await.unwrap_err();
+    assert!(error.contains("upload failed"), "{error}");
+
+    wait_for_no_tmp_files(&central).await;
+    let kept = whole_probes_on_disk(&central.data_dir, &spec);
+    assert!(kept > 0 && kept < spec.probe_paths().len(), "{kept}");
+    let mut admin = central.admin(&pki, &central.admin_token);
+    let report = admin_client::upload(&mut admin, &request, |_| Progress::Silent).await.unwrap();
+    assert_eq!(report.files_sent, spec.probe_paths().len() - kept);
+    assert_eq!(whole_probes_on_disk(&central.data_dir, &spec), spec.probe_paths().len());
+    central.stop().await;
+}
