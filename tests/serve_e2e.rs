@@ -41,13 +41,26 @@ fn serve(pki: &TestPki, data_dir: &Path, extra: &[&str]) -> Served {
             let _ = lines.send(line);
         }
     });
+    let mut seen = Vec::new();
     let address = loop {
-        let line = log.recv_timeout(Duration::from_secs(20)).expect("Central logs its address");
+        let line = log
+            .recv_timeout(Duration::from_secs(20))
+            .unwrap_or_else(|e| panic!("Central did not log its address ({e}):\n{}", seen.join("\n")));
+        seen.push(line.clone());
+
         if let Some((_, rest)) = line.split_once("listening on ") {
             break rest.split_whitespace().next().unwrap().to_owned();
         }
     };
     Served { child, address, log }
+}
+
+/// A Central a failed test left running would hold its data directory.
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 impl Served {
@@ -169,9 +182,13 @@ fn crash_spec() -> PackageSpec {
 }
 
 async fn stored_count(address: &str, pki: &TestPki, token: &str, spec: &PackageSpec) -> usize {
-    let mut admin =
-        central_probes::admin_client::connect(address, pki.ca.cert_pem.clone().into_bytes(), token, Duration::from_secs(5))
-            .unwrap();
+    let mut admin = central_probes::admin_client::connect(
+        address,
+        pki.ca.cert_pem.clone().into_bytes(),
+        token,
+        Duration::from_secs(5),
+    )
+    .unwrap();
     let paths = spec.probe_paths();
     match admin.get_existing_probes(probe_api::v1::GetExistingProbesRequest { paths }).await {
         Ok(response) => response.into_inner().probes.len(),
@@ -179,16 +196,24 @@ async fn stored_count(address: &str, pki: &TestPki, token: &str, spec: &PackageS
     }
 }
 
-fn start_upload(address: &str, pki: &TestPki, token: &str, package: &Path) -> tokio::task::JoinHandle<Result<usize, String>> {
-    let mut admin =
-        central_probes::admin_client::connect(address, pki.ca.cert_pem.clone().into_bytes(), token, Duration::from_secs(5))
-            .unwrap();
+fn start_upload(
+    address: &str,
+    pki: &TestPki,
+    token: &str,
+    package: &Path,
+) -> tokio::task::JoinHandle<Result<usize, String>> {
+    let mut admin = central_probes::admin_client::connect(
+        address,
+        pki.ca.cert_pem.clone().into_bytes(),
+        token,
+        Duration::from_secs(5),
+    )
+    .unwrap();
     let request = central_probes::admin_client::UploadRequest { package: package.to_owned(), overwrite: false };
     tokio::spawn(async move {
-        let report = central_probes::admin_client::upload(&mut admin, &request, |_| {
-            central_probes::progress::Progress::Silent
-        })
-        .await?;
+        let report =
+            central_probes::admin_client::upload(&mut admin, &request, |_| central_probes::progress::Progress::Silent)
+                .await?;
         Ok(report.files_sent)
     })
 }
@@ -213,6 +238,7 @@ async fn central_killed_at_many_points_of_an_upload_keeps_only_whole_probes_and_
         assert_eq!(tmp_files(&data_dir), 0, "start-up removed every leftover");
         let before = assert_every_visible_probe_is_whole(&data_dir, &spec);
         if before == total {
+            served.kill();
             break;
         }
         let upload = start_upload(&served.address, &pki, &token, &package);

@@ -331,8 +331,11 @@ fn whole_probes_on_disk(data_dir: &std::path::Path, spec: &PackageSpec) -> usize
             let file = file.unwrap().path();
             let (digest, content) = central_probes::store::filesystem::read_probe_file(&file).unwrap();
             assert_eq!(probe_api::digest::Sha256Digest::of(&content), digest);
-            let path =
-                format!("{}/{}", module.file_name().unwrap().to_str().unwrap(), file.file_name().unwrap().to_str().unwrap());
+            let path = format!(
+                "{}/{}",
+                module.file_name().unwrap().to_str().unwrap(),
+                file.file_name().unwrap().to_str().unwrap()
+            );
             assert_eq!(content, spec.probe_bytes(&path));
             count += 1;
         }

@@ -191,17 +191,15 @@ pub async fn upload(
             Some(client.upload_probes(messages).await)
         }
     };
-    // A reading error explains a broken stream better than the server's
-    // "ended inside a file", so it is reported first.
     let tally = reader.await.map_err(|e| format!("reading the package: {e}"))?;
     progress.finish();
-    let tally = tally?;
-    let response = match response {
-        None => None,
-        Some(Ok(response)) => Some(response.into_inner()),
-        Some(Err(status)) => {
-            return Err(format!("upload failed: {}", transport::describe(&status)));
-        }
+    let (tally, response) = match (tally, response) {
+        // A reading error explains a broken stream better than the
+        // server's "ended inside a file".
+        (Err(StreamError::Read(error)), _) => return Err(error),
+        (_, Some(Err(status))) => return Err(format!("upload failed: {}", transport::describe(&status))),
+        (Err(StreamError::CallEnded), _) => return Err("upload failed: the call ended early".into()),
+        (Ok(tally), response) => (tally, response.map(|r| r.expect("errors handled above").into_inner())),
     };
     let mut conflicts = tally.conflicts;
     if let Some(response) = &response {
@@ -248,7 +246,7 @@ fn stream_package(
     overwrite: bool,
     sender: &mpsc::Sender<UploadProbesRequest>,
     progress: &Progress,
-) -> Result<StreamTally, String> {
+) -> Result<StreamTally, StreamError> {
     let mut tally = StreamTally::default();
     let mut options_sent = false;
     let send = |message: Message| {
@@ -256,7 +254,7 @@ fn stream_package(
             .blocking_send(UploadProbesRequest { message: Some(message) })
             // The receiver is gone only when the call failed; its error is
             // the one to report, so this one just stops the thread.
-            .map_err(|_| "the upload call ended early".to_owned())
+            .map_err(|_| StreamError::CallEnded)
     };
     for (probe, action) in probes.iter().zip(actions) {
         let send_it = match action {
@@ -288,7 +286,10 @@ fn stream_package(
                     std::io::Error::other("stopped")
                 })
             })
-            .map_err(|e| send_error.take().unwrap_or_else(|| format!("reading {}: {e}", probe.path)))?;
+            .map_err(|e| {
+                send_error.take().unwrap_or_else(|| StreamError::Read(format!("reading {}: {e}", probe.path)))
+            })?;
+
         let sha256 = hasher.finish().to_hex();
         send(Message::FileTrailer(FileTrailer { sha256 }))?;
         tally.files_sent += 1;
@@ -332,6 +333,14 @@ async fn compare_digests(
         }
     }
     Ok(actions)
+}
+
+/// Why the pass over the package stopped.
+enum StreamError {
+    /// The package could not be read.
+    Read(String),
+    /// The call went away (its own error says why).
+    CallEnded,
 }
 
 fn hash_entry(package: &mut Package, probe: &PackageProbe, progress: &Progress) -> Result<Sha256Digest, String> {
