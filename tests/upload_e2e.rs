@@ -448,3 +448,56 @@ async fn a_network_cut_mid_stream_keeps_whole_probes_only_and_the_rerun_complete
     assert_eq!(whole_probes_on_disk(&central.data_dir, &spec), spec.probe_paths().len());
     central.stop().await;
 }
+
+/// A size-limited tmpfs, unmounted on drop; `None` where mounting is not
+/// allowed (not root, or no CAP_SYS_ADMIN in a container).
+struct SmallFilesystem {
+    dir: tempfile::TempDir,
+}
+
+impl SmallFilesystem {
+    fn mount(size: &str) -> Option<Self> {
+        let dir = tempfile::tempdir().ok()?;
+        let status = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs", dir.path().to_str()?])
+            .stderr(std::process::Stdio::null())
+            .status()
+            .ok()?;
+        status.success().then_some(SmallFilesystem { dir })
+    }
+}
+
+impl Drop for SmallFilesystem {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(self.dir.path()).status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_refuses_the_upload_keeps_stored_probes_and_keeps_serving() {
+    let Some(small) = SmallFilesystem::mount("3m") else {
+        eprintln!("SKIPPED: mounting a small tmpfs needs root (CAP_SYS_ADMIN); the disk-full test did not run");
+        return;
+    };
+    let pki = TestPki::new();
+    let data_dir = small.dir.path().join("data");
+    let central = Central::start(&pki, &data_dir).await;
+    let mut admin = central.admin(&pki, &central.admin_token);
+    // About 6 MiB of probes for a 3 MiB file system.
+    let spec = PackageSpec { size_divisor: 2, ..spec(50, 0) };
+    let scratch = tempfile::tempdir().unwrap();
+    let package = write(&spec, scratch.path(), "pkg.zip");
+    let request = UploadRequest { package: package.into(), overwrite: false };
+    let error = admin_client::upload(&mut admin, &request, |_| Progress::Silent).await.unwrap_err();
+    assert!(error.contains("ResourceExhausted"), "{error}");
+
+    wait_for_no_tmp_files(&central).await;
+    let kept = whole_probes_on_disk(&central.data_dir, &spec);
+    assert!(kept > 0 && kept < spec.probe_paths().len(), "{kept} probes fit");
+    let stored = admin_client::list_all(&mut admin, None).await.unwrap();
+    assert_eq!(stored.len(), kept);
+    let (module_version, file_name) = stored[0].path.split_once('/').unwrap();
+    let probe = central.collector(&pki, Some(&pki.collector)).fetch(module_version, file_name).await.unwrap();
+    assert_eq!(probe.bytes, spec.probe_bytes(&stored[0].path), "Central keeps serving");
+    central.stop().await;
+}

@@ -60,6 +60,12 @@ impl Package {
         for i in 0..self.archive.len() {
             let entry = self.archive.by_index_raw(i).map_err(|e| format!("zip entry {i} is unreadable: {e}"))?;
             let name = entry.name().map_err(|e| format!("zip entry {i} has an unreadable name: {e}"))?.into_owned();
+            // `../x` or `/x` is no mistake of a packaging tool: refuse the
+            // whole package rather than skip the entry.
+            let raw = entry.name_raw();
+            if raw.starts_with(b"/") || raw.split(|&b| b == b'/' || b == b'\\').any(|part| part == b"..") {
+                return Err(format!("the package holds an unsafe entry name {name:?}; refusing it"));
+            }
             match classify_package_entry(&name) {
                 PackageEntry::Probe(_) | PackageEntry::Unrecognised(_) if entry.is_dir() => index.ignored += 1,
                 PackageEntry::Probe(path) => {
@@ -182,6 +188,52 @@ mod tests {
         assert!(index.unrecognised[0].contains("README"));
         assert_eq!(read_all(&mut package, &index.probes[0]).unwrap(), b"stored probe");
         assert_eq!(read_all(&mut package, &index.probes[1]).unwrap(), deflated);
+    }
+
+    /// Writes a zip of one-byte entries, then patches `from` to `to` in its
+    /// bytes: the writer refuses or rewrites the names a hostile tool makes.
+    fn write_hostile_zip(path: &Path, entries: &[&str], from: &[u8], to: &[u8]) {
+        let mut zip = zip::ZipWriter::new(File::create(path).unwrap());
+        for entry in entries {
+            zip.start_file(*entry, SimpleFileOptions::default()).unwrap();
+            zip.write_all(b"x").unwrap();
+        }
+        zip.finish().unwrap();
+        let mut bytes = std::fs::read(path).unwrap();
+        for i in 0..=bytes.len() - from.len() {
+            if &bytes[i..i + from.len()] == from {
+                bytes[i..i + to.len()].copy_from_slice(to);
+            }
+        }
+        std::fs::write(path, bytes).unwrap();
+    }
+
+    #[test]
+    fn unsafe_entry_names_refuse_the_package() {
+        let dir = tempfile::tempdir().unwrap();
+        // (case, entry written, bytes patched from, to)
+        let cases: [(&str, &str, &[u8], &[u8]); 2] = [
+            ("traversal", "kernel-modules/xx/xx/etc/passwd", b"xx/xx", b"../.."),
+            ("absolute", "_kernel-modules/2.5.0/collector-5.4.0.ko.gz", b"_kernel", b"/kernel"),
+        ];
+        for (name, entry, from, to) in cases {
+            let path = dir.path().join(format!("{name}.zip"));
+            write_hostile_zip(&path, &[entry], from, to);
+            let result = Package::open(&path).and_then(|mut p| p.index().map(drop));
+            let error = result.expect_err(name);
+            assert!(error.contains("unsafe entry name"), "{name}: {error}");
+        }
+    }
+
+    #[test]
+    fn a_truncated_zip_is_refused_clearly() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("pkg.zip");
+        write_zip(&path, &[("kernel-modules/2.5.0/collector-5.4.0.ko.gz", &[1u8; 4000], false)]);
+        let bytes = std::fs::read(&path).unwrap();
+        std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
+        let error = Package::open(&path).err().unwrap();
+        assert!(error.contains("is not a readable zip file"), "{error}");
     }
 
     #[test]
