@@ -175,6 +175,50 @@ fn tmp_files(data_dir: &Path) -> usize {
     std::fs::read_dir(data_dir.join("tmp")).map(|d| d.count()).unwrap_or(0)
 }
 
+/// A data directory with an admin token, and a package to upload into it.
+struct Scenario {
+    pki: TestPki,
+    dir: tempfile::TempDir,
+    data_dir: std::path::PathBuf,
+    token: String,
+    spec: PackageSpec,
+    package: std::path::PathBuf,
+}
+
+impl Scenario {
+    fn new() -> Self {
+        let pki = TestPki::new();
+        let dir = tempfile::tempdir().unwrap();
+        let data_dir = dir.path().join("data");
+        let token = central_probes::auth::TokenFile::in_data_dir(&data_dir)
+            .create(central_probes::auth::Role::Admin, "admin")
+            .unwrap();
+        let spec = crash_spec();
+        let package = dir.path().join("pkg.zip");
+        spec.write(&package).unwrap();
+        Scenario { pki, dir, data_dir, token, spec, package }
+    }
+}
+
+/// Waits until Central stores `at_least` probes of `spec`, the upload
+/// ended, or 20 s passed.
+async fn wait_for_commits(
+    served: &Served,
+    pki: &TestPki,
+    token: &str,
+    spec: &PackageSpec,
+    at_least: usize,
+    upload: &tokio::task::JoinHandle<Result<usize, String>>,
+) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while stored_count(&served.address, pki, token, spec).await < at_least
+        && !upload.is_finished()
+        && Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
 fn crash_spec() -> PackageSpec {
     let kernels: Vec<String> = (0..40).map(|i| format!("5.{}.0-{i}-generic", i % 9)).collect();
     let kernels: Vec<&str> = kernels.iter().map(String::as_str).collect();
@@ -220,15 +264,7 @@ fn start_upload(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn central_killed_at_many_points_of_an_upload_keeps_only_whole_probes_and_resumes() {
-    let pki = TestPki::new();
-    let dir = tempfile::tempdir().unwrap();
-    let data_dir = dir.path().join("data");
-    let token = central_probes::auth::TokenFile::in_data_dir(&data_dir)
-        .create(central_probes::auth::Role::Admin, "admin")
-        .unwrap();
-    let spec = crash_spec();
-    let package = dir.path().join("pkg.zip");
-    spec.write(&package).unwrap();
+    let Scenario { pki, dir: _dir, data_dir, token, spec, package } = Scenario::new();
     let total = spec.probe_paths().len();
 
     // Kill points: before any commit, then after more and more commits,
@@ -242,13 +278,7 @@ async fn central_killed_at_many_points_of_an_upload_keeps_only_whole_probes_and_
             break;
         }
         let upload = start_upload(&served.address, &pki, &token, &package);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while stored_count(&served.address, &pki, &token, &spec).await < (before + kill_after).min(total)
-            && !upload.is_finished()
-            && Instant::now() < deadline
-        {
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
+        wait_for_commits(&served, &pki, &token, &spec, (before + kill_after).min(total), &upload).await;
         served.kill();
         let _ = upload.await;
         let after = assert_every_visible_probe_is_whole(&data_dir, &spec);
@@ -267,21 +297,11 @@ async fn central_killed_at_many_points_of_an_upload_keeps_only_whole_probes_and_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_during_an_upload_lets_it_finish_and_the_restart_is_clean() {
-    let pki = TestPki::new();
-    let dir = tempfile::tempdir().unwrap();
-    let data_dir = dir.path().join("data");
-    let token = central_probes::auth::TokenFile::in_data_dir(&data_dir)
-        .create(central_probes::auth::Role::Admin, "admin")
-        .unwrap();
-    let spec = crash_spec();
-    let package = dir.path().join("pkg.zip");
-    spec.write(&package).unwrap();
+    let Scenario { pki, dir: _dir, data_dir, token, spec, package } = Scenario::new();
 
     let served = serve(&pki, &data_dir, &["--shutdown-grace", "30s"]);
     let upload = start_upload(&served.address, &pki, &token, &package);
-    while stored_count(&served.address, &pki, &token, &spec).await < 2 && !upload.is_finished() {
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
+    wait_for_commits(&served, &pki, &token, &spec, 2, &upload).await;
     let (status, log) = served.terminate();
     assert!(status.success(), "{}", log.join("\n"));
     let sent = upload.await.unwrap().expect("the upload in flight completes during the grace period");
@@ -295,21 +315,11 @@ async fn sigterm_during_an_upload_lets_it_finish_and_the_restart_is_clean() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_with_no_grace_abandons_the_file_in_flight_cleanly() {
-    let pki = TestPki::new();
-    let dir = tempfile::tempdir().unwrap();
-    let data_dir = dir.path().join("data");
-    let token = central_probes::auth::TokenFile::in_data_dir(&data_dir)
-        .create(central_probes::auth::Role::Admin, "admin")
-        .unwrap();
-    let spec = crash_spec();
-    let package = dir.path().join("pkg.zip");
-    spec.write(&package).unwrap();
+    let Scenario { pki, dir: _dir, data_dir, token, spec, package } = Scenario::new();
 
     let served = serve(&pki, &data_dir, &["--shutdown-grace", "0s"]);
     let upload = start_upload(&served.address, &pki, &token, &package);
-    while stored_count(&served.address, &pki, &token, &spec).await < 2 && !upload.is_finished() {
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
+    wait_for_commits(&served, &pki, &token, &spec, 2, &upload).await;
     let (status, _) = served.terminate();
     assert!(status.success());
     let _ = upload.await;

@@ -330,6 +330,14 @@ async fn shutdown_signal() {
     }
 }
 
+impl Endpoint {
+    /// A client of Central's admin API with the token of `ROX_API_TOKEN`.
+    fn connect(&self) -> Result<admin_client::AdminClient, String> {
+        let ca = read(&self.ca, "the CA certificate")?;
+        admin_client::connect(&self.endpoint, ca, &api_token()?, Duration::from_secs(10))
+    }
+}
+
 fn api_token() -> Result<String, String> {
     std::env::var("ROX_API_TOKEN")
         .ok()
@@ -339,12 +347,7 @@ fn api_token() -> Result<String, String> {
 
 async fn upload(args: UploadArgs) -> Result<(), String> {
     let endpoint = &args.endpoint;
-    let mut client = admin_client::connect(
-        &endpoint.endpoint,
-        read(&endpoint.ca, "the CA certificate")?,
-        &api_token()?,
-        Duration::from_secs(10),
-    )?;
+    let mut client = endpoint.connect()?;
     let request = UploadRequest { package: args.package.clone(), overwrite: args.overwrite };
     let upload = admin_client::upload(&mut client, &request, |plan| {
         eprintln!(
@@ -417,12 +420,7 @@ fn first_few(items: &[String]) -> String {
 
 async fn ls(args: LsArgs) -> Result<(), String> {
     let endpoint = &args.endpoint;
-    let mut client = admin_client::connect(
-        &endpoint.endpoint,
-        read(&endpoint.ca, "the CA certificate")?,
-        &api_token()?,
-        Duration::from_secs(10),
-    )?;
+    let mut client = endpoint.connect()?;
     let probes =
         tokio::time::timeout(endpoint.timeout, admin_client::list_all(&mut client, args.module_version.as_deref()))
             .await
