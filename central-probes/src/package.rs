@@ -15,6 +15,8 @@ use std::path::Path;
 use probe_api::names::{PackageEntry, ProbePath, classify_package_entry};
 use zip::ZipArchive;
 
+use crate::upload_session::MAX_FILE_SIZE;
+
 /// A probe file inside the package.
 #[derive(Clone, Debug)]
 pub struct PackageProbe {
@@ -39,6 +41,11 @@ pub struct Package {
     archive: ZipArchive<BufReader<File>>,
 }
 
+/// Most entries a package may have: a real one has about 16,500 (two
+/// probes per kernel, directories, LICENSE files). Far more is a hostile or
+/// broken package, refused before anything is sent.
+pub const MAX_ENTRIES: usize = 65_536;
+
 /// Read buffer for the package file. Every entry starts with a seek, which
 /// empties the buffer: a buffer much larger than a probe reads (and copies)
 /// data that is thrown away. 64 KiB still makes header reads cheap.
@@ -55,6 +62,12 @@ impl Package {
     /// Classifies every entry. Two entries with the same probe path are an
     /// error: which one is meant cannot be known.
     pub fn index(&mut self) -> Result<PackageIndex, String> {
+        if self.archive.len() > MAX_ENTRIES {
+            return Err(format!(
+                "the package has {} entries; at most {MAX_ENTRIES} are accepted (a real one has about 16,500)",
+                self.archive.len()
+            ));
+        }
         let mut index = PackageIndex::default();
         let mut seen = HashSet::new();
         for i in 0..self.archive.len() {
@@ -68,6 +81,12 @@ impl Package {
             }
             match classify_package_entry(&name) {
                 PackageEntry::Probe(_) | PackageEntry::Unrecognised(_) if entry.is_dir() => index.ignored += 1,
+                PackageEntry::Probe(_) if entry.size() > MAX_FILE_SIZE => {
+                    return Err(format!(
+                        "{name} declares {} bytes, more than the {MAX_FILE_SIZE} a probe may have",
+                        entry.size()
+                    ));
+                }
                 PackageEntry::Probe(path) => {
                     if !seen.insert(path.clone()) {
                         return Err(format!("the package holds {name} twice"));
@@ -223,6 +242,40 @@ mod tests {
             let error = result.expect_err(name);
             assert!(error.contains("unsafe entry name"), "{name}: {error}");
         }
+    }
+
+    #[test]
+    fn too_many_entries_refuse_the_package() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("pkg.zip");
+        let mut zip = zip::ZipWriter::new(std::io::BufWriter::new(File::create(&path).unwrap()));
+        for i in 0..100_000 {
+            zip.start_file(format!("kernel-modules/2.5.0/collector-5.4.{i}.ko.gz"), SimpleFileOptions::default())
+                .unwrap();
+        }
+        zip.finish().unwrap();
+        let error = Package::open(&path).and_then(|mut p| p.index().map(drop)).unwrap_err();
+        assert!(error.contains("100000 entries; at most 65536"), "{error}");
+    }
+
+    #[test]
+    fn a_zip64_entry_over_4_gib_is_refused_before_reading() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("pkg.zip");
+        let mut zip = zip::ZipWriter::new(File::create(&path).unwrap());
+        let options = SimpleFileOptions::default().large_file(true);
+        zip.start_file("kernel-modules/2.5.0/collector-5.4.0.ko.gz", options).unwrap();
+        zip.write_all(b"x").unwrap();
+        zip.finish().unwrap();
+        // The zip64 extra field (id 1, 16 bytes: uncompressed and compressed
+        // size) of the central directory declares 5 GiB instead of 1 byte.
+        let mut bytes = std::fs::read(&path).unwrap();
+        let tag = [1u8, 0, 16, 0, 1, 0, 0, 0, 0, 0, 0, 0];
+        let at = (0..bytes.len() - tag.len()).rev().find(|&i| bytes[i..i + tag.len()] == tag).expect("a zip64 field");
+        bytes[at + 4..at + 12].copy_from_slice(&(5u64 << 30).to_le_bytes());
+        std::fs::write(&path, bytes).unwrap();
+        let error = Package::open(&path).and_then(|mut p| p.index().map(drop)).unwrap_err();
+        assert!(error.contains("more than the 4294967296 a probe may have"), "{error}");
     }
 
     #[test]
