@@ -56,6 +56,18 @@ impl Package {
         let file = File::open(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
         let archive = ZipArchive::new(BufReader::with_capacity(READ_BUFFER, file))
             .map_err(|e| format!("{} is not a readable zip file: {e}", path.display()))?;
+        // The zip crate keeps one entry per name; the end record still counts
+        // them all. Which of two same-named entries is meant cannot be known.
+        if let Some(declared) = declared_entries(path)
+            && declared != archive.len()
+        {
+            return Err(format!(
+                "{} declares {declared} entries but has {} distinct names: it holds duplicate entry names",
+                path.display(),
+                archive.len()
+            ));
+        }
+
         Ok(Package { archive })
     }
 
@@ -137,6 +149,22 @@ impl Package {
         }
         Ok(())
     }
+}
+
+/// The entry count of the end-of-central-directory record, when it is not
+/// deferred to a zip64 record (65,535 entries or more).
+fn declared_entries(path: &Path) -> Option<usize> {
+    use std::io::{Seek, SeekFrom};
+    let mut file = File::open(path).ok()?;
+    let len = file.metadata().ok()?.len();
+    // The record is 22 bytes plus a comment of at most 65,535 bytes.
+    let tail_len = len.min(22 + 65_535);
+    file.seek(SeekFrom::Start(len - tail_len)).ok()?;
+    let mut tail = vec![0u8; tail_len as usize];
+    file.read_exact(&mut tail).ok()?;
+    let at = (0..tail.len().checked_sub(21)?).rev().find(|&i| tail[i..i + 4] == [0x50, 0x4b, 0x05, 0x06])?;
+    let total = u16::from_le_bytes([tail[at + 10], tail[at + 11]]);
+    (total != u16::MAX).then_some(usize::from(total))
 }
 
 /// Fills `buffer` as far as the reader allows; 0 only at the end.
@@ -225,6 +253,16 @@ mod tests {
             }
         }
         std::fs::write(path, bytes).unwrap();
+    }
+
+    #[test]
+    fn duplicate_entry_names_refuse_the_package() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("pkg.zip");
+        let entries = ["kernel-modules/2.5.0/collector-5.4.0.ko.gz", "kernel-modules/2.5.0/collector-5.4.1.ko.gz"];
+        write_hostile_zip(&path, &entries, b"collector-5.4.1", b"collector-5.4.0");
+        let error = Package::open(&path).err().unwrap();
+        assert!(error.contains("duplicate entry names"), "{error}");
     }
 
     #[test]
