@@ -86,6 +86,13 @@ impl Served {
     }
 }
 
+/// A Collector asks for a probe no uploaded package has.
+async fn fetch_missing_probe(served: &Served, pki: &TestPki) -> collector_client::central::FetchError {
+    let tls = pki.tls_with(Some(&pki.collector));
+    let client = collector_client::central::CentralClient::new(&served.address, &tls, Duration::from_secs(5)).unwrap();
+    client.fetch("2.5.0", "collector-ebpf-5.4.0.o.gz").await.unwrap_err()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn offline_mode_never_contacts_the_upstream_and_sigterm_stops_cleanly() {
     let pki = TestPki::new();
@@ -102,13 +109,7 @@ async fn offline_mode_never_contacts_the_upstream_and_sigterm_stops_cleanly() {
     );
     assert!(!served.address.ends_with(":0"), "the bound port is logged: {}", served.address);
 
-    let client = collector_client::central::CentralClient::new(
-        &served.address,
-        &pki.tls_with(Some(&pki.collector)),
-        Duration::from_secs(5),
-    )
-    .unwrap();
-    let error = client.fetch("2.5.0", "collector-ebpf-5.4.0.o.gz").await.unwrap_err();
+    let error = fetch_missing_probe(&served, &pki).await;
     assert_eq!(error.code(), Code::NotFound, "{error}");
     let accepted = upstream.accept();
     assert!(
@@ -133,14 +134,8 @@ async fn with_an_upstream_configured_a_miss_goes_to_it() {
         &dir.path().join("data"),
         &["--upstream", &upstream_url, "--upstream-ca", ca.to_str().unwrap(), "--upstream-timeout", "1s"],
     );
-    let client = collector_client::central::CentralClient::new(
-        &served.address,
-        &pki.tls_with(Some(&pki.collector)),
-        Duration::from_secs(5),
-    )
-    .unwrap();
     // The "upstream" accepts but never speaks TLS: the fetch times out.
-    let error = client.fetch("2.5.0", "collector-ebpf-5.4.0.o.gz").await.unwrap_err();
+    let error = fetch_missing_probe(&served, &pki).await;
     assert_eq!(error.code(), Code::Unavailable, "{error}");
     upstream.set_nonblocking(true).unwrap();
     assert!(upstream.accept().is_ok(), "Central did connect to the upstream");
