@@ -9,7 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use central_probes::synthetic::PackageSpec;
-use common::TestPki;
+use common::{TestPki, tmp_files, whole_probes_on_disk};
 
 use tonic::Code;
 
@@ -143,33 +143,6 @@ async fn with_an_upstream_configured_a_miss_goes_to_it() {
     assert!(status.success());
 }
 
-/// Every probe file visible in `data_dir` holds whole, verified content:
-/// its bytes hash to the digest in its header, and are what the package had.
-fn assert_every_visible_probe_is_whole(data_dir: &Path, spec: &PackageSpec) -> usize {
-    let mut count = 0;
-    let probes = data_dir.join("probes");
-    for module in std::fs::read_dir(&probes).into_iter().flatten() {
-        let module = module.unwrap().path();
-        for file in std::fs::read_dir(&module).unwrap() {
-            let file = file.unwrap().path();
-            let (digest, content) = central_probes::store::filesystem::read_probe_file(&file).unwrap();
-            assert_eq!(probe_api::digest::Sha256Digest::of(&content), digest, "{}", file.display());
-            let path = format!(
-                "{}/{}",
-                module.file_name().unwrap().to_str().unwrap(),
-                file.file_name().unwrap().to_str().unwrap()
-            );
-            assert_eq!(content, spec.probe_bytes(&path), "{path}");
-            count += 1;
-        }
-    }
-    count
-}
-
-fn tmp_files(data_dir: &Path) -> usize {
-    std::fs::read_dir(data_dir.join("tmp")).map(|d| d.count()).unwrap_or(0)
-}
-
 /// A data directory with an admin token, and a package to upload into it.
 struct Scenario {
     pki: TestPki,
@@ -267,7 +240,7 @@ async fn central_killed_at_many_points_of_an_upload_keeps_only_whole_probes_and_
     for kill_after in [0, 1, 3, 8, 15, 30, 50] {
         let served = serve(&pki, &data_dir, &[]);
         assert_eq!(tmp_files(&data_dir), 0, "start-up removed every leftover");
-        let before = assert_every_visible_probe_is_whole(&data_dir, &spec);
+        let before = whole_probes_on_disk(&data_dir, &spec);
         if before == total {
             served.kill();
             break;
@@ -276,16 +249,16 @@ async fn central_killed_at_many_points_of_an_upload_keeps_only_whole_probes_and_
         wait_for_commits(&served, &pki, &token, &spec, (before + kill_after).min(total), &upload).await;
         served.kill();
         let _ = upload.await;
-        let after = assert_every_visible_probe_is_whole(&data_dir, &spec);
+        let after = whole_probes_on_disk(&data_dir, &spec);
         assert!(after >= before, "committed probes survive a crash ({before} -> {after})");
     }
 
     let served = serve(&pki, &data_dir, &[]);
     assert_eq!(tmp_files(&data_dir), 0);
-    let already = assert_every_visible_probe_is_whole(&data_dir, &spec);
+    let already = whole_probes_on_disk(&data_dir, &spec);
     let sent = start_upload(&served.address, &pki, &token, &package).await.unwrap().unwrap();
     assert_eq!(sent, total - already, "the rerun sends only what the crashes lost");
-    assert_eq!(assert_every_visible_probe_is_whole(&data_dir, &spec), total);
+    assert_eq!(whole_probes_on_disk(&data_dir, &spec), total);
     let (status, _) = served.terminate();
     assert!(status.success());
 }
@@ -301,7 +274,7 @@ async fn sigterm_during_an_upload_lets_it_finish_and_the_restart_is_clean() {
     assert!(status.success(), "{}", log.join("\n"));
     let sent = upload.await.unwrap().expect("the upload in flight completes during the grace period");
     assert_eq!(sent, spec.probe_paths().len());
-    assert_eq!(assert_every_visible_probe_is_whole(&data_dir, &spec), spec.probe_paths().len());
+    assert_eq!(whole_probes_on_disk(&data_dir, &spec), spec.probe_paths().len());
 
     let served = serve(&pki, &data_dir, &[]);
     assert_eq!(tmp_files(&data_dir), 0);
@@ -319,7 +292,7 @@ async fn sigterm_with_no_grace_abandons_the_file_in_flight_cleanly() {
     assert!(status.success());
     let _ = upload.await;
     assert_eq!(tmp_files(&data_dir), 0, "an abandoned file leaves nothing behind");
-    let kept = assert_every_visible_probe_is_whole(&data_dir, &spec);
+    let kept = whole_probes_on_disk(&data_dir, &spec);
     assert!(kept >= 2);
 
     let served = serve(&pki, &data_dir, &[]);

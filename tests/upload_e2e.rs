@@ -8,7 +8,7 @@ use std::time::Duration;
 use central_probes::admin_client::{self, UploadRequest};
 use central_probes::progress::Progress;
 use central_probes::synthetic::PackageSpec;
-use common::{Central, CentralOptions, TestPki};
+use common::{Central, CentralOptions, TestPki, tmp_files, whole_probes_on_disk};
 
 use probe_api::v1::upload_probes_request::Message;
 use probe_api::v1::{GetExistingProbesRequest, ProbeSource, UploadOptions, UploadProbesRequest};
@@ -60,10 +60,6 @@ async fn fetch(central: &Central, pki: &TestPki, path: &str) -> Vec<u8> {
     probe.bytes
 }
 
-fn tmp_files(central: &Central) -> usize {
-    std::fs::read_dir(central.data_dir.join("tmp")).unwrap().count()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn first_upload_through_the_cli_stores_every_probe_for_collectors() {
     let pki = TestPki::new();
@@ -87,7 +83,7 @@ async fn first_upload_through_the_cli_stores_every_probe_for_collectors() {
         central_cli(&["ls", "-e", &central.address, "--ca", ca.to_str().unwrap()], &central.view_token).await;
     assert!(ok, "{stderr}");
     assert_eq!(stdout.lines().count(), 60);
-    assert_eq!(tmp_files(&central), 0);
+    assert_eq!(tmp_files(&central.data_dir), 0);
     central.stop().await;
 }
 
@@ -200,13 +196,7 @@ async fn an_interrupted_upload_keeps_finished_files_and_the_rerun_sends_only_the
     drop(sender);
 
     // The half-written fourth file is dropped and its temporary file removed.
-    for _ in 0..500 {
-        if tmp_files(&central) == 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    assert_eq!(tmp_files(&central), 0);
+    wait_for_no_tmp_files(&central).await;
     let existing = admin.get_existing_probes(ask).await.unwrap().into_inner().probes;
     assert_eq!(existing.len(), 3);
 
@@ -239,7 +229,7 @@ async fn an_upload_that_would_fill_the_disk_is_refused_and_keeps_nothing() {
     assert!(error_line.contains("not enough disk space"), "{stderr}");
     let mut admin = central.admin(&pki, &token);
     assert!(admin_client::list_all(&mut admin, None).await.unwrap().is_empty());
-    assert_eq!(tmp_files(&central), 0);
+    assert_eq!(tmp_files(&central.data_dir), 0);
     central.stop().await;
 }
 
@@ -322,30 +312,9 @@ async fn listing_pages_through_all_probes_and_filters_by_module_version() {
     central.stop().await;
 }
 
-/// Probes stored right now, read from the store's files and checked whole.
-fn whole_probes_on_disk(data_dir: &std::path::Path, spec: &PackageSpec) -> usize {
-    let mut count = 0;
-    for module in std::fs::read_dir(data_dir.join("probes")).into_iter().flatten() {
-        let module = module.unwrap().path();
-        for file in std::fs::read_dir(&module).unwrap() {
-            let file = file.unwrap().path();
-            let (digest, content) = central_probes::store::filesystem::read_probe_file(&file).unwrap();
-            assert_eq!(probe_api::digest::Sha256Digest::of(&content), digest);
-            let path = format!(
-                "{}/{}",
-                module.file_name().unwrap().to_str().unwrap(),
-                file.file_name().unwrap().to_str().unwrap()
-            );
-            assert_eq!(content, spec.probe_bytes(&path));
-            count += 1;
-        }
-    }
-    count
-}
-
 async fn wait_for_no_tmp_files(central: &Central) {
     for _ in 0..1000 {
-        if tmp_files(central) == 0 {
+        if tmp_files(&central.data_dir) == 0 {
             return;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;

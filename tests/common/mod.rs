@@ -153,3 +153,31 @@ fn unique() -> u64 {
     static NEXT: AtomicU64 = AtomicU64::new(0);
     NEXT.fetch_add(1, Ordering::Relaxed)
 }
+
+/// Files in the store's `tmp/`: writes under way or left behind.
+pub fn tmp_files(data_dir: &Path) -> usize {
+    std::fs::read_dir(data_dir.join("tmp")).map(|d| d.count()).unwrap_or(0)
+}
+
+/// Counts the probes stored in `data_dir`, asserting that each one is
+/// whole: its bytes hash to the digest in its header, and are what the
+/// package `spec` describes.
+pub fn whole_probes_on_disk(data_dir: &Path, spec: &central_probes::synthetic::PackageSpec) -> usize {
+    let mut count = 0;
+    for module in std::fs::read_dir(data_dir.join("probes")).into_iter().flatten() {
+        let module = module.unwrap().path();
+        for file in std::fs::read_dir(&module).unwrap() {
+            let file = file.unwrap().path();
+            let (digest, content) = central_probes::store::filesystem::read_probe_file(&file).unwrap();
+            assert_eq!(probe_api::digest::Sha256Digest::of(&content), digest, "{}", file.display());
+            let path = format!(
+                "{}/{}",
+                module.file_name().unwrap().to_str().unwrap(),
+                file.file_name().unwrap().to_str().unwrap()
+            );
+            assert_eq!(content, spec.probe_bytes(&path), "{path}");
+            count += 1;
+        }
+    }
+    count
+}
