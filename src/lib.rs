@@ -3,6 +3,7 @@
 //! files that Central, the uploader and the Collector all enforce.
 
 pub mod digest;
+pub mod limits;
 pub mod names;
 pub mod transport;
 

@@ -10,6 +10,13 @@ use std::fmt;
 
 /// Longest accepted probe file name: the usual file system limit.
 pub const MAX_FILE_NAME_LEN: usize = 255;
+/// Longest accepted module version: the 64-character hex form. A
+/// MAJOR.MINOR.PATCH[-rcN] version is far shorter in practice, and the
+/// bound keeps every path component storable by every backend.
+pub const MAX_MODULE_VERSION_LEN: usize = 64;
+/// Longest accepted probe path. The component limits already keep a path
+/// at 64 + 1 + 255 = 320 bytes; this is the bound the API documents.
+pub const MAX_PATH_LEN: usize = 512;
 
 /// A module version: 64 lowercase hex characters, or `MAJOR.MINOR.PATCH`
 /// with an optional `-rcN` suffix.
@@ -31,7 +38,10 @@ pub enum ProbeKind {
 pub struct ProbeFileName(String);
 
 /// `<module version>/<probe file name>`, nothing more and nothing less.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+/// Paths order as their strings do, byte by byte (the order ListProbes
+/// documents), not component by component: `2.5.0-rc1/...` comes before
+/// `2.5.0/...` because '-' sorts before '/'.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct ProbePath {
     module_version: ModuleVersion,
     file_name: ProbeFileName,
@@ -68,6 +78,9 @@ fn is_ascii_number(s: &str) -> bool {
 impl ModuleVersion {
     pub fn parse(s: &str) -> Result<Self, NameError> {
         let error = |reason| Err(NameError::new("module version", s, reason));
+        if s.len() > MAX_MODULE_VERSION_LEN {
+            return error("longer than 64 bytes");
+        }
         if s.len() == 64 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
             return Ok(ModuleVersion(s.to_owned()));
         }
@@ -151,6 +164,9 @@ impl ProbePath {
     }
 
     pub fn parse(s: &str) -> Result<Self, NameError> {
+        if s.len() > MAX_PATH_LEN {
+            return Err(NameError::new("probe path", s, "longer than 512 bytes"));
+        }
         let Some((module_version, file_name)) = s.split_once('/') else {
             return Err(NameError::new("probe path", s, "expected <module version>/<probe file name>"));
         };
@@ -165,6 +181,27 @@ impl ProbePath {
 
     pub fn file_name(&self) -> &ProbeFileName {
         &self.file_name
+    }
+
+    /// The bytes of the path string, without building it.
+    pub fn bytes(&self) -> impl Iterator<Item = u8> + '_ {
+        self.module_version.0.bytes().chain(std::iter::once(b'/')).chain(self.file_name.0.bytes())
+    }
+}
+
+impl Ord for ProbePath {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        // Equal module versions (the common case) compare by file name alone.
+        if self.module_version == other.module_version {
+            return self.file_name.cmp(&other.file_name);
+        }
+        self.bytes().cmp(other.bytes())
+    }
+}
+
+impl PartialOrd for ProbePath {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
     }
 }
 
@@ -278,6 +315,38 @@ mod tests {
         }
         let long = format!("collector-4.{}.ko.gz", "1".repeat(250));
         assert!(ProbeFileName::parse(&long).is_err());
+    }
+
+    #[test]
+    fn every_component_and_the_whole_path_are_bounded() {
+        let long_version = format!("{}.0.0", "1".repeat(MAX_MODULE_VERSION_LEN));
+        assert!(ModuleVersion::parse(&long_version).is_err());
+        assert!(ModuleVersion::parse(&format!("{}.0.0", "1".repeat(MAX_MODULE_VERSION_LEN - 4))).is_ok());
+        let longest_name = format!("collector-4.{}.ko.gz", "1".repeat(MAX_FILE_NAME_LEN - 18));
+        assert_eq!(longest_name.len(), MAX_FILE_NAME_LEN);
+        let longest_version = "1".repeat(MAX_MODULE_VERSION_LEN - 4) + ".0.0";
+        let longest = ProbePath::parse(&format!("{longest_version}/{longest_name}")).unwrap();
+        assert!(longest.to_string().len() <= MAX_PATH_LEN);
+        let too_long = format!("{}/{}", long_version, "x".repeat(MAX_PATH_LEN));
+        assert!(ProbePath::parse(&too_long).unwrap_err().to_string().contains("longer than 512 bytes"));
+    }
+
+    #[test]
+    fn paths_order_as_their_strings() {
+        let mut paths: Vec<&str> = vec![
+            "2.5.0/collector-ebpf-5.4.0.o.gz",
+            "2.5.0-rc1/collector-ebpf-5.4.0.o.gz",
+            "2.5.0/collector-5.4.0.ko.gz",
+            "2.10.0/collector-5.4.0.ko.gz",
+            "2.5.1/collector-5.4.0.ko.gz",
+            "1123dde0458e72a49880b06922e135dbcd36fb784fed530ab84ddfa8924e5c05/collector-4.9.24-coreos.ko.gz",
+        ];
+        let mut parsed: Vec<ProbePath> = paths.iter().map(|p| ProbePath::parse(p).unwrap()).collect();
+        parsed.sort();
+        paths.sort();
+        assert_eq!(parsed.iter().map(|p| p.to_string()).collect::<Vec<_>>(), paths);
+        let position = |prefix: &str| paths.iter().position(|p| p.starts_with(prefix)).unwrap();
+        assert!(position("2.5.0-rc1/") < position("2.5.0/"));
     }
 
     #[test]

@@ -33,7 +33,7 @@ use tonic::{Request, Status};
 
 use crate::package::{Package, PackageIndex, PackageProbe};
 use crate::progress::Progress;
-use crate::server::MAX_REQUEST_MESSAGE;
+use probe_api::limits::MAX_REQUEST_MESSAGE;
 
 /// Adds `authorization: Bearer <token>` to every call.
 #[derive(Clone)]

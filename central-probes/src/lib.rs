@@ -6,6 +6,7 @@ pub mod auth;
 pub mod error;
 pub mod metrics;
 pub mod package;
+pub mod page_token;
 pub mod pki;
 pub mod probe_service;
 pub mod progress;

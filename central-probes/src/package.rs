@@ -15,7 +15,7 @@ use std::path::Path;
 use probe_api::names::{PackageEntry, ProbePath, classify_package_entry};
 use zip::ZipArchive;
 
-use crate::upload_session::MAX_FILE_SIZE;
+use probe_api::limits::MAX_FILE_SIZE;
 
 /// A probe file inside the package.
 #[derive(Clone, Debug)]

@@ -8,6 +8,7 @@
 use std::future::Future;
 use std::sync::Arc;
 
+use probe_api::limits::MAX_REQUEST_MESSAGE;
 use probe_api::v1::probe_service_server::ProbeServiceServer;
 use probe_api::v1::probe_upload_service_server::ProbeUploadServiceServer;
 use tokio::net::TcpListener;
@@ -28,8 +29,6 @@ use crate::upstream::UpstreamSource;
 /// roughly halve bulk throughput here.
 pub const STREAM_WINDOW: u32 = 16 << 20;
 pub const CONNECTION_WINDOW: u32 = 32 << 20;
-/// Largest request message: a GetExistingProbes call for 100,000 paths.
-pub const MAX_REQUEST_MESSAGE: usize = 64 << 20;
 
 /// PEM-encoded TLS material of the server.
 #[derive(Clone)]

@@ -4,6 +4,7 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
+use probe_api::limits::{DEFAULT_PAGE_SIZE, MAX_EXISTING_PATHS, MAX_PAGE_SIZE};
 use probe_api::names::{ModuleVersion, ProbePath};
 use probe_api::v1::probe_upload_service_server::ProbeUploadService;
 use probe_api::v1::{
@@ -16,24 +17,21 @@ use tracing::{info, instrument};
 use crate::auth::{Role, TokenAuth};
 use crate::error::{Error, Result};
 use crate::metrics::{Metrics, OutcomeLabels};
+use crate::page_token::PageTokens;
 use crate::store::{ProbeStore, StoredProbe};
 use crate::upload_session::UploadSession;
-
-/// Most paths one GetExistingProbes call may ask for.
-pub const MAX_EXISTING_PATHS: usize = 100_000;
-/// Default and largest ListProbes page.
-pub const DEFAULT_PAGE_SIZE: u32 = 1_000;
-pub const MAX_PAGE_SIZE: u32 = 10_000;
 
 pub struct UploadService {
     store: Arc<dyn ProbeStore>,
     auth: TokenAuth,
     metrics: Metrics,
+    page_tokens: PageTokens,
 }
 
 impl UploadService {
     pub fn new(store: Arc<dyn ProbeStore>, auth: TokenAuth, metrics: Metrics) -> Self {
-        UploadService { store, auth, metrics }
+        let page_tokens = PageTokens::new(store.page_token_key());
+        UploadService { store, auth, metrics, page_tokens }
     }
 
     fn record_upload(&self, response: &UploadProbesResponse) {
@@ -96,19 +94,15 @@ impl UploadService {
             }
             n => n,
         } as usize;
-        // The page token is the last path of the previous page.
         let after = match request.page_token.as_str() {
             "" => None,
-            token => Some(
-                ProbePath::parse(token)
-                    .map_err(|_| Error::invalid_argument("page_token is not one this server gave"))?,
-            ),
+            token => Some(self.page_tokens.check(module_version.as_ref(), token)?),
         };
         // One more than asked tells whether another page follows.
         let mut probes = self.store.list(module_version.as_ref(), after.as_ref(), page_size + 1).await?;
         let next_page_token = if probes.len() > page_size {
             probes.truncate(page_size);
-            probes.last().map(|p| p.path.to_string()).unwrap_or_default()
+            probes.last().map(|p| self.page_tokens.issue(module_version.as_ref(), &p.path)).unwrap_or_default()
         } else {
             String::new()
         };

@@ -2,27 +2,31 @@
 //!
 //! Messages must come as: options, then per file a header, its chunks and a
 //! trailer. Each file's bytes go straight into a store writer; once its
-//! trailer verifies, its commit runs in the background while the next file
-//! streams in (at most `MAX_PENDING_COMMITS` at once). At the end, or at the
-//! first error, every started commit is awaited, so the response (or the
-//! error) speaks of durable files only.
+//! trailer arrives, its verification and commit run in the background while
+//! the next file streams in (at most `MAX_PENDING_COMMITS` at once).
+//! Verification runs in parallel, but each commit waits for the one before
+//! it, so files take effect in stream order and none after a file that
+//! failed: the stream ends at its first error, as the proto promises. At
+//! the end, or at the first error, every started commit is awaited, so the
+//! response (or the error) speaks of durable files only.
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use bytes::Bytes;
 use probe_api::digest::Sha256Digest;
+use probe_api::limits::{MAX_FILE_SIZE, MAX_REQUEST_MESSAGE, MAX_UPLOAD_CHUNK};
 use probe_api::names::ProbePath;
 use probe_api::v1::upload_probes_request::Message;
 use probe_api::v1::{FileHeader, FileOutcome, FileResult, UploadProbesRequest, UploadProbesResponse};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
 use tokio_stream::{Stream, StreamExt};
 use tonic::Code;
 
 use crate::error::{Error, Result};
-use crate::store::{CommitOutcome, PendingCommit, ProbeStore, ProbeWriter};
-
-/// Largest probe file accepted in one upload.
-pub const MAX_FILE_SIZE: u64 = 4 << 30;
+use crate::store::{CommitGate, CommitOutcome, ProbeStore, ProbeWriter, open_gate};
 /// Verified files whose fsync and rename may be in flight at once. Enough to
 /// hide fsync latency behind the network; few enough to bound open files.
 const MAX_PENDING_COMMITS: usize = 32;
@@ -36,7 +40,7 @@ enum State {
 struct Pending {
     path: ProbePath,
     sha256: Sha256Digest,
-    commit: PendingCommit,
+    commit: JoinHandle<Result<CommitOutcome>>,
 }
 
 pub struct UploadSession {
@@ -46,6 +50,11 @@ pub struct UploadSession {
     /// Paths seen in this stream: a path twice is a client bug.
     seen: HashSet<ProbePath>,
     pending: VecDeque<Pending>,
+    /// Tells the next file's commit whether the last one took effect.
+    last_committed: Option<oneshot::Receiver<bool>>,
+    /// Set by the first commit that fails, so the stream stops at once
+    /// rather than receiving files that could no longer be committed.
+    commit_failed: Arc<AtomicBool>,
     response: UploadProbesResponse,
 }
 
@@ -57,6 +66,8 @@ impl UploadSession {
             overwrite: false,
             seen: HashSet::new(),
             pending: VecDeque::new(),
+            last_committed: None,
+            commit_failed: Arc::new(AtomicBool::new(false)),
             response: UploadProbesResponse::default(),
         }
     }
@@ -69,18 +80,23 @@ impl UploadSession {
     {
         let outcome = async {
             while let Some(request) = requests.next().await {
-                let request = request.map_err(|status| {
-                    Error::new(Code::Cancelled, format!("the upload stream broke off: {}", status.message()))
-                })?;
-                let message =
-                    request.message.ok_or_else(|| Error::invalid_argument("an upload message without content"))?;
+                if self.commit_failed.load(Ordering::SeqCst) {
+                    // `drain` reports the failing file.
+                    return Ok(());
+                }
+                let message = request
+                    .map_err(stream_error)?
+                    .message
+                    .ok_or_else(|| Error::invalid_argument("an upload message without content"))?;
                 self.handle(message).await?;
             }
             self.end_of_stream()
         }
         .await;
         let committed = self.drain().await;
-        match (outcome, committed) {
+        // A failed commit is of a file before whatever ended the stream, so
+        // it is the first error in stream order.
+        match (committed, outcome) {
             (Ok(()), Ok(())) => Ok(self.response),
             (Err(error), _) | (Ok(()), Err(error)) => {
                 let committed = self.response.results.len();
@@ -104,6 +120,10 @@ impl UploadSession {
             (State::InFile { path, .. }, Message::FileHeader(header)) => {
                 Err(Error::invalid_argument(format!("header of {:?} before the trailer of {path}", header.path)))
             }
+            (State::InFile { path, .. }, Message::Chunk(chunk)) if chunk.len() > MAX_UPLOAD_CHUNK => Err(Error::new(
+                Code::ResourceExhausted,
+                format!("{path}: a chunk of {} bytes is over the limit of {MAX_UPLOAD_CHUNK}", chunk.len()),
+            )),
             (State::InFile { path, mut writer }, Message::Chunk(chunk)) => {
                 self.response.bytes_received += chunk.len() as u64;
                 writer.write(chunk).await?;
@@ -114,7 +134,22 @@ impl UploadSession {
                 let sha256 = Sha256Digest::from_hex(&trailer.sha256).ok_or_else(|| {
                     Error::invalid_argument(format!("{path}: the trailer's SHA-256 is not 64 lowercase hex characters"))
                 })?;
-                let commit = writer.finish(sha256, self.overwrite).await?;
+                let gate: CommitGate = match self.last_committed.take() {
+                    None => open_gate(),
+                    Some(before) => Box::pin(async move { before.await.unwrap_or(false) }),
+                };
+                let commit = writer.finish_after(sha256, self.overwrite, gate).await?;
+                let (committed, next_gate) = oneshot::channel();
+                self.last_committed = Some(next_gate);
+                let commit_failed = self.commit_failed.clone();
+                let commit = tokio::spawn(async move {
+                    let outcome = commit.await;
+                    if outcome.is_err() {
+                        commit_failed.store(true, Ordering::SeqCst);
+                    }
+                    let _ = committed.send(outcome.is_ok());
+                    outcome
+                });
                 self.pending.push_back(Pending { path, sha256, commit });
                 if self.pending.len() > MAX_PENDING_COMMITS {
                     self.complete_oldest().await?;
@@ -152,7 +187,10 @@ impl UploadSession {
 
     async fn complete_oldest(&mut self) -> Result<()> {
         let Pending { path, sha256, commit } = self.pending.pop_front().expect("a pending commit");
-        let outcome = commit.await.map_err(|e| e.context(format!("committing {path}")))?;
+        let outcome = commit
+            .await
+            .map_err(|e| Error::internal(format!("committing {path}: {e}")))?
+            .map_err(|e| e.context(format!("committing {path}")))?;
         let (outcome, existing) = match outcome {
             CommitOutcome::Stored => (FileOutcome::Stored, None),
             CommitOutcome::Identical => (FileOutcome::Identical, None),
@@ -185,6 +223,22 @@ impl UploadSession {
             }
         }
         first_error.map_or(Ok(()), Err)
+    }
+}
+
+/// The error for a message the request stream could not deliver. tonic
+/// reports an over-limit message as OUT_OF_RANGE and an undecodable one as
+/// INTERNAL; both are the client's mistake and retrying cannot help, so
+/// they become RESOURCE_EXHAUSTED and INVALID_ARGUMENT. Anything else is a
+/// broken transport.
+fn stream_error(status: tonic::Status) -> Error {
+    match status.code() {
+        Code::OutOfRange | Code::ResourceExhausted => Error::new(
+            Code::ResourceExhausted,
+            format!("an upload message over the limit of {MAX_REQUEST_MESSAGE} bytes: {}", status.message()),
+        ),
+        Code::Internal => Error::invalid_argument(format!("a malformed upload message: {}", status.message())),
+        _ => Error::new(Code::Cancelled, format!("the upload stream broke off: {}", status.message())),
     }
 }
 
@@ -339,6 +393,87 @@ mod tests {
             assert_eq!(error.code, code, "{case}: {error}");
         }
         assert!(!stored(&store, A).await);
+    }
+
+    /// The messages of a file whose trailer carries the digest of other bytes.
+    fn file_with_wrong_digest(path: &str, bytes: &[u8]) -> Vec<UploadProbesRequest> {
+        let mut messages = file_messages(path, bytes, 64 * 1024);
+        messages.pop();
+        messages.extend(file_messages(path, b"other bytes", 1).pop());
+        messages
+    }
+
+    fn kernel_path(i: usize) -> String {
+        format!("2.5.0/collector-ebpf-6.{i}.0.o.gz")
+    }
+
+    #[tokio::test]
+    async fn no_file_after_a_failing_one_is_committed() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(dir.path());
+        // A large first file takes longest to verify, so the small valid
+        // files after it would be ready first.
+        let large: Vec<u8> = (0..4 << 20).map(|i| (i % 251) as u8).collect();
+        let mut messages = vec![options(false)];
+        messages.extend(file_with_wrong_digest(A, &large));
+        for i in 0..40 {
+            messages.extend(file_messages(&kernel_path(i), b"valid", 5));
+        }
+        let error = run(&store, messages).await.unwrap_err();
+        assert_eq!(error.code, Code::DataLoss, "{error}");
+        assert!(error.message.contains(A), "the error names the failing file: {error}");
+        assert!(error.message.contains("after 0 finished files"), "{error}");
+        for i in 0..40 {
+            assert!(!stored(&store, &kernel_path(i)).await, "{} must not be stored", kernel_path(i));
+        }
+        assert!(!stored(&store, A).await);
+    }
+
+    #[tokio::test]
+    async fn files_before_a_failing_one_are_committed_and_the_error_names_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(dir.path());
+        let mut messages = vec![options(false)];
+        messages.extend(file_messages(A, b"valid", 2));
+        messages.extend(file_with_wrong_digest(B, b"corrupt"));
+        messages.extend(file_messages(&kernel_path(1), b"valid", 2));
+        let error = run(&store, messages).await.unwrap_err();
+        assert_eq!(error.code, Code::DataLoss);
+        assert!(error.message.contains(B) && error.message.contains("after 1 finished files"), "{error}");
+        assert!(stored(&store, A).await);
+        assert!(!stored(&store, B).await);
+        assert!(!stored(&store, &kernel_path(1)).await);
+    }
+
+    #[tokio::test]
+    async fn an_oversized_chunk_is_resource_exhausted_and_stores_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(dir.path());
+        let big = vec![0u8; MAX_UPLOAD_CHUNK + 1];
+        let mut messages = vec![options(false)];
+        messages.extend(file_messages(A, &big, MAX_UPLOAD_CHUNK + 1));
+        let error = run(&store, messages).await.unwrap_err();
+        assert_eq!(error.code, Code::ResourceExhausted, "{error}");
+        assert!(!stored(&store, A).await);
+
+        let mut at_limit = vec![options(false)];
+        at_limit.extend(file_messages(A, &big[..MAX_UPLOAD_CHUNK], MAX_UPLOAD_CHUNK));
+        assert_eq!(run(&store, at_limit).await.unwrap().stored_count, 1);
+    }
+
+    #[tokio::test]
+    async fn undeliverable_messages_get_codes_that_do_not_say_retry() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(dir.path());
+        for (status, code) in [
+            (tonic::Status::out_of_range("decoded message length too large"), Code::ResourceExhausted),
+            (tonic::Status::internal("failed to decode Protobuf message: invalid wire type"), Code::InvalidArgument),
+            (tonic::Status::unknown("connection reset"), Code::Cancelled),
+        ] {
+            let messages = vec![Ok(options(false)), Err(status)];
+            let error = UploadSession::new(store.clone()).run(tokio_stream::iter(messages)).await.unwrap_err();
+            assert_eq!(error.code, code, "{error}");
+        }
     }
 
     #[tokio::test]

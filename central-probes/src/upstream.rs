@@ -30,7 +30,7 @@ use crate::metrics::{Metrics, ResultLabels};
 use crate::sources::{Found, ProbeSource};
 use crate::store::ProbeStore;
 use crate::store::filesystem::{FilesystemStore, FilesystemStoreConfig};
-use crate::upload_session::MAX_FILE_SIZE;
+use probe_api::limits::MAX_FILE_SIZE;
 
 /// How Central reaches the upstream and keeps what it fetched.
 #[derive(Clone, Debug)]

@@ -32,7 +32,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::Code;
 use tracing::{info, warn};
 
-use super::{ChunkStream, CommitOutcome, PendingCommit, ProbeReader, ProbeStore, ProbeWriter, StoredProbe};
+use super::{ChunkStream, CommitGate, CommitOutcome, PendingCommit, ProbeReader, ProbeStore, ProbeWriter, StoredProbe};
 use crate::error::{Error, Result};
 
 const MAGIC: &[u8; 8] = b"KPROBE01";
@@ -65,6 +65,9 @@ struct Inner {
     /// the free space does not show it yet.
     reserved: AtomicU64,
     next_temp: AtomicU64,
+    /// Authenticates ListProbes page tokens; kept in the data directory so
+    /// that tokens stay valid across restarts.
+    page_token_key: [u8; 32],
     /// Held for the life of the store: the exclusive lock on the directory.
     _lock: File,
 }
@@ -87,6 +90,7 @@ impl FilesystemStore {
             fs::create_dir_all(dir).map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
         }
         let lock = lock_data_dir(data_dir)?;
+        let page_token_key = load_or_create_key(&data_dir.join("page-token.key"))?;
         let leftovers = remove_leftovers(&tmp_dir)?;
         if leftovers > 0 {
             info!(leftovers, "removed unfinished writes of an earlier run");
@@ -101,6 +105,7 @@ impl FilesystemStore {
                 min_free_bytes: config.min_free_bytes,
                 reserved: AtomicU64::new(0),
                 next_temp: AtomicU64::new(0),
+                page_token_key,
                 _lock: lock,
             }),
         })
@@ -236,7 +241,12 @@ impl ProbeWriter for FsProbeWriter {
         Ok(())
     }
 
-    async fn finish(self: Box<Self>, sha256: Sha256Digest, overwrite: bool) -> Result<PendingCommit> {
+    async fn finish_after(
+        self: Box<Self>,
+        sha256: Sha256Digest,
+        overwrite: bool,
+        gate: CommitGate,
+    ) -> Result<PendingCommit> {
         let FsProbeWriter { inner, path, size, chunks, worker, reservation, .. } = *self;
         drop(chunks);
         // The writing thread may still be hashing; the caller need not wait
@@ -248,7 +258,7 @@ impl ProbeWriter for FsProbeWriter {
                 .await
                 .map_err(|e| Error::internal(format!("writing {path}: {e}")))?
                 .map_err(|e| Error::io(format!("writing {path}"), e))?;
-            verify_and_commit(inner, path, written, Entry { size, sha256 }, overwrite, reservation).await
+            verify_and_commit(inner, path, written, Entry { size, sha256 }, overwrite, gate, reservation).await
         });
         Ok(Box::pin(async move { task.await.map_err(|e| Error::internal(format!("commit task failed: {e}")))? }))
     }
@@ -260,6 +270,7 @@ async fn verify_and_commit(
     written: Written,
     new: Entry,
     overwrite: bool,
+    gate: CommitGate,
     reservation: Reservation,
 ) -> Result<CommitOutcome> {
     if written.len != new.size {
@@ -273,6 +284,10 @@ async fn verify_and_commit(
             Code::DataLoss,
             format!("{path}: the received bytes have SHA-256 {} but the uploader sent {}", written.sha256, new.sha256),
         ));
+    }
+    if !gate.await {
+        // Dropping `written` removes the temporary file.
+        return Err(Error::new(Code::Aborted, format!("{path}: not committed, an earlier file of the upload failed")));
     }
     // Decide early when nothing will be stored: no fsync is needed then.
     if let Some(outcome) = inner.entry(&path).and_then(|old| outcome(old, new, overwrite).1) {
@@ -375,6 +390,36 @@ fn lock_data_dir(data_dir: &Path) -> Result<File> {
     Ok(file)
 }
 
+/// Reads the 32-byte key at `path`, or makes one: random, readable by
+/// Central's user only, written whole or not at all.
+fn load_or_create_key(path: &Path) -> Result<[u8; 32]> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let io_error = |what: &str| {
+        let what = format!("{what} {}", path.display());
+        move |e| Error::io(what, e)
+    };
+    match fs::read(path) {
+        Ok(bytes) => {
+            return bytes.try_into().map_err(|_| Error::internal(format!("{} is not a 32-byte key", path.display())));
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io_error("reading")(e)),
+    }
+    let mut key = [0u8; 32];
+    getrandom::getrandom(&mut key).map_err(|e| Error::internal(format!("making a page token key: {e}")))?;
+    let temp = path.with_extension("new");
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&temp)
+        .map_err(io_error("creating"))?;
+    file.write_all(&key).and_then(|()| file.sync_all()).map_err(io_error("writing"))?;
+    fs::rename(&temp, path).map_err(io_error("renaming"))?;
+    Ok(key)
+}
+
 fn remove_leftovers(tmp_dir: &Path) -> Result<usize> {
     let mut removed = 0;
     let entries = fs::read_dir(tmp_dir).map_err(|e| Error::io(format!("reading {}", tmp_dir.display()), e))?;
@@ -467,9 +512,12 @@ impl ProbeStore for FilesystemStore {
         let index = self.inner.index();
         let start = after.map_or(Bound::Unbounded, Bound::Excluded);
         let in_module = |path: &ProbePath| module_version.is_none_or(|v| path.module_version() == v);
+        // Paths order as strings, so one module version's paths are the
+        // contiguous run of those starting with "<version>/".
+        let prefix = module_version.map(|v| format!("{v}/"));
         Ok(index
             .range((start, Bound::Unbounded))
-            .skip_while(|(path, _)| module_version.is_some_and(|v| path.module_version() < v))
+            .skip_while(|(path, _)| prefix.as_ref().is_some_and(|prefix| path.bytes().lt(prefix.bytes())))
             .take_while(|(path, _)| in_module(path))
             .take(limit)
             .map(|(path, &entry)| stored(path.clone(), entry))
@@ -500,6 +548,10 @@ impl ProbeStore for FilesystemStore {
         // blocking thread cost a third of the requests/s of one client.
         let file_path = self.inner.final_path(path);
         open_probe(path.clone(), &file_path)
+    }
+
+    fn page_token_key(&self) -> &[u8] {
+        &self.inner.page_token_key
     }
 
     async fn remove(&self, path: &ProbePath) -> Result<bool> {
@@ -805,6 +857,43 @@ mod tests {
             assert_eq!(chunks.concat(), b"bytes", "an open reader still reads it");
         }
         assert!(FilesystemStore::open(&config(dir.path())).unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn listing_is_in_path_string_order_for_every_page_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FilesystemStore::open(&config(dir.path())).unwrap();
+        let mut paths = vec![
+            "2.5.0/collector-ebpf-5.4.0.o.gz",
+            "2.5.0/collector-5.4.0.ko.gz",
+            "2.5.0-rc1/collector-ebpf-5.4.0.o.gz",
+            "2.5.0-rc10/collector-ebpf-5.4.0.o.gz",
+            "2.10.0/collector-ebpf-5.4.0.o.gz",
+            "2.5.1/collector-ebpf-5.4.0.o.gz",
+            "1123dde0458e72a49880b06922e135dbcd36fb784fed530ab84ddfa8924e5c05/collector-4.9.ko.gz",
+        ];
+        for p in &paths {
+            put(&store, p, p.as_bytes(), false).await.unwrap();
+        }
+        paths.sort();
+        for filter in [None, Some("2.5.0"), Some("2.5.0-rc1")] {
+            let v = filter.map(|v| ModuleVersion::parse(v).unwrap());
+            let expected: Vec<&str> =
+                paths.iter().copied().filter(|p| filter.is_none_or(|v| p.starts_with(&format!("{v}/")))).collect();
+            for page_size in 1..=paths.len() + 1 {
+                let mut listed = Vec::new();
+                let mut after: Option<ProbePath> = None;
+                loop {
+                    let page = store.list(v.as_ref(), after.as_ref(), page_size).await.unwrap();
+                    listed.extend(page.iter().map(|p| p.path.to_string()));
+                    if page.len() < page_size {
+                        break;
+                    }
+                    after = page.last().map(|p| p.path.clone());
+                }
+                assert_eq!(listed, expected, "filter {filter:?}, page size {page_size}");
+            }
+        }
     }
 
     #[tokio::test]

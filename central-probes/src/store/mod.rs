@@ -46,6 +46,17 @@ pub type ChunkStream = Pin<Box<dyn Stream<Item = Result<Bytes>> + Send>>;
 /// even if whoever started it goes away.
 pub type PendingCommit = Pin<Box<dyn Future<Output = Result<CommitOutcome>> + Send>>;
 
+/// What a commit waits for after its bytes verified: `true` lets it take
+/// effect, `false` drops it (the commit then fails with ABORTED). An upload
+/// stream passes the outcome of the file before, so that files commit in
+/// stream order and none after a failing one.
+pub type CommitGate = Pin<Box<dyn Future<Output = bool> + Send>>;
+
+/// A gate that lets the commit go ahead at once.
+pub fn open_gate() -> CommitGate {
+    Box::pin(std::future::ready(true))
+}
+
 /// An open probe: its metadata, then its bytes.
 pub struct ProbeReader {
     pub probe: StoredProbe,
@@ -74,6 +85,10 @@ pub trait ProbeStore: Send + Sync + 'static {
     /// Opens the probe stored under `path`, if any.
     async fn open(&self, path: &ProbePath) -> Result<Option<ProbeReader>>;
 
+    /// The secret that authenticates ListProbes page tokens. Every Central
+    /// on one store must see the same one.
+    fn page_token_key(&self) -> &[u8];
+
     /// Deletes the probe under `path`; false if there was none. Readers
     /// that opened it already still read it whole.
     async fn remove(&self, path: &ProbePath) -> Result<bool>;
@@ -86,8 +101,19 @@ pub trait ProbeWriter: Send {
 
     /// Ends the file. The returned commit checks that exactly the declared
     /// size arrived and that it hashes to `sha256` (INVALID_ARGUMENT or
-    /// DATA_LOSS otherwise, keeping nothing), then commits under the
-    /// overwrite rule. It runs on its own, so the caller may go on with the
-    /// next file meanwhile, and it completes even if the caller goes away.
-    async fn finish(self: Box<Self>, sha256: Sha256Digest, overwrite: bool) -> Result<PendingCommit>;
+    /// DATA_LOSS otherwise, keeping nothing), waits for `gate`, then
+    /// commits under the overwrite rule. It runs on its own, so the caller
+    /// may go on with the next file meanwhile, and it completes even if the
+    /// caller goes away.
+    async fn finish_after(
+        self: Box<Self>,
+        sha256: Sha256Digest,
+        overwrite: bool,
+        gate: CommitGate,
+    ) -> Result<PendingCommit>;
+
+    /// `finish_after` with nothing to wait for.
+    async fn finish(self: Box<Self>, sha256: Sha256Digest, overwrite: bool) -> Result<PendingCommit> {
+        self.finish_after(sha256, overwrite, open_gate()).await
+    }
 }

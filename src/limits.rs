@@ -1,0 +1,25 @@
+//! The limits the API documents, in one place: Central enforces them and
+//! clients size their messages by them. Each one is written in the proto
+//! comment of the RPC that enforces it.
+
+/// Largest request or response message of `ProbeUploadService`: a
+/// GetExistingProbes call for 100,000 paths. A larger message is refused
+/// with RESOURCE_EXHAUSTED.
+pub const MAX_REQUEST_MESSAGE: usize = 64 << 20;
+
+/// Largest `chunk` of one UploadProbes message; a larger one is refused with
+/// RESOURCE_EXHAUSTED.
+pub const MAX_UPLOAD_CHUNK: usize = 4 << 20;
+
+/// Largest probe file accepted in one upload.
+pub const MAX_FILE_SIZE: u64 = 4 << 30;
+
+/// Most paths one GetExistingProbes call may ask for.
+pub const MAX_EXISTING_PATHS: usize = 100_000;
+
+/// Default and largest ListProbes page.
+pub const DEFAULT_PAGE_SIZE: u32 = 1_000;
+pub const MAX_PAGE_SIZE: u32 = 10_000;
+
+/// Largest GetProbe request message; a request is two names.
+pub const MAX_GET_PROBE_REQUEST: usize = 4 << 10;
