@@ -78,7 +78,7 @@ pub fn hex_decode(s: &str) -> Option<Vec<u8>> {
         }
     }
     let hex = s.as_bytes();
-    if hex.len() % 2 != 0 {
+    if !hex.len().is_multiple_of(2) {
         return None;
     }
     hex.chunks_exact(2).map(|pair| Some(nibble(pair[0])? << 4 | nibble(pair[1])?)).collect()
