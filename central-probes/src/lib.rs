@@ -3,12 +3,14 @@
 
 pub mod admin_client;
 pub mod auth;
+pub mod connections;
 pub mod error;
 pub mod metrics;
 pub mod package;
 pub mod page_token;
 pub mod pki;
 pub mod probe_service;
+pub mod probe_slots;
 pub mod progress;
 pub mod server;
 pub mod sources;

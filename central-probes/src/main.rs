@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use central_probes::admin_client::{self, UploadReport, UploadRequest};
 use central_probes::auth::{Role, TokenAuth, TokenFile};
+use central_probes::connections::ConnectionLimits;
 use central_probes::metrics::Metrics;
 use central_probes::upstream::{UpstreamConfig, UpstreamSource};
 use probe_api::transport::ClientTls;
@@ -122,6 +123,59 @@ struct ServeArgs {
     /// Serve Prometheus metrics at http://ADDR/metrics.
     #[arg(long, env = "CENTRAL_METRICS_LISTEN")]
     metrics_listen: Option<SocketAddr>,
+    #[command(flatten)]
+    limits: LimitArgs,
+}
+
+/// What one client may hold of Central (see `connections::ConnectionLimits`).
+#[derive(Args)]
+struct LimitArgs {
+    /// Close a connection whose TLS handshake has not finished by then.
+    #[arg(long, env = "CENTRAL_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    handshake_timeout: Duration,
+    /// Close a connection with no request in flight for this long.
+    #[arg(long, env = "CENTRAL_IDLE_TIMEOUT", default_value = "5m", value_parser = humantime::parse_duration)]
+    idle_timeout: Duration,
+    /// Send an HTTP/2 PING on a quiet connection this often...
+    #[arg(long, env = "CENTRAL_KEEPALIVE_INTERVAL", default_value = "30s", value_parser = humantime::parse_duration)]
+    keepalive_interval: Duration,
+    /// ...and close it when the answer takes longer than this.
+    #[arg(long, env = "CENTRAL_KEEPALIVE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    keepalive_timeout: Duration,
+    /// Connections at once; beyond it, connections still in their handshake
+    /// are closed first, else the new one. Default: the open descriptor
+    /// limit less what probe reads and the store need.
+    #[arg(long, env = "CENTRAL_MAX_CONNECTIONS")]
+    max_connections: Option<usize>,
+    /// Streams one HTTP/2 connection may have open at once.
+    #[arg(long, env = "CENTRAL_MAX_CONCURRENT_STREAMS", default_value_t = 100)]
+    max_concurrent_streams: u32,
+    /// GetProbe streams in flight over all connections.
+    #[arg(long, env = "CENTRAL_MAX_PROBE_STREAMS", default_value_t = 128)]
+    max_probe_streams: usize,
+    /// How long a GetProbe waits for one of those before UNAVAILABLE.
+    #[arg(long, env = "CENTRAL_PROBE_STREAM_WAIT", default_value = "10s", value_parser = humantime::parse_duration)]
+    probe_stream_wait: Duration,
+    /// Close the connection of a client that reads nothing of a probe
+    /// stream for this long.
+    #[arg(long, env = "CENTRAL_SEND_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    send_timeout: Duration,
+}
+
+impl LimitArgs {
+    fn limits(&self) -> ConnectionLimits {
+        ConnectionLimits {
+            handshake_timeout: self.handshake_timeout,
+            idle_timeout: self.idle_timeout,
+            keepalive_interval: self.keepalive_interval,
+            keepalive_timeout: self.keepalive_timeout,
+            max_connections: self.max_connections,
+            max_concurrent_streams: self.max_concurrent_streams,
+            max_probe_streams: self.max_probe_streams,
+            probe_stream_wait: self.probe_stream_wait,
+            send_timeout: self.send_timeout,
+        }
+    }
 }
 
 #[derive(Args)]
@@ -270,7 +324,13 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
     let server = server::run(
         Arc::new(store),
         TokenAuth::new(TokenFile::in_data_dir(&args.data_dir)),
-        ServerOptions { tls, allow_anonymous_reads: args.allow_anonymous_reads, upstream, metrics },
+        ServerOptions {
+            tls,
+            allow_anonymous_reads: args.allow_anonymous_reads,
+            upstream,
+            metrics,
+            limits: args.limits.limits(),
+        },
         listener,
         async move {
             let _ = server_stopped.wait_for(|stop| *stop).await;

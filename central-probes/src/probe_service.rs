@@ -1,9 +1,12 @@
 //! `ProbeService`: serves a probe to a Collector from the first source of
 //! the chain that has it (uploaded packages, then the upstream), header
 //! first, then its bytes as the source reads them (never the whole file in
-//! memory).
+//! memory). Each stream holds one of the global probe stream slots, and
+//! tells it whether its client is reading.
 
 use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
 
 use probe_api::names::{ModuleVersion, ProbeFileName, ProbePath};
 use probe_api::v1::get_probe_response::Message;
@@ -13,8 +16,10 @@ use tokio_stream::{Stream, StreamExt};
 use tonic::{Code, Request, Response, Status};
 use tracing::instrument;
 
+use crate::connections::ConnectionHandle;
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
+use crate::probe_slots::{ProbeSlots, Slot};
 use crate::sources::{SourceChain, source_label};
 
 pub type ProbeStream = Pin<Box<dyn Stream<Item = Result<GetProbeResponse, Status>> + Send>>;
@@ -24,16 +29,32 @@ pub struct CollectorService {
     /// Serve callers without a client certificate (a public upstream server).
     allow_anonymous: bool,
     metrics: Metrics,
+    slots: ProbeSlots,
+    /// How long a request waits for a free slot.
+    slot_wait: Duration,
 }
 
 impl CollectorService {
-    pub fn new(sources: SourceChain, allow_anonymous: bool, metrics: Metrics) -> Self {
-        CollectorService { sources, allow_anonymous, metrics }
+    pub fn new(
+        sources: SourceChain,
+        allow_anonymous: bool,
+        metrics: Metrics,
+        slots: ProbeSlots,
+        slot_wait: Duration,
+    ) -> Self {
+        CollectorService { sources, allow_anonymous, metrics, slots, slot_wait }
     }
 
-    async fn get_probe(&self, request: GetProbeRequest) -> Result<ProbeStream> {
+    async fn get_probe(&self, request: GetProbeRequest, connection: &ConnectionHandle) -> Result<ProbeStream> {
         let path =
             ProbePath::new(ModuleVersion::parse(&request.module_version)?, ProbeFileName::parse(&request.file_name)?);
+        // Taken before the probe is opened: slots bound open files too.
+        let Some(slot) = self.slots.acquire(connection, self.slot_wait).await else {
+            return Err(Error::new(
+                Code::Unavailable,
+                format!("Central is serving its limit of {} probe streams; retry", self.slots.capacity()),
+            ));
+        };
         let Some(found) = self.sources.find(&path).await? else {
             return Err(Error::new(Code::NotFound, format!("no source has the probe {path}")));
         };
@@ -54,7 +75,28 @@ impl CollectorService {
             }
             Err(error) => Err(Status::from(error)),
         });
-        Ok(Box::pin(tokio_stream::once(Ok(header)).chain(chunks)))
+        Ok(Box::pin(SlottedStream { inner: Box::pin(tokio_stream::once(Ok(header)).chain(chunks)), slot }))
+    }
+}
+
+/// A probe stream holding its slot until it ends or is dropped. Between
+/// handing out a message and being asked for the next, it waits on its
+/// client: that is the stall `ProbeSlots` watches.
+struct SlottedStream {
+    inner: ProbeStream,
+    slot: Slot,
+}
+
+impl Stream for SlottedStream {
+    type Item = Result<GetProbeResponse, Status>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.slot.client_reads();
+        let next = self.inner.as_mut().poll_next(cx);
+        if matches!(next, Poll::Ready(Some(_))) {
+            self.slot.waiting_on_client();
+        }
+        next
     }
 }
 
@@ -71,8 +113,10 @@ impl ProbeService for CollectorService {
             self.metrics.count_request("GetProbe", Code::Unauthenticated, "");
             return Err(Status::unauthenticated("GetProbe needs a client certificate signed by the cluster CA"));
         }
+        let connection =
+            request.extensions().get::<ConnectionHandle>().cloned().unwrap_or_else(ConnectionHandle::detached);
         let stream = self
-            .get_probe(request.into_inner())
+            .get_probe(request.into_inner(), &connection)
             .await
             .inspect_err(|error| self.metrics.count_request("GetProbe", error.code, ""))?;
         Ok(Response::new(stream))

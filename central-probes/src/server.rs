@@ -3,32 +3,30 @@
 //! (bearer tokens), gRPC health and server reflection.
 //!
 //! `run` takes a bound listener and a shutdown future, so the binary and the
-//! tests start the very same server.
+//! tests start the very same server; `connections` serves the connections.
 
 use std::future::Future;
 use std::sync::Arc;
 
+use probe_api::limits::MAX_GET_PROBE_REQUEST;
 use probe_api::limits::MAX_REQUEST_MESSAGE;
 use probe_api::v1::probe_service_server::ProbeServiceServer;
 use probe_api::v1::probe_upload_service_server::ProbeUploadServiceServer;
 use tokio::net::TcpListener;
-use tonic::transport::server::TcpIncoming;
-use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+use tonic::codegen::InterceptedService;
+use tonic::service::Routes;
 use tracing::info;
 
-use crate::auth::TokenAuth;
+use crate::auth::{Role, TokenAuth};
+use crate::connections::{self, ConnectionLimits};
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
 use crate::probe_service::CollectorService;
+use crate::probe_slots::ProbeSlots;
 use crate::sources::{ProbeSource, SourceChain, UploadedProbes};
 use crate::store::ProbeStore;
 use crate::upload_service::UploadService;
 use crate::upstream::UpstreamSource;
-
-/// Per-stream and per-connection HTTP/2 receive windows. tonic's defaults
-/// roughly halve bulk throughput here.
-pub const STREAM_WINDOW: u32 = 16 << 20;
-pub const CONNECTION_WINDOW: u32 = 32 << 20;
 
 /// PEM-encoded TLS material of the server.
 #[derive(Clone)]
@@ -46,6 +44,8 @@ pub struct ServerOptions {
     /// Asked when no uploaded package has a probe; `None` when offline.
     pub upstream: Option<Arc<UpstreamSource>>,
     pub metrics: Metrics,
+    /// Connection, stream and timeout limits.
+    pub limits: ConnectionLimits,
 }
 
 /// Installs the one rustls crypto provider this build has. Idempotent.
@@ -64,12 +64,7 @@ pub async fn run(
 ) -> Result<()> {
     install_crypto_provider();
     let address = listener.local_addr().map_err(|e| Error::io("reading the listening address", e))?;
-    let tls = ServerTlsConfig::new()
-        .identity(Identity::from_pem(&options.tls.cert_pem, &options.tls.key_pem))
-        .client_ca_root(Certificate::from_pem(&options.tls.client_ca_pem))
-        // Admins authenticate with tokens and carry no client certificate;
-        // ProbeService checks for one itself.
-        .client_auth_optional(true);
+    let tls = tls_config(&options.tls)?;
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter.set_serving::<ProbeServiceServer<CollectorService>>().await;
@@ -85,31 +80,58 @@ pub async fn run(
     if let Some(upstream) = options.upstream {
         sources.push(upstream);
     }
+    let limits = options.limits;
+    let slots = ProbeSlots::new(limits.max_probe_streams, limits.send_timeout);
     let collector = ProbeServiceServer::new(CollectorService::new(
         SourceChain::new(sources),
         options.allow_anonymous_reads,
         options.metrics.clone(),
-    ));
-    let upload = ProbeUploadServiceServer::new(UploadService::new(store, auth, options.metrics))
+        slots,
+        limits.probe_stream_wait,
+    ))
+    .max_decoding_message_size(MAX_GET_PROBE_REQUEST);
+    let upload = ProbeUploadServiceServer::new(UploadService::new(store, auth.clone(), options.metrics))
         .max_decoding_message_size(MAX_REQUEST_MESSAGE)
         .max_encoding_message_size(MAX_REQUEST_MESSAGE);
+    // The token is checked before tonic reads the request body: a caller
+    // without one cannot make Central buffer a 64 MiB message. Each RPC
+    // checks the role it needs on top.
+    let upload = InterceptedService::new(upload, move |request: tonic::Request<()>| {
+        auth.authorize(request.metadata(), Role::View).map_err(tonic::Status::from)?;
+        Ok(request)
+    });
 
-    // Built from the listener so Nagle is off: serve_with_incoming ignores
-    // the builder's tcp_nodelay, and with Nagle on transfers stall.
-    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    let routes = Routes::new(health_service).add_service(reflection).add_service(collector).add_service(upload);
     info!(%address, "listening on {address}");
-    Server::builder()
-        .tls_config(tls)
-        .map_err(|e| Error::invalid_argument(format!("TLS configuration: {e}")))?
-        .initial_stream_window_size(STREAM_WINDOW)
-        .initial_connection_window_size(CONNECTION_WINDOW)
-        .add_service(health_service)
-        .add_service(reflection)
-        .add_service(collector)
-        .add_service(upload)
-        .serve_with_incoming_shutdown(incoming, shutdown)
-        .await
-        .map_err(|e| Error::internal(format!("server: {e}")))?;
+    connections::serve(listener, tls, routes, limits, shutdown).await;
     info!("server stopped");
     Ok(())
+}
+
+/// Central's TLS: its identity, and client certificates verified against
+/// the cluster CA but optional at this level, since admins authenticate
+/// with tokens; ProbeService insists on one itself.
+fn tls_config(tls: &TlsMaterial) -> Result<Arc<rustls::ServerConfig>> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let invalid =
+        |what: &str, e: &dyn std::fmt::Display| Error::invalid_argument(format!("TLS configuration: {what}: {e}"));
+    let certs = CertificateDer::pem_slice_iter(&tls.cert_pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| invalid("the certificate", &e))?;
+    let key = PrivateKeyDer::from_pem_slice(&tls.key_pem).map_err(|e| invalid("the private key", &e))?;
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in CertificateDer::pem_slice_iter(&tls.client_ca_pem) {
+        roots.add(ca.map_err(|e| invalid("the client CA", &e))?).map_err(|e| invalid("the client CA", &e))?;
+    }
+    let verifier = rustls::server::WebPkiClientVerifier::builder(Arc::new(roots))
+        .allow_unauthenticated()
+        .build()
+        .map_err(|e| invalid("the client CA", &e))?;
+    let mut config = rustls::ServerConfig::builder()
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(certs, key)
+        .map_err(|e| invalid("the certificate and key", &e))?;
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Arc::new(config))
 }

@@ -76,8 +76,13 @@ async fn start(
     let upstream = upstream.map(|config| Arc::new(UpstreamSource::new(config, metrics.clone()).unwrap()));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = listener.local_addr().unwrap().to_string();
-    let options =
-        ServerOptions { tls: pki.tls.clone(), allow_anonymous_reads: anonymous, upstream, metrics: metrics.clone() };
+    let options = ServerOptions {
+        tls: pki.tls.clone(),
+        allow_anonymous_reads: anonymous,
+        upstream,
+        metrics: metrics.clone(),
+        limits: Default::default(),
+    };
     let served = store.clone();
     tokio::spawn(server::run(
         Arc::new(served),

@@ -102,6 +102,7 @@ impl Central {
                 allow_anonymous_reads: options.allow_anonymous_reads,
                 upstream,
                 metrics: metrics.clone(),
+                limits: Default::default(),
             },
             listener,
             async {

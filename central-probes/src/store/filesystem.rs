@@ -22,17 +22,17 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::Poll;
 
 use bytes::{Bytes, BytesMut};
 use probe_api::digest::{Sha256Digest, Sha256Hasher};
 use probe_api::names::{ModuleVersion, ProbeFileName, ProbePath};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::Code;
 use tracing::{info, warn};
 
-use super::{ChunkStream, CommitGate, CommitOutcome, PendingCommit, ProbeReader, ProbeStore, ProbeWriter, StoredProbe};
+use super::{CommitGate, CommitOutcome, PendingCommit, ProbeReader, ProbeStore, ProbeWriter, StoredProbe};
 use crate::error::{Error, Result};
 
 const MAGIC: &[u8; 8] = b"KPROBE01";
@@ -588,8 +588,8 @@ fn stored(path: ProbePath, entry: Entry) -> StoredProbe {
     StoredProbe { path, size: entry.size, sha256: entry.sha256 }
 }
 
-/// Opens a stored probe and reads its first chunk; a reader thread streams
-/// the rest only for probes larger than one chunk.
+/// Opens a stored probe and reads its first chunk; the rest is read a chunk
+/// at a time as the stream is asked for it.
 fn open_probe(path: ProbePath, file_path: &Path) -> Result<Option<ProbeReader>> {
     let file = match File::open(file_path) {
         Ok(file) => file,
@@ -601,31 +601,51 @@ fn open_probe(path: ProbePath, file_path: &Path) -> Result<Option<ProbeReader>> 
     let entry = read_header(&file).map_err(|e| Error::io(format!("reading {path}"), e))?;
     let mut reader = ProbeBytes { file, offset: HEADER_LEN, remaining: entry.size };
     let first = reader.next_chunk().map_err(|e| Error::io(format!("reading {path}"), e))?;
-    let chunks: ChunkStream = if reader.remaining == 0 {
-        Box::pin(tokio_stream::iter(first.map(Ok)))
-    } else {
-        let (sender, receiver) = mpsc::channel(2);
-        let first = first.expect("more to read");
-        let what = path.to_string();
-        tokio::task::spawn_blocking(move || {
-            let mut next = Some(first);
-            while let Some(chunk) = next {
-                // A closed channel means the client went away: stop reading.
-                if sender.blocking_send(Ok(chunk)).is_err() {
-                    return;
-                }
-                next = match reader.next_chunk() {
-                    Ok(chunk) => chunk,
-                    Err(e) => {
-                        let _ = sender.blocking_send(Err(Error::io(format!("reading {what}"), e)));
-                        return;
-                    }
-                };
+    let chunks = OnDemandChunks { first, reader: Some(reader), reading: None, path: path.clone() };
+    Ok(Some(ProbeReader { probe: stored(path, entry), chunks: Box::pin(chunks) }))
+}
+
+/// The chunks of a probe, each read on a blocking thread only once the
+/// stream is asked for it: a client that does not read holds one chunk and
+/// its file, never a thread.
+struct OnDemandChunks {
+    first: Option<Bytes>,
+    /// `None` while a read is in flight, and once the probe is read whole
+    /// or failed.
+    reader: Option<ProbeBytes>,
+    reading: Option<JoinHandle<(ProbeBytes, io::Result<Option<Bytes>>)>>,
+    path: ProbePath,
+}
+
+impl tokio_stream::Stream for OnDemandChunks {
+    type Item = Result<Bytes>;
+
+    fn poll_next(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<Option<Result<Bytes>>> {
+        if let Some(first) = self.first.take() {
+            return Poll::Ready(Some(Ok(first)));
+        }
+        if self.reading.is_none() {
+            let Some(mut reader) = self.reader.take().filter(|reader| reader.remaining > 0) else {
+                return Poll::Ready(None);
+            };
+            self.reading = Some(tokio::task::spawn_blocking(move || {
+                let chunk = reader.next_chunk();
+                (reader, chunk)
+            }));
+        }
+        let reading = self.reading.as_mut().expect("a read in flight");
+        let finished = std::task::ready!(std::pin::Pin::new(reading).poll(cx));
+        self.reading = None;
+        let path = &self.path;
+        Poll::Ready(match finished {
+            Ok((reader, Ok(chunk))) => {
+                self.reader = Some(reader);
+                chunk.map(Ok)
             }
-        });
-        Box::pin(ReceiverStream::new(receiver))
-    };
-    Ok(Some(ProbeReader { probe: stored(path, entry), chunks }))
+            Ok((_, Err(e))) => Some(Err(Error::io(format!("reading {path}"), e))),
+            Err(e) => Some(Err(Error::internal(format!("reading {path}: {e}")))),
+        })
+    }
 }
 
 struct ProbeBytes {
