@@ -2,89 +2,17 @@
 //! address in the log, offline mode, and a clean stop on SIGTERM.
 
 mod common;
+#[path = "common/served.rs"]
+mod served;
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use central_probes::synthetic::PackageSpec;
 use common::{TestPki, tmp_files, whole_probes_on_disk};
+use served::{Served, serve};
 
 use tonic::Code;
-
-/// A running `central-probes serve` and the address it logged.
-struct Served {
-    child: Child,
-    address: String,
-    log: std::sync::mpsc::Receiver<String>,
-}
-
-fn serve(pki: &TestPki, data_dir: &Path, extra: &[&str]) -> Served {
-    let dir = pki.dir.path();
-    std::fs::write(dir.join("server.pem"), &pki.server.cert_pem).unwrap();
-    std::fs::write(dir.join("server-key.pem"), &pki.server.key_pem).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_central-probes"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir", data_dir.to_str().unwrap()])
-        .args(["--tls-cert", dir.join("server.pem").to_str().unwrap()])
-        .args(["--tls-key", dir.join("server-key.pem").to_str().unwrap()])
-        .args(["--client-ca", pki.ca_file().to_str().unwrap()])
-        .args(extra)
-        .env("RUST_LOG", "info")
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let (lines, log) = std::sync::mpsc::channel();
-    let stderr = BufReader::new(child.stderr.take().unwrap());
-    std::thread::spawn(move || {
-        for line in stderr.lines().map_while(Result::ok) {
-            let _ = lines.send(line);
-        }
-    });
-    let mut seen = Vec::new();
-    let address = loop {
-        let line = log
-            .recv_timeout(Duration::from_secs(20))
-            .unwrap_or_else(|e| panic!("Central did not log its address ({e}):\n{}", seen.join("\n")));
-        seen.push(line.clone());
-
-        if let Some((_, rest)) = line.split_once("listening on ") {
-            break rest.split_whitespace().next().unwrap().to_owned();
-        }
-    };
-    Served { child, address, log }
-}
-
-/// A Central a failed test left running would hold its data directory.
-impl Drop for Served {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Served {
-    /// kill -9: no chance to clean up.
-    fn kill(mut self) {
-        self.child.kill().unwrap();
-        self.child.wait().unwrap();
-    }
-
-    /// Sends SIGTERM and waits for the exit status.
-    fn terminate(mut self) -> (std::process::ExitStatus, Vec<String>) {
-        // SAFETY: kill(2) with a child's pid and a valid signal number.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        let status = loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                break status;
-            }
-            assert!(Instant::now() < deadline, "Central did not stop on SIGTERM");
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        (status, self.log.try_iter().collect())
-    }
-}
 
 /// A Collector asks for a probe no uploaded package has.
 async fn fetch_missing_probe(served: &Served, pki: &TestPki) -> collector_client::central::FetchError {

@@ -261,31 +261,42 @@ pub async fn serve(
     let _ = all_closed.recv().await;
 }
 
+/// How often running out of descriptors is logged at most.
+const WARN_EVERY: Duration = Duration::from_secs(60);
+
 /// Pauses of the accept loop while the process is out of descriptors, and
-/// one log line for each such episode.
+/// a log line at most every `WARN_EVERY`, not one per attempt.
 #[derive(Default)]
 struct AcceptBackoff {
-    failures: u32,
+    /// Failures since the last successful accept: the pause grows with them.
+    consecutive: u32,
+    /// Failures not yet reported in a log line.
+    unreported: u64,
+    last_warning: Option<Instant>,
 }
 
 impl AcceptBackoff {
     fn failed(&mut self, evicted: bool, error: &std::io::Error) -> Duration {
-        if self.failures == 0 {
-            warn!(%error, "out of file descriptors: closing connections still in their handshake, oldest first");
+        self.unreported += 1;
+        if self.last_warning.is_none_or(|at| at.elapsed() >= WARN_EVERY) {
+            warn!(
+                %error,
+                refused_accepts = self.unreported,
+                "out of file descriptors: closing connections still in their handshake, oldest first"
+            );
+            self.last_warning = Some(Instant::now());
+            self.unreported = 0;
         }
-        self.failures += 1;
+        self.consecutive += 1;
         if evicted {
             // The evicted connection frees its descriptor once its task runs.
             return Duration::from_millis(1);
         }
-        Duration::from_millis(5 << self.failures.min(8)).min(Duration::from_secs(1))
+        Duration::from_millis(5 << self.consecutive.min(8)).min(Duration::from_secs(1))
     }
 
     fn succeeded(&mut self) {
-        if self.failures > 0 {
-            info!(refused_attempts = self.failures, "accepting connections again");
-            self.failures = 0;
-        }
+        self.consecutive = 0;
     }
 }
 

@@ -1,0 +1,81 @@
+//! gRPC spoken by hand over HTTP/2 and TLS, as a client generated from
+//! proto/ in any language (or a hostile one) puts it on the wire: any bytes
+//! as a message, streams that are never read.
+
+#![allow(dead_code)] // each test file uses a different part of it
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use tokio::net::TcpStream;
+
+use crate::common::TestPki;
+
+/// A raw HTTP/2 client over TLS, speaking gRPC by hand as a client
+/// generated from proto/ in any language would put it on the wire.
+pub async fn raw_http2(address: &str, pki: &TestPki, with_certificate: bool) -> h2::client::SendRequest<Bytes> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+    central_probes::server::install_crypto_provider();
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(CertificateDer::from_pem_slice(pki.ca.cert_pem.as_bytes()).unwrap()).unwrap();
+    let builder = rustls::ClientConfig::builder().with_root_certificates(roots);
+    let mut config = if with_certificate {
+        let cert = CertificateDer::from_pem_slice(pki.collector.cert_pem.as_bytes()).unwrap();
+        let key = PrivateKeyDer::from_pem_slice(pki.collector.key_pem.as_bytes()).unwrap();
+        builder.with_client_auth_cert(vec![cert], key).unwrap()
+    } else {
+        builder.with_no_client_auth()
+    };
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let tcp = TcpStream::connect(address).await.unwrap();
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .unwrap();
+    // A small window: the client buffers little of what it never reads.
+    let (sender, connection) = h2::client::Builder::new().initial_window_size(16 * 1024).handshake(tls).await.unwrap();
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    sender.ready().await.unwrap()
+}
+
+/// A gRPC message frame: no compression, length, message.
+pub fn grpc_frame(message: &impl prost::Message) -> Bytes {
+    let body = message.encode_to_vec();
+    let mut frame = vec![0u8];
+    frame.extend_from_slice(&(body.len() as u32).to_be_bytes());
+    frame.extend_from_slice(&body);
+    Bytes::from(frame)
+}
+
+/// One gRPC call made by hand: `body` as the request (any bytes), the
+/// status the server ends it with.
+pub async fn raw_grpc_call(
+    sender: &h2::client::SendRequest<Bytes>,
+    method: &str,
+    token: Option<&str>,
+    body: Bytes,
+) -> tonic::Status {
+    let mut request = http::Request::post(format!("https://localhost{method}"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers");
+    if let Some(token) = token {
+        request = request.header("authorization", format!("Bearer {token}"));
+    }
+    let mut sender = sender.clone().ready().await.unwrap();
+    let (response, mut stream) = sender.send_request(request.body(()).unwrap(), false).unwrap();
+    stream.send_data(body, true).unwrap();
+    let response = response.await.unwrap();
+    if let Some(status) = tonic::Status::from_header_map(response.headers()) {
+        return status;
+    }
+    let mut body = response.into_body();
+    while let Some(data) = body.data().await {
+        let data = data.unwrap();
+        let _ = body.flow_control().release_capacity(data.len());
+    }
+    let trailers = body.trailers().await.unwrap().unwrap_or_default();
+    tonic::Status::from_header_map(&trailers).expect("a grpc-status in the trailers")
+}

@@ -1,0 +1,105 @@
+//! `central-probes serve` run as a process, for tests of the binary itself
+//! (signals, kill -9, resource limits). Only the tests of the
+//! central-probes package can use it: it needs that package's binary.
+
+#![allow(dead_code)] // each test file uses a different part of it
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::common::TestPki;
+
+/// A running `central-probes serve` and the address it logged.
+pub struct Served {
+    pub child: Child,
+    pub address: String,
+    pub log: std::sync::mpsc::Receiver<String>,
+}
+
+pub fn serve(pki: &TestPki, data_dir: &Path, extra: &[&str]) -> Served {
+    serve_with_descriptor_limit(pki, data_dir, extra, None)
+}
+
+/// `serve`, with the open descriptor limit (soft and hard) set to
+/// `descriptors` when given.
+pub fn serve_with_descriptor_limit(pki: &TestPki, data_dir: &Path, extra: &[&str], descriptors: Option<u64>) -> Served {
+    use std::os::unix::process::CommandExt;
+    let dir = pki.dir.path();
+    std::fs::write(dir.join("server.pem"), &pki.server.cert_pem).unwrap();
+    std::fs::write(dir.join("server-key.pem"), &pki.server.key_pem).unwrap();
+    let mut command = Command::new(env!("CARGO_BIN_EXE_central-probes"));
+    if let Some(descriptors) = descriptors {
+        // SAFETY: the closure only calls setrlimit, which is async-signal-safe.
+        unsafe {
+            command.pre_exec(move || {
+                let limit = libc::rlimit { rlim_cur: descriptors, rlim_max: descriptors };
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
+    let mut child = command
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir", data_dir.to_str().unwrap()])
+        .args(["--tls-cert", dir.join("server.pem").to_str().unwrap()])
+        .args(["--tls-key", dir.join("server-key.pem").to_str().unwrap()])
+        .args(["--client-ca", pki.ca_file().to_str().unwrap()])
+        .args(extra)
+        .env("RUST_LOG", "info")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (lines, log) = std::sync::mpsc::channel();
+    let stderr = BufReader::new(child.stderr.take().unwrap());
+    std::thread::spawn(move || {
+        for line in stderr.lines().map_while(Result::ok) {
+            let _ = lines.send(line);
+        }
+    });
+    let mut seen = Vec::new();
+    let address = loop {
+        let line = log
+            .recv_timeout(Duration::from_secs(20))
+            .unwrap_or_else(|e| panic!("Central did not log its address ({e}):\n{}", seen.join("\n")));
+        seen.push(line.clone());
+
+        if let Some((_, rest)) = line.split_once("listening on ") {
+            break rest.split_whitespace().next().unwrap().to_owned();
+        }
+    };
+    Served { child, address, log }
+}
+
+/// A Central a failed test left running would hold its data directory.
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Served {
+    /// kill -9: no chance to clean up.
+    pub fn kill(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
+    /// Sends SIGTERM and waits for the exit status.
+    pub fn terminate(mut self) -> (std::process::ExitStatus, Vec<String>) {
+        // SAFETY: kill(2) with a child's pid and a valid signal number.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let status = loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                break status;
+            }
+            assert!(Instant::now() < deadline, "Central did not stop on SIGTERM");
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        (status, self.log.try_iter().collect())
+    }
+}

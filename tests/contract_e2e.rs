@@ -1,0 +1,198 @@
+//! The documented contract, checked as a client generated from proto/ (or a
+//! hostile one) meets it: every limit refused with the code its RPC comment
+//! names, never a code that says "retry" for a request that cannot succeed.
+
+mod common;
+#[path = "common/raw_grpc.rs"]
+mod raw_grpc;
+
+use bytes::Bytes;
+use central_probes::upload_session::file_messages;
+use common::{Central, TestPki};
+use probe_api::limits::{MAX_REQUEST_MESSAGE, MAX_UPLOAD_CHUNK};
+use probe_api::v1::upload_probes_request::Message;
+use probe_api::v1::{FileHeader, GetExistingProbesRequest, ListProbesRequest, UploadOptions, UploadProbesRequest};
+use raw_grpc::{grpc_frame, raw_grpc_call, raw_http2};
+use tokio_stream::StreamExt;
+use tonic::Code;
+
+const UPLOAD: &str = "/kprobes.v1.ProbeUploadService/UploadProbes";
+const EXISTING: &str = "/kprobes.v1.ProbeUploadService/GetExistingProbes";
+const GET_PROBE: &str = "/kprobes.v1.ProbeService/GetProbe";
+
+fn options() -> UploadProbesRequest {
+    UploadProbesRequest { message: Some(Message::Options(UploadOptions::default())) }
+}
+
+fn kernel_path(i: usize) -> String {
+    format!("2.5.0/collector-ebpf-6.{i}.0.o.gz")
+}
+
+async fn existing(central: &Central, pki: &TestPki, paths: &[String]) -> Vec<String> {
+    let mut admin = central.admin(pki, &central.view_token);
+    let response = admin.get_existing_probes(GetExistingProbesRequest { paths: paths.to_vec() }).await.unwrap();
+    response.into_inner().probes.into_iter().map(|p| p.path).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_after_a_failing_file_are_not_committed_and_the_error_names_it() {
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let central = Central::start(&pki, dir.path()).await;
+    let failing = kernel_path(0);
+    let large: Vec<u8> = (0..4 << 20).map(|i| (i % 253) as u8).collect();
+    let mut messages = vec![options()];
+    let mut corrupt = file_messages(&failing, &large, 1 << 20);
+    corrupt.pop();
+    corrupt.extend(file_messages(&failing, b"other bytes", 1).pop());
+    messages.extend(corrupt);
+    let valid: Vec<String> = (1..=40).map(kernel_path).collect();
+    for path in &valid {
+        messages.extend(file_messages(path, b"valid probe", 4));
+    }
+    let error =
+        central.admin(&pki, &central.admin_token).upload_probes(tokio_stream::iter(messages)).await.unwrap_err();
+    assert_eq!(error.code(), Code::DataLoss, "{error:?}");
+    assert!(error.message().contains(&failing), "the error names the failing file: {}", error.message());
+    let mut asked = valid.clone();
+    asked.push(failing);
+    assert_eq!(existing(&central, &pki, &asked).await, Vec::<String>::new(), "nothing after the failing file");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_limit_and_undecodable_messages_get_codes_that_do_not_say_retry() {
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let central = Central::start(&pki, dir.path()).await;
+    let raw = raw_http2(&central.address, &pki, true).await;
+    let admin = Some(central.admin_token.as_str());
+
+    // A message frame announcing 65 MiB: refused on its length alone.
+    let mut over_limit = vec![0u8];
+    over_limit.extend_from_slice(&((MAX_REQUEST_MESSAGE as u32) + (1 << 20)).to_be_bytes());
+    let over_limit = Bytes::from(over_limit);
+    // Bytes that are no protobuf message: field 1 with wire type 7.
+    let garbage = Bytes::from_static(&[0, 0, 0, 0, 3, 0x0f, 0xff, 0xff]);
+    let cases = [
+        ("upload, a 65 MiB message", UPLOAD, over_limit.clone(), Code::ResourceExhausted),
+        ("upload, no protobuf", UPLOAD, garbage.clone(), Code::InvalidArgument),
+        ("existing probes, a 65 MiB message", EXISTING, over_limit.clone(), Code::ResourceExhausted),
+        ("existing probes, no protobuf", EXISTING, garbage.clone(), Code::InvalidArgument),
+        ("get probe, a 65 MiB message", GET_PROBE, over_limit, Code::ResourceExhausted),
+        ("get probe, no protobuf", GET_PROBE, garbage, Code::InvalidArgument),
+    ];
+    for (case, method, body, code) in cases {
+        let status = raw_grpc_call(&raw, method, admin, body).await;
+        assert_eq!(status.code(), code, "{case}: {status:?}");
+    }
+
+    // A chunk over the per-chunk limit, in a well-formed stream.
+    let mut stream = grpc_frame(&options()).to_vec();
+    let header = FileHeader { path: kernel_path(1), size: MAX_UPLOAD_CHUNK as u64 + 1 };
+    stream.extend_from_slice(&grpc_frame(&UploadProbesRequest { message: Some(Message::FileHeader(header)) }));
+    let chunk = Bytes::from(vec![7u8; MAX_UPLOAD_CHUNK + 1]);
+    stream.extend_from_slice(&grpc_frame(&UploadProbesRequest { message: Some(Message::Chunk(chunk)) }));
+    let status = raw_grpc_call(&raw, UPLOAD, admin, Bytes::from(stream)).await;
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(status.message().contains("chunk"), "{status:?}");
+
+    // A GetProbe request is two names: 4 KiB is its limit.
+    let request = probe_api::v1::GetProbeRequest { module_version: "2.5.0".into(), file_name: "x".repeat(5000) };
+    let status = raw_grpc_call(&raw, GET_PROBE, None, grpc_frame(&request)).await;
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overlong_names_are_refused_before_any_byte_is_accepted() {
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let central = Central::start(&pki, dir.path()).await;
+    let long_version = format!("{}.0.0", "1".repeat(300));
+    let long_path = format!("{long_version}/collector-ebpf-5.4.0.o.gz");
+    let long_name = format!("2.5.0/collector-ebpf-5.{}.o.gz", "1".repeat(300));
+    let over_512 = format!("2.5.0/collector-ebpf-5.{}.o.gz", "1".repeat(500));
+    for path in [&long_path, &long_name, &over_512] {
+        let error = central
+            .admin(&pki, &central.view_token)
+            .get_existing_probes(GetExistingProbesRequest { paths: vec![path.clone()] })
+            .await
+            .unwrap_err();
+        assert_eq!(error.code(), Code::InvalidArgument, "{path}: {error:?}");
+
+        // The header alone is refused: the stream never sends its bytes.
+        let header = FileHeader { path: path.clone(), size: 1 << 20 };
+        let messages = vec![options(), UploadProbesRequest { message: Some(Message::FileHeader(header)) }];
+        let error = central
+            .admin(&pki, &central.admin_token)
+            .upload_probes(tokio_stream::iter(messages).chain(tokio_stream::pending()))
+            .await
+            .unwrap_err();
+        assert_eq!(error.code(), Code::InvalidArgument, "{path}: {error:?}");
+    }
+    let (module_version, file_name) = long_path.split_once('/').unwrap();
+    let error = central.collector(&pki, Some(&pki.collector)).fetch(module_version, file_name).await.unwrap_err();
+    assert_eq!(error.code(), Code::InvalidArgument, "{error}");
+    assert_eq!(common::tmp_files(dir.path()), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listing_pages_in_path_string_order_with_tokens_only_central_gives() {
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let central = Central::start(&pki, dir.path()).await;
+    let mut paths = vec![
+        "2.5.0/collector-ebpf-5.4.0.o.gz".to_owned(),
+        "2.5.0-rc1/collector-ebpf-5.4.0.o.gz".to_owned(),
+        "2.5.0/collector-5.4.0.ko.gz".to_owned(),
+        "2.10.0/collector-ebpf-5.4.0.o.gz".to_owned(),
+    ];
+    let mut messages = vec![options()];
+    for path in &paths {
+        messages.extend(file_messages(path, path.as_bytes(), 64));
+    }
+    let mut admin = central.admin(&pki, &central.admin_token);
+    admin.upload_probes(tokio_stream::iter(messages)).await.unwrap();
+    paths.sort();
+
+    for page_size in 1..=5 {
+        let (mut listed, mut token) = (Vec::new(), String::new());
+        loop {
+            let request = ListProbesRequest { module_version: String::new(), page_size, page_token: token };
+            let page = admin.list_probes(request).await.unwrap().into_inner();
+            listed.extend(page.probes.into_iter().map(|p| p.path));
+            if page.next_page_token.is_empty() {
+                break;
+            }
+            assert!(!paths.contains(&page.next_page_token), "a token is not a bare path");
+            token = page.next_page_token;
+        }
+        assert_eq!(listed, paths, "page size {page_size}");
+    }
+
+    let first = admin
+        .list_probes(ListProbesRequest { module_version: String::new(), page_size: 1, page_token: String::new() })
+        .await
+        .unwrap()
+        .into_inner();
+    let forged = [
+        paths[0].clone(),
+        first.next_page_token.replace(|c: char| c.is_ascii_digit(), "0"),
+        format!("{}0", first.next_page_token),
+    ];
+    for token in forged {
+        let request = ListProbesRequest { module_version: String::new(), page_size: 1, page_token: token.clone() };
+        let error = admin.list_probes(request).await.unwrap_err();
+        assert_eq!(error.code(), Code::InvalidArgument, "{token}: {error:?}");
+    }
+    let other_filter =
+        ListProbesRequest { module_version: "2.5.0".into(), page_size: 1, page_token: first.next_page_token.clone() };
+    assert_eq!(admin.list_probes(other_filter).await.unwrap_err().code(), Code::InvalidArgument);
+
+    // Tokens stay valid across a restart: the key is kept in the store.
+    central.stop().await;
+    let central = Central::start(&pki, dir.path()).await;
+    let mut admin = central.admin(&pki, &central.admin_token);
+    let request = ListProbesRequest { module_version: String::new(), page_size: 10, page_token: first.next_page_token };
+    let rest = admin.list_probes(request).await.unwrap().into_inner().probes;
+    assert_eq!(rest.len(), paths.len() - 1);
+}

@@ -1,0 +1,270 @@
+//! Central under hostile clients, through the `central-probes serve` binary
+//! so that its memory, threads, CPU time and descriptors can be read from
+//! /proc: streams opened and never read, silent TCP connections,
+//! half-sent ClientHellos, a process out of descriptors. Meanwhile a
+//! well-behaved Collector must still get its probe.
+
+mod common;
+#[path = "common/raw_grpc.rs"]
+mod raw_grpc;
+#[path = "common/served.rs"]
+mod served;
+
+use std::io::Read;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use central_probes::store::ProbeStore;
+use central_probes::store::filesystem::{FilesystemStore, FilesystemStoreConfig};
+use collector_client::central::CentralClient;
+use common::TestPki;
+use probe_api::digest::Sha256Digest;
+use probe_api::names::ProbePath;
+use raw_grpc::{grpc_frame, raw_http2};
+use served::{Served, serve, serve_with_descriptor_limit};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+const LARGE: &str = "2.5.0/collector-ebpf-6.1.0-large.o.gz";
+const MEDIUM: &str = "2.5.0/collector-ebpf-6.1.0-medium.o.gz";
+
+fn bytes_of(len: usize, seed: u8) -> Vec<u8> {
+    (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect()
+}
+
+/// Puts a 4 MiB and a 1 MiB probe into the store before Central starts.
+async fn fill(data_dir: &Path) {
+    let config = FilesystemStoreConfig { data_dir: data_dir.to_owned(), min_free_bytes: 0 };
+    let store = FilesystemStore::open(&config).unwrap();
+    for (path, bytes) in [(LARGE, bytes_of(4 << 20, 1)), (MEDIUM, bytes_of(1 << 20, 2))] {
+        let mut writer = store.create(ProbePath::parse(path).unwrap(), bytes.len() as u64).await.unwrap();
+        for chunk in bytes.chunks(256 * 1024) {
+            writer.write(Bytes::copy_from_slice(chunk)).await.unwrap();
+        }
+        writer.finish(Sha256Digest::of(&bytes), false).await.unwrap().await.unwrap();
+    }
+}
+
+/// One field of /proc/PID/status, in its own unit (kB for memory).
+fn proc_status(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|line| line.starts_with(field)).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// User plus system CPU time of a process, in clock ticks.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name, which is in parentheses.
+    let fields: Vec<&str> = stat.rsplit_once(')').unwrap().1.split_whitespace().collect();
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}
+
+fn open_descriptors(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count()).unwrap_or(0)
+}
+
+/// Peak RSS (MiB) and thread count of Central over a few samples.
+async fn sample_peak(pid: u32, over: Duration) -> (u64, u64) {
+    let (mut rss, mut threads) = (0, 0);
+    let deadline = Instant::now() + over;
+    while Instant::now() < deadline {
+        rss = rss.max(proc_status(pid, "VmRSS:") / 1024);
+        threads = threads.max(proc_status(pid, "Threads:"));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    (rss, threads)
+}
+
+/// Streams that are held open, never read.
+type Unread = Vec<(h2::client::ResponseFuture, h2::SendStream<Bytes>)>;
+
+/// Opens `count` GetProbe streams for `path` and never reads them. Beyond
+/// the server's stream limit, h2 queues them on the client side.
+fn open_unread_get_probes(sender: &h2::client::SendRequest<Bytes>, count: usize, path: &str) -> Unread {
+    let (module_version, file_name) = path.split_once('/').unwrap();
+    let request = probe_api::v1::GetProbeRequest { module_version: module_version.into(), file_name: file_name.into() };
+    let body = grpc_frame(&request);
+    (0..count)
+        .map(|_| {
+            let request = http::Request::post("https://localhost/kprobes.v1.ProbeService/GetProbe")
+                .header("content-type", "application/grpc")
+                .header("te", "trailers")
+                .body(())
+                .unwrap();
+            let (response, mut stream) = sender.clone().send_request(request, false).unwrap();
+            stream.send_data(body.clone(), true).unwrap();
+            (response, stream)
+        })
+        .collect()
+}
+
+/// A Collector fetches the 1 MiB probe; returns how long it took.
+async fn collector_fetch(served: &Served, pki: &TestPki) -> Duration {
+    let client =
+        CentralClient::new(&served.address, &pki.tls_with(Some(&pki.collector)), Duration::from_secs(5)).unwrap();
+    let started = Instant::now();
+    let (module_version, file_name) = MEDIUM.split_once('/').unwrap();
+    let probe = client.fetch(module_version, file_name).await.unwrap();
+    assert_eq!(probe.bytes.len(), 1 << 20);
+    started.elapsed()
+}
+
+/// Holds the attack open while a Collector fetches, and checks the bounds
+/// the issue sets: RSS under 128 MiB, fewer than 64 threads, the Collector
+/// served in under a second.
+async fn unread_streams_are_bounded(connections: usize, streams_each: usize, anonymous: bool) {
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().unwrap();
+    fill(dir.path()).await;
+    let extra: &[&str] = if anonymous { &["--allow-anonymous-reads"] } else { &[] };
+    let served = serve(&pki, dir.path(), extra);
+    let pid = served.child.id();
+    let (rss_before, threads_before) = (proc_status(pid, "VmRSS:") / 1024, proc_status(pid, "Threads:"));
+
+    let mut attack = Vec::new();
+    for _ in 0..connections {
+        let sender = raw_http2(&served.address, &pki, !anonymous).await;
+        attack.push((open_unread_get_probes(&sender, streams_each, LARGE), sender));
+    }
+    // Long enough for every stream to start and stall.
+    let (rss_attack, threads_attack) = sample_peak(pid, Duration::from_secs(2)).await;
+    let fetch = collector_fetch(&served, &pki).await;
+    let (rss_after, threads_after) = sample_peak(pid, Duration::from_millis(500)).await;
+    let rss = rss_attack.max(rss_after);
+    let threads = threads_attack.max(threads_after);
+    println!(
+        "{connections} connection(s) x {streams_each} unread streams{}: RSS {rss_before} -> {rss} MiB, threads \
+         {threads_before} -> {threads}, a Collector's 1 MiB fetch took {fetch:?}",
+        if anonymous { " (anonymous reads)" } else { "" }
+    );
+    assert!(rss < 128, "Central's RSS reached {rss} MiB");
+    assert!(threads < 64, "Central ran {threads} threads");
+    assert!(fetch < Duration::from_secs(1), "the Collector waited {fetch:?}");
+    drop(attack);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_thousand_unread_streams_on_one_connection_hold_bounded_memory_and_a_collector_is_served() {
+    unread_streams_are_bounded(1, 2000, false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unread_anonymous_streams_over_twenty_connections_hold_bounded_memory_and_a_collector_is_served() {
+    unread_streams_are_bounded(20, 100, true).await;
+}
+
+/// Raises this process's descriptor limit to its hard limit; returns it.
+fn raise_own_descriptor_limit() -> u64 {
+    central_probes::connections::raise_descriptor_limit()
+}
+
+/// Whether the server closed a socket it was given: a read sees the end
+/// (or a reset) rather than waiting.
+fn closed_by_peer(socket: &std::net::TcpStream) -> bool {
+    socket.set_nonblocking(true).unwrap();
+    let mut byte = [0u8; 1];
+    match (&*socket).read(&mut byte) {
+        Ok(0) => true,
+        Ok(_) => false,
+        Err(e) => e.kind() != std::io::ErrorKind::WouldBlock,
+    }
+}
+
+/// A Collector retrying as collector-client does (a connect timeout per
+/// try, then a pause) until its probe comes; returns how long it took.
+async fn retrying_collector(served: &Served, pki: &TestPki, retry_interval: Duration) -> Duration {
+    let started = Instant::now();
+    let (module_version, file_name) = MEDIUM.split_once('/').unwrap();
+    loop {
+        let client =
+            CentralClient::new(&served.address, &pki.tls_with(Some(&pki.collector)), Duration::from_secs(2)).unwrap();
+        match tokio::time::timeout(Duration::from_secs(5), client.fetch(module_version, file_name)).await {
+            Ok(Ok(probe)) => {
+                assert_eq!(probe.bytes.len(), 1 << 20);
+                return started.elapsed();
+            }
+            Ok(Err(error)) => println!("try failed: {error}"),
+            Err(_) => println!("try timed out"),
+        }
+        assert!(started.elapsed() < Duration::from_secs(60), "the Collector never got through");
+        tokio::time::sleep(retry_interval).await;
+    }
+}
+
+/// 1,100 silent TCP connections and 20 half-sent ClientHellos against a
+/// Central limited to 1,024 descriptors: it must not spin, must close them
+/// within the handshake timeout, and must serve a Collector meanwhile.
+async fn silent_connections_are_shed(extra: &[&str], expect_descriptor_exhaustion: bool) {
+    if raise_own_descriptor_limit() < 4096 {
+        println!("SKIPPED: this process may not open the 1,100+ sockets the test needs");
+        return;
+    }
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().unwrap();
+    fill(dir.path()).await;
+    let handshake_timeout = Duration::from_secs(3);
+    let mut args = vec!["--handshake-timeout", "3s"];
+    args.extend_from_slice(extra);
+    let served = serve_with_descriptor_limit(&pki, dir.path(), &args, Some(1024));
+    let pid = served.child.id();
+
+    let mut silent = Vec::new();
+    for _ in 0..1100 {
+        match tokio::time::timeout(Duration::from_secs(3), TcpStream::connect(&served.address)).await {
+            Ok(Ok(socket)) => silent.push(socket),
+            _ => break,
+        }
+    }
+    for _ in 0..20 {
+        let mut socket = TcpStream::connect(&served.address).await.unwrap();
+        // A TLS record header announcing a ClientHello that never comes.
+        socket.write_all(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc]).await.unwrap();
+        silent.push(socket);
+    }
+    let attacked_at = Instant::now();
+    let connected = silent.len();
+
+    let ticks_before = cpu_ticks(pid);
+    let measured_from = Instant::now();
+    let served_in = retrying_collector(&served, &pki, Duration::from_secs(1)).await;
+    tokio::time::sleep(Duration::from_secs(1).saturating_sub(measured_from.elapsed())).await;
+    let ticks = cpu_ticks(pid) - ticks_before;
+    // SAFETY: sysconf with a valid name.
+    let ticks_per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let cpu_share = ticks as f64 / ticks_per_second / measured_from.elapsed().as_secs_f64();
+
+    let sockets: Vec<std::net::TcpStream> = silent.into_iter().map(|s| s.into_std().unwrap()).collect();
+    tokio::time::sleep((handshake_timeout + Duration::from_secs(1)).saturating_sub(attacked_at.elapsed())).await;
+    let still_open = sockets.iter().filter(|s| !closed_by_peer(s)).count();
+    let log: Vec<String> = served.log.try_iter().collect();
+    println!(
+        "{connected} silent connections (20 with half a ClientHello) {extra:?}: Central used {:.0}% of a core, \
+         a retrying Collector was served after {served_in:?}, {still_open} still open after the handshake timeout, \
+         Central holds {} descriptors",
+        cpu_share * 100.0,
+        open_descriptors(pid)
+    );
+    assert!(connected >= 1100, "only {connected} connections could be made; Central's log:\n{}", log.join("\n"));
+    assert!(cpu_share < 0.5, "Central spun at {:.0}% of a core", cpu_share * 100.0);
+    assert!(served_in < handshake_timeout + Duration::from_secs(1) + Duration::from_secs(2));
+    assert_eq!(still_open, 0, "silent connections outlived the handshake timeout");
+    let warnings = log.iter().filter(|line| line.contains("out of file descriptors")).count();
+    // With the cap below the limit, descriptors run out only when evicted
+    // connections close later than new ones arrive; either way it is
+    // logged once, not per refused accept.
+    let expected = if expect_descriptor_exhaustion { 1..=1 } else { 0..=1 };
+    assert!(expected.contains(&warnings), "{warnings} warnings of running out of descriptors:\n{}", log.join("\n"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_connections_beyond_the_connection_cap_are_shed_oldest_handshake_first() {
+    silent_connections_are_shed(&[], false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_connections_beyond_the_descriptor_limit_do_not_spin_the_accept_loop() {
+    // A cap above the descriptor limit: accept itself fails with EMFILE.
+    silent_connections_are_shed(&["--max-connections", "5000"], true).await;
+}
