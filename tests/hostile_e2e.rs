@@ -21,7 +21,7 @@ use collector_client::central::CentralClient;
 use common::TestPki;
 use probe_api::digest::Sha256Digest;
 use probe_api::names::ProbePath;
-use raw_grpc::{grpc_frame, raw_http2};
+use raw_grpc::{grpc_frame, raw_http2, raw_http2_undriven};
 use served::{Served, serve, serve_with_descriptor_limit};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
@@ -267,4 +267,37 @@ async fn silent_connections_beyond_the_connection_cap_are_shed_oldest_handshake_
 async fn silent_connections_beyond_the_descriptor_limit_do_not_spin_the_accept_loop() {
     // A cap above the descriptor limit: accept itself fails with EMFILE.
     silent_connections_are_shed(&["--max-connections", "5000"], true).await;
+}
+
+/// Starts Central with one probe and `extra` flags.
+async fn central_with(extra: &[&str]) -> (TestPki, tempfile::TempDir, Served) {
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().unwrap();
+    fill(dir.path()).await;
+    let served = serve(&pki, dir.path(), extra);
+    (pki, dir, served)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_without_requests_is_closed_after_the_idle_timeout() {
+    let (pki, _dir, served) = central_with(&["--idle-timeout", "1s"]).await;
+    let sender = raw_http2(&served.address, &pki, true).await;
+    // Busy with an unread stream: not idle, whatever the time.
+    let busy = raw_http2(&served.address, &pki, true).await;
+    let unread = open_unread_get_probes(&busy, 1, MEDIUM);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(sender.clone().ready().await.is_err(), "the idle connection was closed");
+    assert!(busy.clone().ready().await.is_ok(), "the connection with a request in flight was kept");
+    drop(unread);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_does_not_answer_pings_is_closed() {
+    let (pki, _dir, served) =
+        central_with(&["--keepalive-interval", "1s", "--keepalive-timeout", "1s", "--idle-timeout", "1h"]).await;
+    let (_sender, connection) = raw_http2_undriven(&served.address, &pki).await;
+    // Nothing reads the connection, so Central's PING goes unanswered.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let ended = tokio::time::timeout(Duration::from_secs(2), connection).await;
+    assert!(matches!(ended, Ok(Err(_)) | Ok(Ok(()))), "Central closed the connection: {ended:?}");
 }

@@ -254,7 +254,11 @@ fn main() -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .init();
-    let runtime = match tokio::runtime::Runtime::new() {
+    // Blocking threads read probe chunks, write uploads and commit them;
+    // the bound keeps a flood of requests from growing threads without end
+    // (probe streams are bounded by their slots anyway).
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().max_blocking_threads(32).build();
+    let runtime = match runtime {
         Ok(runtime) => runtime,
         Err(e) => return fail(format!("starting the runtime: {e}")),
     };

@@ -14,6 +14,30 @@ use crate::common::TestPki;
 /// A raw HTTP/2 client over TLS, speaking gRPC by hand as a client
 /// generated from proto/ in any language would put it on the wire.
 pub async fn raw_http2(address: &str, pki: &TestPki, with_certificate: bool) -> h2::client::SendRequest<Bytes> {
+    let tls = tls_connect(address, pki, with_certificate).await;
+    // A small window: the client buffers little of what it never reads.
+    let (sender, connection) = h2::client::Builder::new().initial_window_size(16 * 1024).handshake(tls).await.unwrap();
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    sender.ready().await.unwrap()
+}
+
+/// An HTTP/2 connection whose connection half nobody drives: after the
+/// preface it neither reads nor answers anything until the caller polls it.
+pub async fn raw_http2_undriven(
+    address: &str,
+    pki: &TestPki,
+) -> (h2::client::SendRequest<Bytes>, h2::client::Connection<tokio_rustls::client::TlsStream<TcpStream>, Bytes>) {
+    let tls = tls_connect(address, pki, true).await;
+    h2::client::handshake(tls).await.unwrap()
+}
+
+async fn tls_connect(
+    address: &str,
+    pki: &TestPki,
+    with_certificate: bool,
+) -> tokio_rustls::client::TlsStream<TcpStream> {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
     central_probes::server::install_crypto_provider();
@@ -29,16 +53,10 @@ pub async fn raw_http2(address: &str, pki: &TestPki, with_certificate: bool) -> 
     };
     config.alpn_protocols = vec![b"h2".to_vec()];
     let tcp = TcpStream::connect(address).await.unwrap();
-    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+    tokio_rustls::TlsConnector::from(Arc::new(config))
         .connect(ServerName::try_from("localhost").unwrap(), tcp)
         .await
-        .unwrap();
-    // A small window: the client buffers little of what it never reads.
-    let (sender, connection) = h2::client::Builder::new().initial_window_size(16 * 1024).handshake(tls).await.unwrap();
-    tokio::spawn(async move {
-        let _ = connection.await;
-    });
-    sender.ready().await.unwrap()
+        .unwrap()
 }
 
 /// A gRPC message frame: no compression, length, message.
