@@ -69,11 +69,16 @@ pub async fn run(
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter.set_serving::<ProbeServiceServer<CollectorService>>().await;
     health_reporter.set_serving::<ProbeUploadServiceServer<UploadService>>().await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(probe_api::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .map_err(|e| Error::internal(format!("building reflection: {e}")))?;
+    // Both reflection versions: grpcurl before 1.9 and other older tools
+    // speak only v1alpha.
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(probe_api::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_error = |e| Error::internal(format!("building reflection: {e}"));
+    let reflection_v1 = reflection().build_v1().map_err(reflection_error)?;
+    let reflection_v1alpha = reflection().build_v1alpha().map_err(reflection_error)?;
 
     // Uploaded probes always win over the upstream's.
     let mut sources: Vec<Arc<dyn ProbeSource>> = vec![Arc::new(UploadedProbes(store.clone()))];
@@ -101,7 +106,11 @@ pub async fn run(
         Ok(request)
     });
 
-    let routes = Routes::new(health_service).add_service(reflection).add_service(collector).add_service(upload);
+    let routes = Routes::new(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(collector)
+        .add_service(upload);
     info!(%address, "listening on {address}");
     connections::serve(listener, tls, routes, limits, shutdown).await;
     info!("server stopped");

@@ -29,7 +29,10 @@ pub fn serve_with_descriptor_limit(pki: &TestPki, data_dir: &Path, extra: &[&str
     let dir = pki.dir.path();
     std::fs::write(dir.join("server.pem"), &pki.server.cert_pem).unwrap();
     std::fs::write(dir.join("server-key.pem"), &pki.server.key_pem).unwrap();
-    let mut command = Command::new(env!("CARGO_BIN_EXE_central-probes"));
+    // CENTRAL_PROBES_BIN runs the same test against another build (say, an
+    // older one, for before-and-after figures).
+    let binary = std::env::var("CENTRAL_PROBES_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_central-probes").into());
+    let mut command = Command::new(binary);
     if let Some(descriptors) = descriptors {
         // SAFETY: the closure only calls setrlimit, which is async-signal-safe.
         unsafe {
