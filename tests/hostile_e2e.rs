@@ -100,15 +100,19 @@ fn open_unread_get_probes(sender: &h2::client::SendRequest<Bytes>, count: usize,
         .collect()
 }
 
-/// A Collector fetches the 1 MiB probe; returns how long it took.
-async fn collector_fetch(served: &Served, pki: &TestPki) -> Duration {
-    let client =
-        CentralClient::new(&served.address, &pki.tls_with(Some(&pki.collector)), Duration::from_secs(5)).unwrap();
+/// A Collector fetches the 1 MiB probe; returns how long it took, or what
+/// went wrong within 20 s.
+async fn collector_fetch(served: &Served, pki: &TestPki) -> Result<Duration, String> {
+    let tls = pki.tls_with(Some(&pki.collector));
+    let client = CentralClient::new(&served.address, &tls, Duration::from_secs(5)).unwrap();
     let started = Instant::now();
     let (module_version, file_name) = MEDIUM.split_once('/').unwrap();
-    let probe = client.fetch(module_version, file_name).await.unwrap();
-    assert_eq!(probe.bytes.len(), 1 << 20);
-    started.elapsed()
+    match tokio::time::timeout(Duration::from_secs(20), client.fetch(module_version, file_name)).await {
+        Ok(Ok(probe)) if probe.bytes.len() == 1 << 20 => Ok(started.elapsed()),
+        Ok(Ok(probe)) => Err(format!("{} bytes instead of 1 MiB", probe.bytes.len())),
+        Ok(Err(error)) => Err(format!("failed after {:?}: {error}", started.elapsed())),
+        Err(_) => Err("no probe after 20 s".into()),
+    }
 }
 
 /// Holds the attack open while a Collector fetches, and checks the bounds
@@ -136,11 +140,12 @@ async fn unread_streams_are_bounded(connections: usize, streams_each: usize, ano
     let threads = threads_attack.max(threads_after);
     println!(
         "{connections} connection(s) x {streams_each} unread streams{}: RSS {rss_before} -> {rss} MiB, threads \
-         {threads_before} -> {threads}, a Collector's 1 MiB fetch took {fetch:?}",
+         {threads_before} -> {threads}, a Collector's 1 MiB fetch: {fetch:?}",
         if anonymous { " (anonymous reads)" } else { "" }
     );
     assert!(rss < 128, "Central's RSS reached {rss} MiB");
     assert!(threads < 64, "Central ran {threads} threads");
+    let fetch = fetch.unwrap();
     assert!(fetch < Duration::from_secs(1), "the Collector waited {fetch:?}");
     drop(attack);
 }
