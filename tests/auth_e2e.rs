@@ -3,7 +3,7 @@
 
 mod common;
 
-use central_probes::auth::TokenFile;
+use central_probes::server::auth::TokenFile;
 use common::{Central, TestPki};
 use probe_api::v1::upload_probes_request::Message;
 use probe_api::v1::{GetExistingProbesRequest, ListProbesRequest, UploadOptions, UploadProbesRequest};
@@ -14,7 +14,11 @@ const PROBE: (&str, &str) = ("2.5.0", "collector-ebpf-5.4.0-42-generic.o.gz");
 async fn store_probe(central: &Central, pki: &TestPki) {
     let mut admin = central.admin(pki, &central.admin_token);
     let mut messages = vec![UploadProbesRequest { message: Some(Message::Options(UploadOptions::default())) }];
-    messages.extend(central_probes::upload_session::file_messages(&format!("{}/{}", PROBE.0, PROBE.1), b"probe", 2));
+    messages.extend(central_probes::server::upload_session::file_messages(
+        &format!("{}/{}", PROBE.0, PROBE.1),
+        b"probe",
+        2,
+    ));
     admin.upload_probes(tokio_stream::iter(messages)).await.unwrap();
 }
 
@@ -92,7 +96,8 @@ async fn admin_calls_need_a_token_with_the_right_role() {
 
     // Revocation takes effect at once, without a restart.
     let tokens = TokenFile::in_data_dir(dir.path());
-    let name = tokens.load().unwrap().into_iter().find(|r| r.role == central_probes::auth::Role::Admin).unwrap().name;
+    let name =
+        tokens.load().unwrap().into_iter().find(|r| r.role == central_probes::server::auth::Role::Admin).unwrap().name;
     assert!(tokens.revoke(&name).unwrap());
     assert_eq!(admin.upload_probes(upload()).await.unwrap_err().code(), Code::Unauthenticated);
     central.stop().await;
@@ -222,7 +227,11 @@ async fn call_all(channel: tonic::transport::Channel, authorization: Option<&str
         .await
         .map(drop);
     let mut messages = vec![UploadProbesRequest { message: Some(Message::Options(UploadOptions::default())) }];
-    messages.extend(central_probes::upload_session::file_messages(&format!("{}/{}", PROBE.0, PROBE.1), b"probe", 2));
+    messages.extend(central_probes::server::upload_session::file_messages(
+        &format!("{}/{}", PROBE.0, PROBE.1),
+        b"probe",
+        2,
+    ));
     let upload = admin.upload_probes(tokio_stream::iter(messages)).await.map(drop);
     let list = admin.list_probes(ListProbesRequest::default()).await.map(drop);
     [classify(get_probe), classify(existing), classify(upload), classify(list)]
@@ -235,7 +244,7 @@ async fn every_caller_gets_the_expected_code_from_every_rpc() {
     let central = Central::start(&pki, dir.path()).await;
     store_probe(&central, &pki).await;
     let tokens = TokenFile::in_data_dir(dir.path());
-    let revoked = tokens.create(central_probes::auth::Role::Admin, "to-revoke").unwrap();
+    let revoked = tokens.create(central_probes::server::auth::Role::Admin, "to-revoke").unwrap();
     assert!(tokens.revoke("to-revoke").unwrap());
     let expired = pki.ca.issue_expired_client("collector").unwrap();
     let timeout = std::time::Duration::from_secs(5);

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::time::Duration;
 
-use central_probes::upstream::UpstreamConfig;
+use central_probes::server::upstream::UpstreamConfig;
 use common::{Central, CentralOptions, TestPki};
 use probe_api::v1::probe_service_server::{ProbeService, ProbeServiceServer};
 use probe_api::v1::upload_probes_request::Message;
@@ -44,7 +44,7 @@ async fn upload(central: &Central, pki: &TestPki, kernel: &str) {
     let mut admin = central.admin(pki, &central.admin_token);
     let mut messages = vec![UploadProbesRequest { message: Some(Message::Options(UploadOptions::default())) }];
     let path = format!("{MODULE}/{}", file_name(kernel));
-    messages.extend(central_probes::upload_session::file_messages(&path, &probe_for(kernel).1, 1000));
+    messages.extend(central_probes::server::upload_session::file_messages(&path, &probe_for(kernel).1, 1000));
     admin.upload_probes(tokio_stream::iter(messages)).await.unwrap();
 }
 

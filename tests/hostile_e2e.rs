@@ -162,7 +162,7 @@ async fn unread_anonymous_streams_over_twenty_connections_hold_bounded_memory_an
 
 /// Raises this process's descriptor limit to its hard limit; returns it.
 fn raise_own_descriptor_limit() -> u64 {
-    central_probes::connections::raise_descriptor_limit()
+    central_probes::server::connections::raise_descriptor_limit()
 }
 
 /// Whether the server closed a socket it was given: a read sees the end

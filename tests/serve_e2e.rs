@@ -86,8 +86,8 @@ impl Scenario {
         let pki = TestPki::new();
         let dir = tempfile::tempdir().unwrap();
         let data_dir = dir.path().join("data");
-        let token = central_probes::auth::TokenFile::in_data_dir(&data_dir)
-            .create(central_probes::auth::Role::Admin, "admin")
+        let token = central_probes::server::auth::TokenFile::in_data_dir(&data_dir)
+            .create(central_probes::server::auth::Role::Admin, "admin")
             .unwrap();
         let spec = crash_spec();
         let package = dir.path().join("pkg.zip");
@@ -122,7 +122,7 @@ fn crash_spec() -> PackageSpec {
 }
 
 async fn stored_count(address: &str, pki: &TestPki, token: &str, spec: &PackageSpec) -> usize {
-    let mut admin = central_probes::admin_client::connect(
+    let mut admin = central_probes::admin::client::connect(
         address,
         pki.ca.cert_pem.clone().into_bytes(),
         token,
@@ -142,18 +142,19 @@ fn start_upload(
     token: &str,
     package: &Path,
 ) -> tokio::task::JoinHandle<Result<usize, String>> {
-    let mut admin = central_probes::admin_client::connect(
+    let mut admin = central_probes::admin::client::connect(
         address,
         pki.ca.cert_pem.clone().into_bytes(),
         token,
         Duration::from_secs(5),
     )
     .unwrap();
-    let request = central_probes::admin_client::UploadRequest { package: package.to_owned(), overwrite: false };
+    let request = central_probes::admin::client::UploadRequest { package: package.to_owned(), overwrite: false };
     tokio::spawn(async move {
-        let report =
-            central_probes::admin_client::upload(&mut admin, &request, |_| central_probes::progress::Progress::Silent)
-                .await?;
+        let report = central_probes::admin::client::upload(&mut admin, &request, |_| {
+            central_probes::admin::progress::Progress::Silent
+        })
+        .await?;
         Ok(report.files_sent)
     })
 }

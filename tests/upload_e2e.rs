@@ -5,8 +5,8 @@ mod common;
 
 use std::time::Duration;
 
-use central_probes::admin_client::{self, UploadRequest};
-use central_probes::progress::Progress;
+use central_probes::admin::client::{self as admin_client, UploadRequest};
+use central_probes::admin::progress::Progress;
 use central_probes::synthetic::PackageSpec;
 use common::{Central, CentralOptions, TestPki, tmp_files, whole_probes_on_disk};
 
@@ -173,11 +173,12 @@ async fn an_interrupted_upload_keeps_finished_files_and_the_rerun_sends_only_the
     let options = UploadProbesRequest { message: Some(Message::Options(UploadOptions { overwrite: false })) };
     sender.send(options).await.unwrap();
     for path in &paths[..3] {
-        for message in central_probes::upload_session::file_messages(path, &spec.probe_bytes(path), 4096) {
+        for message in central_probes::server::upload_session::file_messages(path, &spec.probe_bytes(path), 4096) {
             sender.send(message).await.unwrap();
         }
     }
-    let mut fourth = central_probes::upload_session::file_messages(&paths[3], &spec.probe_bytes(&paths[3]), 1024);
+    let mut fourth =
+        central_probes::server::upload_session::file_messages(&paths[3], &spec.probe_bytes(&paths[3]), 1024);
     fourth.truncate(3);
     for message in fourth {
         sender.send(message).await.unwrap();
@@ -322,7 +323,7 @@ async fn wait_for_no_tmp_files(central: &Central) {
     panic!("temporary files stayed behind");
 }
 
-async fn wait_for_stored(admin: &mut central_probes::admin_client::AdminClient, spec: &PackageSpec, at_least: usize) {
+async fn wait_for_stored(admin: &mut central_probes::admin::client::AdminClient, spec: &PackageSpec, at_least: usize) {
     let ask = GetExistingProbesRequest { paths: spec.probe_paths() };
     for _ in 0..2000 {
         if admin.get_existing_probes(ask.clone()).await.unwrap().into_inner().probes.len() >= at_least {
@@ -397,7 +398,7 @@ async fn a_network_cut_mid_stream_keeps_whole_probes_only_and_the_rerun_complete
     let package = write(&spec, dir.path(), "pkg.zip");
     let total: usize = spec.probe_paths().iter().map(|p| spec.probe_bytes(p).len()).sum();
     let proxy = cutting_proxy(central.address.clone(), total as u64 / 3).await;
-    let mut through_proxy = central_probes::admin_client::connect(
+    let mut through_proxy = central_probes::admin::client::connect(
         &proxy,
         pki.ca.cert_pem.clone().into_bytes(),
         &central.admin_token,

@@ -1,21 +1,14 @@
-//! Central's side of kernel probe distribution: the probe store, the gRPC
-//! services that fill it and serve from it, and the admin tooling.
+//! Central's side of kernel probe distribution, by concern:
+//! - `server`: the gRPC services, their connections and limits, auth,
+//!   metrics, the fallback chain, and `server::run`, the one composition
+//!   root the binary, the tests and the benches all start;
+//! - `store`: where uploaded probes live, behind a trait;
+//! - `admin`: the admin side's client, support package reader and progress;
+//! - `cli` (in the binary): one file per subcommand.
 
-pub mod admin_client;
-pub mod auth;
-pub mod connections;
+pub mod admin;
 pub mod error;
-pub mod metrics;
-pub mod package;
-pub mod page_token;
 pub mod pki;
-pub mod probe_service;
-pub mod probe_slots;
-pub mod progress;
 pub mod server;
-pub mod sources;
 pub mod store;
 pub mod synthetic;
-pub mod upload_service;
-pub mod upload_session;
-pub mod upstream;

@@ -13,14 +13,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use central_probes::auth::{Role, TokenAuth, TokenFile};
-use central_probes::metrics::Metrics;
 use central_probes::pki::CertificateAuthority;
+use central_probes::server::auth::{Role, TokenAuth, TokenFile};
+use central_probes::server::metrics::Metrics;
+use central_probes::server::upstream::{UpstreamConfig, UpstreamSource};
 use central_probes::server::{self, ServerOptions, TlsMaterial};
 use central_probes::store::ProbeStore;
 use central_probes::store::filesystem::{FilesystemStore, FilesystemStoreConfig};
 use central_probes::synthetic::PackageSpec;
-use central_probes::upstream::{UpstreamConfig, UpstreamSource};
 use collector_client::central::CentralClient;
 use probe_api::digest::Sha256Digest;
 use probe_api::names::ProbePath;

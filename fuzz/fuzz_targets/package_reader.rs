@@ -4,7 +4,7 @@
 
 use std::sync::OnceLock;
 
-use central_probes::package::Package;
+use central_probes::admin::package::Package;
 use libfuzzer_sys::fuzz_target;
 
 /// Entries declaring more than this are skipped: the reader bounds what it

@@ -10,7 +10,7 @@ use std::sync::{Arc, OnceLock};
 
 use central_probes::store::ProbeStore;
 use central_probes::store::filesystem::{FilesystemStore, FilesystemStoreConfig};
-use central_probes::upload_session::UploadSession;
+use central_probes::server::upload_session::UploadSession;
 use libfuzzer_sys::fuzz_target;
 use probe_api::v1::UploadProbesRequest;
 use prost::Message;

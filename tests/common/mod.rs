@@ -7,13 +7,13 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use central_probes::admin_client::{self, AdminClient};
-use central_probes::auth::{Role, TokenAuth, TokenFile};
-use central_probes::metrics::Metrics;
+use central_probes::admin::client::{self as admin_client, AdminClient};
 use central_probes::pki::{CertificateAuthority, CertifiedKey};
+use central_probes::server::auth::{Role, TokenAuth, TokenFile};
+use central_probes::server::metrics::Metrics;
+use central_probes::server::upstream::{UpstreamConfig, UpstreamSource};
 use central_probes::server::{self, ServerOptions, TlsMaterial};
 use central_probes::store::filesystem::{FilesystemStore, FilesystemStoreConfig};
-use central_probes::upstream::{UpstreamConfig, UpstreamSource};
 use collector_client::central::CentralClient;
 use probe_api::transport::ClientTls;
 use tempfile::TempDir;

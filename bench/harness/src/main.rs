@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use central_probes::package::Package;
+use central_probes::admin::package::Package;
 use clap::{Parser, Subcommand, ValueEnum};
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -334,7 +334,7 @@ async fn fanout(address: &str, tls: &ClientTls, path: &str, clients: usize) {
 }
 
 async fn queries(address: &str, ca: Vec<u8>, token: &str, paths: &Path) {
-    let mut client = central_probes::admin_client::connect(address, ca, token, Duration::from_secs(5)).unwrap();
+    let mut client = central_probes::admin::client::connect(address, ca, token, Duration::from_secs(5)).unwrap();
     let paths: Vec<String> = std::fs::read_to_string(paths).unwrap().lines().map(String::from).collect();
     let started = Instant::now();
     let found = client.get_existing_probes(GetExistingProbesRequest { paths: paths.clone() }).await.unwrap();

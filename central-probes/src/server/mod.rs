@@ -9,6 +9,17 @@ use std::future::Future;
 use std::sync::Arc;
 
 use probe_api::limits::MAX_GET_PROBE_REQUEST;
+pub mod auth;
+pub mod connections;
+pub mod metrics;
+pub mod page_token;
+pub mod probe_service;
+pub mod probe_slots;
+pub mod sources;
+pub mod upload_service;
+pub mod upload_session;
+pub mod upstream;
+
 use probe_api::limits::MAX_REQUEST_MESSAGE;
 use probe_api::v1::probe_service_server::ProbeServiceServer;
 use probe_api::v1::probe_upload_service_server::ProbeUploadServiceServer;
@@ -17,16 +28,16 @@ use tonic::codegen::InterceptedService;
 use tonic::service::Routes;
 use tracing::info;
 
-use crate::auth::{Role, TokenAuth};
-use crate::connections::{self, ConnectionLimits};
 use crate::error::{Error, Result};
-use crate::metrics::Metrics;
-use crate::probe_service::CollectorService;
-use crate::probe_slots::ProbeSlots;
-use crate::sources::{ProbeSource, SourceChain, UploadedProbes};
+use crate::server::auth::{Role, TokenAuth};
+use crate::server::metrics::Metrics;
+use crate::server::probe_service::CollectorService;
+use crate::server::probe_slots::ProbeSlots;
+use crate::server::sources::{ProbeSource, SourceChain, UploadedProbes};
+use crate::server::upload_service::UploadService;
+use crate::server::upstream::UpstreamSource;
 use crate::store::ProbeStore;
-use crate::upload_service::UploadService;
-use crate::upstream::UpstreamSource;
+use connections::ConnectionLimits;
 
 /// PEM-encoded TLS material of the server.
 #[derive(Clone)]

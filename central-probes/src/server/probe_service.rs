@@ -16,11 +16,11 @@ use tokio_stream::{Stream, StreamExt};
 use tonic::{Code, Request, Response, Status};
 use tracing::instrument;
 
-use crate::connections::ConnectionHandle;
 use crate::error::{Error, Result};
-use crate::metrics::Metrics;
-use crate::probe_slots::{ProbeSlots, Slot};
-use crate::sources::{SourceChain, source_label};
+use crate::server::connections::ConnectionHandle;
+use crate::server::metrics::Metrics;
+use crate::server::probe_slots::{ProbeSlots, Slot};
+use crate::server::sources::{SourceChain, source_label};
 
 pub type ProbeStream = Pin<Box<dyn Stream<Item = Result<GetProbeResponse, Status>> + Send>>;
 

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 use tracing::{info, warn};
 
-use crate::connections::ConnectionHandle;
+use crate::server::connections::ConnectionHandle;
 
 /// When every slot is taken, streams stalled at least this long lose their
 /// connection to make room.

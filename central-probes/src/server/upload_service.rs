@@ -14,12 +14,12 @@ use probe_api::v1::{
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{info, instrument};
 
-use crate::auth::{Role, TokenAuth};
 use crate::error::{Error, Result};
-use crate::metrics::{Metrics, OutcomeLabels};
-use crate::page_token::PageTokens;
+use crate::server::auth::{Role, TokenAuth};
+use crate::server::metrics::{Metrics, OutcomeLabels};
+use crate::server::page_token::PageTokens;
+use crate::server::upload_session::UploadSession;
 use crate::store::{ProbeStore, StoredProbe};
-use crate::upload_session::UploadSession;
 
 pub struct UploadService {
     store: Arc<dyn ProbeStore>,

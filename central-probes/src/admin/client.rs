@@ -31,8 +31,8 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 use tonic::{Request, Status};
 
-use crate::package::{Package, PackageIndex, PackageProbe};
-use crate::progress::Progress;
+use crate::admin::package::{Package, PackageIndex, PackageProbe};
+use crate::admin::progress::Progress;
 use probe_api::limits::MAX_REQUEST_MESSAGE;
 
 /// Adds `authorization: Bearer <token>` to every call.

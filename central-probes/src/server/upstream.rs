@@ -26,8 +26,8 @@ use tonic::transport::Channel;
 use tracing::{info, warn};
 
 use crate::error::{Error, Result};
-use crate::metrics::{Metrics, ResultLabels};
-use crate::sources::{Found, ProbeSource};
+use crate::server::metrics::{Metrics, ResultLabels};
+use crate::server::sources::{Found, ProbeSource};
 use crate::store::ProbeStore;
 use crate::store::filesystem::{FilesystemStore, FilesystemStoreConfig};
 use probe_api::limits::MAX_FILE_SIZE;

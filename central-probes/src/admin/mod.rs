@@ -1,0 +1,7 @@
+//! The admin side: what `central-probes upload` and `ls` run. It talks to
+//! Central only through the API (`probe_api`), never through the server's
+//! internals.
+
+pub mod client;
+pub mod package;
+pub mod progress;

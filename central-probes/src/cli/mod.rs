@@ -1,0 +1,120 @@
+//! The `central-probes` command line: one file per subcommand. Each
+//! subcommand parses its flags here and calls into the library; nothing
+//! here serves or stores anything itself.
+
+mod ls;
+mod pki;
+mod serve;
+mod token;
+mod upload;
+
+use std::path::Path;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(version, about = "Kernel probe store and server for Collectors, and its admin tools")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Run Central's probe server.
+    Serve(Box<serve::ServeArgs>),
+    /// Upload a kernel support package (zip) to Central.
+    Upload(upload::UploadArgs),
+    /// The documented spelling: `collector support-packages upload`.
+    Collector {
+        #[command(subcommand)]
+        command: CollectorCommand,
+    },
+    /// List the probes Central stores.
+    Ls(ls::LsArgs),
+    /// Create, revoke and list API tokens (run where the data directory is).
+    Token {
+        #[command(subcommand)]
+        command: token::TokenCommand,
+    },
+    /// Development certificates.
+    Pki {
+        #[command(subcommand)]
+        command: pki::PkiCommand,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum CollectorCommand {
+    #[command(name = "support-packages")]
+    SupportPackages {
+        #[command(subcommand)]
+        command: SupportPackagesCommand,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum SupportPackagesCommand {
+    /// Upload a kernel support package (zip) to Central.
+    Upload(upload::UploadArgs),
+}
+
+/// Runs one subcommand; the error is the one line the user sees.
+pub async fn run(command: Command) -> Result<(), String> {
+    match command {
+        Command::Serve(args) => serve::serve(*args).await,
+        Command::Upload(args)
+        | Command::Collector {
+            command: CollectorCommand::SupportPackages { command: SupportPackagesCommand::Upload(args) },
+        } => upload::upload(args).await,
+        Command::Ls(args) => ls::ls(args).await,
+        Command::Token { command } => token::token(command),
+        Command::Pki { command } => pki::pki(command),
+    }
+}
+
+pub(crate) fn read(path: &Path, what: &str) -> Result<Vec<u8>, String> {
+    std::fs::read(path).map_err(|e| format!("reading {what} {}: {e}", path.display()))
+}
+
+/// Parses `1073741824`, `1G` (10^9), `1GiB` (2^30) and the like.
+pub(crate) fn parse_size(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: u64 = number.parse().map_err(|_| format!("{text:?} is not a size such as 1GiB"))?;
+    let multiplier: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "K" | "KB" => 1_000,
+        "M" | "MB" => 1_000_000,
+        "G" | "GB" => 1_000_000_000,
+        "T" | "TB" => 1_000_000_000_000,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        "TiB" => 1 << 40,
+        other => return Err(format!("unknown size unit {other:?}")),
+    };
+    number.checked_mul(multiplier).ok_or_else(|| format!("{text} is too large"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse_with_decimal_and_binary_units() {
+        assert_eq!(parse_size("1GiB"), Ok(1 << 30));
+        assert_eq!(parse_size("5G"), Ok(5_000_000_000));
+        assert_eq!(parse_size("0"), Ok(0));
+        assert!(parse_size("1 parsec").is_err());
+        assert!(parse_size("GiB").is_err());
+        assert!(parse_size("99999999999TiB").is_err());
+    }
+
+    #[test]
+    fn the_cli_definition_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}

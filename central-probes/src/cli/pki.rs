@@ -1,0 +1,25 @@
+//! `central-probes pki init`: development certificates.
+
+use std::path::PathBuf;
+
+use clap::Subcommand;
+
+#[derive(Subcommand)]
+pub enum PkiCommand {
+    /// Write a development CA, a server certificate for localhost and
+    /// 127.0.0.1, and a Collector client certificate.
+    Init {
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+pub fn pki(command: PkiCommand) -> Result<(), String> {
+    let PkiCommand::Init { out } = command;
+    central_probes::pki::init(&out).map_err(|e| format!("writing certificates to {}: {e}", out.display()))?;
+    println!(
+        "wrote ca.pem, ca-key.pem, server.pem, server-key.pem, collector.pem, collector-key.pem to {}",
+        out.display()
+    );
+    Ok(())
+}

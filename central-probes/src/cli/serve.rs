@@ -1,0 +1,227 @@
+//! `central-probes serve`: flags and signals; the server itself is
+//! `central_probes::server`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use central_probes::server::auth::{TokenAuth, TokenFile};
+use central_probes::server::connections::ConnectionLimits;
+use central_probes::server::metrics::Metrics;
+use central_probes::server::upstream::{UpstreamConfig, UpstreamSource};
+use central_probes::server::{self, ServerOptions, TlsMaterial};
+use central_probes::store::filesystem::{FilesystemStore, FilesystemStoreConfig};
+use clap::Args;
+use probe_api::transport::ClientTls;
+use tracing::{info, warn};
+
+use super::{parse_size, read};
+
+#[derive(Args)]
+pub struct ServeArgs {
+    /// Address to listen on; port 0 picks a free port (the log says which).
+    #[arg(long, env = "CENTRAL_LISTEN", default_value = "127.0.0.1:8443")]
+    listen: SocketAddr,
+    /// Where probes and API token hashes are kept.
+    #[arg(long, env = "CENTRAL_DATA_DIR")]
+    data_dir: PathBuf,
+    /// Central's TLS certificate (PEM).
+    #[arg(long, env = "CENTRAL_TLS_CERT")]
+    tls_cert: PathBuf,
+    /// Central's TLS private key (PEM).
+    #[arg(long, env = "CENTRAL_TLS_KEY")]
+    tls_key: PathBuf,
+    /// The cluster CA (PEM) that signs Collector client certificates.
+    #[arg(long, env = "CENTRAL_CLIENT_CA")]
+    client_ca: PathBuf,
+    /// Refuse uploads that would leave less free disk space than this
+    /// (bytes, or with a K/M/G/T or KiB/MiB/GiB/TiB suffix).
+    #[arg(long, env = "CENTRAL_MIN_FREE_SPACE", default_value = "1GiB", value_parser = parse_size)]
+    min_free_space: u64,
+    /// Serve GetProbe without a client certificate (a public probe server).
+    #[arg(long, env = "CENTRAL_ALLOW_ANONYMOUS_READS")]
+    allow_anonymous_reads: bool,
+    /// After SIGTERM or Ctrl-C, how long requests in flight may take to end
+    /// before they are abandoned (an abandoned file is never made visible).
+    #[arg(long, env = "CENTRAL_SHUTDOWN_GRACE", default_value = "30s", value_parser = humantime::parse_duration)]
+    shutdown_grace: Duration,
+    /// The upstream probe server, https://HOST:PORT, asked when no uploaded
+    /// package has a probe.
+    #[arg(long, env = "CENTRAL_UPSTREAM")]
+    upstream: Option<String>,
+    /// The CA (PEM) that signed the upstream's certificate.
+    #[arg(long, env = "CENTRAL_UPSTREAM_CA", requires = "upstream")]
+    upstream_ca: Option<PathBuf>,
+    /// A client certificate (PEM) for the upstream, if it wants one.
+    #[arg(long, env = "CENTRAL_UPSTREAM_CERT", requires = "upstream_key")]
+    upstream_cert: Option<PathBuf>,
+    #[arg(long, env = "CENTRAL_UPSTREAM_KEY", requires = "upstream_cert")]
+    upstream_key: Option<PathBuf>,
+    /// Time allowed to connect to the upstream.
+    #[arg(long, env = "CENTRAL_UPSTREAM_CONNECT_TIMEOUT", default_value = "2s", value_parser = humantime::parse_duration)]
+    upstream_connect_timeout: Duration,
+    /// Time allowed for one whole fetch from the upstream.
+    #[arg(long, env = "CENTRAL_UPSTREAM_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
+    upstream_timeout: Duration,
+    /// Disk space for probes fetched from the upstream; least recently used
+    /// ones are evicted beyond it.
+    #[arg(long, env = "CENTRAL_UPSTREAM_CACHE_SIZE", default_value = "1GiB", value_parser = parse_size)]
+    upstream_cache_size: u64,
+    /// Never contact the upstream (no outbound connection at all).
+    #[arg(long, env = "ROX_OFFLINE_MODE")]
+    offline: bool,
+    /// Serve Prometheus metrics at http://ADDR/metrics.
+    #[arg(long, env = "CENTRAL_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
+    #[command(flatten)]
+    limits: LimitArgs,
+}
+
+/// What one client may hold of Central (see `connections::ConnectionLimits`).
+#[derive(Args)]
+pub struct LimitArgs {
+    /// Close a connection whose TLS handshake has not finished by then.
+    #[arg(long, env = "CENTRAL_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    handshake_timeout: Duration,
+    /// Close a connection with no request in flight for this long.
+    #[arg(long, env = "CENTRAL_IDLE_TIMEOUT", default_value = "5m", value_parser = humantime::parse_duration)]
+    idle_timeout: Duration,
+    /// Send an HTTP/2 PING on a quiet connection this often...
+    #[arg(long, env = "CENTRAL_KEEPALIVE_INTERVAL", default_value = "30s", value_parser = humantime::parse_duration)]
+    keepalive_interval: Duration,
+    /// ...and close it when the answer takes longer than this.
+    #[arg(long, env = "CENTRAL_KEEPALIVE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    keepalive_timeout: Duration,
+    /// Connections at once; beyond it, connections still in their handshake
+    /// are closed first, else the new one. Default: the open descriptor
+    /// limit less what probe reads and the store need.
+    #[arg(long, env = "CENTRAL_MAX_CONNECTIONS")]
+    max_connections: Option<usize>,
+    /// Streams one HTTP/2 connection may have open at once.
+    #[arg(long, env = "CENTRAL_MAX_CONCURRENT_STREAMS", default_value_t = 100)]
+    max_concurrent_streams: u32,
+    /// GetProbe streams in flight over all connections.
+    #[arg(long, env = "CENTRAL_MAX_PROBE_STREAMS", default_value_t = 128)]
+    max_probe_streams: usize,
+    /// How long a GetProbe waits for one of those before UNAVAILABLE.
+    #[arg(long, env = "CENTRAL_PROBE_STREAM_WAIT", default_value = "10s", value_parser = humantime::parse_duration)]
+    probe_stream_wait: Duration,
+    /// Close the connection of a client that reads nothing of a probe
+    /// stream for this long.
+    #[arg(long, env = "CENTRAL_SEND_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    send_timeout: Duration,
+}
+
+impl LimitArgs {
+    fn limits(&self) -> ConnectionLimits {
+        ConnectionLimits {
+            handshake_timeout: self.handshake_timeout,
+            idle_timeout: self.idle_timeout,
+            keepalive_interval: self.keepalive_interval,
+            keepalive_timeout: self.keepalive_timeout,
+            max_connections: self.max_connections,
+            max_concurrent_streams: self.max_concurrent_streams,
+            max_probe_streams: self.max_probe_streams,
+            probe_stream_wait: self.probe_stream_wait,
+            send_timeout: self.send_timeout,
+        }
+    }
+}
+
+pub async fn serve(args: ServeArgs) -> Result<(), String> {
+    let tls = TlsMaterial {
+        cert_pem: read(&args.tls_cert, "the TLS certificate")?,
+        key_pem: read(&args.tls_key, "the TLS key")?,
+        client_ca_pem: read(&args.client_ca, "the client CA")?,
+    };
+    let config = FilesystemStoreConfig { data_dir: args.data_dir.clone(), min_free_bytes: args.min_free_space };
+    let store = tokio::task::spawn_blocking(move || FilesystemStore::open(&config))
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| format!("opening the probe store: {e}"))?;
+    let metrics = Metrics::new();
+    let upstream = upstream_source(&args, &metrics).await?;
+    if let Some(address) = args.metrics_listen {
+        let listener = tokio::net::TcpListener::bind(address)
+            .await
+            .map_err(|e| format!("listening for metrics on {address}: {e}"))?;
+        tokio::spawn(central_probes::server::metrics::serve(metrics.clone(), listener));
+    }
+    let listener =
+        tokio::net::TcpListener::bind(args.listen).await.map_err(|e| format!("listening on {}: {e}", args.listen))?;
+    let (stop, mut stopped) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        info!("shutting down: no new connections; requests in flight may finish");
+        let _ = stop.send(true);
+    });
+    let mut server_stopped = stopped.clone();
+    let server = server::run(
+        Arc::new(store),
+        TokenAuth::new(TokenFile::in_data_dir(&args.data_dir)),
+        ServerOptions {
+            tls,
+            allow_anonymous_reads: args.allow_anonymous_reads,
+            upstream,
+            metrics,
+            limits: args.limits.limits(),
+        },
+        listener,
+        async move {
+            let _ = server_stopped.wait_for(|stop| *stop).await;
+        },
+    );
+    let grace = args.shutdown_grace;
+    tokio::select! {
+        result = server => result.map_err(|e| e.to_string()),
+        _ = async { let _ = stopped.wait_for(|stop| *stop).await; tokio::time::sleep(grace).await } => {
+            warn!(?grace, "requests still in flight after the grace period are abandoned; files they were writing stay invisible");
+            Ok(())
+        }
+    }
+}
+
+/// The upstream source, unless offline or none is configured.
+async fn upstream_source(args: &ServeArgs, metrics: &Metrics) -> Result<Option<Arc<UpstreamSource>>, String> {
+    let Some(address) = &args.upstream else {
+        info!("no upstream configured: only uploaded probes are served");
+        return Ok(None);
+    };
+    if args.offline {
+        info!("offline mode: the upstream is never contacted");
+        return Ok(None);
+    }
+    let ca = args.upstream_ca.as_ref().ok_or("--upstream needs --upstream-ca")?;
+    let identity = match (&args.upstream_cert, &args.upstream_key) {
+        (Some(cert), Some(key)) => {
+            Some((read(cert, "the upstream client certificate")?, read(key, "the upstream client key")?))
+        }
+        _ => None,
+    };
+    let config = UpstreamConfig {
+        address: address.clone(),
+        tls: ClientTls { ca_pem: read(ca, "the upstream CA")?, identity },
+        connect_timeout: args.upstream_connect_timeout,
+        fetch_timeout: args.upstream_timeout,
+        cache_dir: args.data_dir.join("upstream-cache"),
+        cache_max_bytes: args.upstream_cache_size,
+        min_free_bytes: args.min_free_space,
+        not_found_ttl: Duration::from_secs(30),
+    };
+    let metrics = metrics.clone();
+    let source = tokio::task::spawn_blocking(move || UpstreamSource::new(config, metrics))
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| format!("setting up the upstream: {e}"))?;
+    Ok(Some(Arc::new(source)))
+}
+
+async fn shutdown_signal() {
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("installing the SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminate.recv() => {}
+    }
+}

@@ -1,0 +1,123 @@
+//! `central-probes upload` (also spelled `collector support-packages
+//! upload`): streams a support package into Central and reports per file.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use central_probes::admin::client::{self as admin_client, UploadReport, UploadRequest};
+use central_probes::admin::progress::Progress;
+use clap::Args;
+
+use super::read;
+
+#[derive(Args)]
+pub struct Endpoint {
+    /// Central's address, HOST:PORT.
+    #[arg(short = 'e', long = "endpoint", env = "ROX_CENTRAL_ADDRESS")]
+    endpoint: String,
+    /// The CA certificate (PEM) that signed Central's server certificate.
+    #[arg(long, env = "ROX_CA_CERT_FILE")]
+    ca: PathBuf,
+    /// Give up on the whole command after this long.
+    #[arg(long, default_value = "30m", value_parser = humantime::parse_duration)]
+    pub timeout: Duration,
+}
+
+#[derive(Args)]
+pub struct UploadArgs {
+    /// The support package, a zip file.
+    package: PathBuf,
+    #[command(flatten)]
+    endpoint: Endpoint,
+    /// Replace files Central has with different content.
+    #[arg(long)]
+    overwrite: bool,
+}
+
+impl Endpoint {
+    /// A client of Central's admin API with the token of `ROX_API_TOKEN`.
+    pub(crate) fn connect(&self) -> Result<admin_client::AdminClient, String> {
+        let ca = read(&self.ca, "the CA certificate")?;
+        admin_client::connect(&self.endpoint, ca, &api_token()?, Duration::from_secs(10))
+    }
+}
+
+fn api_token() -> Result<String, String> {
+    std::env::var("ROX_API_TOKEN")
+        .ok()
+        .filter(|t| !t.trim().is_empty())
+        .ok_or_else(|| "set ROX_API_TOKEN to an API token (central-probes token create)".to_owned())
+}
+
+pub async fn upload(args: UploadArgs) -> Result<(), String> {
+    let endpoint = &args.endpoint;
+    let mut client = endpoint.connect()?;
+    let request = UploadRequest { package: args.package.clone(), overwrite: args.overwrite };
+    let upload = admin_client::upload(&mut client, &request, |plan| {
+        eprintln!(
+            "{}: {} probe files; {} new ({:.1} MiB) to upload; {} already in Central to compare by digest",
+            request.package.display(),
+            plan.probes_in_package,
+            plan.new_files,
+            plan.new_bytes as f64 / (1 << 20) as f64,
+            plan.to_compare,
+        );
+        Progress::for_stderr()
+    });
+    let report = tokio::time::timeout(endpoint.timeout, upload).await.map_err(|_| {
+        format!("the upload did not finish within --timeout {}", humantime::format_duration(endpoint.timeout))
+    })??;
+    print_report(&report);
+    Ok(())
+}
+
+fn print_report(report: &UploadReport) {
+    if !report.unrecognised.is_empty() {
+        eprintln!(
+            "warning: {} unrecognised entries under kernel-modules/ were skipped (is the package corrupt?): {}",
+            report.unrecognised.len(),
+            first_few(&report.unrecognised)
+        );
+    }
+    match &report.response {
+        None if report.conflicts.is_empty() => {
+            println!("Nothing to do: all {} probe files are already in Central.", report.probes_in_package)
+        }
+        None => println!(
+            "Nothing uploaded: {} probe files are already in Central, {} differ from Central's.",
+            report.identical,
+            report.conflicts.len()
+        ),
+
+        Some(response) => {
+            let seconds = report.elapsed.as_secs_f64().max(1e-3);
+            println!(
+                "Uploaded {} files ({:.1} MiB) in {:.1} s ({:.0} MB/s): {} stored, {} overwritten, {} identical, {} kept as they were.",
+                report.files_sent,
+                report.bytes_sent as f64 / (1 << 20) as f64,
+                seconds,
+                report.bytes_sent as f64 / seconds / 1e6,
+                response.stored_count,
+                response.overwritten_count,
+                report.identical,
+                response.conflict_count,
+            );
+        }
+    }
+    if !report.conflicts.is_empty() {
+        eprintln!(
+            "warning: {} files differ from the ones in Central and were not overwritten: {}. \
+             Re-run with --overwrite to replace them.",
+            report.conflicts.len(),
+            first_few(&report.conflicts)
+        );
+    }
+}
+
+fn first_few(items: &[String]) -> String {
+    let shown: Vec<&str> = items.iter().take(10).map(String::as_str).collect();
+    match items.len() - shown.len() {
+        0 => shown.join(", "),
+        more => format!("{} and {more} more", shown.join(", ")),
+    }
+}
