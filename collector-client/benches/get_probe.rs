@@ -14,12 +14,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use central_probes::pki::CertificateAuthority;
-use central_probes::server::auth::{Role, TokenAuth, TokenFile};
+use central_probes::server::auth::{Role, TokenFile};
 use central_probes::server::metrics::Metrics;
-use central_probes::server::upstream::{UpstreamConfig, UpstreamSource};
-use central_probes::server::{self, ServerOptions, TlsMaterial};
+use central_probes::server::upstream::UpstreamConfig;
+use central_probes::server::{Central, CentralConfig, TlsMaterial};
 use central_probes::store::ProbeStore;
-use central_probes::store::filesystem::{FilesystemStore, FilesystemStoreConfig};
 use central_probes::synthetic::PackageSpec;
 use collector_client::central::CentralClient;
 use probe_api::digest::Sha256Digest;
@@ -53,7 +52,7 @@ fn pki() -> Pki {
 }
 
 /// Stores the probes of `spec` directly through the store.
-async fn fill(store: &FilesystemStore, spec: &PackageSpec) -> Vec<String> {
+async fn fill(store: &Arc<dyn ProbeStore>, spec: &PackageSpec) -> Vec<String> {
     let paths = spec.probe_paths();
     for path in &paths {
         let bytes = spec.probe_bytes(path);
@@ -69,28 +68,21 @@ async fn start(
     dir: &std::path::Path,
     upstream: Option<UpstreamConfig>,
     anonymous: bool,
-) -> (String, FilesystemStore, Metrics) {
-    let store = FilesystemStore::open(&FilesystemStoreConfig { data_dir: dir.to_owned(), min_free_bytes: 0 }).unwrap();
+) -> (String, Arc<dyn ProbeStore>, Metrics) {
     TokenFile::in_data_dir(dir).create(Role::View, "bench").unwrap();
-    let metrics = Metrics::new();
-    let upstream = upstream.map(|config| Arc::new(UpstreamSource::new(config, metrics.clone()).unwrap()));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let address = listener.local_addr().unwrap().to_string();
-    let options = ServerOptions {
+    let config = CentralConfig {
+        data_dir: dir.to_owned(),
+        min_free_bytes: 0,
         tls: pki.tls.clone(),
         allow_anonymous_reads: anonymous,
         upstream,
-        metrics: metrics.clone(),
         limits: Default::default(),
     };
-    let served = store.clone();
-    tokio::spawn(server::run(
-        Arc::new(served),
-        TokenAuth::new(TokenFile::in_data_dir(dir)),
-        options,
-        listener,
-        std::future::pending(),
-    ));
+    let central = Central::open(config).await.unwrap();
+    let (store, metrics) = (central.store(), central.metrics().clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap().to_string();
+    tokio::spawn(central.run(listener, std::future::pending()));
     (address, store, metrics)
 }
 

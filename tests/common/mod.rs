@@ -4,16 +4,14 @@
 #![allow(dead_code)] // each test file uses a different part of it
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Duration;
 
 use central_probes::admin::client::{self as admin_client, AdminClient};
 use central_probes::pki::{CertificateAuthority, CertifiedKey};
-use central_probes::server::auth::{Role, TokenAuth, TokenFile};
+use central_probes::server::auth::{Role, TokenFile};
 use central_probes::server::metrics::Metrics;
-use central_probes::server::upstream::{UpstreamConfig, UpstreamSource};
-use central_probes::server::{self, ServerOptions, TlsMaterial};
-use central_probes::store::filesystem::{FilesystemStore, FilesystemStoreConfig};
+use central_probes::server::upstream::UpstreamConfig;
+use central_probes::server::{self, CentralConfig, TlsMaterial};
 use collector_client::central::CentralClient;
 use probe_api::transport::ClientTls;
 use tempfile::TempDir;
@@ -82,33 +80,27 @@ impl Central {
         let tokens = TokenFile::in_data_dir(data_dir);
         let admin_token = tokens.create(Role::Admin, &format!("admin-{}", unique())).unwrap();
         let view_token = tokens.create(Role::View, &format!("view-{}", unique())).unwrap();
-        let config = FilesystemStoreConfig { data_dir: data_dir.to_owned(), min_free_bytes: options.min_free_bytes };
-        let store = FilesystemStore::open(&config).unwrap();
-        let metrics = Metrics::new();
-        let upstream = options.upstream.map(|config| Arc::new(UpstreamSource::new(config, metrics.clone()).unwrap()));
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let address = listener.local_addr().unwrap().to_string();
         let tls = TlsMaterial {
             cert_pem: pki.server.cert_pem.clone().into_bytes(),
             key_pem: pki.server.key_pem.clone().into_bytes(),
             client_ca_pem: pki.ca.cert_pem.clone().into_bytes(),
         };
+        let config = CentralConfig {
+            data_dir: data_dir.to_owned(),
+            min_free_bytes: options.min_free_bytes,
+            tls,
+            allow_anonymous_reads: options.allow_anonymous_reads,
+            upstream: options.upstream,
+            limits: Default::default(),
+        };
+        let central = server::Central::open(config).await.unwrap();
+        let metrics = central.metrics().clone();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap().to_string();
         let (shutdown, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(server::run(
-            Arc::new(store),
-            TokenAuth::new(TokenFile::in_data_dir(data_dir)),
-            ServerOptions {
-                tls,
-                allow_anonymous_reads: options.allow_anonymous_reads,
-                upstream,
-                metrics: metrics.clone(),
-                limits: Default::default(),
-            },
-            listener,
-            async {
-                let _ = stopped.await;
-            },
-        ));
+        let task = tokio::spawn(central.run(listener, async {
+            let _ = stopped.await;
+        }));
         Central {
             address,
             data_dir: data_dir.to_owned(),

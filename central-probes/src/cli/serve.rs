@@ -3,15 +3,11 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
-use central_probes::server::auth::{TokenAuth, TokenFile};
 use central_probes::server::connections::ConnectionLimits;
-use central_probes::server::metrics::Metrics;
-use central_probes::server::upstream::{UpstreamConfig, UpstreamSource};
-use central_probes::server::{self, ServerOptions, TlsMaterial};
-use central_probes::store::filesystem::{FilesystemStore, FilesystemStoreConfig};
+use central_probes::server::upstream::UpstreamConfig;
+use central_probes::server::{Central, CentralConfig, TlsMaterial};
 use clap::Args;
 use probe_api::transport::ClientTls;
 use tracing::{info, warn};
@@ -135,18 +131,20 @@ pub async fn serve(args: ServeArgs) -> Result<(), String> {
         key_pem: read(&args.tls_key, "the TLS key")?,
         client_ca_pem: read(&args.client_ca, "the client CA")?,
     };
-    let config = FilesystemStoreConfig { data_dir: args.data_dir.clone(), min_free_bytes: args.min_free_space };
-    let store = tokio::task::spawn_blocking(move || FilesystemStore::open(&config))
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| format!("opening the probe store: {e}"))?;
-    let metrics = Metrics::new();
-    let upstream = upstream_source(&args, &metrics).await?;
+    let config = CentralConfig {
+        data_dir: args.data_dir.clone(),
+        min_free_bytes: args.min_free_space,
+        tls,
+        allow_anonymous_reads: args.allow_anonymous_reads,
+        upstream: upstream_config(&args)?,
+        limits: args.limits.limits(),
+    };
+    let central = Central::open(config).await.map_err(|e| e.to_string())?;
     if let Some(address) = args.metrics_listen {
         let listener = tokio::net::TcpListener::bind(address)
             .await
             .map_err(|e| format!("listening for metrics on {address}: {e}"))?;
-        tokio::spawn(central_probes::server::metrics::serve(metrics.clone(), listener));
+        tokio::spawn(central_probes::server::metrics::serve(central.metrics().clone(), listener));
     }
     let listener =
         tokio::net::TcpListener::bind(args.listen).await.map_err(|e| format!("listening on {}: {e}", args.listen))?;
@@ -157,21 +155,9 @@ pub async fn serve(args: ServeArgs) -> Result<(), String> {
         let _ = stop.send(true);
     });
     let mut server_stopped = stopped.clone();
-    let server = server::run(
-        Arc::new(store),
-        TokenAuth::new(TokenFile::in_data_dir(&args.data_dir)),
-        ServerOptions {
-            tls,
-            allow_anonymous_reads: args.allow_anonymous_reads,
-            upstream,
-            metrics,
-            limits: args.limits.limits(),
-        },
-        listener,
-        async move {
-            let _ = server_stopped.wait_for(|stop| *stop).await;
-        },
-    );
+    let server = central.run(listener, async move {
+        let _ = server_stopped.wait_for(|stop| *stop).await;
+    });
     let grace = args.shutdown_grace;
     tokio::select! {
         result = server => result.map_err(|e| e.to_string()),
@@ -182,8 +168,8 @@ pub async fn serve(args: ServeArgs) -> Result<(), String> {
     }
 }
 
-/// The upstream source, unless offline or none is configured.
-async fn upstream_source(args: &ServeArgs, metrics: &Metrics) -> Result<Option<Arc<UpstreamSource>>, String> {
+/// The upstream's settings, unless offline or none is configured.
+fn upstream_config(args: &ServeArgs) -> Result<Option<UpstreamConfig>, String> {
     let Some(address) = &args.upstream else {
         info!("no upstream configured: only uploaded probes are served");
         return Ok(None);
@@ -199,7 +185,7 @@ async fn upstream_source(args: &ServeArgs, metrics: &Metrics) -> Result<Option<A
         }
         _ => None,
     };
-    let config = UpstreamConfig {
+    Ok(Some(UpstreamConfig {
         address: address.clone(),
         tls: ClientTls { ca_pem: read(ca, "the upstream CA")?, identity },
         connect_timeout: args.upstream_connect_timeout,
@@ -208,13 +194,7 @@ async fn upstream_source(args: &ServeArgs, metrics: &Metrics) -> Result<Option<A
         cache_max_bytes: args.upstream_cache_size,
         min_free_bytes: args.min_free_space,
         not_found_ttl: Duration::from_secs(30),
-    };
-    let metrics = metrics.clone();
-    let source = tokio::task::spawn_blocking(move || UpstreamSource::new(config, metrics))
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| format!("setting up the upstream: {e}"))?;
-    Ok(Some(Arc::new(source)))
+    }))
 }
 
 async fn shutdown_signal() {

@@ -2,13 +2,11 @@
 //! `ProbeService` (mutual TLS), the admin-facing `ProbeUploadService`
 //! (bearer tokens), gRPC health and server reflection.
 //!
-//! `run` takes a bound listener and a shutdown future, so the binary and the
-//! tests start the very same server; `connections` serves the connections.
+//! `Central` is the one composition root: built from a `CentralConfig`, it
+//! opens the store, the tokens and the upstream, and `run(listener,
+//! shutdown)` serves until told to stop, so the binary, the tests and the
+//! benches start the very same server. `connections` serves the connections.
 
-use std::future::Future;
-use std::sync::Arc;
-
-use probe_api::limits::MAX_GET_PROBE_REQUEST;
 pub mod auth;
 pub mod connections;
 pub mod metrics;
@@ -20,7 +18,11 @@ pub mod upload_service;
 pub mod upload_session;
 pub mod upstream;
 
-use probe_api::limits::MAX_REQUEST_MESSAGE;
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use probe_api::limits::{MAX_GET_PROBE_REQUEST, MAX_REQUEST_MESSAGE};
 use probe_api::v1::probe_service_server::ProbeServiceServer;
 use probe_api::v1::probe_upload_service_server::ProbeUploadServiceServer;
 use tokio::net::TcpListener;
@@ -29,14 +31,15 @@ use tonic::service::Routes;
 use tracing::info;
 
 use crate::error::{Error, Result};
-use crate::server::auth::{Role, TokenAuth};
+use crate::server::auth::{Role, TokenAuth, TokenFile};
 use crate::server::metrics::Metrics;
 use crate::server::probe_service::CollectorService;
 use crate::server::probe_slots::ProbeSlots;
 use crate::server::sources::{ProbeSource, SourceChain, UploadedProbes};
 use crate::server::upload_service::UploadService;
-use crate::server::upstream::UpstreamSource;
+use crate::server::upstream::{UpstreamConfig, UpstreamSource};
 use crate::store::ProbeStore;
+use crate::store::filesystem::{FilesystemStore, FilesystemStoreConfig};
 use connections::ConnectionLimits;
 
 /// PEM-encoded TLS material of the server.
@@ -48,15 +51,80 @@ pub struct TlsMaterial {
     pub client_ca_pem: Vec<u8>,
 }
 
-pub struct ServerOptions {
+/// Everything Central is built from.
+pub struct CentralConfig {
+    /// Where probes, token hashes and the upstream cache live.
+    pub data_dir: PathBuf,
+    /// Writes are refused when they would leave less free disk than this.
+    pub min_free_bytes: u64,
     pub tls: TlsMaterial,
     /// Serve GetProbe to callers without a client certificate.
     pub allow_anonymous_reads: bool,
-    /// Asked when no uploaded package has a probe; `None` when offline.
-    pub upstream: Option<Arc<UpstreamSource>>,
-    pub metrics: Metrics,
+    /// Asked when no uploaded package has a probe; `None` for none (and
+    /// when offline).
+    pub upstream: Option<UpstreamConfig>,
     /// Connection, stream and timeout limits.
     pub limits: ConnectionLimits,
+}
+
+/// Central, opened and ready to serve.
+pub struct Central {
+    store: Arc<dyn ProbeStore>,
+    auth: TokenAuth,
+    upstream: Option<Arc<UpstreamSource>>,
+    metrics: Metrics,
+    tls: TlsMaterial,
+    allow_anonymous_reads: bool,
+    limits: ConnectionLimits,
+}
+
+impl Central {
+    /// Opens the store under the data directory (taking its lock and
+    /// reading its index) and sets up the upstream.
+    pub async fn open(config: CentralConfig) -> Result<Central> {
+        let store_config =
+            FilesystemStoreConfig { data_dir: config.data_dir.clone(), min_free_bytes: config.min_free_bytes };
+        let store = tokio::task::spawn_blocking(move || FilesystemStore::open(&store_config))
+            .await
+            .map_err(|e| Error::internal(format!("opening the probe store: {e}")))?
+            .map_err(|e| e.context("opening the probe store"))?;
+        let metrics = Metrics::new();
+        let upstream = match config.upstream {
+            None => None,
+            Some(upstream) => {
+                let metrics = metrics.clone();
+                let source = tokio::task::spawn_blocking(move || UpstreamSource::new(upstream, metrics))
+                    .await
+                    .map_err(|e| Error::internal(format!("setting up the upstream: {e}")))?
+                    .map_err(|e| e.context("setting up the upstream"))?;
+                Some(Arc::new(source))
+            }
+        };
+        Ok(Central {
+            store: Arc::new(store),
+            auth: TokenAuth::new(TokenFile::in_data_dir(&config.data_dir)),
+            upstream,
+            metrics,
+            tls: config.tls,
+            allow_anonymous_reads: config.allow_anonymous_reads,
+            limits: config.limits,
+        })
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// The store the services use (benches fill it directly).
+    pub fn store(&self) -> Arc<dyn ProbeStore> {
+        self.store.clone()
+    }
+
+    /// Serves until `shutdown` completes, then stops accepting and lets
+    /// requests in flight finish.
+    pub async fn run(self, listener: TcpListener, shutdown: impl Future<Output = ()>) -> Result<()> {
+        serve(self, listener, shutdown).await
+    }
 }
 
 /// Installs the one rustls crypto provider this build has. Idempotent.
@@ -64,18 +132,11 @@ pub fn install_crypto_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
-/// Serves until `shutdown` completes, then stops accepting and lets
-/// requests in flight finish.
-pub async fn run(
-    store: Arc<dyn ProbeStore>,
-    auth: TokenAuth,
-    options: ServerOptions,
-    listener: TcpListener,
-    shutdown: impl Future<Output = ()>,
-) -> Result<()> {
+async fn serve(central: Central, listener: TcpListener, shutdown: impl Future<Output = ()>) -> Result<()> {
+    let Central { store, auth, upstream, metrics, tls, allow_anonymous_reads, limits } = central;
     install_crypto_provider();
     let address = listener.local_addr().map_err(|e| Error::io("reading the listening address", e))?;
-    let tls = tls_config(&options.tls)?;
+    let tls = tls_config(&tls)?;
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter.set_serving::<ProbeServiceServer<CollectorService>>().await;
@@ -93,20 +154,19 @@ pub async fn run(
 
     // Uploaded probes always win over the upstream's.
     let mut sources: Vec<Arc<dyn ProbeSource>> = vec![Arc::new(UploadedProbes(store.clone()))];
-    if let Some(upstream) = options.upstream {
+    if let Some(upstream) = upstream {
         sources.push(upstream);
     }
-    let limits = options.limits;
     let slots = ProbeSlots::new(limits.max_probe_streams, limits.send_timeout);
     let collector = ProbeServiceServer::new(CollectorService::new(
         SourceChain::new(sources),
-        options.allow_anonymous_reads,
-        options.metrics.clone(),
+        allow_anonymous_reads,
+        metrics.clone(),
         slots,
         limits.probe_stream_wait,
     ))
     .max_decoding_message_size(MAX_GET_PROBE_REQUEST);
-    let upload = ProbeUploadServiceServer::new(UploadService::new(store, auth.clone(), options.metrics))
+    let upload = ProbeUploadServiceServer::new(UploadService::new(store, auth.clone(), metrics))
         .max_decoding_message_size(MAX_REQUEST_MESSAGE)
         .max_encoding_message_size(MAX_REQUEST_MESSAGE);
     // The token is checked before tonic reads the request body: a caller
