@@ -67,7 +67,8 @@ pub struct ServeArgs {
     /// Never contact the upstream (no outbound connection at all).
     #[arg(long, env = "ROX_OFFLINE_MODE")]
     offline: bool,
-    /// Serve Prometheus metrics at http://ADDR/metrics.
+    /// Serve Prometheus metrics at http://ADDR/metrics and readiness at
+    /// http://ADDR/ready.
     #[arg(long, env = "CENTRAL_METRICS_LISTEN")]
     metrics_listen: Option<SocketAddr>,
     #[command(flatten)]

@@ -1,16 +1,21 @@
-//! Prometheus metrics of Central and the endpoint that serves them.
-//!
-//! The endpoint is a deliberately tiny HTTP/1.1 responder: Prometheus only
-//! ever sends `GET /metrics`, and a full HTTP stack would be a second server
-//! framework in the binary for one fixed page.
+//! Prometheus metrics of Central, and the plain-HTTP endpoint that serves
+//! them with Central's readiness: `GET /metrics` for Prometheus, `GET
+//! /ready` for a Kubernetes readiness probe (200 while Central serves, 503
+//! before it listens and once it shuts down). An axum router served by
+//! hyper, both already in the tree under tonic.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::service::TowerToHyperService;
 use prometheus_client::encoding::{EncodeLabelSet, text::encode};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tracing::{debug, info};
 
@@ -45,6 +50,8 @@ pub struct Metrics {
     /// GetProbe calls of any outcome, for tests and benchmarks; not
     /// exported (`requests` has them by code and source).
     get_probe_calls: Counter,
+    /// Whether Central accepts requests: what `/ready` answers.
+    ready: Arc<AtomicBool>,
 }
 
 impl Default for Metrics {
@@ -85,7 +92,13 @@ impl Metrics {
             upload_bytes,
             upload_files,
             get_probe_calls: Counter::default(),
+            ready: Arc::new(AtomicBool::new(false)),
         }
+    }
+
+    /// Central starts or stops accepting requests.
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, Ordering::SeqCst);
     }
 
     pub fn count_request(&self, rpc: &'static str, code: tonic::Code, source: &'static str) {
@@ -113,39 +126,46 @@ impl Metrics {
     }
 }
 
-/// Serves `GET /metrics` on `listener` until the task is dropped.
+/// Serves `/metrics` and `/ready` over plain HTTP/1.1 on `listener` until
+/// the task is dropped.
 pub async fn serve(metrics: Metrics, listener: TcpListener) {
     if let Ok(address) = listener.local_addr() {
-        info!(%address, "metrics on http://{address}/metrics");
+        info!(%address, "metrics on http://{address}/metrics, readiness on http://{address}/ready");
     }
+    let scrape = metrics.clone();
+    let router = axum::Router::new()
+        .route(
+            "/metrics",
+            get(move || {
+                let text = scrape.render();
+                async move { ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text) }
+            }),
+        )
+        .route(
+            "/ready",
+            get(move || {
+                let ready = metrics.ready.load(Ordering::SeqCst);
+                async move {
+                    if ready {
+                        (StatusCode::OK, "ready\n").into_response()
+                    } else {
+                        (StatusCode::SERVICE_UNAVAILABLE, "not serving\n").into_response()
+                    }
+                }
+            }),
+        );
+    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     loop {
-        let Ok((mut stream, _)) = listener.accept().await else {
+        let Ok((stream, _)) = listener.accept().await else {
+            // Out of descriptors or a reset: give the process a moment.
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
             continue;
         };
-        let metrics = metrics.clone();
+        let connection =
+            builder.serve_connection(TokioIo::new(stream), TowerToHyperService::new(router.clone())).into_owned();
         tokio::spawn(async move {
-            let mut request = Vec::new();
-            let mut buffer = [0u8; 1024];
-            // Read the request head; a scraper sends no body.
-            while !request.windows(4).any(|w| w == b"\r\n\r\n") && request.len() < 8192 {
-                match stream.read(&mut buffer).await {
-                    Ok(0) | Err(_) => return,
-                    Ok(n) => request.extend_from_slice(&buffer[..n]),
-                }
-            }
-            let head = String::from_utf8_lossy(&request);
-            let (status, body) = if head.starts_with("GET /metrics ") || head.starts_with("GET /metrics?") {
-                ("200 OK", metrics.render())
-            } else {
-                ("404 Not Found", "only /metrics is here\n".to_owned())
-            };
-            let response = format!(
-                "HTTP/1.1 {status}\r\ncontent-type: text/plain; version=0.0.4; charset=utf-8\r\n\
-                 content-length: {}\r\nconnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            if let Err(error) = stream.write_all(response.as_bytes()).await {
-                debug!(%error, "metrics response not sent");
+            if let Err(error) = connection.await {
+                debug!(%error, "metrics connection ended with an error");
             }
         });
     }
@@ -155,9 +175,12 @@ pub async fn serve(metrics: Metrics, listener: TcpListener) {
 mod tests {
     use super::*;
 
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
     async fn get(address: std::net::SocketAddr, path: &str) -> String {
         let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
-        stream.write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\n\r\n").as_bytes()).await.unwrap();
+        let request = format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.unwrap();
         let mut response = String::new();
         stream.read_to_string(&mut response).await.unwrap();
         response
@@ -181,6 +204,12 @@ mod tests {
         assert_eq!(metrics.get_probe_requests(), 2);
         assert!(!metrics.render().contains("DataLoss"), "asking for the count adds no series");
         assert!(get(address, "/other").await.starts_with("HTTP/1.1 404"));
+
+        assert!(get(address, "/ready").await.starts_with("HTTP/1.1 503"), "not ready before Central serves");
+        metrics.set_ready(true);
+        assert!(get(address, "/ready").await.starts_with("HTTP/1.1 200"));
+        metrics.set_ready(false);
+        assert!(get(address, "/ready").await.starts_with("HTTP/1.1 503"), "not ready once it shuts down");
         server.abort();
     }
 }

@@ -166,7 +166,7 @@ async fn serve(central: Central, listener: TcpListener, shutdown: impl Future<Ou
         limits.probe_stream_wait,
     ))
     .max_decoding_message_size(MAX_GET_PROBE_REQUEST);
-    let upload = ProbeUploadServiceServer::new(UploadService::new(store, auth.clone(), metrics))
+    let upload = ProbeUploadServiceServer::new(UploadService::new(store, auth.clone(), metrics.clone()))
         .max_decoding_message_size(MAX_REQUEST_MESSAGE)
         .max_encoding_message_size(MAX_REQUEST_MESSAGE);
     // The token is checked before tonic reads the request body: a caller
@@ -183,6 +183,11 @@ async fn serve(central: Central, listener: TcpListener, shutdown: impl Future<Ou
         .add_service(collector)
         .add_service(upload);
     info!(%address, "listening on {address}");
+    metrics.set_ready(true);
+    let shutdown = async {
+        shutdown.await;
+        metrics.set_ready(false);
+    };
     connections::serve(listener, tls, routes, limits, shutdown).await;
     info!("server stopped");
     Ok(())
