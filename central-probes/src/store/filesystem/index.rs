@@ -1,0 +1,64 @@
+//! The in-memory index, built at start-up from every probe's header.
+
+use std::collections::BTreeMap;
+use std::fs::{self, File};
+use std::path::Path;
+
+use probe_api::names::{ModuleVersion, ProbeFileName, ProbePath};
+use tracing::warn;
+
+use crate::error::{Error, Result};
+
+use super::Entry;
+use super::format::read_header;
+
+/// Threads reading headers at start-up. With a cold page cache the scan is
+/// bound by I/O latency, not CPU: more reads in flight shorten it.
+pub(super) const INDEX_THREADS: usize = 16;
+
+pub(super) fn load_index(probes_dir: &Path) -> Result<BTreeMap<ProbePath, Entry>> {
+    let read_dir = |dir: &Path| fs::read_dir(dir).map_err(|e| Error::io(format!("reading {}", dir.display()), e));
+    let mut files = Vec::new();
+    for module_dir in read_dir(probes_dir)? {
+        let module_dir = module_dir.map_err(|e| Error::io("reading probes/", e))?.path();
+        let name = module_dir.file_name().unwrap_or_default().to_string_lossy();
+        let Ok(module_version) = ModuleVersion::parse(&name) else {
+            warn!(path = %module_dir.display(), "ignoring an entry that is not a module version");
+            continue;
+        };
+        for file in read_dir(&module_dir)? {
+            let file = file.map_err(|e| Error::io("reading probes/", e))?.path();
+            let name = file.file_name().unwrap_or_default().to_string_lossy();
+            let Ok(file_name) = ProbeFileName::parse(&name) else {
+                warn!(path = %file.display(), "ignoring a file that is not a probe");
+                continue;
+            };
+            files.push(ProbePath::new(module_version.clone(), file_name));
+        }
+    }
+    let share = files.len().div_ceil(INDEX_THREADS).max(1);
+    let entries: Vec<Vec<(ProbePath, Entry)>> = std::thread::scope(|scope| {
+        let readers: Vec<_> = files
+            .chunks(share)
+            .map(|chunk| {
+                scope.spawn(move || {
+                    chunk
+                        .iter()
+                        .filter_map(|path| {
+                            let file = probes_dir.join(path.module_version().as_str()).join(path.file_name().as_str());
+                            match File::open(&file).and_then(|f| read_header(&f)) {
+                                Ok(entry) => Some((path.clone(), entry)),
+                                Err(error) => {
+                                    warn!(path = %file.display(), %error, "ignoring an unreadable probe file");
+                                    None
+                                }
+                            }
+                        })
+                        .collect()
+                })
+            })
+            .collect();
+        readers.into_iter().map(|reader| reader.join().expect("a header reader panicked")).collect()
+    });
+    Ok(entries.into_iter().flatten().collect())
+}

@@ -1,0 +1,224 @@
+//! The embedded store: one file per probe under a data directory.
+//!
+//! Layout: `probes/<module version>/<probe file name>` holds a 48-byte
+//! header (magic, size, SHA-256) followed by the probe's bytes, so a probe
+//! and its digest are committed together by a single rename; `tmp/` holds
+//! files being written. A file is written to `tmp/`, verified, fsync'd,
+//! renamed into place, and its directory fsync'd. A crash can leave files in
+//! `tmp/` only; they are removed at start-up. An exclusive lock on `lock`
+//! keeps a second Central off the same directory.
+//!
+//! The index of all probes (path, size, digest) is kept in memory, built at
+//! start-up from the headers, so existence checks and listings never touch
+//! the disk. Writes hash and write on a blocking thread fed through a
+//! bounded channel; commits (fsync, rename) run on their own blocking tasks
+//! so that the next file streams in while the previous one is made durable.
+
+mod format;
+mod index;
+mod reader;
+#[cfg(test)]
+mod tests;
+mod writer;
+
+pub use reader::{READ_CHUNK, read_probe_file};
+
+use std::collections::BTreeMap;
+use std::fs::{self, File};
+use std::io;
+use std::ops::Bound;
+use std::path::PathBuf;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
+
+use probe_api::digest::Sha256Digest;
+use probe_api::names::{ModuleVersion, ProbePath};
+use tracing::info;
+
+use crate::error::{Error, Result};
+use crate::store::{ProbeReader, ProbeStore, ProbeWriter, StoredProbe};
+
+use format::{load_or_create_key, lock_data_dir, remove_leftovers, sync_dir};
+use index::load_index;
+use reader::open_probe;
+use writer::FsProbeWriter;
+
+/// Settings of the embedded store.
+#[derive(Clone, Debug)]
+pub struct FilesystemStoreConfig {
+    pub data_dir: PathBuf,
+    /// Writes are refused when they would leave less free space than this.
+    pub min_free_bytes: u64,
+}
+
+/// The embedded store; cheap to clone.
+#[derive(Clone)]
+pub struct FilesystemStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    probes_dir: PathBuf,
+    tmp_dir: PathBuf,
+    index: Mutex<BTreeMap<ProbePath, Entry>>,
+    min_free_bytes: u64,
+    /// Bytes of files being written: the disk will need them soon, although
+    /// the free space does not show it yet.
+    reserved: AtomicU64,
+    next_temp: AtomicU64,
+    /// Authenticates ListProbes page tokens; kept in the data directory so
+    /// that tokens stay valid across restarts.
+    page_token_key: [u8; 32],
+    /// Held for the life of the store: the exclusive lock on the directory.
+    _lock: File,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct Entry {
+    size: u64,
+    sha256: Sha256Digest,
+}
+
+impl FilesystemStore {
+    /// Opens (creating if needed) the store under `config.data_dir`: takes
+    /// the directory lock, removes leftovers of interrupted writes and loads
+    /// the index. Blocking.
+    pub fn open(config: &FilesystemStoreConfig) -> Result<Self> {
+        let data_dir = &config.data_dir;
+        let probes_dir = data_dir.join("probes");
+        let tmp_dir = data_dir.join("tmp");
+        for dir in [data_dir, &probes_dir, &tmp_dir] {
+            fs::create_dir_all(dir).map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+        }
+        let lock = lock_data_dir(data_dir)?;
+        let page_token_key = load_or_create_key(&data_dir.join("page-token.key"))?;
+        let leftovers = remove_leftovers(&tmp_dir)?;
+        if leftovers > 0 {
+            info!(leftovers, "removed unfinished writes of an earlier run");
+        }
+        let index = load_index(&probes_dir)?;
+        info!(probes = index.len(), data_dir = %data_dir.display(), "probe store opened");
+        Ok(FilesystemStore {
+            inner: Arc::new(Inner {
+                probes_dir,
+                tmp_dir,
+                index: Mutex::new(index),
+                min_free_bytes: config.min_free_bytes,
+                reserved: AtomicU64::new(0),
+                next_temp: AtomicU64::new(0),
+                page_token_key,
+                _lock: lock,
+            }),
+        })
+    }
+
+    /// Number of probes stored.
+    pub fn len(&self) -> usize {
+        self.inner.index().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Every probe with its size, in path order.
+    pub fn sizes(&self) -> Vec<(ProbePath, u64)> {
+        self.inner.index().iter().map(|(path, entry)| (path.clone(), entry.size)).collect()
+    }
+}
+
+impl Inner {
+    fn index(&self) -> std::sync::MutexGuard<'_, BTreeMap<ProbePath, Entry>> {
+        // A panic while holding the lock cannot leave the map half-updated
+        // (each change is one insert), so a poisoned lock is still usable.
+        self.index.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn final_path(&self, path: &ProbePath) -> PathBuf {
+        self.probes_dir.join(path.module_version().as_str()).join(path.file_name().as_str())
+    }
+
+    fn entry(&self, path: &ProbePath) -> Option<Entry> {
+        self.index().get(path).copied()
+    }
+}
+
+#[tonic::async_trait]
+impl ProbeStore for FilesystemStore {
+    async fn stat(&self, path: &ProbePath) -> Result<Option<StoredProbe>> {
+        Ok(self.inner.entry(path).map(|entry| stored(path.clone(), entry)))
+    }
+
+    async fn list(
+        &self,
+        module_version: Option<&ModuleVersion>,
+        after: Option<&ProbePath>,
+        limit: usize,
+    ) -> Result<Vec<StoredProbe>> {
+        let index = self.inner.index();
+        let start = after.map_or(Bound::Unbounded, Bound::Excluded);
+        let in_module = |path: &ProbePath| module_version.is_none_or(|v| path.module_version() == v);
+        // Paths order as strings, so one module version's paths are the
+        // contiguous run of those starting with "<version>/".
+        let prefix = module_version.map(|v| format!("{v}/"));
+        Ok(index
+            .range((start, Bound::Unbounded))
+            .skip_while(|(path, _)| prefix.as_ref().is_some_and(|prefix| path.bytes().lt(prefix.bytes())))
+            .take_while(|(path, _)| in_module(path))
+            .take(limit)
+            .map(|(path, &entry)| stored(path.clone(), entry))
+            .collect())
+    }
+
+    async fn create(&self, path: ProbePath, size: u64) -> Result<Box<dyn ProbeWriter>> {
+        Ok(Box::new(FsProbeWriter::start(&self.inner, path, size)?))
+    }
+
+    async fn open(&self, path: &ProbePath) -> Result<Option<ProbeReader>> {
+        if self.inner.entry(path).is_none() {
+            return Ok(None);
+        }
+        // Opened and first chunk read on the calling thread, as nginx does:
+        // a probe is usually one chunk and in the page cache, and a hop to a
+        // blocking thread cost a third of the requests/s of one client.
+        let file_path = self.inner.final_path(path);
+        open_probe(path.clone(), &file_path)
+    }
+
+    fn page_token_key(&self) -> &[u8] {
+        &self.inner.page_token_key
+    }
+
+    async fn remove(&self, path: &ProbePath) -> Result<bool> {
+        let inner = self.inner.clone();
+        let path = path.clone();
+        tokio::task::spawn_blocking(move || remove_probe(&inner, &path))
+            .await
+            .map_err(|e| Error::internal(format!("removing a probe: {e}")))?
+    }
+}
+
+fn remove_probe(inner: &Inner, path: &ProbePath) -> Result<bool> {
+    let file_path = inner.final_path(path);
+    let mut index = inner.index();
+    if index.remove(path).is_none() {
+        return Ok(false);
+    }
+    match fs::remove_file(&file_path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => {
+            drop(index);
+            return Err(Error::io(format!("removing {path}"), e));
+        }
+    }
+    drop(index);
+    if let Some(dir) = file_path.parent() {
+        sync_dir(dir).map_err(|e| Error::io(format!("syncing the directory of {path}"), e))?;
+    }
+    Ok(true)
+}
+
+fn stored(path: ProbePath, entry: Entry) -> StoredProbe {
+    StoredProbe { path, size: entry.size, sha256: entry.sha256 }
+}

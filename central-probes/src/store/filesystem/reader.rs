@@ -1,0 +1,112 @@
+//! Reading a stored probe: its header, then its bytes a chunk at a time.
+
+use std::fs::File;
+use std::io::{self, Read};
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::task::Poll;
+
+use bytes::{Bytes, BytesMut};
+use probe_api::digest::Sha256Digest;
+use probe_api::names::ProbePath;
+use tokio::task::JoinHandle;
+
+use crate::error::{Error, Result};
+use crate::store::ProbeReader;
+
+use super::format::{HEADER_LEN, read_header};
+use super::stored;
+
+/// Size of the chunks a probe is read in for serving.
+pub const READ_CHUNK: usize = 256 * 1024;
+
+/// Opens a stored probe and reads its first chunk; the rest is read a chunk
+/// at a time as the stream is asked for it.
+pub(super) fn open_probe(path: ProbePath, file_path: &Path) -> Result<Option<ProbeReader>> {
+    let file = match File::open(file_path) {
+        Ok(file) => file,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(Error::io(format!("opening {path}"), e)),
+    };
+    // The header, not the index, describes this file: it may have been
+    // overwritten since the index was asked.
+    let entry = read_header(&file).map_err(|e| Error::io(format!("reading {path}"), e))?;
+    let mut reader = ProbeBytes { file, offset: HEADER_LEN, remaining: entry.size };
+    let first = reader.next_chunk().map_err(|e| Error::io(format!("reading {path}"), e))?;
+    let chunks = OnDemandChunks { first, reader: Some(reader), reading: None, path: path.clone() };
+    Ok(Some(ProbeReader { probe: stored(path, entry), chunks: Box::pin(chunks) }))
+}
+
+/// The chunks of a probe, each read on a blocking thread only once the
+/// stream is asked for it: a client that does not read holds one chunk and
+/// its file, never a thread.
+pub(super) struct OnDemandChunks {
+    first: Option<Bytes>,
+    /// `None` while a read is in flight, and once the probe is read whole
+    /// or failed.
+    reader: Option<ProbeBytes>,
+    reading: Option<JoinHandle<(ProbeBytes, io::Result<Option<Bytes>>)>>,
+    path: ProbePath,
+}
+
+impl tokio_stream::Stream for OnDemandChunks {
+    type Item = Result<Bytes>;
+
+    fn poll_next(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<Option<Result<Bytes>>> {
+        if let Some(first) = self.first.take() {
+            return Poll::Ready(Some(Ok(first)));
+        }
+        if self.reading.is_none() {
+            let Some(mut reader) = self.reader.take().filter(|reader| reader.remaining > 0) else {
+                return Poll::Ready(None);
+            };
+            self.reading = Some(tokio::task::spawn_blocking(move || {
+                let chunk = reader.next_chunk();
+                (reader, chunk)
+            }));
+        }
+        let reading = self.reading.as_mut().expect("a read in flight");
+        let finished = std::task::ready!(std::pin::Pin::new(reading).poll(cx));
+        self.reading = None;
+        let path = &self.path;
+        Poll::Ready(match finished {
+            Ok((reader, Ok(chunk))) => {
+                self.reader = Some(reader);
+                chunk.map(Ok)
+            }
+            Ok((_, Err(e))) => Some(Err(Error::io(format!("reading {path}"), e))),
+            Err(e) => Some(Err(Error::internal(format!("reading {path}: {e}")))),
+        })
+    }
+}
+
+pub(super) struct ProbeBytes {
+    file: File,
+    offset: u64,
+    remaining: u64,
+}
+
+impl ProbeBytes {
+    fn next_chunk(&mut self) -> io::Result<Option<Bytes>> {
+        if self.remaining == 0 {
+            return Ok(None);
+        }
+        let len = self.remaining.min(READ_CHUNK as u64) as usize;
+        let mut buffer = BytesMut::zeroed(len);
+        self.file.read_exact_at(&mut buffer, self.offset)?;
+        self.offset += len as u64;
+        self.remaining -= len as u64;
+        Ok(Some(buffer.freeze()))
+    }
+}
+
+/// Reads a whole stored probe file's content, for tests and tools.
+pub fn read_probe_file(file_path: &Path) -> io::Result<(Sha256Digest, Vec<u8>)> {
+    let mut file = File::open(file_path)?;
+    let entry = read_header(&file)?;
+    let mut content = Vec::new();
+    let mut header = [0u8; HEADER_LEN as usize];
+    file.read_exact(&mut header)?;
+    file.read_to_end(&mut content)?;
+    Ok((entry.sha256, content))
+}

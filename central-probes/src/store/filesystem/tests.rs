@@ -1,0 +1,263 @@
+//! The filesystem store against its guarantees.
+
+use std::fs;
+use std::path::Path;
+use std::sync::atomic::Ordering;
+
+use bytes::Bytes;
+use probe_api::digest::Sha256Digest;
+use probe_api::names::{ModuleVersion, ProbePath};
+use tonic::Code;
+
+use super::format::header;
+use super::*;
+use crate::error::Result;
+use crate::store::{CommitOutcome, ProbeStore, StoredProbe};
+use tokio_stream::StreamExt;
+
+fn config(dir: &Path) -> FilesystemStoreConfig {
+    FilesystemStoreConfig { data_dir: dir.to_owned(), min_free_bytes: 0 }
+}
+
+fn path(s: &str) -> ProbePath {
+    ProbePath::parse(s).unwrap()
+}
+
+fn sha(bytes: &[u8]) -> Sha256Digest {
+    Sha256Digest::of(bytes)
+}
+
+const P: &str = "2.5.0/collector-ebpf-5.4.0-42-generic.o.gz";
+
+async fn put(store: &FilesystemStore, p: &str, bytes: &[u8], overwrite: bool) -> Result<CommitOutcome> {
+    let mut writer = store.create(path(p), bytes.len() as u64).await?;
+    for chunk in bytes.chunks(1000) {
+        writer.write(Bytes::copy_from_slice(chunk)).await?;
+    }
+    writer.finish(sha(bytes), overwrite).await?.await
+}
+
+async fn read_back(store: &FilesystemStore, p: &str) -> Option<(StoredProbe, Vec<u8>)> {
+    let reader = store.open(&path(p)).await.unwrap()?;
+    let chunks: Vec<Bytes> = reader.chunks.map(|c| c.unwrap()).collect().await;
+    Some((reader.probe, chunks.concat()))
+}
+
+fn tmp_files(dir: &Path) -> usize {
+    fs::read_dir(dir.join("tmp")).unwrap().count()
+}
+
+/// A dropped writer's thread removes its file once it sees the channel
+/// close, a moment later.
+async fn tmp_files_after_cleanup(dir: &Path) -> usize {
+    for _ in 0..200 {
+        if tmp_files(dir) == 0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    tmp_files(dir)
+}
+
+#[tokio::test]
+async fn a_committed_probe_is_durable_and_reads_back_after_reopening() {
+    let dir = tempfile::tempdir().unwrap();
+    let bytes: Vec<u8> = (0..READ_CHUNK * 2 + 77).map(|i| (i % 251) as u8).collect();
+    {
+        let store = FilesystemStore::open(&config(dir.path())).unwrap();
+        assert_eq!(put(&store, P, &bytes, false).await.unwrap(), CommitOutcome::Stored);
+        let (probe, read) = read_back(&store, P).await.unwrap();
+        assert_eq!((probe.size, probe.sha256), (bytes.len() as u64, sha(&bytes)));
+        assert_eq!(read, bytes);
+    }
+    let store = FilesystemStore::open(&config(dir.path())).unwrap();
+    assert_eq!(store.len(), 1);
+    assert_eq!(read_back(&store, P).await.unwrap().1, bytes);
+    assert_eq!(tmp_files(dir.path()), 0);
+}
+
+#[tokio::test]
+async fn identical_conflicting_and_overwriting_uploads_follow_the_rule() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = FilesystemStore::open(&config(dir.path())).unwrap();
+    put(&store, P, b"first", false).await.unwrap();
+    assert_eq!(put(&store, P, b"first", false).await.unwrap(), CommitOutcome::Identical);
+    assert_eq!(put(&store, P, b"first", true).await.unwrap(), CommitOutcome::Identical);
+    assert_eq!(put(&store, P, b"second", false).await.unwrap(), CommitOutcome::Conflict { existing: sha(b"first") });
+    assert_eq!(read_back(&store, P).await.unwrap().1, b"first");
+    assert_eq!(put(&store, P, b"second", true).await.unwrap(), CommitOutcome::Overwritten { previous: sha(b"first") });
+    assert_eq!(read_back(&store, P).await.unwrap().1, b"second");
+    assert_eq!(tmp_files(dir.path()), 0);
+}
+
+#[tokio::test]
+async fn racing_writers_of_one_path_store_it_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = FilesystemStore::open(&config(dir.path())).unwrap();
+    let mut first = store.create(path(P), 1).await.unwrap();
+    let mut second = store.create(path(P), 1).await.unwrap();
+    first.write(Bytes::from_static(b"a")).await.unwrap();
+    second.write(Bytes::from_static(b"b")).await.unwrap();
+    let first = first.finish(sha(b"a"), false).await.unwrap();
+    let second = second.finish(sha(b"b"), false).await.unwrap();
+    let (first, second) = tokio::join!(first, second);
+    let outcomes = [first.unwrap(), second.unwrap()];
+    let stored = outcomes.iter().filter(|o| **o == CommitOutcome::Stored).count();
+    let conflicts = outcomes.iter().filter(|o| matches!(o, CommitOutcome::Conflict { .. })).count();
+    assert_eq!((stored, conflicts), (1, 1), "{outcomes:?}");
+}
+
+#[tokio::test]
+async fn a_wrong_digest_or_size_stores_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = FilesystemStore::open(&config(dir.path())).unwrap();
+
+    let mut writer = store.create(path(P), 5).await.unwrap();
+    writer.write(Bytes::from_static(b"hello")).await.unwrap();
+    let error = writer.finish(sha(b"other"), false).await.unwrap().await.unwrap_err();
+    assert_eq!(error.code, Code::DataLoss);
+
+    let mut writer = store.create(path(P), 5).await.unwrap();
+    writer.write(Bytes::from_static(b"hell")).await.unwrap();
+    let error = writer.finish(sha(b"hell"), false).await.unwrap().await.unwrap_err();
+    assert_eq!(error.code, Code::InvalidArgument);
+
+    let mut writer = store.create(path(P), 5).await.unwrap();
+    let error = writer.write(Bytes::from_static(b"hello!")).await.unwrap_err();
+    assert_eq!(error.code, Code::InvalidArgument);
+    drop(writer);
+
+    assert!(store.stat(&path(P)).await.unwrap().is_none());
+    assert!(store.open(&path(P)).await.unwrap().is_none());
+    assert_eq!(tmp_files_after_cleanup(dir.path()).await, 0);
+}
+
+#[tokio::test]
+async fn an_abandoned_write_leaves_nothing_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = FilesystemStore::open(&config(dir.path())).unwrap();
+    let mut writer = store.create(path(P), 10).await.unwrap();
+    writer.write(Bytes::from_static(b"12345")).await.unwrap();
+    assert_eq!(tmp_files(dir.path()), 1);
+    drop(writer);
+    assert_eq!(tmp_files_after_cleanup(dir.path()).await, 0);
+    assert!(store.is_empty());
+}
+
+#[test]
+fn leftovers_of_a_crash_are_removed_at_start_up() {
+    let dir = tempfile::tempdir().unwrap();
+    drop(FilesystemStore::open(&config(dir.path())).unwrap());
+    fs::write(dir.path().join("tmp/123-0.part"), b"half a probe").unwrap();
+    let store = FilesystemStore::open(&config(dir.path())).unwrap();
+    assert_eq!(tmp_files(dir.path()), 0);
+    assert!(store.is_empty());
+}
+
+#[test]
+fn corrupt_and_foreign_files_are_not_served() {
+    let dir = tempfile::tempdir().unwrap();
+    drop(FilesystemStore::open(&config(dir.path())).unwrap());
+    let module = dir.path().join("probes/2.5.0");
+    fs::create_dir_all(&module).unwrap();
+    fs::write(module.join("collector-ebpf-5.4.0.o.gz"), b"no header").unwrap();
+    fs::write(module.join("notes.txt"), b"").unwrap();
+    let mut truncated = header(Entry { size: 100, sha256: sha(b"") }).to_vec();
+    truncated.extend_from_slice(b"short");
+    fs::write(module.join("collector-ebpf-5.5.0.o.gz"), truncated).unwrap();
+    let store = FilesystemStore::open(&config(dir.path())).unwrap();
+    assert!(store.is_empty());
+}
+
+#[test]
+fn a_second_store_on_the_same_directory_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let _first = FilesystemStore::open(&config(dir.path())).unwrap();
+    let error = FilesystemStore::open(&config(dir.path())).err().unwrap();
+    assert_eq!(error.code, Code::FailedPrecondition);
+}
+
+#[tokio::test]
+async fn writes_that_would_cross_the_free_space_floor_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = FilesystemStoreConfig { data_dir: dir.path().to_owned(), min_free_bytes: u64::MAX / 2 };
+    let store = FilesystemStore::open(&config).unwrap();
+    let error = store.create(path(P), 10).await.err().unwrap();
+    assert_eq!(error.code, Code::ResourceExhausted);
+    assert_eq!(tmp_files(dir.path()), 0);
+    assert_eq!(store.inner.reserved.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test]
+async fn a_removed_probe_is_gone_also_after_reopening() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = FilesystemStore::open(&config(dir.path())).unwrap();
+        put(&store, P, b"bytes", false).await.unwrap();
+        let reader = store.open(&path(P)).await.unwrap().unwrap();
+        assert!(store.remove(&path(P)).await.unwrap());
+        assert!(!store.remove(&path(P)).await.unwrap());
+        assert!(store.open(&path(P)).await.unwrap().is_none());
+        let chunks: Vec<Bytes> = reader.chunks.map(|c| c.unwrap()).collect().await;
+        assert_eq!(chunks.concat(), b"bytes", "an open reader still reads it");
+    }
+    assert!(FilesystemStore::open(&config(dir.path())).unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn listing_is_in_path_string_order_for_every_page_size() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = FilesystemStore::open(&config(dir.path())).unwrap();
+    let mut paths = vec![
+        "2.5.0/collector-ebpf-5.4.0.o.gz",
+        "2.5.0/collector-5.4.0.ko.gz",
+        "2.5.0-rc1/collector-ebpf-5.4.0.o.gz",
+        "2.5.0-rc10/collector-ebpf-5.4.0.o.gz",
+        "2.10.0/collector-ebpf-5.4.0.o.gz",
+        "2.5.1/collector-ebpf-5.4.0.o.gz",
+        "1123dde0458e72a49880b06922e135dbcd36fb784fed530ab84ddfa8924e5c05/collector-4.9.ko.gz",
+    ];
+    for p in &paths {
+        put(&store, p, p.as_bytes(), false).await.unwrap();
+    }
+    paths.sort();
+    for filter in [None, Some("2.5.0"), Some("2.5.0-rc1")] {
+        let v = filter.map(|v| ModuleVersion::parse(v).unwrap());
+        let expected: Vec<&str> =
+            paths.iter().copied().filter(|p| filter.is_none_or(|v| p.starts_with(&format!("{v}/")))).collect();
+        for page_size in 1..=paths.len() + 1 {
+            let mut listed = Vec::new();
+            let mut after: Option<ProbePath> = None;
+            loop {
+                let page = store.list(v.as_ref(), after.as_ref(), page_size).await.unwrap();
+                listed.extend(page.iter().map(|p| p.path.to_string()));
+                if page.len() < page_size {
+                    break;
+                }
+                after = page.last().map(|p| p.path.clone());
+            }
+            assert_eq!(listed, expected, "filter {filter:?}, page size {page_size}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn listing_pages_through_one_module_version_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = FilesystemStore::open(&config(dir.path())).unwrap();
+    for p in [
+        "2.5.0/collector-ebpf-5.4.0.o.gz",
+        "2.5.0/collector-5.4.0.ko.gz",
+        "2.4.0/collector-ebpf-5.4.0.o.gz",
+        "2.6.0/collector-ebpf-5.4.0.o.gz",
+    ] {
+        put(&store, p, p.as_bytes(), false).await.unwrap();
+    }
+    let v = ModuleVersion::parse("2.5.0").unwrap();
+    let first = store.list(Some(&v), None, 1).await.unwrap();
+    assert_eq!(first[0].path.to_string(), "2.5.0/collector-5.4.0.ko.gz");
+    let second = store.list(Some(&v), Some(&first[0].path), 10).await.unwrap();
+    let names: Vec<String> = second.iter().map(|p| p.path.to_string()).collect();
+    assert_eq!(names, ["2.5.0/collector-ebpf-5.4.0.o.gz"]);
+    assert_eq!(store.list(None, None, 10).await.unwrap().len(), 4);
+}
