@@ -13,6 +13,7 @@ use super::format::header;
 use super::*;
 use crate::error::Result;
 use crate::store::{CommitOutcome, ProbeStore, StoredProbe};
+
 use tokio_stream::StreamExt;
 
 fn config(dir: &Path) -> FilesystemStoreConfig {

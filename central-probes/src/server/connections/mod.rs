@@ -16,27 +16,27 @@
 //! - each request carries the `ConnectionHandle` of its connection, through
 //!   which `ProbeSlots` closes connections whose client stopped reading.
 
-use std::collections::BTreeMap;
-use std::convert::Infallible;
-use std::future::Future;
-use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+mod accept;
+mod service;
 
-use http::{HeaderValue, Request, Response};
-use hyper::body::Incoming;
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, mpsc, watch};
 use tokio_rustls::TlsAcceptor;
-use tonic::Code;
-use tonic::codegen::Service;
 use tonic::service::Routes;
 use tonic::transport::server::Connected;
-use tracing::{debug, info, warn};
+use tracing::{debug, info};
+
+pub use accept::raise_descriptor_limit;
+
+use accept::{AcceptBackoff, Registration, Registry};
+use service::{Activity, ConnectionService};
 
 /// Bytes HTTP/2 may buffer for one stream beyond its flow-control window:
 /// with unread streams this, plus one chunk, is what each one holds.
@@ -126,67 +126,6 @@ impl ConnectionHandle {
     }
 }
 
-/// Live connections, by id (the oldest first), and whether each is still
-/// in its handshake.
-#[derive(Default)]
-struct Registry {
-    connections: Mutex<BTreeMap<u64, (ConnectionHandle, bool)>>,
-}
-
-impl Registry {
-    fn lock(&self) -> MutexGuard<'_, BTreeMap<u64, (ConnectionHandle, bool)>> {
-        self.connections.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
-    fn len(&self) -> usize {
-        self.lock().len()
-    }
-
-    /// Closes the oldest connection still in its handshake, if any.
-    fn evict_oldest_handshake(&self) -> bool {
-        let mut connections = self.lock();
-        let Some(id) = connections.iter().find(|(_, (_, handshaking))| *handshaking).map(|(id, _)| *id) else {
-            return false;
-        };
-        let (handle, _) = connections.remove(&id).expect("just found");
-        handle.close();
-        true
-    }
-}
-
-/// Removes its connection from the registry when the connection ends.
-struct Registration {
-    registry: Arc<Registry>,
-    id: u64,
-}
-
-impl Drop for Registration {
-    fn drop(&mut self) {
-        self.registry.lock().remove(&self.id);
-    }
-}
-
-/// Raises the soft limit of open descriptors to the hard limit and returns
-/// the soft limit in force.
-pub fn raise_descriptor_limit() -> u64 {
-    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-    // SAFETY: `limit` is a valid rlimit to write into.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
-        return 1024;
-    }
-    if limit.rlim_cur < limit.rlim_max {
-        let raised = libc::rlimit { rlim_cur: limit.rlim_max, rlim_max: limit.rlim_max };
-        // SAFETY: `raised` is a valid rlimit; raising up to the hard limit
-        // needs no privilege.
-        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
-            limit = raised;
-        }
-    }
-    // rlim_t is u64 on Linux but not everywhere.
-    #[allow(clippy::useless_conversion)]
-    u64::from(limit.rlim_cur)
-}
-
 /// Serves `routes` over TLS on `listener` until `shutdown` completes, then
 /// stops accepting, lets requests in flight finish and returns when every
 /// connection has closed.
@@ -259,45 +198,6 @@ pub async fn serve(
     let _ = stop.send(true);
     drop(alive);
     let _ = all_closed.recv().await;
-}
-
-/// How often running out of descriptors is logged at most.
-const WARN_EVERY: Duration = Duration::from_secs(60);
-
-/// Pauses of the accept loop while the process is out of descriptors, and
-/// a log line at most every `WARN_EVERY`, not one per attempt.
-#[derive(Default)]
-struct AcceptBackoff {
-    /// Failures since the last successful accept: the pause grows with them.
-    consecutive: u32,
-    /// Failures not yet reported in a log line.
-    unreported: u64,
-    last_warning: Option<Instant>,
-}
-
-impl AcceptBackoff {
-    fn failed(&mut self, evicted: bool, error: &std::io::Error) -> Duration {
-        self.unreported += 1;
-        if self.last_warning.is_none_or(|at| at.elapsed() >= WARN_EVERY) {
-            warn!(
-                %error,
-                refused_accepts = self.unreported,
-                "out of file descriptors: closing connections still in their handshake, oldest first"
-            );
-            self.last_warning = Some(Instant::now());
-            self.unreported = 0;
-        }
-        self.consecutive += 1;
-        if evicted {
-            // The evicted connection frees its descriptor once its task runs.
-            return Duration::from_millis(1);
-        }
-        Duration::from_millis(5 << self.consecutive.min(8)).min(Duration::from_secs(1))
-    }
-
-    fn succeeded(&mut self) {
-        self.consecutive = 0;
-    }
 }
 
 struct ConnectionContext {
@@ -375,116 +275,4 @@ impl ConnectionContext {
         }
         drop(registration);
     }
-}
-
-/// Requests in flight on a connection and when the last one ended.
-struct Activity {
-    in_flight: AtomicUsize,
-    since: Mutex<Instant>,
-}
-
-impl Default for Activity {
-    fn default() -> Self {
-        Activity { in_flight: AtomicUsize::new(0), since: Mutex::new(Instant::now()) }
-    }
-}
-
-impl Activity {
-    fn idle_for(&self) -> Duration {
-        if self.in_flight.load(Ordering::SeqCst) > 0 {
-            return Duration::ZERO;
-        }
-        self.since.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).elapsed()
-    }
-
-    fn start(self: &Arc<Self>) -> InFlight {
-        self.in_flight.fetch_add(1, Ordering::SeqCst);
-        InFlight(self.clone())
-    }
-}
-
-/// One request in flight, until its response body is done or dropped.
-struct InFlight(Arc<Activity>);
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        *self.0.since.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = Instant::now();
-        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
-    }
-}
-
-type ConnectInfo = <tokio_rustls::server::TlsStream<TcpStream> as Connected>::ConnectInfo;
-
-/// The HTTP service of one connection: tonic's routes, with the connection's
-/// TLS facts (for `peer_certs`) and handle in every request.
-#[derive(Clone)]
-struct ConnectionService {
-    routes: Routes,
-    connect_info: ConnectInfo,
-    handle: ConnectionHandle,
-    activity: Arc<Activity>,
-}
-
-impl hyper::service::Service<Request<Incoming>> for ConnectionService {
-    type Response = Response<tonic::body::Body>;
-    type Error = Infallible;
-    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
-
-    fn call(&self, mut request: Request<Incoming>) -> Self::Future {
-        request.extensions_mut().insert(self.connect_info.clone());
-        request.extensions_mut().insert(self.handle.clone());
-        let in_flight = self.activity.start();
-        let mut routes = self.routes.clone();
-        Box::pin(async move {
-            let mut response = routes.call(request).await?;
-            recode_client_errors(response.headers_mut());
-            Ok(response.map(|body| tonic::body::Body::new(TrackedBody { body, _in_flight: in_flight })))
-        })
-    }
-}
-
-/// A response body that marks its request finished when it is dropped.
-struct TrackedBody {
-    body: tonic::body::Body,
-    _in_flight: InFlight,
-}
-
-impl http_body::Body for TrackedBody {
-    type Data = bytes::Bytes;
-    type Error = tonic::Status;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
-        Pin::new(&mut self.body).poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        self.body.size_hint()
-    }
-}
-
-/// tonic answers a request message over the size limit with OUT_OF_RANGE
-/// and one that does not decode with INTERNAL, before any handler runs.
-/// Both are the client's mistake, and INTERNAL would read as "retry": the
-/// API documents RESOURCE_EXHAUSTED and INVALID_ARGUMENT. Central's own
-/// handlers never answer OUT_OF_RANGE, and their INTERNAL messages never
-/// start like prost's decode error.
-fn recode_client_errors(headers: &mut http::HeaderMap) {
-    let code = match headers.get("grpc-status").map(HeaderValue::as_bytes) {
-        Some(b"11") => Code::ResourceExhausted,
-        Some(b"13") => Code::InvalidArgument,
-        _ => return,
-    };
-    let Some(status) = tonic::Status::from_header_map(headers) else { return };
-    if code == Code::InvalidArgument && !status.message().starts_with("failed to decode Protobuf message") {
-        return;
-    }
-    let recoded = tonic::Status::new(code, format!("the request message was refused: {}", status.message()));
-    let _ = recoded.add_header(headers);
 }
