@@ -71,14 +71,8 @@ impl UploadService {
         }
         let paths = request.paths.iter().map(|p| ProbePath::parse(p)).collect::<Result<Vec<_>, _>>()?;
         let mut seen = HashSet::new();
-        let mut probes = Vec::new();
-        for path in paths {
-            if seen.insert(path.clone())
-                && let Some(probe) = self.store.stat(&path).await?
-            {
-                probes.push(info_of(probe));
-            }
-        }
+        let paths: Vec<ProbePath> = paths.into_iter().filter(|path| seen.insert(path.clone())).collect();
+        let probes = self.store.stat_many(&paths).await?.into_iter().flatten().map(info_of).collect();
         Ok(GetExistingProbesResponse { probes })
     }
 

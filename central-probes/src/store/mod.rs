@@ -39,6 +39,28 @@ pub enum CommitOutcome {
     Overwritten { previous: Sha256Digest },
 }
 
+/// What the overwrite rule decides for one commit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Decision {
+    /// Make the new bytes visible; the commit's outcome is this.
+    Write(CommitOutcome),
+    /// Keep what is stored and drop the new bytes; the outcome is this.
+    Keep(CommitOutcome),
+}
+
+/// The overwrite rule, the same for every backend: what committing a probe
+/// of size and digest `new` over what is stored under its path (`old`)
+/// does. A backend applies it atomically with its commit (under its lock,
+/// or in its transaction), so racing uploads of one path agree.
+pub fn overwrite_rule(old: Option<(u64, Sha256Digest)>, new: (u64, Sha256Digest), overwrite: bool) -> Decision {
+    match old {
+        None => Decision::Write(CommitOutcome::Stored),
+        Some(old) if old == new => Decision::Keep(CommitOutcome::Identical),
+        Some((_, previous)) if overwrite => Decision::Write(CommitOutcome::Overwritten { previous }),
+        Some((_, existing)) => Decision::Keep(CommitOutcome::Conflict { existing }),
+    }
+}
+
 /// A probe's bytes, in order, as chunks of bounded size.
 pub type ChunkStream = Pin<Box<dyn Stream<Item = Result<Bytes>> + Send>>;
 
@@ -67,6 +89,16 @@ pub struct ProbeReader {
 pub trait ProbeStore: Send + Sync + 'static {
     /// The probe stored under `path`, if any.
     async fn stat(&self, path: &ProbePath) -> Result<Option<StoredProbe>>;
+
+    /// `stat` of many paths in one call (GetExistingProbes asks for up to
+    /// 100,000): the answers in the order of `paths`.
+    async fn stat_many(&self, paths: &[ProbePath]) -> Result<Vec<Option<StoredProbe>>> {
+        let mut found = Vec::with_capacity(paths.len());
+        for path in paths {
+            found.push(self.stat(path).await?);
+        }
+        Ok(found)
+    }
 
     /// Up to `limit` probes in path order, after `after` when given, only of
     /// `module_version` when given.
@@ -115,5 +147,30 @@ pub trait ProbeWriter: Send {
     /// `finish_after` with nothing to wait for.
     async fn finish(self: Box<Self>, sha256: Sha256Digest, overwrite: bool) -> Result<PendingCommit> {
         self.finish_after(sha256, overwrite, open_gate()).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_overwrite_rule_stores_skips_keeps_or_replaces() {
+        let (a, b) = (Sha256Digest::of(b"a"), Sha256Digest::of(b"b"));
+        assert_eq!(overwrite_rule(None, (1, a), false), Decision::Write(CommitOutcome::Stored));
+        assert_eq!(overwrite_rule(Some((1, a)), (1, a), true), Decision::Keep(CommitOutcome::Identical));
+        assert_eq!(
+            overwrite_rule(Some((1, a)), (1, b), false),
+            Decision::Keep(CommitOutcome::Conflict { existing: a })
+        );
+        assert_eq!(
+            overwrite_rule(Some((1, a)), (1, b), true),
+            Decision::Write(CommitOutcome::Overwritten { previous: a })
+        );
+        // Same digest, other size: not the same probe.
+        assert_eq!(
+            overwrite_rule(Some((2, a)), (1, a), false),
+            Decision::Keep(CommitOutcome::Conflict { existing: a })
+        );
     }
 }

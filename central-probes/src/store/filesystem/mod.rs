@@ -149,6 +149,11 @@ impl ProbeStore for FilesystemStore {
         Ok(self.inner.entry(path).map(|entry| stored(path.clone(), entry)))
     }
 
+    async fn stat_many(&self, paths: &[ProbePath]) -> Result<Vec<Option<StoredProbe>>> {
+        let index = self.inner.index();
+        Ok(paths.iter().map(|path| index.get(path).map(|&entry| stored(path.clone(), entry))).collect())
+    }
+
     async fn list(
         &self,
         module_version: Option<&ModuleVersion>,

@@ -18,7 +18,7 @@ use tonic::Code;
 use tracing::warn;
 
 use crate::error::{Error, Result};
-use crate::store::{CommitGate, CommitOutcome, PendingCommit, ProbeWriter};
+use crate::store::{CommitGate, CommitOutcome, Decision, PendingCommit, ProbeWriter, overwrite_rule};
 
 use super::format::{HEADER_LEN, header, sync_dir};
 use super::{Entry, Inner};
@@ -195,7 +195,9 @@ pub(super) async fn verify_and_commit(
         return Err(Error::new(Code::Aborted, format!("{path}: not committed, an earlier file of the upload failed")));
     }
     // Decide early when nothing will be stored: no fsync is needed then.
-    if let Some(outcome) = inner.entry(&path).and_then(|old| outcome(old, new, overwrite).1) {
+    if let Some(old) = inner.entry(&path)
+        && let Decision::Keep(outcome) = decide(Some(old), new, overwrite)
+    {
         return Ok(outcome);
     }
     tokio::task::spawn_blocking(move || {
@@ -207,17 +209,9 @@ pub(super) async fn verify_and_commit(
     .map_err(|e| Error::internal(format!("commit task failed: {e}")))?
 }
 
-/// The overwrite rule: what storing `new` over `old` does. The second value
-/// is `Some` when nothing is to be written.
-pub(super) fn outcome(old: Entry, new: Entry, overwrite: bool) -> (CommitOutcome, Option<CommitOutcome>) {
-    if old == new {
-        (CommitOutcome::Identical, Some(CommitOutcome::Identical))
-    } else if overwrite {
-        (CommitOutcome::Overwritten { previous: old.sha256 }, None)
-    } else {
-        let conflict = CommitOutcome::Conflict { existing: old.sha256 };
-        (conflict, Some(conflict))
-    }
+/// The store's overwrite rule on this store's index entries.
+fn decide(old: Option<Entry>, new: Entry, overwrite: bool) -> Decision {
+    overwrite_rule(old.map(|old| (old.size, old.sha256)), (new.size, new.sha256), overwrite)
 }
 
 pub(super) fn commit(
@@ -239,12 +233,9 @@ pub(super) fn commit(
         // The check and the rename happen under one lock: concurrent uploads
         // of one path cannot both think they stored it first.
         let mut index = inner.index();
-        let outcome = match index.get(path) {
-            None => CommitOutcome::Stored,
-            Some(&old) => match self::outcome(old, new, overwrite) {
-                (_, Some(nothing_to_write)) => return Ok(nothing_to_write),
-                (overwritten, None) => overwritten,
-            },
+        let outcome = match decide(index.get(path).copied(), new, overwrite) {
+            Decision::Keep(nothing_to_write) => return Ok(nothing_to_write),
+            Decision::Write(outcome) => outcome,
         };
         if !module_dir.exists() {
             fs::create_dir(module_dir).map_err(io_error("creating the directory of"))?;
