@@ -471,3 +471,65 @@ async fn a_full_disk_refuses_the_upload_keeps_stored_probes_and_keeps_serving() 
     assert_eq!(probe.bytes, spec.probe_bytes(&stored[0].path), "Central keeps serving");
     central.stop().await;
 }
+
+/// A Central that says it has every asked probe, with a malformed digest.
+struct GarbledCentral;
+
+#[tonic::async_trait]
+impl probe_api::v1::probe_upload_service_server::ProbeUploadService for GarbledCentral {
+    async fn get_existing_probes(
+        &self,
+        request: tonic::Request<GetExistingProbesRequest>,
+    ) -> Result<tonic::Response<probe_api::v1::GetExistingProbesResponse>, tonic::Status> {
+        let probes = request
+            .into_inner()
+            .paths
+            .into_iter()
+            .map(|path| probe_api::v1::ProbeInfo {
+                size: spec(2, 0).probe_bytes(&path).len() as u64,
+                path,
+                sha256: "zz".into(),
+            })
+            .collect();
+        Ok(tonic::Response::new(probe_api::v1::GetExistingProbesResponse { probes }))
+    }
+
+    async fn upload_probes(
+        &self,
+        _: tonic::Request<tonic::Streaming<UploadProbesRequest>>,
+    ) -> Result<tonic::Response<probe_api::v1::UploadProbesResponse>, tonic::Status> {
+        Err(tonic::Status::unimplemented("not in this test"))
+    }
+
+    async fn list_probes(
+        &self,
+        _: tonic::Request<probe_api::v1::ListProbesRequest>,
+    ) -> Result<tonic::Response<probe_api::v1::ListProbesResponse>, tonic::Status> {
+        Err(tonic::Status::unimplemented("not in this test"))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_digest_from_central_fails_the_upload_instead_of_being_guessed() {
+    use tonic::transport::{Identity, Server, ServerTlsConfig};
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().unwrap();
+    central_probes::server::install_crypto_provider();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap().to_string();
+    let tls = ServerTlsConfig::new().identity(Identity::from_pem(&pki.server.cert_pem, &pki.server.key_pem));
+    let server = tokio::spawn(
+        Server::builder()
+            .tls_config(tls)
+            .unwrap()
+            .add_service(probe_api::v1::probe_upload_service_server::ProbeUploadServiceServer::new(GarbledCentral))
+            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
+    );
+    let package = write(&spec(2, 0), dir.path(), "pkg.zip");
+    let mut client =
+        admin_client::connect(&address, pki.ca.cert_pem.clone().into_bytes(), "token", Duration::from_secs(5)).unwrap();
+    let request = UploadRequest { package: package.into(), overwrite: false };
+    let error = admin_client::upload(&mut client, &request, |_| Progress::Silent).await.unwrap_err();
+    assert!(error.contains("malformed SHA-256"), "{error}");
+    server.abort();
+}

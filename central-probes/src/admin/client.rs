@@ -140,17 +140,19 @@ pub async fn upload(
         ));
     }
     let existing = existing_probes(client, &index).await?;
+    // A digest Central sends must be well-formed: taking a malformed one for
+    // some value would decide "identical" or "conflict" on nothing.
     let actions: Vec<Action> = index
         .probes
         .iter()
         .map(|probe| match existing.get(&probe.path.to_string()) {
-            None => Action::Send,
-            Some(info) if info.size == probe.size => {
-                Action::Compare(Sha256Digest::from_hex(&info.sha256).unwrap_or(Sha256Digest([0; 32])))
-            }
-            Some(_) => Action::Differs,
+            None => Ok(Action::Send),
+            Some(info) if info.size == probe.size => Sha256Digest::from_hex(&info.sha256)
+                .map(Action::Compare)
+                .ok_or_else(|| format!("Central answered a malformed SHA-256 {:?} for {}", info.sha256, probe.path)),
+            Some(_) => Ok(Action::Differs),
         })
-        .collect();
+        .collect::<Result<_, String>>()?;
     let plan = UploadPlan {
         probes_in_package: index.probes.len(),
         new_files: actions.iter().filter(|a| matches!(a, Action::Send)).count(),
