@@ -11,4 +11,5 @@ pub mod error;
 pub mod pki;
 pub mod server;
 pub mod store;
+#[cfg(feature = "testing")]
 pub mod synthetic;

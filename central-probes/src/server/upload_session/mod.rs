@@ -14,7 +14,6 @@ use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use bytes::Bytes;
 use probe_api::digest::Sha256Digest;
 use probe_api::limits::{MAX_FILE_SIZE, MAX_REQUEST_MESSAGE, MAX_UPLOAD_CHUNK};
 use probe_api::names::ProbePath;
@@ -242,8 +241,10 @@ fn stream_error(status: tonic::Status) -> Error {
     }
 }
 
-/// Helper for tests and clients: the messages that upload one file.
+/// Helper for tests: the messages that upload one file.
+#[cfg(any(test, feature = "testing"))]
 pub fn file_messages(path: &str, bytes: &[u8], chunk_size: usize) -> Vec<UploadProbesRequest> {
+    use bytes::Bytes;
     let message = |m| UploadProbesRequest { message: Some(m) };
     let mut messages =
         vec![message(Message::FileHeader(FileHeader { path: path.to_owned(), size: bytes.len() as u64 }))];

@@ -2,6 +2,7 @@
 
 use super::*;
 use crate::store::filesystem::{FilesystemStore, FilesystemStoreConfig};
+use bytes::Bytes;
 use probe_api::v1::{FileTrailer, UploadOptions};
 
 const A: &str = "2.5.0/collector-ebpf-5.4.0.o.gz";

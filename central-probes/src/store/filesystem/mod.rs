@@ -21,7 +21,9 @@ mod reader;
 mod tests;
 mod writer;
 
-pub use reader::{READ_CHUNK, read_probe_file};
+pub use reader::READ_CHUNK;
+#[cfg(any(test, feature = "testing"))]
+pub use reader::read_probe_file;
 
 use std::collections::BTreeMap;
 use std::fs::{self, File};

@@ -1,13 +1,12 @@
 //! Reading a stored probe: its header, then its bytes a chunk at a time.
 
 use std::fs::File;
-use std::io::{self, Read};
+use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::task::Poll;
 
 use bytes::{Bytes, BytesMut};
-use probe_api::digest::Sha256Digest;
 use probe_api::names::ProbePath;
 use tokio::task::JoinHandle;
 
@@ -100,8 +99,10 @@ impl ProbeBytes {
     }
 }
 
-/// Reads a whole stored probe file's content, for tests and tools.
-pub fn read_probe_file(file_path: &Path) -> io::Result<(Sha256Digest, Vec<u8>)> {
+/// Reads a whole stored probe file's content, for tests.
+#[cfg(any(test, feature = "testing"))]
+pub fn read_probe_file(file_path: &Path) -> io::Result<(probe_api::digest::Sha256Digest, Vec<u8>)> {
+    use std::io::Read;
     let mut file = File::open(file_path)?;
     let entry = read_header(&file)?;
     let mut content = Vec::new();
