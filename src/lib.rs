@@ -5,6 +5,7 @@
 pub mod digest;
 pub mod limits;
 pub mod names;
+pub mod probe_stream;
 pub mod transport;
 
 /// Generated messages, clients and servers of package `kprobes.v1`.

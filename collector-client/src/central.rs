@@ -3,8 +3,9 @@
 use std::time::Duration;
 
 use probe_api::digest::{Sha256Digest, Sha256Hasher};
+use probe_api::limits::MAX_FILE_SIZE;
+use probe_api::probe_stream::{ProbeReply, ReplyError};
 use probe_api::transport::{self, ClientTls};
-use probe_api::v1::get_probe_response::Message;
 use probe_api::v1::probe_service_client::ProbeServiceClient;
 use probe_api::v1::{GetProbeRequest, ProbeSource};
 use tonic::Code;
@@ -65,36 +66,30 @@ impl CentralClient {
     /// Fetches `<module_version>/<file_name>` and verifies it.
     pub async fn fetch(&self, module_version: &str, file_name: &str) -> Result<FetchedProbe, FetchError> {
         let request = GetProbeRequest { module_version: module_version.to_owned(), file_name: file_name.to_owned() };
-        let mut stream = self.client.clone().get_probe(request).await.map_err(FetchError::Status)?.into_inner();
-        let bad = |why: String| FetchError::BadReply(why);
-        let header = match stream.message().await.map_err(FetchError::Status)? {
-            Some(probe_api::v1::GetProbeResponse { message: Some(Message::Header(header)) }) => header,
-            _ => return Err(bad("the reply did not start with a header".into())),
-        };
-        let expected = Sha256Digest::from_hex(&header.sha256)
-            .ok_or_else(|| bad(format!("malformed SHA-256 {:?} in the header", header.sha256)))?;
+        let stream = self.client.clone().get_probe(request).await.map_err(FetchError::Status)?.into_inner();
+        let mut reply = ProbeReply::start(stream, MAX_FILE_SIZE).await?;
         // The header's size is only a claim: grow as bytes arrive rather
         // than reserving what it says.
-        let mut bytes = Vec::with_capacity(header.size.min(16 << 20) as usize);
+        let mut bytes = Vec::with_capacity(reply.size().min(16 << 20) as usize);
         let mut hasher = Sha256Hasher::new();
-        while let Some(response) = stream.message().await.map_err(FetchError::Status)? {
-            let Some(Message::Chunk(chunk)) = response.message else {
-                return Err(bad("a second header".into()));
-            };
-            if bytes.len() as u64 + chunk.len() as u64 > header.size {
-                return Err(bad(format!("more bytes than the {} in the header", header.size)));
-            }
+        while let Some(chunk) = reply.next_chunk().await? {
             hasher.update(&chunk);
             bytes.extend_from_slice(&chunk);
         }
-        if bytes.len() as u64 != header.size {
-            return Err(bad(format!("{} bytes received, {} announced", bytes.len(), header.size)));
-        }
-        let sha256 = hasher.finish();
+        let (sha256, expected) = (hasher.finish(), reply.sha256());
         if sha256 != expected {
-            return Err(bad(format!("SHA-256 {sha256} does not match the header's {expected}")));
+            return Err(FetchError::BadReply(format!("SHA-256 {sha256} does not match the header's {expected}")));
         }
-        let source = ProbeSource::try_from(header.source).unwrap_or(ProbeSource::Unspecified);
+        let source = ProbeSource::try_from(reply.header().source).unwrap_or(ProbeSource::Unspecified);
         Ok(FetchedProbe { bytes, sha256, source })
+    }
+}
+
+impl From<ReplyError> for FetchError {
+    fn from(error: ReplyError) -> Self {
+        match error {
+            ReplyError::Status(status) => FetchError::Status(status),
+            ReplyError::BadReply(why) => FetchError::BadReply(why),
+        }
     }
 }

@@ -92,10 +92,16 @@ impl Central {
         let upstream = match config.upstream {
             None => None,
             Some(upstream) => {
-                let metrics = metrics.clone();
-                let source = tokio::task::spawn_blocking(move || UpstreamSource::new(upstream, metrics))
+                let cache_config = FilesystemStoreConfig {
+                    data_dir: upstream.cache_dir.clone(),
+                    min_free_bytes: upstream.min_free_bytes,
+                };
+                let cache = tokio::task::spawn_blocking(move || FilesystemStore::open(&cache_config))
                     .await
-                    .map_err(|e| Error::internal(format!("setting up the upstream: {e}")))?
+                    .map_err(|e| Error::internal(format!("opening the upstream cache: {e}")))?
+                    .map_err(|e| e.context("opening the upstream cache"))?;
+                let source = UpstreamSource::new(upstream, Arc::new(cache), metrics.clone())
+                    .await
                     .map_err(|e| e.context("setting up the upstream"))?;
                 Some(Arc::new(source))
             }

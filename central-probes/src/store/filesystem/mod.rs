@@ -122,11 +122,6 @@ impl FilesystemStore {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
-
-    /// Every probe with its size, in path order.
-    pub fn sizes(&self) -> Vec<(ProbePath, u64)> {
-        self.inner.index().iter().map(|(path, entry)| (path.clone(), entry.size)).collect()
-    }
 }
 
 impl Inner {

@@ -1,0 +1,204 @@
+//! The upstream probe server as a source: on a miss in the uploaded
+//! probes, Central fetches the probe from the upstream (through the same
+//! `ProbeService.GetProbe` API), verifies it, and keeps it in a bounded
+//! on-disk cache, apart from uploaded probes.
+//!
+//! Concurrent misses for one probe share one upstream fetch
+//! (`single_flight`). "Not found" answers are remembered briefly so a crowd
+//! asking for a missing probe does not turn into a crowd of upstream
+//! requests. The cache is a probe store like any other, used through the
+//! `ProbeStore` trait; `lru` evicts its least recently used probes once it
+//! holds more than its budget.
+
+mod lru;
+mod single_flight;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use probe_api::names::ProbePath;
+use probe_api::probe_stream::{ProbeReply, ReplyError};
+use probe_api::transport::{self, ClientTls};
+use probe_api::v1::probe_service_client::ProbeServiceClient;
+use probe_api::v1::{GetProbeRequest, ProbeSource as ApiSource};
+use tonic::Code;
+use tonic::transport::Channel;
+use tracing::{info, warn};
+
+use crate::error::{Error, Result};
+use crate::server::metrics::{Metrics, ResultLabels};
+use crate::server::sources::{Found, ProbeSource};
+use crate::store::ProbeStore;
+use lru::Lru;
+use probe_api::limits::MAX_FILE_SIZE;
+use single_flight::SingleFlight;
+
+/// How Central reaches the upstream and keeps what it fetched.
+#[derive(Clone, Debug)]
+pub struct UpstreamConfig {
+    /// `https://HOST:PORT` (or `HOST:PORT`).
+    pub address: String,
+    /// The upstream's CA, and a client identity if the upstream wants one.
+    pub tls: ClientTls,
+    pub connect_timeout: Duration,
+    /// Bound on one whole fetch, connecting included.
+    pub fetch_timeout: Duration,
+    /// Where the cache store lives (opened by `Central::open`).
+    pub cache_dir: std::path::PathBuf,
+    /// Probes beyond this many bytes are evicted, least recently used first.
+    pub cache_max_bytes: u64,
+    /// The cache refuses to write below this much free disk.
+    pub min_free_bytes: u64,
+    /// How long a "not found" from the upstream is believed.
+    pub not_found_ttl: Duration,
+}
+
+pub struct UpstreamSource {
+    config: UpstreamConfig,
+    client: ProbeServiceClient<Channel>,
+    cache: Arc<dyn ProbeStore>,
+    lru: Mutex<Lru>,
+    /// Fetches under way, by probe: concurrent misses share one.
+    in_flight: SingleFlight<ProbePath, Result<bool>>,
+    not_found: Mutex<HashMap<ProbePath, Instant>>,
+    metrics: Metrics,
+}
+
+impl UpstreamSource {
+    /// Prepares the upstream client over `cache`, a store of its own (kept
+    /// apart from uploaded probes); no connection is made until the first
+    /// miss.
+    pub async fn new(config: UpstreamConfig, cache: Arc<dyn ProbeStore>, metrics: Metrics) -> Result<Self> {
+        let channel = transport::channel(&config.address, &config.tls, config.connect_timeout)
+            .map_err(|e| Error::invalid_argument(format!("upstream: {e}")))?;
+        let client = ProbeServiceClient::new(channel);
+        let lru = Lru::of(cache.as_ref()).await?;
+
+        info!(address = %config.address, cached = lru.len(), "upstream probe server configured");
+        Ok(UpstreamSource {
+            config,
+            client,
+            cache,
+            lru: Mutex::new(lru),
+            in_flight: SingleFlight::default(),
+            not_found: Mutex::default(),
+            metrics,
+        })
+    }
+
+    fn lru(&self) -> std::sync::MutexGuard<'_, Lru> {
+        self.lru.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn recently_not_found(&self, path: &ProbePath) -> bool {
+        let mut not_found = self.not_found.lock().unwrap_or_else(|p| p.into_inner());
+        match not_found.get(path) {
+            Some(since) if since.elapsed() < self.config.not_found_ttl => true,
+            Some(_) => {
+                not_found.remove(path);
+                false
+            }
+            None => false,
+        }
+    }
+
+    /// Makes sure the cache has `path` if the upstream has it: true if so.
+    async fn fetch_into_cache(&self, path: &ProbePath) -> Result<bool> {
+        // A fetch that finished just before this one started may have
+        // filled the cache already.
+        if self.cache.stat(path).await?.is_some() {
+            return Ok(true);
+        }
+        if self.recently_not_found(path) {
+            return Ok(false);
+        }
+        let fetched = tokio::time::timeout(self.config.fetch_timeout, self.download(path)).await.unwrap_or_else(|_| {
+            Err(Error::new(
+                Code::Unavailable,
+                format!("the upstream did not deliver {path} within {:?}", self.config.fetch_timeout),
+            ))
+        });
+        let result = match &fetched {
+            Ok(true) => "fetched",
+            Ok(false) => "not_found",
+            Err(_) => "error",
+        };
+        self.metrics.upstream_fetches.get_or_create(&ResultLabels { result }).inc();
+        match &fetched {
+            Ok(false) => {
+                let mut not_found = self.not_found.lock().unwrap_or_else(|p| p.into_inner());
+                not_found.insert(path.clone(), Instant::now());
+            }
+            Err(error) => warn!(%path, %error, "upstream fetch failed"),
+            Ok(true) => info!(%path, "fetched from the upstream"),
+        }
+        fetched
+    }
+
+    async fn download(&self, path: &ProbePath) -> Result<bool> {
+        let request = GetProbeRequest {
+            module_version: path.module_version().to_string(),
+            file_name: path.file_name().to_string(),
+        };
+        let stream = match self.client.clone().get_probe(request).await {
+            Ok(response) => response.into_inner(),
+            Err(status) if status.code() == Code::NotFound => return Ok(false),
+            Err(status) => return Err(unavailable(&status)),
+        };
+        let bad_reply =
+            |why: String| Error::new(Code::Unavailable, format!("the upstream sent a bad reply for {path}: {why}"));
+        let reply_error = |error: ReplyError| match error {
+            ReplyError::Status(status) => unavailable(&status),
+            ReplyError::BadReply(why) => bad_reply(why),
+        };
+        let mut reply = ProbeReply::start(stream, MAX_FILE_SIZE).await.map_err(reply_error)?;
+        let mut writer = self.cache.create(path.clone(), reply.size()).await?;
+        while let Some(chunk) = reply.next_chunk().await.map_err(reply_error)? {
+            writer.write(chunk).await.map_err(|e| bad_reply(e.message))?;
+        }
+        // The cache verifies size and digest; nothing unverified is kept.
+        let commit = writer.finish(reply.sha256(), true).await?;
+        commit.await.map_err(|e| match e.code {
+            Code::DataLoss | Code::InvalidArgument => bad_reply(e.message),
+            _ => e,
+        })?;
+
+        let evicted = {
+            let mut lru = self.lru();
+            lru.insert(path.clone(), reply.size());
+            lru.evict_beyond(self.config.cache_max_bytes, path)
+        };
+        for old in evicted {
+            if let Err(error) = self.cache.remove(&old).await {
+                warn!(path = %old, %error, "could not evict a cached probe");
+            }
+        }
+        Ok(true)
+    }
+}
+
+fn unavailable(status: &tonic::Status) -> Error {
+    Error::new(Code::Unavailable, format!("upstream: {}", transport::describe(status)))
+}
+
+#[tonic::async_trait]
+impl ProbeSource for UpstreamSource {
+    async fn find(&self, path: &ProbePath) -> Result<Option<Found>> {
+        if let Some(reader) = self.cache.open(path).await? {
+            self.lru().touch(path);
+            self.metrics.upstream_cache_hits.inc();
+            return Ok(Some(Found { reader, source: ApiSource::UpstreamCache }));
+        }
+        if self.recently_not_found(path) {
+            return Ok(None);
+        }
+        if !self.in_flight.run(path, || self.fetch_into_cache(path)).await? {
+            return Ok(None);
+        }
+        match self.cache.open(path).await? {
+            Some(reader) => Ok(Some(Found { reader, source: ApiSource::Upstream })),
+            None => Err(Error::new(Code::Unavailable, format!("{path} left the cache before it was served; retry"))),
+        }
+    }
+}
