@@ -6,6 +6,8 @@
 //! decides, atomically with the commit, whether the new bytes are stored,
 //! identical to what is there, a conflict, or an overwrite.
 
+#[cfg(any(test, feature = "testing"))]
+pub mod conformance;
 pub mod filesystem;
 
 use std::future::Future;

@@ -78,62 +78,6 @@ async fn a_committed_probe_is_durable_and_reads_back_after_reopening() {
 }
 
 #[tokio::test]
-async fn identical_conflicting_and_overwriting_uploads_follow_the_rule() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = FilesystemStore::open(&config(dir.path())).unwrap();
-    put(&store, P, b"first", false).await.unwrap();
-    assert_eq!(put(&store, P, b"first", false).await.unwrap(), CommitOutcome::Identical);
-    assert_eq!(put(&store, P, b"first", true).await.unwrap(), CommitOutcome::Identical);
-    assert_eq!(put(&store, P, b"second", false).await.unwrap(), CommitOutcome::Conflict { existing: sha(b"first") });
-    assert_eq!(read_back(&store, P).await.unwrap().1, b"first");
-    assert_eq!(put(&store, P, b"second", true).await.unwrap(), CommitOutcome::Overwritten { previous: sha(b"first") });
-    assert_eq!(read_back(&store, P).await.unwrap().1, b"second");
-    assert_eq!(tmp_files(dir.path()), 0);
-}
-
-#[tokio::test]
-async fn racing_writers_of_one_path_store_it_once() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = FilesystemStore::open(&config(dir.path())).unwrap();
-    let mut first = store.create(path(P), 1).await.unwrap();
-    let mut second = store.create(path(P), 1).await.unwrap();
-    first.write(Bytes::from_static(b"a")).await.unwrap();
-    second.write(Bytes::from_static(b"b")).await.unwrap();
-    let first = first.finish(sha(b"a"), false).await.unwrap();
-    let second = second.finish(sha(b"b"), false).await.unwrap();
-    let (first, second) = tokio::join!(first, second);
-    let outcomes = [first.unwrap(), second.unwrap()];
-    let stored = outcomes.iter().filter(|o| **o == CommitOutcome::Stored).count();
-    let conflicts = outcomes.iter().filter(|o| matches!(o, CommitOutcome::Conflict { .. })).count();
-    assert_eq!((stored, conflicts), (1, 1), "{outcomes:?}");
-}
-
-#[tokio::test]
-async fn a_wrong_digest_or_size_stores_nothing() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = FilesystemStore::open(&config(dir.path())).unwrap();
-
-    let mut writer = store.create(path(P), 5).await.unwrap();
-    writer.write(Bytes::from_static(b"hello")).await.unwrap();
-    let error = writer.finish(sha(b"other"), false).await.unwrap().await.unwrap_err();
-    assert_eq!(error.code, Code::DataLoss);
-
-    let mut writer = store.create(path(P), 5).await.unwrap();
-    writer.write(Bytes::from_static(b"hell")).await.unwrap();
-    let error = writer.finish(sha(b"hell"), false).await.unwrap().await.unwrap_err();
-    assert_eq!(error.code, Code::InvalidArgument);
-
-    let mut writer = store.create(path(P), 5).await.unwrap();
-    let error = writer.write(Bytes::from_static(b"hello!")).await.unwrap_err();
-    assert_eq!(error.code, Code::InvalidArgument);
-    drop(writer);
-
-    assert!(store.stat(&path(P)).await.unwrap().is_none());
-    assert!(store.open(&path(P)).await.unwrap().is_none());
-    assert_eq!(tmp_files_after_cleanup(dir.path()).await, 0);
-}
-
-#[tokio::test]
 async fn an_abandoned_write_leaves_nothing_behind() {
     let dir = tempfile::tempdir().unwrap();
     let store = FilesystemStore::open(&config(dir.path())).unwrap();
@@ -206,43 +150,6 @@ async fn a_removed_probe_is_gone_also_after_reopening() {
 }
 
 #[tokio::test]
-async fn listing_is_in_path_string_order_for_every_page_size() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = FilesystemStore::open(&config(dir.path())).unwrap();
-    let mut paths = vec![
-        "2.5.0/collector-ebpf-5.4.0.o.gz",
-        "2.5.0/collector-5.4.0.ko.gz",
-        "2.5.0-rc1/collector-ebpf-5.4.0.o.gz",
-        "2.5.0-rc10/collector-ebpf-5.4.0.o.gz",
-        "2.10.0/collector-ebpf-5.4.0.o.gz",
-        "2.5.1/collector-ebpf-5.4.0.o.gz",
-        "1123dde0458e72a49880b06922e135dbcd36fb784fed530ab84ddfa8924e5c05/collector-4.9.ko.gz",
-    ];
-    for p in &paths {
-        put(&store, p, p.as_bytes(), false).await.unwrap();
-    }
-    paths.sort();
-    for filter in [None, Some("2.5.0"), Some("2.5.0-rc1")] {
-        let v = filter.map(|v| ModuleVersion::parse(v).unwrap());
-        let expected: Vec<&str> =
-            paths.iter().copied().filter(|p| filter.is_none_or(|v| p.starts_with(&format!("{v}/")))).collect();
-        for page_size in 1..=paths.len() + 1 {
-            let mut listed = Vec::new();
-            let mut after: Option<ProbePath> = None;
-            loop {
-                let page = store.list(v.as_ref(), after.as_ref(), page_size).await.unwrap();
-                listed.extend(page.iter().map(|p| p.path.to_string()));
-                if page.len() < page_size {
-                    break;
-                }
-                after = page.last().map(|p| p.path.clone());
-            }
-            assert_eq!(listed, expected, "filter {filter:?}, page size {page_size}");
-        }
-    }
-}
-
-#[tokio::test]
 async fn listing_pages_through_one_module_version_in_order() {
     let dir = tempfile::tempdir().unwrap();
     let store = FilesystemStore::open(&config(dir.path())).unwrap();
@@ -262,3 +169,29 @@ async fn listing_pages_through_one_module_version_in_order() {
     assert_eq!(names, ["2.5.0/collector-ebpf-5.4.0.o.gz"]);
     assert_eq!(store.list(None, None, 10).await.unwrap().len(), 4);
 }
+
+/// The filesystem store as the conformance suite sees it.
+struct FsFixture {
+    dir: tempfile::TempDir,
+}
+
+fn fs_fixture() -> FsFixture {
+    FsFixture { dir: tempfile::tempdir().unwrap() }
+}
+
+#[tonic::async_trait]
+impl crate::store::conformance::StoreFixture for FsFixture {
+    async fn open(&self) -> std::sync::Arc<dyn ProbeStore> {
+        std::sync::Arc::new(FilesystemStore::open(&config(self.dir.path())).unwrap())
+    }
+
+    fn leave_a_crashed_write(&self) {
+        fs::write(self.dir.path().join("tmp/4242-0.part"), b"half a probe").unwrap();
+    }
+
+    fn leftovers(&self) -> usize {
+        tmp_files(self.dir.path())
+    }
+}
+
+crate::store_conformance_tests!(fs_fixture());
