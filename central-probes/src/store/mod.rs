@@ -1,14 +1,20 @@
-//! The probe store: where uploaded probes live, behind a small trait so that
-//! the services hold no file system assumptions and a second backend (a
-//! database shared by several Central replicas) is an addition.
+//! The probe store: where uploaded probes live. The services see only
+//! `ProbeStore`. A store is composed: `VerifiedStore` (verified.rs: hashing,
+//! size and digest checks, the disk floor, commits that outlive their caller
+//! and wait for their gate) over a `Backend` (backend.rs: batch lookup,
+//! listing, reading, staging, and a compare-and-commit that applies the
+//! overwrite rule atomically). `filesystem/` is the one backend so far; a
+//! second one implements `Backend` and passes `conformance`.
 //!
-//! A store is the authority on the overwrite rule: `ProbeWriter::finish`
+//! The store is the authority on the overwrite rule (`overwrite_rule`): it
 //! decides, atomically with the commit, whether the new bytes are stored,
 //! identical to what is there, a conflict, or an overwrite.
 
+pub mod backend;
 #[cfg(any(test, feature = "testing"))]
 pub mod conformance;
 pub mod filesystem;
+pub mod verified;
 
 use std::future::Future;
 use std::pin::Pin;

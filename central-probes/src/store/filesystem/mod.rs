@@ -10,9 +10,10 @@
 //!
 //! The index of all probes (path, size, digest) is kept in memory, built at
 //! start-up from the headers, so existence checks and listings never touch
-//! the disk. Writes hash and write on a blocking thread fed through a
-//! bounded channel; commits (fsync, rename) run on their own blocking tasks
-//! so that the next file streams in while the previous one is made durable.
+//! the disk. This is a `Backend`: it stages bytes on a blocking thread fed
+//! through a bounded channel and commits under its index lock;
+//! `FilesystemStore` is it behind `VerifiedStore`, which hashes, verifies
+//! and keeps the disk floor.
 
 mod format;
 mod index;
@@ -29,7 +30,7 @@ use std::collections::BTreeMap;
 use std::fs::{self, File};
 use std::io;
 use std::ops::Bound;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 
@@ -38,12 +39,14 @@ use probe_api::names::{ModuleVersion, ProbePath};
 use tracing::info;
 
 use crate::error::{Error, Result};
-use crate::store::{ProbeReader, ProbeStore, ProbeWriter, StoredProbe};
+use crate::store::backend::{Backend, Staging};
+use crate::store::verified::VerifiedStore;
+use crate::store::{ProbeReader, StoredProbe};
 
 use format::{load_or_create_key, lock_data_dir, remove_leftovers, sync_dir};
 use index::load_index;
 use reader::open_probe;
-use writer::FsProbeWriter;
+use writer::{FsStaging, available_bytes};
 
 /// Settings of the embedded store.
 #[derive(Clone, Debug)]
@@ -53,9 +56,11 @@ pub struct FilesystemStoreConfig {
     pub min_free_bytes: u64,
 }
 
-/// The embedded store; cheap to clone.
-#[derive(Clone)]
-pub struct FilesystemStore {
+/// The embedded store: the filesystem backend behind verification.
+pub type FilesystemStore = VerifiedStore<FilesystemBackend>;
+
+/// Probes as files under a data directory.
+pub struct FilesystemBackend {
     inner: Arc<Inner>,
 }
 
@@ -63,10 +68,6 @@ struct Inner {
     probes_dir: PathBuf,
     tmp_dir: PathBuf,
     index: Mutex<BTreeMap<ProbePath, Entry>>,
-    min_free_bytes: u64,
-    /// Bytes of files being written: the disk will need them soon, although
-    /// the free space does not show it yet.
-    reserved: AtomicU64,
     next_temp: AtomicU64,
     /// Authenticates ListProbes page tokens; kept in the data directory so
     /// that tokens stay valid across restarts.
@@ -86,7 +87,21 @@ impl FilesystemStore {
     /// the directory lock, removes leftovers of interrupted writes and loads
     /// the index. Blocking.
     pub fn open(config: &FilesystemStoreConfig) -> Result<Self> {
-        let data_dir = &config.data_dir;
+        Ok(VerifiedStore::new(FilesystemBackend::open(&config.data_dir)?, config.min_free_bytes))
+    }
+
+    /// Number of probes stored.
+    pub fn len(&self) -> usize {
+        self.backend().inner.index().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl FilesystemBackend {
+    fn open(data_dir: &Path) -> Result<Self> {
         let probes_dir = data_dir.join("probes");
         let tmp_dir = data_dir.join("tmp");
         for dir in [data_dir, &probes_dir, &tmp_dir] {
@@ -100,27 +115,16 @@ impl FilesystemStore {
         }
         let index = load_index(&probes_dir)?;
         info!(probes = index.len(), data_dir = %data_dir.display(), "probe store opened");
-        Ok(FilesystemStore {
+        Ok(FilesystemBackend {
             inner: Arc::new(Inner {
                 probes_dir,
                 tmp_dir,
                 index: Mutex::new(index),
-                min_free_bytes: config.min_free_bytes,
-                reserved: AtomicU64::new(0),
                 next_temp: AtomicU64::new(0),
                 page_token_key,
                 _lock: lock,
             }),
         })
-    }
-
-    /// Number of probes stored.
-    pub fn len(&self) -> usize {
-        self.inner.index().len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 }
 
@@ -141,11 +145,7 @@ impl Inner {
 }
 
 #[tonic::async_trait]
-impl ProbeStore for FilesystemStore {
-    async fn stat(&self, path: &ProbePath) -> Result<Option<StoredProbe>> {
-        Ok(self.inner.entry(path).map(|entry| stored(path.clone(), entry)))
-    }
-
+impl Backend for FilesystemBackend {
     async fn stat_many(&self, paths: &[ProbePath]) -> Result<Vec<Option<StoredProbe>>> {
         let index = self.inner.index();
         Ok(paths.iter().map(|path| index.get(path).map(|&entry| stored(path.clone(), entry))).collect())
@@ -172,8 +172,12 @@ impl ProbeStore for FilesystemStore {
             .collect())
     }
 
-    async fn create(&self, path: ProbePath, size: u64) -> Result<Box<dyn ProbeWriter>> {
-        Ok(Box::new(FsProbeWriter::start(&self.inner, path, size)?))
+    async fn stage(&self, path: &ProbePath, _size: u64) -> Result<Box<dyn Staging>> {
+        Ok(Box::new(FsStaging::start(&self.inner, path)?))
+    }
+
+    fn available_bytes(&self) -> Result<u64> {
+        available_bytes(&self.inner.tmp_dir)
     }
 
     async fn open(&self, path: &ProbePath) -> Result<Option<ProbeReader>> {

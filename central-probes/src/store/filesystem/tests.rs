@@ -2,7 +2,6 @@
 
 use std::fs;
 use std::path::Path;
-use std::sync::atomic::Ordering;
 
 use bytes::Bytes;
 use probe_api::digest::Sha256Digest;
@@ -130,7 +129,7 @@ async fn writes_that_would_cross_the_free_space_floor_are_refused() {
     let error = store.create(path(P), 10).await.err().unwrap();
     assert_eq!(error.code, Code::ResourceExhausted);
     assert_eq!(tmp_files(dir.path()), 0);
-    assert_eq!(store.inner.reserved.load(Ordering::SeqCst), 0);
+    assert_eq!(store.reserved(), 0);
 }
 
 #[tokio::test]

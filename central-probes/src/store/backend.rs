@@ -1,0 +1,68 @@
+//! What differs between stores: where the bytes are kept. A backend stages
+//! new bytes out of sight and makes them visible with one compare-and-commit
+//! that applies the overwrite rule atomically (a filesystem under its lock,
+//! a database in one transaction). Everything else a store does (verifying
+//! size and digest, the disk floor, commits that outlive their caller, the
+//! order of an upload's commits) is `VerifiedStore`, the same over every
+//! backend.
+
+use bytes::Bytes;
+use probe_api::names::{ModuleVersion, ProbePath};
+
+use super::{CommitOutcome, ProbeReader, StoredProbe};
+use crate::error::Result;
+
+#[tonic::async_trait]
+pub trait Backend: Send + Sync + 'static {
+    /// What is stored under each of `paths`, in their order.
+    async fn stat_many(&self, paths: &[ProbePath]) -> Result<Vec<Option<StoredProbe>>>;
+
+    /// Up to `limit` probes in path order (the byte order of the path
+    /// strings), after `after` when given, only of `module_version` when
+    /// given.
+    async fn list(
+        &self,
+        module_version: Option<&ModuleVersion>,
+        after: Option<&ProbePath>,
+        limit: usize,
+    ) -> Result<Vec<StoredProbe>>;
+
+    /// The probe under `path` as it is now, streamed in chunks of at most
+    /// 1 MiB. A reader keeps reading what it opened even if the probe is
+    /// overwritten or removed meanwhile.
+    async fn open(&self, path: &ProbePath) -> Result<Option<ProbeReader>>;
+
+    /// Starts staging the bytes of a probe of `size` bytes for `path`.
+    /// Nothing is visible until `Staged::commit`; dropping either leaves
+    /// nothing behind.
+    async fn stage(&self, path: &ProbePath, size: u64) -> Result<Box<dyn Staging>>;
+
+    /// Removes the probe under `path`; false if there was none.
+    async fn remove(&self, path: &ProbePath) -> Result<bool>;
+
+    /// The secret that authenticates ListProbes page tokens, the same for
+    /// every Central on this backend.
+    fn page_token_key(&self) -> &[u8];
+
+    /// Bytes the backend can still take (free disk, for a filesystem).
+    fn available_bytes(&self) -> Result<u64>;
+}
+
+/// Bytes being staged.
+#[tonic::async_trait]
+pub trait Staging: Send {
+    /// Appends the next bytes.
+    async fn write(&mut self, chunk: Bytes) -> Result<()>;
+
+    /// All bytes are written; returns how many.
+    async fn finish(self: Box<Self>) -> Result<(u64, Box<dyn Staged>)>;
+}
+
+/// Staged bytes, ready to be committed.
+#[tonic::async_trait]
+pub trait Staged: Send {
+    /// Durably makes the staged bytes the probe `probe` if the overwrite
+    /// rule (`store::overwrite_rule` with `overwrite`) says so, deciding
+    /// and committing atomically with respect to other commits of the path.
+    async fn commit(self: Box<Self>, probe: StoredProbe, overwrite: bool) -> Result<CommitOutcome>;
+}

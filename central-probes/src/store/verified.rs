@@ -1,0 +1,222 @@
+//! The store every backend is used through: it hashes what is written, and
+//! commits it only when size and SHA-256 match what the writer promised, in
+//! a task that outlives its caller, after the caller's gate (the file before
+//! it in an upload) and never below the disk floor. A backend only stages
+//! and compare-and-commits (`backend.rs`).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use bytes::Bytes;
+use probe_api::digest::{Sha256Digest, Sha256Hasher};
+use probe_api::names::{ModuleVersion, ProbePath};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tonic::Code;
+
+use super::backend::{Backend, Staging};
+use super::{CommitGate, Decision, PendingCommit, ProbeReader, ProbeStore, ProbeWriter, StoredProbe, overwrite_rule};
+use crate::error::{Error, Result};
+
+/// Chunks queued between the network and the hashing thread of one file.
+const HASH_QUEUE: usize = 16;
+
+/// A backend behind verification and the disk floor; cheap to clone.
+pub struct VerifiedStore<B> {
+    backend: Arc<B>,
+    shared: Arc<Shared>,
+}
+
+impl<B> Clone for VerifiedStore<B> {
+    fn clone(&self) -> Self {
+        VerifiedStore { backend: self.backend.clone(), shared: self.shared.clone() }
+    }
+}
+
+struct Shared {
+    /// Writes are refused when they would leave less than this free.
+    min_free_bytes: u64,
+    /// Bytes of files being written: the backend will need them soon,
+    /// although its free space does not show it yet.
+    reserved: AtomicU64,
+}
+
+impl<B: Backend> VerifiedStore<B> {
+    pub fn new(backend: B, min_free_bytes: u64) -> Self {
+        VerifiedStore {
+            backend: Arc::new(backend),
+            shared: Arc::new(Shared { min_free_bytes, reserved: AtomicU64::new(0) }),
+        }
+    }
+
+    pub fn backend(&self) -> &B {
+        &self.backend
+    }
+
+    /// Bytes reserved by writes in progress.
+    pub fn reserved(&self) -> u64 {
+        self.shared.reserved.load(Ordering::SeqCst)
+    }
+
+    /// Room for `size` more bytes, or RESOURCE_EXHAUSTED if that would take
+    /// the backend below the floor.
+    fn reserve(&self, size: u64) -> Result<Reservation> {
+        let available = self.backend.available_bytes()?;
+        let reserved = self.shared.reserved.fetch_add(size, Ordering::SeqCst) + size;
+        let reservation = Reservation { shared: self.shared.clone(), size };
+        let floor = self.shared.min_free_bytes;
+        if available < reserved.saturating_add(floor) {
+            return Err(Error::new(
+                Code::ResourceExhausted,
+                format!(
+                    "not enough disk space: {available} bytes free, {reserved} bytes being written, \
+                     and the store keeps at least {floor} bytes free"
+                ),
+            ));
+        }
+        Ok(reservation)
+    }
+}
+
+/// Room held for a file being written; given back on drop.
+struct Reservation {
+    shared: Arc<Shared>,
+    size: u64,
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        self.shared.reserved.fetch_sub(self.size, Ordering::SeqCst);
+    }
+}
+
+#[tonic::async_trait]
+impl<B: Backend> ProbeStore for VerifiedStore<B> {
+    async fn stat(&self, path: &ProbePath) -> Result<Option<StoredProbe>> {
+        Ok(self.backend.stat_many(std::slice::from_ref(path)).await?.pop().flatten())
+    }
+
+    async fn stat_many(&self, paths: &[ProbePath]) -> Result<Vec<Option<StoredProbe>>> {
+        self.backend.stat_many(paths).await
+    }
+
+    async fn list(
+        &self,
+        module_version: Option<&ModuleVersion>,
+        after: Option<&ProbePath>,
+        limit: usize,
+    ) -> Result<Vec<StoredProbe>> {
+        self.backend.list(module_version, after, limit).await
+    }
+
+    async fn create(&self, path: ProbePath, size: u64) -> Result<Box<dyn ProbeWriter>> {
+        let reservation = self.reserve(size)?;
+        let staging = self.backend.stage(&path, size).await?;
+        let (chunks, queue) = mpsc::channel(HASH_QUEUE);
+        let hasher = tokio::task::spawn_blocking(move || hash_all(queue));
+        Ok(Box::new(VerifiedWriter {
+            backend: self.backend.clone(),
+            path,
+            size,
+            received: 0,
+            staging,
+            chunks,
+            hasher,
+            reservation,
+        }))
+    }
+
+    async fn open(&self, path: &ProbePath) -> Result<Option<ProbeReader>> {
+        self.backend.open(path).await
+    }
+
+    fn page_token_key(&self) -> &[u8] {
+        self.backend.page_token_key()
+    }
+
+    async fn remove(&self, path: &ProbePath) -> Result<bool> {
+        self.backend.remove(path).await
+    }
+}
+
+/// Hashes chunks on a blocking thread until the channel closes.
+fn hash_all(mut chunks: mpsc::Receiver<Bytes>) -> (u64, Sha256Digest) {
+    let mut hasher = Sha256Hasher::new();
+    let mut len = 0u64;
+    while let Some(chunk) = chunks.blocking_recv() {
+        hasher.update(&chunk);
+        len += chunk.len() as u64;
+    }
+    (len, hasher.finish())
+}
+
+struct VerifiedWriter<B> {
+    backend: Arc<B>,
+    path: ProbePath,
+    size: u64,
+    received: u64,
+    staging: Box<dyn Staging>,
+    /// To the hashing thread; it ends when this closes.
+    chunks: mpsc::Sender<Bytes>,
+    hasher: JoinHandle<(u64, Sha256Digest)>,
+    reservation: Reservation,
+}
+
+#[tonic::async_trait]
+impl<B: Backend> ProbeWriter for VerifiedWriter<B> {
+    async fn write(&mut self, chunk: Bytes) -> Result<()> {
+        let received = self.received + chunk.len() as u64;
+        if received > self.size {
+            return Err(Error::invalid_argument(format!("{}: more bytes than the declared {}", self.path, self.size)));
+        }
+        self.received = received;
+        // Hashing and staging run side by side, each on its own thread.
+        self.chunks
+            .send(chunk.clone())
+            .await
+            .map_err(|_| Error::internal(format!("hashing {}: the hasher stopped", self.path)))?;
+        self.staging.write(chunk).await
+    }
+
+    async fn finish_after(
+        self: Box<Self>,
+        sha256: Sha256Digest,
+        overwrite: bool,
+        gate: CommitGate,
+    ) -> Result<PendingCommit> {
+        let VerifiedWriter { backend, path, size, staging, chunks, hasher, reservation, .. } = *self;
+        drop(chunks);
+        // The commit runs to its end even if the caller goes away, so a file
+        // whose last byte arrived is never left half-committed; the caller
+        // goes on with the next file meanwhile.
+        let task = tokio::spawn(async move {
+            let (len, digest) = hasher.await.map_err(|e| Error::internal(format!("hashing {path}: {e}")))?;
+            let (_, staged) = staging.finish().await?;
+            if len != size {
+                return Err(Error::invalid_argument(format!("{path}: {len} bytes received but {size} declared")));
+            }
+            if digest != sha256 {
+                return Err(Error::new(
+                    Code::DataLoss,
+                    format!("{path}: the received bytes have SHA-256 {digest} but the uploader sent {sha256}"),
+                ));
+            }
+            if !gate.await {
+                return Err(Error::new(
+                    Code::Aborted,
+                    format!("{path}: not committed, an earlier file of the upload failed"),
+                ));
+            }
+            // Decide early when nothing will be stored: no durable write then.
+            let old = backend.stat_many(std::slice::from_ref(&path)).await?.pop().flatten();
+            if let Decision::Keep(outcome) = overwrite_rule(old.map(|o| (o.size, o.sha256)), (size, sha256), overwrite)
+            {
+                return Ok(outcome);
+            }
+            let outcome = staged.commit(StoredProbe { path, size, sha256 }, overwrite).await;
+            drop(reservation);
+            outcome
+        });
+        Ok(Box::pin(async move { task.await.map_err(|e| Error::internal(format!("commit task failed: {e}")))? }))
+    }
+}
