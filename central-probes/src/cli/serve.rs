@@ -5,9 +5,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use central_probes::server::connections::ConnectionLimits;
-use central_probes::server::upstream::UpstreamConfig;
-use central_probes::server::{Central, CentralConfig, TlsMaterial};
+use central_probes::server::{Central, CentralConfig, ConnectionLimits, TlsMaterial, UpstreamConfig};
 use clap::Args;
 use probe_api::transport::ClientTls;
 use tracing::{info, warn};
@@ -145,7 +143,7 @@ pub async fn serve(args: ServeArgs) -> Result<(), String> {
         let listener = tokio::net::TcpListener::bind(address)
             .await
             .map_err(|e| format!("listening for metrics on {address}: {e}"))?;
-        tokio::spawn(central_probes::server::metrics::serve(central.metrics().clone(), listener));
+        tokio::spawn(central_probes::server::serve_metrics(central.metrics().clone(), listener));
     }
     let listener =
         tokio::net::TcpListener::bind(args.listen).await.map_err(|e| format!("listening on {}: {e}", args.listen))?;

@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use central_probes::server::auth::{Role, TokenFile};
+use central_probes::server::{Role, TokenFile};
 use clap::Subcommand;
 
 #[derive(Subcommand)]

@@ -31,16 +31,20 @@ use tonic::service::Routes;
 use tracing::info;
 
 use crate::error::{Error, Result};
-use crate::server::auth::{Role, TokenAuth, TokenFile};
+use crate::server::auth::TokenAuth;
 use crate::server::metrics::Metrics;
 use crate::server::probe_service::CollectorService;
 use crate::server::probe_slots::ProbeSlots;
 use crate::server::sources::{ProbeSource, SourceChain, UploadedProbes};
 use crate::server::upload_service::UploadService;
-use crate::server::upstream::{UpstreamConfig, UpstreamSource};
+use crate::server::upstream::UpstreamSource;
 use crate::store::ProbeStore;
 use crate::store::filesystem::{FilesystemStore, FilesystemStoreConfig};
-use connections::ConnectionLimits;
+// The server's front door: what the binary needs to configure and run it.
+pub use auth::{Role, TokenFile};
+pub use connections::ConnectionLimits;
+pub use metrics::serve as serve_metrics;
+pub use upstream::UpstreamConfig;
 
 /// PEM-encoded TLS material of the server.
 #[derive(Clone)]
