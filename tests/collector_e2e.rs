@@ -17,7 +17,6 @@ use probe_api::v1::{
     GetProbeRequest, GetProbeResponse, ProbeHeader, ProbeSource, UploadOptions, UploadProbesRequest, get_probe_response,
 };
 use tokio_stream::Stream;
-use tonic::transport::{Identity, Server, ServerTlsConfig};
 use tonic::{Code, Request, Response, Status};
 
 const MODULE: &str = "2.5.0";
@@ -328,17 +327,8 @@ impl ProbeService for LyingUpstream {
 async fn a_corrupt_upstream_reply_is_rejected_and_nothing_is_written() {
     let pki = TestPki::new();
     let dir = tempfile::tempdir().unwrap();
-    central_probes::server::install_crypto_provider();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let liar = listener.local_addr().unwrap().to_string();
-    let tls = ServerTlsConfig::new().identity(Identity::from_pem(&pki.server.cert_pem, &pki.server.key_pem));
-    let server = tokio::spawn(
-        Server::builder()
-            .tls_config(tls)
-            .unwrap()
-            .add_service(ProbeServiceServer::new(LyingUpstream))
-            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
-    );
+    let routes = tonic::service::Routes::new(ProbeServiceServer::new(LyingUpstream));
+    let (liar, server) = common::serve_fake(&pki, routes).await;
     let central = central_with(&pki, dir.path(), Some(&liar)).await;
 
     let error = central.collector(&pki, Some(&pki.collector)).fetch(MODULE, &file_name(KERNEL)).await.unwrap_err();

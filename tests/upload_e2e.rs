@@ -511,20 +511,10 @@ impl probe_api::v1::probe_upload_service_server::ProbeUploadService for GarbledC
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_malformed_digest_from_central_fails_the_upload_instead_of_being_guessed() {
-    use tonic::transport::{Identity, Server, ServerTlsConfig};
     let pki = TestPki::new();
     let dir = tempfile::tempdir().unwrap();
-    central_probes::server::install_crypto_provider();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let address = listener.local_addr().unwrap().to_string();
-    let tls = ServerTlsConfig::new().identity(Identity::from_pem(&pki.server.cert_pem, &pki.server.key_pem));
-    let server = tokio::spawn(
-        Server::builder()
-            .tls_config(tls)
-            .unwrap()
-            .add_service(probe_api::v1::probe_upload_service_server::ProbeUploadServiceServer::new(GarbledCentral))
-            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
-    );
+    let service = probe_api::v1::probe_upload_service_server::ProbeUploadServiceServer::new(GarbledCentral);
+    let (address, server) = common::serve_fake(&pki, tonic::service::Routes::new(service)).await;
     let package = write(&spec(2, 0), dir.path(), "pkg.zip");
     let mut client =
         admin_client::connect(&address, pki.ca.cert_pem.clone().into_bytes(), "token", Duration::from_secs(5)).unwrap();

@@ -174,3 +174,19 @@ pub fn whole_probes_on_disk(data_dir: &Path, spec: &central_probes::synthetic::P
     }
     count
 }
+
+/// Serves `routes` (a fake of Central or of its upstream) over TLS with
+/// Central's test certificate on a free loopback port: its address, and the
+/// task to abort at the end.
+pub async fn serve_fake(pki: &TestPki, routes: tonic::service::Routes) -> (String, JoinHandle<()>) {
+    use tonic::transport::{Identity, Server, ServerTlsConfig};
+    server::install_crypto_provider();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap().to_string();
+    let tls = ServerTlsConfig::new().identity(Identity::from_pem(&pki.server.cert_pem, &pki.server.key_pem));
+    let server = Server::builder().tls_config(tls).unwrap().add_routes(routes);
+    let task = tokio::spawn(async move {
+        let _ = server.serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)).await;
+    });
+    (address, task)
+}
