@@ -8,6 +8,7 @@
 
 use bytes::Bytes;
 use probe_api::names::{ModuleVersion, ProbePath};
+use tokio::sync::oneshot;
 
 use super::{CommitOutcome, ProbeReader, StoredProbe};
 use crate::error::Result;
@@ -61,8 +62,19 @@ pub trait Staging: Send {
 /// Staged bytes, ready to be committed.
 #[tonic::async_trait]
 pub trait Staged: Send {
-    /// Durably makes the staged bytes the probe `probe` if the overwrite
-    /// rule (`store::overwrite_rule` with `overwrite`) says so, deciding
-    /// and committing atomically with respect to other commits of the path.
-    async fn commit(self: Box<Self>, probe: StoredProbe, overwrite: bool) -> Result<CommitOutcome>;
+    /// Makes the staged bytes of `probe` durable, still invisible. Runs in
+    /// parallel with the commits of other files.
+    async fn prepare(&mut self, probe: &StoredProbe) -> Result<()>;
+
+    /// Makes the prepared bytes the probe `probe` if the overwrite rule
+    /// (`store::overwrite_rule` with `overwrite`) says so, deciding and
+    /// committing atomically with respect to other commits of the path.
+    /// Sends true on `taken` as soon as the outcome is visible or decided
+    /// (before any last fsync); dropping it unsent means it did not.
+    async fn commit(
+        self: Box<Self>,
+        probe: StoredProbe,
+        overwrite: bool,
+        taken: Option<oneshot::Sender<bool>>,
+    ) -> Result<CommitOutcome>;
 }

@@ -87,6 +87,23 @@ pub fn open_gate() -> CommitGate {
     Box::pin(std::future::ready(true))
 }
 
+/// Where a commit stands in its upload: it takes effect only after `after`
+/// said the file before it did, and tells `taken` whether it took effect
+/// (true) as soon as it is visible or decided, before its last fsync, so
+/// that the durable parts of consecutive commits overlap while their
+/// visibility keeps stream order.
+pub struct CommitOrder {
+    pub after: CommitGate,
+    pub taken: Option<tokio::sync::oneshot::Sender<bool>>,
+}
+
+impl CommitOrder {
+    /// A commit that waits for nothing and nobody waits for.
+    pub fn unordered() -> Self {
+        CommitOrder { after: open_gate(), taken: None }
+    }
+}
+
 /// An open probe: its metadata, then its bytes.
 pub struct ProbeReader {
     pub probe: StoredProbe,
@@ -141,20 +158,20 @@ pub trait ProbeWriter: Send {
 
     /// Ends the file. The returned commit checks that exactly the declared
     /// size arrived and that it hashes to `sha256` (INVALID_ARGUMENT or
-    /// DATA_LOSS otherwise, keeping nothing), waits for `gate`, then
-    /// commits under the overwrite rule. It runs on its own, so the caller
-    /// may go on with the next file meanwhile, and it completes even if the
-    /// caller goes away.
-    async fn finish_after(
+    /// DATA_LOSS otherwise, keeping nothing), makes the bytes durable, waits
+    /// for `order.after`, then commits under the overwrite rule. It runs on
+    /// its own, so the caller may go on with the next file meanwhile, and it
+    /// completes even if the caller goes away.
+    async fn finish_in_order(
         self: Box<Self>,
         sha256: Sha256Digest,
         overwrite: bool,
-        gate: CommitGate,
+        order: CommitOrder,
     ) -> Result<PendingCommit>;
 
-    /// `finish_after` with nothing to wait for.
+    /// `finish_in_order` with nothing to wait for.
     async fn finish(self: Box<Self>, sha256: Sha256Digest, overwrite: bool) -> Result<PendingCommit> {
-        self.finish_after(sha256, overwrite, open_gate()).await
+        self.finish_in_order(sha256, overwrite, CommitOrder::unordered()).await
     }
 }
 

@@ -15,7 +15,7 @@ use tokio::task::JoinHandle;
 use tonic::Code;
 
 use super::backend::{Backend, Staging};
-use super::{CommitGate, Decision, PendingCommit, ProbeReader, ProbeStore, ProbeWriter, StoredProbe, overwrite_rule};
+use super::{CommitOrder, Decision, PendingCommit, ProbeReader, ProbeStore, ProbeWriter, StoredProbe, overwrite_rule};
 use crate::error::{Error, Result};
 
 /// Chunks queued between the network and the hashing thread of one file.
@@ -178,11 +178,11 @@ impl<B: Backend> ProbeWriter for VerifiedWriter<B> {
         self.staging.write(chunk).await
     }
 
-    async fn finish_after(
+    async fn finish_in_order(
         self: Box<Self>,
         sha256: Sha256Digest,
         overwrite: bool,
-        gate: CommitGate,
+        order: CommitOrder,
     ) -> Result<PendingCommit> {
         let VerifiedWriter { backend, path, size, staging, chunks, hasher, reservation, .. } = *self;
         drop(chunks);
@@ -190,8 +190,9 @@ impl<B: Backend> ProbeWriter for VerifiedWriter<B> {
         // whose last byte arrived is never left half-committed; the caller
         // goes on with the next file meanwhile.
         let task = tokio::spawn(async move {
+            let CommitOrder { after, taken } = order;
             let (len, digest) = hasher.await.map_err(|e| Error::internal(format!("hashing {path}: {e}")))?;
-            let (_, staged) = staging.finish().await?;
+            let (_, mut staged) = staging.finish().await?;
             if len != size {
                 return Err(Error::invalid_argument(format!("{path}: {len} bytes received but {size} declared")));
             }
@@ -201,19 +202,29 @@ impl<B: Backend> ProbeWriter for VerifiedWriter<B> {
                     format!("{path}: the received bytes have SHA-256 {digest} but the uploader sent {sha256}"),
                 ));
             }
-            if !gate.await {
-                return Err(Error::new(
-                    Code::Aborted,
-                    format!("{path}: not committed, an earlier file of the upload failed"),
-                ));
-            }
+            let aborted = |path: &ProbePath| {
+                Error::new(Code::Aborted, format!("{path}: not committed, an earlier file of the upload failed"))
+            };
             // Decide early when nothing will be stored: no durable write then.
             let old = backend.stat_many(std::slice::from_ref(&path)).await?.pop().flatten();
             if let Decision::Keep(outcome) = overwrite_rule(old.map(|o| (o.size, o.sha256)), (size, sha256), overwrite)
             {
+                if !after.await {
+                    return Err(aborted(&path));
+                }
+                if let Some(taken) = taken {
+                    let _ = taken.send(true);
+                }
                 return Ok(outcome);
             }
-            let outcome = staged.commit(StoredProbe { path, size, sha256 }, overwrite).await;
+            // Durable before the wait, so that consecutive files overlap their
+            // fsyncs; only visibility waits for the file before.
+            let probe = StoredProbe { path, size, sha256 };
+            staged.prepare(&probe).await?;
+            if !after.await {
+                return Err(aborted(&probe.path));
+            }
+            let outcome = staged.commit(probe, overwrite, taken).await;
             drop(reservation);
             outcome
         });

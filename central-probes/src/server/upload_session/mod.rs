@@ -25,7 +25,7 @@ use tokio_stream::{Stream, StreamExt};
 use tonic::Code;
 
 use crate::error::{Error, Result};
-use crate::store::{CommitGate, CommitOutcome, ProbeStore, ProbeWriter, open_gate};
+use crate::store::{CommitGate, CommitOrder, CommitOutcome, ProbeStore, ProbeWriter, open_gate};
 /// Verified files whose fsync and rename may be in flight at once. Enough to
 /// hide fsync latency behind the network; few enough to bound open files.
 const MAX_PENDING_COMMITS: usize = 32;
@@ -137,8 +137,9 @@ impl UploadSession {
                     None => open_gate(),
                     Some(before) => Box::pin(async move { before.await.unwrap_or(false) }),
                 };
-                let commit = writer.finish_after(sha256, self.overwrite, gate).await?;
-                let (committed, next_gate) = oneshot::channel();
+                let (taken, next_gate) = oneshot::channel();
+                let order = CommitOrder { after: gate, taken: Some(taken) };
+                let commit = writer.finish_in_order(sha256, self.overwrite, order).await?;
                 self.last_committed = Some(next_gate);
                 let commit_failed = self.commit_failed.clone();
                 let commit = tokio::spawn(async move {
@@ -146,7 +147,6 @@ impl UploadSession {
                     if outcome.is_err() {
                         commit_failed.store(true, Ordering::SeqCst);
                     }
-                    let _ = committed.send(outcome.is_ok());
                     outcome
                 });
                 self.pending.push_back(Pending { path, sha256, commit });

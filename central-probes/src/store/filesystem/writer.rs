@@ -11,7 +11,7 @@ use std::sync::atomic::Ordering;
 
 use bytes::Bytes;
 use probe_api::names::ProbePath;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tracing::warn;
 
@@ -56,7 +56,8 @@ pub(super) struct FsStaging {
 pub(super) struct FsStaged {
     inner: Arc<Inner>,
     path: ProbePath,
-    temp: TempFile,
+    /// `None` only while `prepare` works on it.
+    temp: Option<TempFile>,
 }
 
 impl FsStaging {
@@ -108,16 +109,39 @@ impl Staging for FsStaging {
             .await
             .map_err(|e| Error::internal(format!("writing {path}: {e}")))?
             .map_err(|e| Error::io(format!("writing {path}"), e))?;
-        Ok((len, Box::new(FsStaged { inner, path, temp })))
+        Ok((len, Box::new(FsStaged { inner, path, temp: Some(temp) })))
     }
 }
 
 #[tonic::async_trait]
 impl Staged for FsStaged {
-    async fn commit(self: Box<Self>, probe: StoredProbe, overwrite: bool) -> Result<CommitOutcome> {
-        let FsStaged { inner, path, temp } = *self;
+    async fn prepare(&mut self, probe: &StoredProbe) -> Result<()> {
+        let temp = self.temp.take().expect("prepared once");
         let new = Entry { size: probe.size, sha256: probe.sha256 };
-        tokio::task::spawn_blocking(move || commit(&inner, &path, temp, new, overwrite))
+        let path = self.path.clone();
+        let temp = tokio::task::spawn_blocking(move || {
+            temp.file
+                .write_all_at(&header(new), 0)
+                .map_err(|e| Error::io(format!("writing the header of {path}"), e))?;
+            temp.file.sync_all().map_err(|e| Error::io(format!("syncing {path}"), e))?;
+            Ok::<_, Error>(temp)
+        })
+        .await
+        .map_err(|e| Error::internal(format!("syncing {}: {e}", self.path)))??;
+        self.temp = Some(temp);
+        Ok(())
+    }
+
+    async fn commit(
+        self: Box<Self>,
+        probe: StoredProbe,
+        overwrite: bool,
+        taken: Option<oneshot::Sender<bool>>,
+    ) -> Result<CommitOutcome> {
+        let FsStaged { inner, path, temp } = *self;
+        let temp = temp.expect("prepared before the commit");
+        let new = Entry { size: probe.size, sha256: probe.sha256 };
+        tokio::task::spawn_blocking(move || commit(&inner, &path, temp, new, overwrite, taken))
             .await
             .map_err(|e| Error::internal(format!("commit task failed: {e}")))?
     }
@@ -128,15 +152,20 @@ fn decide(old: Option<Entry>, new: Entry, overwrite: bool) -> Decision {
     overwrite_rule(old.map(|old| (old.size, old.sha256)), (new.size, new.sha256), overwrite)
 }
 
-/// Writes the header, fsyncs, and under the index lock decides by the
-/// overwrite rule and renames into place; then fsyncs the directory.
-fn commit(inner: &Inner, path: &ProbePath, mut temp: TempFile, new: Entry, overwrite: bool) -> Result<CommitOutcome> {
+/// Under the index lock, decides by the overwrite rule and renames the
+/// prepared file into place, then tells `taken` and fsyncs the directory.
+fn commit(
+    inner: &Inner,
+    path: &ProbePath,
+    mut temp: TempFile,
+    new: Entry,
+    overwrite: bool,
+    taken: Option<oneshot::Sender<bool>>,
+) -> Result<CommitOutcome> {
     let io_error = |what: &str| {
         let what = format!("{what} {path}");
         move |e| Error::io(what, e)
     };
-    temp.file.write_all_at(&header(new), 0).map_err(io_error("writing the header of"))?;
-    temp.file.sync_all().map_err(io_error("syncing"))?;
     let final_path = inner.final_path(path);
     let module_dir = final_path.parent().expect("a probe path has a directory");
     {
@@ -144,7 +173,12 @@ fn commit(inner: &Inner, path: &ProbePath, mut temp: TempFile, new: Entry, overw
         // of one path cannot both think they stored it first.
         let mut index = inner.index();
         let outcome = match decide(index.get(path).copied(), new, overwrite) {
-            Decision::Keep(nothing_to_write) => return Ok(nothing_to_write),
+            Decision::Keep(nothing_to_write) => {
+                if let Some(taken) = taken {
+                    let _ = taken.send(true);
+                }
+                return Ok(nothing_to_write);
+            }
             Decision::Write(outcome) => outcome,
         };
         if !module_dir.exists() {
@@ -155,6 +189,11 @@ fn commit(inner: &Inner, path: &ProbePath, mut temp: TempFile, new: Entry, overw
         temp.renamed = true;
         index.insert(path.clone(), new);
         drop(index);
+        // Visible now: the next file of the upload may take effect while
+        // this directory entry is made durable.
+        if let Some(taken) = taken {
+            let _ = taken.send(true);
+        }
         sync_dir(module_dir).map_err(io_error("syncing the directory of"))?;
         Ok(outcome)
     }
