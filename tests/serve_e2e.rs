@@ -104,7 +104,7 @@ async fn wait_for_commits(
     token: &str,
     spec: &PackageSpec,
     at_least: usize,
-    upload: &tokio::task::JoinHandle<Result<usize, String>>,
+    upload: &tokio::task::JoinHandle<Result<usize, central_probes::admin::error::AdminError>>,
 ) {
     let deadline = Instant::now() + Duration::from_secs(20);
     while stored_count(&served.address, pki, token, spec).await < at_least
@@ -141,7 +141,7 @@ fn start_upload(
     pki: &TestPki,
     token: &str,
     package: &Path,
-) -> tokio::task::JoinHandle<Result<usize, String>> {
+) -> tokio::task::JoinHandle<Result<usize, central_probes::admin::error::AdminError>> {
     let mut admin = central_probes::admin::client::connect(
         address,
         pki.ca.cert_pem.clone().into_bytes(),

@@ -20,15 +20,16 @@ fn main() -> ExitCode {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().max_blocking_threads(32).build();
     let runtime = match runtime {
         Ok(runtime) => runtime,
-        Err(e) => return fail(format!("starting the runtime: {e}")),
+        Err(e) => return fail(&format!("starting the runtime: {e}")),
     };
     match runtime.block_on(cli::run(cli.command)) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(message) => fail(message),
+        Err(error) => fail(&central_probes::admin::error::chain(error.as_ref())),
     }
 }
 
-fn fail(message: String) -> ExitCode {
-    eprintln!("error: {message}");
+/// One line on stderr: the error and every cause.
+fn fail(line: &str) -> ExitCode {
+    eprintln!("error: {line}");
     ExitCode::FAILURE
 }

@@ -31,6 +31,7 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 use tonic::{Request, Status};
 
+use crate::admin::error::{AdminError, PackageError};
 use crate::admin::package::{Package, PackageIndex, PackageProbe};
 use crate::admin::progress::Progress;
 use probe_api::limits::MAX_REQUEST_MESSAGE;
@@ -49,11 +50,15 @@ impl Interceptor for BearerToken {
 pub type AdminClient = ProbeUploadServiceClient<InterceptedService<Channel, BearerToken>>;
 
 /// A client of Central's admin API.
-pub fn connect(address: &str, ca_pem: Vec<u8>, token: &str, connect_timeout: Duration) -> Result<AdminClient, String> {
-    let token = format!("Bearer {}", token.trim())
-        .parse()
-        .map_err(|_| "the API token holds characters that cannot be sent".to_owned())?;
-    let channel = transport::channel(address, &ClientTls { ca_pem, identity: None }, connect_timeout)?;
+pub fn connect(
+    address: &str,
+    ca_pem: Vec<u8>,
+    token: &str,
+    connect_timeout: Duration,
+) -> Result<AdminClient, AdminError> {
+    let token = format!("Bearer {}", token.trim()).parse().map_err(|_| AdminError::Token)?;
+    let channel = transport::channel(address, &ClientTls { ca_pem, identity: None }, connect_timeout)
+        .map_err(AdminError::Connect)?;
     Ok(ProbeUploadServiceClient::with_interceptor(channel, BearerToken(token))
         .max_decoding_message_size(MAX_REQUEST_MESSAGE)
         .max_encoding_message_size(MAX_REQUEST_MESSAGE))
@@ -123,21 +128,18 @@ pub async fn upload(
     client: &mut AdminClient,
     request: &UploadRequest,
     on_plan: impl FnOnce(&UploadPlan) -> Progress,
-) -> Result<UploadReport, String> {
+) -> Result<UploadReport, AdminError> {
     let started = Instant::now();
     let package_path = request.package.clone();
     let (package, index) = tokio::task::spawn_blocking(move || {
         let mut package = Package::open(&package_path)?;
         let index = package.index()?;
-        Ok::<_, String>((package, index))
+        Ok::<_, PackageError>((package, index))
     })
     .await
-    .map_err(|e| e.to_string())??;
+    .map_err(|e| AdminError::Internal(format!("reading the package: {e}")))??;
     if index.probes.is_empty() {
-        return Err(format!(
-            "{} holds no probe files under kernel-modules/: is it a kernel support package?",
-            request.package.display()
-        ));
+        return Err(AdminError::NoProbes { package: request.package.clone() });
     }
     let existing = existing_probes(client, &index).await?;
     // A digest Central sends must be well-formed: taking a malformed one for
@@ -147,12 +149,14 @@ pub async fn upload(
         .iter()
         .map(|probe| match existing.get(&probe.path.to_string()) {
             None => Ok(Action::Send),
-            Some(info) if info.size == probe.size => Sha256Digest::from_hex(&info.sha256)
-                .map(Action::Compare)
-                .ok_or_else(|| format!("Central answered a malformed SHA-256 {:?} for {}", info.sha256, probe.path)),
+            Some(info) if info.size == probe.size => {
+                Sha256Digest::from_hex(&info.sha256).map(Action::Compare).ok_or_else(|| {
+                    AdminError::BadReply(format!("a malformed SHA-256 {:?} for {}", info.sha256, probe.path))
+                })
+            }
             Some(_) => Ok(Action::Differs),
         })
-        .collect::<Result<_, String>>()?;
+        .collect::<Result<_, AdminError>>()?;
     let plan = UploadPlan {
         probes_in_package: index.probes.len(),
         new_files: actions.iter().filter(|a| matches!(a, Action::Send)).count(),
@@ -193,14 +197,14 @@ pub async fn upload(
             Some(client.upload_probes(messages).await)
         }
     };
-    let tally = reader.await.map_err(|e| format!("reading the package: {e}"))?;
+    let tally = reader.await.map_err(|e| AdminError::Internal(format!("reading the package: {e}")))?;
     progress.finish();
     let (tally, response) = match (tally, response) {
         // A reading error explains a broken stream better than the
         // server's "ended inside a file".
-        (Err(StreamError::Read(error)), _) => return Err(error),
-        (_, Some(Err(status))) => return Err(format!("upload failed: {}", transport::describe(&status))),
-        (Err(StreamError::CallEnded), _) => return Err("upload failed: the call ended early".into()),
+        (Err(StreamError::Read(error)), _) => return Err(error.into()),
+        (_, Some(Err(status))) => return Err(AdminError::rpc("upload failed")(status)),
+        (Err(StreamError::CallEnded), _) => return Err(AdminError::CallEnded),
         (Ok(tally), response) => (tally, response.map(|r| r.expect("errors handled above").into_inner())),
     };
     let mut conflicts = tally.conflicts;
@@ -227,14 +231,17 @@ pub async fn upload(
     })
 }
 
-async fn existing_probes(client: &mut AdminClient, index: &PackageIndex) -> Result<HashMap<String, ProbeInfo>, String> {
+async fn existing_probes(
+    client: &mut AdminClient,
+    index: &PackageIndex,
+) -> Result<HashMap<String, ProbeInfo>, AdminError> {
     let mut existing = HashMap::new();
     for batch in index.probes.chunks(EXISTING_BATCH) {
         let paths = batch.iter().map(|p| p.path.to_string()).collect();
         let response = client
             .get_existing_probes(GetExistingProbesRequest { paths })
             .await
-            .map_err(|status| format!("asking Central which probes it has: {}", transport::describe(&status)))?;
+            .map_err(AdminError::rpc("asking Central which probes it has"))?;
         existing.extend(response.into_inner().probes.into_iter().map(|p| (p.path.clone(), p)));
     }
     Ok(existing)
@@ -289,7 +296,9 @@ fn stream_package(
                 })
             })
             .map_err(|e| {
-                send_error.take().unwrap_or_else(|| StreamError::Read(format!("reading {}: {e}", probe.path)))
+                send_error.take().unwrap_or_else(|| {
+                    StreamError::Read(PackageError::Read { path: probe.path.to_string(), source: e })
+                })
             })?;
 
         let sha256 = hasher.finish().to_hex();
@@ -307,7 +316,7 @@ async fn compare_digests(
     probes: &[PackageProbe],
     mut actions: Vec<Action>,
     progress: &Arc<Progress>,
-) -> Result<Vec<Action>, String> {
+) -> Result<Vec<Action>, AdminError> {
     let to_compare: Vec<usize> = (0..probes.len()).filter(|&i| matches!(actions[i], Action::Compare(_))).collect();
     if to_compare.is_empty() {
         return Ok(actions);
@@ -324,11 +333,11 @@ async fn compare_digests(
             entries
                 .into_iter()
                 .map(|(i, probe)| Ok((i, hash_entry(&mut package, &probe, &progress)?)))
-                .collect::<Result<Vec<_>, String>>()
+                .collect::<Result<Vec<_>, PackageError>>()
         }));
     }
     for worker in workers {
-        for (i, ours) in worker.await.map_err(|e| format!("hashing the package: {e}"))?? {
+        for (i, ours) in worker.await.map_err(|e| AdminError::Internal(format!("hashing the package: {e}")))?? {
             if let Action::Compare(theirs) = actions[i] {
                 actions[i] = if ours == theirs { Action::Identical } else { Action::Differs };
             }
@@ -340,12 +349,12 @@ async fn compare_digests(
 /// Why the pass over the package stopped.
 enum StreamError {
     /// The package could not be read.
-    Read(String),
+    Read(PackageError),
     /// The call went away (its own error says why).
     CallEnded,
 }
 
-fn hash_entry(package: &mut Package, probe: &PackageProbe, progress: &Progress) -> Result<Sha256Digest, String> {
+fn hash_entry(package: &mut Package, probe: &PackageProbe, progress: &Progress) -> Result<Sha256Digest, PackageError> {
     let mut hasher = Sha256Hasher::new();
     package
         .read_entry(probe, UPLOAD_CHUNK, |bytes| {
@@ -353,12 +362,12 @@ fn hash_entry(package: &mut Package, probe: &PackageProbe, progress: &Progress) 
             progress.inc(bytes.len() as u64);
             Ok(())
         })
-        .map_err(|e| format!("reading {}: {e}", probe.path))?;
+        .map_err(|source| PackageError::Read { path: probe.path.to_string(), source })?;
     Ok(hasher.finish())
 }
 
 /// Every stored probe, optionally of one module version, page by page.
-pub async fn list_all(client: &mut AdminClient, module_version: Option<&str>) -> Result<Vec<ProbeInfo>, String> {
+pub async fn list_all(client: &mut AdminClient, module_version: Option<&str>) -> Result<Vec<ProbeInfo>, AdminError> {
     let mut probes = Vec::new();
     let mut page_token = String::new();
     loop {
@@ -369,7 +378,7 @@ pub async fn list_all(client: &mut AdminClient, module_version: Option<&str>) ->
                 page_token,
             })
             .await
-            .map_err(|status| format!("listing probes: {}", transport::describe(&status)))?
+            .map_err(AdminError::rpc("listing probes"))?
             .into_inner();
         probes.extend(response.probes);
         if response.next_page_token.is_empty() {

@@ -3,5 +3,6 @@
 //! internals.
 
 pub mod client;
+pub mod error;
 pub mod package;
 pub mod progress;

@@ -17,6 +17,8 @@ use zip::ZipArchive;
 
 use probe_api::limits::MAX_FILE_SIZE;
 
+pub use crate::admin::error::PackageError;
+
 /// A probe file inside the package.
 #[derive(Clone, Debug)]
 pub struct PackageProbe {
@@ -52,20 +54,16 @@ pub const MAX_ENTRIES: usize = 65_536;
 const READ_BUFFER: usize = 64 << 10;
 
 impl Package {
-    pub fn open(path: &Path) -> Result<Self, String> {
-        let file = File::open(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+    pub fn open(path: &Path) -> Result<Self, PackageError> {
+        let file = File::open(path).map_err(|source| PackageError::Open { path: path.to_owned(), source })?;
         let archive = ZipArchive::new(BufReader::with_capacity(READ_BUFFER, file))
-            .map_err(|e| format!("{} is not a readable zip file: {e}", path.display()))?;
+            .map_err(|source| PackageError::NotZip { path: path.to_owned(), source })?;
         // The zip crate keeps one entry per name; the end record still counts
         // them all. Which of two same-named entries is meant cannot be known.
         if let Some(declared) = declared_entries(path)
             && declared != archive.len()
         {
-            return Err(format!(
-                "{} declares {declared} entries but has {} distinct names: it holds duplicate entry names",
-                path.display(),
-                archive.len()
-            ));
+            return Err(PackageError::DuplicateNames { path: path.to_owned(), declared, distinct: archive.len() });
         }
 
         Ok(Package { archive })
@@ -73,35 +71,30 @@ impl Package {
 
     /// Classifies every entry. Two entries with the same probe path are an
     /// error: which one is meant cannot be known.
-    pub fn index(&mut self) -> Result<PackageIndex, String> {
+    pub fn index(&mut self) -> Result<PackageIndex, PackageError> {
         if self.archive.len() > MAX_ENTRIES {
-            return Err(format!(
-                "the package has {} entries; at most {MAX_ENTRIES} are accepted (a real one has about 16,500)",
-                self.archive.len()
-            ));
+            return Err(PackageError::TooManyEntries { entries: self.archive.len(), max: MAX_ENTRIES });
         }
         let mut index = PackageIndex::default();
         let mut seen = HashSet::new();
         for i in 0..self.archive.len() {
-            let entry = self.archive.by_index_raw(i).map_err(|e| format!("zip entry {i} is unreadable: {e}"))?;
-            let name = entry.name().map_err(|e| format!("zip entry {i} has an unreadable name: {e}"))?.into_owned();
+            let unreadable = |source| PackageError::UnreadableEntry { index: i, source };
+            let entry = self.archive.by_index_raw(i).map_err(unreadable)?;
+            let name = entry.name().map_err(unreadable)?.into_owned();
             // `../x` or `/x` is no mistake of a packaging tool: refuse the
             // whole package rather than skip the entry.
             let raw = entry.name_raw();
             if raw.starts_with(b"/") || raw.split(|&b| b == b'/' || b == b'\\').any(|part| part == b"..") {
-                return Err(format!("the package holds an unsafe entry name {name:?}; refusing it"));
+                return Err(PackageError::UnsafeName { name });
             }
             match classify_package_entry(&name) {
                 PackageEntry::Probe(_) | PackageEntry::Unrecognised(_) if entry.is_dir() => index.ignored += 1,
                 PackageEntry::Probe(_) if entry.size() > MAX_FILE_SIZE => {
-                    return Err(format!(
-                        "{name} declares {} bytes, more than the {MAX_FILE_SIZE} a probe may have",
-                        entry.size()
-                    ));
+                    return Err(PackageError::TooLarge { name, size: entry.size(), max: MAX_FILE_SIZE });
                 }
                 PackageEntry::Probe(path) => {
                     if !seen.insert(path.clone()) {
-                        return Err(format!("the package holds {name} twice"));
+                        return Err(PackageError::Twice { name });
                     }
                     index.probes.push(PackageProbe { index: i, path, size: entry.size() });
                 }
@@ -262,7 +255,7 @@ mod tests {
         let entries = ["kernel-modules/2.5.0/collector-5.4.0.ko.gz", "kernel-modules/2.5.0/collector-5.4.1.ko.gz"];
         write_hostile_zip(&path, &entries, b"collector-5.4.1", b"collector-5.4.0");
         let error = Package::open(&path).err().unwrap();
-        assert!(error.contains("duplicate entry names"), "{error}");
+        assert!(matches!(error, PackageError::DuplicateNames { .. }), "{error}");
     }
 
     #[test]
@@ -278,7 +271,7 @@ mod tests {
             write_hostile_zip(&path, &[entry], from, to);
             let result = Package::open(&path).and_then(|mut p| p.index().map(drop));
             let error = result.expect_err(name);
-            assert!(error.contains("unsafe entry name"), "{name}: {error}");
+            assert!(matches!(error, PackageError::UnsafeName { .. }), "{name}: {error}");
         }
     }
 
@@ -293,7 +286,7 @@ mod tests {
         }
         zip.finish().unwrap();
         let error = Package::open(&path).and_then(|mut p| p.index().map(drop)).unwrap_err();
-        assert!(error.contains("100000 entries; at most 65536"), "{error}");
+        assert!(matches!(error, PackageError::TooManyEntries { entries: 100_000, max: 65_536 }), "{error}");
     }
 
     #[test]
@@ -313,7 +306,7 @@ mod tests {
         bytes[at + 4..at + 12].copy_from_slice(&(5u64 << 30).to_le_bytes());
         std::fs::write(&path, bytes).unwrap();
         let error = Package::open(&path).and_then(|mut p| p.index().map(drop)).unwrap_err();
-        assert!(error.contains("more than the 4294967296 a probe may have"), "{error}");
+        assert!(matches!(error, PackageError::TooLarge { max: MAX_FILE_SIZE, .. }), "{error}");
     }
 
     #[test]
@@ -324,7 +317,7 @@ mod tests {
         let bytes = std::fs::read(&path).unwrap();
         std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
         let error = Package::open(&path).err().unwrap();
-        assert!(error.contains("is not a readable zip file"), "{error}");
+        assert!(matches!(error, PackageError::NotZip { .. }), "{error}");
     }
 
     #[test]
@@ -333,9 +326,10 @@ mod tests {
         let path = dir.path().join("pkg.zip");
         std::fs::write(&path, b"not a zip at all").unwrap();
         let error = Package::open(&path).err().unwrap();
-        assert!(error.contains("is not a readable zip file"), "{error}");
+        assert!(matches!(error, PackageError::NotZip { .. }), "{error}");
         let error = Package::open(&dir.path().join("missing.zip")).err().unwrap();
-        assert!(error.contains("cannot open"), "{error}");
+        assert!(matches!(error, PackageError::Open { .. }), "{error}");
+        assert!(crate::admin::error::chain(&error).contains("No such file"), "the cause is kept: {error}");
     }
 
     #[test]

@@ -2,6 +2,7 @@
 
 use clap::Args;
 
+use super::CliError;
 use super::upload::Endpoint;
 
 #[derive(Args)]
@@ -13,7 +14,7 @@ pub struct LsArgs {
     module_version: Option<String>,
 }
 
-pub async fn ls(args: LsArgs) -> Result<(), String> {
+pub async fn ls(args: LsArgs) -> Result<(), CliError> {
     let endpoint = &args.endpoint;
     let mut client = endpoint.connect()?;
     let probes = tokio::time::timeout(

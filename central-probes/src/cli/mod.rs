@@ -59,8 +59,12 @@ pub enum SupportPackagesCommand {
     Upload(upload::UploadArgs),
 }
 
+/// A subcommand's failure, with its causes (printed as one line by
+/// `central_probes::admin::error::chain`).
+pub type CliError = Box<dyn std::error::Error + Send + Sync>;
+
 /// Runs one subcommand; the error is the one line the user sees.
-pub async fn run(command: Command) -> Result<(), String> {
+pub async fn run(command: Command) -> Result<(), CliError> {
     match command {
         Command::Serve(args) => serve::serve(*args).await,
         Command::Upload(args)

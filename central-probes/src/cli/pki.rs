@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 
+use super::CliError;
 use clap::Subcommand;
 
 #[derive(Subcommand)]
@@ -14,7 +15,7 @@ pub enum PkiCommand {
     },
 }
 
-pub fn pki(command: PkiCommand) -> Result<(), String> {
+pub fn pki(command: PkiCommand) -> Result<(), CliError> {
     let PkiCommand::Init { out } = command;
     central_probes::pki::init(&out).map_err(|e| format!("writing certificates to {}: {e}", out.display()))?;
     println!(

@@ -10,7 +10,7 @@ use clap::Args;
 use probe_api::transport::ClientTls;
 use tracing::{info, warn};
 
-use super::{parse_size, read};
+use super::{CliError, parse_size, read};
 
 #[derive(Args)]
 pub struct ServeArgs {
@@ -124,7 +124,7 @@ impl LimitArgs {
     }
 }
 
-pub async fn serve(args: ServeArgs) -> Result<(), String> {
+pub async fn serve(args: ServeArgs) -> Result<(), CliError> {
     let tls = TlsMaterial {
         cert_pem: read(&args.tls_cert, "the TLS certificate")?,
         key_pem: read(&args.tls_key, "the TLS key")?,
@@ -159,7 +159,7 @@ pub async fn serve(args: ServeArgs) -> Result<(), String> {
     });
     let grace = args.shutdown_grace;
     tokio::select! {
-        result = server => result.map_err(|e| e.to_string()),
+        result = server => result.map_err(CliError::from),
         _ = async { let _ = stopped.wait_for(|stop| *stop).await; tokio::time::sleep(grace).await } => {
             warn!(?grace, "requests still in flight after the grace period are abandoned; files they were writing stay invisible");
             Ok(())

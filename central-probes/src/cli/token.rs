@@ -3,6 +3,7 @@
 
 use std::path::PathBuf;
 
+use super::CliError;
 use central_probes::server::{Role, TokenFile};
 use clap::Subcommand;
 
@@ -32,7 +33,7 @@ pub enum TokenCommand {
     },
 }
 
-pub fn token(command: TokenCommand) -> Result<(), String> {
+pub fn token(command: TokenCommand) -> Result<(), CliError> {
     match command {
         TokenCommand::Create { data_dir, role, name } => {
             let tokens = TokenFile::in_data_dir(&data_dir);
@@ -53,7 +54,7 @@ pub fn token(command: TokenCommand) -> Result<(), String> {
                 eprintln!("revoked token {name:?}");
                 Ok(())
             } else {
-                Err(format!("no token named {name:?}"))
+                Err(format!("no token named {name:?}").into())
             }
         }
         TokenCommand::List { data_dir } => {

@@ -8,7 +8,7 @@ use central_probes::admin::client::{self as admin_client, UploadReport, UploadRe
 use central_probes::admin::progress::Progress;
 use clap::Args;
 
-use super::read;
+use super::{CliError, read};
 
 #[derive(Args)]
 pub struct Endpoint {
@@ -36,9 +36,9 @@ pub struct UploadArgs {
 
 impl Endpoint {
     /// A client of Central's admin API with the token of `ROX_API_TOKEN`.
-    pub(crate) fn connect(&self) -> Result<admin_client::AdminClient, String> {
+    pub(crate) fn connect(&self) -> Result<admin_client::AdminClient, CliError> {
         let ca = read(&self.ca, "the CA certificate")?;
-        admin_client::connect(&self.endpoint, ca, &api_token()?, Duration::from_secs(10))
+        Ok(admin_client::connect(&self.endpoint, ca, &api_token()?, Duration::from_secs(10))?)
     }
 }
 
@@ -49,7 +49,7 @@ fn api_token() -> Result<String, String> {
         .ok_or_else(|| "set ROX_API_TOKEN to an API token (central-probes token create)".to_owned())
 }
 
-pub async fn upload(args: UploadArgs) -> Result<(), String> {
+pub async fn upload(args: UploadArgs) -> Result<(), CliError> {
     let endpoint = &args.endpoint;
     let mut client = endpoint.connect()?;
     let request = UploadRequest { package: args.package.clone(), overwrite: args.overwrite };

@@ -1,0 +1,184 @@
+//! The admin side's errors, typed and with their causes kept: a caller can
+//! tell a bad package from an unreachable Central, and the CLI prints the
+//! whole chain on one line (`error::chain`).
+
+use std::fmt;
+use std::io;
+use std::path::PathBuf;
+
+use probe_api::transport;
+
+/// Why a support package cannot be used.
+#[derive(Debug)]
+pub enum PackageError {
+    Open {
+        path: PathBuf,
+        source: io::Error,
+    },
+    NotZip {
+        path: PathBuf,
+        source: zip::result::ZipError,
+    },
+    DuplicateNames {
+        path: PathBuf,
+        declared: usize,
+        distinct: usize,
+    },
+    TooManyEntries {
+        entries: usize,
+        max: usize,
+    },
+    UnreadableEntry {
+        index: usize,
+        source: zip::result::ZipError,
+    },
+    UnsafeName {
+        name: String,
+    },
+    TooLarge {
+        name: String,
+        size: u64,
+        max: u64,
+    },
+    Twice {
+        name: String,
+    },
+    /// An entry's bytes could not be read, or were not what it declares.
+    Read {
+        path: String,
+        source: io::Error,
+    },
+}
+
+impl fmt::Display for PackageError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PackageError::Open { path, .. } => write!(f, "cannot open {}", path.display()),
+            PackageError::NotZip { path, .. } => write!(f, "{} is not a readable zip file", path.display()),
+            PackageError::DuplicateNames { path, declared, distinct } => write!(
+                f,
+                "{} declares {declared} entries but has {distinct} distinct names: it holds duplicate entry names",
+                path.display()
+            ),
+            PackageError::TooManyEntries { entries, max } => {
+                write!(f, "the package has {entries} entries; at most {max} are accepted (a real one has about 16,500)")
+            }
+            PackageError::UnreadableEntry { index, .. } => write!(f, "zip entry {index} is unreadable"),
+            PackageError::UnsafeName { name } => {
+                write!(f, "the package holds an unsafe entry name {name:?}; refusing it")
+            }
+            PackageError::TooLarge { name, size, max } => {
+                write!(f, "{name} declares {size} bytes, more than the {max} a probe may have")
+            }
+            PackageError::Twice { name } => write!(f, "the package holds {name} twice"),
+            PackageError::Read { path, .. } => write!(f, "reading {path}"),
+        }
+    }
+}
+
+impl std::error::Error for PackageError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            PackageError::Open { source, .. } | PackageError::Read { source, .. } => Some(source),
+            PackageError::NotZip { source, .. } | PackageError::UnreadableEntry { source, .. } => Some(source),
+            _ => None,
+        }
+    }
+}
+
+/// Why an admin command against Central failed.
+#[derive(Debug)]
+pub enum AdminError {
+    /// The token cannot be sent as a header value.
+    Token,
+    /// The address or TLS settings are unusable.
+    Connect(String),
+    Package(PackageError),
+    NoProbes {
+        package: PathBuf,
+    },
+    /// A call to Central failed; `what` says which.
+    Rpc {
+        what: &'static str,
+        status: Rpc,
+    },
+    /// Central answered something that breaks the API.
+    BadReply(String),
+    /// The upload call ended before the package was sent.
+    CallEnded,
+    /// A worker thread of this process failed.
+    Internal(String),
+}
+
+/// A failed call's status, shown with the hints of `transport::describe`.
+#[derive(Debug)]
+pub struct Rpc(pub tonic::Status);
+
+impl fmt::Display for Rpc {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&transport::describe(&self.0))
+    }
+}
+
+impl std::error::Error for Rpc {}
+
+impl AdminError {
+    pub fn rpc(what: &'static str) -> impl FnOnce(tonic::Status) -> AdminError {
+        move |status| AdminError::Rpc { what, status: Rpc(status) }
+    }
+
+    /// The gRPC code of a failed call, if that is what failed.
+    pub fn code(&self) -> Option<tonic::Code> {
+        match self {
+            AdminError::Rpc { status, .. } => Some(status.0.code()),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for AdminError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            AdminError::Token => f.write_str("the API token holds characters that cannot be sent"),
+            AdminError::Connect(why) => f.write_str(why),
+            AdminError::Package(_) => f.write_str("the support package cannot be used"),
+            AdminError::NoProbes { package } => write!(
+                f,
+                "{} holds no probe files under kernel-modules/: is it a kernel support package?",
+                package.display()
+            ),
+            AdminError::Rpc { what, .. } => f.write_str(what),
+            AdminError::BadReply(why) => write!(f, "Central's reply breaks the API: {why}"),
+            AdminError::CallEnded => f.write_str("upload failed: the call ended early"),
+            AdminError::Internal(why) => f.write_str(why),
+        }
+    }
+}
+
+impl std::error::Error for AdminError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            AdminError::Package(error) => Some(error),
+            AdminError::Rpc { status, .. } => Some(status),
+            _ => None,
+        }
+    }
+}
+
+impl From<PackageError> for AdminError {
+    fn from(error: PackageError) -> Self {
+        AdminError::Package(error)
+    }
+}
+
+/// An error and its causes on one line: `a: b: c`.
+pub fn chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut line = error.to_string();
+    let mut cause = error.source();
+    while let Some(error) = cause {
+        line.push_str(": ");
+        line.push_str(&error.to_string());
+        cause = error.source();
+    }
+    line
+}
