@@ -3,6 +3,7 @@
 //! files that Central, the uploader and the Collector all enforce.
 
 pub mod digest;
+pub mod errors;
 pub mod limits;
 pub mod names;
 pub mod probe_stream;

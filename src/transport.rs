@@ -19,27 +19,66 @@ pub struct ClientTls {
     pub identity: Option<(Vec<u8>, Vec<u8>)>,
 }
 
+/// Why a client for an address cannot be made.
+#[derive(Debug)]
+pub enum TransportError {
+    /// `http://`: Central speaks TLS only.
+    PlainHttp {
+        address: String,
+    },
+    NotHostPort {
+        address: String,
+    },
+    /// The address or the TLS material is not usable.
+    Invalid {
+        address: String,
+        source: tonic::transport::Error,
+    },
+}
+
+impl std::fmt::Display for TransportError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TransportError::PlainHttp { address } => {
+                write!(f, "{address}: Central speaks TLS only; use https:// or plain host:port")
+            }
+            TransportError::NotHostPort { address } => write!(f, "{address:?} is not HOST:PORT"),
+            TransportError::Invalid { address, .. } => write!(f, "cannot reach {address} with these settings"),
+        }
+    }
+}
+
+impl std::error::Error for TransportError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            TransportError::Invalid { source, .. } => Some(source),
+            _ => None,
+        }
+    }
+}
+
 /// Makes a channel to `address` (`host:port`, optionally with `https://`).
 /// It connects lazily, on the first call, within `connect_timeout`.
-pub fn channel(address: &str, tls: &ClientTls, connect_timeout: Duration) -> Result<Channel, String> {
+pub fn channel(address: &str, tls: &ClientTls, connect_timeout: Duration) -> Result<Channel, TransportError> {
     Ok(endpoint(address, tls, connect_timeout)?.connect_lazy())
 }
 
 /// The endpoint behind `channel`, for callers that want to connect now.
-pub fn endpoint(address: &str, tls: &ClientTls, connect_timeout: Duration) -> Result<Endpoint, String> {
+pub fn endpoint(address: &str, tls: &ClientTls, connect_timeout: Duration) -> Result<Endpoint, TransportError> {
     let authority = address.strip_prefix("https://").unwrap_or(address);
     if authority.starts_with("http://") {
-        return Err(format!("{address}: Central speaks TLS only; use https:// or plain host:port"));
+        return Err(TransportError::PlainHttp { address: address.to_owned() });
     }
-    let host = host_of(authority).ok_or_else(|| format!("{address:?} is not HOST:PORT"))?;
+    let host = host_of(authority).ok_or_else(|| TransportError::NotHostPort { address: address.to_owned() })?;
+    let invalid = |source| TransportError::Invalid { address: address.to_owned(), source };
     let mut config = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&tls.ca_pem)).domain_name(host);
     if let Some((cert, key)) = &tls.identity {
         config = config.identity(Identity::from_pem(cert, key));
     }
     let endpoint = Endpoint::from_shared(format!("https://{authority}"))
-        .map_err(|e| format!("{address}: {e}"))?
+        .map_err(invalid)?
         .tls_config(config)
-        .map_err(|e| format!("TLS configuration: {e}"))?
+        .map_err(invalid)?
         .connect_timeout(connect_timeout)
         .tcp_nodelay(true)
         .initial_stream_window_size(STREAM_WINDOW)

@@ -58,7 +58,7 @@ pub struct CentralClient {
 impl CentralClient {
     /// A client of Central at `address` (`host:port`). It connects on the
     /// first call.
-    pub fn new(address: &str, tls: &ClientTls, connect_timeout: Duration) -> Result<Self, String> {
+    pub fn new(address: &str, tls: &ClientTls, connect_timeout: Duration) -> Result<Self, transport::TransportError> {
         let channel = transport::channel(address, tls, connect_timeout)?;
         Ok(CentralClient { client: ProbeServiceClient::new(channel) })
     }

@@ -179,6 +179,9 @@ impl fmt::Display for NotServed {
     }
 }
 
+/// The report is the error: `get-probe` prints it and exits 1.
+impl std::error::Error for NotServed {}
+
 #[cfg(test)]
 mod tests {
     use super::*;

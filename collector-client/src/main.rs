@@ -12,6 +12,7 @@ use collector_client::central::CentralClient;
 use collector_client::chain::{self, RetryPolicy};
 use collector_client::output;
 use collector_client::sources::{BuiltinDir, CentralSource, ProbeSource};
+use probe_api::errors::Context;
 use probe_api::names::ModuleVersion;
 use probe_api::transport::ClientTls;
 
@@ -104,22 +105,26 @@ fn main() -> ExitCode {
     let runtime = tokio::runtime::Runtime::new().expect("a tokio runtime");
     match runtime.block_on(get_probe(args)) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(message) => {
-            eprintln!("error: {message}");
+        Err(error) => {
+            // One line: the error and every cause.
+            eprintln!("error: {}", probe_api::errors::chain(error.as_ref()));
             ExitCode::FAILURE
         }
     }
 }
 
-fn read(path: &PathBuf, what: &str) -> Result<Vec<u8>, String> {
-    std::fs::read(path).map_err(|e| format!("reading {what} {}: {e}", path.display()))
+/// What stopped `get-probe`, with its causes.
+type CliError = Box<dyn std::error::Error + Send + Sync>;
+
+fn read(path: &PathBuf, what: &str) -> Result<Vec<u8>, Context> {
+    std::fs::read(path).map_err(Context::of(format!("reading {what} {}", path.display())))
 }
 
-fn host_facts(args: &GetProbeArgs) -> Result<HostFacts, String> {
+fn host_facts(args: &GetProbeArgs) -> Result<HostFacts, Context> {
     let proc = |name: &str| {
         std::fs::read_to_string(format!("/proc/sys/kernel/{name}"))
             .map(|s| s.trim().to_owned())
-            .map_err(|e| format!("reading the kernel {name}: {e}"))
+            .map_err(Context::of(format!("reading the kernel {name}")))
     };
     let release = match &args.kernel {
         Some(kernel) => kernel.clone(),
@@ -134,13 +139,13 @@ fn host_facts(args: &GetProbeArgs) -> Result<HostFacts, String> {
     Ok(HostFacts { release, version: proc("version").unwrap_or_default(), os_release, minikube_version })
 }
 
-async fn get_probe(args: GetProbeArgs) -> Result<(), String> {
+async fn get_probe(args: GetProbeArgs) -> Result<(), CliError> {
     let module_version = match (&args.module_version, &args.module_version_file) {
         (Some(version), _) => version.clone(),
         (None, Some(file)) => String::from_utf8_lossy(&read(file, "the module version file")?).trim().to_owned(),
         (None, None) => return Err("the ebpf collection method needs --module-version or --module-version-file".into()),
     };
-    let module_version = ModuleVersion::parse(&module_version).map_err(|e| e.to_string())?;
+    let module_version = ModuleVersion::parse(&module_version)?;
     let candidates = if args.kernel_candidates.is_empty() {
         candidates::candidates(&host_facts(&args)?)
     } else {
@@ -169,8 +174,8 @@ async fn get_probe(args: GetProbeArgs) -> Result<(), String> {
     let out = args.out.as_ref().ok_or("the ebpf collection method needs --out")?;
 
     let policy = RetryPolicy { interval: args.retry_interval, budget: args.retry_budget };
-    let served = chain::get_probe(&sources, &module_version, &candidates, policy).await.map_err(|r| r.to_string())?;
-    output::write_read_only(out, &served.probe).map_err(|e| format!("writing {}: {e}", out.display()))?;
+    let served = chain::get_probe(&sources, &module_version, &candidates, policy).await?;
+    output::write_read_only(out, &served.probe).map_err(Context::of(format!("writing {}", out.display())))?;
     println!(
         "wrote {} ({} bytes) for kernel {}, from {} ({})",
         out.display(),

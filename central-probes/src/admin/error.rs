@@ -92,7 +92,7 @@ pub enum AdminError {
     /// The token cannot be sent as a header value.
     Token,
     /// The address or TLS settings are unusable.
-    Connect(String),
+    Connect(transport::TransportError),
     Package(PackageError),
     NoProbes {
         package: PathBuf,
@@ -140,7 +140,7 @@ impl fmt::Display for AdminError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             AdminError::Token => f.write_str("the API token holds characters that cannot be sent"),
-            AdminError::Connect(why) => f.write_str(why),
+            AdminError::Connect(_) => f.write_str("cannot make a client of Central"),
             AdminError::Package(_) => f.write_str("the support package cannot be used"),
             AdminError::NoProbes { package } => write!(
                 f,
@@ -159,6 +159,7 @@ impl std::error::Error for AdminError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
             AdminError::Package(error) => Some(error),
+            AdminError::Connect(error) => Some(error),
             AdminError::Rpc { status, .. } => Some(status),
             _ => None,
         }
@@ -172,13 +173,4 @@ impl From<PackageError> for AdminError {
 }
 
 /// An error and its causes on one line: `a: b: c`.
-pub fn chain(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut line = error.to_string();
-    let mut cause = error.source();
-    while let Some(error) = cause {
-        line.push_str(": ");
-        line.push_str(&error.to_string());
-        cause = error.source();
-    }
-    line
-}
+pub use probe_api::errors::chain;
