@@ -11,6 +11,7 @@ mod upload;
 use std::path::Path;
 
 use clap::{Parser, Subcommand};
+use probe_api::errors::Context;
 
 #[derive(Parser)]
 #[command(version, about = "Kernel probe store and server for Collectors, and its admin tools")]
@@ -77,8 +78,8 @@ pub async fn run(command: Command) -> Result<(), CliError> {
     }
 }
 
-pub(crate) fn read(path: &Path, what: &str) -> Result<Vec<u8>, String> {
-    std::fs::read(path).map_err(|e| format!("reading {what} {}: {e}", path.display()))
+pub(crate) fn read(path: &Path, what: &str) -> Result<Vec<u8>, Context> {
+    std::fs::read(path).map_err(Context::of(format!("reading {what} {}", path.display())))
 }
 
 /// Parses `1073741824`, `1G` (10^9), `1GiB` (2^30) and the like.

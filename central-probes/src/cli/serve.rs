@@ -168,7 +168,7 @@ pub async fn serve(args: ServeArgs) -> Result<(), CliError> {
 }
 
 /// The upstream's settings, unless offline or none is configured.
-fn upstream_config(args: &ServeArgs) -> Result<Option<UpstreamConfig>, String> {
+fn upstream_config(args: &ServeArgs) -> Result<Option<UpstreamConfig>, CliError> {
     let Some(address) = &args.upstream else {
         info!("no upstream configured: only uploaded probes are served");
         return Ok(None);
