@@ -1,0 +1,182 @@
+//! The clients of one load run: gRPC GetProbe (Central) or HTTPS GET
+//! (nginx), each on its own connection or a new one per request, and the
+//! loop that drives N of them for a fixed time and reports rate and
+//! latency.
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use probe_api::transport::{self, ClientTls};
+use probe_api::v1::GetProbeRequest;
+use probe_api::v1::probe_service_client::ProbeServiceClient;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use crate::Tls;
+
+pub(crate) fn rustls_config(tls: &Tls) -> rustls::ClientConfig {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(&tls.ca).unwrap() {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let chain: Vec<CertificateDer<'static>> =
+        CertificateDer::pem_file_iter(&tls.cert).unwrap().map(|c| c.unwrap()).collect();
+    let key = PrivateKeyDer::from_pem_file(&tls.key).unwrap();
+    let mut config =
+        rustls::ClientConfig::builder().with_root_certificates(roots).with_client_auth_cert(chain, key).unwrap();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    config
+}
+
+pub(crate) enum Client {
+    Grpc { address: String, tls: ClientTls },
+    Https { address: String, config: Arc<rustls::ClientConfig> },
+}
+
+/// One connection's worth of client: reused, or made anew per request.
+pub(crate) enum Connection {
+    Grpc(ProbeServiceClient<tonic::transport::Channel>),
+    Https(hyper::client::conn::http2::SendRequest<Empty<Bytes>>),
+}
+
+impl Client {
+    pub(crate) async fn connect(&self) -> Result<Connection, String> {
+        match self {
+            Client::Grpc { address, tls } => {
+                // Connect now, so a per-request connection is timed in full.
+                let endpoint = transport::endpoint(address, tls, Duration::from_secs(5)).map_err(|e| e.to_string())?;
+                let channel = endpoint.connect().await.map_err(|e| e.to_string())?;
+                Ok(Connection::Grpc(ProbeServiceClient::new(channel)))
+            }
+            Client::Https { address, config } => {
+                let tcp = tokio::net::TcpStream::connect(address).await.map_err(|e| e.to_string())?;
+                tcp.set_nodelay(true).map_err(|e| e.to_string())?;
+                let host = address.rsplit_once(':').map_or(address.as_str(), |(h, _)| h).to_owned();
+                let name = ServerName::try_from(host).map_err(|e| e.to_string())?;
+                let tls = tokio_rustls::TlsConnector::from(config.clone())
+                    .connect(name, tcp)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let (sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+                    .initial_stream_window_size(transport::STREAM_WINDOW)
+                    .initial_connection_window_size(transport::CONNECTION_WINDOW)
+                    .handshake(TokioIo::new(tls))
+                    .await
+                    .map_err(|e| e.to_string())?;
+                tokio::spawn(connection);
+                Ok(Connection::Https(sender))
+            }
+        }
+    }
+}
+
+impl Connection {
+    /// Fetches one probe; returns its size.
+    pub(crate) async fn get(&mut self, path: &str, address: &str) -> Result<u64, String> {
+        match self {
+            Connection::Grpc(client) => {
+                let (module_version, file_name) = path.split_once('/').ok_or("bad path")?;
+                let request =
+                    GetProbeRequest { module_version: module_version.to_owned(), file_name: file_name.to_owned() };
+                let mut stream = client.get_probe(request).await.map_err(|s| s.to_string())?.into_inner();
+                let mut bytes = 0;
+                while let Some(message) = stream.message().await.map_err(|s| s.to_string())? {
+                    if let Some(probe_api::v1::get_probe_response::Message::Chunk(chunk)) = message.message {
+                        bytes += chunk.len() as u64;
+                    }
+                }
+                Ok(bytes)
+            }
+            Connection::Https(sender) => {
+                sender.ready().await.map_err(|e| e.to_string())?;
+                let request = hyper::Request::get(format!("https://{address}/{path}"))
+                    .body(Empty::<Bytes>::new())
+                    .map_err(|e| e.to_string())?;
+                let response = sender.send_request(request).await.map_err(|e| e.to_string())?;
+                if !response.status().is_success() {
+                    return Err(format!("HTTP {}", response.status()));
+                }
+                let mut body = response.into_body();
+                let mut bytes = 0;
+                while let Some(frame) = body.frame().await {
+                    if let Ok(data) = frame.map_err(|e| e.to_string())?.into_data() {
+                        bytes += data.len() as u64;
+                    }
+                }
+                Ok(bytes)
+            }
+        }
+    }
+}
+
+pub(crate) async fn load(
+    client: Arc<Client>,
+    paths: Arc<Vec<String>>,
+    concurrency: usize,
+    seconds: u64,
+    per_request: bool,
+) {
+    let address = match &*client {
+        Client::Grpc { address, .. } | Client::Https { address, .. } => address.clone(),
+    };
+    let bytes = Arc::new(AtomicU64::new(0));
+    let errors = Arc::new(AtomicU64::new(0));
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    let started = Instant::now();
+    let mut workers = Vec::new();
+    for worker in 0..concurrency {
+        let (client, paths, bytes, errors, address) =
+            (client.clone(), paths.clone(), bytes.clone(), errors.clone(), address.clone());
+        workers.push(tokio::spawn(async move {
+            let mut latencies = Vec::new();
+            let mut state = 0x9e37_79b9_7f4a_7c15u64 ^ (worker as u64 + 1).wrapping_mul(0xff51_afd7_ed55_8ccd);
+            let mut connection = None;
+            while Instant::now() < deadline {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                let path = &paths[(state % paths.len() as u64) as usize];
+                let begun = Instant::now();
+                if per_request || connection.is_none() {
+                    connection = client.connect().await.map_err(|e| eprintln!("connect: {e}")).ok();
+                }
+                let Some(open) = connection.as_mut() else {
+                    errors.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                };
+                match open.get(path, &address).await {
+                    Ok(n) => {
+                        latencies.push(begun.elapsed());
+                        bytes.fetch_add(n, Ordering::Relaxed);
+                    }
+                    Err(e) => {
+                        eprintln!("request: {e}");
+                        errors.fetch_add(1, Ordering::Relaxed);
+                        connection = None;
+                    }
+                }
+            }
+            latencies
+        }));
+    }
+    let mut latencies = Vec::new();
+    for worker in workers {
+        latencies.extend(worker.await.unwrap());
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    latencies.sort();
+    let pct = |p: f64| latencies.get(((latencies.len() as f64 * p) as usize).min(latencies.len().saturating_sub(1)));
+    let ms = |d: Option<&Duration>| d.map_or(f64::NAN, |d| d.as_secs_f64() * 1e3);
+    // One machine-readable line: requests/s MB/s p50_ms p99_ms errors
+    println!(
+        "{:.0} {:.0} {:.2} {:.2} {}",
+        latencies.len() as f64 / elapsed,
+        bytes.load(Ordering::Relaxed) as f64 / elapsed / 1e6,
+        ms(pct(0.50)),
+        ms(pct(0.99)),
+        errors.load(Ordering::Relaxed)
+    );
+}
