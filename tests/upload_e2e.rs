@@ -314,6 +314,25 @@ async fn listing_pages_through_all_probes_and_filters_by_module_version() {
     central.stop().await;
 }
 
+/// The whole probes on disk once Central has finished with an upload that
+/// broke off: its client may learn of the break before Central has worked
+/// through what had already arrived, so wait until nothing is being written
+/// and the count holds still.
+async fn settled_whole_probes(central: &Central, spec: &PackageSpec) -> usize {
+    let (mut last, mut steady) = (usize::MAX, 0);
+    for _ in 0..300 {
+        wait_for_no_tmp_files(central).await;
+        let now = whole_probes_on_disk(&central.data_dir, spec);
+        steady = if now == last { steady + 1 } else { 0 };
+        if steady == 3 {
+            return now;
+        }
+        last = now;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("Central kept committing probes");
+}
+
 async fn wait_for_no_tmp_files(central: &Central) {
     for _ in 0..1000 {
         if tmp_files(&central.data_dir) == 0 {
@@ -354,8 +373,7 @@ async fn a_killed_uploader_leaves_whole_probes_only_and_the_rerun_completes() {
     uploader.kill().unwrap(); // SIGKILL
     uploader.wait().unwrap();
 
-    wait_for_no_tmp_files(&central).await;
-    let kept = whole_probes_on_disk(&central.data_dir, &spec);
+    let kept = settled_whole_probes(&central, &spec).await;
     let request = UploadRequest { package: package.into(), overwrite: false };
     let report = admin_client::upload(&mut admin, &request, |_| Progress::Silent).await.unwrap();
     assert_eq!(report.files_sent, spec.probe_paths().len() - kept);
@@ -410,8 +428,7 @@ async fn a_network_cut_mid_stream_keeps_whole_probes_only_and_the_rerun_complete
     let error = admin_client::upload(&mut through_proxy, &request, |_| Progress::Silent).await.unwrap_err();
     assert!(matches!(error, AdminError::Rpc { what: "upload failed", .. } | AdminError::CallEnded), "{error}");
 
-    wait_for_no_tmp_files(&central).await;
-    let kept = whole_probes_on_disk(&central.data_dir, &spec);
+    let kept = settled_whole_probes(&central, &spec).await;
     assert!(kept > 0 && kept < spec.probe_paths().len(), "{kept}");
     let mut admin = central.admin(&pki, &central.admin_token);
     let report = admin_client::upload(&mut admin, &request, |_| Progress::Silent).await.unwrap();
@@ -462,8 +479,7 @@ async fn a_full_disk_refuses_the_upload_keeps_stored_probes_and_keeps_serving() 
     let error = admin_client::upload(&mut admin, &request, |_| Progress::Silent).await.unwrap_err();
     assert_eq!(error.code(), Some(Code::ResourceExhausted), "{error}");
 
-    wait_for_no_tmp_files(&central).await;
-    let kept = whole_probes_on_disk(&central.data_dir, &spec);
+    let kept = settled_whole_probes(&central, &spec).await;
     assert!(kept > 0 && kept < spec.probe_paths().len(), "{kept} probes fit");
     let stored = admin_client::list_all(&mut admin, None).await.unwrap();
     assert_eq!(stored.len(), kept);
