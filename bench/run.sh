@@ -149,6 +149,8 @@ cmp -s "$PACKAGE" "$WORK/nginx/upload/pkg.zip" || echo "warning: nginx stored a 
   echo "| re-upload, unchanged package | $re_s | | | | - / $((re_rss / 1024)) | |"
   echo
   echo "Re-upload: probe bytes sent: $re_bytes; time $(awk -v a="$re_s" -v b="$up_s" 'BEGIN { printf "%.2f", a / b }') of the first upload."
+  per_gb() { awk -v c="$1" -v b="$SIZE" 'BEGIN { printf "%.2f", c / (b / 1e9) }'; }
+  echo "CPU seconds per GB of package in the first upload: uploader $(per_gb "$(awk -v a="$up_u" -v b="$up_s2" 'BEGIN{print a+b}')"), Central $(per_gb "$central_cpu"), nginx $(per_gb "$nginx_cpu")."
 } >>"$RESULTS"
 
 # --------------------------------------------------------------- 2. serving

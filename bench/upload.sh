@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Upload benchmark: a realistic support package (16,256 probes, about 2 GiB,
-# names from ../shared/data/kernel-versions.txt) uploaded into a fresh
+# names from tests/data/kernel-versions.txt) uploaded into a fresh
 # Central over TLS, then uploaded again; with, in the same run, sha256sum of
 # the package and cp + sync of it as baselines. Prints throughput, peak RSS
 # of Central and of the uploader, and CPU seconds.
