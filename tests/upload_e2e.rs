@@ -95,7 +95,7 @@ async fn reupload_of_an_unchanged_package_sends_no_probe_bytes() {
     let central = Central::start(&pki, &dir.path().join("data")).await;
     let package = write(&spec(20, 0), dir.path(), "pkg.zip");
     let mut admin = central.admin(&pki, &central.admin_token);
-    let request = UploadRequest { package: package.clone().into(), overwrite: false };
+    let request = UploadRequest { package: package.clone().into(), overwrite: false, checksum: None };
 
     let first = admin_client::upload(&mut admin, &request, |_| Progress::Silent).await.unwrap();
     assert_eq!(first.files_sent, 40);
@@ -203,7 +203,7 @@ async fn an_interrupted_upload_keeps_finished_files_and_the_rerun_sends_only_the
     assert_eq!(existing.len(), 3);
 
     let package = write(&spec, dir.path(), "pkg.zip");
-    let request = UploadRequest { package: package.into(), overwrite: false };
+    let request = UploadRequest { package: package.into(), overwrite: false, checksum: None };
     let report = admin_client::upload(&mut admin, &request, |_| Progress::Silent).await.unwrap();
     assert_eq!(report.files_sent, 3, "only the files the interruption missed");
     assert_eq!(report.identical, 3);
@@ -263,6 +263,46 @@ async fn bad_packages_fail_with_one_clear_line() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_package_that_does_not_match_its_checksum_is_refused_before_anything_is_sent() {
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let central = Central::start(&pki, &dir.path().join("data")).await;
+    let ca = pki.ca_file();
+    let spec = spec(3, 0);
+    let package = write(&spec, dir.path(), "support-pkg-2.5.0-20240101000000.zip");
+    let digest = probe_api::digest::Sha256Digest::of(&std::fs::read(&package).unwrap());
+    let upload = |checksum: String| {
+        let (package, address, ca) = (package.clone(), central.address.clone(), ca.to_str().unwrap().to_owned());
+        let token = central.admin_token.clone();
+        async move { central_cli(&["upload", &package, "-e", &address, "--ca", &ca, "--checksum", &checksum], &token).await }
+    };
+
+    // A damaged copy: one byte flipped in the middle.
+    let mut bytes = std::fs::read(&package).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0xff;
+    let damaged = probe_api::digest::Sha256Digest::of(&bytes);
+    assert_ne!(damaged, digest);
+    let sums = dir.path().join("support-pkg-2.5.0-20240101000000.zip.sha256");
+    std::fs::write(&sums, format!("{damaged}  support-pkg-2.5.0-20240101000000.zip\n")).unwrap();
+    for checksum in [damaged.to_hex(), sums.to_str().unwrap().to_owned()] {
+        let (ok, _, stderr) = upload(checksum).await;
+        assert!(!ok, "{stderr}");
+        let last = stderr.lines().last().unwrap();
+        assert!(last.contains("not the") && last.contains("nothing was sent"), "{stderr}");
+    }
+    let mut admin = central.admin(&pki, &central.view_token);
+    assert!(admin_client::list_all(&mut admin, None).await.unwrap().is_empty(), "nothing was stored");
+
+    std::fs::write(&sums, format!("{digest}  support-pkg-2.5.0-20240101000000.zip\n")).unwrap();
+    let (ok, stdout, stderr) = upload(sums.to_str().unwrap().to_owned()).await;
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("Uploaded"), "{stdout}");
+    assert_eq!(admin_client::list_all(&mut admin, None).await.unwrap().len(), spec.probe_paths().len());
+    central.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn existing_probes_are_answered_for_20000_names_in_one_call() {
     let pki = TestPki::new();
     let dir = tempfile::tempdir().unwrap();
@@ -270,7 +310,7 @@ async fn existing_probes_are_answered_for_20000_names_in_one_call() {
     let spec = spec(2, 0);
     let mut admin = central.admin(&pki, &central.admin_token);
     let package = write(&spec, dir.path(), "pkg.zip");
-    let request = UploadRequest { package: package.into(), overwrite: false };
+    let request = UploadRequest { package: package.into(), overwrite: false, checksum: None };
     admin_client::upload(&mut admin, &request, |_| Progress::Silent).await.unwrap();
 
     let mut paths: Vec<String> = kernels(10_000)
@@ -302,7 +342,7 @@ async fn listing_pages_through_all_probes_and_filters_by_module_version() {
     let a = spec(700, 0);
     let b = PackageSpec { module_version: "2.6.0".into(), ..spec(10, 0) };
     for (spec, name) in [(&a, "a.zip"), (&b, "b.zip")] {
-        let request = UploadRequest { package: write(spec, dir.path(), name).into(), overwrite: false };
+        let request = UploadRequest { package: write(spec, dir.path(), name).into(), overwrite: false, checksum: None };
         admin_client::upload(&mut admin, &request, |_| Progress::Silent).await.unwrap();
     }
     let all = admin_client::list_all(&mut admin, None).await.unwrap();
@@ -374,7 +414,7 @@ async fn a_killed_uploader_leaves_whole_probes_only_and_the_rerun_completes() {
     uploader.wait().unwrap();
 
     let kept = settled_whole_probes(&central, &spec).await;
-    let request = UploadRequest { package: package.into(), overwrite: false };
+    let request = UploadRequest { package: package.into(), overwrite: false, checksum: None };
     let report = admin_client::upload(&mut admin, &request, |_| Progress::Silent).await.unwrap();
     assert_eq!(report.files_sent, spec.probe_paths().len() - kept);
     assert_eq!(whole_probes_on_disk(&central.data_dir, &spec), spec.probe_paths().len());
@@ -424,7 +464,7 @@ async fn a_network_cut_mid_stream_keeps_whole_probes_only_and_the_rerun_complete
         Duration::from_secs(5),
     )
     .unwrap();
-    let request = UploadRequest { package: package.into(), overwrite: false };
+    let request = UploadRequest { package: package.into(), overwrite: false, checksum: None };
     let error = admin_client::upload(&mut through_proxy, &request, |_| Progress::Silent).await.unwrap_err();
     assert!(matches!(error, AdminError::Rpc { what: "upload failed", .. } | AdminError::CallEnded), "{error}");
 
@@ -475,7 +515,7 @@ async fn a_full_disk_refuses_the_upload_keeps_stored_probes_and_keeps_serving() 
     let spec = PackageSpec { size_divisor: 2, ..spec(50, 0) };
     let scratch = tempfile::tempdir().unwrap();
     let package = write(&spec, scratch.path(), "pkg.zip");
-    let request = UploadRequest { package: package.into(), overwrite: false };
+    let request = UploadRequest { package: package.into(), overwrite: false, checksum: None };
     let error = admin_client::upload(&mut admin, &request, |_| Progress::Silent).await.unwrap_err();
     assert_eq!(error.code(), Some(Code::ResourceExhausted), "{error}");
 
@@ -535,7 +575,7 @@ async fn a_malformed_digest_from_central_fails_the_upload_instead_of_being_guess
     let package = write(&spec(2, 0), dir.path(), "pkg.zip");
     let mut client =
         admin_client::connect(&address, pki.ca.cert_pem.clone().into_bytes(), "token", Duration::from_secs(5)).unwrap();
-    let request = UploadRequest { package: package.into(), overwrite: false };
+    let request = UploadRequest { package: package.into(), overwrite: false, checksum: None };
     let error = admin_client::upload(&mut client, &request, |_| Progress::Silent).await.unwrap_err();
     assert!(matches!(&error, AdminError::BadReply(why) if why.contains("malformed SHA-256")), "{error}");
     server.abort();

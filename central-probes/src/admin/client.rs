@@ -31,6 +31,7 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 use tonic::{Request, Status};
 
+use crate::admin::checksum;
 use crate::admin::error::{AdminError, PackageError};
 use crate::admin::package::{Package, PackageIndex, PackageProbe};
 use crate::admin::progress::Progress;
@@ -75,6 +76,9 @@ const UPLOAD_QUEUE: usize = 8;
 pub struct UploadRequest {
     pub package: PathBuf,
     pub overwrite: bool,
+    /// The package's published SHA-256: checked over the whole file before
+    /// anything is sent.
+    pub checksum: Option<Sha256Digest>,
 }
 
 /// What an upload did.
@@ -130,6 +134,12 @@ pub async fn upload(
     on_plan: impl FnOnce(&UploadPlan) -> Progress,
 ) -> Result<UploadReport, AdminError> {
     let started = Instant::now();
+    if let Some(expected) = request.checksum {
+        let package = request.package.clone();
+        tokio::task::spawn_blocking(move || checksum::verify_package(&package, expected))
+            .await
+            .map_err(|e| AdminError::Internal(format!("checking the package: {e}")))??;
+    }
     let package_path = request.package.clone();
     let (package, index) = tokio::task::spawn_blocking(move || {
         let mut package = Package::open(&package_path)?;

@@ -48,6 +48,12 @@ pub enum PackageError {
         path: String,
         source: io::Error,
     },
+    /// The package is not the one its published checksum describes.
+    Checksum {
+        path: PathBuf,
+        expected: probe_api::digest::Sha256Digest,
+        actual: probe_api::digest::Sha256Digest,
+    },
 }
 
 impl fmt::Display for PackageError {
@@ -72,6 +78,11 @@ impl fmt::Display for PackageError {
             }
             PackageError::Twice { name } => write!(f, "the package holds {name} twice"),
             PackageError::Read { path, .. } => write!(f, "reading {path}"),
+            PackageError::Checksum { path, expected, actual } => write!(
+                f,
+                "{} has SHA-256 {actual}, not the {expected} of its checksum: a damaged or different package; nothing was sent",
+                path.display()
+            ),
         }
     }
 }

@@ -2,6 +2,7 @@
 //! Central only through the API (`probe_api`), never through the server's
 //! internals.
 
+pub mod checksum;
 pub mod client;
 pub mod error;
 pub mod package;

@@ -32,6 +32,11 @@ pub struct UploadArgs {
     /// Replace files Central has with different content.
     #[arg(long)]
     overwrite: bool,
+    /// The package's published SHA-256: 64 hex characters, or a file in
+    /// sha256sum format (such as the .sha256 published beside the package).
+    /// The whole package is checked first; a mismatch sends nothing.
+    #[arg(long, value_name = "SHA256HEX|FILE")]
+    checksum: Option<String>,
 }
 
 impl Endpoint {
@@ -52,7 +57,11 @@ fn api_token() -> Result<String, String> {
 pub async fn upload(args: UploadArgs) -> Result<(), CliError> {
     let endpoint = &args.endpoint;
     let mut client = endpoint.connect()?;
-    let request = UploadRequest { package: args.package.clone(), overwrite: args.overwrite };
+    let checksum = match &args.checksum {
+        Some(checksum) => Some(central_probes::admin::checksum::expected_checksum(checksum, &args.package)?),
+        None => None,
+    };
+    let request = UploadRequest { package: args.package.clone(), overwrite: args.overwrite, checksum };
     let upload = admin_client::upload(&mut client, &request, |plan| {
         eprintln!(
             "{}: {} probe files; {} new ({:.1} MiB) to upload; {} already in Central to compare by digest",
