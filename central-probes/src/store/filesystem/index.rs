@@ -1,4 +1,5 @@
-//! The in-memory index, built at start-up from every probe's header.
+//! The in-memory index, built at start-up from the snapshot where it still
+//! describes a module directory, and from the probes' headers elsewhere.
 
 use std::collections::BTreeMap;
 use std::fs::{self, File};
@@ -11,14 +12,28 @@ use crate::error::{Error, Result};
 
 use super::Entry;
 use super::format::read_header;
+use super::snapshot::Snapshot;
 
 /// Threads reading headers at start-up. With a cold page cache the scan is
 /// bound by I/O latency, not CPU: more reads in flight shorten it.
 pub(super) const INDEX_THREADS: usize = 16;
 
-pub(super) fn load_index(probes_dir: &Path) -> Result<BTreeMap<ProbePath, Entry>> {
+/// How the index was built: module directories taken from the snapshot
+/// and read from disk.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(super) struct LoadStats {
+    pub(super) from_snapshot: usize,
+    pub(super) from_disk: usize,
+}
+
+pub(super) fn load_index(
+    probes_dir: &Path,
+    mut snapshot: Option<Snapshot>,
+) -> Result<(BTreeMap<ProbePath, Entry>, LoadStats)> {
     let read_dir = |dir: &Path| fs::read_dir(dir).map_err(|e| Error::io(format!("reading {}", dir.display()), e));
     let mut files = Vec::new();
+    let mut index = BTreeMap::new();
+    let mut stats = LoadStats::default();
     for module_dir in read_dir(probes_dir)? {
         let module_dir = module_dir.map_err(|e| Error::io("reading probes/", e))?.path();
         let name = module_dir.file_name().unwrap_or_default().to_string_lossy();
@@ -26,6 +41,16 @@ pub(super) fn load_index(probes_dir: &Path) -> Result<BTreeMap<ProbePath, Entry>
             warn!(path = %module_dir.display(), "ignoring an entry that is not a module version");
             continue;
         };
+        if let Some(entries) = snapshot.as_mut().and_then(|s| s.take(module_version.as_str(), &module_dir)) {
+            stats.from_snapshot += 1;
+            for (file_name, entry) in entries {
+                if let Ok(file_name) = ProbeFileName::parse(&file_name) {
+                    index.insert(ProbePath::new(module_version.clone(), file_name), entry);
+                }
+            }
+            continue;
+        }
+        stats.from_disk += 1;
         for file in read_dir(&module_dir)? {
             let file = file.map_err(|e| Error::io("reading probes/", e))?.path();
             let name = file.file_name().unwrap_or_default().to_string_lossy();
@@ -60,5 +85,6 @@ pub(super) fn load_index(probes_dir: &Path) -> Result<BTreeMap<ProbePath, Entry>
             .collect();
         readers.into_iter().map(|reader| reader.join().expect("a header reader panicked")).collect()
     });
-    Ok(entries.into_iter().flatten().collect())
+    index.extend(entries.into_iter().flatten());
+    Ok((index, stats))
 }

@@ -18,6 +18,7 @@
 mod format;
 mod index;
 mod reader;
+mod snapshot;
 #[cfg(test)]
 mod tests;
 mod writer;
@@ -36,7 +37,7 @@ use std::sync::{Arc, Mutex};
 
 use probe_api::digest::Sha256Digest;
 use probe_api::names::{ModuleVersion, ProbePath};
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::error::{Error, Result};
 use crate::store::backend::{Backend, Staging};
@@ -65,6 +66,7 @@ pub struct FilesystemBackend {
 }
 
 struct Inner {
+    data_dir: PathBuf,
     probes_dir: PathBuf,
     tmp_dir: PathBuf,
     index: Mutex<BTreeMap<ProbePath, Entry>>,
@@ -113,10 +115,22 @@ impl FilesystemBackend {
         if leftovers > 0 {
             info!(leftovers, "removed unfinished writes of an earlier run");
         }
-        let index = load_index(&probes_dir)?;
-        info!(probes = index.len(), data_dir = %data_dir.display(), "probe store opened");
+        let (index, stats) = load_index(&probes_dir, snapshot::read(data_dir))?;
+        info!(
+            probes = index.len(),
+            module_dirs_from_snapshot = stats.from_snapshot,
+            module_dirs_read = stats.from_disk,
+            data_dir = %data_dir.display(),
+            "probe store opened"
+        );
+        if stats.from_disk > 0
+            && let Err(error) = snapshot::write(data_dir, &probes_dir, &index)
+        {
+            warn!(%error, "could not write the index snapshot; the next start reads every probe");
+        }
         Ok(FilesystemBackend {
             inner: Arc::new(Inner {
+                data_dir: data_dir.to_owned(),
                 probes_dir,
                 tmp_dir,
                 index: Mutex::new(index),
@@ -125,6 +139,17 @@ impl FilesystemBackend {
                 _lock: lock,
             }),
         })
+    }
+}
+
+/// A closing store leaves a snapshot of its index, so that the next start
+/// reads no probe headers.
+impl Drop for Inner {
+    fn drop(&mut self) {
+        let index = self.index.get_mut().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Err(error) = snapshot::write(&self.data_dir, &self.probes_dir, index) {
+            warn!(%error, "could not write the index snapshot; the next start reads every probe");
+        }
     }
 }
 

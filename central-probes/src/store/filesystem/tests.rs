@@ -194,3 +194,57 @@ impl crate::store::conformance::StoreFixture for FsFixture {
 }
 
 crate::store_conformance_tests!(fs_fixture());
+
+/// Moves a directory's modification time an hour back, as if it had been
+/// quiet since.
+fn age(dir: &Path) {
+    let an_hour_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
+    fs::File::open(dir).unwrap().set_modified(an_hour_ago).unwrap();
+}
+
+fn load(dir: &Path) -> (std::collections::BTreeMap<ProbePath, Entry>, index::LoadStats) {
+    index::load_index(&dir.join("probes"), snapshot::read(dir)).unwrap()
+}
+
+#[tokio::test]
+async fn a_snapshot_spares_reading_headers_and_a_stale_damaged_or_missing_one_is_not_trusted() {
+    let dir = tempfile::tempdir().unwrap();
+    let paths = ["2.5.0/collector-ebpf-5.4.0.o.gz", "2.5.0/collector-5.4.0.ko.gz", "2.6.0/collector-ebpf-5.4.0.o.gz"];
+    {
+        let store = FilesystemStore::open(&config(dir.path())).unwrap();
+        for p in paths {
+            put(&store, p, p.as_bytes(), false).await.unwrap();
+        }
+        age(&dir.path().join("probes/2.5.0"));
+        age(&dir.path().join("probes/2.6.0"));
+    }
+    // Closing wrote the snapshot; both directories have been quiet since.
+    let (full, stats) = load(dir.path());
+    assert_eq!(full.len(), 3);
+    assert_eq!(stats, index::LoadStats { from_snapshot: 2, from_disk: 0 });
+    let snapshot = fs::read(dir.path().join("index.snapshot")).unwrap();
+
+    // A probe added after the snapshot, and a crash before the next one.
+    {
+        let store = FilesystemStore::open(&config(dir.path())).unwrap();
+        put(&store, "2.6.0/collector-ebpf-5.5.0.o.gz", b"new", false).await.unwrap();
+    }
+    fs::write(dir.path().join("index.snapshot"), &snapshot).unwrap();
+    let (index, stats) = load(dir.path());
+    assert_eq!(stats, index::LoadStats { from_snapshot: 1, from_disk: 1 }, "only the changed directory is read");
+    assert!(index.contains_key(&path("2.6.0/collector-ebpf-5.5.0.o.gz")));
+    assert_eq!(index.len(), 4);
+
+    // A damaged or a missing snapshot: everything is read.
+    fs::write(dir.path().join("index.snapshot"), &snapshot[..snapshot.len() / 2]).unwrap();
+    let (damaged, stats) = load(dir.path());
+    assert_eq!((damaged.len(), stats.from_snapshot), (4, 0));
+    fs::remove_file(dir.path().join("index.snapshot")).unwrap();
+    let (missing, stats) = load(dir.path());
+    assert_eq!((missing.len(), stats.from_snapshot), (4, 0));
+    assert!(damaged == index && missing == index, "every way to the index gives the same one");
+
+    // Opening the store without a snapshot writes one.
+    drop(FilesystemStore::open(&config(dir.path())).unwrap());
+    assert!(dir.path().join("index.snapshot").exists());
+}

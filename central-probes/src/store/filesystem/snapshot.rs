@@ -1,0 +1,125 @@
+//! A snapshot of the index (`index.snapshot` in the data directory), so that
+//! start-up reads one file instead of every probe's header.
+//!
+//! The snapshot holds, per module directory, the directory's modification
+//! time and its probes (name, size, SHA-256). A directory whose time is
+//! unchanged has had no probe added, replaced or removed (each is a rename
+//! or unlink in it), so its probes are taken from the snapshot; any other
+//! directory is read from disk. Directory times have a coarse clock, so a
+//! directory changed less than a second before the snapshot was written is
+//! always read from disk. The snapshot is written whole or not at all
+//! (temporary file, fsync, rename) after start-up and when the store
+//! closes; a missing, damaged or stale snapshot only costs a full read.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::{self, File};
+use std::io::{self, BufWriter, Write};
+use std::path::Path;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use probe_api::digest::Sha256Digest;
+use probe_api::names::ProbePath;
+use tracing::warn;
+
+use super::Entry;
+use super::format::sync_dir;
+
+const FILE: &str = "index.snapshot";
+const FIRST_LINE: &str = "kprobes-index 1";
+/// How long before the snapshot a directory must have stopped changing for
+/// its time to vouch for its content.
+const QUIET_NANOS: i128 = 1_000_000_000;
+
+/// What a snapshot says of each module directory: its time and probes.
+pub(super) struct Snapshot {
+    dirs: HashMap<String, (i128, Vec<(String, Entry)>)>,
+    written: i128,
+}
+
+impl Snapshot {
+    /// The probes of `module_dir` (named `module`), if the snapshot still
+    /// describes it.
+    pub(super) fn take(&mut self, module: &str, module_dir: &Path) -> Option<Vec<(String, Entry)>> {
+        let (mtime, _) = self.dirs.get(module)?;
+        let current = modified_nanos(module_dir).ok()?;
+        if current != *mtime || *mtime + QUIET_NANOS > self.written {
+            return None;
+        }
+        self.dirs.remove(module).map(|(_, entries)| entries)
+    }
+}
+
+/// The snapshot in `data_dir`, or `None` when there is none or it is
+/// unreadable.
+pub(super) fn read(data_dir: &Path) -> Option<Snapshot> {
+    let text = match fs::read_to_string(data_dir.join(FILE)) {
+        Ok(text) => text,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return None,
+        Err(error) => {
+            warn!(%error, "the index snapshot is unreadable; reading every probe");
+            return None;
+        }
+    };
+    let parsed = parse(&text);
+    if parsed.is_none() {
+        warn!("the index snapshot is damaged; reading every probe");
+    }
+    parsed
+}
+
+fn parse(text: &str) -> Option<Snapshot> {
+    let mut lines = text.lines();
+    if lines.next()? != FIRST_LINE {
+        return None;
+    }
+    let written: i128 = lines.next()?.strip_prefix("W ")?.parse().ok()?;
+    let mut dirs: HashMap<String, (i128, Vec<(String, Entry)>)> = HashMap::new();
+    let mut current: Option<String> = None;
+    let mut complete = false;
+    for line in lines {
+        let mut fields = line.split(' ');
+        match (fields.next()?, fields.next(), fields.next(), fields.next()) {
+            ("D", Some(mtime), Some(module), None) => {
+                dirs.insert(module.to_owned(), (mtime.parse().ok()?, Vec::new()));
+                current = Some(module.to_owned());
+            }
+            ("F", Some(name), Some(size), Some(sha256)) => {
+                let entry = Entry { size: size.parse().ok()?, sha256: Sha256Digest::from_hex(sha256)? };
+                dirs.get_mut(current.as_ref()?)?.1.push((name.to_owned(), entry));
+            }
+            ("END", None, None, None) => complete = true,
+            _ => return None,
+        }
+    }
+    complete.then_some(Snapshot { dirs, written })
+}
+
+/// Writes the snapshot of `index`, with the current times of the module
+/// directories under `probes_dir`.
+pub(super) fn write(data_dir: &Path, probes_dir: &Path, index: &BTreeMap<ProbePath, Entry>) -> io::Result<()> {
+    let written = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as i128);
+    let temp = data_dir.join(format!("{FILE}.new"));
+    let mut out = BufWriter::new(File::create(&temp)?);
+    writeln!(out, "{FIRST_LINE}")?;
+    writeln!(out, "W {written}")?;
+    let mut module: Option<&str> = None;
+    for (path, entry) in index {
+        let version = path.module_version().as_str();
+        if module != Some(version) {
+            let mtime = modified_nanos(&probes_dir.join(version))?;
+            writeln!(out, "D {mtime} {version}")?;
+            module = Some(version);
+        }
+        writeln!(out, "F {} {} {}", path.file_name(), entry.size, entry.sha256)?;
+    }
+    writeln!(out, "END")?;
+    let file = out.into_inner().map_err(|e| e.into_error())?;
+    file.sync_all()?;
+    fs::rename(&temp, data_dir.join(FILE))?;
+    sync_dir(data_dir)
+}
+
+fn modified_nanos(path: &Path) -> io::Result<i128> {
+    let modified = fs::metadata(path)?.modified()?;
+    Ok(modified.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as i128))
+}
