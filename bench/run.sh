@@ -17,7 +17,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/common.sh
-BIN=target/release
+BIN=${CARGO_TARGET_DIR:-target}/release
 WORK=$(pwd)/bench/work
 SECONDS_PER_RUN=${SECONDS_PER_RUN:-5}
 SCALE_PROBES=${SCALE_PROBES:-100000}

@@ -8,7 +8,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/common.sh
-BIN=target/release
+BIN=${CARGO_TARGET_DIR:-target}/release
 WORK=$(pwd)/bench/work/soak
 SOAK_SECONDS=${SOAK_SECONDS:-120}
 SOAK_CLIENTS=${SOAK_CLIENTS:-500}

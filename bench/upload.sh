@@ -9,7 +9,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/common.sh
-BIN=target/release
+BIN=${CARGO_TARGET_DIR:-target}/release
 WORK=${BENCH_DIR:-bench/work}
 
 command -v /usr/bin/time >/dev/null || apt-get install -y time >/dev/null

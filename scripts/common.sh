@@ -2,7 +2,7 @@
 # are, and starting a Central on a free loopback port.
 
 # BIN: the directory holding central-probes, make-package, collector-client.
-BIN=${BIN:-target/debug}
+BIN=${BIN:-${CARGO_TARGET_DIR:-target}/debug}
 
 # Kernel releases for synthetic packages: 8,128 real release strings (public
 # names, as a support package of the product covers them), kept in the
