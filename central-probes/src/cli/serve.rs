@@ -204,3 +204,21 @@ async fn shutdown_signal() {
         _ = terminate.recv() => {}
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+    use crate::cli::{Cli, Command};
+
+    /// The flags' defaults are written twice, as clap strings here and in
+    /// `ConnectionLimits::default` for the library; they must agree.
+    #[test]
+    fn the_limit_flags_default_to_the_library_defaults() {
+        let required = ["--data-dir", "d", "--tls-cert", "c", "--tls-key", "k", "--client-ca", "a"];
+        let cli = Cli::try_parse_from(["central-probes", "serve"].into_iter().chain(required)).unwrap();
+        let Command::Serve(args) = cli.command else { panic!("not serve") };
+        assert_eq!(args.limits.limits(), ConnectionLimits::default());
+    }
+}

@@ -82,28 +82,26 @@ pub struct Central {
     limits: ConnectionLimits,
 }
 
+/// Opens a filesystem store (lock, leftovers, index: blocking work) off
+/// the runtime's threads.
+async fn open_store(data_dir: &std::path::Path, min_free_bytes: u64, what: &str) -> Result<FilesystemStore> {
+    let config = FilesystemStoreConfig { data_dir: data_dir.to_owned(), min_free_bytes };
+    tokio::task::spawn_blocking(move || FilesystemStore::open(&config))
+        .await
+        .map_err(|e| Error::internal(format!("opening {what}: {e}")))?
+        .map_err(|e| e.context(format!("opening {what}")))
+}
+
 impl Central {
     /// Opens the store under the data directory (taking its lock and
     /// reading its index) and sets up the upstream.
     pub async fn open(config: CentralConfig) -> Result<Central> {
-        let store_config =
-            FilesystemStoreConfig { data_dir: config.data_dir.clone(), min_free_bytes: config.min_free_bytes };
-        let store = tokio::task::spawn_blocking(move || FilesystemStore::open(&store_config))
-            .await
-            .map_err(|e| Error::internal(format!("opening the probe store: {e}")))?
-            .map_err(|e| e.context("opening the probe store"))?;
+        let store = open_store(&config.data_dir, config.min_free_bytes, "the probe store").await?;
         let metrics = Metrics::new();
         let upstream = match config.upstream {
             None => None,
             Some(upstream) => {
-                let cache_config = FilesystemStoreConfig {
-                    data_dir: upstream.cache_dir.clone(),
-                    min_free_bytes: upstream.min_free_bytes,
-                };
-                let cache = tokio::task::spawn_blocking(move || FilesystemStore::open(&cache_config))
-                    .await
-                    .map_err(|e| Error::internal(format!("opening the upstream cache: {e}")))?
-                    .map_err(|e| e.context("opening the upstream cache"))?;
+                let cache = open_store(&upstream.cache_dir, upstream.min_free_bytes, "the upstream cache").await?;
                 let source = UpstreamSource::new(upstream, Arc::new(cache), metrics.clone())
                     .await
                     .map_err(|e| e.context("setting up the upstream"))?;

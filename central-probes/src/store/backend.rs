@@ -55,8 +55,8 @@ pub trait Staging: Send {
     /// Appends the next bytes.
     async fn write(&mut self, chunk: Bytes) -> Result<()>;
 
-    /// All bytes are written; returns how many.
-    async fn finish(self: Box<Self>) -> Result<(u64, Box<dyn Staged>)>;
+    /// All bytes are written. (`VerifiedStore` counts and hashes them.)
+    async fn finish(self: Box<Self>) -> Result<Box<dyn Staged>>;
 }
 
 /// Staged bytes, ready to be committed.

@@ -192,7 +192,7 @@ impl<B: Backend> ProbeWriter for VerifiedWriter<B> {
         let task = tokio::spawn(async move {
             let CommitOrder { after, taken } = order;
             let (len, digest) = hasher.await.map_err(|e| Error::internal(format!("hashing {path}: {e}")))?;
-            let (_, mut staged) = staging.finish().await?;
+            let mut staged = staging.finish().await?;
             if len != size {
                 return Err(Error::invalid_argument(format!("{path}: {len} bytes received but {size} declared")));
             }

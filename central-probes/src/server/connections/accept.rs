@@ -3,6 +3,7 @@
 //! accept loop's pause when descriptors run out.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -15,11 +16,20 @@ use super::ConnectionHandle;
 #[derive(Default)]
 pub(super) struct Registry {
     connections: Mutex<BTreeMap<u64, (ConnectionHandle, bool)>>,
+    next_id: AtomicU64,
 }
 
 impl Registry {
-    pub(super) fn lock(&self) -> MutexGuard<'_, BTreeMap<u64, (ConnectionHandle, bool)>> {
+    fn lock(&self) -> MutexGuard<'_, BTreeMap<u64, (ConnectionHandle, bool)>> {
         self.connections.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// A new connection, in its handshake until told otherwise.
+    pub(super) fn register(self: &Arc<Self>) -> (ConnectionHandle, Registration) {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
+        let handle = ConnectionHandle::new(id);
+        self.lock().insert(id, (handle.clone(), true));
+        (handle, Registration { registry: self.clone(), id })
     }
 
     pub(super) fn len(&self) -> usize {
@@ -40,8 +50,17 @@ impl Registry {
 
 /// Removes its connection from the registry when the connection ends.
 pub(super) struct Registration {
-    pub(super) registry: Arc<Registry>,
-    pub(super) id: u64,
+    registry: Arc<Registry>,
+    id: u64,
+}
+
+impl Registration {
+    /// The TLS handshake is done: no longer the first to be evicted.
+    pub(super) fn handshake_done(&self) {
+        if let Some((_, handshaking)) = self.registry.lock().get_mut(&self.id) {
+            *handshaking = false;
+        }
+    }
 }
 
 impl Drop for Registration {

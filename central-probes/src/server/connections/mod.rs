@@ -46,7 +46,7 @@ const SEND_BUFFER: usize = 64 * 1024;
 const DESCRIPTOR_RESERVE: u64 = 128;
 
 /// The limits of `serve`; `Default` holds the documented defaults.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ConnectionLimits {
     /// A TLS handshake not finished by then closes the connection.
     pub handshake_timeout: Duration,
@@ -162,7 +162,6 @@ pub async fn serve(
     let (stop, stopping) = watch::channel(false);
     // Each connection task holds a sender; all are gone once the last ends.
     let (alive, mut all_closed) = mpsc::channel::<()>(1);
-    let mut next_id = 0u64;
     let mut out_of_descriptors = AcceptBackoff::default();
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
@@ -187,10 +186,7 @@ pub async fn serve(
             debug!(max_connections, "at the connection limit: closing a new connection");
             continue;
         }
-        next_id += 1;
-        let handle = ConnectionHandle::new(next_id);
-        context.registry.lock().insert(next_id, (handle.clone(), true));
-        let registration = Registration { registry: context.registry.clone(), id: next_id };
+        let (handle, registration) = context.registry.register();
         tokio::spawn(context.clone().run(tcp, handle, registration, stopping.clone(), alive.clone()));
     }
     drop(listener);
@@ -234,9 +230,7 @@ impl ConnectionContext {
             () = handle.closed() => return,
             _ = stopping.wait_for(|stop| *stop) => return,
         };
-        if let Some((_, handshaking)) = self.registry.lock().get_mut(&registration.id) {
-            *handshaking = false;
-        }
+        registration.handshake_done();
         let activity = Arc::new(Activity::default());
         let service = ConnectionService {
             routes: self.routes.clone(),

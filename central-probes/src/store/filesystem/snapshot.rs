@@ -97,7 +97,7 @@ fn parse(text: &str) -> Option<Snapshot> {
 /// Writes the snapshot of `index`, with the current times of the module
 /// directories under `probes_dir`.
 pub(super) fn write(data_dir: &Path, probes_dir: &Path, index: &BTreeMap<ProbePath, Entry>) -> io::Result<()> {
-    let written = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as i128);
+    let written = nanos(SystemTime::now());
     let temp = data_dir.join(format!("{FILE}.new"));
     let mut out = BufWriter::new(File::create(&temp)?);
     writeln!(out, "{FIRST_LINE}")?;
@@ -120,6 +120,9 @@ pub(super) fn write(data_dir: &Path, probes_dir: &Path, index: &BTreeMap<ProbePa
 }
 
 fn modified_nanos(path: &Path) -> io::Result<i128> {
-    let modified = fs::metadata(path)?.modified()?;
-    Ok(modified.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as i128))
+    Ok(nanos(fs::metadata(path)?.modified()?))
+}
+
+fn nanos(time: SystemTime) -> i128 {
+    time.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as i128)
 }

@@ -49,7 +49,7 @@ pub(super) struct FsStaging {
     chunks: mpsc::Sender<Bytes>,
     /// The writing thread. Dropping the staging closes `chunks`; the thread
     /// then ends and its `TempFile` removes the file.
-    worker: JoinHandle<io::Result<(TempFile, u64)>>,
+    worker: JoinHandle<io::Result<TempFile>>,
 }
 
 /// A written temporary file, ready to be renamed into place.
@@ -78,14 +78,12 @@ impl FsStaging {
 }
 
 /// Writes a blank header, then every chunk, until the channel closes.
-fn write_all_chunks(mut temp: TempFile, mut chunks: mpsc::Receiver<Bytes>) -> io::Result<(TempFile, u64)> {
-    let mut len = 0u64;
+fn write_all_chunks(mut temp: TempFile, mut chunks: mpsc::Receiver<Bytes>) -> io::Result<TempFile> {
     temp.file.write_all(&[0u8; HEADER_LEN as usize])?;
     while let Some(chunk) = chunks.blocking_recv() {
         temp.file.write_all(&chunk)?;
-        len += chunk.len() as u64;
     }
-    Ok((temp, len))
+    Ok(temp)
 }
 
 #[tonic::async_trait]
@@ -102,14 +100,14 @@ impl Staging for FsStaging {
         Ok(())
     }
 
-    async fn finish(self: Box<Self>) -> Result<(u64, Box<dyn Staged>)> {
+    async fn finish(self: Box<Self>) -> Result<Box<dyn Staged>> {
         let FsStaging { inner, path, chunks, worker } = *self;
         drop(chunks);
-        let (temp, len) = worker
+        let temp = worker
             .await
             .map_err(|e| Error::internal(format!("writing {path}: {e}")))?
             .map_err(|e| Error::io(format!("writing {path}"), e))?;
-        Ok((len, Box::new(FsStaged { inner, path, temp: Some(temp) })))
+        Ok(Box::new(FsStaged { inner, path, temp: Some(temp) }))
     }
 }
 
