@@ -20,6 +20,17 @@ pub enum ReplyError {
     BadReply(String),
 }
 
+impl ReplyError {
+    /// The gRPC code, `DataLoss` for a reply that broke the protocol or
+    /// failed verification.
+    pub fn code(&self) -> tonic::Code {
+        match self {
+            ReplyError::Status(status) => status.code(),
+            ReplyError::BadReply(_) => tonic::Code::DataLoss,
+        }
+    }
+}
+
 impl std::fmt::Display for ReplyError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {

@@ -4,11 +4,10 @@ use std::time::Duration;
 
 use probe_api::digest::{Sha256Digest, Sha256Hasher};
 use probe_api::limits::MAX_FILE_SIZE;
-use probe_api::probe_stream::{ProbeReply, ReplyError};
+use probe_api::probe_stream::ProbeReply;
 use probe_api::transport::{self, ClientTls};
 use probe_api::v1::probe_service_client::ProbeServiceClient;
 use probe_api::v1::{GetProbeRequest, ProbeSource};
-use tonic::Code;
 use tonic::transport::Channel;
 
 /// A probe received and verified.
@@ -20,35 +19,9 @@ pub struct FetchedProbe {
     pub source: ProbeSource,
 }
 
-/// Why a fetch failed.
-#[derive(Debug)]
-pub enum FetchError {
-    /// Central answered with an error status.
-    Status(tonic::Status),
-    /// Central's reply broke the protocol or failed verification.
-    BadReply(String),
-}
-
-impl FetchError {
-    /// The gRPC code, `DataLoss` for a reply that failed verification.
-    pub fn code(&self) -> Code {
-        match self {
-            FetchError::Status(status) => status.code(),
-            FetchError::BadReply(_) => Code::DataLoss,
-        }
-    }
-}
-
-impl std::fmt::Display for FetchError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            FetchError::Status(status) => f.write_str(&transport::describe(status)),
-            FetchError::BadReply(why) => write!(f, "bad reply: {why}"),
-        }
-    }
-}
-
-impl std::error::Error for FetchError {}
+/// Why a fetch failed: the reader's own error, the verification of the
+/// digest included.
+pub use probe_api::probe_stream::ReplyError as FetchError;
 
 #[derive(Clone)]
 pub struct CentralClient {
@@ -82,14 +55,5 @@ impl CentralClient {
         }
         let source = ProbeSource::try_from(reply.header().source).unwrap_or(ProbeSource::Unspecified);
         Ok(FetchedProbe { bytes, sha256, source })
-    }
-}
-
-impl From<ReplyError> for FetchError {
-    fn from(error: ReplyError) -> Self {
-        match error {
-            ReplyError::Status(status) => FetchError::Status(status),
-            ReplyError::BadReply(why) => FetchError::BadReply(why),
-        }
     }
 }
