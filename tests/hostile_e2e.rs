@@ -42,7 +42,7 @@ async fn fill(data_dir: &Path) {
         for chunk in bytes.chunks(256 * 1024) {
             writer.write(Bytes::copy_from_slice(chunk)).await.unwrap();
         }
-        writer.finish(Sha256Digest::of(&bytes), false).await.unwrap().await.unwrap();
+        writer.finish(Sha256Digest::of(&bytes).into(), false).await.unwrap().await.unwrap();
     }
 }
 

@@ -149,8 +149,12 @@ fn start_upload(
         Duration::from_secs(5),
     )
     .unwrap();
-    let request =
-        central_probes::admin::client::UploadRequest { package: package.to_owned(), overwrite: false, checksum: None };
+    let request = central_probes::admin::client::UploadRequest {
+        package: package.to_owned(),
+        overwrite: false,
+        checksum: None,
+        verify: false,
+    };
     tokio::spawn(async move {
         let report = central_probes::admin::client::upload(&mut admin, &request, |_| {
             central_probes::admin::progress::Progress::Silent

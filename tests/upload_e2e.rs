@@ -89,22 +89,40 @@ async fn first_upload_through_the_cli_stores_every_probe_for_collectors() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn reupload_of_an_unchanged_package_sends_no_probe_bytes() {
+async fn reupload_of_an_unchanged_package_reads_only_its_directory_and_sends_nothing() {
     let pki = TestPki::new();
     let dir = tempfile::tempdir().unwrap();
     let central = Central::start(&pki, &dir.path().join("data")).await;
-    let package = write(&spec(20, 0), dir.path(), "pkg.zip");
+    // Probes of realistic size (about 130 KB): the package is megabytes, its
+    // directory a few kilobytes.
+    let spec = PackageSpec { size_divisor: 1, ..spec(20, 0) };
+    let package = write(&spec, dir.path(), "pkg.zip");
+    let package_len = std::fs::metadata(&package).unwrap().len();
+    let probe_bytes: u64 = spec.probe_paths().iter().map(|p| spec.probe_bytes(p).len() as u64).sum();
     let mut admin = central.admin(&pki, &central.admin_token);
-    let request = UploadRequest { package: package.clone().into(), overwrite: false, checksum: None };
+    let request = UploadRequest { package: package.clone().into(), overwrite: false, checksum: None, verify: false };
 
     let first = admin_client::upload(&mut admin, &request, |_| Progress::Silent).await.unwrap();
     assert_eq!(first.files_sent, 40);
     assert_eq!(first.response.unwrap().stored_count, 40);
+    assert!(first.package_bytes_read >= probe_bytes, "{} of {probe_bytes}", first.package_bytes_read);
 
     let again = admin_client::upload(&mut admin, &request, |_| Progress::Silent).await.unwrap();
     assert_eq!((again.files_sent, again.bytes_sent), (0, 0));
     assert!(again.response.is_none(), "no UploadProbes call at all");
     assert_eq!(again.identical, 40);
+    // The directory, the end record and a read buffer or two: no probe.
+    assert!(
+        again.package_bytes_read < 256 << 10 && again.package_bytes_read * 20 < package_len,
+        "read {} bytes of a {package_len}-byte package",
+        again.package_bytes_read
+    );
+
+    // --verify reads and hashes every probe Central has, and agrees.
+    let verify = UploadRequest { verify: true, ..request };
+    let verified = admin_client::upload(&mut admin, &verify, |_| Progress::Silent).await.unwrap();
+    assert_eq!((verified.identical, verified.files_sent), (40, 0));
+    assert!(verified.package_bytes_read >= probe_bytes, "{} of {probe_bytes}", verified.package_bytes_read);
 
     let ca = pki.ca_file();
     let (ok, stdout, _) = central_cli(
@@ -203,7 +221,7 @@ async fn an_interrupted_upload_keeps_finished_files_and_the_rerun_sends_only_the
     assert_eq!(existing.len(), 3);
 
     let package = write(&spec, dir.path(), "pkg.zip");
-    let request = UploadRequest { package: package.into(), overwrite: false, checksum: None };
+    let request = UploadRequest { package: package.into(), overwrite: false, checksum: None, verify: false };
     let report = admin_client::upload(&mut admin, &request, |_| Progress::Silent).await.unwrap();
     assert_eq!(report.files_sent, 3, "only the files the interruption missed");
     assert_eq!(report.identical, 3);
@@ -310,7 +328,7 @@ async fn existing_probes_are_answered_for_20000_names_in_one_call() {
     let spec = spec(2, 0);
     let mut admin = central.admin(&pki, &central.admin_token);
     let package = write(&spec, dir.path(), "pkg.zip");
-    let request = UploadRequest { package: package.into(), overwrite: false, checksum: None };
+    let request = UploadRequest { package: package.into(), overwrite: false, checksum: None, verify: false };
     admin_client::upload(&mut admin, &request, |_| Progress::Silent).await.unwrap();
 
     let mut paths: Vec<String> = kernels(10_000)
@@ -342,7 +360,12 @@ async fn listing_pages_through_all_probes_and_filters_by_module_version() {
     let a = spec(700, 0);
     let b = PackageSpec { module_version: "2.6.0".into(), ..spec(10, 0) };
     for (spec, name) in [(&a, "a.zip"), (&b, "b.zip")] {
-        let request = UploadRequest { package: write(spec, dir.path(), name).into(), overwrite: false, checksum: None };
+        let request = UploadRequest {
+            package: write(spec, dir.path(), name).into(),
+            overwrite: false,
+            checksum: None,
+            verify: false,
+        };
         admin_client::upload(&mut admin, &request, |_| Progress::Silent).await.unwrap();
     }
     let all = admin_client::list_all(&mut admin, None).await.unwrap();
@@ -414,7 +437,7 @@ async fn a_killed_uploader_leaves_whole_probes_only_and_the_rerun_completes() {
     uploader.wait().unwrap();
 
     let kept = settled_whole_probes(&central, &spec).await;
-    let request = UploadRequest { package: package.into(), overwrite: false, checksum: None };
+    let request = UploadRequest { package: package.into(), overwrite: false, checksum: None, verify: false };
     let report = admin_client::upload(&mut admin, &request, |_| Progress::Silent).await.unwrap();
     assert_eq!(report.files_sent, spec.probe_paths().len() - kept);
     assert_eq!(whole_probes_on_disk(&central.data_dir, &spec), spec.probe_paths().len());
@@ -464,7 +487,7 @@ async fn a_network_cut_mid_stream_keeps_whole_probes_only_and_the_rerun_complete
         Duration::from_secs(5),
     )
     .unwrap();
-    let request = UploadRequest { package: package.into(), overwrite: false, checksum: None };
+    let request = UploadRequest { package: package.into(), overwrite: false, checksum: None, verify: false };
     let error = admin_client::upload(&mut through_proxy, &request, |_| Progress::Silent).await.unwrap_err();
     assert!(matches!(error, AdminError::Rpc { what: "upload failed", .. } | AdminError::CallEnded), "{error}");
 
@@ -515,7 +538,7 @@ async fn a_full_disk_refuses_the_upload_keeps_stored_probes_and_keeps_serving() 
     let spec = PackageSpec { size_divisor: 2, ..spec(50, 0) };
     let scratch = tempfile::tempdir().unwrap();
     let package = write(&spec, scratch.path(), "pkg.zip");
-    let request = UploadRequest { package: package.into(), overwrite: false, checksum: None };
+    let request = UploadRequest { package: package.into(), overwrite: false, checksum: None, verify: false };
     let error = admin_client::upload(&mut admin, &request, |_| Progress::Silent).await.unwrap_err();
     assert_eq!(error.code(), Some(Code::ResourceExhausted), "{error}");
 
@@ -546,6 +569,7 @@ impl probe_api::v1::probe_upload_service_server::ProbeUploadService for GarbledC
                 size: spec(2, 0).probe_bytes(&path).len() as u64,
                 path,
                 sha256: "zz".into(),
+                crc32: None,
             })
             .collect();
         Ok(tonic::Response::new(probe_api::v1::GetExistingProbesResponse { probes }))
@@ -575,8 +599,137 @@ async fn a_malformed_digest_from_central_fails_the_upload_instead_of_being_guess
     let package = write(&spec(2, 0), dir.path(), "pkg.zip");
     let mut client =
         admin_client::connect(&address, pki.ca.cert_pem.clone().into_bytes(), "token", Duration::from_secs(5)).unwrap();
-    let request = UploadRequest { package: package.into(), overwrite: false, checksum: None };
+    let request = UploadRequest { package: package.into(), overwrite: false, checksum: None, verify: false };
     let error = admin_client::upload(&mut client, &request, |_| Progress::Silent).await.unwrap_err();
     assert!(matches!(&error, AdminError::BadReply(why) if why.contains("malformed SHA-256")), "{error}");
     server.abort();
+}
+
+/// Where the bytes of the package entry for `probe_path` start in the file.
+fn entry_data_start(package: &str, probe_path: &str) -> (u64, u64) {
+    let mut archive = zip::ZipArchive::new(std::fs::File::open(package).unwrap()).unwrap();
+    let entry = archive.by_name(&format!("kernel-modules/{probe_path}")).unwrap();
+    (entry.data_start().unwrap(), entry.size())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_entry_is_refused_by_the_uploader_with_its_name_and_nothing_of_it_is_stored() {
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let central = Central::start(&pki, &dir.path().join("data")).await;
+    let spec = spec(5, 0);
+    let package = write(&spec, dir.path(), "pkg.zip");
+    let paths = spec.probe_paths();
+    // One flipped byte in the middle of the fourth probe's stored bytes.
+    let corrupt = &paths[3];
+    let (start, size) = entry_data_start(&package, corrupt);
+    let mut bytes = std::fs::read(&package).unwrap();
+    bytes[(start + size / 2) as usize] ^= 0x01;
+    std::fs::write(&package, bytes).unwrap();
+
+    let ca = pki.ca_file();
+    let (ok, _, stderr) =
+        central_cli(&["upload", &package, "-e", &central.address, "--ca", ca.to_str().unwrap()], &central.admin_token)
+            .await;
+    assert!(!ok, "{stderr}");
+    let last = stderr.lines().last().unwrap();
+    assert!(last.contains(corrupt.as_str()) && last.contains("CRC-32") && last.contains("corrupt"), "{stderr}");
+
+    let mut admin = central.admin(&pki, &central.view_token);
+    let stored: Vec<String> =
+        admin_client::list_all(&mut admin, None).await.unwrap().into_iter().map(|p| p.path).collect();
+    assert!(!stored.contains(corrupt), "nothing of the corrupt entry is stored: {stored:?}");
+    let mut before: Vec<String> = paths[..3].to_vec();
+    before.sort();
+    assert_eq!(stored, before, "the entries before it are stored, none after it");
+    assert_eq!(tmp_files(&central.data_dir), 0);
+    central.stop().await;
+}
+
+/// `bytes` with its last four bytes replaced so that its CRC-32 becomes
+/// `target`: CRC-32 is affine over GF(2) in those 32 bits, so one solves a
+/// 32x32 linear system. What a forger (or a very unlucky change) does.
+fn with_crc32(mut bytes: Vec<u8>, target: u32) -> Vec<u8> {
+    let n = bytes.len();
+    bytes[n - 4..].fill(0);
+    let base = crc32fast::hash(&bytes);
+    // Column i: how flipping bit i of the last four bytes changes the CRC.
+    let mut columns: Vec<(u32, u32)> = (0..32)
+        .map(|bit| {
+            let mut flipped = bytes.clone();
+            flipped[n - 4 + bit / 8] ^= 1 << (bit % 8);
+            (crc32fast::hash(&flipped) ^ base, 1u32 << bit)
+        })
+        .collect();
+    // Gaussian elimination: reduce the columns to a basis with distinct
+    // leading bits, tracking which input bits make each.
+    let mut basis: Vec<(u32, u32)> = Vec::new();
+    for (mut effect, mut inputs) in columns.drain(..) {
+        for &(b_effect, b_inputs) in &basis {
+            if effect ^ b_effect < effect {
+                effect ^= b_effect;
+                inputs ^= b_inputs;
+            }
+        }
+        if effect != 0 {
+            basis.push((effect, inputs));
+            basis.sort_by_key(|b| std::cmp::Reverse(b.0));
+        }
+    }
+    let (mut want, mut inputs) = (target ^ base, 0u32);
+    for &(b_effect, b_inputs) in &basis {
+        if want ^ b_effect < want {
+            want ^= b_effect;
+            inputs ^= b_inputs;
+        }
+    }
+    assert_eq!(want, 0, "the last four bytes reach every CRC-32");
+    bytes[n - 4..].copy_from_slice(&inputs.to_le_bytes());
+    assert_eq!(crc32fast::hash(&bytes), target);
+    bytes
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_compares_sha256_and_finds_a_change_that_keeps_size_and_crc32() {
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let central = Central::start(&pki, &dir.path().join("data")).await;
+    let spec = spec(3, 0);
+    let package = write(&spec, dir.path(), "pkg.zip");
+    let mut admin = central.admin(&pki, &central.admin_token);
+    let request = UploadRequest { package: package.clone().into(), overwrite: false, checksum: None, verify: false };
+    admin_client::upload(&mut admin, &request, |_| Progress::Silent).await.unwrap();
+
+    // A second package: one probe changed, with its size and CRC-32 kept.
+    let changed = &spec.probe_paths()[1];
+    let original = spec.probe_bytes(changed);
+    let mut forged = original.clone();
+    forged[10] ^= 0xff;
+    let forged = with_crc32(forged, crc32fast::hash(&original));
+    let forged_package = dir.path().join("forged.zip");
+    {
+        use std::io::Write;
+        let mut zip = zip::ZipWriter::new(std::fs::File::create(&forged_package).unwrap());
+        let options = zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
+        for path in spec.probe_paths() {
+            zip.start_file(format!("kernel-modules/{path}"), options).unwrap();
+            let bytes = if &path == changed { forged.clone() } else { spec.probe_bytes(&path) };
+            zip.write_all(&bytes).unwrap();
+        }
+        zip.finish().unwrap();
+    }
+    let forged_request = UploadRequest { package: forged_package, ..request };
+
+    // By the directory alone the change cannot be seen (documented).
+    let quick = admin_client::upload(&mut admin, &forged_request, |_| Progress::Silent).await.unwrap();
+    assert_eq!((quick.identical, quick.conflicts.len()), (6, 0));
+    // --verify hashes what Central has and finds it.
+    let verify = UploadRequest { verify: true, ..forged_request.clone() };
+    let verified = admin_client::upload(&mut admin, &verify, |_| Progress::Silent).await.unwrap();
+    assert_eq!((verified.identical, verified.conflicts.clone()), (5, vec![changed.clone()]));
+    let overwrite = UploadRequest { overwrite: true, ..verify };
+    let replaced = admin_client::upload(&mut admin, &overwrite, |_| Progress::Silent).await.unwrap();
+    assert_eq!(replaced.response.unwrap().overwritten_count, 1);
+    assert_eq!(fetch(&central, &pki, changed).await, forged);
+    central.stop().await;
 }

@@ -57,7 +57,14 @@ impl PackageSpec {
         let size = (realistic_size(seed) / self.size_divisor.max(1)).max(1);
         let object = pseudo_random_bytes(seed ^ self.variant.wrapping_mul(0x9e37_79b9_7f4a_7c15), size);
         // Level 0: random bytes do not compress, and storing them is fast.
-        let mut gzip = flate2::write::GzEncoder::new(Vec::with_capacity(size + 64), flate2::Compression::none());
+        // A gzip file of one stored block ends with the CRC-32 of the bytes
+        // just before it, so the CRC-32 of the whole file depends on its
+        // header and length only, not on the object. A real probe is
+        // deflated and has no such blind spot; here the header's time (a
+        // rebuilt probe's) tells the variants apart, as it would.
+        let mtime = 1_700_000_000u32.wrapping_add(self.variant as u32);
+        let mut gzip =
+            flate2::GzBuilder::new().mtime(mtime).write(Vec::with_capacity(size + 64), flate2::Compression::none());
         gzip.write_all(&object).expect("writing to a Vec cannot fail");
         gzip.finish().expect("writing to a Vec cannot fail")
     }

@@ -58,7 +58,7 @@ async fn fill(store: &Arc<dyn ProbeStore>, spec: &PackageSpec) -> Vec<String> {
         let bytes = spec.probe_bytes(path);
         let mut writer = store.create(ProbePath::parse(path).unwrap(), bytes.len() as u64).await.unwrap();
         writer.write(bytes.clone().into()).await.unwrap();
-        writer.finish(Sha256Digest::of(&bytes), false).await.unwrap().await.unwrap();
+        writer.finish(Sha256Digest::of(&bytes).into(), false).await.unwrap().await.unwrap();
     }
     paths
 }

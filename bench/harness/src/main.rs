@@ -134,7 +134,7 @@ async fn main() {
 }
 
 fn extract(package: &Path, out: &Path) {
-    let mut package = Package::open(package).unwrap();
+    let mut package = Package::open(package, &Default::default()).unwrap();
     let index = package.index().unwrap();
     for probe in &index.probes {
         let dir = out.join(probe.path.module_version().as_str());
@@ -210,7 +210,7 @@ async fn fill(data_dir: &Path, probes: usize, module_versions: usize, paths_out:
             store.create(probe_api::names::ProbePath::parse(&path).unwrap(), bytes.len() as u64).await.unwrap();
         let digest = probe_api::digest::Sha256Digest::of(&bytes);
         writer.write(bytes).await.unwrap();
-        pending.push(writer.finish(digest, false).await.unwrap());
+        pending.push(writer.finish(digest.into(), false).await.unwrap());
         if pending.len() >= 64 {
             for commit in pending.drain(..) {
                 commit.await.unwrap();

@@ -3,11 +3,17 @@
 //! on it (`central-probes upload`).
 //!
 //! An upload reads the package's central directory and asks Central which
-//! probes it has. Files Central has with the same size are hashed locally,
-//! on every core, and skipped when identical; files that differ are sent
-//! only with `--overwrite`. Then one sequential pass over the package on a
-//! blocking thread streams what is to be sent, hashing while it streams.
-//! The RPC starts only once there is something to send.
+//! probes it has. A file Central has with the size and CRC-32 of its
+//! package entry is the same file and is not read; one with another size or
+//! CRC-32 differs and is sent only with `--overwrite`. Only files Central
+//! stored without a CRC-32 (by an older Central), or every file Central has
+//! under `--verify`, are read and hashed (SHA-256, on every core) to decide.
+//! Then one sequential pass over the package on a blocking thread streams
+//! what is to be sent, with each entry's CRC-32 from the central directory
+//! in its trailer: the uploader computes no digest of its own, and the zip
+//! reader's CRC-32 check refuses a corrupt entry before its trailer goes
+//! out, so Central keeps nothing of it. The RPC starts only once there is
+//! something to send.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -33,7 +39,7 @@ use tonic::{Request, Status};
 
 use crate::admin::checksum;
 use crate::admin::error::{AdminError, PackageError};
-use crate::admin::package::{Package, PackageIndex, PackageProbe};
+use crate::admin::package::{Package, PackageIndex, PackageProbe, PackageReads};
 use crate::admin::progress::Progress;
 use probe_api::limits::MAX_REQUEST_MESSAGE;
 
@@ -79,6 +85,9 @@ pub struct UploadRequest {
     /// The package's published SHA-256: checked over the whole file before
     /// anything is sent.
     pub checksum: Option<Sha256Digest>,
+    /// Compare every file Central has by SHA-256 (reading it from the
+    /// package) instead of by size and CRC-32.
+    pub verify: bool,
 }
 
 /// What an upload did.
@@ -94,6 +103,9 @@ pub struct UploadReport {
     pub conflicts: Vec<String>,
     pub files_sent: usize,
     pub bytes_sent: u64,
+    /// Bytes read from the package file: its directory, and the entries
+    /// that were hashed or sent (compressed, as stored in the zip).
+    pub package_bytes_read: u64,
     /// Central's answer; `None` when nothing had to be sent.
     pub response: Option<UploadProbesResponse>,
     pub elapsed: Duration,
@@ -105,8 +117,10 @@ pub struct UploadPlan {
     pub probes_in_package: usize,
     pub new_files: usize,
     pub new_bytes: u64,
-    /// Files Central has that must be compared by digest.
+    /// Files Central has that must be read and compared by SHA-256.
     pub to_compare: usize,
+    /// Files Central has, decided by size and CRC-32 without reading them.
+    pub decided_from_directory: usize,
 }
 
 /// What the reading thread found while streaming.
@@ -141,8 +155,10 @@ pub async fn upload(
             .map_err(|e| AdminError::Internal(format!("checking the package: {e}")))??;
     }
     let package_path = request.package.clone();
+    let reads = PackageReads::default();
+    let package_reads = reads.clone();
     let (package, index) = tokio::task::spawn_blocking(move || {
-        let mut package = Package::open(&package_path)?;
+        let mut package = Package::open(&package_path, &package_reads)?;
         let index = package.index()?;
         Ok::<_, PackageError>((package, index))
     })
@@ -152,20 +168,10 @@ pub async fn upload(
         return Err(AdminError::NoProbes { package: request.package.clone() });
     }
     let existing = existing_probes(client, &index).await?;
-    // A digest Central sends must be well-formed: taking a malformed one for
-    // some value would decide "identical" or "conflict" on nothing.
     let actions: Vec<Action> = index
         .probes
         .iter()
-        .map(|probe| match existing.get(&probe.path.to_string()) {
-            None => Ok(Action::Send),
-            Some(info) if info.size == probe.size => {
-                Sha256Digest::from_hex(&info.sha256).map(Action::Compare).ok_or_else(|| {
-                    AdminError::BadReply(format!("a malformed SHA-256 {:?} for {}", info.sha256, probe.path))
-                })
-            }
-            Some(_) => Ok(Action::Differs),
-        })
+        .map(|probe| decide(probe, existing.get(&probe.path.to_string()), request.verify))
         .collect::<Result<_, AdminError>>()?;
     let plan = UploadPlan {
         probes_in_package: index.probes.len(),
@@ -177,18 +183,23 @@ pub async fn upload(
             .filter(|(_, a)| matches!(a, Action::Send))
             .map(|(p, _)| p.size)
             .sum(),
-        to_compare: actions.iter().filter(|a| !matches!(a, Action::Send)).count(),
+        to_compare: actions.iter().filter(|a| matches!(a, Action::Compare(_))).count(),
+        decided_from_directory: actions.iter().filter(|a| matches!(a, Action::Identical | Action::Differs)).count(),
     };
     let to_read: u64 = index
         .probes
         .iter()
         .zip(&actions)
-        .filter(|(_, a)| request.overwrite || !matches!(a, Action::Differs))
+        .filter(|(_, a)| match a {
+            Action::Send | Action::Compare(_) => true,
+            Action::Differs => request.overwrite,
+            Action::Identical => false,
+        })
         .map(|(p, _)| p.size)
         .sum();
     let progress = Arc::new(on_plan(&plan));
     progress.start(to_read);
-    let actions = compare_digests(&request.package, &index.probes, actions, &progress).await?;
+    let actions = compare_digests(&request.package, &index.probes, actions, &progress, &reads).await?;
 
     let (sender, mut receiver) = mpsc::channel(UPLOAD_QUEUE);
     let overwrite = request.overwrite;
@@ -236,9 +247,27 @@ pub async fn upload(
         conflicts,
         files_sent: tally.files_sent,
         bytes_sent: tally.bytes_sent,
+        package_bytes_read: reads.bytes(),
         response,
         elapsed: started.elapsed(),
     })
+}
+
+/// What to do with one probe of the package, given what Central has under
+/// its path. A digest Central sends must be well-formed: taking a malformed
+/// one for some value would decide "identical" or "conflict" on nothing.
+fn decide(probe: &PackageProbe, existing: Option<&ProbeInfo>, verify: bool) -> Result<Action, AdminError> {
+    let Some(info) = existing else { return Ok(Action::Send) };
+    if info.size != probe.size {
+        return Ok(Action::Differs);
+    }
+    match info.crc32 {
+        Some(crc32) if !verify => Ok(if crc32 == probe.crc32 { Action::Identical } else { Action::Differs }),
+        // Stored without a CRC-32, or the admin asked for SHA-256.
+        _ => Sha256Digest::from_hex(&info.sha256)
+            .map(Action::Compare)
+            .ok_or_else(|| AdminError::BadReply(format!("a malformed SHA-256 {:?} for {}", info.sha256, probe.path))),
+    }
 }
 
 async fn existing_probes(
@@ -294,11 +323,9 @@ fn stream_package(
             options_sent = true;
         }
         send(Message::FileHeader(FileHeader { path: probe.path.to_string(), size: probe.size }))?;
-        let mut hasher = Sha256Hasher::new();
         let mut send_error = None;
         package
             .read_entry(probe, UPLOAD_CHUNK, |bytes| {
-                hasher.update(bytes);
                 progress.inc(bytes.len() as u64);
                 send(Message::Chunk(Bytes::copy_from_slice(bytes))).map_err(|e| {
                     send_error = Some(e);
@@ -311,8 +338,9 @@ fn stream_package(
                 })
             })?;
 
-        let sha256 = hasher.finish().to_hex();
-        send(Message::FileTrailer(FileTrailer { sha256 }))?;
+        // The zip reader checked the entry's bytes against this CRC-32 (an
+        // error above otherwise); Central checks what it received.
+        send(Message::FileTrailer(FileTrailer { sha256: String::new(), crc32: Some(probe.crc32) }))?;
         tally.files_sent += 1;
         tally.bytes_sent += probe.size;
     }
@@ -326,6 +354,7 @@ async fn compare_digests(
     probes: &[PackageProbe],
     mut actions: Vec<Action>,
     progress: &Arc<Progress>,
+    reads: &PackageReads,
 ) -> Result<Vec<Action>, AdminError> {
     let to_compare: Vec<usize> = (0..probes.len()).filter(|&i| matches!(actions[i], Action::Compare(_))).collect();
     if to_compare.is_empty() {
@@ -338,8 +367,9 @@ async fn compare_digests(
         let entries: Vec<(usize, PackageProbe)> = indices.iter().map(|&i| (i, probes[i].clone())).collect();
         let package = package.to_owned();
         let progress = progress.clone();
+        let reads = reads.clone();
         workers.push(tokio::task::spawn_blocking(move || {
-            let mut package = Package::open(&package)?;
+            let mut package = Package::open(&package, &reads)?;
             entries
                 .into_iter()
                 .map(|(i, probe)| Ok((i, hash_entry(&mut package, &probe, &progress)?)))

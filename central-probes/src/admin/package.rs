@@ -1,16 +1,21 @@
 //! Reading support packages (zip files) without extracting them.
 //!
-//! `PackageIndex::scan` reads the central directory only: which entries are
-//! probes, which are ignored (directories, LICENSE files, anything outside
+//! `Package::index` reads the central directory only: which entries are
+//! probes (with the size and CRC-32 the directory records for each), which
+//! are ignored (directories, LICENSE files, anything outside
 //! `kernel-modules/`) and which look wrong. `Package::read_entry` then reads
 //! one probe's bytes (stored or deflated), refusing an entry that inflates
-//! to more or fewer bytes than it declares. Reading is blocking: callers
-//! run it on a blocking thread.
+//! to more or fewer bytes than it declares or whose bytes do not match its
+//! CRC-32. Every byte read from the package file is counted
+//! (`PackageReads`), so that an upload can tell how much it read. Reading
+//! is blocking: callers run it on a blocking thread.
 
 use std::collections::HashSet;
 use std::fs::File;
-use std::io::{self, BufReader, Read};
+use std::io::{self, BufReader, Read, Seek, SeekFrom};
 use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use probe_api::names::{PackageEntry, ProbePath, classify_package_entry};
 use zip::ZipArchive;
@@ -27,6 +32,8 @@ pub struct PackageProbe {
     pub path: ProbePath,
     /// Uncompressed size, as declared by the zip.
     pub size: u64,
+    /// CRC-32 of the uncompressed bytes, as the central directory records it.
+    pub crc32: u32,
 }
 
 /// What a package holds, from its central directory.
@@ -40,7 +47,41 @@ pub struct PackageIndex {
 }
 
 pub struct Package {
-    archive: ZipArchive<BufReader<File>>,
+    archive: ZipArchive<BufReader<CountedFile>>,
+}
+
+/// Bytes read from package files, shared by every `Package` opened with it.
+#[derive(Clone, Debug, Default)]
+pub struct PackageReads(Arc<AtomicU64>);
+
+impl PackageReads {
+    pub fn bytes(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+
+    fn add(&self, n: usize) {
+        self.0.fetch_add(n as u64, Ordering::Relaxed);
+    }
+}
+
+/// The package file, counting what is read from it.
+struct CountedFile {
+    file: File,
+    reads: PackageReads,
+}
+
+impl Read for CountedFile {
+    fn read(&mut self, buffer: &mut [u8]) -> io::Result<usize> {
+        let n = self.file.read(buffer)?;
+        self.reads.add(n);
+        Ok(n)
+    }
+}
+
+impl Seek for CountedFile {
+    fn seek(&mut self, position: SeekFrom) -> io::Result<u64> {
+        self.file.seek(position)
+    }
 }
 
 /// Most entries a package may have: a real one has about 16,500 (two
@@ -54,13 +95,15 @@ pub const MAX_ENTRIES: usize = 65_536;
 const READ_BUFFER: usize = 64 << 10;
 
 impl Package {
-    pub fn open(path: &Path) -> Result<Self, PackageError> {
+    /// Opens a package, counting what it reads into `reads`.
+    pub fn open(path: &Path, reads: &PackageReads) -> Result<Self, PackageError> {
         let file = File::open(path).map_err(|source| PackageError::Open { path: path.to_owned(), source })?;
+        let file = CountedFile { file, reads: reads.clone() };
         let archive = ZipArchive::new(BufReader::with_capacity(READ_BUFFER, file))
             .map_err(|source| PackageError::NotZip { path: path.to_owned(), source })?;
         // The zip crate keeps one entry per name; the end record still counts
         // them all. Which of two same-named entries is meant cannot be known.
-        if let Some(declared) = declared_entries(path)
+        if let Some(declared) = declared_entries(path, reads)
             && declared != archive.len()
         {
             return Err(PackageError::DuplicateNames { path: path.to_owned(), declared, distinct: archive.len() });
@@ -79,7 +122,8 @@ impl Package {
         let mut seen = HashSet::new();
         for i in 0..self.archive.len() {
             let unreadable = |source| PackageError::UnreadableEntry { index: i, source };
-            let entry = self.archive.by_index_raw(i).map_err(unreadable)?;
+            // The central directory only: no seek to the entry's local header.
+            let entry = self.archive.by_index_data(i).map_err(unreadable)?;
             let name = entry.name().map_err(unreadable)?.into_owned();
             // `../x` or `/x` is no mistake of a packaging tool: refuse the
             // whole package rather than skip the entry.
@@ -96,7 +140,7 @@ impl Package {
                     if !seen.insert(path.clone()) {
                         return Err(PackageError::Twice { name });
                     }
-                    index.probes.push(PackageProbe { index: i, path, size: entry.size() });
+                    index.probes.push(PackageProbe { index: i, path, size: entry.size(), crc32: entry.crc32() });
                 }
                 PackageEntry::Ignored => index.ignored += 1,
                 PackageEntry::Unrecognised(reason) => index.unrecognised.push(format!("{name}: {reason}")),
@@ -107,7 +151,8 @@ impl Package {
 
     /// Reads a probe entry and hands its bytes to `consume` in pieces of at
     /// most `chunk_size`. Fails if the entry yields a byte count other than
-    /// the one it declares, or its CRC-32 does not match.
+    /// the one it declares, or its CRC-32 does not match (the zip reader
+    /// checks it as the bytes go by; the last piece fails, not the first).
     pub fn read_entry(
         &mut self,
         probe: &PackageProbe,
@@ -121,7 +166,7 @@ impl Package {
         let mut buffer = vec![0u8; chunk_size.min(probe.size as usize + 1).max(1)];
         let mut total = 0u64;
         loop {
-            let n = read_full(&mut reader, &mut buffer)?;
+            let n = read_full(&mut reader, &mut buffer).map_err(|error| explain_crc_error(error, probe))?;
             if n == 0 {
                 break;
             }
@@ -144,10 +189,24 @@ impl Package {
     }
 }
 
+/// The zip reader's CRC-32 error ("Invalid checksum") in words an admin can
+/// act on; any other error as it is.
+fn explain_crc_error(error: io::Error, probe: &PackageProbe) -> io::Error {
+    if error.kind() == io::ErrorKind::InvalidData && error.to_string() == "Invalid checksum" {
+        return io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!(
+                "its bytes do not match the CRC-32 {:08x} the package records: the package is corrupt",
+                probe.crc32
+            ),
+        );
+    }
+    error
+}
+
 /// The entry count of the end-of-central-directory record, when it is not
 /// deferred to a zip64 record (65,535 entries or more).
-fn declared_entries(path: &Path) -> Option<usize> {
-    use std::io::{Seek, SeekFrom};
+fn declared_entries(path: &Path, reads: &PackageReads) -> Option<usize> {
     let mut file = File::open(path).ok()?;
     let len = file.metadata().ok()?.len();
     // The record is 22 bytes plus a comment of at most 65,535 bytes.
@@ -155,6 +214,7 @@ fn declared_entries(path: &Path) -> Option<usize> {
     file.seek(SeekFrom::Start(len - tail_len)).ok()?;
     let mut tail = vec![0u8; tail_len as usize];
     file.read_exact(&mut tail).ok()?;
+    reads.add(tail.len());
     let at = (0..tail.len().checked_sub(21)?).rev().find(|&i| tail[i..i + 4] == [0x50, 0x4b, 0x05, 0x06])?;
     let total = u16::from_le_bytes([tail[at + 10], tail[at + 11]]);
     (total != u16::MAX).then_some(usize::from(total))
@@ -220,7 +280,7 @@ mod tests {
                 ("other.txt", b"", false),
             ],
         );
-        let mut package = Package::open(&zip_path).unwrap();
+        let mut package = Package::open(&zip_path, &PackageReads::default()).unwrap();
         let index = package.index().unwrap();
         assert_eq!(index.probes.len(), 2);
         assert_eq!(index.ignored, 4);
@@ -254,7 +314,7 @@ mod tests {
         let path = dir.path().join("pkg.zip");
         let entries = ["kernel-modules/2.5.0/collector-5.4.0.ko.gz", "kernel-modules/2.5.0/collector-5.4.1.ko.gz"];
         write_hostile_zip(&path, &entries, b"collector-5.4.1", b"collector-5.4.0");
-        let error = Package::open(&path).err().unwrap();
+        let error = Package::open(&path, &PackageReads::default()).err().unwrap();
         assert!(matches!(error, PackageError::DuplicateNames { .. }), "{error}");
     }
 
@@ -269,7 +329,7 @@ mod tests {
         for (name, entry, from, to) in cases {
             let path = dir.path().join(format!("{name}.zip"));
             write_hostile_zip(&path, &[entry], from, to);
-            let result = Package::open(&path).and_then(|mut p| p.index().map(drop));
+            let result = Package::open(&path, &PackageReads::default()).and_then(|mut p| p.index().map(drop));
             let error = result.expect_err(name);
             assert!(matches!(error, PackageError::UnsafeName { .. }), "{name}: {error}");
         }
@@ -285,7 +345,7 @@ mod tests {
                 .unwrap();
         }
         zip.finish().unwrap();
-        let error = Package::open(&path).and_then(|mut p| p.index().map(drop)).unwrap_err();
+        let error = Package::open(&path, &PackageReads::default()).and_then(|mut p| p.index().map(drop)).unwrap_err();
         assert!(matches!(error, PackageError::TooManyEntries { entries: 100_000, max: 65_536 }), "{error}");
     }
 
@@ -305,7 +365,7 @@ mod tests {
         let at = (0..bytes.len() - tag.len()).rev().find(|&i| bytes[i..i + tag.len()] == tag).expect("a zip64 field");
         bytes[at + 4..at + 12].copy_from_slice(&(5u64 << 30).to_le_bytes());
         std::fs::write(&path, bytes).unwrap();
-        let error = Package::open(&path).and_then(|mut p| p.index().map(drop)).unwrap_err();
+        let error = Package::open(&path, &PackageReads::default()).and_then(|mut p| p.index().map(drop)).unwrap_err();
         assert!(matches!(error, PackageError::TooLarge { max: MAX_FILE_SIZE, .. }), "{error}");
     }
 
@@ -316,7 +376,7 @@ mod tests {
         write_zip(&path, &[("kernel-modules/2.5.0/collector-5.4.0.ko.gz", &[1u8; 4000], false)]);
         let bytes = std::fs::read(&path).unwrap();
         std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
-        let error = Package::open(&path).err().unwrap();
+        let error = Package::open(&path, &PackageReads::default()).err().unwrap();
         assert!(matches!(error, PackageError::NotZip { .. }), "{error}");
     }
 
@@ -325,9 +385,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("pkg.zip");
         std::fs::write(&path, b"not a zip at all").unwrap();
-        let error = Package::open(&path).err().unwrap();
+        let error = Package::open(&path, &PackageReads::default()).err().unwrap();
         assert!(matches!(error, PackageError::NotZip { .. }), "{error}");
-        let error = Package::open(&dir.path().join("missing.zip")).err().unwrap();
+        let error = Package::open(&dir.path().join("missing.zip"), &PackageReads::default()).err().unwrap();
         assert!(matches!(error, PackageError::Open { .. }), "{error}");
         assert!(crate::admin::error::chain(&error).contains("No such file"), "the cause is kept: {error}");
     }
@@ -337,7 +397,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("pkg.zip");
         write_zip(&path, &[("kernel-modules/2.5.0/collector-5.4.0.ko.gz", &[0u8; 5000], true)]);
-        let mut package = Package::open(&path).unwrap();
+        let mut package = Package::open(&path, &PackageReads::default()).unwrap();
         let mut probe = package.index().unwrap().probes.remove(0);
         probe.size = 100; // what a lying header would declare
         let error = read_all(&mut package, &probe).unwrap_err();

@@ -37,6 +37,12 @@ pub struct UploadArgs {
     /// The whole package is checked first; a mismatch sends nothing.
     #[arg(long, value_name = "SHA256HEX|FILE")]
     checksum: Option<String>,
+    /// Read every file Central already has from the package and compare
+    /// SHA-256s. Without it, such a file is compared by the size and CRC-32
+    /// the package's directory records, and not read: that catches any
+    /// changed file, not one forged to keep its CRC-32.
+    #[arg(long)]
+    verify: bool,
 }
 
 impl Endpoint {
@@ -61,14 +67,17 @@ pub async fn upload(args: UploadArgs) -> Result<(), CliError> {
         Some(checksum) => Some(central_probes::admin::checksum::expected_checksum(checksum, &args.package)?),
         None => None,
     };
-    let request = UploadRequest { package: args.package.clone(), overwrite: args.overwrite, checksum };
+    let request =
+        UploadRequest { package: args.package.clone(), overwrite: args.overwrite, checksum, verify: args.verify };
     let upload = admin_client::upload(&mut client, &request, |plan| {
         eprintln!(
-            "{}: {} probe files; {} new ({:.1} MiB) to upload; {} already in Central to compare by digest",
+            "{}: {} probe files; {} new ({:.1} MiB) to upload; {} already in Central compared by size and CRC-32, \
+             {} to read and compare by SHA-256",
             request.package.display(),
             plan.probes_in_package,
             plan.new_files,
             plan.new_bytes as f64 / (1 << 20) as f64,
+            plan.decided_from_directory,
             plan.to_compare,
         );
         Progress::for_stderr()
@@ -77,6 +86,7 @@ pub async fn upload(args: UploadArgs) -> Result<(), CliError> {
         format!("the upload did not finish within --timeout {}", humantime::format_duration(endpoint.timeout))
     })??;
     print_report(&report);
+    eprintln!("Read {} bytes of the package.", report.package_bytes_read);
     Ok(())
 }
 

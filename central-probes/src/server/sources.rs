@@ -87,6 +87,7 @@ mod tests {
                             path: ProbePath::parse("2.5.0/collector-5.4.0.ko.gz").unwrap(),
                             size: 0,
                             sha256: probe_api::digest::Sha256Digest::of(b""),
+                            crc32: Some(0),
                         },
                         chunks: Box::pin(tokio_stream::empty()),
                     },

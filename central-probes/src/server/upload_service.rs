@@ -105,7 +105,7 @@ impl UploadService {
 }
 
 fn info_of(probe: StoredProbe) -> ProbeInfo {
-    ProbeInfo { path: probe.path.to_string(), size: probe.size, sha256: probe.sha256.to_hex() }
+    ProbeInfo { path: probe.path.to_string(), size: probe.size, sha256: probe.sha256.to_hex(), crc32: probe.crc32 }
 }
 
 #[tonic::async_trait]

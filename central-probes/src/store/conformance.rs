@@ -11,7 +11,7 @@ use probe_api::names::{ModuleVersion, ProbePath};
 use tokio_stream::StreamExt;
 use tonic::Code;
 
-use super::{CommitOutcome, ProbeStore, StoredProbe};
+use super::{CommitOutcome, ExpectedDigests, ProbeStore, StoredProbe};
 use crate::error::Result;
 
 /// One backend's store, opened as often as a test needs.
@@ -52,6 +52,10 @@ macro_rules! store_conformance_tests {
                 suite::wrong_sizes_and_digests_store_nothing(&$make).await;
             }
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn a_crc32_alone_verifies_and_both_digests_are_kept() {
+                suite::a_crc32_alone_verifies_and_both_digests_are_kept(&$make).await;
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn an_abandoned_write_leaves_nothing_after_a_restart() {
                 suite::an_abandoned_write_leaves_nothing_after_a_restart(&$make).await;
             }
@@ -87,7 +91,7 @@ async fn put(store: &dyn ProbeStore, p: &ProbePath, bytes: &[u8], overwrite: boo
     for chunk in bytes.chunks(64 * 1024) {
         writer.write(Bytes::copy_from_slice(chunk)).await?;
     }
-    writer.finish(Sha256Digest::of(bytes), overwrite).await?.await
+    writer.finish(Sha256Digest::of(bytes).into(), overwrite).await?.await.map(|c| c.outcome)
 }
 
 async fn read(store: &dyn ProbeStore, p: &ProbePath) -> Option<(StoredProbe, Vec<u8>)> {
@@ -105,8 +109,8 @@ pub async fn a_probe_is_visible_only_whole(fixture: &dyn StoreFixture) {
     assert!(store.open(&p).await.unwrap().is_none());
     assert!(store.list(None, None, 10).await.unwrap().is_empty());
     writer.write(Bytes::from_static(b"67890")).await.unwrap();
-    let commit = writer.finish(Sha256Digest::of(b"1234567890"), false).await.unwrap();
-    assert_eq!(commit.await.unwrap(), CommitOutcome::Stored);
+    let commit = writer.finish(Sha256Digest::of(b"1234567890").into(), false).await.unwrap();
+    assert_eq!(commit.await.unwrap().outcome, CommitOutcome::Stored);
     let (probe, bytes) = read(store.as_ref(), &p).await.unwrap();
     assert_eq!((probe.size, bytes.as_slice()), (10, &b"1234567890"[..]));
 
@@ -126,7 +130,7 @@ pub async fn racing_writers_of_one_path_store_it_once(fixture: &dyn StoreFixture
     for bytes in &contents {
         let mut writer = store.create(p.clone(), bytes.len() as u64).await.unwrap();
         writer.write(Bytes::copy_from_slice(bytes)).await.unwrap();
-        commits.push(writer.finish(Sha256Digest::of(bytes), false).await.unwrap());
+        commits.push(writer.finish(Sha256Digest::of(bytes).into(), false).await.unwrap());
     }
     let outcomes: Vec<CommitOutcome> = futures_join(commits).await;
     let stored = outcomes.iter().filter(|o| **o == CommitOutcome::Stored).count();
@@ -140,7 +144,7 @@ async fn futures_join(commits: Vec<super::PendingCommit>) -> Vec<CommitOutcome> 
     let tasks: Vec<_> = commits.into_iter().map(tokio::spawn).collect();
     let mut outcomes = Vec::new();
     for task in tasks {
-        outcomes.push(task.await.unwrap().unwrap());
+        outcomes.push(task.await.unwrap().unwrap().outcome);
     }
     outcomes
 }
@@ -163,18 +167,62 @@ pub async fn wrong_sizes_and_digests_store_nothing(fixture: &dyn StoreFixture) {
     let p = kernel(4);
     let mut writer = store.create(p.clone(), 5).await.unwrap();
     writer.write(Bytes::from_static(b"hello")).await.unwrap();
-    let error = writer.finish(Sha256Digest::of(b"other"), false).await.unwrap().await.unwrap_err();
+    let error = writer.finish(Sha256Digest::of(b"other").into(), false).await.unwrap().await.unwrap_err();
     assert_eq!(error.code, Code::DataLoss);
 
     let mut writer = store.create(p.clone(), 5).await.unwrap();
+    writer.write(Bytes::from_static(b"hello")).await.unwrap();
+    let wrong_crc = ExpectedDigests { sha256: None, crc32: Some(crc32fast::hash(b"hellO")) };
+    let error = writer.finish(wrong_crc, false).await.unwrap().await.unwrap_err();
+    assert_eq!(error.code, Code::DataLoss);
+    assert!(error.message.contains("CRC-32"), "{}", error.message);
+
+    // Both given: each is checked.
+    let mut writer = store.create(p.clone(), 5).await.unwrap();
+    writer.write(Bytes::from_static(b"hello")).await.unwrap();
+    let one_wrong = ExpectedDigests { sha256: Some(Sha256Digest::of(b"hello")), crc32: Some(0) };
+    assert_eq!(writer.finish(one_wrong, false).await.unwrap().await.unwrap_err().code, Code::DataLoss);
+
+    let mut writer = store.create(p.clone(), 5).await.unwrap();
+    writer.write(Bytes::from_static(b"hello")).await.unwrap();
+    let error = writer.finish(ExpectedDigests::default(), false).await.err().expect("no digest is refused");
+    assert_eq!(error.code, Code::InvalidArgument);
+
+    let mut writer = store.create(p.clone(), 5).await.unwrap();
     writer.write(Bytes::from_static(b"hell")).await.unwrap();
-    let error = writer.finish(Sha256Digest::of(b"hell"), false).await.unwrap().await.unwrap_err();
+    let error = writer.finish(Sha256Digest::of(b"hell").into(), false).await.unwrap().await.unwrap_err();
     assert_eq!(error.code, Code::InvalidArgument);
 
     let mut writer = store.create(p.clone(), 5).await.unwrap();
     assert_eq!(writer.write(Bytes::from_static(b"hello!")).await.unwrap_err().code, Code::InvalidArgument);
     drop(writer);
     assert!(store.stat(&p).await.unwrap().is_none());
+}
+
+pub async fn a_crc32_alone_verifies_and_both_digests_are_kept(fixture: &dyn StoreFixture) {
+    let store = fixture.open().await;
+    let p = kernel(8);
+    let bytes = b"a probe sent with its zip entry's CRC-32 only";
+    let mut writer = store.create(p.clone(), bytes.len() as u64).await.unwrap();
+    writer.write(Bytes::from_static(bytes)).await.unwrap();
+    let crc_only = ExpectedDigests { sha256: None, crc32: Some(crc32fast::hash(bytes)) };
+    let committed = writer.finish(crc_only, false).await.unwrap().await.unwrap();
+    assert_eq!(committed.outcome, CommitOutcome::Stored);
+    assert_eq!(committed.sha256, Sha256Digest::of(bytes), "the store computes the SHA-256 itself");
+    let expected = StoredProbe {
+        path: p.clone(),
+        size: bytes.len() as u64,
+        sha256: Sha256Digest::of(bytes),
+        crc32: Some(crc32fast::hash(bytes)),
+    };
+    assert_eq!(store.stat(&p).await.unwrap().as_ref(), Some(&expected));
+    assert_eq!(read(store.as_ref(), &p).await.unwrap().0, expected);
+    // A probe sent with its SHA-256 only gets a CRC-32 too.
+    put(store.as_ref(), &kernel(9), b"sha only", false).await.unwrap();
+    assert_eq!(store.stat(&kernel(9)).await.unwrap().unwrap().crc32, Some(crc32fast::hash(b"sha only")));
+    drop(store);
+    let store = fixture.open().await;
+    assert_eq!(store.stat(&p).await.unwrap(), Some(expected), "both digests survive a restart");
 }
 
 pub async fn an_abandoned_write_leaves_nothing_after_a_restart(fixture: &dyn StoreFixture) {
@@ -239,7 +287,7 @@ pub async fn a_large_probe_streams_in_bounded_chunks(fixture: &dyn StoreFixture)
         writer.write(Bytes::copy_from_slice(&block)).await.unwrap();
     }
     let sha256 = hasher.finish();
-    writer.finish(sha256, false).await.unwrap().await.unwrap();
+    writer.finish(sha256.into(), false).await.unwrap().await.unwrap();
 
     let mut reader = store.open(&p).await.unwrap().unwrap();
     let (mut read, mut hasher, mut largest) = (0usize, Sha256Hasher::new(), 0usize);

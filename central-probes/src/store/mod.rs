@@ -32,6 +32,29 @@ pub struct StoredProbe {
     pub path: ProbePath,
     pub size: u64,
     pub sha256: Sha256Digest,
+    /// `None` for probes stored before the store recorded CRC-32s.
+    pub crc32: Option<u32>,
+}
+
+/// What a writer is told its bytes must hash to: a SHA-256, a CRC-32, or
+/// both. The store computes both in any case and checks each one given.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ExpectedDigests {
+    pub sha256: Option<Sha256Digest>,
+    pub crc32: Option<u32>,
+}
+
+impl From<Sha256Digest> for ExpectedDigests {
+    fn from(sha256: Sha256Digest) -> Self {
+        ExpectedDigests { sha256: Some(sha256), crc32: None }
+    }
+}
+
+/// A finished commit: what it did and the digest of the bytes it was given.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Committed {
+    pub outcome: CommitOutcome,
+    pub sha256: Sha256Digest,
 }
 
 /// What committing one file did.
@@ -74,7 +97,7 @@ pub type ChunkStream = Pin<Box<dyn Stream<Item = Result<Bytes>> + Send>>;
 
 /// A commit that has been verified and is being made durable. It completes
 /// even if whoever started it goes away.
-pub type PendingCommit = Pin<Box<dyn Future<Output = Result<CommitOutcome>> + Send>>;
+pub type PendingCommit = Pin<Box<dyn Future<Output = Result<Committed>> + Send>>;
 
 /// What a commit waits for after its bytes verified: `true` lets it take
 /// effect, `false` drops it (the commit then fails with ABORTED). An upload
@@ -157,21 +180,22 @@ pub trait ProbeWriter: Send {
     async fn write(&mut self, chunk: Bytes) -> Result<()>;
 
     /// Ends the file. The returned commit checks that exactly the declared
-    /// size arrived and that it hashes to `sha256` (INVALID_ARGUMENT or
-    /// DATA_LOSS otherwise, keeping nothing), makes the bytes durable, waits
+    /// size arrived and that it hashes to every digest of `expected`
+    /// (INVALID_ARGUMENT or DATA_LOSS otherwise, keeping nothing; at least
+    /// one digest is required), makes the bytes durable, waits
     /// for `order.after`, then commits under the overwrite rule. It runs on
     /// its own, so the caller may go on with the next file meanwhile, and it
     /// completes even if the caller goes away.
     async fn finish_in_order(
         self: Box<Self>,
-        sha256: Sha256Digest,
+        expected: ExpectedDigests,
         overwrite: bool,
         order: CommitOrder,
     ) -> Result<PendingCommit>;
 
     /// `finish_in_order` with nothing to wait for.
-    async fn finish(self: Box<Self>, sha256: Sha256Digest, overwrite: bool) -> Result<PendingCommit> {
-        self.finish_in_order(sha256, overwrite, CommitOrder::unordered()).await
+    async fn finish(self: Box<Self>, expected: ExpectedDigests, overwrite: bool) -> Result<PendingCommit> {
+        self.finish_in_order(expected, overwrite, CommitOrder::unordered()).await
     }
 }
 

@@ -15,7 +15,10 @@ use tokio::task::JoinHandle;
 use tonic::Code;
 
 use super::backend::{Backend, Staging};
-use super::{CommitOrder, Decision, PendingCommit, ProbeReader, ProbeStore, ProbeWriter, StoredProbe, overwrite_rule};
+use super::{
+    CommitOrder, Committed, Decision, ExpectedDigests, PendingCommit, ProbeReader, ProbeStore, ProbeWriter,
+    StoredProbe, overwrite_rule,
+};
 use crate::error::{Error, Result};
 
 /// Chunks queued between the network and the hashing thread of one file.
@@ -139,15 +142,49 @@ impl<B: Backend> ProbeStore for VerifiedStore<B> {
     }
 }
 
-/// Hashes chunks on a blocking thread until the channel closes.
-fn hash_all(mut chunks: mpsc::Receiver<Bytes>) -> (u64, Sha256Digest) {
-    let mut hasher = Sha256Hasher::new();
+/// What the hashing thread found: the length and both digests.
+struct Received {
+    len: u64,
+    sha256: Sha256Digest,
+    crc32: u32,
+}
+
+/// Hashes chunks on a blocking thread until the channel closes. The CRC-32
+/// costs a few percent of the SHA-256 (crc32fast runs at memory speed).
+fn hash_all(mut chunks: mpsc::Receiver<Bytes>) -> Received {
+    let mut sha256 = Sha256Hasher::new();
+    let mut crc32 = crc32fast::Hasher::new();
     let mut len = 0u64;
     while let Some(chunk) = chunks.blocking_recv() {
-        hasher.update(&chunk);
+        sha256.update(&chunk);
+        crc32.update(&chunk);
         len += chunk.len() as u64;
     }
-    (len, hasher.finish())
+    Received { len, sha256: sha256.finish(), crc32: crc32.finalize() }
+}
+
+/// Checks the received bytes against what the writer was promised.
+fn verify(path: &ProbePath, size: u64, received: &Received, expected: ExpectedDigests) -> Result<()> {
+    if received.len != size {
+        return Err(Error::invalid_argument(format!("{path}: {} bytes received but {size} declared", received.len)));
+    }
+    if let Some(sha256) = expected.sha256
+        && sha256 != received.sha256
+    {
+        return Err(Error::new(
+            Code::DataLoss,
+            format!("{path}: the received bytes have SHA-256 {} but the uploader sent {sha256}", received.sha256),
+        ));
+    }
+    if let Some(crc32) = expected.crc32
+        && crc32 != received.crc32
+    {
+        return Err(Error::new(
+            Code::DataLoss,
+            format!("{path}: the received bytes have CRC-32 {:08x} but the uploader sent {crc32:08x}", received.crc32),
+        ));
+    }
+    Ok(())
 }
 
 struct VerifiedWriter<B> {
@@ -158,7 +195,7 @@ struct VerifiedWriter<B> {
     staging: Box<dyn Staging>,
     /// To the hashing thread; it ends when this closes.
     chunks: mpsc::Sender<Bytes>,
-    hasher: JoinHandle<(u64, Sha256Digest)>,
+    hasher: JoinHandle<Received>,
     reservation: Reservation,
 }
 
@@ -180,28 +217,25 @@ impl<B: Backend> ProbeWriter for VerifiedWriter<B> {
 
     async fn finish_in_order(
         self: Box<Self>,
-        sha256: Sha256Digest,
+        expected: ExpectedDigests,
         overwrite: bool,
         order: CommitOrder,
     ) -> Result<PendingCommit> {
         let VerifiedWriter { backend, path, size, staging, chunks, hasher, reservation, .. } = *self;
+        if expected == ExpectedDigests::default() {
+            return Err(Error::invalid_argument(format!("{path}: the trailer carries neither a SHA-256 nor a CRC-32")));
+        }
         drop(chunks);
         // The commit runs to its end even if the caller goes away, so a file
         // whose last byte arrived is never left half-committed; the caller
         // goes on with the next file meanwhile.
         let task = tokio::spawn(async move {
             let CommitOrder { after, taken } = order;
-            let (len, digest) = hasher.await.map_err(|e| Error::internal(format!("hashing {path}: {e}")))?;
+            let received = hasher.await.map_err(|e| Error::internal(format!("hashing {path}: {e}")))?;
             let mut staged = staging.finish().await?;
-            if len != size {
-                return Err(Error::invalid_argument(format!("{path}: {len} bytes received but {size} declared")));
-            }
-            if digest != sha256 {
-                return Err(Error::new(
-                    Code::DataLoss,
-                    format!("{path}: the received bytes have SHA-256 {digest} but the uploader sent {sha256}"),
-                ));
-            }
+            verify(&path, size, &received, expected)?;
+            let sha256 = received.sha256;
+            let committed = |outcome| Committed { outcome, sha256 };
             let aborted = |path: &ProbePath| {
                 Error::new(Code::Aborted, format!("{path}: not committed, an earlier file of the upload failed"))
             };
@@ -215,18 +249,18 @@ impl<B: Backend> ProbeWriter for VerifiedWriter<B> {
                 if let Some(taken) = taken {
                     let _ = taken.send(true);
                 }
-                return Ok(outcome);
+                return Ok(committed(outcome));
             }
             // Durable before the wait, so that consecutive files overlap their
             // fsyncs; only visibility waits for the file before.
-            let probe = StoredProbe { path, size, sha256 };
+            let probe = StoredProbe { path, size, sha256, crc32: Some(received.crc32) };
             staged.prepare(&probe).await?;
             if !after.await {
                 return Err(aborted(&probe.path));
             }
             let outcome = staged.commit(probe, overwrite, taken).await;
             drop(reservation);
-            outcome
+            outcome.map(committed)
         });
         Ok(Box::pin(async move { task.await.map_err(|e| Error::internal(format!("commit task failed: {e}")))? }))
     }

@@ -18,14 +18,16 @@ use probe_api::digest::Sha256Digest;
 use probe_api::limits::{MAX_FILE_SIZE, MAX_REQUEST_MESSAGE, MAX_UPLOAD_CHUNK};
 use probe_api::names::ProbePath;
 use probe_api::v1::upload_probes_request::Message;
-use probe_api::v1::{FileHeader, FileOutcome, FileResult, UploadProbesRequest, UploadProbesResponse};
+use probe_api::v1::{FileHeader, FileOutcome, FileResult, FileTrailer, UploadProbesRequest, UploadProbesResponse};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio_stream::{Stream, StreamExt};
 use tonic::Code;
 
 use crate::error::{Error, Result};
-use crate::store::{CommitGate, CommitOrder, CommitOutcome, ProbeStore, ProbeWriter, open_gate};
+use crate::store::{
+    CommitGate, CommitOrder, CommitOutcome, Committed, ExpectedDigests, ProbeStore, ProbeWriter, open_gate,
+};
 /// Verified files whose fsync and rename may be in flight at once. Enough to
 /// hide fsync latency behind the network; few enough to bound open files.
 const MAX_PENDING_COMMITS: usize = 32;
@@ -38,8 +40,7 @@ enum State {
 
 struct Pending {
     path: ProbePath,
-    sha256: Sha256Digest,
-    commit: JoinHandle<Result<CommitOutcome>>,
+    commit: JoinHandle<Result<Committed>>,
 }
 
 pub struct UploadSession {
@@ -54,6 +55,9 @@ pub struct UploadSession {
     /// Set by the first commit that fails, so the stream stops at once
     /// rather than receiving files that could no longer be committed.
     commit_failed: Arc<AtomicBool>,
+    /// The error of a commit completed while the stream was still read: it
+    /// is of a file before every pending one, so it is the one reported.
+    commit_error: Option<Error>,
     response: UploadProbesResponse,
 }
 
@@ -67,6 +71,7 @@ impl UploadSession {
             pending: VecDeque::new(),
             last_committed: None,
             commit_failed: Arc::new(AtomicBool::new(false)),
+            commit_error: None,
             response: UploadProbesResponse::default(),
         }
     }
@@ -130,16 +135,14 @@ impl UploadSession {
                 Ok(())
             }
             (State::InFile { path, writer }, Message::FileTrailer(trailer)) => {
-                let sha256 = Sha256Digest::from_hex(&trailer.sha256).ok_or_else(|| {
-                    Error::invalid_argument(format!("{path}: the trailer's SHA-256 is not 64 lowercase hex characters"))
-                })?;
+                let expected = expected_digests(&path, &trailer)?;
                 let gate: CommitGate = match self.last_committed.take() {
                     None => open_gate(),
                     Some(before) => Box::pin(async move { before.await.unwrap_or(false) }),
                 };
                 let (taken, next_gate) = oneshot::channel();
                 let order = CommitOrder { after: gate, taken: Some(taken) };
-                let commit = writer.finish_in_order(sha256, self.overwrite, order).await?;
+                let commit = writer.finish_in_order(expected, self.overwrite, order).await?;
                 self.last_committed = Some(next_gate);
                 let commit_failed = self.commit_failed.clone();
                 let commit = tokio::spawn(async move {
@@ -149,9 +152,12 @@ impl UploadSession {
                     }
                     outcome
                 });
-                self.pending.push_back(Pending { path, sha256, commit });
-                if self.pending.len() > MAX_PENDING_COMMITS {
-                    self.complete_oldest().await?;
+                self.pending.push_back(Pending { path, commit });
+                if self.pending.len() > MAX_PENDING_COMMITS
+                    && let Err(error) = self.complete_oldest().await
+                {
+                    // `commit_failed` is set: the stream stops at the next message.
+                    self.commit_error.get_or_insert(error);
                 }
                 Ok(())
             }
@@ -185,8 +191,8 @@ impl UploadSession {
     }
 
     async fn complete_oldest(&mut self) -> Result<()> {
-        let Pending { path, sha256, commit } = self.pending.pop_front().expect("a pending commit");
-        let outcome = commit
+        let Pending { path, commit } = self.pending.pop_front().expect("a pending commit");
+        let Committed { outcome, sha256 } = commit
             .await
             .map_err(|e| Error::internal(format!("committing {path}: {e}")))?
             .map_err(|e| e.context(format!("committing {path}")))?;
@@ -215,7 +221,7 @@ impl UploadSession {
     /// Waits for every started commit; returns the first error, if any,
     /// after all of them ended.
     async fn drain(&mut self) -> Result<()> {
-        let mut first_error = None;
+        let mut first_error = self.commit_error.take();
         while !self.pending.is_empty() {
             if let Err(error) = self.complete_oldest().await {
                 first_error.get_or_insert(error);
@@ -223,6 +229,18 @@ impl UploadSession {
         }
         first_error.map_or(Ok(()), Err)
     }
+}
+
+/// The digests a trailer promises: a SHA-256 (empty when absent), a CRC-32,
+/// or both; neither is refused when the writer finishes.
+fn expected_digests(path: &ProbePath, trailer: &FileTrailer) -> Result<ExpectedDigests> {
+    let sha256 = match trailer.sha256.as_str() {
+        "" => None,
+        hex => Some(Sha256Digest::from_hex(hex).ok_or_else(|| {
+            Error::invalid_argument(format!("{path}: the trailer's SHA-256 is not 64 lowercase hex characters"))
+        })?),
+    };
+    Ok(ExpectedDigests { sha256, crc32: trailer.crc32 })
 }
 
 /// The error for a message the request stream could not deliver. tonic
@@ -250,7 +268,7 @@ pub fn file_messages(path: &str, bytes: &[u8], chunk_size: usize) -> Vec<UploadP
         vec![message(Message::FileHeader(FileHeader { path: path.to_owned(), size: bytes.len() as u64 }))];
     messages.extend(bytes.chunks(chunk_size.max(1)).map(|c| message(Message::Chunk(Bytes::copy_from_slice(c)))));
     let sha256 = Sha256Digest::of(bytes).to_hex();
-    messages.push(message(Message::FileTrailer(probe_api::v1::FileTrailer { sha256 })));
+    messages.push(message(Message::FileTrailer(FileTrailer { sha256, crc32: None })));
     messages
 }
 

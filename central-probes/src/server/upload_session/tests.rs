@@ -109,7 +109,7 @@ async fn lying_sizes_and_digests_store_nothing() {
     let header =
         |size| UploadProbesRequest { message: Some(Message::FileHeader(FileHeader { path: A.to_owned(), size })) };
     let trailer = |sha256: &str| UploadProbesRequest {
-        message: Some(Message::FileTrailer(FileTrailer { sha256: sha256.to_owned() })),
+        message: Some(Message::FileTrailer(FileTrailer { sha256: sha256.to_owned(), crc32: None })),
     };
     let good = file_messages(A, b"abc", 10).pop().unwrap();
     let wrong_digest = file_messages(A, b"abd", 10).pop().unwrap();
@@ -232,4 +232,45 @@ async fn the_same_path_twice_in_one_stream_is_rejected() {
     let error = run(&store, messages).await.unwrap_err();
     assert_eq!(error.code, Code::InvalidArgument);
     assert!(stored(&store, A).await, "the first copy was complete and stays");
+}
+
+/// The messages of one file whose trailer is `trailer`.
+fn file_with_trailer(path: &str, bytes: &'static [u8], trailer: FileTrailer) -> Vec<UploadProbesRequest> {
+    let mut messages = file_messages(path, bytes, 4);
+    messages.pop();
+    messages.push(UploadProbesRequest { message: Some(Message::FileTrailer(trailer)) });
+    messages
+}
+
+#[tokio::test]
+async fn a_trailer_may_carry_a_crc32_a_sha256_or_both_and_each_one_given_is_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store(dir.path());
+    let bytes = b"probe bytes";
+    let (sha256, crc32) = (Sha256Digest::of(bytes).to_hex(), crc32fast::hash(bytes));
+    let trailer = |sha256: &str, crc32: Option<u32>| FileTrailer { sha256: sha256.to_owned(), crc32 };
+
+    let mut messages = vec![options(false)];
+    messages.extend(file_with_trailer(A, bytes, trailer("", Some(crc32))));
+    messages.extend(file_with_trailer(B, bytes, trailer(&sha256, Some(crc32))));
+    let response = run(&store, messages).await.unwrap();
+    assert_eq!(response.stored_count, 2);
+    assert_eq!(response.results[0].sha256, sha256, "Central's own SHA-256 of a file sent with a CRC-32 only");
+    let probe = store.stat(&ProbePath::parse(A).unwrap()).await.unwrap().unwrap();
+    assert_eq!(probe.crc32, Some(crc32));
+
+    let refused: [(&str, FileTrailer, Code); 4] = [
+        ("wrong CRC-32", trailer("", Some(crc32 ^ 1)), Code::DataLoss),
+        ("right SHA-256, wrong CRC-32", trailer(&sha256, Some(crc32 ^ 1)), Code::DataLoss),
+        ("neither digest", trailer("", None), Code::InvalidArgument),
+        ("malformed SHA-256 beside a CRC-32", trailer("abc", Some(crc32)), Code::InvalidArgument),
+    ];
+    const C: &str = "2.5.0/collector-ebpf-5.6.0.o.gz";
+    for (case, trailer, code) in refused {
+        let mut messages = vec![options(false)];
+        messages.extend(file_with_trailer(C, bytes, trailer));
+        let error = run(&store, messages).await.unwrap_err();
+        assert_eq!(error.code, code, "{case}: {error}");
+        assert!(!stored(&store, C).await, "{case}");
+    }
 }

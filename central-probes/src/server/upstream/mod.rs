@@ -158,7 +158,7 @@ impl UpstreamSource {
             writer.write(chunk).await.map_err(|e| bad_reply(e.message))?;
         }
         // The cache verifies size and digest; nothing unverified is kept.
-        let commit = writer.finish(reply.sha256(), true).await?;
+        let commit = writer.finish(reply.sha256().into(), true).await?;
         commit.await.map_err(|e| match e.code {
             Code::DataLoss | Code::InvalidArgument => bad_reply(e.message),
             _ => e,

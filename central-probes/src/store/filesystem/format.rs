@@ -1,6 +1,9 @@
-//! The on-disk layout: the 48-byte header in front of every probe's bytes
-//! (magic, size, SHA-256), the directory lock, the page token key, and
-//! leftovers of interrupted writes.
+//! The on-disk layout: the header in front of every probe's bytes, the
+//! directory lock, the page token key, and leftovers of interrupted writes.
+//!
+//! Headers: "KPROBE02" (56 bytes: magic, size, SHA-256, CRC-32, 4 zero
+//! bytes) is written; "KPROBE01" (48 bytes: magic, size, SHA-256), written
+//! before the store recorded CRC-32s, is still read, its CRC-32 unknown.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
@@ -14,31 +17,44 @@ use crate::error::{Error, Result};
 
 use super::Entry;
 
-pub(super) const MAGIC: &[u8; 8] = b"KPROBE01";
-pub(super) const HEADER_LEN: u64 = 48;
+const MAGIC_V1: &[u8; 8] = b"KPROBE01";
+const HEADER_LEN_V1: u64 = 48;
+const MAGIC: &[u8; 8] = b"KPROBE02";
+/// Length of the header this store writes; the bytes follow it.
+pub(super) const HEADER_LEN: u64 = 56;
 
-pub(super) fn header(entry: Entry) -> [u8; HEADER_LEN as usize] {
+/// The header of a probe of `size` bytes with these digests.
+pub(super) fn header(size: u64, sha256: &Sha256Digest, crc32: u32) -> [u8; HEADER_LEN as usize] {
     let mut header = [0u8; HEADER_LEN as usize];
     header[..8].copy_from_slice(MAGIC);
-    header[8..16].copy_from_slice(&entry.size.to_le_bytes());
-    header[16..].copy_from_slice(&entry.sha256.0);
+    header[8..16].copy_from_slice(&size.to_le_bytes());
+    header[16..48].copy_from_slice(&sha256.0);
+    header[48..52].copy_from_slice(&crc32.to_le_bytes());
     header
 }
 
-/// Reads and checks the header of a stored probe file.
-pub(super) fn read_header(file: &File) -> io::Result<Entry> {
+/// Reads and checks the header of a stored probe file: what it describes,
+/// and the offset of its first byte.
+pub(super) fn read_header(file: &File) -> io::Result<(Entry, u64)> {
     let mut header = [0u8; HEADER_LEN as usize];
-    file.read_exact_at(&mut header, 0)?;
+    let file_len = file.metadata()?.len();
     let invalid = |what: &str| io::Error::new(io::ErrorKind::InvalidData, what.to_owned());
-    if &header[..8] != MAGIC {
-        return Err(invalid("not a probe file of this store (bad magic)"));
-    }
+    // A version 1 file may be shorter than a version 2 header.
+    let readable = file_len.min(HEADER_LEN) as usize;
+    file.read_exact_at(&mut header[..readable], 0)?;
+    let (header_len, crc32) = match header.first_chunk::<8>() {
+        Some(magic) if magic == MAGIC && readable == HEADER_LEN as usize => {
+            (HEADER_LEN, Some(u32::from_le_bytes(header[48..52].try_into().expect("4 bytes"))))
+        }
+        Some(magic) if magic == MAGIC_V1 && readable >= HEADER_LEN_V1 as usize => (HEADER_LEN_V1, None),
+        _ => return Err(invalid("not a probe file of this store (bad magic or too short)")),
+    };
     let size = u64::from_le_bytes(header[8..16].try_into().expect("8 bytes"));
-    let sha256 = Sha256Digest(header[16..].try_into().expect("32 bytes"));
-    if file.metadata()?.len() != HEADER_LEN + size {
+    let sha256 = Sha256Digest(header[16..48].try_into().expect("32 bytes"));
+    if file_len != header_len + size {
         return Err(invalid("the file length does not match its header"));
     }
-    Ok(Entry { size, sha256 })
+    Ok((Entry { size, sha256, crc32 }, header_len))
 }
 
 pub(super) fn sync_dir(dir: &Path) -> io::Result<()> {

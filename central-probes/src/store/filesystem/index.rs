@@ -72,7 +72,7 @@ pub(super) fn load_index(
                         .filter_map(|path| {
                             let file = probes_dir.join(path.module_version().as_str()).join(path.file_name().as_str());
                             match File::open(&file).and_then(|f| read_header(&f)) {
-                                Ok(entry) => Some((path.clone(), entry)),
+                                Ok((entry, _)) => Some((path.clone(), entry)),
                                 Err(error) => {
                                     warn!(path = %file.display(), %error, "ignoring an unreadable probe file");
                                     None

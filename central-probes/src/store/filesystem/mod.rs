@@ -1,14 +1,15 @@
 //! The embedded store: one file per probe under a data directory.
 //!
-//! Layout: `probes/<module version>/<probe file name>` holds a 48-byte
-//! header (magic, size, SHA-256) followed by the probe's bytes, so a probe
-//! and its digest are committed together by a single rename; `tmp/` holds
+//! Layout: `probes/<module version>/<probe file name>` holds a header
+//! (magic, size, SHA-256, CRC-32; `format.rs`) followed by the probe's
+//! bytes, so a probe and its digests are committed together by a single
+//! rename; `tmp/` holds
 //! files being written. A file is written to `tmp/`, verified, fsync'd,
 //! renamed into place, and its directory fsync'd. A crash can leave files in
 //! `tmp/` only; they are removed at start-up. An exclusive lock on `lock`
 //! keeps a second Central off the same directory.
 //!
-//! The index of all probes (path, size, digest) is kept in memory, built at
+//! The index of all probes (path, size, digests) is kept in memory, built at
 //! start-up from the headers, so existence checks and listings never touch
 //! the disk. This is a `Backend`: it stages bytes on a blocking thread fed
 //! through a bounded channel and commits under its index lock;
@@ -82,6 +83,8 @@ struct Inner {
 struct Entry {
     size: u64,
     sha256: Sha256Digest,
+    /// `None` for probes written before the store recorded CRC-32s.
+    crc32: Option<u32>,
 }
 
 impl FilesystemStore {
@@ -251,5 +254,5 @@ fn remove_probe(inner: &Inner, path: &ProbePath) -> Result<bool> {
 }
 
 fn stored(path: ProbePath, entry: Entry) -> StoredProbe {
-    StoredProbe { path, size: entry.size, sha256: entry.sha256 }
+    StoredProbe { path, size: entry.size, sha256: entry.sha256, crc32: entry.crc32 }
 }

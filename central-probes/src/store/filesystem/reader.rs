@@ -13,7 +13,7 @@ use tokio::task::JoinHandle;
 use crate::error::{Error, Result};
 use crate::store::ProbeReader;
 
-use super::format::{HEADER_LEN, read_header};
+use super::format::read_header;
 use super::stored;
 
 /// Size of the chunks a probe is read in for serving.
@@ -29,8 +29,8 @@ pub(super) fn open_probe(path: ProbePath, file_path: &Path) -> Result<Option<Pro
     };
     // The header, not the index, describes this file: it may have been
     // overwritten since the index was asked.
-    let entry = read_header(&file).map_err(|e| Error::io(format!("reading {path}"), e))?;
-    let mut reader = ProbeBytes { file, offset: HEADER_LEN, remaining: entry.size };
+    let (entry, offset) = read_header(&file).map_err(|e| Error::io(format!("reading {path}"), e))?;
+    let mut reader = ProbeBytes { file, offset, remaining: entry.size };
     let first = reader.next_chunk().map_err(|e| Error::io(format!("reading {path}"), e))?;
     let chunks = OnDemandChunks { first, reader: Some(reader), reading: None, path: path.clone() };
     Ok(Some(ProbeReader { probe: stored(path, entry), chunks: Box::pin(chunks) }))
@@ -102,12 +102,9 @@ impl ProbeBytes {
 /// Reads a whole stored probe file's content, for tests.
 #[cfg(any(test, feature = "testing"))]
 pub fn read_probe_file(file_path: &Path) -> io::Result<(probe_api::digest::Sha256Digest, Vec<u8>)> {
-    use std::io::Read;
-    let mut file = File::open(file_path)?;
-    let entry = read_header(&file)?;
-    let mut content = Vec::new();
-    let mut header = [0u8; HEADER_LEN as usize];
-    file.read_exact(&mut header)?;
-    file.read_to_end(&mut content)?;
+    let file = File::open(file_path)?;
+    let (entry, offset) = read_header(&file)?;
+    let mut content = vec![0u8; entry.size as usize];
+    file.read_exact_at(&mut content, offset)?;
     Ok((entry.sha256, content))
 }

@@ -2,7 +2,7 @@
 //! start-up reads one file instead of every probe's header.
 //!
 //! The snapshot holds, per module directory, the directory's modification
-//! time and its probes (name, size, SHA-256). A directory whose time is
+//! time and its probes (name, size, SHA-256, CRC-32). A directory whose time is
 //! unchanged has had no probe added, replaced or removed (each is a rename
 //! or unlink in it), so its probes are taken from the snapshot; any other
 //! directory is read from disk. Directory times have a coarse clock, so a
@@ -25,7 +25,8 @@ use super::Entry;
 use super::format::sync_dir;
 
 const FILE: &str = "index.snapshot";
-const FIRST_LINE: &str = "kprobes-index 1";
+/// Version 1 (no CRC-32) is read as a missing snapshot: one full read.
+const FIRST_LINE: &str = "kprobes-index 2";
 /// How long before the snapshot a directory must have stopped changing for
 /// its time to vouch for its content.
 const QUIET_NANOS: i128 = 1_000_000_000;
@@ -78,16 +79,20 @@ fn parse(text: &str) -> Option<Snapshot> {
     let mut complete = false;
     for line in lines {
         let mut fields = line.split(' ');
-        match (fields.next()?, fields.next(), fields.next(), fields.next()) {
-            ("D", Some(mtime), Some(module), None) => {
+        match (fields.next()?, fields.next(), fields.next(), fields.next(), fields.next()) {
+            ("D", Some(mtime), Some(module), None, None) => {
                 dirs.insert(module.to_owned(), (mtime.parse().ok()?, Vec::new()));
                 current = Some(module.to_owned());
             }
-            ("F", Some(name), Some(size), Some(sha256)) => {
-                let entry = Entry { size: size.parse().ok()?, sha256: Sha256Digest::from_hex(sha256)? };
+            ("F", Some(name), Some(size), Some(sha256), Some(crc32)) => {
+                let crc32 = match crc32 {
+                    "-" => None,
+                    hex => Some(u32::from_str_radix(hex, 16).ok()?),
+                };
+                let entry = Entry { size: size.parse().ok()?, sha256: Sha256Digest::from_hex(sha256)?, crc32 };
                 dirs.get_mut(current.as_ref()?)?.1.push((name.to_owned(), entry));
             }
-            ("END", None, None, None) => complete = true,
+            ("END", None, None, None, None) => complete = true,
             _ => return None,
         }
     }
@@ -110,7 +115,10 @@ pub(super) fn write(data_dir: &Path, probes_dir: &Path, index: &BTreeMap<ProbePa
             writeln!(out, "D {mtime} {version}")?;
             module = Some(version);
         }
-        writeln!(out, "F {} {} {}", path.file_name(), entry.size, entry.sha256)?;
+        match entry.crc32 {
+            Some(crc32) => writeln!(out, "F {} {} {} {crc32:08x}", path.file_name(), entry.size, entry.sha256)?,
+            None => writeln!(out, "F {} {} {} -", path.file_name(), entry.size, entry.sha256)?,
+        }
     }
     writeln!(out, "END")?;
     let file = out.into_inner().map_err(|e| e.into_error())?;

@@ -34,7 +34,7 @@ async fn put(store: &FilesystemStore, p: &str, bytes: &[u8], overwrite: bool) ->
     for chunk in bytes.chunks(1000) {
         writer.write(Bytes::copy_from_slice(chunk)).await?;
     }
-    writer.finish(sha(bytes), overwrite).await?.await
+    writer.finish(sha(bytes).into(), overwrite).await?.await.map(|c| c.outcome)
 }
 
 async fn read_back(store: &FilesystemStore, p: &str) -> Option<(StoredProbe, Vec<u8>)> {
@@ -106,7 +106,7 @@ fn corrupt_and_foreign_files_are_not_served() {
     fs::create_dir_all(&module).unwrap();
     fs::write(module.join("collector-ebpf-5.4.0.o.gz"), b"no header").unwrap();
     fs::write(module.join("notes.txt"), b"").unwrap();
-    let mut truncated = header(Entry { size: 100, sha256: sha(b"") }).to_vec();
+    let mut truncated = header(100, &sha(b""), 0).to_vec();
     truncated.extend_from_slice(b"short");
     fs::write(module.join("collector-ebpf-5.5.0.o.gz"), truncated).unwrap();
     let store = FilesystemStore::open(&config(dir.path())).unwrap();
@@ -247,4 +247,31 @@ async fn a_snapshot_spares_reading_headers_and_a_stale_damaged_or_missing_one_is
     // Opening the store without a snapshot writes one.
     drop(FilesystemStore::open(&config(dir.path())).unwrap());
     assert!(dir.path().join("index.snapshot").exists());
+}
+
+#[tokio::test]
+async fn probes_stored_before_crc32s_were_recorded_are_still_read_listed_and_snapshotted() {
+    let dir = tempfile::tempdir().unwrap();
+    let (old, new) = ("2.5.0/collector-ebpf-5.4.0.o.gz", "2.5.0/collector-ebpf-5.5.0.o.gz");
+    {
+        let store = FilesystemStore::open(&config(dir.path())).unwrap();
+        put(&store, new, b"written now", false).await.unwrap();
+    }
+    // The version 1 header: magic, size, SHA-256; no CRC-32.
+    let content = b"written by an older Central";
+    let mut file = b"KPROBE01".to_vec();
+    file.extend_from_slice(&(content.len() as u64).to_le_bytes());
+    file.extend_from_slice(&sha(content).0);
+    file.extend_from_slice(content);
+    fs::write(dir.path().join("probes").join(old), file).unwrap();
+    age(&dir.path().join("probes/2.5.0"));
+    for start in ["headers read", "snapshot taken"] {
+        let store = FilesystemStore::open(&config(dir.path())).unwrap();
+        let (probe, bytes) = read_back(&store, old).await.unwrap();
+        assert_eq!((probe.sha256, probe.crc32, bytes.as_slice()), (sha(content), None, &content[..]), "{start}");
+        let listed = store.list(None, None, 10).await.unwrap();
+        let crcs: Vec<Option<u32>> = listed.iter().map(|p| p.crc32).collect();
+        assert_eq!(crcs, [None, Some(crc32fast::hash(b"written now"))], "{start}");
+    }
+    assert_eq!(load(dir.path()).1.from_snapshot, 1, "the second start took the snapshot");
 }

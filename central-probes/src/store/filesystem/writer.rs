@@ -114,13 +114,12 @@ impl Staging for FsStaging {
 #[tonic::async_trait]
 impl Staged for FsStaged {
     async fn prepare(&mut self, probe: &StoredProbe) -> Result<()> {
+        let crc32 = probe.crc32.ok_or_else(|| Error::internal(format!("{}: no CRC-32 to store", probe.path)))?;
         let temp = self.temp.take().expect("prepared once");
-        let new = Entry { size: probe.size, sha256: probe.sha256 };
+        let header = header(probe.size, &probe.sha256, crc32);
         let path = self.path.clone();
         let temp = tokio::task::spawn_blocking(move || {
-            temp.file
-                .write_all_at(&header(new), 0)
-                .map_err(|e| Error::io(format!("writing the header of {path}"), e))?;
+            temp.file.write_all_at(&header, 0).map_err(|e| Error::io(format!("writing the header of {path}"), e))?;
             temp.file.sync_all().map_err(|e| Error::io(format!("syncing {path}"), e))?;
             Ok::<_, Error>(temp)
         })
@@ -138,7 +137,7 @@ impl Staged for FsStaged {
     ) -> Result<CommitOutcome> {
         let FsStaged { inner, path, temp } = *self;
         let temp = temp.expect("prepared before the commit");
-        let new = Entry { size: probe.size, sha256: probe.sha256 };
+        let new = Entry { size: probe.size, sha256: probe.sha256, crc32: probe.crc32 };
         tokio::task::spawn_blocking(move || commit(&inner, &path, temp, new, overwrite, taken))
             .await
             .map_err(|e| Error::internal(format!("commit task failed: {e}")))?
