@@ -2,9 +2,10 @@
 # The benchmark suite, one command (not part of CI): bench/run.sh
 #
 # Measures, in one run on this machine, side by side:
-#   1. upload: central-probes upload vs sha256sum + cp + sync of the same
-#      package (the local floor) vs nginx receiving it over HTTPS with mutual
-#      TLS (curl -T); then the re-upload of the unchanged package;
+#   1. upload: central-probes upload vs sha256sum (one core and all cores)
+#      + cp + sync of the same package (the local floor) vs nginx receiving it
+#      over HTTPS with mutual TLS (curl -T); then the re-upload of the
+#      unchanged package; then per-file fsync against group commit;
 #   2. serving: Central's GetProbe vs nginx serving the same files over
 #      HTTP/2, both over mutual TLS, driven by one harness (probe-bench) at
 #      concurrency 1, 16, 64, 256, long-lived and new-per-request connections;
@@ -70,6 +71,14 @@ hwm_mib() { awk '/VmHWM/ { printf "%d", $2 / 1024 }' "/proc/$1/status"; }
 echo "== 1. upload"
 sha256sum "$PACKAGE" >/dev/null
 t0=$(now); sha256sum "$PACKAGE" >/dev/null; sha_s=$(secs "$t0" "$(now)")
+# SHA-256 on every core: each core hashes its share of the file.
+share=$(( (SIZE + $(nproc) - 1) / $(nproc) / 1048576 + 1 ))
+t0=$(now)
+for i in $(seq 0 $(($(nproc) - 1))); do
+  dd if="$PACKAGE" bs=1M skip=$((i * share)) count="$share" status=none | sha256sum >/dev/null &
+done
+wait
+sha_all_s=$(secs "$t0" "$(now)")
 sync; t0=$(now); cp "$PACKAGE" "$WORK/copy.zip" && sync; cp_s=$(secs "$t0" "$(now)"); rm -f "$WORK/copy.zip"; sync
 
 export ROX_API_TOKEN
@@ -85,6 +94,8 @@ central_cpu=$(secs "$c0" "$(cpu_of "$MAIN_PID")"); central_rss=$(hwm_mib "$MAIN_
   --ca "$PKI/ca.pem" >"$WORK/reupload.out" 2>"$WORK/reupload.err"
 read -r re_s re_rss <"$WORK/time2.txt"
 grep -q "Nothing to do" "$WORK/reupload.out" && re_bytes=0 || re_bytes="see $WORK/reupload.out"
+re_read=$(sed -n 's/^Read \([0-9]*\) bytes of the package\./\1/p' "$WORK/reupload.err")
+durability=$("$BIN/probe-bench" durability --dir "$WORK" --files 2000 --size 130000 --group 64)
 
 # nginx: static files for serving, WebDAV PUT for the upload, mutual TLS, HTTP/2.
 mkdir -p "$WORK/nginx"/{body,upload,tmp}
@@ -142,15 +153,23 @@ cmp -s "$PACKAGE" "$WORK/nginx/upload/pkg.zip" || echo "warning: nginx stored a 
   echo
   echo "| run | seconds | MB/s | vs nginx | vs cp + sync | peak RSS server / client (MiB) | CPU s server / client |"
   echo "|---|---|---|---|---|---|---|"
-  echo "| sha256sum (local) | $sha_s | $(mbps "$SIZE" "$sha_s") | | | | |"
+  echo "| sha256sum (local, one core) | $sha_s | $(mbps "$SIZE" "$sha_s") | | | | |"
+  echo "| sha256sum (local, $(nproc) cores, a share each) | $sha_all_s | $(mbps "$SIZE" "$sha_all_s") | | | | |"
   echo "| cp + sync (local floor) | $cp_s | $(mbps "$SIZE" "$cp_s") | | 1.00x | | |"
   echo "| nginx PUT over HTTPS mTLS (curl -T), no fsync | $ng_s | $(mbps "$SIZE" "$ng_s") | 1.00x | $(ratio "$cp_s" "$ng_s") | $nginx_rss / $((curl_rss / 1024)) | $nginx_cpu / $(awk -v a="$curl_u" -v b="$curl_s" 'BEGIN{print a+b}') |"
   echo "| central-probes upload, every probe verified and fsync'd | $up_s | $(mbps "$SIZE" "$up_s") | $(ratio "$ng_s" "$up_s") | $(ratio "$cp_s" "$up_s") | $central_rss / $((up_rss / 1024)) | $central_cpu / $(awk -v a="$up_u" -v b="$up_s2" 'BEGIN{print a+b}') |"
   echo "| re-upload, unchanged package | $re_s | | | | - / $((re_rss / 1024)) | |"
   echo
-  echo "Re-upload: probe bytes sent: $re_bytes; time $(awk -v a="$re_s" -v b="$up_s" 'BEGIN { printf "%.2f", a / b }') of the first upload."
+  echo "Re-upload: probe bytes sent: $re_bytes; package bytes read: $re_read of $SIZE; time $(awk -v a="$re_s" -v b="$up_s" 'BEGIN { printf "%.3f", a / b }') of the first upload."
+  echo "First upload vs SHA-256 on all cores: $(ratio "$sha_all_s" "$up_s")."
   per_gb() { awk -v c="$1" -v b="$SIZE" 'BEGIN { printf "%.2f", c / (b / 1e9) }'; }
   echo "CPU seconds per GB of package in the first upload: uploader $(per_gb "$(awk -v a="$up_u" -v b="$up_s2" 'BEGIN{print a+b}')"), Central $(per_gb "$central_cpu"), nginx $(per_gb "$nginx_cpu")."
+  echo
+  echo "Durable commits of 2,000 files of 130 KB into one directory (probe-bench durability):"
+  echo
+  echo '```'
+  echo "$durability"
+  echo '```'
 } >>"$RESULTS"
 
 # --------------------------------------------------------------- 2. serving

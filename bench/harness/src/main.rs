@@ -5,6 +5,7 @@
 //! it GETs the same files over HTTP/2; both over mutual TLS. Neither side
 //! hashes what it receives, so the servers are compared on equal work.
 
+mod durability;
 mod load;
 
 use std::path::{Path, PathBuf};
@@ -102,6 +103,17 @@ enum Command {
         #[arg(long)]
         paths_out: PathBuf,
     },
+    /// Per-file fsync against group commit, on the file system of DIR.
+    Durability {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long, default_value_t = 2000)]
+        files: usize,
+        #[arg(long, default_value_t = 130_000)]
+        size: usize,
+        #[arg(long, default_value_t = 64)]
+        group: usize,
+    },
 }
 
 fn read(path: &Path) -> Vec<u8> {
@@ -130,6 +142,7 @@ async fn main() {
         Command::Fill { data_dir, probes, module_versions, paths_out } => {
             fill(&data_dir, probes, module_versions, &paths_out).await
         }
+        Command::Durability { dir, files, size, group } => durability::run(&dir, files, size, group),
     }
 }
 
