@@ -47,7 +47,7 @@ pub struct PackageIndex {
 }
 
 pub struct Package {
-    archive: ZipArchive<BufReader<CountedFile>>,
+    archive: ZipArchive<PackageFile>,
 }
 
 /// Bytes read from package files, shared by every `Package` opened with it.
@@ -64,23 +64,65 @@ impl PackageReads {
     }
 }
 
-/// The package file, counting what is read from it.
+/// The package file, read through a buffer, counting what is read from it.
+///
+/// The zip reader seeks to every entry's local header, which usually lies
+/// right after the entry it just read. `BufReader::seek` would throw the
+/// buffer away each time, and with it the read-ahead past the entry end
+/// (half the bytes again, for probes of 130 KB); a seek that lands inside
+/// the buffer keeps it here.
+struct PackageFile {
+    buffer: BufReader<CountedFile>,
+}
+
+impl PackageFile {
+    fn new(file: File, reads: PackageReads) -> Self {
+        PackageFile { buffer: BufReader::with_capacity(READ_BUFFER, CountedFile { file, reads, position: 0 }) }
+    }
+}
+
+impl Read for PackageFile {
+    fn read(&mut self, buffer: &mut [u8]) -> io::Result<usize> {
+        self.buffer.read(buffer)
+    }
+}
+
+impl Seek for PackageFile {
+    fn seek(&mut self, target: SeekFrom) -> io::Result<u64> {
+        // Where the reader is: the file position less what is buffered.
+        let current = self.buffer.get_ref().position - self.buffer.buffer().len() as u64;
+        let offset = match target {
+            SeekFrom::Start(to) => to as i128 - current as i128,
+            SeekFrom::Current(by) => i128::from(by),
+            SeekFrom::End(_) => return self.buffer.seek(target),
+        };
+        let offset = i64::try_from(offset).map_err(|_| io::Error::other("seek out of range"))?;
+        // Keeps the buffer when the target is inside it.
+        self.buffer.seek_relative(offset)?;
+        Ok(current.checked_add_signed(offset).ok_or_else(|| io::Error::other("seek before the start"))?)
+    }
+}
+
+/// The package file, counting what is read from it and knowing where it is.
 struct CountedFile {
     file: File,
     reads: PackageReads,
+    position: u64,
 }
 
 impl Read for CountedFile {
     fn read(&mut self, buffer: &mut [u8]) -> io::Result<usize> {
         let n = self.file.read(buffer)?;
         self.reads.add(n);
+        self.position += n as u64;
         Ok(n)
     }
 }
 
 impl Seek for CountedFile {
-    fn seek(&mut self, position: SeekFrom) -> io::Result<u64> {
-        self.file.seek(position)
+    fn seek(&mut self, target: SeekFrom) -> io::Result<u64> {
+        self.position = self.file.seek(target)?;
+        Ok(self.position)
     }
 }
 
@@ -89,17 +131,15 @@ impl Seek for CountedFile {
 /// broken package, refused before anything is sent.
 pub const MAX_ENTRIES: usize = 65_536;
 
-/// Read buffer for the package file. Every entry starts with a seek, which
-/// empties the buffer: a buffer much larger than a probe reads (and copies)
-/// data that is thrown away. 64 KiB still makes header reads cheap.
+/// Read buffer for the package file: header reads are cheap, and reads of
+/// a probe's bytes larger than it bypass it.
 const READ_BUFFER: usize = 64 << 10;
 
 impl Package {
     /// Opens a package, counting what it reads into `reads`.
     pub fn open(path: &Path, reads: &PackageReads) -> Result<Self, PackageError> {
         let file = File::open(path).map_err(|source| PackageError::Open { path: path.to_owned(), source })?;
-        let file = CountedFile { file, reads: reads.clone() };
-        let archive = ZipArchive::new(BufReader::with_capacity(READ_BUFFER, file))
+        let archive = ZipArchive::new(PackageFile::new(file, reads.clone()))
             .map_err(|source| PackageError::NotZip { path: path.to_owned(), source })?;
         // The zip crate keeps one entry per name; the end record still counts
         // them all. Which of two same-named entries is meant cannot be known.
