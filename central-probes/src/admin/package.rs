@@ -99,7 +99,7 @@ impl Seek for PackageFile {
         let offset = i64::try_from(offset).map_err(|_| io::Error::other("seek out of range"))?;
         // Keeps the buffer when the target is inside it.
         self.buffer.seek_relative(offset)?;
-        Ok(current.checked_add_signed(offset).ok_or_else(|| io::Error::other("seek before the start"))?)
+        current.checked_add_signed(offset).ok_or_else(|| io::Error::other("seek before the start"))
     }
 }
 
