@@ -21,9 +21,13 @@ use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+/// Writes `files` copies of the content into the directory, durably, in
+/// groups of the given size where the strategy groups.
+type Strategy = fn(&Path, usize, &[u8], usize);
+
 pub fn run(dir: &Path, files: usize, size: usize, group: usize) {
     let content: Vec<u8> = (0..size).map(|i| (i * 7 % 251) as u8).collect();
-    let strategies: [(&str, fn(&Path, usize, &[u8], usize)); 4] = [
+    let strategies: [(&str, Strategy); 4] = [
         ("per-file", per_file),
         ("per-file, 32 in flight", per_file_parallel),
         ("group, fsync each", group_fsync_each),
