@@ -73,6 +73,7 @@ async fn start(
     let config = CentralConfig {
         data_dir: dir.to_owned(),
         min_free_bytes: 0,
+        hot_cache_bytes: 16 << 20,
         tls: pki.tls.clone(),
         allow_anonymous_reads: anonymous,
         upstream,

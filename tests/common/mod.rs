@@ -88,6 +88,7 @@ impl Central {
         let config = CentralConfig {
             data_dir: data_dir.to_owned(),
             min_free_bytes: options.min_free_bytes,
+            hot_cache_bytes: 16 << 20,
             tls,
             allow_anonymous_reads: options.allow_anonymous_reads,
             upstream: options.upstream,

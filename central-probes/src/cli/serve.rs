@@ -62,6 +62,11 @@ pub struct ServeArgs {
     /// ones are evicted beyond it.
     #[arg(long, env = "CENTRAL_UPSTREAM_CACHE_SIZE", default_value = "1GiB", value_parser = parse_size)]
     upstream_cache_size: u64,
+    /// Memory for the most requested uploaded probes, served without
+    /// touching the disk; least recently used ones are dropped beyond it.
+    /// 0 turns it off.
+    #[arg(long, env = "CENTRAL_HOT_CACHE_SIZE", default_value = "16MiB", value_parser = parse_size)]
+    hot_cache_size: u64,
     /// Never contact the upstream (no outbound connection at all).
     #[arg(long, env = "ROX_OFFLINE_MODE")]
     offline: bool,
@@ -133,6 +138,7 @@ pub async fn serve(args: ServeArgs) -> Result<(), CliError> {
     let config = CentralConfig {
         data_dir: args.data_dir.clone(),
         min_free_bytes: args.min_free_space,
+        hot_cache_bytes: args.hot_cache_size,
         tls,
         allow_anonymous_reads: args.allow_anonymous_reads,
         upstream: upstream_config(&args)?,

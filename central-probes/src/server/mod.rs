@@ -40,6 +40,7 @@ use crate::server::upload_service::UploadService;
 use crate::server::upstream::UpstreamSource;
 use crate::store::ProbeStore;
 use crate::store::filesystem::{FilesystemStore, FilesystemStoreConfig};
+use crate::store::hot::HotProbes;
 // The server's front door: what the binary needs to configure and run it.
 pub use auth::{Role, TokenFile};
 pub use connections::ConnectionLimits;
@@ -61,6 +62,8 @@ pub struct CentralConfig {
     pub data_dir: PathBuf,
     /// Writes are refused when they would leave less free disk than this.
     pub min_free_bytes: u64,
+    /// Memory for hot uploaded probes (`store::hot`); 0 for none.
+    pub hot_cache_bytes: u64,
     pub tls: TlsMaterial,
     /// Serve GetProbe to callers without a client certificate.
     pub allow_anonymous_reads: bool,
@@ -108,8 +111,12 @@ impl Central {
                 Some(Arc::new(source))
             }
         };
+        let store: Arc<dyn ProbeStore> = match config.hot_cache_bytes {
+            0 => Arc::new(store),
+            budget => Arc::new(HotProbes::new(Arc::new(store), budget)),
+        };
         Ok(Central {
-            store: Arc::new(store),
+            store,
             auth: TokenAuth::new(TokenFile::in_data_dir(&config.data_dir)),
             upstream,
             metrics,

@@ -14,6 +14,8 @@ pub mod backend;
 #[cfg(any(test, feature = "testing"))]
 pub mod conformance;
 pub mod filesystem;
+pub mod hot;
+pub(crate) mod lru;
 pub mod verified;
 
 use std::future::Future;

@@ -7,10 +7,9 @@
 //! (`single_flight`). "Not found" answers are remembered briefly so a crowd
 //! asking for a missing probe does not turn into a crowd of upstream
 //! requests. The cache is a probe store like any other, used through the
-//! `ProbeStore` trait; `lru` evicts its least recently used probes once it
+//! `ProbeStore` trait; `store::lru` evicts its least recently used probes once it
 //! holds more than its budget.
 
-mod lru;
 mod single_flight;
 
 use std::collections::HashMap;
@@ -30,7 +29,7 @@ use crate::error::{Error, Result};
 use crate::server::metrics::{Metrics, ResultLabels};
 use crate::server::sources::{Found, ProbeSource};
 use crate::store::ProbeStore;
-use lru::Lru;
+use crate::store::lru::Lru;
 use probe_api::limits::MAX_FILE_SIZE;
 use single_flight::SingleFlight;
 

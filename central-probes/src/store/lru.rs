@@ -1,16 +1,17 @@
-//! Least-recently-used bookkeeping of the upstream cache: which probes to
-//! evict once the cache holds more than its budget.
+//! Least-recently-used bookkeeping of a cache of probes (the upstream
+//! cache on disk, the hot probes in memory): which probes to evict once the
+//! cache holds more than its budget.
 
 use std::collections::{BTreeMap, HashMap};
 
 use probe_api::names::ProbePath;
 
+use super::ProbeStore;
 use crate::error::Result;
-use crate::store::ProbeStore;
 
 /// Least-recently-used bookkeeping of the cache.
 #[derive(Default)]
-pub(super) struct Lru {
+pub(crate) struct Lru {
     clock: u64,
     by_path: HashMap<ProbePath, (u64, u64)>,
     by_tick: BTreeMap<u64, ProbePath>,
@@ -19,7 +20,7 @@ pub(super) struct Lru {
 
 impl Lru {
     /// Everything the cache holds, in no particular recency.
-    pub(super) async fn of(cache: &dyn ProbeStore) -> Result<Self> {
+    pub(crate) async fn of(cache: &dyn ProbeStore) -> Result<Self> {
         let mut lru = Lru::default();
         for probe in cache.list(None, None, usize::MAX).await? {
             lru.insert(probe.path, probe.size);
@@ -28,11 +29,11 @@ impl Lru {
     }
 
     /// Probes the cache holds.
-    pub(super) fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.by_path.len()
     }
 
-    pub(super) fn touch(&mut self, path: &ProbePath) {
+    pub(crate) fn touch(&mut self, path: &ProbePath) {
         if let Some(&(tick, size)) = self.by_path.get(path) {
             self.by_tick.remove(&tick);
             self.clock += 1;
@@ -41,7 +42,15 @@ impl Lru {
         }
     }
 
-    pub(super) fn insert(&mut self, path: ProbePath, size: u64) {
+    /// Forgets `path`; true if it was there.
+    pub(crate) fn remove(&mut self, path: &ProbePath) -> bool {
+        let Some((tick, size)) = self.by_path.remove(path) else { return false };
+        self.by_tick.remove(&tick);
+        self.total -= size;
+        true
+    }
+
+    pub(crate) fn insert(&mut self, path: ProbePath, size: u64) {
         if let Some((tick, old_size)) = self.by_path.remove(&path) {
             self.by_tick.remove(&tick);
             self.total -= old_size;
@@ -54,7 +63,7 @@ impl Lru {
 
     /// Drops the oldest entries until at most `max` bytes remain, never
     /// `keep` (the probe just fetched for a waiting caller).
-    pub(super) fn evict_beyond(&mut self, max: u64, keep: &ProbePath) -> Vec<ProbePath> {
+    pub(crate) fn evict_beyond(&mut self, max: u64, keep: &ProbePath) -> Vec<ProbePath> {
         let mut evicted = Vec::new();
         while self.total > max {
             let Some((&tick, oldest)) = self.by_tick.iter().find(|(_, p)| *p != keep) else {
