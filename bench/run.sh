@@ -8,7 +8,8 @@
 #      unchanged package; then per-file fsync against group commit;
 #   2. serving: Central's GetProbe vs nginx serving the same files over
 #      HTTP/2, both over mutual TLS, driven by one harness (probe-bench) at
-#      concurrency 1, 16, 64, 256, long-lived and new-per-request connections;
+#      concurrency 1, 16, 64, 256, long-lived and new-per-request connections,
+#      over all probes and over a hot set of 16 (a cluster's few kernels);
 #   3. fan-out: 1,000 concurrent GetProbe calls for a probe only the upstream has;
 #   4. scale: a store of 100,000 probes: start-up time and RSS,
 #      GetExistingProbes for 16,000 names, a ListProbes page;
@@ -182,15 +183,18 @@ echo "== 2. serving"
   echo "| connections | concurrency | Central req/s | nginx req/s | ratio | Central MB/s | nginx MB/s | Central p50 / p99 ms | nginx p50 / p99 ms | server CPU µs/request C / n | errors C / n |"
   echo "|---|---|---|---|---|---|---|---|---|---|---|"
 } >>"$RESULTS"
-for mode in long-lived new-per-request; do
+# A cluster's nodes run a handful of kernels: 16 probes take every request.
+shuf -n 16 --random-source=<(yes) "$WORK/paths.txt" >"$WORK/hot-paths.txt"
+for mode in long-lived new-per-request hot-16-probes; do
   flag=(); [ "$mode" = new-per-request ] && flag=(--new-connection-per-request)
+  paths="$WORK/paths.txt"; [ "$mode" = hot-16-probes ] && paths="$WORK/hot-paths.txt"
   for c in 1 16 64 256; do
     c0=$(cpu_of "$MAIN_PID")
-    g=$("$BIN/probe-bench" load --protocol grpc --address "$MAIN_ADDR" "${TLS[@]}" --paths "$WORK/paths.txt" \
+    g=$("$BIN/probe-bench" load --protocol grpc --address "$MAIN_ADDR" "${TLS[@]}" --paths "$paths" \
       --concurrency "$c" --seconds "$SECONDS_PER_RUN" "${flag[@]}" 2>>"$WORK/load.err")
     g_cpu=$(secs "$c0" "$(cpu_of "$MAIN_PID")")
     n0=$(nginx_cpu)
-    h=$("$BIN/probe-bench" load --protocol https --address "127.0.0.1:$NGINX_PORT" "${TLS[@]}" --paths "$WORK/paths.txt" \
+    h=$("$BIN/probe-bench" load --protocol https --address "127.0.0.1:$NGINX_PORT" "${TLS[@]}" --paths "$paths" \
       --concurrency "$c" --seconds "$SECONDS_PER_RUN" "${flag[@]}" 2>>"$WORK/load.err")
     h_cpu=$(secs "$n0" "$(nginx_cpu)")
     read -r g_rps g_mbs g_p50 g_p99 g_err <<<"$g"

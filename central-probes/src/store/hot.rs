@@ -3,10 +3,14 @@
 //! take most GetProbe calls; serving those from memory spares the open, the
 //! header read and the copy out of the page cache.
 //!
-//! A probe enters the cache when it is opened and its first chunk is the
-//! whole probe (the store hands that chunk out anyway, so a miss costs
-//! nothing extra); larger probes are always read from the store. Entries
-//! are evicted least recently used beyond the byte budget. A commit that
+//! A probe enters the cache when it is opened a second time while it is
+//! among the last `RECENT_MISSES` misses, and its first chunk is the whole
+//! probe (the store hands that chunk out anyway, so a miss costs nothing
+//! extra); larger probes are always read from the store. Admitting only
+//! what is asked for again keeps requests spread over many probes from
+//! churning the cache (each insertion evicts, and fresh buffers of 130 KB
+//! cost page faults). Entries are evicted least recently used beyond the
+//! byte budget. A commit that
 //! stores or replaces a probe, and a removal, drop its entry twice: before
 //! (so that no read in flight puts old bytes back: each insertion checks
 //! that no invalidation happened since its read began) and after (so that
@@ -14,7 +18,7 @@
 //! still get the old bytes, whole and with their own digest, as it could
 //! from the store.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -43,10 +47,33 @@ struct Cache {
     hits: AtomicU64,
 }
 
+/// Misses remembered for admission: a probe asked for again within this
+/// many misses is hot.
+const RECENT_MISSES: usize = 1024;
+
 #[derive(Default)]
 struct Entries {
     probes: HashMap<ProbePath, (StoredProbe, Bytes)>,
     lru: Lru,
+    recent_misses: HashSet<ProbePath>,
+    miss_order: VecDeque<ProbePath>,
+}
+
+impl Entries {
+    /// Records a miss of `path`; true if it missed recently already.
+    fn missed_again(&mut self, path: &ProbePath) -> bool {
+        if self.recent_misses.contains(path) {
+            return true;
+        }
+        if self.miss_order.len() == RECENT_MISSES
+            && let Some(oldest) = self.miss_order.pop_front()
+        {
+            self.recent_misses.remove(&oldest);
+        }
+        self.miss_order.push_back(path.clone());
+        self.recent_misses.insert(path.clone());
+        false
+    }
 }
 
 impl HotProbes {
@@ -74,12 +101,15 @@ impl Cache {
         self.entries.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    fn get(&self, path: &ProbePath) -> Option<(StoredProbe, Bytes)> {
+    /// The cached probe, or on a miss whether it is hot enough to admit.
+    fn get(&self, path: &ProbePath) -> Result<(StoredProbe, Bytes), bool> {
         let mut entries = self.entries();
-        let found = entries.probes.get(path).cloned()?;
+        let Some(found) = entries.probes.get(path).cloned() else {
+            return Err(entries.missed_again(path));
+        };
         entries.lru.touch(path);
         self.hits.fetch_add(1, Ordering::Relaxed);
-        Some(found)
+        Ok(found)
     }
 
     fn insert(&self, read_began: u64, probe: StoredProbe, bytes: Bytes) {
@@ -133,12 +163,13 @@ impl ProbeStore for HotProbes {
     }
 
     async fn open(&self, path: &ProbePath) -> Result<Option<ProbeReader>> {
-        if let Some((probe, bytes)) = self.cache.get(path) {
-            return Ok(Some(whole(probe, bytes)));
-        }
         let read_began = self.cache.generation.load(Ordering::SeqCst);
+        let admit = match self.cache.get(path) {
+            Ok((probe, bytes)) => return Ok(Some(whole(probe, bytes))),
+            Err(admit) => admit,
+        };
         let Some(mut reader) = self.store.open(path).await? else { return Ok(None) };
-        if reader.probe.size > self.cache.budget {
+        if !admit || reader.probe.size > self.cache.budget {
             return Ok(Some(reader));
         }
         // The first chunk is read already; if it is the whole probe, keep it.
@@ -233,8 +264,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = hot(dir.path(), 1 << 20);
         put(&store, &path(1), b"first", false).await;
-        assert_eq!(read(&store, &path(1)).await.1, b"first");
-        assert_eq!(store.hits(), 0, "the first open reads the store");
+        for _ in 0..2 {
+            assert_eq!(read(&store, &path(1)).await.1, b"first");
+        }
+        assert_eq!(store.hits(), 0, "the first two opens read the store; the second admits the probe");
         // Gone from disk behind the cache's back: still served, from memory.
         let file = dir.path().join("probes/2.5.0/collector-ebpf-5.1.0.o.gz");
         let on_disk = std::fs::read(&file).unwrap();
@@ -248,7 +281,7 @@ mod tests {
         assert_eq!((probe.sha256, bytes.as_slice()), (Sha256Digest::of(b"second"), &b"second"[..]));
         assert_eq!(store.hits(), 1, "an overwrite drops the entry");
         assert_eq!(read(&store, &path(1)).await.1, b"second");
-        assert_eq!(store.hits(), 2);
+        assert_eq!(store.hits(), 2, "still hot: readmitted at once");
 
         assert!(store.remove(&path(1)).await.unwrap());
         assert!(store.open(&path(1)).await.unwrap().is_none(), "a removed probe is not served from memory");
@@ -261,7 +294,7 @@ mod tests {
         for kernel in 0..4 {
             put(&store, &path(kernel), &vec![kernel as u8; 1000], false).await;
         }
-        for kernel in [0, 1, 0, 2] {
+        for kernel in [0, 1, 0, 1, 0, 2, 2] {
             read(&store, &path(kernel)).await;
         }
         assert!(store.held_bytes() <= 2500, "{}", store.held_bytes());
@@ -273,7 +306,19 @@ mod tests {
         // A probe larger than the budget is never held.
         put(&store, &path(9), &[9u8; 3000], false).await;
         read(&store, &path(9)).await;
+        read(&store, &path(9)).await;
         assert!(store.held_bytes() <= 2500);
+    }
+
+    #[tokio::test]
+    async fn probes_asked_for_once_do_not_enter_the_cache() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = hot(dir.path(), 1 << 20);
+        for kernel in 0..100 {
+            put(&store, &path(kernel), b"cold", false).await;
+            read(&store, &path(kernel)).await;
+        }
+        assert_eq!(store.held_bytes(), 0);
     }
 
     #[tokio::test]
