@@ -146,10 +146,12 @@ impl FilesystemBackend {
 }
 
 /// A closing store leaves a snapshot of its index, so that the next start
-/// reads no probe headers.
+/// reads no probe headers: after an upload that ended less than a second
+/// before, it first waits out the rest of that second (see `snapshot`).
 impl Drop for Inner {
     fn drop(&mut self) {
         let index = self.index.get_mut().unwrap_or_else(|poisoned| poisoned.into_inner());
+        std::thread::sleep(snapshot::quiet_wait(&self.probes_dir, index));
         if let Err(error) = snapshot::write(&self.data_dir, &self.probes_dir, index) {
             warn!(%error, "could not write the index snapshot; the next start reads every probe");
         }

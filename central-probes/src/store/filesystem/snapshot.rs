@@ -99,6 +99,20 @@ fn parse(text: &str) -> Option<Snapshot> {
     complete.then_some(Snapshot { dirs, written })
 }
 
+/// How long to wait, before writing a snapshot on close, for every module
+/// directory of `index` to have been quiet long enough to be vouched for:
+/// zero unless one changed less than a second ago (an upload just before
+/// shutdown). Waiting on close spares the next start-up reading that
+/// directory's headers.
+pub(super) fn quiet_wait(probes_dir: &Path, index: &BTreeMap<ProbePath, Entry>) -> std::time::Duration {
+    let mut versions: Vec<&str> = index.keys().map(|path| path.module_version().as_str()).collect();
+    versions.dedup();
+    let latest = versions.iter().filter_map(|v| modified_nanos(&probes_dir.join(v)).ok()).max();
+    let wait = latest.map_or(0, |latest| latest + QUIET_NANOS - nanos(SystemTime::now()));
+    // A directory dated in the future (a clock step) is not waited for.
+    std::time::Duration::from_nanos(wait.clamp(0, QUIET_NANOS) as u64)
+}
+
 /// Writes the snapshot of `index`, with the current times of the module
 /// directories under `probes_dir`.
 pub(super) fn write(data_dir: &Path, probes_dir: &Path, index: &BTreeMap<ProbePath, Entry>) -> io::Result<()> {

@@ -275,3 +275,18 @@ async fn probes_stored_before_crc32s_were_recorded_are_still_read_listed_and_sna
     }
     assert_eq!(load(dir.path()).1.from_snapshot, 1, "the second start took the snapshot");
 }
+
+#[tokio::test]
+async fn a_store_closed_right_after_an_upload_leaves_a_snapshot_that_vouches_for_every_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = FilesystemStore::open(&config(dir.path())).unwrap();
+        put(&store, "2.5.0/collector-ebpf-5.4.0.o.gz", b"just uploaded", false).await.unwrap();
+        let index = store.backend().inner.index().clone();
+        let wait = snapshot::quiet_wait(&dir.path().join("probes"), &index);
+        assert!(wait > std::time::Duration::ZERO && wait <= std::time::Duration::from_secs(1), "{wait:?}");
+    }
+    let (index, stats) = load(dir.path());
+    assert_eq!(index.len(), 1);
+    assert_eq!(stats, index::LoadStats { from_snapshot: 1, from_disk: 0 }, "no header read at the next start");
+}
