@@ -21,10 +21,11 @@ pub trait StoreFixture: Send + Sync {
     /// a restart.
     async fn open(&self) -> Arc<dyn ProbeStore>;
     /// Leaves behind, while the store is closed, what a crash in the middle
-    /// of a write leaves in this backend.
-    fn leave_a_crashed_write(&self);
-    /// Unfinished writes the backend holds; `open` must clear them.
-    fn leftovers(&self) -> usize;
+    /// of a write leaves in this backend (files in `tmp/` for a filesystem,
+    /// an uncommitted transaction on a lost connection for a database).
+    async fn leave_a_crashed_write(&self);
+    /// Unfinished writes the backend holds once `open` returned: none.
+    async fn leftovers(&self) -> usize;
 }
 
 /// Generates one test per conformance case for the fixture `$make`.
@@ -232,10 +233,9 @@ pub async fn an_abandoned_write_leaves_nothing_after_a_restart(fixture: &dyn Sto
     writer.write(Bytes::from_static(b"half a probe")).await.unwrap();
     drop(writer);
     drop(store);
-    fixture.leave_a_crashed_write();
-    assert!(fixture.leftovers() > 0);
+    fixture.leave_a_crashed_write().await;
     let store = fixture.open().await;
-    assert_eq!(fixture.leftovers(), 0, "a restart clears abandoned writes");
+    assert_eq!(fixture.leftovers().await, 0, "a restart clears abandoned writes");
     assert!(store.stat(&kernel(6)).await.unwrap().is_none());
     assert_eq!(store.list(None, None, 10).await.unwrap().len(), 1, "only the committed probe");
     assert_eq!(read(store.as_ref(), &kernel(5)).await.unwrap().1, b"committed", "committed probes stay");

@@ -344,11 +344,11 @@ mod tests {
             Arc::new(hot(self.dir.path(), 1 << 20))
         }
 
-        fn leave_a_crashed_write(&self) {
+        async fn leave_a_crashed_write(&self) {
             std::fs::write(self.dir.path().join("tmp/4242-0.part"), b"half a probe").unwrap();
         }
 
-        fn leftovers(&self) -> usize {
+        async fn leftovers(&self) -> usize {
             std::fs::read_dir(self.dir.path().join("tmp")).unwrap().count()
         }
     }

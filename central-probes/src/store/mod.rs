@@ -16,6 +16,7 @@ pub mod conformance;
 pub mod filesystem;
 pub mod hot;
 pub(crate) mod lru;
+pub mod postgres;
 pub mod verified;
 
 use std::future::Future;

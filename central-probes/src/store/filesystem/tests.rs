@@ -184,11 +184,11 @@ impl crate::store::conformance::StoreFixture for FsFixture {
         std::sync::Arc::new(FilesystemStore::open(&config(self.dir.path())).unwrap())
     }
 
-    fn leave_a_crashed_write(&self) {
+    async fn leave_a_crashed_write(&self) {
         fs::write(self.dir.path().join("tmp/4242-0.part"), b"half a probe").unwrap();
     }
 
-    fn leftovers(&self) -> usize {
+    async fn leftovers(&self) -> usize {
         tmp_files(self.dir.path())
     }
 }

@@ -1,0 +1,442 @@
+//! The PostgreSQL backend: probes in ordinary tables of a database that
+//! several Centrals share (`schema.rs` has the tables and migrations).
+//!
+//! A probe's bytes are rows of at most `CHUNK_ROW` bytes, so a probe is
+//! written and read in order without being held whole. Each file an upload
+//! stages is one transaction on its own pooled connection: its chunk rows
+//! are inserted as they arrive, and the commit decides the overwrite rule
+//! under a per-path advisory lock and points the path at the new rows in
+//! the same transaction. A file is visible exactly when that transaction
+//! commits (durably, with PostgreSQL's default `synchronous_commit`); a
+//! replica that dies mid-file leaves nothing, as PostgreSQL rolls back the
+//! transaction of a lost connection. A reader reads in a repeatable-read
+//! transaction, so a probe replaced or removed meanwhile is still read
+//! whole. Connection failures and statement timeouts are UNAVAILABLE: the
+//! pool reconnects by itself once the database is back.
+
+mod schema;
+#[cfg(any(test, feature = "testing"))]
+pub mod test_cluster;
+#[cfg(test)]
+mod tests;
+
+use std::collections::HashMap;
+use std::str::FromStr;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime};
+use probe_api::digest::Sha256Digest;
+use probe_api::names::{ModuleVersion, ProbePath};
+use tokio::sync::{mpsc, oneshot};
+use tokio_postgres::NoTls;
+use tokio_postgres::error::SqlState;
+use tokio_postgres::types::ToSql;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::Code;
+
+use crate::error::{Error, Result};
+use crate::store::backend::{Backend, Staged, Staging};
+use crate::store::verified::VerifiedStore;
+use crate::store::{CommitOutcome, Decision, ProbeReader, StoredProbe, overwrite_rule};
+
+pub use schema::SCHEMA_VERSION;
+
+/// Bytes per chunk row: what a writer buffers, and what a reader holds.
+pub const CHUNK_ROW: usize = 256 * 1024;
+
+/// Settings of the PostgreSQL store.
+#[derive(Clone, Debug)]
+pub struct PostgresConfig {
+    /// `postgres://USER@HOST:PORT/DB` (or key=value form).
+    pub url: String,
+    /// Connections at most; each file being uploaded or probe being read
+    /// from the database holds one.
+    pub max_connections: usize,
+    /// Longest a statement may run, and a caller may wait for a connection.
+    pub statement_timeout: Duration,
+}
+
+/// The PostgreSQL backend behind verification.
+pub type PostgresStore = VerifiedStore<PostgresBackend>;
+
+/// Probes in a PostgreSQL database.
+pub struct PostgresBackend {
+    pool: Pool,
+    page_token_key: Vec<u8>,
+}
+
+impl PostgresStore {
+    /// Connects, applies migrations and loads the shared page token key.
+    pub async fn connect(config: &PostgresConfig) -> Result<Self> {
+        // The database's free space is not Central's to see: no floor.
+        Ok(VerifiedStore::new(PostgresBackend::connect(config).await?, 0))
+    }
+}
+
+/// The error of a database call: UNAVAILABLE when retrying may help (the
+/// connection broke, the database is starting or shutting down, a
+/// statement ran out of time), INTERNAL otherwise.
+fn db_error(what: &str, error: tokio_postgres::Error) -> Error {
+    let transient = error.is_closed()
+        || error.code().is_none()
+        || error.code().is_some_and(|code| {
+            [
+                SqlState::QUERY_CANCELED,
+                SqlState::ADMIN_SHUTDOWN,
+                SqlState::CRASH_SHUTDOWN,
+                SqlState::CANNOT_CONNECT_NOW,
+                SqlState::T_R_SERIALIZATION_FAILURE,
+            ]
+            .contains(code)
+        });
+    let code = if transient { Code::Unavailable } else { Code::Internal };
+    Error::new(code, format!("{what}: {}", chain(&error)))
+}
+
+fn chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text = format!("{text}: {cause}");
+        source = cause.source();
+    }
+    text
+}
+
+impl PostgresBackend {
+    async fn connect(config: &PostgresConfig) -> Result<Self> {
+        let mut pg = tokio_postgres::Config::from_str(&config.url)
+            .map_err(|e| Error::invalid_argument(format!("the database URL: {e}")))?;
+        let timeout_ms = config.statement_timeout.as_millis();
+        pg.options(format!("-c statement_timeout={timeout_ms}"));
+        pg.connect_timeout(config.statement_timeout);
+        let manager = Manager::from_config(pg, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
+        let pool = Pool::builder(manager)
+            .max_size(config.max_connections.max(1))
+            .runtime(Runtime::Tokio1)
+            .wait_timeout(Some(config.statement_timeout))
+            .create_timeout(Some(config.statement_timeout))
+            .build()
+            .map_err(|e| Error::internal(format!("making the connection pool: {e}")))?;
+        let mut client = get(&pool).await?;
+        schema::migrate(&mut client).await?;
+        let page_token_key = load_or_create_key(&client).await?;
+        Ok(PostgresBackend { pool, page_token_key })
+    }
+}
+
+/// A pooled connection, or UNAVAILABLE.
+async fn get(pool: &Pool) -> Result<Object> {
+    pool.get().await.map_err(|e| Error::new(Code::Unavailable, format!("connecting to the database: {}", chain(&e))))
+}
+
+/// The page token key every replica shares: made by the first to start.
+async fn load_or_create_key(client: &Object) -> Result<Vec<u8>> {
+    let mut key = [0u8; 32];
+    getrandom::getrandom(&mut key).map_err(|e| Error::internal(format!("making a page token key: {e}")))?;
+    client
+        .execute(
+            "INSERT INTO settings (name, value) VALUES ('page_token_key', $1) ON CONFLICT (name) DO NOTHING",
+            &[&key.as_slice()],
+        )
+        .await
+        .map_err(|e| db_error("storing the page token key", e))?;
+    let row = client
+        .query_one("SELECT value FROM settings WHERE name = 'page_token_key'", &[])
+        .await
+        .map_err(|e| db_error("reading the page token key", e))?;
+    Ok(row.get(0))
+}
+
+fn stored(row: &tokio_postgres::Row) -> Result<StoredProbe> {
+    let bad = |what: &str| Error::internal(format!("the database holds a bad {what}"));
+    let path: String = row.get("path");
+    let size: i64 = row.get("size");
+    let sha256: Vec<u8> = row.get("sha256");
+    let crc32: Option<i64> = row.get("crc32");
+    Ok(StoredProbe {
+        path: ProbePath::parse(&path).map_err(|_| bad("path"))?,
+        size: u64::try_from(size).map_err(|_| bad("size"))?,
+        sha256: Sha256Digest(sha256.try_into().map_err(|_| bad("SHA-256"))?),
+        crc32: crc32.map(|crc| u32::try_from(crc).map_err(|_| bad("CRC-32"))).transpose()?,
+    })
+}
+
+/// A connection inside a transaction. Dropped before `commit` or
+/// `rollback`, it is taken out of the pool and closed, which makes
+/// PostgreSQL roll the transaction back: an open transaction never goes
+/// back to the pool.
+struct InTransaction {
+    client: Option<Object>,
+}
+
+impl InTransaction {
+    async fn begin(pool: &Pool, begin: &str) -> Result<Self> {
+        let client = get(pool).await?;
+        client.batch_execute(begin).await.map_err(|e| db_error("starting a transaction", e))?;
+        Ok(InTransaction { client: Some(client) })
+    }
+
+    fn client(&self) -> &Object {
+        self.client.as_ref().expect("in a transaction")
+    }
+
+    async fn end(mut self, statement: &str) -> Result<()> {
+        let client = self.client.take().expect("in a transaction");
+        if let Err(error) = client.batch_execute(statement).await {
+            drop(Object::take(client));
+            return Err(db_error("ending a transaction", error));
+        }
+        Ok(())
+    }
+}
+
+impl Drop for InTransaction {
+    fn drop(&mut self) {
+        if let Some(client) = self.client.take() {
+            drop(Object::take(client));
+        }
+    }
+}
+
+const COLUMNS: &str = "path, size, sha256, crc32";
+
+#[tonic::async_trait]
+impl Backend for PostgresBackend {
+    async fn stat_many(&self, paths: &[ProbePath]) -> Result<Vec<Option<StoredProbe>>> {
+        let asked: Vec<String> = paths.iter().map(ToString::to_string).collect();
+        let client = get(&self.pool).await?;
+        let rows = client
+            .query(&format!("SELECT {COLUMNS} FROM probes WHERE path = ANY($1)"), &[&asked])
+            .await
+            .map_err(|e| db_error("looking probes up", e))?;
+        let mut found: HashMap<ProbePath, StoredProbe> = HashMap::with_capacity(rows.len());
+        for row in &rows {
+            let probe = stored(row)?;
+            found.insert(probe.path.clone(), probe);
+        }
+        Ok(paths.iter().map(|path| found.get(path).cloned()).collect())
+    }
+
+    async fn list(
+        &self,
+        module_version: Option<&ModuleVersion>,
+        after: Option<&ProbePath>,
+        limit: usize,
+    ) -> Result<Vec<StoredProbe>> {
+        let after = after.map(ToString::to_string);
+        let version = module_version.map(|v| v.as_str().to_owned());
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let client = get(&self.pool).await?;
+        let rows = client
+            .query(
+                &format!(
+                    "SELECT {COLUMNS} FROM probes
+                     WHERE ($1::text IS NULL OR path > $1) AND ($2::text IS NULL OR module_version = $2)
+                     ORDER BY path LIMIT $3"
+                ),
+                &[&after, &version, &limit],
+            )
+            .await
+            .map_err(|e| db_error("listing probes", e))?;
+        rows.iter().map(stored).collect()
+    }
+
+    async fn open(&self, path: &ProbePath) -> Result<Option<ProbeReader>> {
+        let reading = InTransaction::begin(&self.pool, "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY").await?;
+        let row = reading
+            .client()
+            .query_opt(&format!("SELECT {COLUMNS}, blob FROM probes WHERE path = $1"), &[&path.to_string()])
+            .await
+            .map_err(|e| db_error("opening a probe", e))?;
+        let Some(row) = row else {
+            reading.end("COMMIT").await?;
+            return Ok(None);
+        };
+        let probe = stored(&row)?;
+        let blob: i64 = row.get("blob");
+        // One chunk read ahead; a reader that goes away drops the receiver,
+        // the task stops and its connection is closed.
+        let (chunks, receiver) = mpsc::channel(1);
+        tokio::spawn(read_chunks(reading, blob, path.clone(), chunks));
+        Ok(Some(ProbeReader { probe, chunks: Box::pin(ReceiverStream::new(receiver)) }))
+    }
+
+    async fn stage(&self, path: &ProbePath, _size: u64) -> Result<Box<dyn Staging>> {
+        let writing = InTransaction::begin(&self.pool, "BEGIN").await?;
+        let row = writing
+            .client()
+            .query_one("SELECT nextval('probe_blobs')", &[])
+            .await
+            .map_err(|e| db_error("starting a probe", e))?;
+        let blob: i64 = row.get(0);
+        Ok(Box::new(PgStaging { writing, path: path.clone(), blob, seq: 0, pending: BytesMut::new() }))
+    }
+
+    async fn remove(&self, path: &ProbePath) -> Result<bool> {
+        let removing = InTransaction::begin(&self.pool, "BEGIN").await?;
+        let client = removing.client();
+        let row = client
+            .query_opt("DELETE FROM probes WHERE path = $1 RETURNING blob", &[&path.to_string()])
+            .await
+            .map_err(|e| db_error("removing a probe", e))?;
+        let removed = match row {
+            None => false,
+            Some(row) => {
+                let blob: i64 = row.get(0);
+                client
+                    .execute("DELETE FROM probe_chunks WHERE blob = $1", &[&blob])
+                    .await
+                    .map_err(|e| db_error("removing a probe's bytes", e))?;
+                true
+            }
+        };
+        removing.end("COMMIT").await?;
+        Ok(removed)
+    }
+
+    fn page_token_key(&self) -> &[u8] {
+        &self.page_token_key
+    }
+
+    fn available_bytes(&self) -> Result<u64> {
+        Ok(u64::MAX)
+    }
+}
+
+/// Sends the chunk rows of `blob` in order, then ends the transaction.
+async fn read_chunks(reading: InTransaction, blob: i64, path: ProbePath, chunks: mpsc::Sender<Result<Bytes>>) {
+    let mut seq = 0i32;
+    loop {
+        let row = reading
+            .client()
+            .query_opt("SELECT data FROM probe_chunks WHERE blob = $1 AND seq = $2", &[&blob, &seq])
+            .await
+            .map_err(|e| db_error(&format!("reading {path}"), e));
+        let chunk = match row {
+            Ok(Some(row)) => Ok(Bytes::from(row.get::<_, Vec<u8>>(0))),
+            Ok(None) => break,
+            Err(error) => Err(error),
+        };
+        let failed = chunk.is_err();
+        if chunks.send(chunk).await.is_err() || failed {
+            return;
+        }
+        seq += 1;
+    }
+    if let Err(error) = reading.end("COMMIT").await {
+        let _ = chunks.send(Err(error)).await;
+    }
+}
+
+/// A file being written: chunk rows inserted in its own transaction.
+struct PgStaging {
+    writing: InTransaction,
+    path: ProbePath,
+    blob: i64,
+    seq: i32,
+    /// Bytes not yet inserted: less than one row.
+    pending: BytesMut,
+}
+
+impl PgStaging {
+    async fn insert(&mut self, data: &[u8]) -> Result<()> {
+        let params: [&(dyn ToSql + Sync); 3] = [&self.blob, &self.seq, &data];
+        self.writing
+            .client()
+            .execute("INSERT INTO probe_chunks (blob, seq, data) VALUES ($1, $2, $3)", &params)
+            .await
+            .map_err(|e| db_error(&format!("writing {}", self.path), e))?;
+        self.seq += 1;
+        Ok(())
+    }
+}
+
+#[tonic::async_trait]
+impl Staging for PgStaging {
+    async fn write(&mut self, chunk: Bytes) -> Result<()> {
+        self.pending.extend_from_slice(&chunk);
+        while self.pending.len() >= CHUNK_ROW {
+            let row = self.pending.split_to(CHUNK_ROW);
+            self.insert(&row).await?;
+        }
+        Ok(())
+    }
+
+    async fn finish(mut self: Box<Self>) -> Result<Box<dyn Staged>> {
+        if !self.pending.is_empty() {
+            let row = std::mem::take(&mut self.pending);
+            self.insert(&row).await?;
+        }
+        Ok(Box::new(PgStaged { staging: *self }))
+    }
+}
+
+struct PgStaged {
+    staging: PgStaging,
+}
+
+#[tonic::async_trait]
+impl Staged for PgStaged {
+    /// Nothing to do: the rows become durable with the commit.
+    async fn prepare(&mut self, _probe: &StoredProbe) -> Result<()> {
+        Ok(())
+    }
+
+    async fn commit(
+        self: Box<Self>,
+        probe: StoredProbe,
+        overwrite: bool,
+        taken: Option<oneshot::Sender<bool>>,
+    ) -> Result<CommitOutcome> {
+        let PgStaging { writing, path, blob, .. } = self.staging;
+        let client = writing.client();
+        let db = |what: &'static str| {
+            let path = path.clone();
+            move |e| db_error(&format!("{what} {path}"), e)
+        };
+        // Uploads of one path on any replica decide one after the other.
+        client
+            .execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", &[&path.to_string()])
+            .await
+            .map_err(db("locking"))?;
+        let old = client
+            .query_opt(&format!("SELECT {COLUMNS}, blob FROM probes WHERE path = $1"), &[&path.to_string()])
+            .await
+            .map_err(db("looking up"))?;
+        let old_blob: Option<i64> = old.as_ref().map(|row| row.get("blob"));
+        let old = old.as_ref().map(stored).transpose()?;
+        let outcome = match overwrite_rule(old.map(|o| (o.size, o.sha256)), (probe.size, probe.sha256), overwrite) {
+            Decision::Keep(outcome) => {
+                writing.end("ROLLBACK").await?;
+                if let Some(taken) = taken {
+                    let _ = taken.send(true);
+                }
+                return Ok(outcome);
+            }
+            Decision::Write(outcome) => outcome,
+        };
+        let size = i64::try_from(probe.size).map_err(|_| Error::invalid_argument("a probe over 2^63 bytes"))?;
+        let crc32 = probe.crc32.map(i64::from);
+        let sha256 = probe.sha256.0.as_slice();
+        let params: [&(dyn ToSql + Sync); 6] =
+            [&path.to_string(), &path.module_version().as_str(), &size, &sha256, &crc32, &blob];
+        client
+            .execute(
+                "INSERT INTO probes (path, module_version, size, sha256, crc32, blob) VALUES ($1, $2, $3, $4, $5, $6)
+                 ON CONFLICT (path) DO UPDATE SET size = $3, sha256 = $4, crc32 = $5, blob = $6, stored_at = now()",
+                &params,
+            )
+            .await
+            .map_err(db("storing"))?;
+        if let Some(old_blob) = old_blob {
+            client.execute("DELETE FROM probe_chunks WHERE blob = $1", &[&old_blob]).await.map_err(db("replacing"))?;
+        }
+        writing.end("COMMIT").await?;
+        if let Some(taken) = taken {
+            let _ = taken.send(true);
+        }
+        Ok(outcome)
+    }
+}

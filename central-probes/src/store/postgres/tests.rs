@@ -1,0 +1,152 @@
+//! The PostgreSQL backend against a throwaway cluster: the store suite, and
+//! what only a shared database has (replicas racing, schema versions).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use probe_api::digest::Sha256Digest;
+use probe_api::names::ProbePath;
+use tonic::Code;
+
+use super::test_cluster::TestCluster;
+use super::*;
+use crate::store::{CommitOutcome, ProbeStore};
+
+fn config(url: &str) -> PostgresConfig {
+    PostgresConfig { url: url.to_owned(), max_connections: 8, statement_timeout: Duration::from_secs(10) }
+}
+
+async fn store(url: &str) -> PostgresStore {
+    PostgresStore::connect(&config(url)).await.unwrap()
+}
+
+fn path(kernel: usize) -> ProbePath {
+    ProbePath::parse(&format!("2.5.0/collector-ebpf-5.{kernel}.0.o.gz")).unwrap()
+}
+
+async fn raw_client(url: &str) -> tokio_postgres::Client {
+    let (client, connection) = tokio_postgres::connect(url, NoTls).await.unwrap();
+    tokio::spawn(connection);
+    client
+}
+
+struct PgFixture {
+    url: String,
+}
+
+fn pg_fixture() -> PgFixture {
+    PgFixture { url: TestCluster::get().new_database() }
+}
+
+#[tonic::async_trait]
+impl crate::store::conformance::StoreFixture for PgFixture {
+    async fn open(&self) -> Arc<dyn ProbeStore> {
+        Arc::new(store(&self.url).await)
+    }
+
+    /// A replica that inserted chunk rows and its probe row, then lost its
+    /// connection before the commit.
+    async fn leave_a_crashed_write(&self) {
+        let (client, connection) = tokio_postgres::connect(&self.url, NoTls).await.unwrap();
+        let connection = tokio::spawn(connection);
+        client.batch_execute("BEGIN").await.unwrap();
+        let blob: i64 = client.query_one("SELECT nextval('probe_blobs')", &[]).await.unwrap().get(0);
+        client.execute("INSERT INTO probe_chunks (blob, seq, data) VALUES ($1, 0, 'half')", &[&blob]).await.unwrap();
+        client
+            .execute(
+                "INSERT INTO probes (path, module_version, size, sha256, blob) VALUES ($1, '2.5.0', 100, '', $2)",
+                &[&path(6).to_string(), &blob],
+            )
+            .await
+            .unwrap();
+        connection.abort();
+        drop(client);
+    }
+
+    async fn leftovers(&self) -> usize {
+        let client = raw_client(&self.url).await;
+        let orphans: i64 = client
+            .query_one(
+                "SELECT count(*) FROM probe_chunks c WHERE NOT EXISTS (SELECT 1 FROM probes p WHERE p.blob = c.blob)",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        orphans as usize
+    }
+}
+
+crate::store_conformance_tests!(pg_fixture());
+
+async fn put(
+    store: &dyn ProbeStore,
+    p: &ProbePath,
+    bytes: &[u8],
+    overwrite: bool,
+) -> crate::error::Result<CommitOutcome> {
+    let mut writer = store.create(p.clone(), bytes.len() as u64).await?;
+    writer.write(Bytes::copy_from_slice(bytes)).await?;
+    Ok(writer.finish(Sha256Digest::of(bytes).into(), overwrite).await?.await?.outcome)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_racing_on_one_path_store_it_once_and_share_the_page_token_key() {
+    let url = TestCluster::get().new_database();
+    let (a, b) = (store(&url).await, store(&url).await);
+    assert_eq!(a.page_token_key(), b.page_token_key());
+    for round in 0..10 {
+        let p = path(100 + round);
+        let (first, second) = tokio::join!(put(&a, &p, b"from a", false), put(&b, &p, b"from b!", false));
+        let mut outcomes = [first.unwrap(), second.unwrap()];
+        outcomes.sort_by_key(|o| matches!(o, CommitOutcome::Stored));
+        assert!(
+            matches!(outcomes, [CommitOutcome::Conflict { .. }, CommitOutcome::Stored]),
+            "round {round}: {outcomes:?}"
+        );
+        let stored = a.stat(&p).await.unwrap().unwrap();
+        assert!(stored.sha256 == Sha256Digest::of(b"from a") || stored.sha256 == Sha256Digest::of(b"from b!"));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_migrated_by_a_newer_central_is_refused_clearly() {
+    let url = TestCluster::get().new_database();
+    drop(store(&url).await);
+    let client = raw_client(&url).await;
+    client.execute("INSERT INTO kprobes_schema (version) VALUES ($1)", &[&(SCHEMA_VERSION + 1)]).await.unwrap();
+    let error = PostgresStore::connect(&config(&url)).await.err().expect("refused");
+    assert_eq!(error.code, Code::FailedPrecondition);
+    assert!(error.message.contains("newer than this Central"), "{error}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_starting_at_once_migrate_once() {
+    let url = TestCluster::get().new_database();
+    let stores = futures_join_all((0..4).map(|_| {
+        let config = config(&url);
+        async move { PostgresStore::connect(&config).await }
+    }))
+    .await;
+    assert!(
+        stores.iter().all(Result::is_ok),
+        "{:?}",
+        stores.iter().filter_map(|s| s.as_ref().err()).collect::<Vec<_>>()
+    );
+    let client = raw_client(&url).await;
+    let applied: i64 = client.query_one("SELECT count(*) FROM kprobes_schema", &[]).await.unwrap().get(0);
+    assert_eq!(applied, i64::from(SCHEMA_VERSION));
+}
+
+async fn futures_join_all<F: std::future::Future + Send + 'static>(futures: impl Iterator<Item = F>) -> Vec<F::Output>
+where
+    F::Output: Send + 'static,
+{
+    let tasks: Vec<_> = futures.map(tokio::spawn).collect();
+    let mut outputs = Vec::new();
+    for task in tasks {
+        outputs.push(task.await.unwrap());
+    }
+    outputs
+}
