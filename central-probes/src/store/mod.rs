@@ -17,6 +17,7 @@ pub mod filesystem;
 pub mod hot;
 pub(crate) mod lru;
 pub mod postgres;
+pub mod read_through;
 pub mod verified;
 
 use std::future::Future;
