@@ -58,6 +58,8 @@ pub struct CentralOptions {
     pub min_free_bytes: u64,
     pub allow_anonymous_reads: bool,
     pub upstream: Option<UpstreamConfig>,
+    /// Probes in this shared database instead of the data directory.
+    pub database: Option<server::DatabaseConfig>,
 }
 
 /// Central running in this process.
@@ -89,6 +91,7 @@ impl Central {
             data_dir: data_dir.to_owned(),
             min_free_bytes: options.min_free_bytes,
             hot_cache_bytes: 16 << 20,
+            database: options.database,
             tls,
             allow_anonymous_reads: options.allow_anonymous_reads,
             upstream: options.upstream,

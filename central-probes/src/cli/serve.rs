@@ -5,7 +5,9 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use central_probes::server::{Central, CentralConfig, ConnectionLimits, TlsMaterial, UpstreamConfig};
+use central_probes::server::{
+    Central, CentralConfig, ConnectionLimits, DatabaseConfig, PostgresConfig, TlsMaterial, UpstreamConfig,
+};
 use clap::Args;
 use probe_api::transport::ClientTls;
 use tracing::{info, warn};
@@ -67,6 +69,23 @@ pub struct ServeArgs {
     /// 0 turns it off.
     #[arg(long, env = "CENTRAL_HOT_CACHE_SIZE", default_value = "16MiB", value_parser = parse_size)]
     hot_cache_size: u64,
+    /// Keep uploaded probes in this PostgreSQL database, shared by every
+    /// replica (postgres://USER@HOST:PORT/DB), instead of the data
+    /// directory, which then holds this replica's local copies.
+    #[arg(long, env = "CENTRAL_DATABASE_URL")]
+    database_url: Option<String>,
+    /// Database connections at most; each file being uploaded and each
+    /// probe being copied from the database holds one.
+    #[arg(long, env = "CENTRAL_DATABASE_MAX_CONNECTIONS", default_value_t = 16, requires = "database_url")]
+    database_max_connections: usize,
+    /// Longest a database statement may run, and a call may wait for a
+    /// connection, before the call fails with UNAVAILABLE.
+    #[arg(long, env = "CENTRAL_DATABASE_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration, requires = "database_url")]
+    database_timeout: Duration,
+    /// Disk for local copies of database probes, least recently used
+    /// evicted beyond it.
+    #[arg(long, env = "CENTRAL_DATABASE_CACHE_SIZE", default_value = "2GiB", value_parser = parse_size, requires = "database_url")]
+    database_cache_size: u64,
     /// Never contact the upstream (no outbound connection at all).
     #[arg(long, env = "ROX_OFFLINE_MODE")]
     offline: bool,
@@ -139,6 +158,14 @@ pub async fn serve(args: ServeArgs) -> Result<(), CliError> {
         data_dir: args.data_dir.clone(),
         min_free_bytes: args.min_free_space,
         hot_cache_bytes: args.hot_cache_size,
+        database: args.database_url.clone().map(|url| DatabaseConfig {
+            postgres: PostgresConfig {
+                url,
+                max_connections: args.database_max_connections,
+                statement_timeout: args.database_timeout,
+            },
+            local_copies_bytes: args.database_cache_size,
+        }),
         tls,
         allow_anonymous_reads: args.allow_anonymous_reads,
         upstream: upstream_config(&args)?,

@@ -41,7 +41,10 @@ use crate::server::upstream::UpstreamSource;
 use crate::store::ProbeStore;
 use crate::store::filesystem::{FilesystemStore, FilesystemStoreConfig};
 use crate::store::hot::HotProbes;
+use crate::store::postgres::PostgresStore;
+use crate::store::read_through::ReadThrough;
 // The server's front door: what the binary needs to configure and run it.
+pub use crate::store::postgres::PostgresConfig;
 pub use auth::{Role, TokenFile};
 pub use connections::ConnectionLimits;
 pub use metrics::serve as serve_metrics;
@@ -64,6 +67,9 @@ pub struct CentralConfig {
     pub min_free_bytes: u64,
     /// Memory for hot uploaded probes (`store::hot`); 0 for none.
     pub hot_cache_bytes: u64,
+    /// Keep uploaded probes in this shared database instead of the data
+    /// directory, which then holds local copies only.
+    pub database: Option<DatabaseConfig>,
     pub tls: TlsMaterial,
     /// Serve GetProbe to callers without a client certificate.
     pub allow_anonymous_reads: bool,
@@ -73,6 +79,19 @@ pub struct CentralConfig {
     /// Connection, stream and timeout limits.
     pub limits: ConnectionLimits,
 }
+
+/// The shared PostgreSQL store of replicas, and this replica's local copies.
+#[derive(Clone, Debug)]
+pub struct DatabaseConfig {
+    pub postgres: PostgresConfig,
+    /// Disk for local copies of probes read from the database.
+    pub local_copies_bytes: u64,
+}
+
+/// Where the local copies of database probes live in the data directory;
+/// apart from any probes a filesystem store kept there, since copies are
+/// evicted.
+const LOCAL_COPIES_DIR: &str = "database-copies";
 
 /// Central, opened and ready to serve.
 pub struct Central {
@@ -99,7 +118,27 @@ impl Central {
     /// Opens the store under the data directory (taking its lock and
     /// reading its index) and sets up the upstream.
     pub async fn open(config: CentralConfig) -> Result<Central> {
-        let store = open_store(&config.data_dir, config.min_free_bytes, "the probe store").await?;
+        // Hot probes are kept in memory in front of what is served from this
+        // machine's disk: the store itself, or the local copies of the
+        // database's probes (behind the check against the database, so that
+        // a probe replaced through another replica is not served from memory).
+        let hot = |store: Arc<dyn ProbeStore>| -> Arc<dyn ProbeStore> {
+            match config.hot_cache_bytes {
+                0 => store,
+                budget => Arc::new(HotProbes::new(store, budget)),
+            }
+        };
+        let store: Arc<dyn ProbeStore> = match &config.database {
+            None => hot(Arc::new(open_store(&config.data_dir, config.min_free_bytes, "the probe store").await?)),
+            Some(database) => {
+                let record = PostgresStore::connect(&database.postgres)
+                    .await
+                    .map_err(|e| e.context("opening the probe database"))?;
+                let copies = config.data_dir.join(LOCAL_COPIES_DIR);
+                let local = open_store(&copies, config.min_free_bytes, "the local copies of database probes").await?;
+                Arc::new(ReadThrough::new(Arc::new(record), hot(Arc::new(local)), database.local_copies_bytes).await?)
+            }
+        };
         let metrics = Metrics::new();
         let upstream = match config.upstream {
             None => None,
@@ -110,10 +149,6 @@ impl Central {
                     .map_err(|e| e.context("setting up the upstream"))?;
                 Some(Arc::new(source))
             }
-        };
-        let store: Arc<dyn ProbeStore> = match config.hot_cache_bytes {
-            0 => Arc::new(store),
-            budget => Arc::new(HotProbes::new(Arc::new(store), budget)),
         };
         Ok(Central {
             store,

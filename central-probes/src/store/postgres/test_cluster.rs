@@ -21,7 +21,14 @@ pub struct TestCluster {
 static CLUSTER: OnceLock<TestCluster> = OnceLock::new();
 
 impl TestCluster {
-    /// Starts the cluster on first use; panics with the reason if it cannot.
+    /// A cluster of the caller's own, stopped when dropped: for tests that
+    /// stop and restart the database.
+    pub fn private() -> TestCluster {
+        TestCluster::start()
+    }
+
+    /// The cluster shared by this process's tests, started on first use;
+    /// panics with the reason if it cannot.
     pub fn get() -> &'static TestCluster {
         CLUSTER.get_or_init(|| {
             let cluster = TestCluster::start();
@@ -53,7 +60,9 @@ impl TestCluster {
 
     fn start() -> TestCluster {
         let bin = server_binaries();
-        let base = std::env::temp_dir().join(format!("kprobes-pg-{}", std::process::id()));
+        static STARTED: AtomicUsize = AtomicUsize::new(0);
+        let n = STARTED.fetch_add(1, Ordering::SeqCst);
+        let base = std::env::temp_dir().join(format!("kprobes-pg-{}-{n}", std::process::id()));
         let _ = std::fs::remove_dir_all(&base);
         std::fs::create_dir_all(&base).expect("making the cluster directory");
         let data_dir = base.join("data");
@@ -99,11 +108,24 @@ impl TestCluster {
     }
 }
 
+impl TestCluster {
+    /// Stops the server if it runs and removes its files.
+    fn tear_down(&self) {
+        let data = self.data_dir.to_string_lossy().into_owned();
+        let _ = std::panic::catch_unwind(|| self.run("pg_ctl", &["-D", &data, "stop", "-m", "immediate"]));
+        let _ = std::fs::remove_dir_all(self.data_dir.parent().expect("a base directory"));
+    }
+}
+
+impl Drop for TestCluster {
+    fn drop(&mut self) {
+        self.tear_down();
+    }
+}
+
 extern "C" fn stop_at_exit() {
     if let Some(cluster) = CLUSTER.get() {
-        let data = cluster.data_dir.to_string_lossy().into_owned();
-        let _ = std::panic::catch_unwind(|| cluster.run("pg_ctl", &["-D", &data, "stop", "-m", "immediate"]));
-        let _ = std::fs::remove_dir_all(cluster.data_dir.parent().expect("a base directory"));
+        cluster.tear_down();
     }
 }
 

@@ -1,0 +1,171 @@
+//! End to end: several Centrals sharing one PostgreSQL database (a
+//! throwaway cluster started by the tests), over real mutual TLS.
+
+mod common;
+
+use std::time::Duration;
+
+use central_probes::admin::client::{self as admin_client, UploadRequest};
+use central_probes::admin::progress::Progress;
+use central_probes::server::{DatabaseConfig, PostgresConfig};
+use central_probes::store::postgres::test_cluster::TestCluster;
+use central_probes::synthetic::PackageSpec;
+use common::{Central, CentralOptions, TestPki};
+use probe_api::v1::{FileOutcome, ProbeSource};
+use tonic::Code;
+
+fn database(url: &str) -> DatabaseConfig {
+    DatabaseConfig {
+        postgres: PostgresConfig { url: url.to_owned(), max_connections: 8, statement_timeout: Duration::from_secs(5) },
+        local_copies_bytes: 64 << 20,
+    }
+}
+
+async fn replica(pki: &TestPki, dir: &std::path::Path, name: &str, url: &str) -> Central {
+    let options = CentralOptions { database: Some(database(url)), ..Default::default() };
+    Central::start_with(pki, &dir.join(name), options).await
+}
+
+fn spec(variant: u64) -> PackageSpec {
+    let kernels = ["5.4.0-100-generic", "5.10.0-27-cloud-amd64", "6.1.0-18-amd64", "4.18.0-513.el8.x86_64"];
+    PackageSpec { kernel_modules: true, variant, size_divisor: 10, ..PackageSpec::new("2.5.0", &kernels) }
+}
+
+async fn upload(
+    central: &Central,
+    pki: &TestPki,
+    package: &std::path::Path,
+    overwrite: bool,
+) -> admin_client::UploadReport {
+    let mut admin = central.admin(pki, &central.admin_token);
+    let request = UploadRequest { package: package.to_owned(), overwrite, checksum: None, verify: false };
+    admin_client::upload(&mut admin, &request, |_| Progress::Silent).await.unwrap()
+}
+
+async fn fetch(central: &Central, pki: &TestPki, path: &str) -> Result<Vec<u8>, Code> {
+    let (module_version, file_name) = path.split_once('/').unwrap();
+    let client = central.collector(pki, Some(&pki.collector));
+    match client.fetch(module_version, file_name).await {
+        Ok(probe) => {
+            assert_eq!(probe.source, ProbeSource::UploadedPackage);
+            Ok(probe.bytes)
+        }
+        Err(error) => Err(error.code()),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_probe_uploaded_through_one_replica_is_served_by_another_and_never_stale() {
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let url = TestCluster::get().new_database();
+    let (a, b) = (replica(&pki, dir.path(), "a", &url).await, replica(&pki, dir.path(), "b", &url).await);
+    let original = spec(0);
+    let package = dir.path().join("pkg.zip");
+    original.write(&package).unwrap();
+    assert_eq!(upload(&a, &pki, &package, false).await.response.unwrap().stored_count, 8);
+
+    for path in original.probe_paths() {
+        assert_eq!(fetch(&b, &pki, &path).await.unwrap(), original.probe_bytes(&path), "{path} through b");
+        assert_eq!(fetch(&b, &pki, &path).await.unwrap(), original.probe_bytes(&path), "{path} again, from b's copy");
+    }
+    // Replaced through a: b serves the new bytes at once, although it has
+    // served (and cached) the old ones.
+    let changed = spec(1);
+    let changed_package = dir.path().join("changed.zip");
+    changed.write(&changed_package).unwrap();
+    assert_eq!(upload(&a, &pki, &changed_package, true).await.response.unwrap().overwritten_count, 8);
+    for path in changed.probe_paths() {
+        assert_eq!(fetch(&b, &pki, &path).await.unwrap(), changed.probe_bytes(&path), "{path} after the overwrite");
+    }
+    // b's re-upload of the same package finds everything there.
+    let again = upload(&b, &pki, &changed_package, false).await;
+    assert_eq!((again.identical, again.files_sent), (8, 0));
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_uploads_through_two_replicas_store_each_probe_once_and_whole() {
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let url = TestCluster::get().new_database();
+    let (a, b) = (replica(&pki, dir.path(), "a", &url).await, replica(&pki, dir.path(), "b", &url).await);
+    let (one, other) = (spec(0), spec(1));
+    let (package_one, package_other) = (dir.path().join("one.zip"), dir.path().join("other.zip"));
+    one.write(&package_one).unwrap();
+    other.write(&package_other).unwrap();
+    let (from_a, from_b) = tokio::join!(upload(&a, &pki, &package_one, false), upload(&b, &pki, &package_other, false));
+    // Each client saw what Central decided; what it skipped before sending
+    // it counts as a conflict too.
+    let outcome = |report: &admin_client::UploadReport, path: &str| -> &'static str {
+        if report.conflicts.iter().any(|c| c == path) {
+            return "conflict";
+        }
+        let result = report.response.as_ref().and_then(|r| r.results.iter().find(|r| r.path == path));
+        match result.map(|r| r.outcome) {
+            Some(o) if o == FileOutcome::Stored as i32 => "stored",
+            other => panic!("{path}: {other:?}"),
+        }
+    };
+    for path in one.probe_paths() {
+        let outcomes = [outcome(&from_a, &path), outcome(&from_b, &path)];
+        assert!(matches!(outcomes, ["stored", "conflict"] | ["conflict", "stored"]), "{path}: {outcomes:?}");
+        let served = fetch(&a, &pki, &path).await.unwrap();
+        let winner = if outcomes[0] == "stored" { &one } else { &other };
+        assert_eq!(served, winner.probe_bytes(&path), "{path}: the winner's bytes, whole");
+    }
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_restart_gives_unavailable_and_central_recovers_by_itself() {
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = TestCluster::private();
+    let url = cluster.new_database();
+    let central = replica(&pki, dir.path(), "a", &url).await;
+    let spec = spec(0);
+    let package = dir.path().join("pkg.zip");
+    spec.write(&package).unwrap();
+    upload(&central, &pki, &package, false).await;
+    let path = &spec.probe_paths()[0];
+    assert_eq!(fetch(&central, &pki, path).await.unwrap(), spec.probe_bytes(path));
+
+    cluster.stop("fast");
+    assert_eq!(fetch(&central, &pki, path).await.unwrap_err(), Code::Unavailable, "the database is down: retry");
+    cluster.start_again();
+    let mut served = Err(Code::Unknown);
+    for _ in 0..50 {
+        served = fetch(&central, &pki, path).await;
+        if served.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(served.unwrap(), spec.probe_bytes(path), "served again without restarting Central");
+    central.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_database_at_start_is_a_clear_error_and_exit_code() {
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    std::fs::write(pki.dir.path().join("server.pem"), &pki.server.cert_pem).unwrap();
+    std::fs::write(pki.dir.path().join("server-key.pem"), &pki.server.key_pem).unwrap();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_central-probes"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.path().join("data"))
+        .args(["--tls-cert", pki.dir.path().join("server.pem").to_str().unwrap()])
+        .args(["--tls-key", pki.dir.path().join("server-key.pem").to_str().unwrap()])
+        .args(["--client-ca", pki.ca_file().to_str().unwrap()])
+        .args(["--database-url", &format!("postgres://postgres@127.0.0.1:{closed}/probes")])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let last = stderr.lines().last().unwrap_or_default();
+    assert!(last.contains("opening the probe database") && last.contains("connecting to the database"), "{stderr}");
+}
