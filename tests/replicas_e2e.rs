@@ -169,3 +169,57 @@ async fn an_unreachable_database_at_start_is_a_clear_error_and_exit_code() {
     let last = stderr.lines().last().unwrap_or_default();
     assert!(last.contains("opening the probe database") && last.contains("connecting to the database"), "{stderr}");
 }
+
+fn central_cli(args: &[&str]) -> (bool, String, String) {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_central-probes"))
+        .args(args)
+        .env_remove("CENTRAL_DATA_DIR")
+        .env_remove("CENTRAL_DATABASE_URL")
+        .output()
+        .unwrap();
+    let text = |bytes: &[u8]| String::from_utf8_lossy(bytes).into_owned();
+    (output.status.success(), text(&output.stdout), text(&output.stderr))
+}
+
+/// Whether `token` may list probes through `central`.
+async fn token_works(central: &Central, pki: &TestPki, token: &str) -> Result<(), Code> {
+    let mut admin = central.admin(pki, token);
+    admin_client::list_all(&mut admin, None).await.map(drop).map_err(|e| match e {
+        central_probes::admin::error::AdminError::Rpc { status, .. } => status.0.code(),
+        other => panic!("{other}"),
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_made_and_revoked_in_the_database_hold_on_every_replica() {
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let url = TestCluster::get().new_database();
+    let (a, b) = (replica(&pki, dir.path(), "a", &url).await, replica(&pki, dir.path(), "b", &url).await);
+    let (ok, token, stderr) =
+        central_cli(&["token", "create", "--database-url", &url, "--role", "view", "--name", "ci"]);
+    assert!(ok, "{stderr}");
+    let token = token.trim().to_owned();
+    let (ok, listed, _) = central_cli(&["token", "list", "--database-url", &url]);
+    assert!(ok && listed.lines().any(|line| line == "ci\tview"), "{listed}");
+
+    // Every replica reloads the tokens each second.
+    let until = |want: Result<(), Code>, token: String| {
+        let (a, b, pki) = (&a, &b, &pki);
+        async move {
+            for _ in 0..40 {
+                if token_works(a, pki, &token).await == want && token_works(b, pki, &token).await == want {
+                    return true;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            false
+        }
+    };
+    assert!(until(Ok(()), token.clone()).await, "the new token works on both replicas");
+    let (ok, _, stderr) = central_cli(&["token", "revoke", "--database-url", &url, "--name", "ci"]);
+    assert!(ok, "{stderr}");
+    assert!(until(Err(Code::Unauthenticated), token).await, "the revoked token is refused on both replicas");
+    a.stop().await;
+    b.stop().await;
+}

@@ -79,9 +79,19 @@ impl Central {
     }
 
     pub async fn start_with(pki: &TestPki, data_dir: &Path, options: CentralOptions) -> Self {
-        let tokens = TokenFile::in_data_dir(data_dir);
-        let admin_token = tokens.create(Role::Admin, &format!("admin-{}", unique())).unwrap();
-        let view_token = tokens.create(Role::View, &format!("view-{}", unique())).unwrap();
+        let (admin_token, view_token) = match &options.database {
+            None => {
+                let tokens = TokenFile::in_data_dir(data_dir);
+                let admin = tokens.create(Role::Admin, &format!("admin-{}", unique())).unwrap();
+                (admin, tokens.create(Role::View, &format!("view-{}", unique())).unwrap())
+            }
+            Some(database) => {
+                let tokens =
+                    central_probes::store::postgres::DatabaseTokens::connect(&database.postgres).await.unwrap();
+                let admin = tokens.create(Role::Admin, &format!("admin-{}", unique())).await.unwrap();
+                (admin, tokens.create(Role::View, &format!("view-{}", unique())).await.unwrap())
+            }
+        };
         let tls = TlsMaterial {
             cert_pem: pki.server.cert_pem.clone().into_bytes(),
             key_pem: pki.server.key_pem.clone().into_bytes(),

@@ -33,7 +33,7 @@ pub enum Command {
     },
     /// List the probes Central stores.
     Ls(ls::LsArgs),
-    /// Create, revoke and list API tokens (run where the data directory is).
+    /// Create, revoke and list API tokens (in the data directory, or in the shared database).
     Token {
         #[command(subcommand)]
         command: token::TokenCommand,
@@ -73,7 +73,7 @@ pub async fn run(command: Command) -> Result<(), CliError> {
             command: CollectorCommand::SupportPackages { command: SupportPackagesCommand::Upload(args) },
         } => upload::upload(args).await,
         Command::Ls(args) => ls::ls(args).await,
-        Command::Token { command } => token::token(command),
+        Command::Token { command } => token::token(command).await,
         Command::Pki { command } => pki::pki(command),
     }
 }

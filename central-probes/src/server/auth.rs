@@ -1,16 +1,18 @@
 //! API tokens for the admin-facing service.
 //!
 //! `central-probes token create` makes a random token, prints it once and
-//! keeps only its SHA-256 in `<data dir>/tokens`, one line per token:
-//! `<sha256 hex> <role> <name>`. Central reads that file on each check (it
-//! is small), so a revoked token stops working at once, without a restart.
-//! Presented tokens are hashed and compared with every stored hash in
-//! constant time.
+//! keeps only its SHA-256: in `<data dir>/tokens`, one line per token
+//! (`<sha256 hex> <role> <name>`), or in the shared database's `api_tokens`
+//! table. Central reads the file on each check (it is small), so a revoked
+//! token stops working at once; the database's tokens it reloads every
+//! `SHARED_REFRESH` (so within that on every replica). Presented tokens are
+//! hashed and compared with every stored hash in constant time.
 
 use std::fmt;
 use std::fs;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
 
 use probe_api::digest::Sha256Digest;
 use subtle::ConstantTimeEq;
@@ -36,7 +38,7 @@ impl Role {
         }
     }
 
-    fn parse(s: &str) -> Option<Role> {
+    pub fn parse(s: &str) -> Option<Role> {
         match s {
             "view" => Some(Role::View),
             "admin" => Some(Role::Admin),
@@ -98,23 +100,12 @@ impl TokenFile {
     /// Makes a new token, stores its hash and returns the token itself:
     /// the only time it is ever seen.
     pub fn create(&self, role: Role, name: &str) -> io::Result<String> {
-        if name.is_empty() || name.contains(char::is_whitespace) {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "a token name must be non-empty and without white space",
-            ));
-        }
         let mut records = self.load()?;
         if records.iter().any(|r| r.name == name) {
-            return Err(io::Error::new(
-                io::ErrorKind::AlreadyExists,
-                format!("a token named {name:?} exists already; revoke it first or pick another name"),
-            ));
+            return Err(name_taken(name));
         }
-        let mut secret = [0u8; 32];
-        getrandom::getrandom(&mut secret).map_err(io::Error::other)?;
-        let token = format!("kp_{}", Sha256Digest(secret).to_hex());
-        records.push(TokenRecord { hash: hash_token(&token), role, name: name.to_owned() });
+        let (token, record) = new_token(role, name)?;
+        records.push(record);
         self.save(&records)?;
         Ok(token)
     }
@@ -150,15 +141,64 @@ fn hash_token(token: &str) -> Sha256Digest {
     Sha256Digest::of(token.as_bytes())
 }
 
-/// Checks the bearer token of a request against the tokens file.
+/// A new random token named `name`, and the record that keeps its hash.
+pub fn new_token(role: Role, name: &str) -> io::Result<(String, TokenRecord)> {
+    if name.is_empty() || name.contains(char::is_whitespace) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "a token name must be non-empty and without white space",
+        ));
+    }
+    let mut secret = [0u8; 32];
+    getrandom::getrandom(&mut secret).map_err(io::Error::other)?;
+    let token = format!("kp_{}", Sha256Digest(secret).to_hex());
+    let record = TokenRecord { hash: hash_token(&token), role, name: name.to_owned() };
+    Ok((token, record))
+}
+
+pub fn name_taken(name: &str) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::AlreadyExists,
+        format!("a token named {name:?} exists already; revoke it first or pick another name"),
+    )
+}
+
+/// How often Central reloads tokens kept in the shared database.
+pub const SHARED_REFRESH: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Tokens loaded from elsewhere (the shared database), replaced whole by
+/// whoever reloads them.
+pub type SharedTokens = Arc<RwLock<Arc<Vec<TokenRecord>>>>;
+
+#[derive(Clone, Debug)]
+enum Tokens {
+    File(TokenFile),
+    Shared(SharedTokens),
+}
+
+/// Checks the bearer token of a request against the stored tokens.
 #[derive(Clone, Debug)]
 pub struct TokenAuth {
-    tokens: TokenFile,
+    tokens: Tokens,
 }
 
 impl TokenAuth {
     pub fn new(tokens: TokenFile) -> Self {
-        TokenAuth { tokens }
+        TokenAuth { tokens: Tokens::File(tokens) }
+    }
+
+    /// Checks against `tokens`, which the caller keeps up to date.
+    pub fn shared(tokens: SharedTokens) -> Self {
+        TokenAuth { tokens: Tokens::Shared(tokens) }
+    }
+
+    fn records(&self) -> Result<Arc<Vec<TokenRecord>>> {
+        match &self.tokens {
+            Tokens::File(file) => {
+                file.load().map(Arc::new).map_err(|e| Error::internal(format!("reading the tokens: {e}")))
+            }
+            Tokens::Shared(shared) => Ok(shared.read().unwrap_or_else(|poisoned| poisoned.into_inner()).clone()),
+        }
     }
 
     /// The role of the request's token if it has at least `needed`:
@@ -177,10 +217,10 @@ impl TokenAuth {
             .filter(|t| !t.is_empty())
             .ok_or_else(|| unauthenticated("malformed authorization metadata: expected \"Bearer <token>\""))?;
         let presented = hash_token(token);
-        let records = self.tokens.load().map_err(|e| Error::internal(format!("reading the tokens: {e}")))?;
+        let records = self.records()?;
         // Every record is compared, matched or not, so timing tells nothing.
         let mut role = None;
-        for record in &records {
+        for record in records.iter() {
             if bool::from(record.hash.0.ct_eq(&presented.0)) {
                 role = Some(record.role);
             }

@@ -128,15 +128,21 @@ impl Central {
                 budget => Arc::new(HotProbes::new(store, budget)),
             }
         };
-        let store: Arc<dyn ProbeStore> = match &config.database {
-            None => hot(Arc::new(open_store(&config.data_dir, config.min_free_bytes, "the probe store").await?)),
+        let (store, auth): (Arc<dyn ProbeStore>, TokenAuth) = match &config.database {
+            None => (
+                hot(Arc::new(open_store(&config.data_dir, config.min_free_bytes, "the probe store").await?)),
+                TokenAuth::new(TokenFile::in_data_dir(&config.data_dir)),
+            ),
             Some(database) => {
                 let record = PostgresStore::connect(&database.postgres)
                     .await
                     .map_err(|e| e.context("opening the probe database"))?;
+                let auth = TokenAuth::shared(record.backend().tokens().watch().await?);
                 let copies = config.data_dir.join(LOCAL_COPIES_DIR);
                 let local = open_store(&copies, config.min_free_bytes, "the local copies of database probes").await?;
-                Arc::new(ReadThrough::new(Arc::new(record), hot(Arc::new(local)), database.local_copies_bytes).await?)
+                let store =
+                    ReadThrough::new(Arc::new(record), hot(Arc::new(local)), database.local_copies_bytes).await?;
+                (Arc::new(store), auth)
             }
         };
         let metrics = Metrics::new();
@@ -152,7 +158,7 @@ impl Central {
         };
         Ok(Central {
             store,
-            auth: TokenAuth::new(TokenFile::in_data_dir(&config.data_dir)),
+            auth,
             upstream,
             metrics,
             tls: config.tls,

@@ -19,6 +19,7 @@ mod schema;
 pub mod test_cluster;
 #[cfg(test)]
 mod tests;
+mod tokens;
 
 use std::collections::HashMap;
 use std::str::FromStr;
@@ -41,6 +42,7 @@ use crate::store::verified::VerifiedStore;
 use crate::store::{CommitOutcome, Decision, ProbeReader, StoredProbe, overwrite_rule};
 
 pub use schema::SCHEMA_VERSION;
+pub use tokens::DatabaseTokens;
 
 /// Bytes per chunk row: what a writer buffers, and what a reader holds.
 pub const CHUNK_ROW: usize = 256 * 1024;
@@ -104,25 +106,35 @@ fn chain(error: &dyn std::error::Error) -> String {
     text
 }
 
+/// A bounded pool of connections with the statement timeout set.
+fn make_pool(config: &PostgresConfig) -> Result<Pool> {
+    let mut pg = tokio_postgres::Config::from_str(&config.url)
+        .map_err(|e| Error::invalid_argument(format!("the database URL: {e}")))?;
+    let timeout_ms = config.statement_timeout.as_millis();
+    pg.options(format!("-c statement_timeout={timeout_ms}"));
+    pg.connect_timeout(config.statement_timeout);
+    let manager = Manager::from_config(pg, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
+    Pool::builder(manager)
+        .max_size(config.max_connections.max(1))
+        .runtime(Runtime::Tokio1)
+        .wait_timeout(Some(config.statement_timeout))
+        .create_timeout(Some(config.statement_timeout))
+        .build()
+        .map_err(|e| Error::internal(format!("making the connection pool: {e}")))
+}
+
 impl PostgresBackend {
     async fn connect(config: &PostgresConfig) -> Result<Self> {
-        let mut pg = tokio_postgres::Config::from_str(&config.url)
-            .map_err(|e| Error::invalid_argument(format!("the database URL: {e}")))?;
-        let timeout_ms = config.statement_timeout.as_millis();
-        pg.options(format!("-c statement_timeout={timeout_ms}"));
-        pg.connect_timeout(config.statement_timeout);
-        let manager = Manager::from_config(pg, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
-        let pool = Pool::builder(manager)
-            .max_size(config.max_connections.max(1))
-            .runtime(Runtime::Tokio1)
-            .wait_timeout(Some(config.statement_timeout))
-            .create_timeout(Some(config.statement_timeout))
-            .build()
-            .map_err(|e| Error::internal(format!("making the connection pool: {e}")))?;
+        let pool = make_pool(config)?;
         let mut client = get(&pool).await?;
         schema::migrate(&mut client).await?;
         let page_token_key = load_or_create_key(&client).await?;
         Ok(PostgresBackend { pool, page_token_key })
+    }
+
+    /// The API tokens of this database.
+    pub fn tokens(&self) -> DatabaseTokens {
+        DatabaseTokens::new(self.pool.clone())
     }
 }
 

@@ -10,12 +10,14 @@ use crate::error::{Error, Result};
 
 /// Migration `i` takes the schema from version `i` to `i + 1`.
 ///
-/// Probes: `probes` holds one row per visible probe; its bytes are the rows
+/// Version 1, probes: `probes` holds one row per visible probe; its bytes are the rows
 /// of `probe_chunks` with its `blob`, in `seq` order, each at most
 /// `CHUNK_ROW` bytes. A replaced probe gets a new blob, so a reader in a
 /// repeatable-read transaction keeps reading the old rows. Paths compare
-/// byte by byte (`COLLATE "C"`), the API's listing order.
-const MIGRATIONS: &[&str] = &[r#"
+/// byte by byte (`COLLATE "C"`), the API's listing order. Version 2: API
+/// tokens (their SHA-256 only), shared by every replica.
+const MIGRATIONS: &[&str] = &[
+    r#"
     CREATE TABLE probes (
         path text COLLATE "C" PRIMARY KEY,
         module_version text COLLATE "C" NOT NULL,
@@ -37,7 +39,16 @@ const MIGRATIONS: &[&str] = &[r#"
         name text PRIMARY KEY,
         value bytea NOT NULL
     );
-"#];
+"#,
+    r#"
+    CREATE TABLE api_tokens (
+        name text PRIMARY KEY,
+        role text NOT NULL,
+        sha256 bytea NOT NULL,
+        created_at timestamptz NOT NULL DEFAULT now()
+    );
+"#,
+];
 
 /// The schema version this binary writes and reads.
 pub const SCHEMA_VERSION: i32 = MIGRATIONS.len() as i32;
