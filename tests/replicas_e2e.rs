@@ -16,7 +16,12 @@ use tonic::Code;
 
 fn database(url: &str) -> DatabaseConfig {
     DatabaseConfig {
-        postgres: PostgresConfig { url: url.to_owned(), max_connections: 8, statement_timeout: Duration::from_secs(5) },
+        postgres: PostgresConfig {
+            url: url.to_owned(),
+            max_connections: 8,
+            statement_timeout: Duration::from_secs(5),
+            ca_pem: None,
+        },
         local_copies_bytes: 64 << 20,
     }
 }

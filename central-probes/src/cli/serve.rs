@@ -74,6 +74,11 @@ pub struct ServeArgs {
     /// directory, which then holds this replica's local copies.
     #[arg(long, env = "CENTRAL_DATABASE_URL")]
     database_url: Option<String>,
+    /// Connect to the database over TLS, verifying its certificate against
+    /// this CA (PEM) and the host name of the URL (libpq's
+    /// sslmode=verify-full).
+    #[arg(long, env = "CENTRAL_DATABASE_CA", requires = "database_url")]
+    database_ca: Option<PathBuf>,
     /// Database connections at most; each file being uploaded and each
     /// probe being copied from the database holds one.
     #[arg(long, env = "CENTRAL_DATABASE_MAX_CONNECTIONS", default_value_t = 16, requires = "database_url")]
@@ -158,14 +163,18 @@ pub async fn serve(args: ServeArgs) -> Result<(), CliError> {
         data_dir: args.data_dir.clone(),
         min_free_bytes: args.min_free_space,
         hot_cache_bytes: args.hot_cache_size,
-        database: args.database_url.clone().map(|url| DatabaseConfig {
-            postgres: PostgresConfig {
-                url,
-                max_connections: args.database_max_connections,
-                statement_timeout: args.database_timeout,
-            },
-            local_copies_bytes: args.database_cache_size,
-        }),
+        database: match &args.database_url {
+            None => None,
+            Some(url) => Some(DatabaseConfig {
+                postgres: PostgresConfig {
+                    url: url.clone(),
+                    max_connections: args.database_max_connections,
+                    statement_timeout: args.database_timeout,
+                    ca_pem: args.database_ca.as_deref().map(|ca| read(ca, "the database CA")).transpose()?,
+                },
+                local_copies_bytes: args.database_cache_size,
+            }),
+        },
         tls,
         allow_anonymous_reads: args.allow_anonymous_reads,
         upstream: upstream_config(&args)?,

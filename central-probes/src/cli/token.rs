@@ -10,16 +10,18 @@ use central_probes::server::{PostgresConfig, Role, TokenFile};
 use central_probes::store::postgres::DatabaseTokens;
 use clap::{Args, Subcommand};
 
-/// Where the tokens are: exactly one of the two.
+/// Where the tokens are: a data directory or a database.
 #[derive(Args)]
-#[group(required = true, multiple = false)]
 pub struct TokenPlace {
     /// The data directory of a Central with a filesystem store.
-    #[arg(long, env = "CENTRAL_DATA_DIR")]
+    #[arg(long, env = "CENTRAL_DATA_DIR", required_unless_present = "database_url", conflicts_with = "database_url")]
     data_dir: Option<PathBuf>,
     /// The database of Centrals that share one (as `serve --database-url`).
     #[arg(long, env = "CENTRAL_DATABASE_URL")]
     database_url: Option<String>,
+    /// The database's CA, to connect over TLS (as `serve --database-ca`).
+    #[arg(long, env = "CENTRAL_DATABASE_CA", requires = "database_url")]
+    database_ca: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -59,8 +61,13 @@ impl TokenPlace {
         match (&self.data_dir, &self.database_url) {
             (Some(dir), _) => Ok(Tokens::File(TokenFile::in_data_dir(dir))),
             (None, Some(url)) => {
-                let config =
-                    PostgresConfig { url: url.clone(), max_connections: 1, statement_timeout: Duration::from_secs(30) };
+                let ca_pem = self.database_ca.as_deref().map(|ca| super::read(ca, "the database CA")).transpose()?;
+                let config = PostgresConfig {
+                    url: url.clone(),
+                    max_connections: 1,
+                    statement_timeout: Duration::from_secs(30),
+                    ca_pem,
+                };
                 let tokens = DatabaseTokens::connect(&config).await.map_err(|e| e.context("opening the database"))?;
                 Ok(Tokens::Database(tokens))
             }

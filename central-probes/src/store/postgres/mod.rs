@@ -19,6 +19,7 @@ mod schema;
 pub mod test_cluster;
 #[cfg(test)]
 mod tests;
+mod tls;
 mod tokens;
 
 use std::collections::HashMap;
@@ -57,6 +58,9 @@ pub struct PostgresConfig {
     pub max_connections: usize,
     /// Longest a statement may run, and a caller may wait for a connection.
     pub statement_timeout: Duration,
+    /// Connect over TLS, verifying the server against these CA certificates
+    /// (PEM) and the host name (`tls.rs`); plain TCP when `None`.
+    pub ca_pem: Option<Vec<u8>>,
 }
 
 /// The PostgreSQL backend behind verification.
@@ -108,12 +112,25 @@ fn chain(error: &dyn std::error::Error) -> String {
 
 /// A bounded pool of connections with the statement timeout set.
 fn make_pool(config: &PostgresConfig) -> Result<Pool> {
-    let mut pg = tokio_postgres::Config::from_str(&config.url)
+    let (url, verify) = tls::take_verify_mode(&config.url);
+    let mut pg = tokio_postgres::Config::from_str(&url)
         .map_err(|e| Error::invalid_argument(format!("the database URL: {e}")))?;
     let timeout_ms = config.statement_timeout.as_millis();
     pg.options(format!("-c statement_timeout={timeout_ms}"));
     pg.connect_timeout(config.statement_timeout);
-    let manager = Manager::from_config(pg, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
+    let recycling = ManagerConfig { recycling_method: RecyclingMethod::Fast };
+    let manager = match &config.ca_pem {
+        Some(ca_pem) => {
+            pg.ssl_mode(tokio_postgres::config::SslMode::Require);
+            Manager::from_config(pg, tls::RustlsConnect::new(ca_pem)?, recycling)
+        }
+        None if verify => {
+            return Err(Error::invalid_argument(
+                "the database URL asks to verify the server (sslmode=verify-full): give its CA with --database-ca",
+            ));
+        }
+        None => Manager::from_config(pg, NoTls, recycling),
+    };
     Pool::builder(manager)
         .max_size(config.max_connections.max(1))
         .runtime(Runtime::Tokio1)

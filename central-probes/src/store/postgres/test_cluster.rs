@@ -16,6 +16,8 @@ pub struct TestCluster {
     data_dir: PathBuf,
     bin: PathBuf,
     next_db: AtomicUsize,
+    /// Server settings beyond the port and address (TLS).
+    extra_options: String,
 }
 
 static CLUSTER: OnceLock<TestCluster> = OnceLock::new();
@@ -24,14 +26,20 @@ impl TestCluster {
     /// A cluster of the caller's own, stopped when dropped: for tests that
     /// stop and restart the database.
     pub fn private() -> TestCluster {
-        TestCluster::start()
+        TestCluster::start(None)
+    }
+
+    /// A cluster of the caller's own that also accepts TLS with this
+    /// certificate and key (PEM).
+    pub fn private_with_tls(cert_pem: &str, key_pem: &str) -> TestCluster {
+        TestCluster::start(Some((cert_pem, key_pem)))
     }
 
     /// The cluster shared by this process's tests, started on first use;
     /// panics with the reason if it cannot.
     pub fn get() -> &'static TestCluster {
         CLUSTER.get_or_init(|| {
-            let cluster = TestCluster::start();
+            let cluster = TestCluster::start(None);
             // SAFETY: registers a plain function to run at exit.
             unsafe { libc::atexit(stop_at_exit) };
             cluster
@@ -58,7 +66,7 @@ impl TestCluster {
         self.pg_ctl(&["start", "-w", "-l", &self.data_dir.join("log").to_string_lossy(), "-o", &self.options()]);
     }
 
-    fn start() -> TestCluster {
+    fn start(tls: Option<(&str, &str)>) -> TestCluster {
         let bin = server_binaries();
         static STARTED: AtomicUsize = AtomicUsize::new(0);
         let n = STARTED.fetch_add(1, Ordering::SeqCst);
@@ -66,11 +74,27 @@ impl TestCluster {
         let _ = std::fs::remove_dir_all(&base);
         std::fs::create_dir_all(&base).expect("making the cluster directory");
         let data_dir = base.join("data");
-        let cluster = TestCluster { port: free_port(), data_dir, bin, next_db: AtomicUsize::new(0) };
+        let mut extra_options = String::new();
         if is_root() {
             use std::os::unix::fs::PermissionsExt;
             std::fs::set_permissions(&base, std::fs::Permissions::from_mode(0o777)).unwrap();
         }
+        if let Some((cert_pem, key_pem)) = tls {
+            let (cert, key) = (base.join("server.crt"), base.join("server.key"));
+            std::fs::write(&cert, cert_pem).unwrap();
+            std::fs::write(&key, key_pem).unwrap();
+            // The server refuses a key others may read, or that is not its own.
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+            if is_root() {
+                for file in [&cert, &key] {
+                    let status = Command::new("chown").arg("postgres").arg(file).status().unwrap();
+                    assert!(status.success(), "chown postgres {}", file.display());
+                }
+            }
+            extra_options = format!(" -c ssl=on -c ssl_cert_file={} -c ssl_key_file={}", cert.display(), key.display());
+        }
+        let cluster = TestCluster { port: free_port(), data_dir, bin, next_db: AtomicUsize::new(0), extra_options };
         let data = cluster.data_dir.to_string_lossy().into_owned();
         cluster.run("initdb", &["-D", &data, "-A", "trust", "-U", "postgres", "--no-sync"]);
         cluster.start_again();
@@ -78,7 +102,12 @@ impl TestCluster {
     }
 
     fn options(&self) -> String {
-        format!("-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off", self.port, self.data_dir.display())
+        format!(
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off{}",
+            self.port,
+            self.data_dir.display(),
+            self.extra_options
+        )
     }
 
     fn pg_ctl(&self, args: &[&str]) {

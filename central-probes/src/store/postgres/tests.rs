@@ -14,7 +14,7 @@ use super::*;
 use crate::store::{CommitOutcome, ProbeStore};
 
 fn config(url: &str) -> PostgresConfig {
-    PostgresConfig { url: url.to_owned(), max_connections: 8, statement_timeout: Duration::from_secs(10) }
+    PostgresConfig { url: url.to_owned(), max_connections: 8, statement_timeout: Duration::from_secs(10), ca_pem: None }
 }
 
 async fn store(url: &str) -> PostgresStore {
@@ -149,4 +149,29 @@ where
         outputs.push(task.await.unwrap());
     }
     outputs
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_to_the_database_verifies_the_server_against_the_given_ca() {
+    let ca = crate::pki::CertificateAuthority::new("database CA").unwrap();
+    let server = ca.issue_server(&["127.0.0.1", "localhost"]).unwrap();
+    let cluster = TestCluster::private_with_tls(&server.cert_pem, &server.key_pem);
+    let url = cluster.new_database();
+    let with_ca = |ca_pem: &str, url: &str| PostgresConfig { ca_pem: Some(ca_pem.as_bytes().to_vec()), ..config(url) };
+    let store = PostgresStore::connect(&with_ca(&ca.cert_pem, &format!("{url}?sslmode=verify-full"))).await.unwrap();
+    put(&store, &path(1), b"over TLS", false).await.unwrap();
+    // The session really is encrypted.
+    let client = get(&store.backend().pool).await.unwrap();
+    let ssl: bool =
+        client.query_one("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()", &[]).await.unwrap().get(0);
+    assert!(ssl);
+
+    let other = crate::pki::CertificateAuthority::new("another CA").unwrap();
+    let error = PostgresStore::connect(&with_ca(&other.cert_pem, &url)).await.err().expect("an untrusted server");
+    assert_eq!(error.code, Code::Unavailable);
+    assert!(error.message.to_lowercase().contains("certificate"), "{error}");
+
+    let error = PostgresStore::connect(&config(&format!("{url}?sslmode=verify-full"))).await.err().expect("no CA");
+    assert_eq!(error.code, Code::InvalidArgument);
+    assert!(error.message.contains("--database-ca"), "{error}");
 }
