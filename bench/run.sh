@@ -13,7 +13,10 @@
 #   3. fan-out: 1,000 concurrent GetProbe calls for a probe only the upstream has;
 #   4. scale: a store of 100,000 probes: start-up time and RSS,
 #      GetExistingProbes for 16,000 names, a ListProbes page;
-#   5. Collector start: collector-client get-probe served by Central.
+#   5. Collector start: collector-client get-probe served by Central;
+#   6. replicas on PostgreSQL: the same upload and GetProbe load against a
+#      Central keeping probes in a local PostgreSQL 15 (fsync on), beside
+#      the filesystem store's figures of sections 1 and 2.
 # Results: bench/work/results.md. Settings: SECONDS_PER_RUN (default 5),
 # SCALE_PROBES (default 100000).
 set -euo pipefail
@@ -26,11 +29,12 @@ SCALE_PROBES=${SCALE_PROBES:-100000}
 mkdir -p "$WORK"
 RESULTS="$WORK/results.md"
 
+ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need_install=1
 for tool in nginx curl /usr/bin/time; do
   command -v "$tool" >/dev/null || need_install=1
 done
 if [ -n "${need_install:-}" ]; then
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx curl time >/dev/null
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx curl time postgresql >/dev/null
 fi
 cargo build --release --quiet -p central-probes -p collector-client -p probe-bench --features central-probes/testing
 
@@ -38,6 +42,7 @@ cleanup() {
   # Every server this script started, also one whose start failed midway.
   kill $(jobs -p) 2>/dev/null || true
   [ -f "$WORK/nginx/nginx.pid" ] && kill "$(cat "$WORK/nginx/nginx.pid")" 2>/dev/null || true
+  [ -n "${PG_STOP:-}" ] && "${PG_STOP[@]}" >/dev/null 2>&1 || true
   wait 2>/dev/null || true
 }
 trap cleanup EXIT
@@ -266,5 +271,41 @@ median=$(printf '%s\n' "${times[@]}" | sort -n | sed -n 10p)
   echo
   echo "collector-client get-probe served by Central, process start to probe written: median of 20 runs $median ms."
 } >>"$RESULTS"
+# ------------------------------------------- 6. replicas on PostgreSQL
+echo "== 6. PostgreSQL store"
+start_postgres "$WORK/pg"
+ROX_API_TOKEN=$("$BIN/central-probes" token create --database-url "$PG_URL" --role admin --name bench 2>/dev/null)
+rm -rf "$WORK/db-replica"
+start_central "$WORK/db-replica" "$PKI" --database-url "$PG_URL"
+DB_PID=$CENTRAL_PID; DB_ADDR=$CENTRAL_ADDR
+c0=$(cpu_of "$DB_PID")
+/usr/bin/time -f "%e %M" -o "$WORK/time-db.txt" "$BIN/central-probes" upload "$PACKAGE" -e "$DB_ADDR" \
+  --ca "$PKI/ca.pem" >"$WORK/upload-db.out" 2>"$WORK/upload-db.err"
+read -r db_up_s _ <"$WORK/time-db.txt"
+db_central_cpu=$(secs "$c0" "$(cpu_of "$DB_PID")"); db_rss=$(hwm_mib "$DB_PID")
+{
+  echo
+  echo "## 6. Central on PostgreSQL (one local PostgreSQL 15, fsync on, plain TCP)"
+  echo
+  echo "Upload of the package: $db_up_s s ($(mbps "$SIZE" "$db_up_s") MB/s), $(ratio "$up_s" "$db_up_s") of the filesystem store's upload in section 1;"
+  echo "Central CPU $db_central_cpu s, peak RSS $db_rss MiB."
+  echo
+  echo "GetProbe, long-lived connections, random picks over all probes: the first pass copies each probe from the"
+  echo "database into the replica's local copies; \"warm\" is the same load again."
+  echo
+  echo "| run | concurrency | req/s | vs filesystem store (section 2) | p50 / p99 ms | errors |"
+  echo "|---|---|---|---|---|---|"
+} >>"$RESULTS"
+for pass in cold warm; do
+  for c in 16 64; do
+    r=$("$BIN/probe-bench" load --protocol grpc --address "$DB_ADDR" "${TLS[@]}" --paths "$WORK/paths.txt" \
+      --concurrency "$c" --seconds "$SECONDS_PER_RUN" 2>>"$WORK/load.err")
+    read -r d_rps _ d_p50 d_p99 d_err <<<"$r"
+    fs_rps=$(awk -v c="$c" -F' [|] ' '$1 == "| long-lived" && $2 == c { print $3 }' "$RESULTS")
+    echo "| $pass | $c | $d_rps | $(ratio "$d_rps" "${fs_rps:-0.000001}") | $d_p50 / $d_p99 | $d_err |" >>"$RESULTS"
+    echo "postgres $pass c=$c: $r"
+  done
+done
+
 echo "results in $RESULTS"
 cat "$RESULTS"

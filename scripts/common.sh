@@ -33,3 +33,24 @@ start_central() {
   cat "$data.log" >&2
   return 1
 }
+
+# start_postgres DIR: a throwaway PostgreSQL cluster in DIR on a free
+# loopback port (fsync on: durable commits, as in production); sets PG_URL
+# to its database "probes" and PG_DIR. As root, it runs as user postgres.
+start_postgres() {
+  local dir=$1 bin
+  bin=${PG_BIN:-$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1)}
+  [ -x "$bin/initdb" ] || { echo "PostgreSQL's server binaries are needed (apt-get install postgresql, or PG_BIN)" >&2; return 1; }
+  local as=()
+  [ "$(id -u)" = 0 ] && as=(runuser -u postgres --)
+  rm -rf "$dir"; mkdir -p "$dir"; chmod 777 "$dir"
+  local port
+  port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+  "${as[@]}" "$bin/initdb" -D "$dir/data" -A trust -U postgres >/dev/null
+  "${as[@]}" "$bin/pg_ctl" -D "$dir/data" -l "$dir/log" -w \
+    -o "-p $port -k $dir/data -c listen_addresses=127.0.0.1 -c shared_buffers=256MB" start >/dev/null
+  "${as[@]}" "$bin/createdb" -h 127.0.0.1 -p "$port" -U postgres probes
+  PG_DIR=$dir
+  PG_URL="postgres://postgres@127.0.0.1:$port/probes"
+  PG_STOP=("${as[@]}" "$bin/pg_ctl" -D "$dir/data" -m fast -w stop)
+}
