@@ -228,3 +228,76 @@ async fn tokens_made_and_revoked_in_the_database_hold_on_every_replica() {
     a.stop().await;
     b.stop().await;
 }
+
+/// A replica in a process of its own (to be killed), on `url`.
+fn replica_process(pki: &TestPki, data_dir: &std::path::Path, url: &str) -> (std::process::Child, String) {
+    std::fs::write(pki.dir.path().join("server.pem"), &pki.server.cert_pem).unwrap();
+    std::fs::write(pki.dir.path().join("server-key.pem"), &pki.server.key_pem).unwrap();
+    let log = data_dir.with_extension("log");
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_central-probes"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(data_dir)
+        .args(["--tls-cert", pki.dir.path().join("server.pem").to_str().unwrap()])
+        .args(["--tls-key", pki.dir.path().join("server-key.pem").to_str().unwrap()])
+        .args(["--client-ca", pki.ca_file().to_str().unwrap()])
+        .args(["--database-url", url])
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    for _ in 0..200 {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if let Some(address) = text.split("listening on ").nth(1) {
+            return (child, address.split_whitespace().next().unwrap().to_owned());
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    panic!("the replica did not start: {}", std::fs::read_to_string(&log).unwrap_or_default());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_killed_mid_upload_leaves_whole_probes_only_and_the_other_completes_the_upload() {
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let url = TestCluster::get().new_database();
+    let survivor = replica(&pki, dir.path(), "survivor", &url).await;
+    let (mut doomed, doomed_address) = replica_process(&pki, &dir.path().join("doomed"), &url);
+    let kernels: Vec<String> = (0..60).map(|i| format!("5.{}.0-{}-generic", 4 + i % 7, 100 + i)).collect();
+    let kernels: Vec<&str> = kernels.iter().map(String::as_str).collect();
+    let spec = PackageSpec { kernel_modules: true, size_divisor: 2, ..PackageSpec::new("2.5.0", &kernels) };
+    let package = dir.path().join("pkg.zip");
+    spec.write(&package).unwrap();
+    let mut uploader = std::process::Command::new(env!("CARGO_BIN_EXE_central-probes"))
+        .args(["upload", package.to_str().unwrap(), "-e", &doomed_address, "--ca", pki.ca_file().to_str().unwrap()])
+        .env("ROX_API_TOKEN", &survivor.admin_token)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut admin = survivor.admin(&pki, &survivor.view_token);
+    let ask = probe_api::v1::GetExistingProbesRequest { paths: spec.probe_paths() };
+    let mut stored = 0;
+    for _ in 0..2000 {
+        stored = admin.get_existing_probes(ask.clone()).await.unwrap().into_inner().probes.len();
+        if stored >= 5 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    assert!(stored >= 5, "the upload through the doomed replica got going");
+    doomed.kill().unwrap(); // SIGKILL, mid-upload
+    doomed.wait().unwrap();
+    let _ = uploader.wait();
+
+    // Whatever the database shows is whole, through the survivor.
+    let kept = admin_client::list_all(&mut admin, None).await.unwrap();
+    assert!(kept.len() < spec.probe_paths().len(), "killed mid-upload: {} of {}", kept.len(), spec.probe_paths().len());
+    for probe in &kept {
+        assert_eq!(fetch(&survivor, &pki, &probe.path).await.unwrap(), spec.probe_bytes(&probe.path), "{}", probe.path);
+    }
+    let report = upload(&survivor, &pki, &package, false).await;
+    assert_eq!((report.identical, report.files_sent), (kept.len(), spec.probe_paths().len() - kept.len()));
+    for path in spec.probe_paths().iter().step_by(9) {
+        assert_eq!(fetch(&survivor, &pki, path).await.unwrap(), spec.probe_bytes(path), "{path}");
+    }
+    survivor.stop().await;
+}
