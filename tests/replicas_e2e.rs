@@ -234,7 +234,7 @@ fn replica_process(pki: &TestPki, data_dir: &std::path::Path, url: &str) -> (std
     std::fs::write(pki.dir.path().join("server.pem"), &pki.server.cert_pem).unwrap();
     std::fs::write(pki.dir.path().join("server-key.pem"), &pki.server.key_pem).unwrap();
     let log = data_dir.with_extension("log");
-    let child = std::process::Command::new(env!("CARGO_BIN_EXE_central-probes"))
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_central-probes"))
         .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
         .arg(data_dir)
         .args(["--tls-cert", pki.dir.path().join("server.pem").to_str().unwrap()])
@@ -251,6 +251,8 @@ fn replica_process(pki: &TestPki, data_dir: &std::path::Path, url: &str) -> (std
         }
         std::thread::sleep(Duration::from_millis(25));
     }
+    let _ = child.kill();
+    let _ = child.wait();
     panic!("the replica did not start: {}", std::fs::read_to_string(&log).unwrap_or_default());
 }
 

@@ -23,8 +23,17 @@ pub async fn ls(args: LsArgs) -> Result<(), CliError> {
     )
     .await
     .map_err(|_| "listing did not finish within --timeout".to_owned())??;
-    for probe in &probes {
-        println!("{}  {:>10}  {}", probe.sha256, probe.size, probe.path);
+    use std::io::Write;
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    let written = probes
+        .iter()
+        .try_for_each(|probe| writeln!(out, "{}  {:>10}  {}", probe.sha256, probe.size, probe.path))
+        .and_then(|()| out.flush());
+    match written {
+        // A reader that has seen enough (`| head`) is no failure.
+        Err(error) if error.kind() == std::io::ErrorKind::BrokenPipe => return Ok(()),
+        Err(error) => return Err(format!("writing the listing: {error}").into()),
+        Ok(()) => {}
     }
     eprintln!("{} probes", probes.len());
     Ok(())
