@@ -290,13 +290,18 @@ db_central_cpu=$(secs "$c0" "$(cpu_of "$DB_PID")"); db_rss=$(hwm_mib "$DB_PID")
   echo "Upload of the package: $db_up_s s ($(mbps "$SIZE" "$db_up_s") MB/s), $(ratio "$up_s" "$db_up_s") of the filesystem store's upload in section 1;"
   echo "Central CPU $db_central_cpu s, peak RSS $db_rss MiB."
   echo
-  echo "GetProbe, long-lived connections, random picks over all probes: the first pass copies each probe from the"
-  echo "database into the replica's local copies; \"warm\" is the same load again."
+  echo "GetProbe, long-lived connections, random picks over all probes: \"cold\" with no local copy yet (each request"
+  echo "copies its probe from the database first, where it has not been copied already), \"warm\" after every probe"
+  echo "was fetched once through the replica."
   echo
   echo "| run | concurrency | req/s | vs filesystem store (section 2) | p50 / p99 ms | errors |"
   echo "|---|---|---|---|---|---|"
 } >>"$RESULTS"
 for pass in cold warm; do
+  if [ "$pass" = warm ]; then
+    "$BIN/probe-bench" load --protocol grpc --address "$DB_ADDR" "${TLS[@]}" --paths "$WORK/paths.txt" \
+      --concurrency 16 --each-once >/dev/null 2>>"$WORK/load.err"
+  fi
   for c in 16 64; do
     r=$("$BIN/probe-bench" load --protocol grpc --address "$DB_ADDR" "${TLS[@]}" --paths "$WORK/paths.txt" \
       --concurrency "$c" --seconds "$SECONDS_PER_RUN" 2>>"$WORK/load.err")
@@ -305,6 +310,26 @@ for pass in cold warm; do
     echo "| $pass | $c | $d_rps | $(ratio "$d_rps" "${fs_rps:-0.000001}") | $d_p50 / $d_p99 | $d_err |" >>"$RESULTS"
     echo "postgres $pass c=$c: $r"
   done
+done
+
+# PostgreSQL's own rate for the same rows: pgbench reading one random
+# probe's chunk rows per transaction, as a cold GetProbe does.
+PG_BIN_DIR=${PG_BIN:-$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1)}
+max_blob=$("$PG_BIN_DIR/psql" "$PG_URL" -Atc "SELECT max(blob) FROM probes")
+printf '\\set id random(1, %s)\nSELECT data FROM probe_chunks WHERE blob = :id ORDER BY seq;\n' "$max_blob" >"$WORK/pgbench.sql"
+{
+  echo
+  echo "pgbench (PostgreSQL alone, plain TCP, no TLS), one random probe's chunk rows per transaction:"
+  echo
+  echo "| clients | transactions/s | cold GetProbe vs pgbench |"
+  echo "|---|---|---|"
+} >>"$RESULTS"
+for c in 16 64; do
+  tps=$("$PG_BIN_DIR/pgbench" -n -M prepared -f "$WORK/pgbench.sql" -c "$c" -j 2 -T "$SECONDS_PER_RUN" "$PG_URL" 2>/dev/null \
+    | awk '/^tps/ { printf "%.0f", $3 }')
+  cold=$(awk -v c="$c" -F' [|] ' '$1 == "| cold" && $2 == c { print $3 }' "$RESULTS")
+  echo "| $c | $tps | $(ratio "${cold:-0}" "${tps:-1}") |" >>"$RESULTS"
+  echo "pgbench c=$c: $tps tps"
 done
 
 echo "results in $RESULTS"

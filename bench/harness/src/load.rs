@@ -118,7 +118,9 @@ pub(crate) async fn load(
     concurrency: usize,
     seconds: u64,
     per_request: bool,
+    each_once: bool,
 ) {
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let address = match &*client {
         Client::Grpc { address, .. } | Client::Https { address, .. } => address.clone(),
     };
@@ -128,17 +130,24 @@ pub(crate) async fn load(
     let started = Instant::now();
     let mut workers = Vec::new();
     for worker in 0..concurrency {
-        let (client, paths, bytes, errors, address) =
-            (client.clone(), paths.clone(), bytes.clone(), errors.clone(), address.clone());
+        let (client, paths, bytes, errors, address, next) =
+            (client.clone(), paths.clone(), bytes.clone(), errors.clone(), address.clone(), next.clone());
         workers.push(tokio::spawn(async move {
             let mut latencies = Vec::new();
             let mut state = 0x9e37_79b9_7f4a_7c15u64 ^ (worker as u64 + 1).wrapping_mul(0xff51_afd7_ed55_8ccd);
             let mut connection = None;
-            while Instant::now() < deadline {
+            while each_once || Instant::now() < deadline {
                 state ^= state << 13;
                 state ^= state >> 7;
                 state ^= state << 17;
-                let path = &paths[(state % paths.len() as u64) as usize];
+                let path = if each_once {
+                    match paths.get(next.fetch_add(1, Ordering::Relaxed)) {
+                        Some(path) => path,
+                        None => break,
+                    }
+                } else {
+                    &paths[(state % paths.len() as u64) as usize]
+                };
                 let begun = Instant::now();
                 if per_request || connection.is_none() {
                     connection = client.connect().await.map_err(|e| eprintln!("connect: {e}")).ok();

@@ -68,6 +68,10 @@ enum Command {
         /// A new TCP + TLS connection for every request.
         #[arg(long)]
         new_connection_per_request: bool,
+        /// Fetch every path once, in order, instead of random picks for a
+        /// time (to warm a cache).
+        #[arg(long)]
+        each_once: bool,
     },
     /// Many clients, each on a new connection, ask for one probe at once.
     Fanout {
@@ -129,13 +133,13 @@ async fn main() {
     central_probes::server::install_crypto_provider();
     match Cli::parse().command {
         Command::Extract { package, out } => extract(&package, &out),
-        Command::Load { protocol, address, tls, paths, concurrency, seconds, new_connection_per_request } => {
+        Command::Load { protocol, address, tls, paths, concurrency, seconds, new_connection_per_request, each_once } => {
             let paths: Vec<String> = std::fs::read_to_string(&paths).unwrap().lines().map(String::from).collect();
             let client = match protocol {
                 Protocol::Grpc => Client::Grpc { address, tls: client_tls(&tls) },
                 Protocol::Https => Client::Https { address, config: Arc::new(rustls_config(&tls)) },
             };
-            load(Arc::new(client), Arc::new(paths), concurrency, seconds, new_connection_per_request).await;
+            load(Arc::new(client), Arc::new(paths), concurrency, seconds, new_connection_per_request, each_once).await;
         }
         Command::Fanout { address, tls, path, clients } => fanout(&address, &client_tls(&tls), &path, clients).await,
         Command::Queries { address, ca, token, paths } => queries(&address, read(&ca), &token, &paths).await,
