@@ -60,7 +60,7 @@ async fn fetch(central: &Central, pki: &TestPki, path: &str) -> Result<Vec<u8>, 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_probe_uploaded_through_one_replica_is_served_by_another_and_never_stale() {
+async fn a_probe_uploaded_through_one_replica_is_served_by_another_and_an_overwrite_seen_once_notified() {
     let pki = TestPki::new();
     let dir = tempfile::tempdir().unwrap();
     let url = TestCluster::get().new_database();
@@ -74,14 +74,25 @@ async fn a_probe_uploaded_through_one_replica_is_served_by_another_and_never_sta
         assert_eq!(fetch(&b, &pki, &path).await.unwrap(), original.probe_bytes(&path), "{path} through b");
         assert_eq!(fetch(&b, &pki, &path).await.unwrap(), original.probe_bytes(&path), "{path} again, from b's copy");
     }
-    // Replaced through a: b serves the new bytes at once, although it has
-    // served (and cached) the old ones.
+    // Replaced through a: b serves the new bytes as soon as the database's
+    // notification reaches it (milliseconds), although it has served (and
+    // trusts) its copies of the old ones; never anything but one whole
+    // version or the other (fetch checks size and SHA-256).
     let changed = spec(1);
     let changed_package = dir.path().join("changed.zip");
     changed.write(&changed_package).unwrap();
     assert_eq!(upload(&a, &pki, &changed_package, true).await.response.unwrap().overwritten_count, 8);
     for path in changed.probe_paths() {
-        assert_eq!(fetch(&b, &pki, &path).await.unwrap(), changed.probe_bytes(&path), "{path} after the overwrite");
+        let mut served = Vec::new();
+        for _ in 0..100 {
+            served = fetch(&b, &pki, &path).await.unwrap();
+            if served == changed.probe_bytes(&path) {
+                break;
+            }
+            assert_eq!(served, original.probe_bytes(&path), "{path}: the old version, whole, until notified");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(served, changed.probe_bytes(&path), "{path} after the overwrite");
     }
     // b's re-upload of the same package finds everything there.
     let again = upload(&b, &pki, &changed_package, false).await;
@@ -139,7 +150,19 @@ async fn a_database_restart_gives_unavailable_and_central_recovers_by_itself() {
     assert_eq!(fetch(&central, &pki, path).await.unwrap(), spec.probe_bytes(path));
 
     cluster.stop("fast");
-    assert_eq!(fetch(&central, &pki, path).await.unwrap_err(), Code::Unavailable, "the database is down: retry");
+    let never_read = &spec.probe_paths()[1];
+    assert_eq!(fetch(&central, &pki, never_read).await.unwrap_err(), Code::Unavailable, "the database is down: retry");
+    // A copy trusted before is served until the lost notifications are
+    // noticed (the listening connection breaks at once on a shutdown).
+    let mut down = Ok(Vec::new());
+    for _ in 0..100 {
+        down = fetch(&central, &pki, path).await;
+        if down.is_err() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(down.unwrap_err(), Code::Unavailable, "nothing is trusted while the database is away");
     cluster.start_again();
     let mut served = Err(Code::Unknown);
     for _ in 0..50 {

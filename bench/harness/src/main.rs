@@ -133,7 +133,16 @@ async fn main() {
     central_probes::server::install_crypto_provider();
     match Cli::parse().command {
         Command::Extract { package, out } => extract(&package, &out),
-        Command::Load { protocol, address, tls, paths, concurrency, seconds, new_connection_per_request, each_once } => {
+        Command::Load {
+            protocol,
+            address,
+            tls,
+            paths,
+            concurrency,
+            seconds,
+            new_connection_per_request,
+            each_once,
+        } => {
             let paths: Vec<String> = std::fs::read_to_string(&paths).unwrap().lines().map(String::from).collect();
             let client = match protocol {
                 Protocol::Grpc => Client::Grpc { address, tls: client_tls(&tls) },

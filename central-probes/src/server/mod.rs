@@ -138,10 +138,11 @@ impl Central {
                     .await
                     .map_err(|e| e.context("opening the probe database"))?;
                 let auth = TokenAuth::shared(record.backend().tokens().watch().await?);
+                let changes = record.backend().changes();
                 let copies = config.data_dir.join(LOCAL_COPIES_DIR);
                 let local = open_store(&copies, config.min_free_bytes, "the local copies of database probes").await?;
-                let store =
-                    ReadThrough::new(Arc::new(record), hot(Arc::new(local)), database.local_copies_bytes).await?;
+                let budget = database.local_copies_bytes;
+                let store = ReadThrough::new(Arc::new(record), hot(Arc::new(local)), budget, Some(changes)).await?;
                 (Arc::new(store), auth)
             }
         };

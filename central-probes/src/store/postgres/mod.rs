@@ -39,8 +39,10 @@ use tonic::Code;
 
 use crate::error::{Error, Result};
 use crate::store::backend::{Backend, Staged, Staging};
+use crate::store::read_through::RecordChange;
 use crate::store::verified::VerifiedStore;
 use crate::store::{CommitOutcome, Decision, ProbeReader, StoredProbe, overwrite_rule};
+use tracing::warn;
 
 pub use schema::SCHEMA_VERSION;
 pub use tokens::DatabaseTokens;
@@ -70,7 +72,19 @@ pub type PostgresStore = VerifiedStore<PostgresBackend>;
 pub struct PostgresBackend {
     pool: Pool,
     page_token_key: Vec<u8>,
+    /// How to open a connection of its own (the change listener's).
+    settings: (tokio_postgres::Config, Connector),
 }
+
+/// Plain TCP or verified TLS.
+#[derive(Clone)]
+enum Connector {
+    Plain,
+    Tls(tls::RustlsConnect),
+}
+
+/// The channel every commit and removal notifies with the probe's path.
+const CHANGES_CHANNEL: &str = "kprobes_changes";
 
 impl PostgresStore {
     /// Connects, applies migrations and loads the shared page token key.
@@ -110,26 +124,36 @@ fn chain(error: &dyn std::error::Error) -> String {
     text
 }
 
-/// A bounded pool of connections with the statement timeout set.
-fn make_pool(config: &PostgresConfig) -> Result<Pool> {
+/// The connection settings of `config`: statement timeout, TLS.
+fn settings(config: &PostgresConfig) -> Result<(tokio_postgres::Config, Connector)> {
     let (url, verify) = tls::take_verify_mode(&config.url);
     let mut pg = tokio_postgres::Config::from_str(&url)
         .map_err(|e| Error::invalid_argument(format!("the database URL: {e}")))?;
     let timeout_ms = config.statement_timeout.as_millis();
     pg.options(format!("-c statement_timeout={timeout_ms}"));
     pg.connect_timeout(config.statement_timeout);
-    let recycling = ManagerConfig { recycling_method: RecyclingMethod::Fast };
-    let manager = match &config.ca_pem {
+    let connector = match &config.ca_pem {
         Some(ca_pem) => {
             pg.ssl_mode(tokio_postgres::config::SslMode::Require);
-            Manager::from_config(pg, tls::RustlsConnect::new(ca_pem)?, recycling)
+            Connector::Tls(tls::RustlsConnect::new(ca_pem)?)
         }
         None if verify => {
             return Err(Error::invalid_argument(
                 "the database URL asks to verify the server (sslmode=verify-full): give its CA with --database-ca",
             ));
         }
-        None => Manager::from_config(pg, NoTls, recycling),
+        None => Connector::Plain,
+    };
+    Ok((pg, connector))
+}
+
+/// A bounded pool of connections with the statement timeout set.
+fn make_pool(config: &PostgresConfig) -> Result<Pool> {
+    let (pg, connector) = settings(config)?;
+    let recycling = ManagerConfig { recycling_method: RecyclingMethod::Fast };
+    let manager = match connector {
+        Connector::Tls(tls) => Manager::from_config(pg, tls, recycling),
+        Connector::Plain => Manager::from_config(pg, NoTls, recycling),
     };
     Pool::builder(manager)
         .max_size(config.max_connections.max(1))
@@ -146,7 +170,31 @@ impl PostgresBackend {
         let mut client = get(&pool).await?;
         schema::migrate(&mut client).await?;
         let page_token_key = load_or_create_key(&client).await?;
-        Ok(PostgresBackend { pool, page_token_key })
+        Ok(PostgresBackend { pool, page_token_key, settings: settings(config)? })
+    }
+
+    /// Changes made through any replica, as they commit: a task listens on
+    /// a connection of its own, reconnecting after a loss (each second),
+    /// and ends when the receiver is dropped.
+    pub fn changes(&self) -> mpsc::Receiver<RecordChange> {
+        let (sender, receiver) = mpsc::channel(1024);
+        let (config, connector) = self.settings.clone();
+        tokio::spawn(async move {
+            loop {
+                let ended = match &connector {
+                    Connector::Plain => listen(&config, NoTls, &sender).await,
+                    Connector::Tls(tls) => listen(&config, tls.clone(), &sender).await,
+                };
+                if let Err(error) = ended {
+                    warn!(%error, "lost the database's change notifications; checking every read until they are back");
+                }
+                if sender.send(RecordChange::Lost).await.is_err() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        });
+        receiver
     }
 
     /// The API tokens of this database.
@@ -318,6 +366,7 @@ impl Backend for PostgresBackend {
                     .execute("DELETE FROM probe_chunks WHERE blob = $1", &[&blob])
                     .await
                     .map_err(|e| db_error("removing a probe's bytes", e))?;
+                notify(client, path).await?;
                 true
             }
         };
@@ -332,6 +381,55 @@ impl Backend for PostgresBackend {
     fn available_bytes(&self) -> Result<u64> {
         Ok(u64::MAX)
     }
+}
+
+/// Listens on one connection until it fails: `Live` once listening, then
+/// one `Changed` per notification.
+async fn listen<T>(config: &tokio_postgres::Config, tls: T, changes: &mpsc::Sender<RecordChange>) -> Result<()>
+where
+    T: tokio_postgres::tls::MakeTlsConnect<tokio_postgres::Socket>,
+    T::Stream: Send + 'static,
+{
+    let (client, mut connection) = config.connect(tls).await.map_err(|e| db_error("connecting to listen", e))?;
+    let (paths, mut notified) = mpsc::unbounded_channel::<String>();
+    // Polling the connection both runs the client's statements and yields
+    // the notifications.
+    let driver = tokio::spawn(async move {
+        while let Some(Ok(message)) = std::future::poll_fn(|cx| connection.poll_message(cx)).await {
+            if let tokio_postgres::AsyncMessage::Notification(note) = message
+                && paths.send(note.payload().to_owned()).is_err()
+            {
+                return;
+            }
+        }
+    });
+    let listening = client.batch_execute(&format!("LISTEN {CHANGES_CHANNEL}")).await;
+    if let Err(error) = listening {
+        driver.abort();
+        return Err(db_error("listening for changes", error));
+    }
+    if changes.send(RecordChange::Live).await.is_err() {
+        driver.abort();
+        return Ok(());
+    }
+    while let Some(path) = notified.recv().await {
+        let Ok(path) = ProbePath::parse(&path) else { continue };
+        if changes.send(RecordChange::Changed(path)).await.is_err() {
+            break;
+        }
+    }
+    driver.abort();
+    Err(Error::new(Code::Unavailable, "the listening connection ended"))
+}
+
+/// Tells every replica's listener that `path` changed, when the
+/// transaction of `client` commits.
+async fn notify(client: &Object, path: &ProbePath) -> Result<()> {
+    client
+        .execute("SELECT pg_notify($1, $2)", &[&CHANGES_CHANNEL, &path.to_string()])
+        .await
+        .map_err(|e| db_error("notifying a change", e))?;
+    Ok(())
 }
 
 /// Sends the chunk rows of `blob` in order, then ends the transaction.
@@ -462,6 +560,7 @@ impl Staged for PgStaged {
         if let Some(old_blob) = old_blob {
             client.execute("DELETE FROM probe_chunks WHERE blob = $1", &[&old_blob]).await.map_err(db("replacing"))?;
         }
+        notify(client, &path).await?;
         writing.end("COMMIT").await?;
         if let Some(taken) = taken {
             let _ = taken.send(true);
