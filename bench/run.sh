@@ -16,7 +16,8 @@
 #   5. Collector start: collector-client get-probe served by Central;
 #   6. replicas on PostgreSQL: the same upload and GetProbe load against a
 #      Central keeping probes in a local PostgreSQL 15 (fsync on), beside
-#      the filesystem store's figures of sections 1 and 2.
+#      the filesystem store's figures of sections 1 and 2; pgbench on the
+#      same rows; start-up and queries with 100,000 probes in the database.
 # Results: bench/work/results.md. Settings: SECONDS_PER_RUN (default 5),
 # SCALE_PROBES (default 100000).
 set -euo pipefail
@@ -331,6 +332,32 @@ for c in 16 64; do
   echo "| $c | $tps | $(ratio "${cold:-0}" "${tps:-1}") |" >>"$RESULTS"
   echo "pgbench c=$c: $tps tps"
 done
+
+# Scale on the database: 100,000 probe rows (made with SQL, as `probe-bench
+# fill` makes them on disk for section 4), a replica's start and queries.
+PSQL="$PG_BIN_DIR/psql"
+"$PSQL" "$PG_URL" -qc "CREATE DATABASE scale" >/dev/null
+SCALE_URL="${PG_URL%/*}/scale"
+"$BIN/central-probes" token create --database-url "$SCALE_URL" --role view --name bench >"$WORK/scale-db.token" 2>/dev/null
+"$PSQL" "$SCALE_URL" -qc "
+INSERT INTO probe_chunks (blob, seq, data)
+  SELECT i, 0, convert_to(repeat('probe ' || i, 20), 'UTF8') FROM generate_series(1, $SCALE_PROBES) i;
+INSERT INTO probes (path, module_version, size, sha256, crc32, blob)
+  SELECT '2.' || (i / 16667) || '.0/collector-ebpf-5.' || (i % 20) || '.' || (i % 7) || '-' || i || '-generic.o.gz',
+         '2.' || (i / 16667) || '.0', length(repeat('probe ' || i, 20)),
+         sha256(convert_to(repeat('probe ' || i, 20), 'UTF8')), 0, i
+  FROM generate_series(1, $SCALE_PROBES) i;" >/dev/null
+"$PSQL" "$SCALE_URL" -Atc "SELECT path FROM probes WHERE module_version = '2.0.0' ORDER BY path LIMIT 16000" >"$WORK/scale-db-16k.txt"
+t0=$(now)
+start_central "$WORK/db-scale" "$PKI" --database-url "$SCALE_URL"
+db_start_s=$(secs "$t0" "$(now)")
+read -r db_asked db_found db_existing_ms db_page db_list_ms <<<"$("$BIN/probe-bench" queries --address "$CENTRAL_ADDR" \
+  --ca "$PKI/ca.pem" --token "$(cat "$WORK/scale-db.token")" --paths "$WORK/scale-db-16k.txt")"
+{
+  echo
+  echo "With $SCALE_PROBES probes in the database: a replica starts listening in $db_start_s s;"
+  echo "GetExistingProbes for $db_asked names ($db_found found) $db_existing_ms ms; a ListProbes page of $db_page $db_list_ms ms."
+} >>"$RESULTS"
 
 echo "results in $RESULTS"
 cat "$RESULTS"
