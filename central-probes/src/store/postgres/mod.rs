@@ -178,7 +178,15 @@ impl PostgresBackend {
     /// and ends when the receiver is dropped.
     pub fn changes(&self) -> mpsc::Receiver<RecordChange> {
         let (sender, receiver) = mpsc::channel(1024);
-        let (config, connector) = self.settings.clone();
+        let (mut config, connector) = self.settings.clone();
+        // A connection that only waits would notice a silent network
+        // partition never; TCP keepalive notices it within about a minute,
+        // after which every read is checked again.
+        config
+            .keepalives(true)
+            .keepalives_idle(Duration::from_secs(30))
+            .keepalives_interval(Duration::from_secs(10))
+            .keepalives_retries(3);
         tokio::spawn(async move {
             loop {
                 let ended = match &connector {
