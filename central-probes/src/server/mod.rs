@@ -107,8 +107,23 @@ pub struct Central {
 /// Opens a filesystem store (lock, leftovers, index: blocking work) off
 /// the runtime's threads.
 async fn open_store(data_dir: &std::path::Path, min_free_bytes: u64, what: &str) -> Result<FilesystemStore> {
+    open_filesystem(data_dir, min_free_bytes, what, FilesystemStore::open).await
+}
+
+/// `open_store` for the local copies of database probes: emptied at start
+/// and never fsync'd (`FilesystemStore::open_cache`).
+async fn open_copies(data_dir: &std::path::Path, min_free_bytes: u64) -> Result<FilesystemStore> {
+    open_filesystem(data_dir, min_free_bytes, "the local copies of database probes", FilesystemStore::open_cache).await
+}
+
+async fn open_filesystem(
+    data_dir: &std::path::Path,
+    min_free_bytes: u64,
+    what: &str,
+    open: fn(&FilesystemStoreConfig) -> Result<FilesystemStore>,
+) -> Result<FilesystemStore> {
     let config = FilesystemStoreConfig { data_dir: data_dir.to_owned(), min_free_bytes };
-    tokio::task::spawn_blocking(move || FilesystemStore::open(&config))
+    tokio::task::spawn_blocking(move || open(&config))
         .await
         .map_err(|e| Error::internal(format!("opening {what}: {e}")))?
         .map_err(|e| e.context(format!("opening {what}")))
@@ -140,7 +155,7 @@ impl Central {
                 let auth = TokenAuth::shared(record.backend().tokens().watch().await?);
                 let changes = record.backend().changes();
                 let copies = config.data_dir.join(LOCAL_COPIES_DIR);
-                let local = open_store(&copies, config.min_free_bytes, "the local copies of database probes").await?;
+                let local = open_copies(&copies, config.min_free_bytes).await?;
                 let budget = database.local_copies_bytes;
                 let store = ReadThrough::new(Arc::new(record), hot(Arc::new(local)), budget, Some(changes)).await?;
                 (Arc::new(store), auth)

@@ -75,6 +75,9 @@ struct Inner {
     /// Authenticates ListProbes page tokens; kept in the data directory so
     /// that tokens stay valid across restarts.
     page_token_key: [u8; 32],
+    /// Whether commits are fsync'd and a snapshot left on close (false for
+    /// a cache that starts empty, `open_cache`).
+    durable: bool,
     /// Held for the life of the store: the exclusive lock on the directory.
     _lock: File,
 }
@@ -92,7 +95,24 @@ impl FilesystemStore {
     /// the directory lock, removes leftovers of interrupted writes and loads
     /// the index. Blocking.
     pub fn open(config: &FilesystemStoreConfig) -> Result<Self> {
-        Ok(VerifiedStore::new(FilesystemBackend::open(&config.data_dir)?, config.min_free_bytes))
+        Ok(VerifiedStore::new(FilesystemBackend::open(&config.data_dir, true)?, config.min_free_bytes))
+    }
+
+    /// Opens the store as a cache of copies that can be fetched again: it
+    /// starts empty (whatever an earlier run left is removed) and skips the
+    /// fsyncs, since a copy a crash may have torn is never read again.
+    /// Commits are as atomic as ever (a temporary file renamed into place).
+    pub fn open_cache(config: &FilesystemStoreConfig) -> Result<Self> {
+        for old in ["probes", "index.snapshot"] {
+            let path = config.data_dir.join(old);
+            let removed = if path.is_dir() { fs::remove_dir_all(&path) } else { fs::remove_file(&path) };
+            match removed {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(Error::io(format!("emptying {}", path.display()), e)),
+            }
+        }
+        Ok(VerifiedStore::new(FilesystemBackend::open(&config.data_dir, false)?, config.min_free_bytes))
     }
 
     /// Number of probes stored.
@@ -106,7 +126,7 @@ impl FilesystemStore {
 }
 
 impl FilesystemBackend {
-    fn open(data_dir: &Path) -> Result<Self> {
+    fn open(data_dir: &Path, durable: bool) -> Result<Self> {
         let probes_dir = data_dir.join("probes");
         let tmp_dir = data_dir.join("tmp");
         for dir in [data_dir, &probes_dir, &tmp_dir] {
@@ -139,6 +159,7 @@ impl FilesystemBackend {
                 index: Mutex::new(index),
                 next_temp: AtomicU64::new(0),
                 page_token_key,
+                durable,
                 _lock: lock,
             }),
         })
@@ -150,6 +171,9 @@ impl FilesystemBackend {
 /// before, it first waits out the rest of that second (see `snapshot`).
 impl Drop for Inner {
     fn drop(&mut self) {
+        if !self.durable {
+            return;
+        }
         let index = self.index.get_mut().unwrap_or_else(|poisoned| poisoned.into_inner());
         std::thread::sleep(snapshot::quiet_wait(&self.probes_dir, index));
         if let Err(error) = snapshot::write(&self.data_dir, &self.probes_dir, index) {

@@ -290,3 +290,19 @@ async fn a_store_closed_right_after_an_upload_leaves_a_snapshot_that_vouches_for
     assert_eq!(index.len(), 1);
     assert_eq!(stats, index::LoadStats { from_snapshot: 1, from_disk: 0 }, "no header read at the next start");
 }
+
+#[tokio::test]
+async fn a_cache_store_starts_empty_and_still_commits_whole_probes() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = FilesystemStore::open_cache(&config(dir.path())).unwrap();
+        assert_eq!(put(&store, P, b"a copy", false).await.unwrap(), CommitOutcome::Stored);
+        assert_eq!(read_back(&store, P).await.unwrap().1, b"a copy");
+    }
+    assert!(!dir.path().join("index.snapshot").exists(), "a cache leaves no snapshot");
+    let store = FilesystemStore::open_cache(&config(dir.path())).unwrap();
+    assert!(store.is_empty(), "copies of an earlier run, possibly torn by a crash, are gone");
+    assert_eq!(tmp_files(dir.path()), 0);
+    put(&store, P, b"a copy again", false).await.unwrap();
+    assert_eq!(read_back(&store, P).await.unwrap().1, b"a copy again");
+}

@@ -118,9 +118,12 @@ impl Staged for FsStaged {
         let temp = self.temp.take().expect("prepared once");
         let header = header(probe.size, &probe.sha256, crc32);
         let path = self.path.clone();
+        let durable = self.inner.durable;
         let temp = tokio::task::spawn_blocking(move || {
             temp.file.write_all_at(&header, 0).map_err(|e| Error::io(format!("writing the header of {path}"), e))?;
-            temp.file.sync_all().map_err(|e| Error::io(format!("syncing {path}"), e))?;
+            if durable {
+                temp.file.sync_all().map_err(|e| Error::io(format!("syncing {path}"), e))?;
+            }
             Ok::<_, Error>(temp)
         })
         .await
@@ -180,7 +183,9 @@ fn commit(
         };
         if !module_dir.exists() {
             fs::create_dir(module_dir).map_err(io_error("creating the directory of"))?;
-            sync_dir(&inner.probes_dir).map_err(io_error("syncing the directory of"))?;
+            if inner.durable {
+                sync_dir(&inner.probes_dir).map_err(io_error("syncing the directory of"))?;
+            }
         }
         fs::rename(&temp.path, &final_path).map_err(io_error("renaming"))?;
         temp.renamed = true;
@@ -191,7 +196,9 @@ fn commit(
         if let Some(taken) = taken {
             let _ = taken.send(true);
         }
-        sync_dir(module_dir).map_err(io_error("syncing the directory of"))?;
+        if inner.durable {
+            sync_dir(module_dir).map_err(io_error("syncing the directory of"))?;
+        }
         Ok(outcome)
     }
 }
