@@ -29,6 +29,7 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime};
 use probe_api::digest::Sha256Digest;
+use probe_api::errors::chain;
 use probe_api::names::{ModuleVersion, ProbePath};
 use tokio::sync::{mpsc, oneshot};
 use tokio_postgres::NoTls;
@@ -112,16 +113,6 @@ fn db_error(what: &str, error: tokio_postgres::Error) -> Error {
         });
     let code = if transient { Code::Unavailable } else { Code::Internal };
     Error::new(code, format!("{what}: {}", chain(&error)))
-}
-
-fn chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text = format!("{text}: {cause}");
-        source = cause.source();
-    }
-    text
 }
 
 /// The connection settings of `config`: statement timeout, TLS.
