@@ -138,9 +138,8 @@ fn settings(config: &PostgresConfig) -> Result<(tokio_postgres::Config, Connecto
     Ok((pg, connector))
 }
 
-/// A bounded pool of connections with the statement timeout set.
-fn make_pool(config: &PostgresConfig) -> Result<Pool> {
-    let (pg, connector) = settings(config)?;
+/// A bounded pool of connections made with `settings` (those of `config`).
+fn make_pool(config: &PostgresConfig, (pg, connector): (tokio_postgres::Config, Connector)) -> Result<Pool> {
     let recycling = ManagerConfig { recycling_method: RecyclingMethod::Fast };
     let manager = match connector {
         Connector::Tls(tls) => Manager::from_config(pg, tls, recycling),
@@ -157,11 +156,12 @@ fn make_pool(config: &PostgresConfig) -> Result<Pool> {
 
 impl PostgresBackend {
     async fn connect(config: &PostgresConfig) -> Result<Self> {
-        let pool = make_pool(config)?;
+        let settings = settings(config)?;
+        let pool = make_pool(config, settings.clone())?;
         let mut client = get(&pool).await?;
         schema::migrate(&mut client).await?;
         let page_token_key = load_or_create_key(&client).await?;
-        Ok(PostgresBackend { pool, page_token_key, settings: settings(config)? })
+        Ok(PostgresBackend { pool, page_token_key, settings })
     }
 
     /// Changes made through any replica, as they commit: a task listens on

@@ -7,7 +7,7 @@ use deadpool_postgres::Pool;
 use probe_api::digest::Sha256Digest;
 use tracing::warn;
 
-use super::{PostgresConfig, db_error, get, make_pool, schema};
+use super::{PostgresConfig, db_error, get, make_pool, schema, settings};
 use crate::error::{Error, Result};
 use crate::server::auth::{Role, SHARED_REFRESH, SharedTokens, TokenRecord, name_taken, new_token};
 
@@ -20,7 +20,7 @@ pub struct DatabaseTokens {
 impl DatabaseTokens {
     /// For the token commands: connects and brings the schema up to date.
     pub async fn connect(config: &PostgresConfig) -> Result<Self> {
-        let pool = make_pool(config)?;
+        let pool = make_pool(config, settings(config)?)?;
         let mut client = get(&pool).await?;
         schema::migrate(&mut client).await?;
         drop(client);
