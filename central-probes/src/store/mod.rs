@@ -124,6 +124,14 @@ pub struct CommitOrder {
     pub taken: Option<tokio::sync::oneshot::Sender<bool>>,
 }
 
+/// Tells whoever waits on `taken` that the commit took effect.
+pub fn report_taken(taken: Option<tokio::sync::oneshot::Sender<bool>>) {
+    if let Some(taken) = taken {
+        // The waiter may be gone (its upload ended); nothing to tell then.
+        let _ = taken.send(true);
+    }
+}
+
 impl CommitOrder {
     /// A commit that waits for nothing and nobody waits for.
     pub fn unordered() -> Self {

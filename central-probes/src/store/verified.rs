@@ -17,7 +17,7 @@ use tonic::Code;
 use super::backend::{Backend, Staging};
 use super::{
     CommitOrder, Committed, Decision, ExpectedDigests, PendingCommit, ProbeReader, ProbeStore, ProbeWriter,
-    StoredProbe, overwrite_rule,
+    StoredProbe, overwrite_rule, report_taken,
 };
 use crate::error::{Error, Result};
 
@@ -246,9 +246,7 @@ impl<B: Backend> ProbeWriter for VerifiedWriter<B> {
                 if !after.await {
                     return Err(aborted(&path));
                 }
-                if let Some(taken) = taken {
-                    let _ = taken.send(true);
-                }
+                report_taken(taken);
                 return Ok(committed(outcome));
             }
             // Durable before the wait, so that consecutive files overlap their

@@ -17,7 +17,7 @@ use tracing::warn;
 
 use crate::error::{Error, Result};
 use crate::store::backend::{Staged, Staging};
-use crate::store::{CommitOutcome, Decision, StoredProbe, overwrite_rule};
+use crate::store::{CommitOutcome, Decision, StoredProbe, overwrite_rule, report_taken};
 
 use super::format::{HEADER_LEN, header, sync_dir};
 use super::{Entry, Inner};
@@ -174,9 +174,7 @@ fn commit(
         let mut index = inner.index();
         let outcome = match decide(index.get(path).copied(), new, overwrite) {
             Decision::Keep(nothing_to_write) => {
-                if let Some(taken) = taken {
-                    let _ = taken.send(true);
-                }
+                report_taken(taken);
                 return Ok(nothing_to_write);
             }
             Decision::Write(outcome) => outcome,
@@ -193,9 +191,7 @@ fn commit(
         drop(index);
         // Visible now: the next file of the upload may take effect while
         // this directory entry is made durable.
-        if let Some(taken) = taken {
-            let _ = taken.send(true);
-        }
+        report_taken(taken);
         if inner.durable {
             sync_dir(module_dir).map_err(io_error("syncing the directory of"))?;
         }

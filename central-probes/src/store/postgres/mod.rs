@@ -42,7 +42,7 @@ use crate::error::{Error, Result};
 use crate::store::backend::{Backend, Staged, Staging};
 use crate::store::read_through::RecordChange;
 use crate::store::verified::VerifiedStore;
-use crate::store::{CommitOutcome, Decision, ProbeReader, StoredProbe, overwrite_rule};
+use crate::store::{CommitOutcome, Decision, ProbeReader, StoredProbe, overwrite_rule, report_taken};
 use tracing::warn;
 
 pub use schema::SCHEMA_VERSION;
@@ -536,9 +536,7 @@ impl Staged for PgStaged {
         let outcome = match overwrite_rule(old.map(|o| (o.size, o.sha256)), (probe.size, probe.sha256), overwrite) {
             Decision::Keep(outcome) => {
                 writing.end("ROLLBACK").await?;
-                if let Some(taken) = taken {
-                    let _ = taken.send(true);
-                }
+                report_taken(taken);
                 return Ok(outcome);
             }
             Decision::Write(outcome) => outcome,
@@ -561,9 +559,7 @@ impl Staged for PgStaged {
         }
         notify(client, &path).await?;
         writing.end("COMMIT").await?;
-        if let Some(taken) = taken {
-            let _ = taken.send(true);
-        }
+        report_taken(taken);
         Ok(outcome)
     }
 }
