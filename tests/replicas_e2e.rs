@@ -181,17 +181,8 @@ async fn an_unreachable_database_at_start_is_a_clear_error_and_exit_code() {
     let pki = TestPki::new();
     let dir = tempfile::tempdir().unwrap();
     let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    std::fs::write(pki.dir.path().join("server.pem"), &pki.server.cert_pem).unwrap();
-    std::fs::write(pki.dir.path().join("server-key.pem"), &pki.server.key_pem).unwrap();
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_central-probes"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(dir.path().join("data"))
-        .args(["--tls-cert", pki.dir.path().join("server.pem").to_str().unwrap()])
-        .args(["--tls-key", pki.dir.path().join("server-key.pem").to_str().unwrap()])
-        .args(["--client-ca", pki.ca_file().to_str().unwrap()])
-        .args(["--database-url", &format!("postgres://postgres@127.0.0.1:{closed}/probes")])
-        .output()
-        .unwrap();
+    let url = format!("postgres://postgres@127.0.0.1:{closed}/probes");
+    let output = serve_command(&pki, &dir.path().join("data"), &url).output().unwrap();
     assert_eq!(output.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&output.stderr);
     let last = stderr.lines().last().unwrap_or_default();
@@ -252,21 +243,29 @@ async fn tokens_made_and_revoked_in_the_database_hold_on_every_replica() {
     b.stop().await;
 }
 
-/// A replica in a process of its own (to be killed), on `url`.
-fn replica_process(pki: &TestPki, data_dir: &std::path::Path, url: &str) -> (std::process::Child, String) {
-    std::fs::write(pki.dir.path().join("server.pem"), &pki.server.cert_pem).unwrap();
-    std::fs::write(pki.dir.path().join("server-key.pem"), &pki.server.key_pem).unwrap();
-    let log = data_dir.with_extension("log");
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_central-probes"))
+/// `central-probes serve` on a free port with the database at `url`,
+/// its TLS files written into the PKI directory.
+fn serve_command(pki: &TestPki, data_dir: &std::path::Path, url: &str) -> std::process::Command {
+    let (cert, key) = (pki.dir.path().join("server.pem"), pki.dir.path().join("server-key.pem"));
+    std::fs::write(&cert, &pki.server.cert_pem).unwrap();
+    std::fs::write(&key, &pki.server.key_pem).unwrap();
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_central-probes"));
+    command
         .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
         .arg(data_dir)
-        .args(["--tls-cert", pki.dir.path().join("server.pem").to_str().unwrap()])
-        .args(["--tls-key", pki.dir.path().join("server-key.pem").to_str().unwrap()])
+        .arg("--tls-cert")
+        .arg(cert)
+        .arg("--tls-key")
+        .arg(key)
         .args(["--client-ca", pki.ca_file().to_str().unwrap()])
-        .args(["--database-url", url])
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
+        .args(["--database-url", url]);
+    command
+}
+
+/// A replica in a process of its own (to be killed), on `url`.
+fn replica_process(pki: &TestPki, data_dir: &std::path::Path, url: &str) -> (std::process::Child, String) {
+    let log = data_dir.with_extension("log");
+    let mut child = serve_command(pki, data_dir, url).stderr(std::fs::File::create(&log).unwrap()).spawn().unwrap();
     for _ in 0..200 {
         let text = std::fs::read_to_string(&log).unwrap_or_default();
         if let Some(address) = text.split("listening on ").nth(1) {
