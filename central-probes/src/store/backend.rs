@@ -62,6 +62,12 @@ pub trait Staging: Send {
 /// Staged bytes, ready to be committed.
 #[tonic::async_trait]
 pub trait Staged: Send {
+    /// What is stored under this file's path now (the commit decides again,
+    /// atomically). Looked up with what the staging holds already: a
+    /// backend of pooled connections must not wait for a second one while
+    /// holding one, or uploads filling the pool wait for each other forever.
+    async fn existing(&self) -> Result<Option<StoredProbe>>;
+
     /// Makes the staged bytes of `probe` durable, still invisible. Runs in
     /// parallel with the commits of other files.
     async fn prepare(&mut self, probe: &StoredProbe) -> Result<()>;

@@ -3,8 +3,9 @@
 //! size and digest checks, the disk floor, commits that outlive their caller
 //! and wait for their gate) over a `Backend` (backend.rs: batch lookup,
 //! listing, reading, staging, and a compare-and-commit that applies the
-//! overwrite rule atomically). `filesystem/` is the one backend so far; a
-//! second one implements `Backend` and passes `conformance`.
+//! overwrite rule atomically): `filesystem/` and `postgres/`, both passing
+//! `conformance`. `read_through` keeps local copies of a shared record, and
+//! `hot` keeps the most asked-for probes in memory.
 //!
 //! The store is the authority on the overwrite rule (`overwrite_rule`): it
 //! decides, atomically with the commit, whether the new bytes are stored,

@@ -117,16 +117,7 @@ impl<B: Backend> ProbeStore for VerifiedStore<B> {
         let staging = self.backend.stage(&path, size).await?;
         let (chunks, queue) = mpsc::channel(HASH_QUEUE);
         let hasher = tokio::task::spawn_blocking(move || hash_all(queue));
-        Ok(Box::new(VerifiedWriter {
-            backend: self.backend.clone(),
-            path,
-            size,
-            received: 0,
-            staging,
-            chunks,
-            hasher,
-            reservation,
-        }))
+        Ok(Box::new(VerifiedWriter { path, size, received: 0, staging, chunks, hasher, reservation }))
     }
 
     async fn open(&self, path: &ProbePath) -> Result<Option<ProbeReader>> {
@@ -187,8 +178,7 @@ fn verify(path: &ProbePath, size: u64, received: &Received, expected: ExpectedDi
     Ok(())
 }
 
-struct VerifiedWriter<B> {
-    backend: Arc<B>,
+struct VerifiedWriter {
     path: ProbePath,
     size: u64,
     received: u64,
@@ -200,7 +190,7 @@ struct VerifiedWriter<B> {
 }
 
 #[tonic::async_trait]
-impl<B: Backend> ProbeWriter for VerifiedWriter<B> {
+impl ProbeWriter for VerifiedWriter {
     async fn write(&mut self, chunk: Bytes) -> Result<()> {
         let received = self.received + chunk.len() as u64;
         if received > self.size {
@@ -221,7 +211,7 @@ impl<B: Backend> ProbeWriter for VerifiedWriter<B> {
         overwrite: bool,
         order: CommitOrder,
     ) -> Result<PendingCommit> {
-        let VerifiedWriter { backend, path, size, staging, chunks, hasher, reservation, .. } = *self;
+        let VerifiedWriter { path, size, staging, chunks, hasher, reservation, .. } = *self;
         if expected == ExpectedDigests::default() {
             return Err(Error::invalid_argument(format!("{path}: the trailer carries neither a SHA-256 nor a CRC-32")));
         }
@@ -240,7 +230,7 @@ impl<B: Backend> ProbeWriter for VerifiedWriter<B> {
                 Error::new(Code::Aborted, format!("{path}: not committed, an earlier file of the upload failed"))
             };
             // Decide early when nothing will be stored: no durable write then.
-            let old = backend.stat_many(std::slice::from_ref(&path)).await?.pop().flatten();
+            let old = staged.existing().await?;
             if let Decision::Keep(outcome) = overwrite_rule(old.map(|o| (o.size, o.sha256)), (size, sha256), overwrite)
             {
                 if !after.await {

@@ -113,6 +113,10 @@ impl Staging for FsStaging {
 
 #[tonic::async_trait]
 impl Staged for FsStaged {
+    async fn existing(&self) -> Result<Option<StoredProbe>> {
+        Ok(self.inner.index().get(&self.path).map(|&entry| super::stored(self.path.clone(), entry)))
+    }
+
     async fn prepare(&mut self, probe: &StoredProbe) -> Result<()> {
         let crc32 = probe.crc32.ok_or_else(|| Error::internal(format!("{}: no CRC-32 to store", probe.path)))?;
         let temp = self.temp.take().expect("prepared once");

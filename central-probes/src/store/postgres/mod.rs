@@ -7,13 +7,15 @@
 //! are inserted as they arrive, and the commit decides the overwrite rule
 //! under a per-path advisory lock and points the path at the new rows in
 //! the same transaction. A file is visible exactly when that transaction
-//! commits (durably, with PostgreSQL's default `synchronous_commit`); a
-//! replica that dies mid-file leaves nothing, as PostgreSQL rolls back the
-//! transaction of a lost connection. A reader reads in a repeatable-read
+//! commits, and reported stored once a group flush of the log has made it
+//! durable (`flush.rs`); a replica that dies mid-file leaves nothing, as
+//! PostgreSQL rolls back the transaction of a lost connection. Statements
+//! are prepared once per connection and cached. A reader reads in a repeatable-read
 //! transaction, so a probe replaced or removed meanwhile is still read
 //! whole. Connection failures and statement timeouts are UNAVAILABLE: the
 //! pool reconnects by itself once the database is back.
 
+mod flush;
 mod schema;
 #[cfg(any(test, feature = "testing"))]
 pub mod test_cluster;
@@ -24,6 +26,7 @@ mod tokens;
 
 use std::collections::HashMap;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -32,9 +35,9 @@ use probe_api::digest::Sha256Digest;
 use probe_api::errors::chain;
 use probe_api::names::{ModuleVersion, ProbePath};
 use tokio::sync::{mpsc, oneshot};
-use tokio_postgres::NoTls;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
+use tokio_postgres::{NoTls, Row, SimpleQueryMessage};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Code;
 
@@ -44,6 +47,8 @@ use crate::store::read_through::RecordChange;
 use crate::store::verified::VerifiedStore;
 use crate::store::{CommitOutcome, Decision, ProbeReader, StoredProbe, overwrite_rule, report_taken};
 use tracing::warn;
+
+use flush::GroupFlush;
 
 pub use schema::SCHEMA_VERSION;
 pub use tokens::DatabaseTokens;
@@ -73,6 +78,7 @@ pub type PostgresStore = VerifiedStore<PostgresBackend>;
 pub struct PostgresBackend {
     pool: Pool,
     page_token_key: Vec<u8>,
+    flush: Arc<GroupFlush>,
     /// How to open a connection of its own (the change listener's).
     settings: (tokio_postgres::Config, Connector),
 }
@@ -86,6 +92,9 @@ enum Connector {
 
 /// The channel every commit and removal notifies with the probe's path.
 const CHANGES_CHANNEL: &str = "kprobes_changes";
+
+/// Tells `$1` that `$2` changed, when the transaction commits.
+const NOTIFY: &str = "SELECT pg_notify($1, $2)";
 
 impl PostgresStore {
     /// Connects, applies migrations and loads the shared page token key.
@@ -161,7 +170,7 @@ impl PostgresBackend {
         let mut client = get(&pool).await?;
         schema::migrate(&mut client).await?;
         let page_token_key = load_or_create_key(&client).await?;
-        Ok(PostgresBackend { pool, page_token_key, settings })
+        Ok(PostgresBackend { pool, page_token_key, flush: Arc::default(), settings })
     }
 
     /// Changes made through any replica, as they commit: a task listens on
@@ -225,7 +234,7 @@ async fn load_or_create_key(client: &Object) -> Result<Vec<u8>> {
     Ok(row.get(0))
 }
 
-fn stored(row: &tokio_postgres::Row) -> Result<StoredProbe> {
+fn stored(row: &Row) -> Result<StoredProbe> {
     let bad = |what: &str| Error::internal(format!("the database holds a bad {what}"));
     let path: String = row.get("path");
     let size: i64 = row.get("size");
@@ -249,23 +258,70 @@ struct InTransaction {
 
 impl InTransaction {
     async fn begin(pool: &Pool, begin: &str) -> Result<Self> {
-        let client = get(pool).await?;
-        client.batch_execute(begin).await.map_err(|e| db_error("starting a transaction", e))?;
-        Ok(InTransaction { client: Some(client) })
+        Ok(Self::begin_returning(pool, begin).await?.0)
+    }
+
+    /// Starts a transaction with `statements`, whose last may be a query:
+    /// the first value of its first row, as text. One round trip.
+    async fn begin_returning(pool: &Pool, statements: &str) -> Result<(Self, Option<String>)> {
+        let transaction = InTransaction { client: Some(get(pool).await?) };
+        let messages =
+            transaction.client().simple_query(statements).await.map_err(|e| db_error("starting a transaction", e))?;
+        let value = messages.into_iter().find_map(|message| match message {
+            SimpleQueryMessage::Row(row) => row.get(0).map(str::to_owned),
+            _ => None,
+        });
+        Ok((transaction, value))
     }
 
     fn client(&self) -> &Object {
         self.client.as_ref().expect("in a transaction")
     }
 
-    async fn end(mut self, statement: &str) -> Result<()> {
+    async fn end(self, statement: &str) -> Result<()> {
+        self.end_keeping(statement).await.map(drop)
+    }
+
+    /// Ends the transaction and hands its connection on for more work.
+    async fn end_keeping(self, statement: &str) -> Result<Object> {
+        let ended = self.client().batch_execute(statement).await;
+        self.ended(ended)
+    }
+
+    /// The connection of a transaction ended by `statement_result`, or the
+    /// error of ending it (the connection is closed then: the transaction
+    /// may still be open).
+    fn ended(mut self, statement_result: Result<(), tokio_postgres::Error>) -> Result<Object> {
         let client = self.client.take().expect("in a transaction");
-        if let Err(error) = client.batch_execute(statement).await {
+        if let Err(error) = statement_result {
             drop(Object::take(client));
             return Err(db_error("ending a transaction", error));
         }
-        Ok(())
+        Ok(client)
     }
+}
+
+type Params<'a> = [&'a (dyn ToSql + Sync)];
+
+/// `sql` prepared on `client`, once per connection.
+async fn prepare(client: &Object, sql: &str) -> Result<tokio_postgres::Statement> {
+    client.prepare_cached(sql).await.map_err(|e| db_error("preparing a statement", e))
+}
+
+/// Runs `sql`, prepared once per connection: one round trip, not two.
+async fn execute(client: &Object, sql: &str, params: &Params<'_>) -> Result<u64, tokio_postgres::Error> {
+    let statement = client.prepare_cached(sql).await?;
+    client.execute(&statement, params).await
+}
+
+async fn query(client: &Object, sql: &str, params: &Params<'_>) -> Result<Vec<Row>, tokio_postgres::Error> {
+    let statement = client.prepare_cached(sql).await?;
+    client.query(&statement, params).await
+}
+
+async fn query_opt(client: &Object, sql: &str, params: &Params<'_>) -> Result<Option<Row>, tokio_postgres::Error> {
+    let statement = client.prepare_cached(sql).await?;
+    client.query_opt(&statement, params).await
 }
 
 impl Drop for InTransaction {
@@ -283,8 +339,7 @@ impl Backend for PostgresBackend {
     async fn stat_many(&self, paths: &[ProbePath]) -> Result<Vec<Option<StoredProbe>>> {
         let asked: Vec<String> = paths.iter().map(ToString::to_string).collect();
         let client = get(&self.pool).await?;
-        let rows = client
-            .query(&format!("SELECT {COLUMNS} FROM probes WHERE path = ANY($1)"), &[&asked])
+        let rows = query(&client, &format!("SELECT {COLUMNS} FROM probes WHERE path = ANY($1)"), &[&asked])
             .await
             .map_err(|e| db_error("looking probes up", e))?;
         let mut found: HashMap<ProbePath, StoredProbe> = HashMap::with_capacity(rows.len());
@@ -305,27 +360,29 @@ impl Backend for PostgresBackend {
         let version = module_version.map(|v| v.as_str().to_owned());
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let client = get(&self.pool).await?;
-        let rows = client
-            .query(
-                &format!(
-                    "SELECT {COLUMNS} FROM probes
-                     WHERE ($1::text IS NULL OR path > $1) AND ($2::text IS NULL OR module_version = $2)
-                     ORDER BY path LIMIT $3"
-                ),
-                &[&after, &version, &limit],
-            )
-            .await
-            .map_err(|e| db_error("listing probes", e))?;
+        let rows = query(
+            &client,
+            &format!(
+                "SELECT {COLUMNS} FROM probes
+                 WHERE ($1::text IS NULL OR path > $1) AND ($2::text IS NULL OR module_version = $2)
+                 ORDER BY path LIMIT $3"
+            ),
+            &[&after, &version, &limit],
+        )
+        .await
+        .map_err(|e| db_error("listing probes", e))?;
         rows.iter().map(stored).collect()
     }
 
     async fn open(&self, path: &ProbePath) -> Result<Option<ProbeReader>> {
         let reading = InTransaction::begin(&self.pool, "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY").await?;
-        let row = reading
-            .client()
-            .query_opt(&format!("SELECT {COLUMNS}, blob FROM probes WHERE path = $1"), &[&path.to_string()])
-            .await
-            .map_err(|e| db_error("opening a probe", e))?;
+        let row = query_opt(
+            reading.client(),
+            &format!("SELECT {COLUMNS}, blob FROM probes WHERE path = $1"),
+            &[&path.to_string()],
+        )
+        .await
+        .map_err(|e| db_error("opening a probe", e))?;
         let Some(row) = row else {
             reading.end("COMMIT").await?;
             return Ok(None);
@@ -340,29 +397,36 @@ impl Backend for PostgresBackend {
     }
 
     async fn stage(&self, path: &ProbePath, _size: u64) -> Result<Box<dyn Staging>> {
-        let writing = InTransaction::begin(&self.pool, "BEGIN").await?;
-        let row = writing
-            .client()
-            .query_one("SELECT nextval('probe_blobs')", &[])
-            .await
-            .map_err(|e| db_error("starting a probe", e))?;
-        let blob: i64 = row.get(0);
-        Ok(Box::new(PgStaging { writing, path: path.clone(), blob, seq: 0, pending: BytesMut::new() }))
+        // Visible at commit, durable at the group flush that follows it.
+        let (writing, blob) = InTransaction::begin_returning(
+            &self.pool,
+            "BEGIN; SET LOCAL synchronous_commit = off; SELECT nextval('probe_blobs')",
+        )
+        .await?;
+        let blob: i64 = blob
+            .and_then(|blob| blob.parse().ok())
+            .ok_or_else(|| Error::internal("the database gave no number for a new probe"))?;
+        Ok(Box::new(PgStaging {
+            writing,
+            flush: self.flush.clone(),
+            path: path.clone(),
+            blob,
+            seq: 0,
+            pending: BytesMut::new(),
+        }))
     }
 
     async fn remove(&self, path: &ProbePath) -> Result<bool> {
         let removing = InTransaction::begin(&self.pool, "BEGIN").await?;
         let client = removing.client();
-        let row = client
-            .query_opt("DELETE FROM probes WHERE path = $1 RETURNING blob", &[&path.to_string()])
+        let row = query_opt(client, "DELETE FROM probes WHERE path = $1 RETURNING blob", &[&path.to_string()])
             .await
             .map_err(|e| db_error("removing a probe", e))?;
         let removed = match row {
             None => false,
             Some(row) => {
                 let blob: i64 = row.get(0);
-                client
-                    .execute("DELETE FROM probe_chunks WHERE blob = $1", &[&blob])
+                execute(client, "DELETE FROM probe_chunks WHERE blob = $1", &[&blob])
                     .await
                     .map_err(|e| db_error("removing a probe's bytes", e))?;
                 notify(client, path).await?;
@@ -424,8 +488,7 @@ where
 /// Tells every replica's listener that `path` changed, when the
 /// transaction of `client` commits.
 async fn notify(client: &Object, path: &ProbePath) -> Result<()> {
-    client
-        .execute("SELECT pg_notify($1, $2)", &[&CHANGES_CHANNEL, &path.to_string()])
+    execute(client, NOTIFY, &[&CHANGES_CHANNEL, &path.to_string()])
         .await
         .map_err(|e| db_error("notifying a change", e))?;
     Ok(())
@@ -435,11 +498,10 @@ async fn notify(client: &Object, path: &ProbePath) -> Result<()> {
 async fn read_chunks(reading: InTransaction, blob: i64, path: ProbePath, chunks: mpsc::Sender<Result<Bytes>>) {
     let mut seq = 0i32;
     loop {
-        let row = reading
-            .client()
-            .query_opt("SELECT data FROM probe_chunks WHERE blob = $1 AND seq = $2", &[&blob, &seq])
-            .await
-            .map_err(|e| db_error(&format!("reading {path}"), e));
+        let row =
+            query_opt(reading.client(), "SELECT data FROM probe_chunks WHERE blob = $1 AND seq = $2", &[&blob, &seq])
+                .await
+                .map_err(|e| db_error(&format!("reading {path}"), e));
         let chunk = match row {
             Ok(Some(row)) => Ok(Bytes::from(row.get::<_, Vec<u8>>(0))),
             Ok(None) => break,
@@ -459,6 +521,7 @@ async fn read_chunks(reading: InTransaction, blob: i64, path: ProbePath, chunks:
 /// A file being written: chunk rows inserted in its own transaction.
 struct PgStaging {
     writing: InTransaction,
+    flush: Arc<GroupFlush>,
     path: ProbePath,
     blob: i64,
     seq: i32,
@@ -469,9 +532,7 @@ struct PgStaging {
 impl PgStaging {
     async fn insert(&mut self, data: &[u8]) -> Result<()> {
         let params: [&(dyn ToSql + Sync); 3] = [&self.blob, &self.seq, &data];
-        self.writing
-            .client()
-            .execute("INSERT INTO probe_chunks (blob, seq, data) VALUES ($1, $2, $3)", &params)
+        execute(self.writing.client(), "INSERT INTO probe_chunks (blob, seq, data) VALUES ($1, $2, $3)", &params)
             .await
             .map_err(|e| db_error(&format!("writing {}", self.path), e))?;
         self.seq += 1;
@@ -505,6 +566,15 @@ struct PgStaged {
 
 #[tonic::async_trait]
 impl Staged for PgStaged {
+    async fn existing(&self) -> Result<Option<StoredProbe>> {
+        let PgStaging { writing, path, .. } = &self.staging;
+        let row =
+            query_opt(writing.client(), &format!("SELECT {COLUMNS} FROM probes WHERE path = $1"), &[&path.to_string()])
+                .await
+                .map_err(|e| db_error(&format!("looking up {path}"), e))?;
+        row.as_ref().map(stored).transpose()
+    }
+
     /// Nothing to do: the rows become durable with the commit.
     async fn prepare(&mut self, _probe: &StoredProbe) -> Result<()> {
         Ok(())
@@ -516,50 +586,66 @@ impl Staged for PgStaged {
         overwrite: bool,
         taken: Option<oneshot::Sender<bool>>,
     ) -> Result<CommitOutcome> {
-        let PgStaging { writing, path, blob, .. } = self.staging;
+        let PgStaging { writing, flush, path, blob, .. } = self.staging;
         let client = writing.client();
         let db = |what: &'static str| {
             let path = path.clone();
             move |e| db_error(&format!("{what} {path}"), e)
         };
-        // Uploads of one path on any replica decide one after the other.
-        client
-            .execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", &[&path.to_string()])
-            .await
-            .map_err(db("locking"))?;
-        let old = client
-            .query_opt(&format!("SELECT {COLUMNS}, blob FROM probes WHERE path = $1"), &[&path.to_string()])
-            .await
-            .map_err(db("looking up"))?;
+        let path_text = path.to_string();
+        // Statements are prepared first and then sent without waiting for
+        // each other's answers (tokio-postgres sends a statement when its
+        // future is first polled, `join!` polls in order, and PostgreSQL
+        // runs what one connection sends in order): one round trip each for
+        // the decision and for the write.
+        let lock = prepare(client, "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))").await?;
+        let lookup = prepare(client, &format!("SELECT {COLUMNS}, blob FROM probes WHERE path = $1")).await?;
+        // Uploads of one path on any replica decide one after the other; the
+        // lookup runs after the lock is held, so it sees the last commit.
+        let by_path: [&(dyn ToSql + Sync); 1] = [&path_text];
+        let (locked, old) = tokio::join!(client.execute(&lock, &by_path), client.query_opt(&lookup, &by_path));
+        locked.map_err(db("locking"))?;
+        let old = old.map_err(db("looking up"))?;
         let old_blob: Option<i64> = old.as_ref().map(|row| row.get("blob"));
         let old = old.as_ref().map(stored).transpose()?;
-        let outcome = match overwrite_rule(old.map(|o| (o.size, o.sha256)), (probe.size, probe.sha256), overwrite) {
-            Decision::Keep(outcome) => {
-                writing.end("ROLLBACK").await?;
-                report_taken(taken);
-                return Ok(outcome);
+        let decision = overwrite_rule(old.map(|o| (o.size, o.sha256)), (probe.size, probe.sha256), overwrite);
+        let (outcome, client) = match decision {
+            Decision::Keep(outcome) => (outcome, writing.end_keeping("ROLLBACK").await?),
+            Decision::Write(outcome) => {
+                let size = i64::try_from(probe.size).map_err(|_| Error::invalid_argument("a probe over 2^63 bytes"))?;
+                let crc32 = probe.crc32.map(i64::from);
+                let sha256 = probe.sha256.0.as_slice();
+                let params: [&(dyn ToSql + Sync); 6] =
+                    [&path_text, &path.module_version().as_str(), &size, &sha256, &crc32, &blob];
+                let insert = prepare(
+                    client,
+                    "INSERT INTO probes (path, module_version, size, sha256, crc32, blob) VALUES ($1, $2, $3, $4, $5, $6)
+                     ON CONFLICT (path) DO UPDATE SET size = $3, sha256 = $4, crc32 = $5, blob = $6, stored_at = now()",
+                )
+                .await?;
+                let delete = prepare(client, "DELETE FROM probe_chunks WHERE blob = $1").await?;
+                let notify = prepare(client, NOTIFY).await?;
+                // -1 matches no chunk rows.
+                let old_blob: [&(dyn ToSql + Sync); 1] = [&old_blob.unwrap_or(-1)];
+                let change: [&(dyn ToSql + Sync); 2] = [&CHANGES_CHANNEL, &path_text];
+                // COMMIT goes with them: if any of them failed, the
+                // transaction is aborted and COMMIT rolls it back.
+                let (stored, replaced, notified, committed) = tokio::join!(
+                    client.execute(&insert, &params),
+                    client.execute(&delete, &old_blob),
+                    client.execute(&notify, &change),
+                    client.batch_execute("COMMIT"),
+                );
+                let client = writing.ended(committed)?;
+                stored.map_err(db("storing"))?;
+                replaced.map_err(db("replacing"))?;
+                notified.map_err(db("notifying a change to"))?;
+                (outcome, client)
             }
-            Decision::Write(outcome) => outcome,
         };
-        let size = i64::try_from(probe.size).map_err(|_| Error::invalid_argument("a probe over 2^63 bytes"))?;
-        let crc32 = probe.crc32.map(i64::from);
-        let sha256 = probe.sha256.0.as_slice();
-        let params: [&(dyn ToSql + Sync); 6] =
-            [&path.to_string(), &path.module_version().as_str(), &size, &sha256, &crc32, &blob];
-        client
-            .execute(
-                "INSERT INTO probes (path, module_version, size, sha256, crc32, blob) VALUES ($1, $2, $3, $4, $5, $6)
-                 ON CONFLICT (path) DO UPDATE SET size = $3, sha256 = $4, crc32 = $5, blob = $6, stored_at = now()",
-                &params,
-            )
-            .await
-            .map_err(db("storing"))?;
-        if let Some(old_blob) = old_blob {
-            client.execute("DELETE FROM probe_chunks WHERE blob = $1", &[&old_blob]).await.map_err(db("replacing"))?;
-        }
-        notify(client, &path).await?;
-        writing.end("COMMIT").await?;
         report_taken(taken);
+        // What was kept may be a commit of another upload not flushed yet.
+        flush.flush(&client).await?;
         Ok(outcome)
     }
 }

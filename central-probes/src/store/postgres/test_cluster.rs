@@ -26,20 +26,26 @@ impl TestCluster {
     /// A cluster of the caller's own, stopped when dropped: for tests that
     /// stop and restart the database.
     pub fn private() -> TestCluster {
-        TestCluster::start(None)
+        TestCluster::start(None, "")
+    }
+
+    /// A cluster of the caller's own with these server settings
+    /// (`-c name=value ...`).
+    pub fn private_with_settings(settings: &str) -> TestCluster {
+        TestCluster::start(None, settings)
     }
 
     /// A cluster of the caller's own that also accepts TLS with this
     /// certificate and key (PEM).
     pub fn private_with_tls(cert_pem: &str, key_pem: &str) -> TestCluster {
-        TestCluster::start(Some((cert_pem, key_pem)))
+        TestCluster::start(Some((cert_pem, key_pem)), "")
     }
 
     /// The cluster shared by this process's tests, started on first use;
     /// panics with the reason if it cannot.
     pub fn get() -> &'static TestCluster {
         CLUSTER.get_or_init(|| {
-            let cluster = TestCluster::start(None);
+            let cluster = TestCluster::start(None, "");
             // SAFETY: registers a plain function to run at exit.
             unsafe { libc::atexit(stop_at_exit) };
             cluster
@@ -66,7 +72,7 @@ impl TestCluster {
         self.pg_ctl(&["start", "-w", "-l", &self.data_dir.join("log").to_string_lossy(), "-o", &self.options()]);
     }
 
-    fn start(tls: Option<(&str, &str)>) -> TestCluster {
+    fn start(tls: Option<(&str, &str)>, settings: &str) -> TestCluster {
         let bin = server_binaries();
         static STARTED: AtomicUsize = AtomicUsize::new(0);
         let n = STARTED.fetch_add(1, Ordering::SeqCst);
@@ -74,7 +80,7 @@ impl TestCluster {
         let _ = std::fs::remove_dir_all(&base);
         std::fs::create_dir_all(&base).expect("making the cluster directory");
         let data_dir = base.join("data");
-        let mut extra_options = String::new();
+        let mut extra_options = format!(" {settings}");
         if is_root() {
             use std::os::unix::fs::PermissionsExt;
             std::fs::set_permissions(&base, std::fs::Permissions::from_mode(0o777)).unwrap();
@@ -92,7 +98,8 @@ impl TestCluster {
                     assert!(status.success(), "chown postgres {}", file.display());
                 }
             }
-            extra_options = format!(" -c ssl=on -c ssl_cert_file={} -c ssl_key_file={}", cert.display(), key.display());
+            extra_options +=
+                &format!(" -c ssl=on -c ssl_cert_file={} -c ssl_key_file={}", cert.display(), key.display());
         }
         let cluster = TestCluster { port: free_port(), data_dir, bin, next_db: AtomicUsize::new(0), extra_options };
         let data = cluster.data_dir.to_string_lossy().into_owned();

@@ -175,3 +175,34 @@ async fn tls_to_the_database_verifies_the_server_against_the_given_ca() {
     assert_eq!(error.code, Code::InvalidArgument);
     assert!(error.message.contains("--database-ca"), "{error}");
 }
+
+/// A file reported stored is in the flushed log, although its own commit
+/// was asynchronous (`flush.rs`): the group flush after it covers it. The
+/// WAL writer is told to flush almost never, so nothing else would.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_reported_stored_is_in_the_flushed_log() {
+    let cluster = TestCluster::private_with_settings("-c wal_writer_delay=10000 -c wal_writer_flush_after=1000000");
+    let url = cluster.new_database();
+    let store = store(&url).await;
+    let client = raw_client(&url).await;
+    client.batch_execute("CREATE EXTENSION pg_walinspect").await.unwrap();
+    for kernel in 0..3 {
+        let start: String = client.query_one("SELECT pg_current_wal_insert_lsn()::text", &[]).await.unwrap().get(0);
+        assert_eq!(put(&store, &path(kernel), b"durable", false).await.unwrap(), CommitOutcome::Stored);
+        let xid: String = client
+            .query_one("SELECT xmin::text FROM probes WHERE path = $1", &[&path(kernel).to_string()])
+            .await
+            .unwrap()
+            .get(0);
+        let flushed_commits: i64 = client
+            .query_one(
+                "SELECT count(*) FROM pg_get_wal_records_info($1::text::pg_lsn, pg_current_wal_flush_lsn())
+                 WHERE resource_manager = 'Transaction' AND record_type = 'COMMIT' AND xid::text = $2",
+                &[&start, &xid],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(flushed_commits, 1, "the commit of file {kernel} (transaction {xid}) is not flushed");
+    }
+}
