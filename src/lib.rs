@@ -1,9 +1,11 @@
 //! The kernel probe distribution API: the gRPC code generated from
 //! `proto/kprobes/v1`, and the naming rules for module versions and probe
-//! files that Central, the uploader and the Collector all enforce.
+//! files that Central, the uploader and the Collector all enforce; and the
+//! transports both sides share (gRPC channels, an HTTPS GET client).
 
 pub mod digest;
 pub mod errors;
+pub mod https;
 pub mod limits;
 pub mod names;
 pub mod probe_stream;

@@ -2,8 +2,12 @@
 //! certificate, an optional client identity (a Collector's), and HTTP/2
 //! windows sized for bulk transfers.
 
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
+use crate::https::{HttpsError, Proxy, ProxySettings};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 /// Per-stream and per-connection HTTP/2 receive windows of clients.
@@ -61,6 +65,45 @@ impl std::error::Error for TransportError {
 /// It connects lazily, on the first call, within `connect_timeout`.
 pub fn channel(address: &str, tls: &ClientTls, connect_timeout: Duration) -> Result<Channel, TransportError> {
     Ok(endpoint(address, tls, connect_timeout)?.connect_lazy())
+}
+
+/// `channel`, through an HTTP CONNECT proxy when `proxies` has one for
+/// the host of `address`.
+pub fn channel_through(
+    address: &str,
+    tls: &ClientTls,
+    connect_timeout: Duration,
+    proxies: &ProxySettings,
+) -> Result<Channel, TransportError> {
+    let endpoint = endpoint(address, tls, connect_timeout)?;
+    let host = endpoint.uri().host().unwrap_or_default().trim_start_matches('[').trim_end_matches(']').to_owned();
+    Ok(match proxies.for_host(&host) {
+        None => endpoint.connect_lazy(),
+        Some(proxy) => endpoint.connect_with_connector_lazy(Tunnel(proxy.clone())),
+    })
+}
+
+/// Connects tonic's channel through a proxy; tonic runs TLS on top.
+#[derive(Clone)]
+struct Tunnel(Proxy);
+
+impl tonic::codegen::Service<http::Uri> for Tunnel {
+    type Response = hyper_util::rt::TokioIo<tokio::net::TcpStream>;
+    type Error = HttpsError;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, HttpsError>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), HttpsError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: http::Uri) -> Self::Future {
+        let proxy = self.0.clone();
+        Box::pin(async move {
+            let host = uri.host().unwrap_or_default().trim_start_matches('[').trim_end_matches(']').to_owned();
+            let port = uri.port_u16().unwrap_or(443);
+            Ok(hyper_util::rt::TokioIo::new(proxy.tunnel_to(&host, port).await?))
+        })
+    }
 }
 
 /// The endpoint behind `channel`, for callers that want to connect now.

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::time::Duration;
 
-use central_probes::server::upstream::UpstreamConfig;
+use central_probes::server::upstream::{UpstreamConfig, UpstreamKind};
 use common::{Central, CentralOptions, TestPki};
 use probe_api::v1::probe_service_server::{ProbeService, ProbeServiceServer};
 use probe_api::v1::upload_probes_request::Message;
@@ -55,8 +55,9 @@ async fn upstream_server(pki: &TestPki, dir: &Path) -> Central {
 
 fn upstream_config(pki: &TestPki, address: &str, dir: &Path) -> UpstreamConfig {
     UpstreamConfig {
-        address: format!("https://{address}"),
+        kind: UpstreamKind::Grpc { address: format!("https://{address}") },
         tls: pki.tls_with(None),
+        proxies: Default::default(),
         connect_timeout: Duration::from_secs(2),
         fetch_timeout: Duration::from_secs(10),
         cache_dir: dir.join("central-cache"),
@@ -343,4 +344,27 @@ async fn a_corrupt_upstream_reply_is_rejected_and_nothing_is_written() {
     assert!(!dir.path().join("probe.o").exists());
     central.stop().await;
     server.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_central_http_the_probe_comes_through_the_https_route_and_its_digest_is_checked() {
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let central = central_with(&pki, dir.path(), None).await;
+    upload(&central, &pki, KERNEL).await;
+    let cli = CollectorCli::new(&pki, dir.path());
+
+    let (code, stdout, stderr) = cli.run(&central.address, &["--central-http"]).await;
+    assert_eq!(code, 0, "{stdout}\n{stderr}");
+    assert_eq!(std::fs::read(dir.path().join("probe.o")).unwrap(), probe_for(KERNEL).0);
+    assert!(stdout.contains("/kernel-objects/") && stdout.contains("matches the Digest header"), "{stdout}");
+    assert_eq!(central.metrics.get_probe_requests(), 0, "GetProbe was not used");
+
+    // A Central without the probe: the route's 404 is "not found".
+    let empty = central_with(&pki, &dir.path().join("empty"), None).await;
+    let (code, stdout, stderr) = cli.run(&empty.address, &["--central-http"]).await;
+    assert_eq!(code, 1, "{stdout}\n{stderr}");
+    assert!(stderr.contains("404"), "{stderr}");
+    central.stop().await;
+    empty.stop().await;
 }

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use central_probes::pki::CertificateAuthority;
 use central_probes::server::auth::{Role, TokenFile};
 use central_probes::server::metrics::Metrics;
-use central_probes::server::upstream::UpstreamConfig;
+use central_probes::server::upstream::{UpstreamConfig, UpstreamKind};
 use central_probes::server::{Central, CentralConfig, TlsMaterial};
 use central_probes::store::ProbeStore;
 use central_probes::synthetic::PackageSpec;
@@ -161,8 +161,9 @@ async fn main() {
     let only_upstream = PackageSpec::new("2.5.0", &["6.1.0-1-cloud-amd64"]);
     let path = fill(&upstream_store, &only_upstream).await.remove(0);
     let config = UpstreamConfig {
-        address: upstream_address,
+        kind: UpstreamKind::Grpc { address: upstream_address },
         tls: ClientTls { ca_pem: pki.ca.cert_pem.clone().into_bytes(), identity: None },
+        proxies: Default::default(),
         connect_timeout: Duration::from_secs(2),
         fetch_timeout: Duration::from_secs(30),
         cache_dir: dir.path().join("cache"),

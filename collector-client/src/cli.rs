@@ -5,9 +5,10 @@
 use clap::{Parser, Subcommand, ValueEnum};
 use collector_client::candidates::{self, HostFacts};
 use collector_client::central::CentralClient;
+use collector_client::central_https::CentralHttpsClient;
 use collector_client::chain::{self, RetryPolicy};
 use collector_client::output;
-use collector_client::sources::{BuiltinDir, CentralSource, ProbeSource};
+use collector_client::sources::{BuiltinDir, CentralHttpsSource, CentralSource, ProbeSource};
 use probe_api::errors::Context;
 use probe_api::names::ModuleVersion;
 use probe_api::transport::ClientTls;
@@ -61,6 +62,10 @@ pub struct GetProbeArgs {
     /// Central's address, HOST:PORT.
     #[arg(long, env = "GRPC_SERVER", requires_all = ["ca", "cert", "key"])]
     central: Option<String>,
+    /// Fetch from Central's HTTPS route /kernel-objects/ (what Collectors of
+    /// the product this replaces call) instead of GetProbe.
+    #[arg(long, requires = "central")]
+    central_http: bool,
     /// CA certificate (PEM) that signed Central's certificate.
     #[arg(long)]
     ca: Option<PathBuf>,
@@ -134,12 +139,15 @@ pub async fn get_probe(args: GetProbeArgs) -> Result<(), CliError> {
             ca_pem: read(ca, "the CA certificate")?,
             identity: Some((read(cert, "the client certificate")?, read(key, "the client key")?)),
         };
-        let client = CentralClient::new(address, &tls, args.connect_timeout)?;
-        sources.push(Box::new(CentralSource {
-            address: address.clone(),
-            client,
-            request_timeout: args.request_timeout,
-        }));
+        if args.central_http {
+            let client = CentralHttpsClient::new(address, &tls, args.connect_timeout)?;
+            let request_timeout = args.request_timeout;
+            sources.push(Box::new(CentralHttpsSource { address: address.clone(), client, request_timeout }));
+        } else {
+            let client = CentralClient::new(address, &tls, args.connect_timeout)?;
+            let request_timeout = args.request_timeout;
+            sources.push(Box::new(CentralSource { address: address.clone(), client, request_timeout }));
+        }
     }
     if sources.is_empty() {
         return Err("no source to look in: give --builtin-dir, or --central with --ca, --cert and --key".into());

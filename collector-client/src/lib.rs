@@ -1,11 +1,12 @@
 //! The Collector's side of probe distribution: derive the candidate kernel
 //! names of this node, look for the probe in the Collector image and then
-//! at Central (over mutual TLS), retrying within a budget, and write the
+//! at Central (over mutual TLS, by GetProbe or by its HTTPS route), retrying within a budget, and write the
 //! verified, decompressed probe atomically; or fail with a report that
 //! says what was tried and what to do.
 
 pub mod candidates;
 pub mod central;
+pub mod central_https;
 pub mod chain;
 pub mod output;
 pub mod sources;

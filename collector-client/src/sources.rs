@@ -1,5 +1,6 @@
 //! Where a Collector can find a probe, each behind one small trait: the
-//! probes built into its image (gzip'd, or uncompressed) and Central.
+//! probes built into its image (gzip'd, or uncompressed) and Central (by
+//! GetProbe, or by its HTTPS route).
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -8,6 +9,7 @@ use probe_api::names::{ModuleVersion, ProbeFileName};
 use tonic::Code;
 
 use crate::central::{CentralClient, FetchError};
+use crate::central_https::{CentralHttpsClient, HttpsFetchError};
 
 /// What one look-up in one source gave.
 #[derive(Debug)]
@@ -92,6 +94,42 @@ impl ProbeSource for CentralSource {
                 Lookup::NotFound(format!("NotFound: {}", status.message()))
             }
             Ok(Err(error)) => Lookup::Failed(error.to_string()),
+        }
+    }
+}
+
+/// Central's HTTPS route `/kernel-objects/`, over mutual TLS. Each try is
+/// bounded by `request_timeout`.
+pub struct CentralHttpsSource {
+    pub address: String,
+    pub client: CentralHttpsClient,
+    pub request_timeout: Duration,
+}
+
+#[tonic::async_trait]
+impl ProbeSource for CentralHttpsSource {
+    fn name(&self) -> String {
+        format!("Central https://{}/kernel-objects/", self.address.trim_start_matches("https://"))
+    }
+
+    fn worth_retrying(&self) -> bool {
+        true
+    }
+
+    async fn lookup(&self, module_version: &ModuleVersion, file_name: &ProbeFileName) -> Lookup {
+        let fetch = self.client.fetch(module_version.as_str(), file_name.as_str());
+        match tokio::time::timeout(self.request_timeout, fetch).await {
+            Err(_) => Lookup::Failed(format!("no answer within {:?}", self.request_timeout)),
+            Ok(Ok(probe)) => {
+                let checked = if probe.digest_checked { "matches the Digest header" } else { "no Digest header" };
+                Lookup::Found {
+                    bytes: probe.bytes,
+                    gzipped: true,
+                    detail: format!("SHA-256 {} ({checked})", probe.sha256),
+                }
+            }
+            Ok(Err(HttpsFetchError::NotFound(why))) => Lookup::NotFound(why),
+            Ok(Err(HttpsFetchError::Failed(why))) => Lookup::Failed(why),
         }
     }
 }

@@ -15,16 +15,28 @@ use crate::common::TestPki;
 pub struct Served {
     pub child: Child,
     pub address: String,
+    /// What Central logged up to its address.
+    pub startup_log: Vec<String>,
     pub log: std::sync::mpsc::Receiver<String>,
 }
 
 pub fn serve(pki: &TestPki, data_dir: &Path, extra: &[&str]) -> Served {
-    serve_with_descriptor_limit(pki, data_dir, extra, None)
+    spawn(pki, data_dir, extra, None, &[])
 }
 
 /// `serve`, with the open descriptor limit (soft and hard) set to
 /// `descriptors` when given.
 pub fn serve_with_descriptor_limit(pki: &TestPki, data_dir: &Path, extra: &[&str], descriptors: Option<u64>) -> Served {
+    spawn(pki, data_dir, extra, descriptors, &[])
+}
+
+/// `serve` with these environment variables (and no proxy settings but
+/// these).
+pub fn serve_with_env(pki: &TestPki, data_dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> Served {
+    spawn(pki, data_dir, extra, None, env)
+}
+
+fn spawn(pki: &TestPki, data_dir: &Path, extra: &[&str], descriptors: Option<u64>, env: &[(&str, &str)]) -> Served {
     use std::os::unix::process::CommandExt;
     let dir = pki.dir.path();
     std::fs::write(dir.join("server.pem"), &pki.server.cert_pem).unwrap();
@@ -52,6 +64,11 @@ pub fn serve_with_descriptor_limit(pki: &TestPki, data_dir: &Path, extra: &[&str
         .args(["--client-ca", pki.ca_file().to_str().unwrap()])
         .args(extra)
         .env("RUST_LOG", "info")
+        .env_remove("https_proxy")
+        .env_remove("HTTPS_PROXY")
+        .env_remove("no_proxy")
+        .env_remove("NO_PROXY")
+        .envs(env.iter().copied())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
@@ -73,7 +90,7 @@ pub fn serve_with_descriptor_limit(pki: &TestPki, data_dir: &Path, extra: &[&str
             break rest.split_whitespace().next().unwrap().to_owned();
         }
     };
-    Served { child, address, log }
+    Served { child, address, startup_log: seen, log }
 }
 
 /// A Central a failed test left running would hold its data directory.

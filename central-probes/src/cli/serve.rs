@@ -6,9 +6,10 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use central_probes::server::{
-    Central, CentralConfig, ConnectionLimits, DatabaseConfig, PostgresConfig, TlsMaterial, UpstreamConfig,
+    Central, CentralConfig, ConnectionLimits, DatabaseConfig, PostgresConfig, TlsMaterial, UpstreamConfig, UpstreamKind,
 };
 use clap::Args;
+use probe_api::https::{Proxy, ProxySettings};
 use probe_api::transport::ClientTls;
 use tracing::{info, warn};
 
@@ -42,13 +43,25 @@ pub struct ServeArgs {
     /// before they are abandoned (an abandoned file is never made visible).
     #[arg(long, env = "CENTRAL_SHUTDOWN_GRACE", default_value = "30s", value_parser = humantime::parse_duration)]
     shutdown_grace: Duration,
-    /// The upstream probe server, https://HOST:PORT, asked when no uploaded
-    /// package has a probe.
-    #[arg(long, env = "CENTRAL_UPSTREAM")]
+    /// The upstream probe server speaking this API's GetProbe (another
+    /// Central), https://HOST:PORT, asked when no uploaded package has a
+    /// probe.
+    #[arg(long, env = "CENTRAL_UPSTREAM", conflicts_with = "upstream_url")]
     upstream: Option<String>,
-    /// The CA (PEM) that signed the upstream's certificate.
-    #[arg(long, env = "CENTRAL_UPSTREAM_CA", requires = "upstream")]
+    /// Instead of --upstream: a static HTTPS probe bucket,
+    /// https://HOST[:PORT]/BASE/, holding BASE/<module version>/<file name>
+    /// (the product's ROX_COLLECTOR_MODULES_BASE_URL layout).
+    #[arg(long, env = "CENTRAL_UPSTREAM_URL")]
+    upstream_url: Option<String>,
+    /// The CA certificates (PEM) trusted for the upstream. Needed with
+    /// --upstream; with --upstream-url the system's bundle is used when
+    /// absent (SSL_CERT_FILE, else the usual paths).
+    #[arg(long, env = "CENTRAL_UPSTREAM_CA")]
     upstream_ca: Option<PathBuf>,
+    /// The HTTP CONNECT proxy for the upstream, http://[USER:PASSWORD@]HOST:PORT;
+    /// overrides https_proxy/HTTPS_PROXY (no_proxy/NO_PROXY still apply).
+    #[arg(long, env = "CENTRAL_UPSTREAM_PROXY")]
+    upstream_proxy: Option<String>,
     /// A client certificate (PEM) for the upstream, if it wants one.
     #[arg(long, env = "CENTRAL_UPSTREAM_CERT", requires = "upstream_key")]
     upstream_cert: Option<PathBuf>,
@@ -211,15 +224,30 @@ pub async fn serve(args: ServeArgs) -> Result<(), CliError> {
 
 /// The upstream's settings, unless offline or none is configured.
 fn upstream_config(args: &ServeArgs) -> Result<Option<UpstreamConfig>, CliError> {
-    let Some(address) = &args.upstream else {
-        info!("no upstream configured: only uploaded probes are served");
-        return Ok(None);
+    let kind = match (&args.upstream, &args.upstream_url) {
+        (Some(address), _) => UpstreamKind::Grpc { address: address.clone() },
+        (None, Some(base_url)) => UpstreamKind::Bucket { base_url: base_url.clone() },
+        (None, None) => {
+            info!("no upstream configured: only uploaded probes are served");
+            return Ok(None);
+        }
     };
     if args.offline {
         info!("offline mode: the upstream is never contacted");
         return Ok(None);
     }
-    let ca = args.upstream_ca.as_ref().ok_or("--upstream needs --upstream-ca")?;
+    let ca_pem = match (&args.upstream_ca, &kind) {
+        (Some(ca), _) => read(ca, "the upstream CA")?,
+        (None, UpstreamKind::Grpc { .. }) => return Err("--upstream needs --upstream-ca".into()),
+        (None, UpstreamKind::Bucket { .. }) => system_ca_bundle()?,
+    };
+    let proxies = ProxySettings::from_env().map_err(|e| format!("https_proxy/no_proxy: {e}"))?;
+    let proxies = match &args.upstream_proxy {
+        Some(proxy) => {
+            ProxySettings { proxy: Some(Proxy::parse(proxy).map_err(|e| format!("--upstream-proxy: {e}"))?), ..proxies }
+        }
+        None => proxies,
+    };
     let identity = match (&args.upstream_cert, &args.upstream_key) {
         (Some(cert), Some(key)) => {
             Some((read(cert, "the upstream client certificate")?, read(key, "the upstream client key")?))
@@ -227,8 +255,9 @@ fn upstream_config(args: &ServeArgs) -> Result<Option<UpstreamConfig>, CliError>
         _ => None,
     };
     Ok(Some(UpstreamConfig {
-        address: address.clone(),
-        tls: ClientTls { ca_pem: read(ca, "the upstream CA")?, identity },
+        kind,
+        tls: ClientTls { ca_pem, identity },
+        proxies,
         connect_timeout: args.upstream_connect_timeout,
         fetch_timeout: args.upstream_timeout,
         cache_dir: args.data_dir.join("upstream-cache"),
@@ -236,6 +265,18 @@ fn upstream_config(args: &ServeArgs) -> Result<Option<UpstreamConfig>, CliError>
         min_free_bytes: args.min_free_space,
         not_found_ttl: Duration::from_secs(30),
     }))
+}
+
+/// The system's CA bundle: `SSL_CERT_FILE`, else the first of the usual
+/// places (Debian and Ubuntu, RHEL and Fedora, Alpine and others).
+fn system_ca_bundle() -> Result<Vec<u8>, CliError> {
+    const USUAL: [&str; 3] =
+        ["/etc/ssl/certs/ca-certificates.crt", "/etc/pki/tls/certs/ca-bundle.crt", "/etc/ssl/cert.pem"];
+    let from_env = std::env::var_os("SSL_CERT_FILE").map(PathBuf::from);
+    let path = from_env
+        .or_else(|| USUAL.iter().map(PathBuf::from).find(|path| path.exists()))
+        .ok_or("--upstream-url: no --upstream-ca given and no system CA bundle found (set SSL_CERT_FILE)")?;
+    Ok(read(&path, "the system CA bundle")?)
 }
 
 async fn shutdown_signal() {

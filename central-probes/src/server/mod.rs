@@ -1,6 +1,7 @@
 //! Central's gRPC server: one TLS port carrying the Collector-facing
-//! `ProbeService` (mutual TLS), the admin-facing `ProbeUploadService`
-//! (bearer tokens), gRPC health and server reflection.
+//! `ProbeService` (mutual TLS) and its HTTPS twin `/kernel-objects/`, the
+//! admin-facing `ProbeUploadService` (bearer tokens), gRPC health and
+//! server reflection.
 //!
 //! `Central` is the one composition root: built from a `CentralConfig`, it
 //! opens the store, the tokens and the upstream, and `run(listener,
@@ -9,6 +10,7 @@
 
 pub mod auth;
 pub mod connections;
+pub mod kernel_objects;
 pub mod metrics;
 pub mod page_token;
 pub mod probe_service;
@@ -32,8 +34,9 @@ use tracing::info;
 
 use crate::error::{Error, Result};
 use crate::server::auth::TokenAuth;
+use crate::server::kernel_objects::KernelObjects;
 use crate::server::metrics::Metrics;
-use crate::server::probe_service::CollectorService;
+use crate::server::probe_service::{CollectorService, ProbeServing};
 use crate::server::probe_slots::ProbeSlots;
 use crate::server::sources::{ProbeSource, SourceChain, UploadedProbes};
 use crate::server::upload_service::UploadService;
@@ -48,7 +51,7 @@ pub use crate::store::postgres::PostgresConfig;
 pub use auth::{Role, TokenFile};
 pub use connections::ConnectionLimits;
 pub use metrics::serve as serve_metrics;
-pub use upstream::UpstreamConfig;
+pub use upstream::{UpstreamConfig, UpstreamKind};
 
 /// PEM-encoded TLS material of the server.
 #[derive(Clone)]
@@ -230,14 +233,16 @@ async fn serve(central: Central, listener: TcpListener, shutdown: impl Future<Ou
         sources.push(upstream);
     }
     let slots = ProbeSlots::new(limits.max_probe_streams, limits.send_timeout);
-    let collector = ProbeServiceServer::new(CollectorService::new(
+    let serving = Arc::new(ProbeServing::new(
         SourceChain::new(sources),
         allow_anonymous_reads,
         metrics.clone(),
         slots,
         limits.probe_stream_wait,
-    ))
-    .max_decoding_message_size(MAX_GET_PROBE_REQUEST);
+    ));
+    let kernel_objects = KernelObjects::new(serving.clone());
+    let collector =
+        ProbeServiceServer::new(CollectorService::new(serving)).max_decoding_message_size(MAX_GET_PROBE_REQUEST);
     let upload = ProbeUploadServiceServer::new(UploadService::new(store, auth.clone(), metrics.clone()))
         .max_decoding_message_size(MAX_REQUEST_MESSAGE)
         .max_encoding_message_size(MAX_REQUEST_MESSAGE);
@@ -260,7 +265,7 @@ async fn serve(central: Central, listener: TcpListener, shutdown: impl Future<Ou
         shutdown.await;
         metrics.set_ready(false);
     };
-    connections::serve(listener, tls, routes, limits, shutdown).await;
+    connections::serve(listener, tls, routes, kernel_objects, limits, shutdown).await;
     info!("server stopped");
     Ok(())
 }
@@ -289,6 +294,7 @@ fn tls_config(tls: &TlsMaterial) -> Result<Arc<rustls::ServerConfig>> {
         .with_client_cert_verifier(verifier)
         .with_single_cert(certs, key)
         .map_err(|e| invalid("the certificate and key", &e))?;
-    config.alpn_protocols = vec![b"h2".to_vec()];
+    // HTTP/1.1 for the HTTPS probe route's older clients; gRPC needs h2.
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Arc::new(config))
 }

@@ -2,16 +2,19 @@
 //! the chain that has it (uploaded packages, then the upstream), header
 //! first, then its bytes as the source reads them (never the whole file in
 //! memory). Each stream holds one of the global probe stream slots, and
-//! tells it whether its client is reading.
+//! tells it whether its client is reading. `ProbeServing` is that whole
+//! rule, shared with the HTTPS route (`kernel_objects`).
 
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use bytes::Bytes;
 use probe_api::names::{ModuleVersion, ProbeFileName, ProbePath};
 use probe_api::v1::get_probe_response::Message;
 use probe_api::v1::probe_service_server::ProbeService;
-use probe_api::v1::{GetProbeRequest, GetProbeResponse, ProbeHeader};
+use probe_api::v1::{GetProbeRequest, GetProbeResponse, ProbeHeader, ProbeSource as ApiSource};
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Code, Request, Response, Status};
 use tracing::instrument;
@@ -21,10 +24,17 @@ use crate::server::connections::ConnectionHandle;
 use crate::server::metrics::Metrics;
 use crate::server::probe_slots::{ProbeSlots, Slot};
 use crate::server::sources::{SourceChain, source_label};
+use crate::store::StoredProbe;
 
 pub type ProbeStream = Pin<Box<dyn Stream<Item = Result<GetProbeResponse, Status>> + Send>>;
 
-pub struct CollectorService {
+/// A probe's bytes as its source reads them, holding a stream slot.
+pub type ProbeChunks = SlottedStream<Pin<Box<dyn Stream<Item = Result<Bytes>> + Send>>>;
+
+/// What both ways of fetching a probe share (GetProbe here, the HTTPS route
+/// in `kernel_objects`): the certificate rule, the stream slots, the source
+/// chain and the metrics.
+pub struct ProbeServing {
     sources: SourceChain,
     /// Serve callers without a client certificate (a public upstream server).
     allow_anonymous: bool,
@@ -34,7 +44,14 @@ pub struct CollectorService {
     slot_wait: Duration,
 }
 
-impl CollectorService {
+/// A probe found: what it is, where it came from, and its bytes to come.
+pub struct Serving {
+    pub probe: StoredProbe,
+    pub source: ApiSource,
+    pub chunks: ProbeChunks,
+}
+
+impl ProbeServing {
     pub fn new(
         sources: SourceChain,
         allow_anonymous: bool,
@@ -42,12 +59,42 @@ impl CollectorService {
         slots: ProbeSlots,
         slot_wait: Duration,
     ) -> Self {
-        CollectorService { sources, allow_anonymous, metrics, slots, slot_wait }
+        ProbeServing { sources, allow_anonymous, metrics, slots, slot_wait }
     }
 
-    async fn get_probe(&self, request: GetProbeRequest, connection: &ConnectionHandle) -> Result<ProbeStream> {
-        let path =
-            ProbePath::new(ModuleVersion::parse(&request.module_version)?, ProbeFileName::parse(&request.file_name)?);
+    /// The probe at `module_version`/`file_name` for a caller that did
+    /// (`has_client_cert`) or did not show a certificate; `what` names the
+    /// way it was asked for in the request metrics.
+    pub async fn serve(
+        &self,
+        what: &'static str,
+        module_version: &str,
+        file_name: &str,
+        has_client_cert: bool,
+        connection: &ConnectionHandle,
+    ) -> Result<Serving> {
+        // rustls has verified any certificate against the cluster CA; here
+        // it only remains to insist that there was one.
+        if !has_client_cert && !self.allow_anonymous {
+            self.metrics.count_request(what, Code::Unauthenticated, "");
+            return Err(Error::new(
+                Code::Unauthenticated,
+                "a probe needs a client certificate signed by the cluster CA",
+            ));
+        }
+        self.find(what, module_version, file_name, connection)
+            .await
+            .inspect_err(|error| self.metrics.count_request(what, error.code, ""))
+    }
+
+    async fn find(
+        &self,
+        what: &'static str,
+        module_version: &str,
+        file_name: &str,
+        connection: &ConnectionHandle,
+    ) -> Result<Serving> {
+        let path = ProbePath::new(ModuleVersion::parse(module_version)?, ProbeFileName::parse(file_name)?);
         // Taken before the probe is opened: slots bound open files too.
         let Some(slot) = self.slots.acquire(connection, self.slot_wait).await else {
             return Err(Error::new(
@@ -58,41 +105,47 @@ impl CollectorService {
         let Some(found) = self.sources.find(&path).await? else {
             return Err(Error::new(Code::NotFound, format!("no source has the probe {path}")));
         };
-        self.metrics.count_request("GetProbe", Code::Ok, source_label(found.source));
-        let header = GetProbeResponse {
-            message: Some(Message::Header(ProbeHeader {
-                path: path.to_string(),
-                size: found.reader.probe.size,
-                sha256: found.reader.probe.sha256.to_hex(),
-                source: found.source.into(),
-            })),
-        };
+        self.metrics.count_request(what, Code::Ok, source_label(found.source));
         let bytes_served = self.metrics.probe_bytes_served.clone();
-        let chunks = found.reader.chunks.map(move |chunk| match chunk {
-            Ok(bytes) => {
+        let chunks = found.reader.chunks.map(move |chunk| {
+            if let Ok(bytes) = &chunk {
                 bytes_served.inc_by(bytes.len() as u64);
-                Ok(GetProbeResponse { message: Some(Message::Chunk(bytes)) })
             }
-            Err(error) => Err(Status::from(error)),
+            chunk
         });
-        Ok(Box::pin(SlottedStream { inner: Box::pin(tokio_stream::once(Ok(header)).chain(chunks)), slot }))
+        Ok(Serving {
+            probe: found.reader.probe,
+            source: found.source,
+            chunks: SlottedStream { inner: Box::pin(chunks), slot },
+        })
+    }
+}
+
+/// GetProbe.
+pub struct CollectorService {
+    serving: Arc<ProbeServing>,
+}
+
+impl CollectorService {
+    pub fn new(serving: Arc<ProbeServing>) -> Self {
+        CollectorService { serving }
     }
 }
 
 /// A probe stream holding its slot until it ends or is dropped. Between
-/// handing out a message and being asked for the next, it waits on its
+/// handing out an item and being asked for the next, it waits on its
 /// client: that is the stall `ProbeSlots` watches.
-struct SlottedStream {
-    inner: ProbeStream,
+pub struct SlottedStream<S> {
+    inner: S,
     slot: Slot,
 }
 
-impl Stream for SlottedStream {
-    type Item = Result<GetProbeResponse, Status>;
+impl<S: Stream + Unpin> Stream for SlottedStream<S> {
+    type Item = S::Item;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         self.slot.client_reads();
-        let next = self.inner.as_mut().poll_next(cx);
+        let next = Pin::new(&mut self.inner).poll_next(cx);
         if matches!(next, Poll::Ready(Some(_))) {
             self.slot.waiting_on_client();
         }
@@ -108,19 +161,26 @@ impl ProbeService for CollectorService {
     // even when nothing is logged.
     #[instrument(level = "debug", skip_all, fields(module_version = %request.get_ref().module_version, file_name = %request.get_ref().file_name))]
     async fn get_probe(&self, request: Request<GetProbeRequest>) -> Result<Response<ProbeStream>, Status> {
-        // rustls has verified any certificate against the cluster CA; here
-        // it only remains to insist that there was one.
         let has_client_cert = request.peer_certs().is_some_and(|certs| !certs.is_empty());
-        if !has_client_cert && !self.allow_anonymous {
-            self.metrics.count_request("GetProbe", Code::Unauthenticated, "");
-            return Err(Status::unauthenticated("GetProbe needs a client certificate signed by the cluster CA"));
-        }
         let connection =
             request.extensions().get::<ConnectionHandle>().cloned().unwrap_or_else(ConnectionHandle::detached);
-        let stream = self
-            .get_probe(request.into_inner(), &connection)
-            .await
-            .inspect_err(|error| self.metrics.count_request("GetProbe", error.code, ""))?;
-        Ok(Response::new(stream))
+        let request = request.into_inner();
+        let Serving { probe, source, chunks } = self
+            .serving
+            .serve("GetProbe", &request.module_version, &request.file_name, has_client_cert, &connection)
+            .await?;
+        let header = GetProbeResponse {
+            message: Some(Message::Header(ProbeHeader {
+                path: probe.path.to_string(),
+                size: probe.size,
+                sha256: probe.sha256.to_hex(),
+                source: source.into(),
+            })),
+        };
+        let chunks = chunks.map(|chunk| match chunk {
+            Ok(bytes) => Ok(GetProbeResponse { message: Some(Message::Chunk(bytes)) }),
+            Err(error) => Err(Status::from(error)),
+        });
+        Ok(Response::new(Box::pin(tokio_stream::once(Ok(header)).chain(chunks))))
     }
 }

@@ -26,6 +26,8 @@ use std::time::Duration;
 
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
+
+use crate::server::kernel_objects::KernelObjects;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, mpsc, watch};
 use tokio_rustls::TlsAcceptor;
@@ -133,6 +135,7 @@ pub async fn serve(
     listener: TcpListener,
     tls: Arc<rustls::ServerConfig>,
     routes: Routes,
+    kernel_objects: KernelObjects,
     limits: ConnectionLimits,
     shutdown: impl Future<Output = ()>,
 ) {
@@ -141,7 +144,10 @@ pub async fn serve(
     let max_connections = limits.max_connections.unwrap_or(derived);
     info!(descriptors, max_connections, "open descriptor limit");
 
-    let mut builder = auto::Builder::new(TokioExecutor::new()).http2_only();
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    // HTTP/1.1 only for the HTTPS probe route; a client that sends no
+    // complete request head in time is closed like a slow handshake.
+    builder.http1().timer(TokioTimer::new()).header_read_timeout(limits.handshake_timeout);
     builder
         .http2()
         .timer(TokioTimer::new())
@@ -155,6 +161,7 @@ pub async fn serve(
         builder,
         acceptor: TlsAcceptor::from(tls),
         routes: routes.prepare(),
+        kernel_objects,
         limits,
         registry: Arc::new(Registry::default()),
     });
@@ -200,6 +207,7 @@ struct ConnectionContext {
     builder: auto::Builder<TokioExecutor>,
     acceptor: TlsAcceptor,
     routes: Routes,
+    kernel_objects: KernelObjects,
     limits: ConnectionLimits,
     registry: Arc<Registry>,
 }
@@ -234,6 +242,7 @@ impl ConnectionContext {
         let activity = Arc::new(Activity::default());
         let service = ConnectionService {
             routes: self.routes.clone(),
+            kernel_objects: self.kernel_objects.clone(),
             connect_info: tls.connect_info(),
             handle: handle.clone(),
             activity: activity.clone(),

@@ -1,5 +1,6 @@
-//! The HTTP service of one connection: tonic's routes with the connection's
-//! TLS facts and handle in every request, requests in flight counted for
+//! The HTTP service of one connection: the HTTPS probe route
+//! (`kernel_objects`), else tonic's routes with the connection's TLS facts
+//! and handle in every request, requests in flight counted for
 //! the idle timeout, and tonic's pre-handler errors recoded as the API
 //! documents them.
 
@@ -20,6 +21,7 @@ use tonic::service::Routes;
 use tonic::transport::server::Connected;
 
 use super::ConnectionHandle;
+use crate::server::kernel_objects::{self, KernelObjects};
 
 /// Requests in flight on a connection and when the last one ended.
 pub(super) struct Activity {
@@ -64,6 +66,7 @@ pub(super) type ConnectInfo = <tokio_rustls::server::TlsStream<TcpStream> as Con
 #[derive(Clone)]
 pub(super) struct ConnectionService {
     pub(super) routes: Routes,
+    pub(super) kernel_objects: KernelObjects,
     pub(super) connect_info: ConnectInfo,
     pub(super) handle: ConnectionHandle,
     pub(super) activity: Arc<Activity>,
@@ -78,11 +81,20 @@ impl hyper::service::Service<Request<Incoming>> for ConnectionService {
         request.extensions_mut().insert(self.connect_info.clone());
         request.extensions_mut().insert(self.handle.clone());
         let in_flight = self.activity.start();
+        let track = |response: Response<tonic::body::Body>| {
+            response.map(|body| tonic::body::Body::new(TrackedBody { body, _in_flight: in_flight }))
+        };
+        if request.uri().path().starts_with(kernel_objects::PREFIX) {
+            let kernel_objects = self.kernel_objects.clone();
+            let has_client_cert = self.connect_info.peer_certs().is_some_and(|certs| !certs.is_empty());
+            let handle = self.handle.clone();
+            return Box::pin(async move { Ok(track(kernel_objects.handle(&request, has_client_cert, &handle).await)) });
+        }
         let mut routes = self.routes.clone();
         Box::pin(async move {
             let mut response = routes.call(request).await?;
             recode_client_errors(response.headers_mut());
-            Ok(response.map(|body| tonic::body::Body::new(TrackedBody { body, _in_flight: in_flight })))
+            Ok(track(response))
         })
     }
 }

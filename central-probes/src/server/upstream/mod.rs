@@ -1,7 +1,8 @@
 //! The upstream probe server as a source: on a miss in the uploaded
-//! probes, Central fetches the probe from the upstream (through the same
-//! `ProbeService.GetProbe` API), verifies it, and keeps it in a bounded
-//! on-disk cache, apart from uploaded probes.
+//! probes, Central fetches the probe from the upstream (another Central,
+//! through the same `ProbeService.GetProbe` API, or a static HTTPS bucket:
+//! `bucket`), directly or through an HTTP CONNECT proxy, verifies it, and
+//! keeps it in a bounded on-disk cache, apart from uploaded probes.
 //!
 //! Concurrent misses for one probe share one upstream fetch
 //! (`single_flight`). "Not found" answers are remembered briefly so a crowd
@@ -10,12 +11,15 @@
 //! `ProbeStore` trait; `store::lru` evicts its least recently used probes once it
 //! holds more than its budget.
 
+mod bucket;
 mod single_flight;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use bucket::Bucket;
+use probe_api::https::{HttpsClient, HttpsUrl, ProxySettings};
 use probe_api::names::ProbePath;
 use probe_api::probe_stream::{ProbeReply, ReplyError};
 use probe_api::transport::{self, ClientTls};
@@ -33,13 +37,25 @@ use crate::store::lru::Lru;
 use probe_api::limits::MAX_FILE_SIZE;
 use single_flight::SingleFlight;
 
+/// Which kind of server the upstream is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum UpstreamKind {
+    /// Anything serving `ProbeService.GetProbe` (another Central):
+    /// `https://HOST:PORT` (or `HOST:PORT`).
+    Grpc { address: String },
+    /// A static HTTPS bucket, `https://HOST[:PORT]/BASE/`, holding
+    /// `<BASE>/<module version>/<file name>` (`bucket`).
+    Bucket { base_url: String },
+}
+
 /// How Central reaches the upstream and keeps what it fetched.
 #[derive(Clone, Debug)]
 pub struct UpstreamConfig {
-    /// `https://HOST:PORT` (or `HOST:PORT`).
-    pub address: String,
+    pub kind: UpstreamKind,
     /// The upstream's CA, and a client identity if the upstream wants one.
     pub tls: ClientTls,
+    /// The HTTP CONNECT proxy to reach it through, if any.
+    pub proxies: ProxySettings,
     pub connect_timeout: Duration,
     /// Bound on one whole fetch, connecting included.
     pub fetch_timeout: Duration,
@@ -55,7 +71,7 @@ pub struct UpstreamConfig {
 
 pub struct UpstreamSource {
     config: UpstreamConfig,
-    client: ProbeServiceClient<Channel>,
+    client: Client,
     cache: Arc<dyn ProbeStore>,
     lru: Mutex<Lru>,
     /// Fetches under way, by probe: concurrent misses share one.
@@ -69,12 +85,24 @@ impl UpstreamSource {
     /// apart from uploaded probes); no connection is made until the first
     /// miss.
     pub async fn new(config: UpstreamConfig, cache: Arc<dyn ProbeStore>, metrics: Metrics) -> Result<Self> {
-        let channel = transport::channel(&config.address, &config.tls, config.connect_timeout)
-            .map_err(|e| Error::invalid_argument(format!("upstream: {e}")))?;
-        let client = ProbeServiceClient::new(channel);
+        let invalid = |e: &dyn std::fmt::Display| Error::invalid_argument(format!("upstream: {e}"));
+        let (client, location) = match &config.kind {
+            UpstreamKind::Grpc { address } => {
+                let channel = transport::channel_through(address, &config.tls, config.connect_timeout, &config.proxies)
+                    .map_err(|e| invalid(&e))?;
+                (Client::Grpc(ProbeServiceClient::new(channel)), address.clone())
+            }
+            UpstreamKind::Bucket { base_url } => {
+                let base = HttpsUrl::parse(base_url).map_err(|e| invalid(&e))?;
+                let https = HttpsClient::new(&config.tls, config.proxies.clone(), config.connect_timeout)
+                    .map_err(|e| invalid(&e))?;
+                (Client::Bucket(Bucket::new(https, base)), base_url.clone())
+            }
+        };
         let lru = Lru::of(cache.as_ref()).await?;
-
-        info!(address = %config.address, cached = lru.len(), "upstream probe server configured");
+        // The proxy is shown without its credentials.
+        let proxy = config.proxies.proxy.as_ref().map(ToString::to_string).unwrap_or_else(|| "none".to_owned());
+        info!(upstream = %location, %proxy, cached = lru.len(), "upstream probe source configured");
         Ok(UpstreamSource {
             config,
             client,
@@ -136,13 +164,34 @@ impl UpstreamSource {
     }
 
     async fn download(&self, path: &ProbePath) -> Result<bool> {
+        let fetched = match &self.client {
+            Client::Grpc(client) => self.download_grpc(client, path).await?,
+            Client::Bucket(bucket) => bucket.fetch(path, self.cache.as_ref()).await?,
+        };
+        let Some(size) = fetched else { return Ok(false) };
+        let evicted = {
+            let mut lru = self.lru();
+            lru.insert(path.clone(), size);
+            lru.evict_beyond(self.config.cache_max_bytes, path)
+        };
+        for old in evicted {
+            if let Err(error) = self.cache.remove(&old).await {
+                warn!(path = %old, %error, "could not evict a cached probe");
+            }
+        }
+        Ok(true)
+    }
+
+    /// Fetches `path` with GetProbe into the cache: its size, or `None`
+    /// when the upstream does not have it.
+    async fn download_grpc(&self, client: &ProbeServiceClient<Channel>, path: &ProbePath) -> Result<Option<u64>> {
         let request = GetProbeRequest {
             module_version: path.module_version().to_string(),
             file_name: path.file_name().to_string(),
         };
-        let stream = match self.client.clone().get_probe(request).await {
+        let stream = match client.clone().get_probe(request).await {
             Ok(response) => response.into_inner(),
-            Err(status) if status.code() == Code::NotFound => return Ok(false),
+            Err(status) if status.code() == Code::NotFound => return Ok(None),
             Err(status) => return Err(unavailable(&status)),
         };
         let bad_reply =
@@ -162,19 +211,14 @@ impl UpstreamSource {
             Code::DataLoss | Code::InvalidArgument => bad_reply(e.message),
             _ => e,
         })?;
-
-        let evicted = {
-            let mut lru = self.lru();
-            lru.insert(path.clone(), reply.size());
-            lru.evict_beyond(self.config.cache_max_bytes, path)
-        };
-        for old in evicted {
-            if let Err(error) = self.cache.remove(&old).await {
-                warn!(path = %old, %error, "could not evict a cached probe");
-            }
-        }
-        Ok(true)
+        Ok(Some(reply.size()))
     }
+}
+
+/// The upstream's client, by kind.
+enum Client {
+    Grpc(ProbeServiceClient<Channel>),
+    Bucket(Bucket),
 }
 
 fn unavailable(status: &tonic::Status) -> Error {

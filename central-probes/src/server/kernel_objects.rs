@@ -1,0 +1,147 @@
+//! The HTTPS route that Collectors of the product this replaces call:
+//! `GET` or `HEAD /kernel-objects/<module version>/<file name>` on the same
+//! TLS port as gRPC, over HTTP/1.1 or HTTP/2. It serves through the same
+//! `ProbeServing` as GetProbe (certificate rule, stream slots, source
+//! chain, metrics), so the two never disagree about a probe.
+//!
+//! Answers: 200 with `Content-Length`, `Content-Type: application/gzip`,
+//! an `ETag` (the SHA-256 in hex) and the SHA-256 as `Digest` (RFC 3230)
+//! and `Repr-Digest` (RFC 9530); 400 for a name that is not a probe name,
+//! 401 without a client certificate (one the cluster CA did not sign never
+//! gets past the TLS handshake), 404 when no source has the probe, 405 for
+//! other methods, 503 with `Retry-After` when a source is unreachable or
+//! every probe stream slot is taken, 500 otherwise. Error bodies are one
+//! line of text.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use bytes::Bytes;
+use http::{HeaderValue, Method, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Full, StreamBody};
+use tokio_stream::StreamExt;
+use tonic::Code;
+
+use crate::error::Error;
+use crate::server::connections::ConnectionHandle;
+use crate::server::probe_service::{ProbeServing, Serving};
+
+/// Where the route starts.
+pub const PREFIX: &str = "/kernel-objects/";
+
+/// What the request metrics call this route.
+const METRICS_NAME: &str = "kernel-objects";
+
+/// Serves the route.
+#[derive(Clone)]
+pub struct KernelObjects {
+    serving: Arc<ProbeServing>,
+}
+
+impl KernelObjects {
+    pub fn new(serving: Arc<ProbeServing>) -> Self {
+        KernelObjects { serving }
+    }
+
+    /// Answers one request whose path starts with `PREFIX`.
+    pub async fn handle<B>(
+        &self,
+        request: &Request<B>,
+        has_client_cert: bool,
+        connection: &ConnectionHandle,
+    ) -> Response<tonic::body::Body> {
+        let head = match *request.method() {
+            Method::GET => false,
+            Method::HEAD => true,
+            _ => {
+                let mut response = text(StatusCode::METHOD_NOT_ALLOWED, "only GET and HEAD are served here");
+                response.headers_mut().insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+                return response;
+            }
+        };
+        let name = request.uri().path().strip_prefix(PREFIX).unwrap_or_default();
+        let Some((module_version, file_name)) = name.split_once('/') else {
+            return text(StatusCode::BAD_REQUEST, "the path must be /kernel-objects/<module version>/<file name>");
+        };
+        let serving = self.serving.serve(METRICS_NAME, module_version, file_name, has_client_cert, connection).await;
+        match serving {
+            Ok(serving) => found(serving, head),
+            Err(error) => refused(&error),
+        }
+    }
+}
+
+fn found(Serving { probe, chunks, .. }: Serving, head: bool) -> Response<tonic::body::Body> {
+    let digest = BASE64.encode(probe.sha256.0);
+    let body = if head {
+        // Ends the stream and frees its slot now.
+        drop(chunks);
+        tonic::body::Body::empty()
+    } else {
+        let frames = chunks.map(|chunk| chunk.map(http_body::Frame::data).map_err(tonic::Status::from));
+        tonic::body::Body::new(StreamBody::new(frames))
+    };
+    let mut response = Response::new(body);
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/gzip"));
+    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(probe.size));
+    let values = [
+        (header::ETAG, format!("\"{}\"", probe.sha256.to_hex())),
+        (header::HeaderName::from_static("digest"), format!("sha-256={digest}")),
+        (header::HeaderName::from_static("repr-digest"), format!("sha-256=:{digest}:")),
+    ];
+    for (name, value) in values {
+        headers.insert(name, HeaderValue::try_from(value).expect("hex and base64 are valid header values"));
+    }
+    response
+}
+
+fn refused(error: &Error) -> Response<tonic::body::Body> {
+    let status = match error.code {
+        Code::InvalidArgument => StatusCode::BAD_REQUEST,
+        Code::Unauthenticated => StatusCode::UNAUTHORIZED,
+        Code::PermissionDenied => StatusCode::FORBIDDEN,
+        Code::NotFound => StatusCode::NOT_FOUND,
+        Code::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    let mut response = text(status, &error.message);
+    if status == StatusCode::SERVICE_UNAVAILABLE {
+        response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    }
+    response
+}
+
+fn text(status: StatusCode, message: &str) -> Response<tonic::body::Body> {
+    let body = Full::new(Bytes::from(format!("{message}\n"))).map_err(|never: Infallible| match never {});
+    let mut response = Response::new(tonic::body::Body::new(body));
+    *response.status_mut() = status;
+    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_refusal_has_its_http_status_and_unavailable_says_when_to_retry() {
+        let cases = [
+            (Code::InvalidArgument, StatusCode::BAD_REQUEST),
+            (Code::Unauthenticated, StatusCode::UNAUTHORIZED),
+            (Code::PermissionDenied, StatusCode::FORBIDDEN),
+            (Code::NotFound, StatusCode::NOT_FOUND),
+            (Code::Unavailable, StatusCode::SERVICE_UNAVAILABLE),
+            (Code::DataLoss, StatusCode::INTERNAL_SERVER_ERROR),
+            (Code::Internal, StatusCode::INTERNAL_SERVER_ERROR),
+        ];
+        for (code, status) in cases {
+            let response = refused(&Error::new(code, "why"));
+            assert_eq!(response.status(), status, "{code:?}");
+            let retry_after = response.headers().get(header::RETRY_AFTER).is_some();
+            assert_eq!(retry_after, status == StatusCode::SERVICE_UNAVAILABLE, "{code:?}");
+        }
+    }
+}

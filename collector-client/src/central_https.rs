@@ -1,0 +1,140 @@
+//! A client of Central's HTTPS route `/kernel-objects/<module version>/<file
+//! name>`, the way Collectors of the product this replaces fetch a probe:
+//! one GET over mutual TLS. The body is checked against `Content-Length`
+//! and, when Central sends one, the SHA-256 in the `Digest` header.
+
+use std::time::Duration;
+
+use base64::Engine;
+use http_body_util::BodyExt;
+use probe_api::digest::{Sha256Digest, Sha256Hasher};
+use probe_api::https::{HttpsClient, HttpsError, HttpsUrl, ProxySettings};
+use probe_api::limits::MAX_FILE_SIZE;
+use probe_api::transport::ClientTls;
+
+/// Why a fetch over HTTPS gave no probe.
+#[derive(Debug)]
+pub enum HttpsFetchError {
+    /// 404: no source of Central has it.
+    NotFound(String),
+    /// Anything else: unreachable, refused, a bad or short answer.
+    Failed(String),
+}
+
+impl std::fmt::Display for HttpsFetchError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            HttpsFetchError::NotFound(why) | HttpsFetchError::Failed(why) => f.write_str(why),
+        }
+    }
+}
+
+impl std::error::Error for HttpsFetchError {}
+
+/// A probe fetched over HTTPS: its bytes and their SHA-256, and whether
+/// Central vouched for that digest.
+#[derive(Debug)]
+pub struct HttpsProbe {
+    pub bytes: Vec<u8>,
+    pub sha256: Sha256Digest,
+    pub digest_checked: bool,
+}
+
+#[derive(Clone)]
+pub struct CentralHttpsClient {
+    client: HttpsClient,
+    base: HttpsUrl,
+}
+
+impl CentralHttpsClient {
+    /// A client of Central at `address` (`host:port`, or an `https://` URL).
+    /// Central is reached directly: it is inside the cluster.
+    pub fn new(address: &str, tls: &ClientTls, connect_timeout: Duration) -> Result<Self, HttpsError> {
+        let url = if address.starts_with("https://") { address.to_owned() } else { format!("https://{address}") };
+        let base = HttpsUrl::parse(&url)?;
+        let client = HttpsClient::new(tls, ProxySettings::default(), connect_timeout)?;
+        Ok(CentralHttpsClient { client, base: HttpsUrl { path: "/kernel-objects/".to_owned(), ..base } })
+    }
+
+    pub async fn fetch(&self, module_version: &str, file_name: &str) -> Result<HttpsProbe, HttpsFetchError> {
+        let url = self.base.join(&format!("{module_version}/{file_name}"));
+        let failed = |why: String| HttpsFetchError::Failed(format!("{url}: {why}"));
+        let mut response = self.client.request(http::Method::GET, &url).await.map_err(|e| failed(e.to_string()))?;
+        let status = response.status();
+        if status != http::StatusCode::OK {
+            let body = response.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+            let why = format!("HTTP {status}: {}", String::from_utf8_lossy(&body[..body.len().min(500)]).trim());
+            return Err(if status == http::StatusCode::NOT_FOUND {
+                HttpsFetchError::NotFound(why)
+            } else {
+                failed(why)
+            });
+        }
+        let size = response
+            .headers()
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+            .ok_or_else(|| failed("no Content-Length".to_owned()))?;
+        if size > MAX_FILE_SIZE {
+            return Err(failed(format!("{size} bytes, over the limit of {MAX_FILE_SIZE}")));
+        }
+        let published = match response.headers().get("digest") {
+            None => None,
+            Some(value) => Some(
+                sha256_of_digest_header(value.to_str().unwrap_or_default())
+                    .ok_or_else(|| failed(format!("a Digest header without a SHA-256: {value:?}")))?,
+            ),
+        };
+        // The declared size is only a claim: grow as bytes arrive.
+        let mut bytes = Vec::with_capacity(size.min(16 << 20) as usize);
+        let mut hasher = Sha256Hasher::new();
+        while let Some(frame) = response.body_mut().frame().await {
+            let frame = frame.map_err(|e| failed(format!("reading the body: {e}")))?;
+            let Ok(chunk) = frame.into_data() else { continue };
+            if bytes.len() as u64 + chunk.len() as u64 > size {
+                return Err(failed(format!("more than the {size} bytes of its Content-Length")));
+            }
+            hasher.update(&chunk);
+            bytes.extend_from_slice(&chunk);
+        }
+        if (bytes.len() as u64) < size {
+            return Err(failed(format!("{} of its {size} bytes came", bytes.len())));
+        }
+        let sha256 = hasher.finish();
+        if let Some(published) = published
+            && published != sha256
+        {
+            return Err(failed(format!("SHA-256 {sha256} does not match the Digest header's {published}")));
+        }
+        Ok(HttpsProbe { bytes, sha256, digest_checked: published.is_some() })
+    }
+}
+
+/// The SHA-256 in a `Digest` header (RFC 3230: `sha-256=<base64>`, among
+/// other algorithms separated by commas).
+fn sha256_of_digest_header(value: &str) -> Option<Sha256Digest> {
+    value.split(',').find_map(|entry| {
+        let (algorithm, encoded) = entry.trim().split_once('=')?;
+        if !algorithm.eq_ignore_ascii_case("sha-256") {
+            return None;
+        }
+        let bytes = base64::engine::general_purpose::STANDARD.decode(encoded.trim()).ok()?;
+        Some(Sha256Digest(bytes.try_into().ok()?))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_sha256_is_found_among_the_digests() {
+        let sha = Sha256Digest::of(b"probe");
+        let encoded = base64::engine::general_purpose::STANDARD.encode(sha.0);
+        assert_eq!(sha256_of_digest_header(&format!("sha-256={encoded}")), Some(sha));
+        assert_eq!(sha256_of_digest_header(&format!("md5=abc, SHA-256={encoded}")), Some(sha));
+        assert_eq!(sha256_of_digest_header("md5=abc"), None);
+        assert_eq!(sha256_of_digest_header("sha-256=not base64!"), None);
+        assert_eq!(sha256_of_digest_header("sha-256=YWJj"), None, "three bytes are not a SHA-256");
+    }
+}
