@@ -6,8 +6,9 @@
 #      + cp + sync of the same package (the local floor) vs nginx receiving it
 #      over HTTPS with mutual TLS (curl -T); then the re-upload of the
 #      unchanged package; then per-file fsync against group commit;
-#   2. serving: Central's GetProbe vs nginx serving the same files over
-#      HTTP/2, both over mutual TLS, driven by one harness (probe-bench) at
+#   2. serving: Central's GetProbe and its HTTPS route /kernel-objects/ vs
+#      nginx serving the same files over HTTP/2, all over mutual TLS,
+#      driven by one harness (probe-bench) at
 #      concurrency 1, 16, 64, 256, long-lived and new-per-request connections,
 #      over all probes and over a hot set of 16 (a cluster's few kernels);
 #   3. fan-out: 1,000 concurrent GetProbe calls for a probe only the upstream has;
@@ -186,28 +187,39 @@ echo "== 2. serving"
   echo
   echo "## 2. Serving the probes (random picks over $(wc -l <"$WORK/paths.txt") files, mutual TLS)"
   echo
-  echo "| connections | concurrency | Central req/s | nginx req/s | ratio | Central MB/s | nginx MB/s | Central p50 / p99 ms | nginx p50 / p99 ms | server CPU µs/request C / n | errors C / n |"
-  echo "|---|---|---|---|---|---|---|---|---|---|---|"
+  echo "Central answers GetProbe (gRPC) and GET /kernel-objects/<module>/<file> (its HTTPS route, HTTP/2), nginx GET of"
+  echo "the same files; one harness (probe-bench) drives all three."
+  echo
+  echo "| connections | concurrency | GetProbe req/s | route req/s | nginx req/s | GetProbe / nginx | route / nginx | GetProbe MB/s | nginx MB/s | GetProbe p50 / p99 ms | route p50 / p99 ms | nginx p50 / p99 ms | server CPU µs/request G / r / n | errors G / r / n |"
+  echo "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
 } >>"$RESULTS"
+sed 's|^|kernel-objects/|' "$WORK/paths.txt" >"$WORK/route-paths.txt"
 # A cluster's nodes run a handful of kernels: 16 probes take every request.
 shuf -n 16 --random-source=<(yes) "$WORK/paths.txt" >"$WORK/hot-paths.txt"
+sed 's|^|kernel-objects/|' "$WORK/hot-paths.txt" >"$WORK/hot-route-paths.txt"
 for mode in long-lived new-per-request hot-16-probes; do
   flag=(); [ "$mode" = new-per-request ] && flag=(--new-connection-per-request)
   paths="$WORK/paths.txt"; [ "$mode" = hot-16-probes ] && paths="$WORK/hot-paths.txt"
+  route_paths="$WORK/route-paths.txt"; [ "$mode" = hot-16-probes ] && route_paths="$WORK/hot-route-paths.txt"
   for c in 1 16 64 256; do
     c0=$(cpu_of "$MAIN_PID")
     g=$("$BIN/probe-bench" load --protocol grpc --address "$MAIN_ADDR" "${TLS[@]}" --paths "$paths" \
       --concurrency "$c" --seconds "$SECONDS_PER_RUN" "${flag[@]}" 2>>"$WORK/load.err")
     g_cpu=$(secs "$c0" "$(cpu_of "$MAIN_PID")")
+    c0=$(cpu_of "$MAIN_PID")
+    r=$("$BIN/probe-bench" load --protocol https --address "$MAIN_ADDR" "${TLS[@]}" --paths "$route_paths" \
+      --concurrency "$c" --seconds "$SECONDS_PER_RUN" "${flag[@]}" 2>>"$WORK/load.err")
+    r_cpu=$(secs "$c0" "$(cpu_of "$MAIN_PID")")
     n0=$(nginx_cpu)
     h=$("$BIN/probe-bench" load --protocol https --address "127.0.0.1:$NGINX_PORT" "${TLS[@]}" --paths "$paths" \
       --concurrency "$c" --seconds "$SECONDS_PER_RUN" "${flag[@]}" 2>>"$WORK/load.err")
     h_cpu=$(secs "$n0" "$(nginx_cpu)")
     read -r g_rps g_mbs g_p50 g_p99 g_err <<<"$g"
+    read -r r_rps _ r_p50 r_p99 r_err <<<"$r"
     read -r h_rps h_mbs h_p50 h_p99 h_err <<<"$h"
     per_request() { awk -v c="$1" -v r="$2" -v s="$SECONDS_PER_RUN" 'BEGIN { printf "%.0f", c / (r * s) * 1e6 }'; }
-    echo "| $mode | $c | $g_rps | $h_rps | $(ratio "$g_rps" "$h_rps") | $g_mbs | $h_mbs | $g_p50 / $g_p99 | $h_p50 / $h_p99 | $(per_request "$g_cpu" "$g_rps") / $(per_request "$h_cpu" "$h_rps") | $g_err / $h_err |" >>"$RESULTS"
-    echo "$mode c=$c grpc: $g | nginx: $h"
+    echo "| $mode | $c | $g_rps | $r_rps | $h_rps | $(ratio "$g_rps" "$h_rps") | $(ratio "$r_rps" "$h_rps") | $g_mbs | $h_mbs | $g_p50 / $g_p99 | $r_p50 / $r_p99 | $h_p50 / $h_p99 | $(per_request "$g_cpu" "$g_rps") / $(per_request "$r_cpu" "$r_rps") / $(per_request "$h_cpu" "$h_rps") | $g_err / $r_err / $h_err |" >>"$RESULTS"
+    echo "$mode c=$c grpc: $g | route: $r | nginx: $h"
   done
 done
 

@@ -122,11 +122,14 @@ async fn curl_with_the_collector_certificate_gets_the_exact_bytes_over_http1_and
     let sha256 = Sha256Digest::of(&file);
     let path = format!("/kernel-objects/{MODULE}/{FILE}");
     for (flag, version) in [("--http1.1", "1.1"), ("--http2", "2")] {
-        let got =
-            tokio::task::block_in_place(|| curl(&pki, &central.address, &path, Some(&collector), &[flag])).unwrap();
+        // The product's CI builds of the Collector add this query string.
+        let with_query = format!("{path}?cid=collector");
+        let got = tokio::task::block_in_place(|| curl(&pki, &central.address, &with_query, Some(&collector), &[flag]))
+            .unwrap();
         assert_eq!((got.status, got.http_version.as_str()), (200, version), "{got:?}");
         assert!(got.body == file, "{flag}: {} bytes, not the {} uploaded", got.body.len(), file.len());
         assert_eq!(got.header("content-type"), Some("application/gzip"));
+        assert_eq!(got.header("content-disposition"), Some(format!("attachment; filename=\"{FILE}\"").as_str()));
         assert_eq!(got.header("content-length"), Some(file.len().to_string().as_str()));
         assert_eq!(got.header("etag"), Some(format!("\"{}\"", sha256.to_hex()).as_str()));
         let digest = got.header("digest").unwrap().strip_prefix("sha-256=").unwrap();

@@ -5,8 +5,10 @@
 //! chain, metrics), so the two never disagree about a probe.
 //!
 //! Answers: 200 with `Content-Length`, `Content-Type: application/gzip`,
-//! an `ETag` (the SHA-256 in hex) and the SHA-256 as `Digest` (RFC 3230)
-//! and `Repr-Digest` (RFC 9530); 400 for a name that is not a probe name,
+//! an `ETag` (the SHA-256 in hex), the SHA-256 as `Digest` (RFC 3230) and
+//! `Repr-Digest` (RFC 9530), and `Content-Disposition` with the file name;
+//! a query string (the product's CI Collectors add `?cid=collector`) is
+//! ignored; 400 for a name that is not a probe name,
 //! 401 without a client certificate (one the cluster CA did not sign never
 //! gets past the TLS handshake), 404 when no source has the probe, 405 for
 //! other methods, 503 with `Retry-After` when a source is unreachable or
@@ -89,6 +91,8 @@ fn found(Serving { probe, chunks, .. }: Serving, head: bool) -> Response<tonic::
     headers.insert(header::CONTENT_LENGTH, HeaderValue::from(probe.size));
     let values = [
         (header::ETAG, format!("\"{}\"", probe.sha256.to_hex())),
+        // As the product's handler sends it.
+        (header::CONTENT_DISPOSITION, format!("attachment; filename=\"{}\"", probe.path.file_name())),
         (header::HeaderName::from_static("digest"), format!("sha-256={digest}")),
         (header::HeaderName::from_static("repr-digest"), format!("sha-256=:{digest}:")),
     ];
