@@ -100,6 +100,24 @@ async fn over_limit_and_undecodable_messages_get_codes_that_do_not_say_retry() {
     let request = probe_api::v1::GetProbeRequest { module_version: "2.5.0".into(), file_name: "x".repeat(5000) };
     let status = raw_grpc_call(&raw, GET_PROBE, None, grpc_frame(&request)).await;
     assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+
+    // GetProbe takes exactly one uncompressed message.
+    let one = grpc_frame(&probe_api::v1::GetProbeRequest {
+        module_version: "2.5.0".into(),
+        file_name: "collector-ebpf-5.4.0.o.gz".into(),
+    });
+    let mut compressed = one.to_vec();
+    compressed[0] = 1;
+    let cases = [
+        ("no message", Bytes::new()),
+        ("a cut frame", one.slice(..one.len() - 1)),
+        ("two messages", Bytes::from([one.to_vec(), one.to_vec()].concat())),
+        ("a compressed message", Bytes::from(compressed)),
+    ];
+    for (case, body) in cases {
+        let status = raw_grpc_call(&raw, GET_PROBE, None, body).await;
+        assert_eq!(status.code(), Code::InvalidArgument, "{case}: {status:?}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

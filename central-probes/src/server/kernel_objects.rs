@@ -16,7 +16,6 @@
 //! line of text.
 
 use std::convert::Infallible;
-use std::sync::Arc;
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
@@ -36,42 +35,29 @@ pub const PREFIX: &str = "/kernel-objects/";
 /// What the request metrics call this route.
 const METRICS_NAME: &str = "kernel-objects";
 
-/// Serves the route.
-#[derive(Clone)]
-pub struct KernelObjects {
-    serving: Arc<ProbeServing>,
-}
-
-impl KernelObjects {
-    pub fn new(serving: Arc<ProbeServing>) -> Self {
-        KernelObjects { serving }
-    }
-
-    /// Answers one request whose path starts with `PREFIX`.
-    pub async fn handle<B>(
-        &self,
-        request: &Request<B>,
-        has_client_cert: bool,
-        connection: &ConnectionHandle,
-    ) -> Response<tonic::body::Body> {
-        let head = match *request.method() {
-            Method::GET => false,
-            Method::HEAD => true,
-            _ => {
-                let mut response = text(StatusCode::METHOD_NOT_ALLOWED, "only GET and HEAD are served here");
-                response.headers_mut().insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
-                return response;
-            }
-        };
-        let name = request.uri().path().strip_prefix(PREFIX).unwrap_or_default();
-        let Some((module_version, file_name)) = name.split_once('/') else {
-            return text(StatusCode::BAD_REQUEST, "the path must be /kernel-objects/<module version>/<file name>");
-        };
-        let serving = self.serving.serve(METRICS_NAME, module_version, file_name, has_client_cert, connection).await;
-        match serving {
-            Ok(serving) => found(serving, head),
-            Err(error) => refused(&error),
+/// Answers one request whose path starts with `PREFIX`.
+pub async fn handle<B>(
+    serving: &ProbeServing,
+    request: &Request<B>,
+    has_client_cert: bool,
+    connection: &ConnectionHandle,
+) -> Response<tonic::body::Body> {
+    let head = match *request.method() {
+        Method::GET => false,
+        Method::HEAD => true,
+        _ => {
+            let mut response = text(StatusCode::METHOD_NOT_ALLOWED, "only GET and HEAD are served here");
+            response.headers_mut().insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+            return response;
         }
+    };
+    let name = request.uri().path().strip_prefix(PREFIX).unwrap_or_default();
+    let Some((module_version, file_name)) = name.split_once('/') else {
+        return text(StatusCode::BAD_REQUEST, "the path must be /kernel-objects/<module version>/<file name>");
+    };
+    match serving.serve(METRICS_NAME, module_version, file_name, has_client_cert, connection).await {
+        Ok(serving) => found(serving, head),
+        Err(error) => refused(&error),
     }
 }
 

@@ -10,6 +10,7 @@
 
 pub mod auth;
 pub mod connections;
+pub mod get_probe_direct;
 pub mod kernel_objects;
 pub mod metrics;
 pub mod page_token;
@@ -24,8 +25,7 @@ use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use probe_api::limits::{MAX_GET_PROBE_REQUEST, MAX_REQUEST_MESSAGE};
-use probe_api::v1::probe_service_server::ProbeServiceServer;
+use probe_api::limits::MAX_REQUEST_MESSAGE;
 use probe_api::v1::probe_upload_service_server::ProbeUploadServiceServer;
 use tokio::net::TcpListener;
 use tonic::codegen::InterceptedService;
@@ -34,9 +34,8 @@ use tracing::info;
 
 use crate::error::{Error, Result};
 use crate::server::auth::TokenAuth;
-use crate::server::kernel_objects::KernelObjects;
 use crate::server::metrics::Metrics;
-use crate::server::probe_service::{CollectorService, ProbeServing};
+use crate::server::probe_service::ProbeServing;
 use crate::server::probe_slots::ProbeSlots;
 use crate::server::sources::{ProbeSource, SourceChain, UploadedProbes};
 use crate::server::upload_service::UploadService;
@@ -214,7 +213,9 @@ async fn serve(central: Central, listener: TcpListener, shutdown: impl Future<Ou
     let tls = tls_config(&tls)?;
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
-    health_reporter.set_serving::<ProbeServiceServer<CollectorService>>().await;
+    // GetProbe is answered beside tonic (`get_probe_direct`), so its
+    // service is named here rather than through a tonic server type.
+    health_reporter.set_service_status("kprobes.v1.ProbeService", tonic_health::ServingStatus::Serving).await;
     health_reporter.set_serving::<ProbeUploadServiceServer<UploadService>>().await;
     // Both reflection versions: grpcurl before 1.9 and other older tools
     // speak only v1alpha.
@@ -240,9 +241,6 @@ async fn serve(central: Central, listener: TcpListener, shutdown: impl Future<Ou
         slots,
         limits.probe_stream_wait,
     ));
-    let kernel_objects = KernelObjects::new(serving.clone());
-    let collector =
-        ProbeServiceServer::new(CollectorService::new(serving)).max_decoding_message_size(MAX_GET_PROBE_REQUEST);
     let upload = ProbeUploadServiceServer::new(UploadService::new(store, auth.clone(), metrics.clone()))
         .max_decoding_message_size(MAX_REQUEST_MESSAGE)
         .max_encoding_message_size(MAX_REQUEST_MESSAGE);
@@ -254,18 +252,15 @@ async fn serve(central: Central, listener: TcpListener, shutdown: impl Future<Ou
         Ok(request)
     });
 
-    let routes = Routes::new(health_service)
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
-        .add_service(collector)
-        .add_service(upload);
+    let routes =
+        Routes::new(health_service).add_service(reflection_v1).add_service(reflection_v1alpha).add_service(upload);
     info!(%address, "listening on {address}");
     metrics.set_ready(true);
     let shutdown = async {
         shutdown.await;
         metrics.set_ready(false);
     };
-    connections::serve(listener, tls, routes, kernel_objects, limits, shutdown).await;
+    connections::serve(listener, tls, routes, serving, limits, shutdown).await;
     info!("server stopped");
     Ok(())
 }

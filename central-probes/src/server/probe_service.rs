@@ -1,23 +1,19 @@
-//! `ProbeService`: serves a probe to a Collector from the first source of
-//! the chain that has it (uploaded packages, then the upstream), header
-//! first, then its bytes as the source reads them (never the whole file in
+//! `ProbeServing`: finds a probe for a Collector in the first source of
+//! the chain that has it (uploaded packages, then the upstream), with its
+//! bytes to come as the source reads them (never the whole file in
 //! memory). Each stream holds one of the global probe stream slots, and
-//! tells it whether its client is reading. `ProbeServing` is that whole
-//! rule, shared with the HTTPS route (`kernel_objects`).
+//! tells it whether its client is reading. GetProbe (`get_probe_direct`)
+//! and the HTTPS route (`kernel_objects`) both serve through it.
 
 use std::pin::Pin;
-use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
 use probe_api::names::{ModuleVersion, ProbeFileName, ProbePath};
-use probe_api::v1::get_probe_response::Message;
-use probe_api::v1::probe_service_server::ProbeService;
-use probe_api::v1::{GetProbeRequest, GetProbeResponse, ProbeHeader, ProbeSource as ApiSource};
+use probe_api::v1::ProbeSource as ApiSource;
 use tokio_stream::{Stream, StreamExt};
-use tonic::{Code, Request, Response, Status};
-use tracing::instrument;
+use tonic::Code;
 
 use crate::error::{Error, Result};
 use crate::server::connections::ConnectionHandle;
@@ -25,8 +21,6 @@ use crate::server::metrics::Metrics;
 use crate::server::probe_slots::{ProbeSlots, Slot};
 use crate::server::sources::{SourceChain, source_label};
 use crate::store::StoredProbe;
-
-pub type ProbeStream = Pin<Box<dyn Stream<Item = Result<GetProbeResponse, Status>> + Send>>;
 
 /// A probe's bytes as its source reads them, holding a stream slot.
 pub type ProbeChunks = SlottedStream<Pin<Box<dyn Stream<Item = Result<Bytes>> + Send>>>;
@@ -121,17 +115,6 @@ impl ProbeServing {
     }
 }
 
-/// GetProbe.
-pub struct CollectorService {
-    serving: Arc<ProbeServing>,
-}
-
-impl CollectorService {
-    pub fn new(serving: Arc<ProbeServing>) -> Self {
-        CollectorService { serving }
-    }
-}
-
 /// A probe stream holding its slot until it ends or is dropped. Between
 /// handing out an item and being asked for the next, it waits on its
 /// client: that is the stall `ProbeSlots` watches.
@@ -150,37 +133,5 @@ impl<S: Stream + Unpin> Stream for SlottedStream<S> {
             self.slot.waiting_on_client();
         }
         next
-    }
-}
-
-#[tonic::async_trait]
-impl ProbeService for CollectorService {
-    type GetProbeStream = ProbeStream;
-
-    // At debug level: an info span would format both names for every call
-    // even when nothing is logged.
-    #[instrument(level = "debug", skip_all, fields(module_version = %request.get_ref().module_version, file_name = %request.get_ref().file_name))]
-    async fn get_probe(&self, request: Request<GetProbeRequest>) -> Result<Response<ProbeStream>, Status> {
-        let has_client_cert = request.peer_certs().is_some_and(|certs| !certs.is_empty());
-        let connection =
-            request.extensions().get::<ConnectionHandle>().cloned().unwrap_or_else(ConnectionHandle::detached);
-        let request = request.into_inner();
-        let Serving { probe, source, chunks } = self
-            .serving
-            .serve("GetProbe", &request.module_version, &request.file_name, has_client_cert, &connection)
-            .await?;
-        let header = GetProbeResponse {
-            message: Some(Message::Header(ProbeHeader {
-                path: probe.path.to_string(),
-                size: probe.size,
-                sha256: probe.sha256.to_hex(),
-                source: source.into(),
-            })),
-        };
-        let chunks = chunks.map(|chunk| match chunk {
-            Ok(bytes) => Ok(GetProbeResponse { message: Some(Message::Chunk(bytes)) }),
-            Err(error) => Err(Status::from(error)),
-        });
-        Ok(Response::new(Box::pin(tokio_stream::once(Ok(header)).chain(chunks))))
     }
 }

@@ -27,7 +27,7 @@ use std::time::Duration;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 
-use crate::server::kernel_objects::KernelObjects;
+use crate::server::probe_service::ProbeServing;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, mpsc, watch};
 use tokio_rustls::TlsAcceptor;
@@ -135,7 +135,7 @@ pub async fn serve(
     listener: TcpListener,
     tls: Arc<rustls::ServerConfig>,
     routes: Routes,
-    kernel_objects: KernelObjects,
+    probes: Arc<ProbeServing>,
     limits: ConnectionLimits,
     shutdown: impl Future<Output = ()>,
 ) {
@@ -161,7 +161,7 @@ pub async fn serve(
         builder,
         acceptor: TlsAcceptor::from(tls),
         routes: routes.prepare(),
-        kernel_objects,
+        probes,
         limits,
         registry: Arc::new(Registry::default()),
     });
@@ -207,7 +207,7 @@ struct ConnectionContext {
     builder: auto::Builder<TokioExecutor>,
     acceptor: TlsAcceptor,
     routes: Routes,
-    kernel_objects: KernelObjects,
+    probes: Arc<ProbeServing>,
     limits: ConnectionLimits,
     registry: Arc<Registry>,
 }
@@ -242,7 +242,7 @@ impl ConnectionContext {
         let activity = Arc::new(Activity::default());
         let service = ConnectionService {
             routes: self.routes.clone(),
-            kernel_objects: self.kernel_objects.clone(),
+            probes: self.probes.clone(),
             connect_info: tls.connect_info(),
             handle: handle.clone(),
             activity: activity.clone(),

@@ -1,5 +1,5 @@
-//! The HTTP service of one connection: the HTTPS probe route
-//! (`kernel_objects`), else tonic's routes with the connection's TLS facts
+//! The HTTP service of one connection: GetProbe (`get_probe_direct`) and
+//! the HTTPS probe route (`kernel_objects`), else tonic's routes with the connection's TLS facts
 //! and handle in every request, requests in flight counted for
 //! the idle timeout, and tonic's pre-handler errors recoded as the API
 //! documents them.
@@ -21,7 +21,8 @@ use tonic::service::Routes;
 use tonic::transport::server::Connected;
 
 use super::ConnectionHandle;
-use crate::server::kernel_objects::{self, KernelObjects};
+use crate::server::probe_service::ProbeServing;
+use crate::server::{get_probe_direct, kernel_objects};
 
 /// Requests in flight on a connection and when the last one ended.
 pub(super) struct Activity {
@@ -66,7 +67,8 @@ pub(super) type ConnectInfo = <tokio_rustls::server::TlsStream<TcpStream> as Con
 #[derive(Clone)]
 pub(super) struct ConnectionService {
     pub(super) routes: Routes,
-    pub(super) kernel_objects: KernelObjects,
+    /// GetProbe and the HTTPS route, answered beside tonic.
+    pub(super) probes: Arc<ProbeServing>,
     pub(super) connect_info: ConnectInfo,
     pub(super) handle: ConnectionHandle,
     pub(super) activity: Arc<Activity>,
@@ -84,11 +86,20 @@ impl hyper::service::Service<Request<Incoming>> for ConnectionService {
         let track = |response: Response<tonic::body::Body>| {
             response.map(|body| tonic::body::Body::new(TrackedBody { body, _in_flight: in_flight }))
         };
-        if request.uri().path().starts_with(kernel_objects::PREFIX) {
-            let kernel_objects = self.kernel_objects.clone();
+        let path = request.uri().path();
+        let direct = path == get_probe_direct::PATH;
+        if direct || path.starts_with(kernel_objects::PREFIX) {
+            let probes = self.probes.clone();
             let has_client_cert = self.connect_info.peer_certs().is_some_and(|certs| !certs.is_empty());
             let handle = self.handle.clone();
-            return Box::pin(async move { Ok(track(kernel_objects.handle(&request, has_client_cert, &handle).await)) });
+            return Box::pin(async move {
+                let response = if direct {
+                    get_probe_direct::handle(&probes, request, has_client_cert, &handle).await
+                } else {
+                    kernel_objects::handle(&probes, &request, has_client_cert, &handle).await
+                };
+                Ok(track(response))
+            });
         }
         let mut routes = self.routes.clone();
         Box::pin(async move {
