@@ -64,6 +64,11 @@ impl ProbeSource for BuiltinDir {
     }
 }
 
+/// `fetch`'s answer, or a failed look-up once it takes over `timeout`.
+async fn bounded<T>(timeout: Duration, fetch: impl Future<Output = T>) -> Result<T, Lookup> {
+    tokio::time::timeout(timeout, fetch).await.map_err(|_| Lookup::Failed(format!("no answer within {timeout:?}")))
+}
+
 /// Central, over mutual TLS. Each try is bounded by `request_timeout`.
 pub struct CentralSource {
     pub address: String,
@@ -83,8 +88,8 @@ impl ProbeSource for CentralSource {
 
     async fn lookup(&self, module_version: &ModuleVersion, file_name: &ProbeFileName) -> Lookup {
         let fetch = self.client.fetch(module_version.as_str(), file_name.as_str());
-        match tokio::time::timeout(self.request_timeout, fetch).await {
-            Err(_) => Lookup::Failed(format!("no answer within {:?}", self.request_timeout)),
+        match bounded(self.request_timeout, fetch).await {
+            Err(timed_out) => timed_out,
             Ok(Ok(probe)) => Lookup::Found {
                 bytes: probe.bytes,
                 gzipped: true,
@@ -118,8 +123,8 @@ impl ProbeSource for CentralHttpsSource {
 
     async fn lookup(&self, module_version: &ModuleVersion, file_name: &ProbeFileName) -> Lookup {
         let fetch = self.client.fetch(module_version.as_str(), file_name.as_str());
-        match tokio::time::timeout(self.request_timeout, fetch).await {
-            Err(_) => Lookup::Failed(format!("no answer within {:?}", self.request_timeout)),
+        match bounded(self.request_timeout, fetch).await {
+            Err(timed_out) => timed_out,
             Ok(Ok(probe)) => {
                 let checked = if probe.digest_checked { "matches the Digest header" } else { "no Digest header" };
                 Lookup::Found {
