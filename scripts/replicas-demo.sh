@@ -41,7 +41,7 @@ echo "== and again through B: B finds every file there"
 
 collector() {
   echo "== a Collector on kernel $1, served by replica $2"
-  RUST_LOG=warn "$BIN/collector-client" get-probe --module-version 2.5.0 --kernel "$1" \
+  RUST_LOG=warn "$BIN/collector-client" get-probe --collection-method ebpf --module-version 2.5.0 --kernel "$1" \
     --central "$3" --ca "$WORK/pki/ca.pem" \
     --cert "$WORK/pki/collector.pem" --key "$WORK/pki/collector-key.pem" --out "$WORK/probe-$2.o" \
     --retry-budget 10s

@@ -215,12 +215,27 @@ impl ProxySettings {
     }
 }
 
+/// The system's CA bundle (PEM): `SSL_CERT_FILE`, else the first of the
+/// usual places (Debian and Ubuntu, RHEL and Fedora, Alpine and others).
+pub fn system_ca_bundle() -> Result<Vec<u8>, HttpsError> {
+    const USUAL: [&str; 3] =
+        ["/etc/ssl/certs/ca-certificates.crt", "/etc/pki/tls/certs/ca-bundle.crt", "/etc/ssl/cert.pem"];
+    let from_env = std::env::var_os("SSL_CERT_FILE").map(std::path::PathBuf::from);
+    let path = from_env
+        .or_else(|| USUAL.iter().map(std::path::PathBuf::from).find(|path| path.exists()))
+        .ok_or_else(|| error("no system CA bundle found (set SSL_CERT_FILE)"))?;
+    std::fs::read(&path).map_err(|e| error(format!("reading the CA bundle {}: {e}", path.display())))
+}
+
 /// Sends GET and HEAD requests over TLS.
 #[derive(Clone)]
 pub struct HttpsClient {
     tls: tokio_rustls::TlsConnector,
     proxies: ProxySettings,
     connect_timeout: Duration,
+    /// The TLS name and `Host` to use instead of the URL's host, which is
+    /// then only where to connect.
+    server_name: Option<String>,
 }
 
 /// The largest CONNECT response head read from a proxy.
@@ -256,7 +271,14 @@ impl HttpsClient {
             }
         };
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
-        Ok(HttpsClient { tls: tokio_rustls::TlsConnector::from(Arc::new(config)), proxies, connect_timeout })
+        let tls = tokio_rustls::TlsConnector::from(Arc::new(config));
+        Ok(HttpsClient { tls, proxies, connect_timeout, server_name: None })
+    }
+
+    /// Connects to the URL's host but names `server_name` in TLS and in
+    /// `Host` (curl's `--connect-to`), when given.
+    pub fn with_server_name(self, server_name: Option<&str>) -> HttpsClient {
+        HttpsClient { server_name: server_name.map(str::to_owned), ..self }
     }
 
     /// The proxy a request to `url` would go through, if any.
@@ -270,8 +292,9 @@ impl HttpsClient {
         let tcp = tokio::time::timeout(self.connect_timeout, self.connect(url))
             .await
             .map_err(|_| error(format!("connecting to {url} took over {:?}", self.connect_timeout)))??;
-        let server_name = rustls::pki_types::ServerName::try_from(url.host.clone())
-            .map_err(|e| error(format!("{}: not a TLS server name: {e}", url.host)))?;
+        let name = self.server_name.clone().unwrap_or_else(|| url.host.clone());
+        let server_name = rustls::pki_types::ServerName::try_from(name.clone())
+            .map_err(|e| error(format!("{name}: not a TLS server name: {e}")))?;
         let tls = tokio::time::timeout(self.connect_timeout, self.tls.connect(server_name, tcp))
             .await
             .map_err(|_| error(format!("the TLS handshake with {url} took over {:?}", self.connect_timeout)))?
@@ -283,7 +306,7 @@ impl HttpsClient {
         let request = Request::builder()
             .method(method)
             .uri(&url.path)
-            .header(http::header::HOST, url.authority())
+            .header(http::header::HOST, HttpsUrl { host: name, ..url.clone() }.authority())
             .header(http::header::USER_AGENT, concat!("kprobes/", env!("CARGO_PKG_VERSION")))
             .body(Empty::<Bytes>::new())
             .map_err(|e| error(format!("{url}: {e}")))?;

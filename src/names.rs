@@ -5,6 +5,13 @@
 //! file in the store) is parsed into one of these types first, so code that
 //! holds a `ProbePath` may use it as a path component without further checks.
 //! Only ASCII digits count as digits: Unicode digits are rejected.
+//!
+//! Probe file names follow the product's rule
+//! (`collector-(?:ebpf-\d+\.[^/]+\.o|\d+\.[^/]+\.ko)\.gz`: a number, a dot,
+//! at least one more character), with deliberate refusals on top: where
+//! the product takes any byte but `/`, a release here holds printable ASCII
+//! only, without `\` (no spaces, control characters or non-ASCII), since
+//! these names become file names on disk and appear in logs and reports.
 
 use std::fmt;
 
@@ -115,6 +122,11 @@ impl ProbeFileName {
         let digits = release.bytes().take_while(u8::is_ascii_digit).count();
         if digits == 0 || release.as_bytes().get(digits) != Some(&b'.') {
             return error("the kernel release must start with a number and a dot");
+        }
+        // The product's rule (`\d+\.[^/]+` before `.o.gz` or `.ko.gz`) wants at
+        // least one character after that dot.
+        if release.len() == digits + 1 {
+            return error("the kernel release needs something after its first dot");
         }
         if let Some(bad) = release.bytes().find(|b| !b.is_ascii_graphic() || matches!(b, b'/' | b'\\')) {
             return Err(NameError::new(
@@ -289,6 +301,8 @@ mod tests {
             ("collector-ebpf-5.14.0-284.11.1.el9_2.x86_64.o.gz", ProbeKind::Ebpf, "5.14.0-284.11.1.el9_2.x86_64"),
             ("collector-4.9.24-coreos.ko.gz", ProbeKind::KernelModule, "4.9.24-coreos"),
             ("collector-10.1.ko.gz", ProbeKind::KernelModule, "10.1"),
+            // As the product's rule: any one character after the first dot.
+            ("collector-5...ko.gz", ProbeKind::KernelModule, "5.."),
             ("collector-ebpf-5.4.0-1.el8~20.04+1.o.gz", ProbeKind::Ebpf, "5.4.0-1.el8~20.04+1"),
         ] {
             let name = ProbeFileName::parse(valid).unwrap();
@@ -302,6 +316,8 @@ mod tests {
             "collector-4.9.24.ko",
             "collector.ko.gz",
             "collector-.ko.gz",
+            "collector-5..ko.gz",
+            "collector-ebpf-5..o.gz",
             "collector-ebpf-.o.gz",
             "/collector-4.9.24.ko.gz",
             "collector-4/9.ko.gz",

@@ -108,11 +108,23 @@ impl tonic::codegen::Service<http::Uri> for Tunnel {
 
 /// The endpoint behind `channel`, for callers that want to connect now.
 pub fn endpoint(address: &str, tls: &ClientTls, connect_timeout: Duration) -> Result<Endpoint, TransportError> {
+    endpoint_named(address, tls, connect_timeout, None)
+}
+
+/// `endpoint`, naming `server_name` in TLS instead of the address's host
+/// when given (the Collector's `SNI_HOSTNAME`).
+pub fn endpoint_named(
+    address: &str,
+    tls: &ClientTls,
+    connect_timeout: Duration,
+    server_name: Option<&str>,
+) -> Result<Endpoint, TransportError> {
     let authority = address.strip_prefix("https://").unwrap_or(address);
     if authority.starts_with("http://") {
         return Err(TransportError::PlainHttp { address: address.to_owned() });
     }
     let host = host_of(authority).ok_or_else(|| TransportError::NotHostPort { address: address.to_owned() })?;
+    let host = server_name.map(str::to_owned).unwrap_or(host);
     let invalid = |source| TransportError::Invalid { address: address.to_owned(), source };
     let mut config = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&tls.ca_pem)).domain_name(host);
     if let Some((cert, key)) = &tls.identity {

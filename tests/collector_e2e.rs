@@ -95,6 +95,8 @@ impl CollectorCli {
         let dir = &self.dir;
         let mut args: Vec<String> = vec![
             "get-probe".into(),
+            "--collection-method".into(),
+            "ebpf".into(),
             "--module-version".into(),
             MODULE.into(),
             "--kernel-candidates".into(),
@@ -122,15 +124,32 @@ impl CollectorCli {
 }
 
 async fn run_collector(args: Vec<String>) -> (i32, String, String) {
+    run_collector_with_env(args, Vec::new()).await
+}
+
+/// The Collector's settings that the test's own environment must not set.
+const SETTINGS: [&str; 11] = [
+    "KERNEL_VERSION",
+    "MODULE_VERSION",
+    "GRPC_SERVER",
+    "COLLECTION_METHOD",
+    "KERNEL_CANDIDATES",
+    "COLLECTOR_HOST_ROOT",
+    "NODE_HOSTNAME",
+    "MODULE_DOWNLOAD_BASE_URL",
+    "SNI_HOSTNAME",
+    "https_proxy",
+    "HTTPS_PROXY",
+];
+
+/// `collector-client` with only `env` of the Collector's settings.
+async fn run_collector_with_env(args: Vec<String>, env: Vec<(String, String)>) -> (i32, String, String) {
     tokio::task::spawn_blocking(move || {
-        let output = std::process::Command::new(env!("CARGO_BIN_EXE_collector-client"))
-            .args(&args)
-            .env_remove("KERNEL_VERSION")
-            .env_remove("MODULE_VERSION")
-            .env_remove("GRPC_SERVER")
-            .env_remove("COLLECTION_METHOD")
-            .output()
-            .unwrap();
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_collector-client"));
+        for name in SETTINGS {
+            command.env_remove(name);
+        }
+        let output = command.args(&args).envs(env).output().unwrap();
         (
             output.status.code().unwrap_or(-1),
             String::from_utf8_lossy(&output.stdout).into_owned(),
@@ -367,4 +386,143 @@ async fn with_central_http_the_probe_comes_through_the_https_route_and_its_diges
     assert!(stderr.contains("404"), "{stderr}");
     central.stop().await;
     empty.stop().await;
+}
+
+/// The kernel names a run of `collector-client` tried, in order, from the
+/// first line of its report.
+fn candidates_tried(stderr: &str) -> Vec<String> {
+    let line = stderr.lines().find_map(|line| line.split_once("no probe for kernel ")).map(|(_, rest)| rest);
+    let names = line.unwrap_or_else(|| panic!("no report in:\n{stderr}")).split(" (module version").next().unwrap();
+    names.split(" / ").map(str::to_owned).collect()
+}
+
+/// The product's DaemonSet environment around a fake host root, against
+/// a Central without the probe: the report lists the candidates tried.
+fn product_env(central: &str, host_root: &Path, extra: &[(&str, &str)]) -> Vec<(String, String)> {
+    let mut env = vec![
+        ("GRPC_SERVER", central),
+        ("COLLECTION_METHOD", "EBPF"),
+        ("MODULE_VERSION", MODULE),
+        ("COLLECTOR_HOST_ROOT", host_root.to_str().unwrap()),
+    ];
+    env.extend_from_slice(extra);
+    env.into_iter().map(|(name, value)| (name.to_owned(), value.to_owned())).collect()
+}
+
+fn identity_args(pki: &TestPki, dir: &Path) -> Vec<String> {
+    std::fs::write(dir.join("collector.pem"), &pki.collector.cert_pem).unwrap();
+    std::fs::write(dir.join("collector-key.pem"), &pki.collector.key_pem).unwrap();
+    let path = |p: PathBuf| p.display().to_string();
+    [
+        "get-probe".to_owned(),
+        "--ca".into(),
+        path(pki.ca_file()),
+        "--cert".into(),
+        path(dir.join("collector.pem")),
+        "--key".into(),
+        path(dir.join("collector-key.pem")),
+        "--out".into(),
+        path(dir.join("probe.o")),
+        "--retry-budget".into(),
+        "0s".into(),
+        "--connect-timeout".into(),
+        "500ms".into(),
+    ]
+    .into()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_products_environment_each_distribution_gets_the_products_candidates() {
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let central = central_with(&pki, dir.path(), None).await;
+    let hosts = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/data/hosts");
+    let mut checked = 0;
+    for host in std::fs::read_dir(&hosts).unwrap() {
+        let host = host.unwrap().path();
+        if !host.is_dir() {
+            continue;
+        }
+        let expected: Vec<String> =
+            std::fs::read_to_string(host.join("candidates")).unwrap().lines().map(str::to_owned).collect();
+        let env = product_env(&central.address, &host.join("root"), &[]);
+        let (code, stdout, stderr) = run_collector_with_env(identity_args(&pki, dir.path()), env).await;
+        assert_eq!(code, 1, "{}: {stdout}\n{stderr}", host.display());
+        assert_eq!(candidates_tried(&stderr), expected, "{}", host.display());
+        checked += 1;
+    }
+    assert!(checked >= 11);
+
+    // KERNEL_CANDIDATES replaces them all, split on spaces as the product does.
+    let minikube = hosts.join("minikube/root");
+    let env = product_env(&central.address, &minikube, &[("KERNEL_CANDIDATES", "6.1.0-1 5.4.0-2")]);
+    let (_, _, stderr) = run_collector_with_env(identity_args(&pki, dir.path()), env).await;
+    assert_eq!(candidates_tried(&stderr), ["6.1.0-1", "5.4.0-2"]);
+
+    // NODE_HOSTNAME names the node before its files do.
+    let env = product_env(&central.address, &minikube, &[("NODE_HOSTNAME", "worker-1")]);
+    let (_, _, stderr) = run_collector_with_env(identity_args(&pki, dir.path()), env).await;
+    assert_eq!(candidates_tried(&stderr), ["5.10.57"], "not minikube by name");
+    central.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn collection_methods_are_read_as_the_product_reads_them() {
+    // The product's default, and anything it does not know, is CORE_BPF.
+    for method in [None, Some("core-bpf"), Some("Core_BPF"), Some("kernel_module"), Some("nonsense")] {
+        let env: Vec<(String, String)> =
+            method.into_iter().map(|m| ("COLLECTION_METHOD".to_owned(), m.to_owned())).collect();
+        let (code, stdout, stderr) = run_collector_with_env(vec!["get-probe".into()], env).await;
+        assert_eq!(code, 0, "{method:?}: {stderr}");
+        assert!(stdout.contains("CORE_BPF"), "{method:?}: {stdout}");
+    }
+    // eBPF in any case needs a module version: this one has none to read.
+    for method in ["EBPF", "ebpf", "eBPF"] {
+        let env = vec![("COLLECTION_METHOD".to_owned(), method.to_owned())];
+        let (code, _, stderr) = run_collector_with_env(vec!["get-probe".into()], env).await;
+        assert_eq!(code, 1, "{method}: {stderr}");
+        assert!(stderr.contains("MODULE_VERSION.txt"), "{method}: {stderr}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_central_the_module_download_base_url_is_tried() {
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let central = central_with(&pki, dir.path(), None).await;
+    // A bucket: Python's static file server over TLS with the test certificate.
+    let files = dir.path().join("bucket");
+    std::fs::create_dir_all(files.join("modules").join(MODULE)).unwrap();
+    std::fs::write(files.join("modules").join(MODULE).join(file_name(KERNEL)), probe_for(KERNEL).1).unwrap();
+    let (cert, key) = (dir.path().join("server.pem"), dir.path().join("server-key.pem"));
+    std::fs::write(&cert, &pki.server.cert_pem).unwrap();
+    std::fs::write(&key, &pki.server.key_pem).unwrap();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/python/https_bucket.py");
+    let mut bucket = std::process::Command::new("python3")
+        .arg(script)
+        .args([&files, &cert, &key])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(bucket.stdout.take().unwrap()), &mut line).unwrap();
+    let port = line.trim().strip_prefix("listening on ").unwrap().to_owned();
+
+    let base_url = format!("https://localhost:{port}/modules");
+    let ca = pki.ca_file().display().to_string();
+    let extra = [
+        ("KERNEL_CANDIDATES", KERNEL),
+        ("MODULE_DOWNLOAD_BASE_URL", base_url.as_str()),
+        ("SSL_CERT_FILE", ca.as_str()),
+    ];
+    let env = product_env(&central.address, &dir.path().join("no-host"), &extra);
+    let (code, stdout, stderr) = run_collector_with_env(identity_args(&pki, dir.path()), env).await;
+    let _ = bucket.kill();
+    let _ = bucket.wait();
+    assert_eq!(code, 0, "{stdout}\n{stderr}");
+    assert!(stdout.contains(&format!("download site {base_url}")), "{stdout}");
+    assert_eq!(std::fs::read(dir.path().join("probe.o")).unwrap(), probe_for(KERNEL).0);
+    assert_eq!(central.metrics.get_probe_requests(), 1, "Central was asked first");
+    central.stop().await;
 }

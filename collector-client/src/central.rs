@@ -32,7 +32,18 @@ impl CentralClient {
     /// A client of Central at `address` (`host:port`). It connects on the
     /// first call.
     pub fn new(address: &str, tls: &ClientTls, connect_timeout: Duration) -> Result<Self, transport::TransportError> {
-        let channel = transport::channel(address, tls, connect_timeout)?;
+        Self::named(address, tls, connect_timeout, None)
+    }
+
+    /// `new`, naming `server_name` in TLS instead of the address's host
+    /// when given (`SNI_HOSTNAME`).
+    pub fn named(
+        address: &str,
+        tls: &ClientTls,
+        connect_timeout: Duration,
+        server_name: Option<&str>,
+    ) -> Result<Self, transport::TransportError> {
+        let channel = transport::endpoint_named(address, tls, connect_timeout, server_name)?.connect_lazy();
         Ok(CentralClient { client: ProbeServiceClient::new(channel) })
     }
 

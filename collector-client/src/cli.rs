@@ -2,13 +2,14 @@
 //! they start (kernel name candidates, sources, the retrying chain, the
 //! read-only output).
 
-use clap::{Parser, Subcommand, ValueEnum};
-use collector_client::candidates::{self, HostFacts};
+use clap::{Parser, Subcommand};
+use collector_client::candidates;
 use collector_client::central::CentralClient;
-use collector_client::central_https::CentralHttpsClient;
 use collector_client::chain::{self, RetryPolicy};
+use collector_client::host::{self, HostSettings};
+use collector_client::https_probes::HttpsProbeClient;
 use collector_client::output;
-use collector_client::sources::{BuiltinDir, CentralHttpsSource, CentralSource, ProbeSource};
+use collector_client::sources::{BuiltinDir, CentralSource, HttpsSource, ProbeSource};
 use probe_api::errors::Context;
 use probe_api::names::ModuleVersion;
 use probe_api::transport::ClientTls;
@@ -28,34 +29,64 @@ pub enum Command {
     GetProbe(GetProbeArgs),
 }
 
-#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CollectionMethod {
     /// CO-RE eBPF: the probe is built in and fits every kernel.
-    #[value(name = "core_bpf", alias = "core-bpf")]
     CoreBpf,
     /// A kernel-specific eBPF probe.
     Ebpf,
 }
 
+impl CollectionMethod {
+    /// As the product reads `COLLECTION_METHOD`: case and `-`/`_` do not
+    /// matter, and anything but EBPF or CORE_BPF is CORE_BPF with a
+    /// warning.
+    pub fn parse(text: &str) -> CollectionMethod {
+        match text.trim().to_ascii_uppercase().replace('-', "_").as_str() {
+            "EBPF" => CollectionMethod::Ebpf,
+            "CORE_BPF" => CollectionMethod::CoreBpf,
+            _ => {
+                tracing::warn!(value = text, "unknown collection method: using CORE_BPF");
+                CollectionMethod::CoreBpf
+            }
+        }
+    }
+}
+
+/// Where the Collector image keeps its module version.
+const MODULE_VERSION_FILE: &str = "/kernel-modules/MODULE_VERSION.txt";
+
 #[derive(clap::Args)]
 pub struct GetProbeArgs {
-    #[arg(long, env = "COLLECTION_METHOD", value_enum, ignore_case = true, default_value = "ebpf")]
-    pub collection_method: CollectionMethod,
+    /// EBPF (a kernel-specific probe) or CORE_BPF (built in, nothing to
+    /// fetch); as the product: case-insensitive, anything else is CORE_BPF.
+    #[arg(long, env = "COLLECTION_METHOD", default_value = "CORE_BPF")]
+    pub collection_method: String,
     /// The Collector's module version, e.g. 2.5.0.
     #[arg(long, env = "MODULE_VERSION")]
     module_version: Option<String>,
-    /// A file holding the module version (MODULE_VERSION.txt in the image).
+    /// A file whose first line is the module version; /kernel-modules/MODULE_VERSION.txt
+    /// when neither this nor --module-version is given.
     #[arg(long, conflicts_with = "module_version")]
     module_version_file: Option<PathBuf>,
-    /// The kernel release; `uname -r` when not given.
+    /// The kernel release; the kernel's own (uname -r) when not given.
     #[arg(long, env = "KERNEL_VERSION")]
     kernel: Option<String>,
-    /// Kernel names to try instead of the derived ones, comma-separated.
-    #[arg(long, value_delimiter = ',')]
-    kernel_candidates: Vec<String>,
-    /// The host's os-release, for distribution-specific names.
-    #[arg(long, default_value = "/etc/os-release")]
-    os_release: PathBuf,
+    /// Kernel names to try instead of the derived ones, separated by spaces
+    /// (as the product reads KERNEL_CANDIDATES) or commas.
+    #[arg(long, env = "KERNEL_CANDIDATES")]
+    kernel_candidates: Option<String>,
+    /// Where the host's files are mounted in the Collector's container.
+    #[arg(long, env = "COLLECTOR_HOST_ROOT", default_value = "/host")]
+    host_root: PathBuf,
+    /// The node's host name (minikube is recognised by it); else read under
+    /// the host root.
+    #[arg(long, env = "NODE_HOSTNAME")]
+    node_hostname: Option<String>,
+    /// An os-release file to read instead of the host root's
+    /// etc/os-release (or usr/lib/os-release).
+    #[arg(long)]
+    os_release: Option<PathBuf>,
     /// Directory of probes built into the Collector image.
     #[arg(long)]
     builtin_dir: Option<PathBuf>,
@@ -66,6 +97,13 @@ pub struct GetProbeArgs {
     /// the product this replaces call) instead of GetProbe.
     #[arg(long, requires = "central")]
     central_http: bool,
+    /// The TLS name of Central when it is reached by another address.
+    #[arg(long, env = "SNI_HOSTNAME")]
+    sni_hostname: Option<String>,
+    /// A bucket tried after Central: https://HOST/BASE holding
+    /// BASE/<module version>/<file name>, reached through https_proxy if set.
+    #[arg(long, env = "MODULE_DOWNLOAD_BASE_URL")]
+    module_download_base_url: Option<String>,
     /// CA certificate (PEM) that signed Central's certificate.
     #[arg(long)]
     ca: Option<PathBuf>,
@@ -98,59 +136,60 @@ fn read(path: &PathBuf, what: &str) -> Result<Vec<u8>, Context> {
     std::fs::read(path).map_err(Context::of(format!("reading {what} {}", path.display())))
 }
 
-fn host_facts(args: &GetProbeArgs) -> Result<HostFacts, Context> {
-    let proc = |name: &str| {
-        std::fs::read_to_string(format!("/proc/sys/kernel/{name}"))
-            .map(|s| s.trim().to_owned())
-            .map_err(Context::of(format!("reading the kernel {name}")))
-    };
-    let release = match &args.kernel {
-        Some(kernel) => kernel.clone(),
-        None => proc("osrelease")?,
-    };
-    let os_release = std::fs::read_to_string(&args.os_release).map(|t| candidates::parse_os_release(&t));
-    let os_release = os_release.unwrap_or_default();
-    let minikube_version = match os_release.get("ID").map(String::as_str) {
-        Some("buildroot") => std::fs::read_to_string("/etc/VERSION").ok(),
-        _ => None,
-    };
-    Ok(HostFacts { release, version: proc("version").unwrap_or_default(), os_release, minikube_version })
-}
-
 pub async fn get_probe(args: GetProbeArgs) -> Result<(), CliError> {
     let module_version = match (&args.module_version, &args.module_version_file) {
         (Some(version), _) => version.clone(),
-        (None, Some(file)) => String::from_utf8_lossy(&read(file, "the module version file")?).trim().to_owned(),
-        (None, None) => return Err("the ebpf collection method needs --module-version or --module-version-file".into()),
+        (None, file) => {
+            let file = file.clone().unwrap_or_else(|| PathBuf::from(MODULE_VERSION_FILE));
+            let text = String::from_utf8_lossy(&read(&file, "the module version file")?).into_owned();
+            text.lines().next().unwrap_or_default().trim().to_owned()
+        }
     };
     let module_version = ModuleVersion::parse(&module_version)?;
-    let candidates = if args.kernel_candidates.is_empty() {
-        candidates::candidates(&host_facts(&args)?)
+    let given = args.kernel_candidates.as_deref().map(candidates::split_candidates).unwrap_or_default();
+    let candidates = if given.is_empty() {
+        let settings = HostSettings {
+            host_root: args.host_root.clone(),
+            kernel_release: args.kernel.clone(),
+            node_hostname: args.node_hostname.clone(),
+            os_release: args.os_release.clone(),
+        };
+        candidates::candidates(&host::read(&settings)?)
     } else {
-        args.kernel_candidates.clone()
+        given
     };
+    tracing::info!(candidates = %candidates.join(" "), "kernel candidates");
     let mut sources: Vec<Box<dyn ProbeSource>> = Vec::new();
     if let Some(dir) = &args.builtin_dir {
         sources.push(Box::new(BuiltinDir { dir: dir.clone(), uncompressed: false }));
         sources.push(Box::new(BuiltinDir { dir: dir.clone(), uncompressed: true }));
     }
+    let request_timeout = args.request_timeout;
     if let (Some(address), Some(ca), Some(cert), Some(key)) = (&args.central, &args.ca, &args.cert, &args.key) {
         let tls = ClientTls {
             ca_pem: read(ca, "the CA certificate")?,
             identity: Some((read(cert, "the client certificate")?, read(key, "the client key")?)),
         };
+        let sni = args.sni_hostname.as_deref().filter(|name| !name.is_empty());
         if args.central_http {
-            let client = CentralHttpsClient::new(address, &tls, args.connect_timeout)?;
-            let request_timeout = args.request_timeout;
-            sources.push(Box::new(CentralHttpsSource { address: address.clone(), client, request_timeout }));
+            let client = HttpsProbeClient::central(address, &tls, args.connect_timeout, sni)?;
+            let name = format!("Central {}", client.base());
+            sources.push(Box::new(HttpsSource { name, client, request_timeout }));
         } else {
-            let client = CentralClient::new(address, &tls, args.connect_timeout)?;
-            let request_timeout = args.request_timeout;
+            let client = CentralClient::named(address, &tls, args.connect_timeout, sni)?;
             sources.push(Box::new(CentralSource { address: address.clone(), client, request_timeout }));
         }
     }
+    if let Some(base_url) = args.module_download_base_url.as_deref().filter(|url| !url.is_empty()) {
+        let tls = ClientTls { ca_pem: probe_api::https::system_ca_bundle()?, identity: None };
+        let client = HttpsProbeClient::bucket(base_url, &tls, args.connect_timeout)?;
+        let name = format!("download site {}", client.base());
+        sources.push(Box::new(HttpsSource { name, client, request_timeout }));
+    }
     if sources.is_empty() {
-        return Err("no source to look in: give --builtin-dir, or --central with --ca, --cert and --key".into());
+        return Err("no source to look in: give --builtin-dir, --central with --ca, --cert and --key, \
+                    or --module-download-base-url"
+            .into());
     }
     let out = args.out.as_ref().ok_or("the ebpf collection method needs --out")?;
 

@@ -6,7 +6,8 @@
 
 pub mod candidates;
 pub mod central;
-pub mod central_https;
 pub mod chain;
+pub mod host;
+pub mod https_probes;
 pub mod output;
 pub mod sources;

@@ -16,7 +16,7 @@ fn main() -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .init();
-    if args.collection_method == CollectionMethod::CoreBpf {
+    if CollectionMethod::parse(&args.collection_method) == CollectionMethod::CoreBpf {
         println!(
             "collection method CORE_BPF: the probe is built into the Collector and fits every kernel; \
              nothing to fetch"

@@ -1,6 +1,6 @@
 //! Where a Collector can find a probe, each behind one small trait: the
-//! probes built into its image (gzip'd, or uncompressed) and Central (by
-//! GetProbe, or by its HTTPS route).
+//! probes built into its image (gzip'd, or uncompressed), Central (by
+//! GetProbe, or by its HTTPS route), and a bucket over HTTPS.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -9,7 +9,7 @@ use probe_api::names::{ModuleVersion, ProbeFileName};
 use tonic::Code;
 
 use crate::central::{CentralClient, FetchError};
-use crate::central_https::{CentralHttpsClient, HttpsFetchError};
+use crate::https_probes::{HttpsFetchError, HttpsProbeClient};
 
 /// What one look-up in one source gave.
 #[derive(Debug)]
@@ -103,18 +103,20 @@ impl ProbeSource for CentralSource {
     }
 }
 
-/// Central's HTTPS route `/kernel-objects/`, over mutual TLS. Each try is
-/// bounded by `request_timeout`.
-pub struct CentralHttpsSource {
-    pub address: String,
-    pub client: CentralHttpsClient,
+/// Probes over plain HTTPS: Central's route `/kernel-objects/` (mutual
+/// TLS), or a bucket (`MODULE_DOWNLOAD_BASE_URL`). Each try is bounded by
+/// `request_timeout`.
+pub struct HttpsSource {
+    /// How it is named in logs and the report.
+    pub name: String,
+    pub client: HttpsProbeClient,
     pub request_timeout: Duration,
 }
 
 #[tonic::async_trait]
-impl ProbeSource for CentralHttpsSource {
+impl ProbeSource for HttpsSource {
     fn name(&self) -> String {
-        format!("Central https://{}/kernel-objects/", self.address.trim_start_matches("https://"))
+        self.name.clone()
     }
 
     fn worth_retrying(&self) -> bool {

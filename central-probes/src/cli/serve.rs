@@ -239,7 +239,9 @@ fn upstream_config(args: &ServeArgs) -> Result<Option<UpstreamConfig>, CliError>
     let ca_pem = match (&args.upstream_ca, &kind) {
         (Some(ca), _) => read(ca, "the upstream CA")?,
         (None, UpstreamKind::Grpc { .. }) => return Err("--upstream needs --upstream-ca".into()),
-        (None, UpstreamKind::Bucket { .. }) => system_ca_bundle()?,
+        (None, UpstreamKind::Bucket { .. }) => {
+            probe_api::https::system_ca_bundle().map_err(|e| format!("--upstream-url without --upstream-ca: {e}"))?
+        }
     };
     let proxies = ProxySettings::from_env().map_err(|e| format!("https_proxy/no_proxy: {e}"))?;
     let proxies = match &args.upstream_proxy {
@@ -265,18 +267,6 @@ fn upstream_config(args: &ServeArgs) -> Result<Option<UpstreamConfig>, CliError>
         min_free_bytes: args.min_free_space,
         not_found_ttl: Duration::from_secs(30),
     }))
-}
-
-/// The system's CA bundle: `SSL_CERT_FILE`, else the first of the usual
-/// places (Debian and Ubuntu, RHEL and Fedora, Alpine and others).
-fn system_ca_bundle() -> Result<Vec<u8>, CliError> {
-    const USUAL: [&str; 3] =
-        ["/etc/ssl/certs/ca-certificates.crt", "/etc/pki/tls/certs/ca-bundle.crt", "/etc/ssl/cert.pem"];
-    let from_env = std::env::var_os("SSL_CERT_FILE").map(PathBuf::from);
-    let path = from_env
-        .or_else(|| USUAL.iter().map(PathBuf::from).find(|path| path.exists()))
-        .ok_or("--upstream-url: no --upstream-ca given and no system CA bundle found (set SSL_CERT_FILE)")?;
-    Ok(read(&path, "the system CA bundle")?)
 }
 
 async fn shutdown_signal() {

@@ -1,7 +1,9 @@
-//! A client of Central's HTTPS route `/kernel-objects/<module version>/<file
-//! name>`, the way Collectors of the product this replaces fetch a probe:
-//! one GET over mutual TLS. The body is checked against `Content-Length`
-//! and, when Central sends one, the SHA-256 in the `Digest` header.
+//! Probes over plain HTTPS, the way Collectors of the product this replaces
+//! fetch them: one GET of `<base>/<module version>/<file name>`, from
+//! Central's route `/kernel-objects/` over mutual TLS, or from a static
+//! bucket (`MODULE_DOWNLOAD_BASE_URL`, through the proxy of the
+//! environment). The body is checked against `Content-Length` when there is
+//! one and, when the server sends one, the SHA-256 in the `Digest` header.
 
 use std::time::Duration;
 
@@ -41,19 +43,37 @@ pub struct HttpsProbe {
 }
 
 #[derive(Clone)]
-pub struct CentralHttpsClient {
+pub struct HttpsProbeClient {
     client: HttpsClient,
     base: HttpsUrl,
 }
 
-impl CentralHttpsClient {
-    /// A client of Central at `address` (`host:port`, or an `https://` URL).
-    /// Central is reached directly: it is inside the cluster.
-    pub fn new(address: &str, tls: &ClientTls, connect_timeout: Duration) -> Result<Self, HttpsError> {
+impl HttpsProbeClient {
+    /// Central's route at `address` (`host:port`, or an `https://` URL),
+    /// reached directly (it is inside the cluster), with `server_name` as
+    /// its TLS name when given (`SNI_HOSTNAME`).
+    pub fn central(
+        address: &str,
+        tls: &ClientTls,
+        connect_timeout: Duration,
+        server_name: Option<&str>,
+    ) -> Result<Self, HttpsError> {
         let url = if address.starts_with("https://") { address.to_owned() } else { format!("https://{address}") };
         let base = HttpsUrl::parse(&url)?;
-        let client = HttpsClient::new(tls, ProxySettings::default(), connect_timeout)?;
-        Ok(CentralHttpsClient { client, base: HttpsUrl { path: "/kernel-objects/".to_owned(), ..base } })
+        let client = HttpsClient::new(tls, ProxySettings::default(), connect_timeout)?.with_server_name(server_name);
+        Ok(HttpsProbeClient { client, base: HttpsUrl { path: "/kernel-objects/".to_owned(), ..base } })
+    }
+
+    /// A bucket at `base_url`, trusted by the CAs of `tls`, through the
+    /// proxy of the environment.
+    pub fn bucket(base_url: &str, tls: &ClientTls, connect_timeout: Duration) -> Result<Self, HttpsError> {
+        let client = HttpsClient::new(tls, ProxySettings::from_env()?, connect_timeout)?;
+        Ok(HttpsProbeClient { client, base: HttpsUrl::parse(base_url)? })
+    }
+
+    /// Where the probes are.
+    pub fn base(&self) -> &HttpsUrl {
+        &self.base
     }
 
     pub async fn fetch(&self, module_version: &str, file_name: &str) -> Result<HttpsProbe, HttpsFetchError> {
@@ -70,11 +90,10 @@ impl CentralHttpsClient {
                 failed(why)
             });
         }
-        let size = response
-            .headers()
-            .get(http::header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
-            .ok_or_else(|| failed("no Content-Length".to_owned()))?;
+        // Without a Content-Length (a chunked answer), the size limit bounds it.
+        let declared =
+            response.headers().get(http::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+        let size = declared.unwrap_or(MAX_FILE_SIZE);
         if size > MAX_FILE_SIZE {
             return Err(failed(format!("{size} bytes, over the limit of {MAX_FILE_SIZE}")));
         }
@@ -92,12 +111,12 @@ impl CentralHttpsClient {
             let frame = frame.map_err(|e| failed(format!("reading the body: {e}")))?;
             let Ok(chunk) = frame.into_data() else { continue };
             if bytes.len() as u64 + chunk.len() as u64 > size {
-                return Err(failed(format!("more than the {size} bytes of its Content-Length")));
+                return Err(failed(format!("more than {size} bytes")));
             }
             hasher.update(&chunk);
             bytes.extend_from_slice(&chunk);
         }
-        if (bytes.len() as u64) < size {
+        if declared.is_some() && (bytes.len() as u64) < size {
             return Err(failed(format!("{} of its {size} bytes came", bytes.len())));
         }
         let sha256 = hasher.finish();
