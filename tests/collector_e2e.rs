@@ -526,3 +526,46 @@ async fn after_central_the_module_download_base_url_is_tried() {
     assert_eq!(central.metrics.get_probe_requests(), 1, "Central was asked first");
     central.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sni_hostname_is_the_name_central_is_verified_against() {
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let central = central_with(&pki, dir.path(), None).await;
+    upload(&central, &pki, KERNEL).await;
+    // Central's certificate names localhost and 127.0.0.1, not the product's
+    // default SNI name.
+    let address = central.address.clone();
+    for http in [false, true] {
+        let mut args = identity_args(&pki, dir.path());
+        if http {
+            args.push("--central-http".into());
+        }
+        let env = |sni: &str| {
+            product_env(&address, &dir.path().join("no-host"), &[("KERNEL_CANDIDATES", KERNEL), ("SNI_HOSTNAME", sni)])
+        };
+        let (code, stdout, stderr) = run_collector_with_env(args.clone(), env("localhost")).await;
+        assert_eq!(code, 0, "http {http}: {stdout}\n{stderr}");
+        let (code, _, stderr) = run_collector_with_env(args, env("sensor.stackrox.svc")).await;
+        assert_eq!(code, 1, "http {http}: a name the certificate does not have: {stderr}");
+        assert!(stderr.to_lowercase().contains("certificate") || stderr.contains("transport"), "http {http}: {stderr}");
+    }
+    central.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_module_version_is_the_first_line_of_its_file() {
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let central = central_with(&pki, dir.path(), None).await;
+    upload(&central, &pki, KERNEL).await;
+    let file = dir.path().join("MODULE_VERSION.txt");
+    std::fs::write(&file, format!("{MODULE}\nbuilt from a tree with local changes\n")).unwrap();
+    let mut args = identity_args(&pki, dir.path());
+    args.extend(["--module-version-file".to_owned(), file.display().to_string()]);
+    let mut env = product_env(&central.address, &dir.path().join("no-host"), &[("KERNEL_CANDIDATES", KERNEL)]);
+    env.retain(|(name, _)| name != "MODULE_VERSION");
+    let (code, stdout, stderr) = run_collector_with_env(args, env).await;
+    assert_eq!(code, 0, "{stdout}\n{stderr}");
+    central.stop().await;
+}

@@ -91,7 +91,7 @@ pub struct GetProbeArgs {
     #[arg(long)]
     builtin_dir: Option<PathBuf>,
     /// Central's address, HOST:PORT.
-    #[arg(long, env = "GRPC_SERVER", requires_all = ["ca", "cert", "key"])]
+    #[arg(long, env = "GRPC_SERVER")]
     central: Option<String>,
     /// Fetch from Central's HTTPS route /kernel-objects/ (what Collectors of
     /// the product this replaces call) instead of GetProbe.
@@ -104,15 +104,16 @@ pub struct GetProbeArgs {
     /// BASE/<module version>/<file name>, reached through https_proxy if set.
     #[arg(long, env = "MODULE_DOWNLOAD_BASE_URL")]
     module_download_base_url: Option<String>,
-    /// CA certificate (PEM) that signed Central's certificate.
-    #[arg(long)]
-    ca: Option<PathBuf>,
+    /// CA certificate (PEM) that signed Central's certificate; by default
+    /// where the product's DaemonSet mounts it.
+    #[arg(long, default_value = "/var/run/secrets/stackrox.io/certs/ca.pem")]
+    ca: PathBuf,
     /// This Collector's client certificate (PEM).
-    #[arg(long)]
-    cert: Option<PathBuf>,
+    #[arg(long, default_value = "/var/run/secrets/stackrox.io/certs/cert.pem")]
+    cert: PathBuf,
     /// This Collector's client key (PEM).
-    #[arg(long)]
-    key: Option<PathBuf>,
+    #[arg(long, default_value = "/var/run/secrets/stackrox.io/certs/key.pem")]
+    key: PathBuf,
     /// Where to write the decompressed probe (read-only); needed for ebpf.
     #[arg(long)]
     out: Option<PathBuf>,
@@ -165,10 +166,10 @@ pub async fn get_probe(args: GetProbeArgs) -> Result<(), CliError> {
         sources.push(Box::new(BuiltinDir { dir: dir.clone(), uncompressed: true }));
     }
     let request_timeout = args.request_timeout;
-    if let (Some(address), Some(ca), Some(cert), Some(key)) = (&args.central, &args.ca, &args.cert, &args.key) {
+    if let Some(address) = args.central.as_deref().filter(|address| !address.is_empty()) {
         let tls = ClientTls {
-            ca_pem: read(ca, "the CA certificate")?,
-            identity: Some((read(cert, "the client certificate")?, read(key, "the client key")?)),
+            ca_pem: read(&args.ca, "the CA certificate")?,
+            identity: Some((read(&args.cert, "the client certificate")?, read(&args.key, "the client key")?)),
         };
         let sni = args.sni_hostname.as_deref().filter(|name| !name.is_empty());
         if args.central_http {
@@ -177,7 +178,7 @@ pub async fn get_probe(args: GetProbeArgs) -> Result<(), CliError> {
             sources.push(Box::new(HttpsSource { name, client, request_timeout }));
         } else {
             let client = CentralClient::named(address, &tls, args.connect_timeout, sni)?;
-            sources.push(Box::new(CentralSource { address: address.clone(), client, request_timeout }));
+            sources.push(Box::new(CentralSource { address: address.to_owned(), client, request_timeout }));
         }
     }
     if let Some(base_url) = args.module_download_base_url.as_deref().filter(|url| !url.is_empty()) {
@@ -187,8 +188,8 @@ pub async fn get_probe(args: GetProbeArgs) -> Result<(), CliError> {
         sources.push(Box::new(HttpsSource { name, client, request_timeout }));
     }
     if sources.is_empty() {
-        return Err("no source to look in: give --builtin-dir, --central with --ca, --cert and --key, \
-                    or --module-download-base-url"
+        return Err("no source to look in: give --builtin-dir, --central (GRPC_SERVER), \
+                    or --module-download-base-url (MODULE_DOWNLOAD_BASE_URL)"
             .into());
     }
     let out = args.out.as_ref().ok_or("the ebpf collection method needs --out")?;
