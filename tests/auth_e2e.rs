@@ -272,3 +272,36 @@ async fn every_caller_gets_the_expected_code_from_every_rpc() {
     }
     central.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uploads_and_overwrites_are_counted_by_token_name_and_the_tokens_file_is_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let central = Central::start(&pki, dir.path()).await;
+    let mode = std::fs::metadata(dir.path().join("tokens")).unwrap().permissions().mode();
+    assert_eq!(mode & 0o077, 0, "the tokens file is readable by its owner only: {mode:o}");
+
+    let path = "2.5.0/collector-ebpf-5.4.0.o.gz";
+    for (bytes, overwrite) in [(&b"first"[..], false), (&b"second"[..], true)] {
+        let mut messages = vec![UploadProbesRequest {
+            message: Some(Message::Options(UploadOptions { overwrite, ..Default::default() })),
+        }];
+        messages.extend(central_probes::server::upload_session::file_messages(path, bytes, 4));
+        central.admin(&pki, &central.admin_token).upload_probes(tokio_stream::iter(messages)).await.unwrap();
+    }
+    let metrics = central.metrics.render();
+    let count = |action: &str| {
+        metrics
+            .lines()
+            .find(|line| {
+                line.starts_with("central_probes_changes_by_token_total{")
+                    && line.contains("token=\"admin-")
+                    && line.contains(&format!("action=\"{action}\""))
+            })
+            .and_then(|line| line.rsplit(' ').next()?.parse::<u64>().ok())
+    };
+    assert_eq!(count("upload"), Some(2), "{metrics}");
+    assert_eq!(count("overwrite"), Some(1), "{metrics}");
+    central.stop().await;
+}

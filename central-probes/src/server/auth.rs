@@ -11,6 +11,7 @@
 use std::fmt;
 use std::fs;
 use std::io::{self, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
@@ -128,7 +129,10 @@ impl TokenFile {
             fs::create_dir_all(dir)?;
         }
         let temp = self.path.with_extension("new");
-        let mut file = fs::File::create(&temp)?;
+        // Readable by Central's user only: the hashes are not the tokens, but
+        // they are what a stolen copy would be guessed against.
+        let _ = fs::remove_file(&temp);
+        let mut file = fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&temp)?;
         for r in records {
             writeln!(file, "{} {} {}", r.hash, r.role, r.name)?;
         }
@@ -176,6 +180,13 @@ enum Tokens {
     Shared(SharedTokens),
 }
 
+/// The token a request was authorized by.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Caller {
+    pub name: String,
+    pub role: Role,
+}
+
 /// Checks the bearer token of a request against the stored tokens.
 #[derive(Clone, Debug)]
 pub struct TokenAuth {
@@ -205,6 +216,11 @@ impl TokenAuth {
     /// UNAUTHENTICATED for a missing or unknown token, PERMISSION_DENIED for
     /// too weak a role.
     pub fn authorize(&self, metadata: &MetadataMap, needed: Role) -> Result<Role> {
+        self.caller(metadata, needed).map(|caller| caller.role)
+    }
+
+    /// `authorize`, naming the token that was presented (for the audit log).
+    pub fn caller(&self, metadata: &MetadataMap, needed: Role) -> Result<Caller> {
         let unauthenticated = |why: &str| Error::new(Code::Unauthenticated, why.to_owned());
         let Some(value) = metadata.get("authorization") else {
             return Err(unauthenticated("missing API token: send the metadata \"authorization: Bearer <token>\""));
@@ -219,20 +235,21 @@ impl TokenAuth {
         let presented = hash_token(token);
         let records = self.records()?;
         // Every record is compared, matched or not, so timing tells nothing.
-        let mut role = None;
+        let mut found = None;
         for record in records.iter() {
             if bool::from(record.hash.0.ct_eq(&presented.0)) {
-                role = Some(record.role);
+                found = Some(record);
             }
         }
-        let role = role.ok_or_else(|| unauthenticated("unknown or revoked API token"))?;
+        let record = found.ok_or_else(|| unauthenticated("unknown or revoked API token"))?;
+        let role = record.role;
         if role < needed {
             return Err(Error::new(
                 Code::PermissionDenied,
                 format!("this needs a token with role {needed}; yours has role {role}"),
             ));
         }
-        Ok(role)
+        Ok(Caller { name: record.name.clone(), role })
     }
 }
 

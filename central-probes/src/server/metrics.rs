@@ -37,6 +37,15 @@ pub struct OutcomeLabels {
     pub outcome: &'static str,
 }
 
+/// Who changed the store, and how (the audit counters).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AuditLabels {
+    /// The name of the API token.
+    pub token: String,
+    /// "upload" (a finished stream), "overwrite" (a replaced file).
+    pub action: &'static str,
+}
+
 /// Every metric Central keeps. Cheap to clone (counters are shared).
 #[derive(Clone)]
 pub struct Metrics {
@@ -47,6 +56,7 @@ pub struct Metrics {
     pub upstream_cache_hits: Counter,
     pub upload_bytes: Counter,
     pub upload_files: Family<OutcomeLabels, Counter>,
+    pub changes_by_token: Family<AuditLabels, Counter>,
     /// GetProbe calls of any outcome, for tests and benchmarks; not
     /// exported (`requests` has them by code and source).
     get_probe_calls: Counter,
@@ -83,6 +93,12 @@ impl Metrics {
         registry.register("upload_bytes", "Probe bytes received by UploadProbes", upload_bytes.clone());
         let upload_files = Family::<OutcomeLabels, Counter>::default();
         registry.register("upload_files", "Uploaded files by outcome", upload_files.clone());
+        let changes_by_token = Family::<AuditLabels, Counter>::default();
+        registry.register(
+            "changes_by_token",
+            "Uploads and overwrites by the name of the API token that made them",
+            changes_by_token.clone(),
+        );
         Metrics {
             registry: Arc::new(registry),
             requests,
@@ -91,6 +107,7 @@ impl Metrics {
             upstream_cache_hits,
             upload_bytes,
             upload_files,
+            changes_by_token,
             get_probe_calls: Counter::default(),
             ready: Arc::new(AtomicBool::new(false)),
         }

@@ -8,15 +8,15 @@ use probe_api::limits::{DEFAULT_PAGE_SIZE, MAX_EXISTING_PATHS, MAX_PAGE_SIZE};
 use probe_api::names::{ModuleVersion, ProbePath};
 use probe_api::v1::probe_upload_service_server::ProbeUploadService;
 use probe_api::v1::{
-    GetExistingProbesRequest, GetExistingProbesResponse, ListProbesRequest, ListProbesResponse, ProbeInfo,
+    FileOutcome, GetExistingProbesRequest, GetExistingProbesResponse, ListProbesRequest, ListProbesResponse, ProbeInfo,
     UploadProbesRequest, UploadProbesResponse,
 };
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{info, instrument};
 
 use crate::error::{Error, Result};
-use crate::server::auth::{Role, TokenAuth};
-use crate::server::metrics::{Metrics, OutcomeLabels};
+use crate::server::auth::{Caller, Role, TokenAuth};
+use crate::server::metrics::{AuditLabels, Metrics, OutcomeLabels};
 use crate::server::page_token::PageTokens;
 use crate::server::upload_session::UploadSession;
 use crate::store::{ProbeStore, StoredProbe};
@@ -34,8 +34,13 @@ impl UploadService {
         UploadService { store, auth, metrics, page_tokens }
     }
 
-    fn record_upload(&self, response: &UploadProbesResponse) {
+    /// The audit record of a finished upload: who (token name and role,
+    /// client address), what (counts, and each overwritten file).
+    fn record_upload(&self, response: &UploadProbesResponse, caller: &Caller, client: &str) {
         info!(
+            token = %caller.name,
+            role = %caller.role,
+            client,
             stored = response.stored_count,
             identical = response.identical_count,
             conflicts = response.conflict_count,
@@ -43,6 +48,19 @@ impl UploadService {
             bytes = response.bytes_received,
             "upload finished"
         );
+        for result in &response.results {
+            if result.outcome() == FileOutcome::Overwritten {
+                info!(token = %caller.name, role = %caller.role, client, path = %result.path, "probe overwritten");
+            }
+        }
+        let audit = |action| AuditLabels { token: caller.name.clone(), action };
+        self.metrics.changes_by_token.get_or_create(&audit("upload")).inc();
+        if response.overwritten_count > 0 {
+            self.metrics
+                .changes_by_token
+                .get_or_create(&audit("overwrite"))
+                .inc_by(u64::from(response.overwritten_count));
+        }
         self.metrics.upload_bytes.inc_by(response.bytes_received);
         for (outcome, count) in [
             ("stored", response.stored_count),
@@ -127,15 +145,17 @@ impl ProbeUploadService for UploadService {
         &self,
         request: Request<Streaming<UploadProbesRequest>>,
     ) -> Result<Response<UploadProbesResponse>, Status> {
-        let result = match self.auth.authorize(request.metadata(), Role::Admin) {
-            Ok(_) => UploadSession::new(self.store.clone())
-                .run(request.into_inner())
-                .await
-                .inspect_err(|error| info!(code = ?error.code, %error, "upload failed")),
-            Err(error) => Err(error),
+        let client = request.remote_addr().map(|address| address.to_string()).unwrap_or_else(|| "unknown".to_owned());
+        let caller = match self.auth.caller(request.metadata(), Role::Admin) {
+            Ok(caller) => caller,
+            Err(error) => return self.counted("UploadProbes", Err(error)),
         };
+        let result = UploadSession::new(self.store.clone()).run(request.into_inner()).await.inspect_err(|error| {
+            // Files committed before the error stay: the log says who sent them.
+            info!(token = %caller.name, role = %caller.role, client, code = ?error.code, %error, "upload failed")
+        });
         if let Ok(response) = &result {
-            self.record_upload(response);
+            self.record_upload(response, &caller, &client);
         }
         self.counted("UploadProbes", result)
     }
