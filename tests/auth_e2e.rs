@@ -284,9 +284,7 @@ async fn uploads_and_overwrites_are_counted_by_token_name_and_the_tokens_file_is
 
     let path = "2.5.0/collector-ebpf-5.4.0.o.gz";
     for (bytes, overwrite) in [(&b"first"[..], false), (&b"second"[..], true)] {
-        let mut messages = vec![UploadProbesRequest {
-            message: Some(Message::Options(UploadOptions { overwrite, ..Default::default() })),
-        }];
+        let mut messages = vec![UploadProbesRequest { message: Some(Message::Options(UploadOptions { overwrite })) }];
         messages.extend(central_probes::server::upload_session::file_messages(path, bytes, 4));
         central.admin(&pki, &central.admin_token).upload_probes(tokio_stream::iter(messages)).await.unwrap();
     }
