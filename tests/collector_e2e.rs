@@ -569,3 +569,43 @@ async fn the_module_version_is_the_first_line_of_its_file() {
     assert_eq!(code, 0, "{stdout}\n{stderr}");
     central.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_warm_node_cache_serves_while_central_is_down_and_a_damaged_entry_is_never_used() {
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("node-cache");
+    let cache_flag = ["--cache-dir", cache.to_str().unwrap()];
+    let cli = CollectorCli::new(&pki, dir.path());
+    let central = central_with(&pki, dir.path(), None).await;
+    upload(&central, &pki, KERNEL).await;
+    let address = central.address.clone();
+    let (code, stdout, stderr) = cli.run(&address, &cache_flag).await;
+    assert_eq!(code, 0, "{stdout}\n{stderr}");
+    let cached = cache.join(MODULE).join(format!("collector-ebpf-{KERNEL}.o"));
+    assert_eq!(std::fs::read(&cached).unwrap(), probe_for(KERNEL).0, "kept decompressed");
+
+    // A Central that answers "not found" is not overruled by the cache.
+    let empty = central_with(&pki, &dir.path().join("empty"), None).await;
+    let (code, _, stderr) = cli.run(&empty.address, &cache_flag).await;
+    assert_eq!(code, 1, "{stderr}");
+    empty.stop().await;
+
+    // Central down for the whole retry budget: the cached probe is used.
+    central.stop().await;
+    std::fs::remove_file(dir.path().join("probe.o")).unwrap();
+    let started = std::time::Instant::now();
+    let (code, stdout, stderr) = cli.run(&address, &cache_flag).await;
+    assert_eq!(code, 0, "{stdout}\n{stderr}");
+    assert!(stdout.contains("node-local cache"), "the report says where it came from: {stdout}");
+    assert_eq!(std::fs::read(dir.path().join("probe.o")).unwrap(), probe_for(KERNEL).0);
+    assert!(started.elapsed() < Duration::from_secs(10), "within the retry budget (1 s) and its last try");
+
+    // A damaged entry: deleted, not used, and the Collector fails as without a cache.
+    let mut damaged = std::fs::read(&cached).unwrap();
+    damaged[0] ^= 1;
+    std::fs::write(&cached, damaged).unwrap();
+    let (code, _, stderr) = cli.run(&address, &cache_flag).await;
+    assert_eq!(code, 1, "{stderr}");
+    assert!(!cached.exists(), "the damaged entry is deleted");
+}

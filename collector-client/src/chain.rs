@@ -32,6 +32,8 @@ pub struct Served {
     pub candidate: String,
     pub source: String,
     pub detail: String,
+    /// It came over the network (not from the image).
+    pub remote: bool,
 }
 
 /// The last outcome of one candidate in one source.
@@ -50,6 +52,9 @@ pub struct NotServed {
     pub candidates: Vec<String>,
     pub tried: Vec<Tried>,
     pub elapsed: Duration,
+    /// Whether any remote source answered at all (said it does not have a
+    /// probe, or sent a bad one), rather than none being reachable.
+    pub remote_answered: bool,
 }
 
 pub async fn get_probe(
@@ -68,14 +73,19 @@ pub async fn get_probe(
         }
     }
     let mut round = 0u32;
+    let mut remote_answered = false;
     loop {
         for (candidate, name) in &file_names {
             let Ok(file_name) = name else { continue };
             for source in sources.iter().filter(|s| round == 0 || s.worth_retrying()) {
-                let outcome = match source.lookup(module_version, file_name).await {
+                let lookup = source.lookup(module_version, file_name).await;
+                remote_answered |= source.worth_retrying() && !matches!(lookup, Lookup::Failed(_));
+                let outcome = match lookup {
                     Lookup::Found { bytes, gzipped, detail } => match decompress(bytes, gzipped) {
                         Ok(probe) => {
-                            return Ok(Served { probe, candidate: candidate.clone(), source: source.name(), detail });
+                            let (candidate, source, remote) =
+                                (candidate.clone(), source.name(), source.worth_retrying());
+                            return Ok(Served { probe, candidate, source, detail, remote });
                         }
                         Err(why) => why,
                     },
@@ -112,6 +122,7 @@ pub async fn get_probe(
         candidates: candidates.to_vec(),
         tried,
         elapsed: started.elapsed(),
+        remote_answered,
     })
 }
 

@@ -3,6 +3,7 @@
 //! read-only output).
 
 use clap::{Parser, Subcommand};
+use collector_client::cache::ProbeCache;
 use collector_client::candidates;
 use collector_client::central::CentralClient;
 use collector_client::chain::{self, RetryPolicy};
@@ -114,6 +115,10 @@ pub struct GetProbeArgs {
     /// This Collector's client key (PEM).
     #[arg(long, default_value = "/var/run/secrets/stackrox.io/certs/key.pem")]
     key: PathBuf,
+    /// Keep probes fetched over the network here, and use one when no
+    /// remote source can be reached for the whole retry budget.
+    #[arg(long)]
+    cache_dir: Option<PathBuf>,
     /// Where to write the decompressed probe (read-only); needed for ebpf.
     #[arg(long)]
     out: Option<PathBuf>,
@@ -195,7 +200,34 @@ pub async fn get_probe(args: GetProbeArgs) -> Result<(), CliError> {
     let out = args.out.as_ref().ok_or("the ebpf collection method needs --out")?;
 
     let policy = RetryPolicy { interval: args.retry_interval, budget: args.retry_budget };
-    let served = chain::get_probe(&sources, &module_version, &candidates, policy).await?;
+    let cache = args.cache_dir.as_deref().map(ProbeCache::new);
+    let served = match chain::get_probe(&sources, &module_version, &candidates, policy).await {
+        Ok(served) => {
+            if let Some(cache) = &cache
+                && served.remote
+                && let Err(error) = cache.keep(&module_version, &served.candidate, &served.probe)
+            {
+                tracing::warn!(%error, "could not keep the probe in the node-local cache");
+            }
+            served
+        }
+        // Only when nothing remote answered: a Central that says "not
+        // found" is not overruled by an old copy.
+        Err(not_served) if !not_served.remote_answered => {
+            let cached = cache.as_ref().and_then(|cache| {
+                candidates.iter().find_map(|kernel| Some((kernel, cache.verified(&module_version, kernel)?)))
+            });
+            let Some((kernel, probe)) = cached else { return Err(not_served.into()) };
+            chain::Served {
+                probe,
+                candidate: kernel.clone(),
+                source: format!("the node-local cache {}", args.cache_dir.as_ref().expect("a cache").display()),
+                detail: format!("no remote source reachable for {:.0?}; SHA-256 verified", not_served.elapsed),
+                remote: false,
+            }
+        }
+        Err(not_served) => return Err(not_served.into()),
+    };
     output::write_read_only(out, &served.probe).map_err(Context::of(format!("writing {}", out.display())))?;
     println!(
         "wrote {} ({} bytes) for kernel {}, from {} ({})",

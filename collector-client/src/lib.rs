@@ -4,6 +4,7 @@
 //! verified, decompressed probe atomically; or fail with a report that
 //! says what was tried and what to do.
 
+pub mod cache;
 pub mod candidates;
 pub mod central;
 pub mod chain;
