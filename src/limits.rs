@@ -17,6 +17,10 @@ pub const MAX_FILE_SIZE: u64 = 4 << 30;
 /// Most paths one GetExistingProbes call may ask for.
 pub const MAX_EXISTING_PATHS: usize = 100_000;
 
+/// Most module versions, and most probes matched, of one DeleteProbes call.
+pub const MAX_DELETE_MODULE_VERSIONS: usize = 1_000;
+pub const MAX_DELETED_PROBES: usize = 100_000;
+
 /// Default and largest ListProbes page.
 pub const DEFAULT_PAGE_SIZE: u32 = 1_000;
 pub const MAX_PAGE_SIZE: u32 = 10_000;

@@ -214,3 +214,49 @@ async fn listing_pages_in_path_string_order_with_tokens_only_central_gives() {
     let rest = admin.list_probes(request).await.unwrap().into_inner().probes;
     assert_eq!(rest.len(), paths.len() - 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delete_by_module_version_with_dry_run_changes_nothing_and_without_removes_exactly_that_version() {
+    use probe_api::v1::DeleteProbesRequest;
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let central = Central::start(&pki, dir.path()).await;
+    let old: Vec<String> = (0..3).map(|i| format!("2.5.0/collector-ebpf-6.{i}.0.o.gz")).collect();
+    let new: Vec<String> = (0..2).map(|i| format!("2.6.0/collector-ebpf-6.{i}.0.o.gz")).collect();
+    let mut messages = vec![options()];
+    for path in old.iter().chain(&new) {
+        messages.extend(file_messages(path, path.as_bytes(), 64));
+    }
+    central.admin(&pki, &central.admin_token).upload_probes(tokio_stream::iter(messages)).await.unwrap();
+    let all: Vec<String> = old.iter().chain(&new).cloned().collect();
+    let by_version = |version: &str, dry_run: bool| DeleteProbesRequest {
+        paths: vec![],
+        module_versions: vec![version.to_owned()],
+        dry_run,
+    };
+
+    let denied = central.admin(&pki, &central.view_token).delete_probes(by_version("2.5.0", false)).await.unwrap_err();
+    assert_eq!(denied.code(), Code::PermissionDenied);
+    let mut admin = central.admin(&pki, &central.admin_token);
+    let empty = admin.delete_probes(DeleteProbesRequest::default()).await.unwrap_err();
+    assert_eq!(empty.code(), Code::InvalidArgument);
+    let bad = DeleteProbesRequest { module_versions: vec!["../x".into()], ..Default::default() };
+    assert_eq!(admin.delete_probes(bad).await.unwrap_err().code(), Code::InvalidArgument);
+
+    let dry = admin.delete_probes(by_version("2.5.0", true)).await.unwrap().into_inner();
+    let listed: Vec<&str> = dry.deleted.iter().map(|p| p.path.as_str()).collect();
+    assert_eq!(listed, old.iter().map(String::as_str).collect::<Vec<_>>(), "in path order");
+    assert_eq!(dry.deleted_bytes, old.iter().map(|p| p.len() as u64).sum::<u64>());
+    assert_eq!(existing(&central, &pki, &all).await, all, "a dry run deletes nothing");
+
+    let done = admin.delete_probes(by_version("2.5.0", false)).await.unwrap().into_inner();
+    assert_eq!(done.deleted.len(), 3);
+    assert_eq!(existing(&central, &pki, &all).await, new, "exactly that version is gone");
+
+    // By path: one stored, one not.
+    let request = DeleteProbesRequest { paths: vec![new[0].clone(), old[0].clone()], ..Default::default() };
+    let done = admin.delete_probes(request).await.unwrap().into_inner();
+    assert_eq!(done.deleted.iter().map(|p| p.path.clone()).collect::<Vec<_>>(), [new[0].clone()]);
+    assert_eq!(existing(&central, &pki, &all).await, [new[1].clone()]);
+    central.stop().await;
+}

@@ -593,6 +593,13 @@ impl probe_api::v1::probe_upload_service_server::ProbeUploadService for GarbledC
     ) -> Result<tonic::Response<probe_api::v1::ListProbesResponse>, tonic::Status> {
         Err(tonic::Status::unimplemented("not in this test"))
     }
+
+    async fn delete_probes(
+        &self,
+        _: tonic::Request<probe_api::v1::DeleteProbesRequest>,
+    ) -> Result<tonic::Response<probe_api::v1::DeleteProbesResponse>, tonic::Status> {
+        Err(tonic::Status::unimplemented("not in this test"))
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -4,6 +4,7 @@
 
 mod ls;
 mod pki;
+mod rm;
 mod serve;
 mod token;
 mod upload;
@@ -33,6 +34,8 @@ pub enum Command {
     },
     /// List the probes Central stores.
     Ls(ls::LsArgs),
+    /// Delete stored probes by path or module version (--dry-run shows what would go).
+    Rm(rm::RmArgs),
     /// Create, revoke and list API tokens (in the data directory, or in the shared database).
     Token {
         #[command(subcommand)]
@@ -73,6 +76,7 @@ pub async fn run(command: Command) -> Result<(), CliError> {
             command: CollectorCommand::SupportPackages { command: SupportPackagesCommand::Upload(args) },
         } => upload::upload(args).await,
         Command::Ls(args) => ls::ls(args).await,
+        Command::Rm(args) => rm::rm(args).await,
         Command::Token { command } => token::token(command).await,
         Command::Pki { command } => pki::pki(command),
     }

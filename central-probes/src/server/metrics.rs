@@ -42,7 +42,8 @@ pub struct OutcomeLabels {
 pub struct AuditLabels {
     /// The name of the API token.
     pub token: String,
-    /// "upload" (a finished stream), "overwrite" (a replaced file).
+    /// "upload" (a finished stream), "overwrite" (a replaced file),
+    /// "delete" (a deleted probe).
     pub action: &'static str,
 }
 
@@ -96,7 +97,7 @@ impl Metrics {
         let changes_by_token = Family::<AuditLabels, Counter>::default();
         registry.register(
             "changes_by_token",
-            "Uploads and overwrites by the name of the API token that made them",
+            "Uploads, overwrites and deletions by the name of the API token that made them",
             changes_by_token.clone(),
         );
         Metrics {

@@ -1,15 +1,17 @@
 //! `ProbeUploadService`: the admin-facing RPCs. Each RPC checks the bearer
 //! token, then calls an inner function returning the crate's `Error`.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 
-use probe_api::limits::{DEFAULT_PAGE_SIZE, MAX_EXISTING_PATHS, MAX_PAGE_SIZE};
+use probe_api::limits::{
+    DEFAULT_PAGE_SIZE, MAX_DELETE_MODULE_VERSIONS, MAX_DELETED_PROBES, MAX_EXISTING_PATHS, MAX_PAGE_SIZE,
+};
 use probe_api::names::{ModuleVersion, ProbePath};
 use probe_api::v1::probe_upload_service_server::ProbeUploadService;
 use probe_api::v1::{
-    FileOutcome, GetExistingProbesRequest, GetExistingProbesResponse, ListProbesRequest, ListProbesResponse, ProbeInfo,
-    UploadProbesRequest, UploadProbesResponse,
+    DeleteProbesRequest, DeleteProbesResponse, FileOutcome, GetExistingProbesRequest, GetExistingProbesResponse,
+    ListProbesRequest, ListProbesResponse, ProbeInfo, UploadProbesRequest, UploadProbesResponse,
 };
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{info, instrument};
@@ -122,6 +124,71 @@ impl UploadService {
     }
 }
 
+impl UploadService {
+    /// What DeleteProbes would delete, in path order.
+    async fn delete_targets(&self, request: &DeleteProbesRequest) -> Result<BTreeMap<String, StoredProbe>> {
+        if request.paths.is_empty() && request.module_versions.is_empty() {
+            return Err(Error::invalid_argument("name the probe paths or module versions to delete"));
+        }
+        if request.paths.len() > MAX_EXISTING_PATHS || request.module_versions.len() > MAX_DELETE_MODULE_VERSIONS {
+            return Err(Error::invalid_argument(format!(
+                "at most {MAX_EXISTING_PATHS} paths and {MAX_DELETE_MODULE_VERSIONS} module versions per call"
+            )));
+        }
+        let paths = request.paths.iter().map(|p| ProbePath::parse(p)).collect::<Result<Vec<_>, _>>()?;
+        let versions =
+            request.module_versions.iter().map(|v| ModuleVersion::parse(v)).collect::<Result<Vec<_>, _>>()?;
+        let too_many =
+            || Error::invalid_argument(format!("more than {MAX_DELETED_PROBES} probes match: delete them in parts"));
+        let mut targets = BTreeMap::new();
+        for probe in self.store.stat_many(&paths).await?.into_iter().flatten() {
+            targets.insert(probe.path.to_string(), probe);
+        }
+        for version in &versions {
+            let mut after = None;
+            loop {
+                let page = self.store.list(Some(version), after.as_ref(), MAX_PAGE_SIZE as usize).await?;
+                let full = page.len() == MAX_PAGE_SIZE as usize;
+                after = page.last().map(|probe| probe.path.clone());
+                for probe in page {
+                    targets.insert(probe.path.to_string(), probe);
+                }
+                if targets.len() > MAX_DELETED_PROBES {
+                    return Err(too_many());
+                }
+                if !full {
+                    break;
+                }
+            }
+        }
+        Ok(targets)
+    }
+
+    async fn delete(
+        &self,
+        request: DeleteProbesRequest,
+        caller: &Caller,
+        client: &str,
+    ) -> Result<DeleteProbesResponse> {
+        let targets = self.delete_targets(&request).await?;
+        let mut response = DeleteProbesResponse::default();
+        for probe in targets.into_values() {
+            if !request.dry_run && !self.store.remove(&probe.path).await? {
+                continue; // deleted meanwhile by another call
+            }
+            response.deleted_bytes += probe.size;
+            response.deleted.push(info_of(probe));
+        }
+        let count = response.deleted.len();
+        info!(token = %caller.name, role = %caller.role, client, dry_run = request.dry_run, probes = count, bytes = response.deleted_bytes, "probes deleted");
+        if !request.dry_run {
+            let labels = AuditLabels { token: caller.name.clone(), action: "delete" };
+            self.metrics.changes_by_token.get_or_create(&labels).inc_by(count as u64);
+        }
+        Ok(response)
+    }
+}
+
 fn info_of(probe: StoredProbe) -> ProbeInfo {
     ProbeInfo { path: probe.path.to_string(), size: probe.size, sha256: probe.sha256.to_hex(), crc32: probe.crc32 }
 }
@@ -158,6 +225,19 @@ impl ProbeUploadService for UploadService {
             self.record_upload(response, &caller, &client);
         }
         self.counted("UploadProbes", result)
+    }
+
+    #[instrument(skip_all)]
+    async fn delete_probes(
+        &self,
+        request: Request<DeleteProbesRequest>,
+    ) -> Result<Response<DeleteProbesResponse>, Status> {
+        let client = request.remote_addr().map(|address| address.to_string()).unwrap_or_else(|| "unknown".to_owned());
+        let result = match self.auth.caller(request.metadata(), Role::Admin) {
+            Ok(caller) => self.delete(request.into_inner(), &caller, &client).await,
+            Err(error) => Err(error),
+        };
+        self.counted("DeleteProbes", result)
     }
 
     #[instrument(skip_all)]
