@@ -1,5 +1,6 @@
 //! The PostgreSQL backend: probes in ordinary tables of a database that
-//! several Centrals share (`schema.rs` has the tables and migrations).
+//! several Centrals share (`schema.rs` has the tables and migrations,
+//! `writer.rs` the write path, `changes.rs` the change feed).
 //!
 //! A probe's bytes are rows of at most `CHUNK_ROW` bytes, so a probe is
 //! written and read in order without being held whole. Each file an upload
@@ -15,6 +16,7 @@
 //! whole. Connection failures and statement timeouts are UNAVAILABLE: the
 //! pool reconnects by itself once the database is back.
 
+mod changes;
 mod flush;
 mod schema;
 #[cfg(any(test, feature = "testing"))]
@@ -23,18 +25,21 @@ pub mod test_cluster;
 mod tests;
 mod tls;
 mod tokens;
+mod writer;
+
+use writer::PgStaging;
 
 use std::collections::HashMap;
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime};
 use probe_api::digest::Sha256Digest;
 use probe_api::errors::chain;
 use probe_api::names::{ModuleVersion, ProbePath};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{NoTls, Row, SimpleQueryMessage};
@@ -42,11 +47,9 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::Code;
 
 use crate::error::{Error, Result};
-use crate::store::backend::{Backend, Staged, Staging};
-use crate::store::read_through::RecordChange;
+use crate::store::backend::{Backend, Staging};
 use crate::store::verified::VerifiedStore;
-use crate::store::{CommitOutcome, Decision, ProbeReader, StoredProbe, overwrite_rule, report_taken};
-use tracing::warn;
+use crate::store::{ProbeReader, StoredProbe};
 
 use flush::GroupFlush;
 
@@ -171,38 +174,6 @@ impl PostgresBackend {
         schema::migrate(&mut client).await?;
         let page_token_key = load_or_create_key(&client).await?;
         Ok(PostgresBackend { pool, page_token_key, flush: Arc::default(), settings })
-    }
-
-    /// Changes made through any replica, as they commit: a task listens on
-    /// a connection of its own, reconnecting after a loss (each second),
-    /// and ends when the receiver is dropped.
-    pub fn changes(&self) -> mpsc::Receiver<RecordChange> {
-        let (sender, receiver) = mpsc::channel(1024);
-        let (mut config, connector) = self.settings.clone();
-        // A connection that only waits would notice a silent network
-        // partition never; TCP keepalive notices it within about a minute,
-        // after which every read is checked again.
-        config
-            .keepalives(true)
-            .keepalives_idle(Duration::from_secs(30))
-            .keepalives_interval(Duration::from_secs(10))
-            .keepalives_retries(3);
-        tokio::spawn(async move {
-            loop {
-                let ended = match &connector {
-                    Connector::Plain => listen(&config, NoTls, &sender).await,
-                    Connector::Tls(tls) => listen(&config, tls.clone(), &sender).await,
-                };
-                if let Err(error) = ended {
-                    warn!(%error, "lost the database's change notifications; checking every read until they are back");
-                }
-                if sender.send(RecordChange::Lost).await.is_err() {
-                    return;
-                }
-                tokio::time::sleep(Duration::from_secs(1)).await;
-            }
-        });
-        receiver
     }
 
     /// The API tokens of this database.
@@ -406,14 +377,7 @@ impl Backend for PostgresBackend {
         let blob: i64 = blob
             .and_then(|blob| blob.parse().ok())
             .ok_or_else(|| Error::internal("the database gave no number for a new probe"))?;
-        Ok(Box::new(PgStaging {
-            writing,
-            flush: self.flush.clone(),
-            path: path.clone(),
-            blob,
-            seq: 0,
-            pending: BytesMut::new(),
-        }))
+        Ok(Box::new(PgStaging::new(writing, self.flush.clone(), path.clone(), blob)))
     }
 
     async fn remove(&self, path: &ProbePath) -> Result<bool> {
@@ -446,45 +410,6 @@ impl Backend for PostgresBackend {
     }
 }
 
-/// Listens on one connection until it fails: `Live` once listening, then
-/// one `Changed` per notification.
-async fn listen<T>(config: &tokio_postgres::Config, tls: T, changes: &mpsc::Sender<RecordChange>) -> Result<()>
-where
-    T: tokio_postgres::tls::MakeTlsConnect<tokio_postgres::Socket>,
-    T::Stream: Send + 'static,
-{
-    let (client, mut connection) = config.connect(tls).await.map_err(|e| db_error("connecting to listen", e))?;
-    let (paths, mut notified) = mpsc::unbounded_channel::<String>();
-    // Polling the connection both runs the client's statements and yields
-    // the notifications.
-    let driver = tokio::spawn(async move {
-        while let Some(Ok(message)) = std::future::poll_fn(|cx| connection.poll_message(cx)).await {
-            if let tokio_postgres::AsyncMessage::Notification(note) = message
-                && paths.send(note.payload().to_owned()).is_err()
-            {
-                return;
-            }
-        }
-    });
-    let listening = client.batch_execute(&format!("LISTEN {CHANGES_CHANNEL}")).await;
-    if let Err(error) = listening {
-        driver.abort();
-        return Err(db_error("listening for changes", error));
-    }
-    if changes.send(RecordChange::Live).await.is_err() {
-        driver.abort();
-        return Ok(());
-    }
-    while let Some(path) = notified.recv().await {
-        let Ok(path) = ProbePath::parse(&path) else { continue };
-        if changes.send(RecordChange::Changed(path)).await.is_err() {
-            break;
-        }
-    }
-    driver.abort();
-    Err(Error::new(Code::Unavailable, "the listening connection ended"))
-}
-
 /// Tells every replica's listener that `path` changed, when the
 /// transaction of `client` commits.
 async fn notify(client: &Object, path: &ProbePath) -> Result<()> {
@@ -515,137 +440,5 @@ async fn read_chunks(reading: InTransaction, blob: i64, path: ProbePath, chunks:
     }
     if let Err(error) = reading.end("COMMIT").await {
         let _ = chunks.send(Err(error)).await;
-    }
-}
-
-/// A file being written: chunk rows inserted in its own transaction.
-struct PgStaging {
-    writing: InTransaction,
-    flush: Arc<GroupFlush>,
-    path: ProbePath,
-    blob: i64,
-    seq: i32,
-    /// Bytes not yet inserted: less than one row.
-    pending: BytesMut,
-}
-
-impl PgStaging {
-    async fn insert(&mut self, data: &[u8]) -> Result<()> {
-        let params: [&(dyn ToSql + Sync); 3] = [&self.blob, &self.seq, &data];
-        execute(self.writing.client(), "INSERT INTO probe_chunks (blob, seq, data) VALUES ($1, $2, $3)", &params)
-            .await
-            .map_err(|e| db_error(&format!("writing {}", self.path), e))?;
-        self.seq += 1;
-        Ok(())
-    }
-}
-
-#[tonic::async_trait]
-impl Staging for PgStaging {
-    async fn write(&mut self, chunk: Bytes) -> Result<()> {
-        self.pending.extend_from_slice(&chunk);
-        while self.pending.len() >= CHUNK_ROW {
-            let row = self.pending.split_to(CHUNK_ROW);
-            self.insert(&row).await?;
-        }
-        Ok(())
-    }
-
-    async fn finish(mut self: Box<Self>) -> Result<Box<dyn Staged>> {
-        if !self.pending.is_empty() {
-            let row = std::mem::take(&mut self.pending);
-            self.insert(&row).await?;
-        }
-        Ok(Box::new(PgStaged { staging: *self }))
-    }
-}
-
-struct PgStaged {
-    staging: PgStaging,
-}
-
-#[tonic::async_trait]
-impl Staged for PgStaged {
-    async fn existing(&self) -> Result<Option<StoredProbe>> {
-        let PgStaging { writing, path, .. } = &self.staging;
-        let row =
-            query_opt(writing.client(), &format!("SELECT {COLUMNS} FROM probes WHERE path = $1"), &[&path.to_string()])
-                .await
-                .map_err(|e| db_error(&format!("looking up {path}"), e))?;
-        row.as_ref().map(stored).transpose()
-    }
-
-    /// Nothing to do: the rows become durable with the commit.
-    async fn prepare(&mut self, _probe: &StoredProbe) -> Result<()> {
-        Ok(())
-    }
-
-    async fn commit(
-        self: Box<Self>,
-        probe: StoredProbe,
-        overwrite: bool,
-        taken: Option<oneshot::Sender<bool>>,
-    ) -> Result<CommitOutcome> {
-        let PgStaging { writing, flush, path, blob, .. } = self.staging;
-        let client = writing.client();
-        let db = |what: &'static str| {
-            let path = path.clone();
-            move |e| db_error(&format!("{what} {path}"), e)
-        };
-        let path_text = path.to_string();
-        // Statements are prepared first and then sent without waiting for
-        // each other's answers (tokio-postgres sends a statement when its
-        // future is first polled, `join!` polls in order, and PostgreSQL
-        // runs what one connection sends in order): one round trip each for
-        // the decision and for the write.
-        let lock = prepare(client, "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))").await?;
-        let lookup = prepare(client, &format!("SELECT {COLUMNS}, blob FROM probes WHERE path = $1")).await?;
-        // Uploads of one path on any replica decide one after the other; the
-        // lookup runs after the lock is held, so it sees the last commit.
-        let by_path: [&(dyn ToSql + Sync); 1] = [&path_text];
-        let (locked, old) = tokio::join!(client.execute(&lock, &by_path), client.query_opt(&lookup, &by_path));
-        locked.map_err(db("locking"))?;
-        let old = old.map_err(db("looking up"))?;
-        let old_blob: Option<i64> = old.as_ref().map(|row| row.get("blob"));
-        let old = old.as_ref().map(stored).transpose()?;
-        let decision = overwrite_rule(old.map(|o| (o.size, o.sha256)), (probe.size, probe.sha256), overwrite);
-        let (outcome, client) = match decision {
-            Decision::Keep(outcome) => (outcome, writing.end_keeping("ROLLBACK").await?),
-            Decision::Write(outcome) => {
-                let size = i64::try_from(probe.size).map_err(|_| Error::invalid_argument("a probe over 2^63 bytes"))?;
-                let crc32 = probe.crc32.map(i64::from);
-                let sha256 = probe.sha256.0.as_slice();
-                let params: [&(dyn ToSql + Sync); 6] =
-                    [&path_text, &path.module_version().as_str(), &size, &sha256, &crc32, &blob];
-                let insert = prepare(
-                    client,
-                    "INSERT INTO probes (path, module_version, size, sha256, crc32, blob) VALUES ($1, $2, $3, $4, $5, $6)
-                     ON CONFLICT (path) DO UPDATE SET size = $3, sha256 = $4, crc32 = $5, blob = $6, stored_at = now()",
-                )
-                .await?;
-                let delete = prepare(client, "DELETE FROM probe_chunks WHERE blob = $1").await?;
-                let notify = prepare(client, NOTIFY).await?;
-                // -1 matches no chunk rows.
-                let old_blob: [&(dyn ToSql + Sync); 1] = [&old_blob.unwrap_or(-1)];
-                let change: [&(dyn ToSql + Sync); 2] = [&CHANGES_CHANNEL, &path_text];
-                // COMMIT goes with them: if any of them failed, the
-                // transaction is aborted and COMMIT rolls it back.
-                let (stored, replaced, notified, committed) = tokio::join!(
-                    client.execute(&insert, &params),
-                    client.execute(&delete, &old_blob),
-                    client.execute(&notify, &change),
-                    client.batch_execute("COMMIT"),
-                );
-                let client = writing.ended(committed)?;
-                stored.map_err(db("storing"))?;
-                replaced.map_err(db("replacing"))?;
-                notified.map_err(db("notifying a change to"))?;
-                (outcome, client)
-            }
-        };
-        report_taken(taken);
-        // What was kept may be a commit of another upload not flushed yet.
-        flush.flush(&client).await?;
-        Ok(outcome)
     }
 }
