@@ -609,3 +609,38 @@ async fn a_warm_node_cache_serves_while_central_is_down_and_a_damaged_entry_is_n
     assert_eq!(code, 1, "{stderr}");
     assert!(!cached.exists(), "the damaged entry is deleted");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn get_probe_reports_as_json_what_served_the_probe_or_what_was_tried() {
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let central = central_with(&pki, dir.path(), None).await;
+    upload(&central, &pki, KERNEL).await;
+    let cli = CollectorCli::new(&pki, dir.path());
+    let (code, stdout, stderr) = cli.run(&central.address, &["-o", "json"]).await;
+    assert_eq!(code, 0, "{stderr}");
+    let served: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(served["result"], "served");
+    assert_eq!(served["kernel"], KERNEL);
+    assert_eq!(served["module_version"], MODULE);
+    assert_eq!(served["candidates"], serde_json::json!([KERNEL]));
+    assert!(served["source"].as_str().unwrap().starts_with("Central "), "{served}");
+    assert_eq!(served["bytes"].as_u64(), Some(probe_for(KERNEL).0.len() as u64));
+
+    let empty = central_with(&pki, &dir.path().join("empty"), None).await;
+    let (code, stdout, _) = cli.run(&empty.address, &["-o", "json"]).await;
+    assert_eq!(code, 1);
+    let report: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(report["result"], "not_served");
+    let tried = report["tried"].as_array().unwrap();
+    assert_eq!(tried[0]["file_name"], file_name(KERNEL));
+    assert!(tried[0]["attempts"].as_u64().unwrap() >= 1);
+    assert!(tried[0]["outcome"].as_str().unwrap().contains("NotFound"), "{report}");
+    assert!(report["elapsed_ms"].is_u64());
+
+    let (code, stdout, _) = run_collector(vec!["get-probe".into(), "-o".into(), "json".into()]).await;
+    assert_eq!(code, 0);
+    assert_eq!(serde_json::from_str::<serde_json::Value>(&stdout).unwrap()["result"], "core_bpf");
+    central.stop().await;
+    empty.stop().await;
+}

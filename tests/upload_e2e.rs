@@ -84,6 +84,21 @@ async fn first_upload_through_the_cli_stores_every_probe_for_collectors() {
         central_cli(&["ls", "-e", &central.address, "--ca", ca.to_str().unwrap()], &central.view_token).await;
     assert!(ok, "{stderr}");
     assert_eq!(stdout.lines().count(), 60);
+    // The same as one JSON object with the documented fields.
+    let (ok, stdout, stderr) =
+        central_cli(&["ls", "-o", "json", "-e", &central.address, "--ca", ca.to_str().unwrap()], &central.view_token)
+            .await;
+    assert!(ok, "{stderr}");
+    let listing: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(listing["count"], 60);
+    let probes = listing["probes"].as_array().unwrap();
+    assert_eq!(probes.len(), 60);
+    let first = &probes[0];
+    let path = first["path"].as_str().unwrap();
+    assert_eq!(first["size"].as_u64().unwrap(), spec.probe_bytes(path).len() as u64);
+    assert_eq!(first["sha256"].as_str().unwrap().len(), 64);
+    assert!(first["crc32"].is_u64());
+    assert_eq!(listing["bytes"].as_u64(), Some(probes.iter().map(|p| p["size"].as_u64().unwrap()).sum()));
     assert_eq!(tmp_files(&central.data_dir), 0);
     central.stop().await;
 }

@@ -54,6 +54,15 @@ impl CollectionMethod {
     }
 }
 
+/// How `get-probe` reports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum OutputFormat {
+    /// A line for people.
+    Text,
+    /// One JSON object on stdout (README: "Machine-readable output").
+    Json,
+}
+
 /// Where the Collector image keeps its module version.
 const MODULE_VERSION_FILE: &str = "/kernel-modules/MODULE_VERSION.txt";
 
@@ -119,6 +128,10 @@ pub struct GetProbeArgs {
     /// remote source can be reached for the whole retry budget.
     #[arg(long)]
     cache_dir: Option<PathBuf>,
+    /// `text`, or `json`: one object on stdout saying what served the probe,
+    /// or what was tried.
+    #[arg(short = 'o', long, value_enum, default_value = "text")]
+    pub output: OutputFormat,
     /// Where to write the decompressed probe (read-only); needed for ebpf.
     #[arg(long)]
     out: Option<PathBuf>,
@@ -217,7 +230,7 @@ pub async fn get_probe(args: GetProbeArgs) -> Result<(), CliError> {
             let cached = cache.as_ref().and_then(|cache| {
                 candidates.iter().find_map(|kernel| Some((kernel, cache.verified(&module_version, kernel)?)))
             });
-            let Some((kernel, probe)) = cached else { return Err(not_served.into()) };
+            let Some((kernel, probe)) = cached else { return Err(not_served_error(not_served, args.output)) };
             chain::Served {
                 probe,
                 candidate: kernel.clone(),
@@ -226,18 +239,62 @@ pub async fn get_probe(args: GetProbeArgs) -> Result<(), CliError> {
                 remote: false,
             }
         }
-        Err(not_served) => return Err(not_served.into()),
+        Err(not_served) => return Err(not_served_error(not_served, args.output)),
     };
     output::write_read_only(out, &served.probe).map_err(Context::of(format!("writing {}", out.display())))?;
-    println!(
-        "wrote {} ({} bytes) for kernel {}, from {} ({})",
-        out.display(),
-        served.probe.len(),
-        served.candidate,
-        served.source,
-        served.detail
-    );
+    match args.output {
+        OutputFormat::Json => println!(
+            "{}",
+            serde_json::json!({
+                "result": "served",
+                "module_version": module_version.as_str(),
+                "kernel": served.candidate,
+                "candidates": candidates,
+                "source": served.source,
+                "detail": served.detail,
+                "out": out.display().to_string(),
+                "bytes": served.probe.len(),
+            })
+        ),
+        OutputFormat::Text => println!(
+            "wrote {} ({} bytes) for kernel {}, from {} ({})",
+            out.display(),
+            served.probe.len(),
+            served.candidate,
+            served.source,
+            served.detail
+        ),
+    }
     Ok(())
+}
+
+/// The report of a probe not served: also on stdout as JSON when asked.
+fn not_served_error(not_served: chain::NotServed, output: OutputFormat) -> CliError {
+    if output == OutputFormat::Json {
+        let tried: Vec<serde_json::Value> = not_served
+            .tried
+            .iter()
+            .map(|t| {
+                serde_json::json!({
+                    "file_name": t.file_name,
+                    "source": t.source,
+                    "outcome": t.outcome,
+                    "attempts": t.attempts,
+                })
+            })
+            .collect();
+        println!(
+            "{}",
+            serde_json::json!({
+                "result": "not_served",
+                "module_version": not_served.module_version,
+                "candidates": not_served.candidates,
+                "tried": tried,
+                "elapsed_ms": not_served.elapsed.as_millis() as u64,
+            })
+        );
+    }
+    not_served.into()
 }
 
 #[cfg(test)]

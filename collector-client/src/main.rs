@@ -7,7 +7,7 @@ mod cli;
 use std::process::ExitCode;
 
 use clap::Parser;
-use cli::{Cli, CollectionMethod, Command};
+use cli::{Cli, CollectionMethod, Command, OutputFormat};
 
 fn main() -> ExitCode {
     let Command::GetProbe(args) = Cli::parse().command;
@@ -17,6 +17,10 @@ fn main() -> ExitCode {
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .init();
     if CollectionMethod::parse(&args.collection_method) == CollectionMethod::CoreBpf {
+        if args.output == OutputFormat::Json {
+            println!("{}", serde_json::json!({"result": "core_bpf"}));
+            return ExitCode::SUCCESS;
+        }
         println!(
             "collection method CORE_BPF: the probe is built into the Collector and fits every kernel; \
              nothing to fetch"

@@ -12,6 +12,16 @@ pub struct LsArgs {
     /// Only probes of this module version.
     #[arg(long)]
     module_version: Option<String>,
+    /// `text` (a line per probe), or `json` (one object: README,
+    /// "Machine-readable output").
+    #[arg(short = 'o', long, value_enum, default_value = "text")]
+    output: Format,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Format {
+    Text,
+    Json,
 }
 
 pub async fn ls(args: LsArgs) -> Result<(), CliError> {
@@ -24,6 +34,15 @@ pub async fn ls(args: LsArgs) -> Result<(), CliError> {
     .await
     .map_err(|_| "listing did not finish within --timeout".to_owned())??;
     use std::io::Write;
+    if args.output == Format::Json {
+        let listed: Vec<serde_json::Value> = probes
+            .iter()
+            .map(|p| serde_json::json!({"path": p.path, "size": p.size, "sha256": p.sha256, "crc32": p.crc32}))
+            .collect();
+        let bytes: u64 = probes.iter().map(|p| p.size).sum();
+        println!("{}", serde_json::json!({"probes": listed, "count": probes.len(), "bytes": bytes}));
+        return Ok(());
+    }
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     let written = probes
         .iter()
