@@ -99,6 +99,18 @@ async fn first_upload_through_the_cli_stores_every_probe_for_collectors() {
     assert_eq!(first["sha256"].as_str().unwrap().len(), 64);
     assert!(first["crc32"].is_u64());
     assert_eq!(listing["bytes"].as_u64(), Some(probes.iter().map(|p| p["size"].as_u64().unwrap()).sum()));
+
+    // Uploading again with -o json: one object, nothing sent, all identical.
+    let (ok, stdout, stderr) = central_cli(
+        &["upload", &package, "-o", "json", "-e", &central.address, "--ca", ca.to_str().unwrap()],
+        &central.admin_token,
+    )
+    .await;
+    assert!(ok, "{stderr}");
+    let report: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!((report["probes_in_package"].as_u64(), report["identical"].as_u64()), (Some(60), Some(60)));
+    assert_eq!((report["files_sent"].as_u64(), report["stored"].as_u64()), (Some(0), Some(0)));
+    assert_eq!(report["files"].as_array().map(Vec::len), Some(0));
     assert_eq!(tmp_files(&central.data_dir), 0);
     central.stop().await;
 }
@@ -758,5 +770,32 @@ async fn verify_compares_sha256_and_finds_a_change_that_keeps_size_and_crc32() {
     let replaced = admin_client::upload(&mut admin, &overwrite, |_| Progress::Silent).await.unwrap();
     assert_eq!(replaced.response.unwrap().overwritten_count, 1);
     assert_eq!(fetch(&central, &pki, changed).await, forged);
+    central.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upload_reports_each_file_as_json() {
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let central = Central::start(&pki, &dir.path().join("data")).await;
+    let spec = spec(3, 0);
+    let package = write(&spec, dir.path(), "support-pkg-2.5.0-20260101000000.zip");
+    let ca = pki.ca_file();
+    let (ok, stdout, stderr) = central_cli(
+        &["upload", &package, "-o", "json", "-e", &central.address, "--ca", ca.to_str().unwrap()],
+        &central.admin_token,
+    )
+    .await;
+    assert!(ok, "{stderr}");
+    let report: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let files = report["files"].as_array().unwrap();
+    assert_eq!(files.len(), 6);
+    assert_eq!(report["stored"].as_u64(), Some(6));
+    for file in files {
+        let path = file["path"].as_str().unwrap();
+        assert_eq!(file["outcome"], "stored", "{file}");
+        let sha256 = probe_api::digest::Sha256Digest::of(&spec.probe_bytes(path)).to_hex();
+        assert_eq!(file["sha256"].as_str(), Some(sha256.as_str()), "{path}");
+    }
     central.stop().await;
 }

@@ -2,8 +2,8 @@
 
 use clap::Args;
 
-use super::CliError;
 use super::upload::Endpoint;
+use super::{CliError, OutputFormat};
 
 #[derive(Args)]
 pub struct LsArgs {
@@ -15,13 +15,7 @@ pub struct LsArgs {
     /// `text` (a line per probe), or `json` (one object: README,
     /// "Machine-readable output").
     #[arg(short = 'o', long, value_enum, default_value = "text")]
-    output: Format,
-}
-
-#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-enum Format {
-    Text,
-    Json,
+    output: OutputFormat,
 }
 
 pub async fn ls(args: LsArgs) -> Result<(), CliError> {
@@ -34,7 +28,7 @@ pub async fn ls(args: LsArgs) -> Result<(), CliError> {
     .await
     .map_err(|_| "listing did not finish within --timeout".to_owned())??;
     use std::io::Write;
-    if args.output == Format::Json {
+    if args.output == OutputFormat::Json {
         let listed: Vec<serde_json::Value> = probes
             .iter()
             .map(|p| serde_json::json!({"path": p.path, "size": p.size, "sha256": p.sha256, "crc32": p.crc32}))

@@ -65,6 +65,14 @@ pub enum SupportPackagesCommand {
 
 /// A subcommand's failure, with its causes (printed as one line by
 /// `central_probes::admin::error::chain`).
+/// `-o`: a report for people, or one JSON object on stdout (README,
+/// "Machine-readable output").
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum OutputFormat {
+    Text,
+    Json,
+}
+
 pub type CliError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Runs one subcommand; the error is the one line the user sees.

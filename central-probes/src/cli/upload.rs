@@ -7,8 +7,9 @@ use std::time::Duration;
 use central_probes::admin::client::{self as admin_client, UploadReport, UploadRequest};
 use central_probes::admin::progress::Progress;
 use clap::Args;
+use probe_api::v1::FileOutcome;
 
-use super::{CliError, read};
+use super::{CliError, OutputFormat, read};
 
 #[derive(Args)]
 pub struct Endpoint {
@@ -43,6 +44,9 @@ pub struct UploadArgs {
     /// changed file, not one forged to keep its CRC-32.
     #[arg(long)]
     verify: bool,
+    /// `text`, or `json`: per-file outcomes and totals as one object.
+    #[arg(short = 'o', long, value_enum, default_value = "text")]
+    output: OutputFormat,
 }
 
 impl Endpoint {
@@ -85,9 +89,53 @@ pub async fn upload(args: UploadArgs) -> Result<(), CliError> {
     let report = tokio::time::timeout(endpoint.timeout, upload).await.map_err(|_| {
         format!("the upload did not finish within --timeout {}", humantime::format_duration(endpoint.timeout))
     })??;
-    print_report(&report);
+    match args.output {
+        OutputFormat::Text => print_report(&report),
+        OutputFormat::Json => println!("{}", json_report(&request.package, &report)),
+    }
     eprintln!("Read {} bytes of the package.", report.package_bytes_read);
     Ok(())
+}
+
+/// The upload as one JSON object: what Central did with each file sent,
+/// and the totals (files found identical or different from the package's
+/// directory were not sent).
+fn json_report(package: &std::path::Path, report: &UploadReport) -> serde_json::Value {
+    let response = report.response.clone().unwrap_or_default();
+    let files: Vec<serde_json::Value> = response
+        .results
+        .iter()
+        .map(|file| {
+            let outcome = match file.outcome() {
+                FileOutcome::Stored => "stored",
+                FileOutcome::Identical => "identical",
+                FileOutcome::Conflict => "conflict",
+                FileOutcome::Overwritten => "overwritten",
+                FileOutcome::Unspecified => "unspecified",
+            };
+            serde_json::json!({
+                "path": file.path,
+                "outcome": outcome,
+                "sha256": file.sha256,
+                "existing_sha256": file.existing_sha256,
+            })
+        })
+        .collect();
+    serde_json::json!({
+        "package": package.display().to_string(),
+        "probes_in_package": report.probes_in_package,
+        "files_sent": report.files_sent,
+        "bytes_sent": report.bytes_sent,
+        "package_bytes_read": report.package_bytes_read,
+        "stored": response.stored_count,
+        "overwritten": response.overwritten_count,
+        "identical": report.identical + response.identical_count as usize,
+        "conflicts": response.conflict_count as usize + report.conflicts.len(),
+        "kept_as_they_were": report.conflicts,
+        "unrecognised": report.unrecognised,
+        "files": files,
+        "elapsed_ms": report.elapsed.as_millis() as u64,
+    })
 }
 
 fn print_report(report: &UploadReport) {
