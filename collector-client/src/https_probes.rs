@@ -42,6 +42,9 @@ pub struct HttpsProbe {
     pub digest_checked: bool,
 }
 
+/// How much of an error answer's body is shown.
+const ERROR_TEXT: usize = 500;
+
 #[derive(Clone)]
 pub struct HttpsProbeClient {
     client: HttpsClient,
@@ -82,8 +85,17 @@ impl HttpsProbeClient {
         let mut response = self.client.request(http::Method::GET, &url).await.map_err(|e| failed(e.to_string()))?;
         let status = response.status();
         if status != http::StatusCode::OK {
-            let body = response.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
-            let why = format!("HTTP {status}: {}", String::from_utf8_lossy(&body[..body.len().min(500)]).trim());
+            // The start of an error body says why; the rest is left unread,
+            // since a server may send any amount.
+            let mut body = Vec::new();
+            while body.len() < ERROR_TEXT {
+                match response.body_mut().frame().await {
+                    Some(Ok(frame)) => body.extend_from_slice(&frame.into_data().unwrap_or_default()),
+                    _ => break,
+                }
+            }
+            body.truncate(ERROR_TEXT);
+            let why = format!("HTTP {status}: {}", String::from_utf8_lossy(&body).trim());
             return Err(if status == http::StatusCode::NOT_FOUND {
                 HttpsFetchError::NotFound(why)
             } else {
