@@ -54,3 +54,15 @@ start_postgres() {
   PG_URL="postgres://postgres@127.0.0.1:$port/probes"
   PG_STOP=("${as[@]}" "$bin/pg_ctl" -D "$dir/data" -m fast -w stop)
 }
+
+# collector_get_probe KERNEL CENTRAL_ADDR OUT [FLAG...]: collector-client as
+# the demos run it: the eBPF probe of module version 2.5.0 for KERNEL from
+# Central, with the Collector identity of the demo PKI in $WORK/pki, written
+# to OUT (decompressed).
+collector_get_probe() {
+  local kernel=$1 central=$2 out=$3
+  shift 3
+  RUST_LOG=warn "$BIN/collector-client" get-probe --collection-method ebpf --module-version 2.5.0 --kernel "$kernel" \
+    --central "$central" --ca "$WORK/pki/ca.pem" --cert "$WORK/pki/collector.pem" --key "$WORK/pki/collector-key.pem" \
+    --out "$out" --retry-budget 10s "$@"
+}

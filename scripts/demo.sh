@@ -48,10 +48,7 @@ head -c 100000 /dev/urandom | gzip >"$WORK/builtin/collector-ebpf-$(kernel 95).o
 
 collector() {
   echo "== a Collector on kernel $1 ($2)"
-  RUST_LOG=warn "$BIN/collector-client" get-probe --collection-method ebpf --module-version 2.5.0 --kernel "$1" \
-    --builtin-dir "$WORK/builtin" --central "$CENTRAL_ADDR" --ca "$WORK/pki/ca.pem" \
-    --cert "$WORK/pki/collector.pem" --key "$WORK/pki/collector-key.pem" --out "$WORK/probe-$3.o" \
-    --retry-budget 10s
+  collector_get_probe "$1" "$CENTRAL_ADDR" "$WORK/probe-$3.o" --builtin-dir "$WORK/builtin"
 }
 collector "$(kernel 95)" "built into its image" builtin
 collector "$(kernel 60)" "in the uploaded package" central

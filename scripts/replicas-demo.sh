@@ -13,6 +13,9 @@ echo "== building"
 cargo build --quiet --bins --features central-probes/testing
 WORK=${DEMO_DIR:-$(mktemp -d)}
 mkdir -p "$WORK"
+# Run as root, PostgreSQL runs as user postgres, which must reach its
+# directory below this one (mktemp makes it private).
+chmod 755 "$WORK"
 trap 'kill $(jobs -p) 2>/dev/null; [ -n "${PG_STOP:-}" ] && "${PG_STOP[@]}" >/dev/null 2>&1; wait 2>/dev/null || true' EXIT
 
 echo "== a local PostgreSQL in $WORK/pg"
@@ -41,10 +44,7 @@ echo "== and again through B: B finds every file there"
 
 collector() {
   echo "== a Collector on kernel $1, served by replica $2"
-  RUST_LOG=warn "$BIN/collector-client" get-probe --collection-method ebpf --module-version 2.5.0 --kernel "$1" \
-    --central "$3" --ca "$WORK/pki/ca.pem" \
-    --cert "$WORK/pki/collector.pem" --key "$WORK/pki/collector-key.pem" --out "$WORK/probe-$2.o" \
-    --retry-budget 10s
+  collector_get_probe "$1" "$3" "$WORK/probe-$2.o"
 }
 collector "$(kernel 12)" B "$B"
 collector "$(kernel 12)" A "$A"
