@@ -284,6 +284,22 @@ async fn central_with(extra: &[&str]) -> (TestPki, tempfile::TempDir, Served) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http1_request_head_that_never_ends_is_closed_after_the_handshake_timeout() {
+    use tokio::io::AsyncReadExt;
+    let (pki, _dir, served) = central_with(&["--handshake-timeout", "1s"]).await;
+    let mut tls = raw_grpc::raw_tls(&served.address, &pki).await;
+    // The HTTPS route's HTTP/1.1: a head without its blank line, then silence.
+    tls.write_all(b"GET /kernel-objects/2.5.0/collector-ebpf-5.4.0.o.gz HTTP/1.1\r\nHost: localhost\r\n")
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let mut answer = [0u8; 64];
+    let read = tokio::time::timeout(Duration::from_secs(10), tls.read(&mut answer)).await;
+    assert!(matches!(read, Ok(Ok(0)) | Ok(Err(_))), "closed, not answered or kept: {read:?}");
+    assert!(started.elapsed() >= Duration::from_millis(800), "not before the timeout: {:?}", started.elapsed());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_without_requests_is_closed_after_the_idle_timeout() {
     let (pki, _dir, served) = central_with(&["--idle-timeout", "1s"]).await;
     let sender = raw_http2(&served.address, &pki, true).await;

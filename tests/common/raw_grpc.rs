@@ -33,6 +33,12 @@ pub async fn raw_http2_undriven(
     h2::client::handshake(tls).await.unwrap()
 }
 
+/// A TLS connection with the Collector's certificate and nothing spoken on
+/// it yet.
+pub async fn raw_tls(address: &str, pki: &TestPki) -> tokio_rustls::client::TlsStream<TcpStream> {
+    tls_connect(address, pki, true).await
+}
+
 async fn tls_connect(
     address: &str,
     pki: &TestPki,
