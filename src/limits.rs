@@ -27,3 +27,12 @@ pub const MAX_PAGE_SIZE: u32 = 10_000;
 
 /// Largest GetProbe request message; a request is two names.
 pub const MAX_GET_PROBE_REQUEST: usize = 4 << 10;
+
+/// Most module versions one ExportProbes call may name.
+pub const MAX_EXPORT_MODULE_VERSIONS: usize = 1_000;
+
+/// Exports Central runs at once; one more is refused with RESOURCE_EXHAUSTED.
+pub const MAX_EXPORTS: usize = 4;
+
+/// Largest `chunk` of an ExportProbes stream.
+pub const MAX_EXPORT_CHUNK: usize = 1 << 20;

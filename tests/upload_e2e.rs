@@ -1,6 +1,8 @@
 //! End to end: support packages uploaded through the CLI and the library
 //! into Central over TLS, and probes fetched back over mutual TLS.
 
+#[path = "common/cli.rs"]
+mod cli;
 mod common;
 
 use std::time::Duration;
@@ -9,33 +11,12 @@ use central_probes::admin::client::{self as admin_client, UploadRequest};
 use central_probes::admin::error::AdminError;
 use central_probes::admin::progress::Progress;
 use central_probes::synthetic::PackageSpec;
+use cli::central_cli;
 use common::{Central, CentralOptions, TestPki, tmp_files, whole_probes_on_disk};
 
 use probe_api::v1::upload_probes_request::Message;
 use probe_api::v1::{GetExistingProbesRequest, ProbeSource, UploadOptions, UploadProbesRequest};
 use tonic::Code;
-
-/// Runs the `central-probes` binary and returns (success, stdout, stderr).
-pub async fn central_cli(args: &[&str], token: &str) -> (bool, String, String) {
-    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
-    let token = token.to_owned();
-    tokio::task::spawn_blocking(move || {
-        let output = std::process::Command::new(env!("CARGO_BIN_EXE_central-probes"))
-            .args(&args)
-            .env("ROX_API_TOKEN", token)
-            .env_remove("ROX_CENTRAL_ADDRESS")
-            .env_remove("ROX_CA_CERT_FILE")
-            .output()
-            .unwrap();
-        (
-            output.status.success(),
-            String::from_utf8_lossy(&output.stdout).into_owned(),
-            String::from_utf8_lossy(&output.stderr).into_owned(),
-        )
-    })
-    .await
-    .unwrap()
-}
 
 fn kernels(n: usize) -> Vec<String> {
     (0..n).map(|i| format!("5.{}.0-{}-generic", 4 + i % 7, 100 + i)).collect()
@@ -625,6 +606,15 @@ impl probe_api::v1::probe_upload_service_server::ProbeUploadService for GarbledC
         &self,
         _: tonic::Request<probe_api::v1::DeleteProbesRequest>,
     ) -> Result<tonic::Response<probe_api::v1::DeleteProbesResponse>, tonic::Status> {
+        Err(tonic::Status::unimplemented("not in this test"))
+    }
+
+    type ExportProbesStream = tokio_stream::Empty<Result<probe_api::v1::ExportProbesResponse, tonic::Status>>;
+
+    async fn export_probes(
+        &self,
+        _: tonic::Request<probe_api::v1::ExportProbesRequest>,
+    ) -> Result<tonic::Response<Self::ExportProbesStream>, tonic::Status> {
         Err(tonic::Status::unimplemented("not in this test"))
     }
 }

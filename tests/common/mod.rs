@@ -60,6 +60,7 @@ pub struct CentralOptions {
     pub upstream: Option<UpstreamConfig>,
     /// Probes in this shared database instead of the data directory.
     pub database: Option<server::DatabaseConfig>,
+    pub limits: server::ConnectionLimits,
 }
 
 /// Central running in this process.
@@ -105,7 +106,7 @@ impl Central {
             tls,
             allow_anonymous_reads: options.allow_anonymous_reads,
             upstream: options.upstream,
-            limits: Default::default(),
+            limits: options.limits,
         };
         let central = server::Central::open(config).await.unwrap();
         let metrics = central.metrics().clone();

@@ -119,6 +119,11 @@ pub enum AdminError {
     CallEnded,
     /// A worker thread of this process failed.
     Internal(String),
+    /// A file this command writes could not be written.
+    Output {
+        path: PathBuf,
+        source: io::Error,
+    },
 }
 
 /// A failed call's status, shown with the hints of `transport::describe`.
@@ -162,6 +167,7 @@ impl fmt::Display for AdminError {
             AdminError::BadReply(why) => write!(f, "Central's reply breaks the API: {why}"),
             AdminError::CallEnded => f.write_str("upload failed: the call ended early"),
             AdminError::Internal(why) => f.write_str(why),
+            AdminError::Output { path, .. } => write!(f, "cannot write {}", path.display()),
         }
     }
 }
@@ -172,6 +178,7 @@ impl std::error::Error for AdminError {
             AdminError::Package(error) => Some(error),
             AdminError::Connect(error) => Some(error),
             AdminError::Rpc { status, .. } => Some(status),
+            AdminError::Output { source, .. } => Some(source),
             _ => None,
         }
     }

@@ -1,9 +1,10 @@
-//! The admin side: what `central-probes upload` and `ls` run. It talks to
+//! The admin side: what `central-probes upload`, `ls`, `rm` and `export` run. It talks to
 //! Central only through the API (`probe_api`), never through the server's
 //! internals.
 
 pub mod checksum;
 pub mod client;
 pub mod error;
+pub mod export;
 pub mod package;
 pub mod progress;

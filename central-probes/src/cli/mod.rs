@@ -2,6 +2,7 @@
 //! subcommand parses its flags here and calls into the library; nothing
 //! here serves or stores anything itself.
 
+mod export;
 mod ls;
 mod pki;
 mod rm;
@@ -36,6 +37,8 @@ pub enum Command {
     Ls(ls::LsArgs),
     /// Delete stored probes by path or module version (--dry-run shows what would go).
     Rm(rm::RmArgs),
+    /// Write stored probes into a support package (zip) for another Central.
+    Export(export::ExportArgs),
     /// Create, revoke and list API tokens (in the data directory, or in the shared database).
     Token {
         #[command(subcommand)]
@@ -85,6 +88,7 @@ pub async fn run(command: Command) -> Result<(), CliError> {
         } => upload::upload(args).await,
         Command::Ls(args) => ls::ls(args).await,
         Command::Rm(args) => rm::rm(args).await,
+        Command::Export(args) => export::export(args).await,
         Command::Token { command } => token::token(command).await,
         Command::Pki { command } => pki::pki(command),
     }

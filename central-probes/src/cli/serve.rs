@@ -145,7 +145,8 @@ pub struct LimitArgs {
     #[arg(long, env = "CENTRAL_PROBE_STREAM_WAIT", default_value = "10s", value_parser = humantime::parse_duration)]
     probe_stream_wait: Duration,
     /// Close the connection of a client that reads nothing of a probe
-    /// stream for this long.
+    /// stream for this long; end an export whose client reads nothing for
+    /// this long.
     #[arg(long, env = "CENTRAL_SEND_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     send_timeout: Duration,
 }

@@ -10,6 +10,7 @@
 
 pub mod auth;
 pub mod connections;
+pub mod export;
 pub mod get_probe_direct;
 pub mod kernel_objects;
 pub mod metrics;
@@ -241,9 +242,10 @@ async fn serve(central: Central, listener: TcpListener, shutdown: impl Future<Ou
         slots,
         limits.probe_stream_wait,
     ));
-    let upload = ProbeUploadServiceServer::new(UploadService::new(store, auth.clone(), metrics.clone()))
-        .max_decoding_message_size(MAX_REQUEST_MESSAGE)
-        .max_encoding_message_size(MAX_REQUEST_MESSAGE);
+    let upload =
+        ProbeUploadServiceServer::new(UploadService::new(store, auth.clone(), metrics.clone(), limits.send_timeout))
+            .max_decoding_message_size(MAX_REQUEST_MESSAGE)
+            .max_encoding_message_size(MAX_REQUEST_MESSAGE);
     // The token is checked before tonic reads the request body: a caller
     // without one cannot make Central buffer a 64 MiB message. Each RPC
     // checks the role it needs on top.

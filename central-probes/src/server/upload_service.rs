@@ -3,6 +3,7 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
+use std::time::Duration;
 
 use probe_api::limits::{
     DEFAULT_PAGE_SIZE, MAX_DELETE_MODULE_VERSIONS, MAX_DELETED_PROBES, MAX_EXISTING_PATHS, MAX_PAGE_SIZE,
@@ -10,14 +11,16 @@ use probe_api::limits::{
 use probe_api::names::{ModuleVersion, ProbePath};
 use probe_api::v1::probe_upload_service_server::ProbeUploadService;
 use probe_api::v1::{
-    DeleteProbesRequest, DeleteProbesResponse, FileOutcome, GetExistingProbesRequest, GetExistingProbesResponse,
-    ListProbesRequest, ListProbesResponse, ProbeInfo, UploadProbesRequest, UploadProbesResponse,
+    DeleteProbesRequest, DeleteProbesResponse, ExportProbesRequest, FileOutcome, GetExistingProbesRequest,
+    GetExistingProbesResponse, ListProbesRequest, ListProbesResponse, ProbeInfo, UploadProbesRequest,
+    UploadProbesResponse,
 };
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{info, instrument};
 
 use crate::error::{Error, Result};
 use crate::server::auth::{Caller, Role, TokenAuth};
+use crate::server::export::{ExportStream, Exports};
 use crate::server::metrics::{AuditLabels, Metrics, OutcomeLabels};
 use crate::server::page_token::PageTokens;
 use crate::server::upload_session::UploadSession;
@@ -28,12 +31,16 @@ pub struct UploadService {
     auth: TokenAuth,
     metrics: Metrics,
     page_tokens: PageTokens,
+    exports: Exports,
 }
 
 impl UploadService {
-    pub fn new(store: Arc<dyn ProbeStore>, auth: TokenAuth, metrics: Metrics) -> Self {
+    /// `send_timeout`: an export whose client takes nothing for this long
+    /// is ended.
+    pub fn new(store: Arc<dyn ProbeStore>, auth: TokenAuth, metrics: Metrics, send_timeout: Duration) -> Self {
         let page_tokens = PageTokens::new(store.page_token_key());
-        UploadService { store, auth, metrics, page_tokens }
+        let exports = Exports::new(store.clone(), send_timeout);
+        UploadService { store, auth, metrics, page_tokens, exports }
     }
 
     /// The audit record of a finished upload: who (token name and role,
@@ -189,7 +196,7 @@ impl UploadService {
     }
 }
 
-fn info_of(probe: StoredProbe) -> ProbeInfo {
+pub(crate) fn info_of(probe: StoredProbe) -> ProbeInfo {
     ProbeInfo { path: probe.path.to_string(), size: probe.size, sha256: probe.sha256.to_hex(), crc32: probe.crc32 }
 }
 
@@ -247,5 +254,24 @@ impl ProbeUploadService for UploadService {
             Err(error) => Err(error),
         };
         self.counted("ListProbes", result)
+    }
+
+    type ExportProbesStream = ExportStream;
+
+    #[instrument(skip_all)]
+    async fn export_probes(
+        &self,
+        request: Request<ExportProbesRequest>,
+    ) -> Result<Response<Self::ExportProbesStream>, Status> {
+        let client = request.remote_addr().map(|address| address.to_string()).unwrap_or_else(|| "unknown".to_owned());
+        let result = match self.auth.caller(request.metadata(), Role::View) {
+            Ok(caller) => {
+                let request = request.into_inner();
+                info!(token = %caller.name, role = %caller.role, client, module_versions = ?request.module_versions, "export started");
+                self.exports.start(request)
+            }
+            Err(error) => Err(error),
+        };
+        self.counted("ExportProbes", result)
     }
 }
