@@ -11,6 +11,8 @@
 #      driven by one harness (probe-bench) at
 #      concurrency 1, 16, 64, 256, long-lived and new-per-request connections,
 #      over all probes and over a hot set of 16 (a cluster's few kernels);
+#   2b. export: central-probes export of the whole store vs GetProbe of the
+#      same probes one by one, with the exporter's peak RSS;
 #   3. fan-out: 1,000 concurrent GetProbe calls for a probe only the upstream has;
 #   4. scale: a store of 100,000 probes: start-up time and RSS,
 #      GetExistingProbes for 16,000 names, a ListProbes page;
@@ -221,6 +223,37 @@ for mode in long-lived new-per-request hot-16-probes; do
     echo "| $mode | $c | $g_rps | $r_rps | $h_rps | $(ratio "$g_rps" "$h_rps") | $(ratio "$r_rps" "$h_rps") | $g_mbs | $h_mbs | $g_p50 / $g_p99 | $r_p50 / $r_p99 | $h_p50 / $h_p99 | $(per_request "$g_cpu" "$g_rps") / $(per_request "$r_cpu" "$r_rps") / $(per_request "$h_cpu" "$h_rps") | $g_err / $r_err / $h_err |" >>"$RESULTS"
     echo "$mode c=$c grpc: $g | route: $r | nginx: $h"
   done
+done
+
+# ------------------------------------------------------------ 2b. export
+echo "== 2b. export"
+# The baseline is GetProbe-ing the same bytes: every stored probe once, one
+# after the other, on one connection. Two rounds, alternating, so that
+# neither side alone gets the warmer cache.
+{
+  echo
+  echo "## 2b. Export (central-probes export of every stored probe into a support package)"
+  echo
+  echo "Baseline: GetProbe of every stored probe once, one client, one connection (the same bytes)."
+  echo
+  echo "| round | export MB/s | GetProbe MB/s | export / GetProbe | export peak RSS MiB | Central RSS growth MiB | GetProbe errors |"
+  echo "|---|---|---|---|---|---|---|"
+} >>"$RESULTS"
+view_token=$("$BIN/central-probes" token create --data-dir "$WORK/data" --role view --name export-bench 2>/dev/null)
+for round in 1 2; do
+  read -r _ base_mbs _ _ base_err <<<"$("$BIN/probe-bench" load --protocol grpc --address "$MAIN_ADDR" "${TLS[@]}" \
+    --paths "$WORK/paths.txt" --concurrency 1 --each-once 2>>"$WORK/load.err")"
+  rss0=$(awk '/VmRSS/ { printf "%d", $2 / 1024 }' "/proc/$MAIN_PID/status")
+  t0=$(now)
+  out=$(ROX_API_TOKEN=$view_token /usr/bin/time -f "%M" -o "$WORK/time-export.txt" "$BIN/central-probes" export \
+    -o "$WORK/export.zip" -e "$MAIN_ADDR" --ca "$PKI/ca.pem")
+  export_s=$(secs "$t0" "$(now)")
+  rss1=$(awk '/VmRSS/ { printf "%d", $2 / 1024 }' "/proc/$MAIN_PID/status")
+  exported=$(sed -n 's/.*probes (\([0-9]*\) bytes).*/\1/p' <<<"$out")
+  export_mbs=$(mbps "$exported" "$export_s")
+  echo "| $round | $export_mbs | $base_mbs | $(ratio "$export_mbs" "$base_mbs") | $(( $(cat "$WORK/time-export.txt") / 1024 )) | $((rss1 - rss0)) | $base_err |" >>"$RESULTS"
+  echo "export round $round: $export_mbs MB/s, GetProbe one by one $base_mbs MB/s"
+  rm -f "$WORK/export.zip"
 done
 
 # --------------------------------------------------------------- 3. fan-out

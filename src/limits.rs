@@ -36,3 +36,10 @@ pub const MAX_EXPORTS: usize = 4;
 
 /// Largest `chunk` of an ExportProbes stream.
 pub const MAX_EXPORT_CHUNK: usize = 1 << 20;
+
+/// Misses Central keeps (ListMisses); beyond it, the one seen longest ago
+/// is forgotten.
+pub const MAX_MISSES: usize = 1_000;
+
+/// Distinct clients counted per miss; more are not told apart.
+pub const MAX_MISS_CLIENTS: usize = 1_000;

@@ -609,6 +609,13 @@ impl probe_api::v1::probe_upload_service_server::ProbeUploadService for GarbledC
         Err(tonic::Status::unimplemented("not in this test"))
     }
 
+    async fn list_misses(
+        &self,
+        _: tonic::Request<probe_api::v1::ListMissesRequest>,
+    ) -> Result<tonic::Response<probe_api::v1::ListMissesResponse>, tonic::Status> {
+        Err(tonic::Status::unimplemented("not in this test"))
+    }
+
     type ExportProbesStream = tokio_stream::Empty<Result<probe_api::v1::ExportProbesResponse, tonic::Status>>;
 
     async fn export_probes(

@@ -8,6 +8,7 @@
 
 pub mod admin;
 pub mod error;
+pub mod misses;
 pub mod pki;
 pub mod server;
 pub mod store;

@@ -4,6 +4,7 @@
 
 mod export;
 mod ls;
+mod misses;
 mod pki;
 mod rm;
 mod serve;
@@ -37,6 +38,8 @@ pub enum Command {
     Ls(ls::LsArgs),
     /// Delete stored probes by path or module version (--dry-run shows what would go).
     Rm(rm::RmArgs),
+    /// The probes Collectors asked for that no source had, and the support packages to upload.
+    Misses(misses::MissesArgs),
     /// Write stored probes into a support package (zip) for another Central.
     Export(export::ExportArgs),
     /// Create, revoke and list API tokens (in the data directory, or in the shared database).
@@ -89,6 +92,7 @@ pub async fn run(command: Command) -> Result<(), CliError> {
         Command::Ls(args) => ls::ls(args).await,
         Command::Rm(args) => rm::rm(args).await,
         Command::Export(args) => export::export(args).await,
+        Command::Misses(args) => misses::misses(args).await,
         Command::Token { command } => token::token(command).await,
         Command::Pki { command } => pki::pki(command),
     }

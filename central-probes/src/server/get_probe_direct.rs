@@ -29,7 +29,7 @@ use tokio_stream::Stream;
 use tonic::{Code, Status};
 
 use crate::server::connections::ConnectionHandle;
-use crate::server::probe_service::{ProbeChunks, ProbeServing, Serving};
+use crate::server::probe_service::{Asker, ProbeChunks, ProbeServing, Serving};
 
 /// The HTTP/2 path of GetProbe.
 pub const PATH: &str = "/kprobes.v1.ProbeService/GetProbe";
@@ -42,7 +42,7 @@ const CHUNK_TAG: u8 = (2 << 3) | 2;
 pub async fn handle<B>(
     serving: &ProbeServing,
     request: Request<B>,
-    has_client_cert: bool,
+    asker: Asker,
     connection: &ConnectionHandle,
 ) -> Response<tonic::body::Body>
 where
@@ -53,7 +53,7 @@ where
         Ok(request) => request,
         Err(status) => return trailers_only(status),
     };
-    let served = serving.serve("GetProbe", &request.module_version, &request.file_name, has_client_cert, connection);
+    let served = serving.serve("GetProbe", &request.module_version, &request.file_name, asker, connection);
     let Serving { probe, source, chunks } = match served.await {
         Ok(serving) => serving,
         Err(error) => return trailers_only(Status::from(error)),

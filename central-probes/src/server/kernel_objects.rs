@@ -27,7 +27,7 @@ use tonic::Code;
 
 use crate::error::Error;
 use crate::server::connections::ConnectionHandle;
-use crate::server::probe_service::{ProbeServing, Serving};
+use crate::server::probe_service::{Asker, ProbeServing, Serving};
 
 /// Where the route starts.
 pub const PREFIX: &str = "/kernel-objects/";
@@ -39,7 +39,7 @@ const METRICS_NAME: &str = "kernel-objects";
 pub async fn handle<B>(
     serving: &ProbeServing,
     request: &Request<B>,
-    has_client_cert: bool,
+    asker: Asker,
     connection: &ConnectionHandle,
 ) -> Response<tonic::body::Body> {
     let head = match *request.method() {
@@ -55,7 +55,7 @@ pub async fn handle<B>(
     let Some((module_version, file_name)) = name.split_once('/') else {
         return text(StatusCode::BAD_REQUEST, "the path must be /kernel-objects/<module version>/<file name>");
     };
-    match serving.serve(METRICS_NAME, module_version, file_name, has_client_cert, connection).await {
+    match serving.serve(METRICS_NAME, module_version, file_name, asker, connection).await {
         Ok(serving) => found(serving, head),
         Err(error) => refused(&error),
     }

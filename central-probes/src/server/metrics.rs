@@ -15,6 +15,7 @@ use hyper_util::service::TowerToHyperService;
 use prometheus_client::encoding::{EncodeLabelSet, text::encode};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tracing::{debug, info};
@@ -58,6 +59,8 @@ pub struct Metrics {
     pub upload_bytes: Counter,
     pub upload_files: Family<OutcomeLabels, Counter>,
     pub changes_by_token: Family<AuditLabels, Counter>,
+    /// Probes asked for that no source had, not resolved since (`misses`).
+    pub open_misses: Gauge,
     /// GetProbe calls of any outcome, for tests and benchmarks; not
     /// exported (`requests` has them by code and source).
     get_probe_calls: Counter,
@@ -100,8 +103,15 @@ impl Metrics {
             "Uploads, overwrites and deletions by the name of the API token that made them",
             changes_by_token.clone(),
         );
+        let open_misses = Gauge::default();
+        registry.register(
+            "open_misses",
+            "Probes Collectors asked for that no source had, and that no upload or upstream has provided since",
+            open_misses.clone(),
+        );
         Metrics {
             registry: Arc::new(registry),
+            open_misses,
             requests,
             probe_bytes_served,
             upstream_fetches,

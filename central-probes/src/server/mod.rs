@@ -9,6 +9,7 @@
 //! benches start the very same server. `connections` serves the connections.
 
 pub mod auth;
+pub mod client_id;
 pub mod connections;
 pub mod export;
 pub mod get_probe_direct;
@@ -31,9 +32,11 @@ use probe_api::v1::probe_upload_service_server::ProbeUploadServiceServer;
 use tokio::net::TcpListener;
 use tonic::codegen::InterceptedService;
 use tonic::service::Routes;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::error::{Error, Result};
+use crate::misses::MissRecorder;
+use crate::misses::file::FileMissLog;
 use crate::server::auth::TokenAuth;
 use crate::server::metrics::Metrics;
 use crate::server::probe_service::ProbeServing;
@@ -96,9 +99,13 @@ pub struct DatabaseConfig {
 /// evicted.
 const LOCAL_COPIES_DIR: &str = "database-copies";
 
+/// How often the misses of requests are merged into their log.
+const MISSES_MERGED_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Central, opened and ready to serve.
 pub struct Central {
     store: Arc<dyn ProbeStore>,
+    misses: Arc<MissRecorder>,
     auth: TokenAuth,
     upstream: Option<Arc<UpstreamSource>>,
     metrics: Metrics,
@@ -165,6 +172,8 @@ impl Central {
             }
         };
         let metrics = Metrics::new();
+        let log = FileMissLog::open(&config.data_dir).map_err(|e| e.context("opening the misses"))?;
+        let misses = Arc::new(MissRecorder::open(Arc::new(log), metrics.open_misses.clone()).await?);
         let upstream = match config.upstream {
             None => None,
             Some(upstream) => {
@@ -177,6 +186,7 @@ impl Central {
         };
         Ok(Central {
             store,
+            misses,
             auth,
             upstream,
             metrics,
@@ -208,7 +218,8 @@ pub fn install_crypto_provider() {
 }
 
 async fn serve(central: Central, listener: TcpListener, shutdown: impl Future<Output = ()>) -> Result<()> {
-    let Central { store, auth, upstream, metrics, tls, allow_anonymous_reads, limits } = central;
+    let Central { store, misses, auth, upstream, metrics, tls, allow_anonymous_reads, limits } = central;
+    misses.merge_every(MISSES_MERGED_EVERY);
     install_crypto_provider();
     let address = listener.local_addr().map_err(|e| Error::io("reading the listening address", e))?;
     let tls = tls_config(&tls)?;
@@ -241,11 +252,17 @@ async fn serve(central: Central, listener: TcpListener, shutdown: impl Future<Ou
         metrics.clone(),
         slots,
         limits.probe_stream_wait,
+        misses.clone(),
     ));
-    let upload =
-        ProbeUploadServiceServer::new(UploadService::new(store, auth.clone(), metrics.clone(), limits.send_timeout))
-            .max_decoding_message_size(MAX_REQUEST_MESSAGE)
-            .max_encoding_message_size(MAX_REQUEST_MESSAGE);
+    let upload = ProbeUploadServiceServer::new(UploadService::new(
+        store,
+        misses.clone(),
+        auth.clone(),
+        metrics.clone(),
+        limits.send_timeout,
+    ))
+    .max_decoding_message_size(MAX_REQUEST_MESSAGE)
+    .max_encoding_message_size(MAX_REQUEST_MESSAGE);
     // The token is checked before tonic reads the request body: a caller
     // without one cannot make Central buffer a 64 MiB message. Each RPC
     // checks the role it needs on top.
@@ -263,6 +280,9 @@ async fn serve(central: Central, listener: TcpListener, shutdown: impl Future<Ou
         metrics.set_ready(false);
     };
     connections::serve(listener, tls, routes, serving, limits, shutdown).await;
+    if let Err(error) = misses.flush().await {
+        warn!(%error, "could not record the last misses");
+    }
     info!("server stopped");
     Ok(())
 }

@@ -6,6 +6,7 @@
 //! and the HTTPS route (`kernel_objects`) both serve through it.
 
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -16,6 +17,9 @@ use tokio_stream::{Stream, StreamExt};
 use tonic::Code;
 
 use crate::error::{Error, Result};
+use crate::misses::{MissRecorder, Resolver};
+use crate::server::client_id::ClientId;
+use crate::server::connections::ConnectInfo;
 use crate::server::connections::ConnectionHandle;
 use crate::server::metrics::Metrics;
 use crate::server::probe_slots::{ProbeSlots, Slot};
@@ -36,6 +40,31 @@ pub struct ProbeServing {
     slots: ProbeSlots,
     /// How long a request waits for a free slot.
     slot_wait: Duration,
+    /// Where NOT_FOUND answers are recorded.
+    misses: Arc<MissRecorder>,
+}
+
+/// Who asks for a probe.
+#[derive(Clone, Copy, Debug)]
+pub struct Asker {
+    /// Whether the client showed a certificate (rustls verified it against
+    /// the cluster CA).
+    pub has_certificate: bool,
+    /// For counting distinct clients in the misses.
+    pub client: ClientId,
+}
+
+impl Asker {
+    /// The client of a TLS connection.
+    pub fn of(connect_info: &ConnectInfo) -> Asker {
+        let certificates = connect_info.peer_certs();
+        let certificate = certificates.as_deref().and_then(|certs| certs.first());
+        let address = connect_info.get_ref().remote_addr().map(|address| address.ip());
+        Asker {
+            has_certificate: certificate.is_some(),
+            client: ClientId::of(certificate.map(|cert| cert.as_ref()), address),
+        }
+    }
 }
 
 /// A probe found: what it is, where it came from, and its bytes to come.
@@ -52,31 +81,31 @@ impl ProbeServing {
         metrics: Metrics,
         slots: ProbeSlots,
         slot_wait: Duration,
+        misses: Arc<MissRecorder>,
     ) -> Self {
-        ProbeServing { sources, allow_anonymous, metrics, slots, slot_wait }
+        ProbeServing { sources, allow_anonymous, metrics, slots, slot_wait, misses }
     }
 
-    /// The probe at `module_version`/`file_name` for a caller that did
-    /// (`has_client_cert`) or did not show a certificate; `what` names the
-    /// way it was asked for in the request metrics.
+    /// The probe at `module_version`/`file_name` for `asker`; `what` names
+    /// the way it was asked for in the request metrics.
     pub async fn serve(
         &self,
         what: &'static str,
         module_version: &str,
         file_name: &str,
-        has_client_cert: bool,
+        asker: Asker,
         connection: &ConnectionHandle,
     ) -> Result<Serving> {
         // rustls has verified any certificate against the cluster CA; here
         // it only remains to insist that there was one.
-        if !has_client_cert && !self.allow_anonymous {
+        if !asker.has_certificate && !self.allow_anonymous {
             self.metrics.count_request(what, Code::Unauthenticated, "");
             return Err(Error::new(
                 Code::Unauthenticated,
                 "a probe needs a client certificate signed by the cluster CA",
             ));
         }
-        self.find(what, module_version, file_name, connection)
+        self.find(what, module_version, file_name, asker.client, connection)
             .await
             .inspect_err(|error| self.metrics.count_request(what, error.code, ""))
     }
@@ -86,6 +115,7 @@ impl ProbeServing {
         what: &'static str,
         module_version: &str,
         file_name: &str,
+        client: ClientId,
         connection: &ConnectionHandle,
     ) -> Result<Serving> {
         let path = ProbePath::new(ModuleVersion::parse(module_version)?, ProbeFileName::parse(file_name)?);
@@ -97,8 +127,12 @@ impl ProbeServing {
             ));
         };
         let Some(found) = self.sources.find(&path).await? else {
+            self.misses.missed(&path, client);
             return Err(Error::new(Code::NotFound, format!("no source has the probe {path}")));
         };
+        if found.source == ApiSource::Upstream {
+            self.misses.provided(path, Resolver::Upstream);
+        }
         self.metrics.count_request(what, Code::Ok, source_label(found.source));
         let bytes_served = self.metrics.probe_bytes_served.clone();
         let chunks = found.reader.chunks.map(move |chunk| {

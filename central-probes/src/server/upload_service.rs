@@ -1,7 +1,7 @@
 //! `ProbeUploadService`: the admin-facing RPCs. Each RPC checks the bearer
 //! token, then calls an inner function returning the crate's `Error`.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,13 +12,14 @@ use probe_api::names::{ModuleVersion, ProbePath};
 use probe_api::v1::probe_upload_service_server::ProbeUploadService;
 use probe_api::v1::{
     DeleteProbesRequest, DeleteProbesResponse, ExportProbesRequest, FileOutcome, GetExistingProbesRequest,
-    GetExistingProbesResponse, ListProbesRequest, ListProbesResponse, ProbeInfo, UploadProbesRequest,
-    UploadProbesResponse,
+    GetExistingProbesResponse, ListMissesRequest, ListMissesResponse, ListProbesRequest, ListProbesResponse, ProbeInfo,
+    ProbeMiss, UploadProbesRequest, UploadProbesResponse,
 };
 use tonic::{Request, Response, Status, Streaming};
-use tracing::{info, instrument};
+use tracing::{info, instrument, warn};
 
 use crate::error::{Error, Result};
+use crate::misses::{Miss, MissRecorder, Resolver};
 use crate::server::auth::{Caller, Role, TokenAuth};
 use crate::server::export::{ExportStream, Exports};
 use crate::server::metrics::{AuditLabels, Metrics, OutcomeLabels};
@@ -28,6 +29,7 @@ use crate::store::{ProbeStore, StoredProbe};
 
 pub struct UploadService {
     store: Arc<dyn ProbeStore>,
+    misses: Arc<MissRecorder>,
     auth: TokenAuth,
     metrics: Metrics,
     page_tokens: PageTokens,
@@ -37,10 +39,16 @@ pub struct UploadService {
 impl UploadService {
     /// `send_timeout`: an export whose client takes nothing for this long
     /// is ended.
-    pub fn new(store: Arc<dyn ProbeStore>, auth: TokenAuth, metrics: Metrics, send_timeout: Duration) -> Self {
+    pub fn new(
+        store: Arc<dyn ProbeStore>,
+        misses: Arc<MissRecorder>,
+        auth: TokenAuth,
+        metrics: Metrics,
+        send_timeout: Duration,
+    ) -> Self {
         let page_tokens = PageTokens::new(store.page_token_key());
         let exports = Exports::new(store.clone(), send_timeout);
-        UploadService { store, auth, metrics, page_tokens, exports }
+        UploadService { store, misses, auth, metrics, page_tokens, exports }
     }
 
     /// The audit record of a finished upload: who (token name and role,
@@ -196,6 +204,35 @@ impl UploadService {
     }
 }
 
+impl UploadService {
+    async fn misses_listed(&self, request: ListMissesRequest) -> Result<ListMissesResponse> {
+        let misses = self.misses.list().await?;
+        let open: Vec<&Miss> = misses.iter().filter(|miss| miss.resolved.is_none()).collect();
+        // Path order: "2.5.0-rc1/" before "2.5.0/".
+        let versions: BTreeSet<String> = open.iter().map(|miss| format!("{}/", miss.path.module_version())).collect();
+        let module_versions_to_upload = versions.into_iter().map(|v| v.trim_end_matches('/').to_owned()).collect();
+        let listed = misses.iter().filter(|miss| request.include_resolved || miss.resolved.is_none());
+        Ok(ListMissesResponse {
+            open_count: open.len() as u32,
+            module_versions_to_upload,
+            misses: listed.map(miss_of).collect(),
+        })
+    }
+}
+
+fn miss_of(miss: &Miss) -> ProbeMiss {
+    ProbeMiss {
+        path: miss.path.to_string(),
+        module_version: miss.path.module_version().to_string(),
+        requests: miss.requests,
+        distinct_clients: miss.clients.len() as u32,
+        first_seen_unix: miss.first_seen as i64,
+        last_seen_unix: miss.last_seen as i64,
+        resolved_unix: miss.resolved.map_or(0, |r| r.at as i64),
+        resolved_by: miss.resolved.map(|r| r.by.as_str().to_owned()).unwrap_or_default(),
+    }
+}
+
 pub(crate) fn info_of(probe: StoredProbe) -> ProbeInfo {
     ProbeInfo { path: probe.path.to_string(), size: probe.size, sha256: probe.sha256.to_hex(), crc32: probe.crc32 }
 }
@@ -230,6 +267,12 @@ impl ProbeUploadService for UploadService {
         });
         if let Ok(response) = &result {
             self.record_upload(response, &caller, &client);
+            // Every path of the response is stored now, whatever its outcome.
+            let paths: Vec<ProbePath> =
+                response.results.iter().filter_map(|r| ProbePath::parse(&r.path).ok()).collect();
+            if let Err(error) = self.misses.resolve(&paths, Resolver::Upload).await {
+                warn!(%error, "could not mark misses resolved by an upload");
+            }
         }
         self.counted("UploadProbes", result)
     }
@@ -254,6 +297,15 @@ impl ProbeUploadService for UploadService {
             Err(error) => Err(error),
         };
         self.counted("ListProbes", result)
+    }
+
+    #[instrument(skip_all)]
+    async fn list_misses(&self, request: Request<ListMissesRequest>) -> Result<Response<ListMissesResponse>, Status> {
+        let result = match self.auth.authorize(request.metadata(), Role::View) {
+            Ok(_) => self.misses_listed(request.into_inner()).await,
+            Err(error) => Err(error),
+        };
+        self.counted("ListMisses", result)
     }
 
     type ExportProbesStream = ExportStream;

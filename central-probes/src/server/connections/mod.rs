@@ -27,7 +27,7 @@ use std::time::Duration;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 
-use crate::server::probe_service::ProbeServing;
+use crate::server::probe_service::{Asker, ProbeServing};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, mpsc, watch};
 use tokio_rustls::TlsAcceptor;
@@ -36,6 +36,7 @@ use tonic::transport::server::Connected;
 use tracing::{debug, info};
 
 pub use accept::raise_descriptor_limit;
+pub use service::ConnectInfo;
 
 use accept::{AcceptBackoff, Registration, Registry};
 use service::{Activity, ConnectionService};
@@ -240,10 +241,12 @@ impl ConnectionContext {
         };
         registration.handshake_done();
         let activity = Arc::new(Activity::default());
+        let connect_info = tls.connect_info();
         let service = ConnectionService {
             routes: self.routes.clone(),
             probes: self.probes.clone(),
-            connect_info: tls.connect_info(),
+            asker: Asker::of(&connect_info),
+            connect_info,
             handle: handle.clone(),
             activity: activity.clone(),
         };

@@ -21,7 +21,7 @@ use tonic::service::Routes;
 use tonic::transport::server::Connected;
 
 use super::ConnectionHandle;
-use crate::server::probe_service::ProbeServing;
+use crate::server::probe_service::{Asker, ProbeServing};
 use crate::server::{get_probe_direct, kernel_objects};
 
 /// Requests in flight on a connection and when the last one ended.
@@ -60,7 +60,7 @@ impl Drop for InFlight {
     }
 }
 
-pub(super) type ConnectInfo = <tokio_rustls::server::TlsStream<TcpStream> as Connected>::ConnectInfo;
+pub type ConnectInfo = <tokio_rustls::server::TlsStream<TcpStream> as Connected>::ConnectInfo;
 
 /// The HTTP service of one connection: tonic's routes, with the connection's
 /// TLS facts (for `peer_certs`) and handle in every request.
@@ -70,6 +70,8 @@ pub(super) struct ConnectionService {
     /// GetProbe and the HTTPS route, answered beside tonic.
     pub(super) probes: Arc<ProbeServing>,
     pub(super) connect_info: ConnectInfo,
+    /// Who is asking, for GetProbe and the HTTPS route.
+    pub(super) asker: Asker,
     pub(super) handle: ConnectionHandle,
     pub(super) activity: Arc<Activity>,
 }
@@ -90,13 +92,13 @@ impl hyper::service::Service<Request<Incoming>> for ConnectionService {
         let direct = path == get_probe_direct::PATH;
         if direct || path.starts_with(kernel_objects::PREFIX) {
             let probes = self.probes.clone();
-            let has_client_cert = self.connect_info.peer_certs().is_some_and(|certs| !certs.is_empty());
+            let asker = self.asker;
             let handle = self.handle.clone();
             return Box::pin(async move {
                 let response = if direct {
-                    get_probe_direct::handle(&probes, request, has_client_cert, &handle).await
+                    get_probe_direct::handle(&probes, request, asker, &handle).await
                 } else {
-                    kernel_objects::handle(&probes, &request, has_client_cert, &handle).await
+                    kernel_objects::handle(&probes, &request, asker, &handle).await
                 };
                 Ok(track(response))
             });
