@@ -209,7 +209,9 @@ fn write_package(file: File, mut messages: mpsc::Receiver<Message>, path: &Path)
     let io_error = |source| AdminError::Output { path: path.to_owned(), source };
     let zip_error = |error: zip::result::ZipError| io_error(std::io::Error::other(error));
     let mut writeback = Writeback::of(&file);
-    let mut zip = ZipWriter::new(BufWriter::with_capacity(1 << 20, file));
+    // Smaller than a chunk: chunks are written straight from the network's
+    // buffers, and only the zip's small headers are gathered.
+    let mut zip = ZipWriter::new(BufWriter::with_capacity(64 << 10, file));
     // Probes are gzip files already: deflating them again gains nothing.
     let options = SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
     let mut report = ExportReport::default();
