@@ -1,4 +1,5 @@
-//! End to end: `central-probes export` writes a support package of stored
+//! End to end: `central-probes ls --summary` sums up what is stored, and
+//! `central-probes export` writes a support package of stored
 //! probes that another Central takes whole, and ExportProbes keeps its
 //! documented limits against clients that do not read.
 
@@ -60,6 +61,22 @@ async fn an_export_uploaded_to_a_fresh_central_gives_identical_sha256s_for_every
     }
     let stored = digests(&source, &pki).await;
     assert_eq!(stored.len(), 48);
+    // ls --summary: a line per module version.
+    let summary = cli_ok(&source, &pki, &source.view_token, &["ls", "--summary", "-o", "json"]).await;
+    let summary: serde_json::Value = serde_json::from_str(&summary).unwrap();
+    let versions = summary["module_versions"].as_array().unwrap();
+    let counted: Vec<(&str, u64)> =
+        versions.iter().map(|v| (v["module_version"].as_str().unwrap(), v["probes"].as_u64().unwrap())).collect();
+    assert_eq!(counted, [("2.5.0", 40), ("2.6.0", 8)], "{summary}");
+    assert_eq!(summary["probes"], 48);
+    let bytes: u64 = versions.iter().map(|v| v["bytes"].as_u64().unwrap()).sum();
+    assert_eq!(summary["bytes"].as_u64(), Some(bytes));
+    let expected_bytes: u64 =
+        [&old, &new].iter().flat_map(|s| s.probe_paths().into_iter().map(|p| s.probe_bytes(&p).len() as u64)).sum();
+    assert_eq!(bytes, expected_bytes);
+    assert!(versions.iter().all(|v| v["last_upload"].as_str().is_some_and(|t| t.ends_with('Z'))), "{summary}");
+    let table = cli_ok(&source, &pki, &source.view_token, &["ls", "--summary"]).await;
+    assert!(table.starts_with("MODULE VERSION") && table.lines().count() == 3, "{table}");
 
     let package = dir.path().join("support-pkg-export.zip");
     let out = cli_ok(&source, &pki, &source.view_token, &["export", "-o", package.to_str().unwrap()]).await;

@@ -609,6 +609,13 @@ impl probe_api::v1::probe_upload_service_server::ProbeUploadService for GarbledC
         Err(tonic::Status::unimplemented("not in this test"))
     }
 
+    async fn list_module_versions(
+        &self,
+        _: tonic::Request<probe_api::v1::ListModuleVersionsRequest>,
+    ) -> Result<tonic::Response<probe_api::v1::ListModuleVersionsResponse>, tonic::Status> {
+        Err(tonic::Status::unimplemented("not in this test"))
+    }
+
     async fn list_misses(
         &self,
         _: tonic::Request<probe_api::v1::ListMissesRequest>,

@@ -1,6 +1,7 @@
 //! `central-probes ls`: what Central holds, one line per probe.
 
 use clap::Args;
+use probe_api::v1::ListModuleVersionsRequest;
 
 use super::upload::Endpoint;
 use super::{CliError, OutputFormat};
@@ -16,9 +17,64 @@ pub struct LsArgs {
     /// "Machine-readable output").
     #[arg(short = 'o', long, value_enum, default_value = "text")]
     output: OutputFormat,
+    /// A line per module version instead: its number of probes, their
+    /// bytes, and when the last of them was uploaded.
+    #[arg(long)]
+    summary: bool,
+}
+
+async fn summary(args: &LsArgs) -> Result<(), CliError> {
+    let mut client = args.endpoint.connect()?;
+    let mut summaries =
+        tokio::time::timeout(args.endpoint.timeout, client.list_module_versions(ListModuleVersionsRequest {}))
+            .await
+            .map_err(|_| "listing did not finish within --timeout".to_owned())?
+            .map_err(|status| format!("listing module versions: {}", probe_api::transport::describe(&status)))?
+            .into_inner()
+            .module_versions;
+    if let Some(version) = &args.module_version {
+        summaries.retain(|summary| &summary.module_version == version);
+    }
+    let (probes, bytes) = summaries.iter().fold((0, 0), |(p, b), s| (p + s.probes, b + s.bytes));
+    if args.output == OutputFormat::Json {
+        let listed: Vec<serde_json::Value> = summaries
+            .iter()
+            .map(|s| {
+                serde_json::json!({
+                    "module_version": s.module_version,
+                    "probes": s.probes,
+                    "bytes": s.bytes,
+                    "last_upload": (s.last_stored_unix > 0).then(|| rfc3339(s.last_stored_unix)),
+                })
+            })
+            .collect();
+        println!("{}", serde_json::json!({"module_versions": listed, "probes": probes, "bytes": bytes}));
+        return Ok(());
+    }
+    let width = summaries.iter().map(|s| s.module_version.len()).max().unwrap_or(0).max(14);
+    println!("{:width$}  {:>8}  {:>14}  LAST UPLOAD", "MODULE VERSION", "PROBES", "BYTES");
+    for s in &summaries {
+        println!("{:width$}  {:>8}  {:>14}  {}", s.module_version, s.probes, s.bytes, rfc3339(s.last_stored_unix));
+    }
+    eprintln!("{} module versions, {probes} probes, {bytes} bytes", summaries.len());
+    Ok(())
+}
+
+/// Seconds since the Unix epoch as RFC 3339 UTC; empty for 0 (unknown).
+pub(super) fn rfc3339(unix: i64) -> String {
+    match u64::try_from(unix) {
+        Ok(seconds) if seconds > 0 => humantime::format_rfc3339_seconds(
+            std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(seconds),
+        )
+        .to_string(),
+        _ => String::new(),
+    }
 }
 
 pub async fn ls(args: LsArgs) -> Result<(), CliError> {
+    if args.summary {
+        return summary(&args).await;
+    }
     let endpoint = &args.endpoint;
     let mut client = endpoint.connect()?;
     let probes = tokio::time::timeout(

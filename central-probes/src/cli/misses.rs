@@ -1,8 +1,6 @@
 //! `central-probes misses`: the probes Collectors asked for that Central
 //! could not provide, and the support packages that would.
 
-use std::time::{Duration, SystemTime};
-
 use clap::Args;
 use probe_api::v1::{ListMissesRequest, ProbeMiss};
 
@@ -22,15 +20,7 @@ pub struct MissesArgs {
     output: OutputFormat,
 }
 
-/// Seconds since the Unix epoch as RFC 3339 UTC; empty for 0.
-fn time(unix: i64) -> String {
-    match u64::try_from(unix) {
-        Ok(seconds) if seconds > 0 => {
-            humantime::format_rfc3339_seconds(SystemTime::UNIX_EPOCH + Duration::from_secs(seconds)).to_string()
-        }
-        _ => String::new(),
-    }
-}
+use super::ls::rfc3339 as time;
 
 fn status(miss: &ProbeMiss) -> &str {
     if miss.resolved_by.is_empty() { "open" } else { "resolved" }

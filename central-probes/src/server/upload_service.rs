@@ -12,8 +12,9 @@ use probe_api::names::{ModuleVersion, ProbePath};
 use probe_api::v1::probe_upload_service_server::ProbeUploadService;
 use probe_api::v1::{
     DeleteProbesRequest, DeleteProbesResponse, ExportProbesRequest, FileOutcome, GetExistingProbesRequest,
-    GetExistingProbesResponse, ListMissesRequest, ListMissesResponse, ListProbesRequest, ListProbesResponse, ProbeInfo,
-    ProbeMiss, UploadProbesRequest, UploadProbesResponse,
+    GetExistingProbesResponse, ListMissesRequest, ListMissesResponse, ListModuleVersionsRequest,
+    ListModuleVersionsResponse, ListProbesRequest, ListProbesResponse, ModuleVersionSummary, ProbeInfo, ProbeMiss,
+    UploadProbesRequest, UploadProbesResponse,
 };
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{info, instrument, warn};
@@ -297,6 +298,28 @@ impl ProbeUploadService for UploadService {
             Err(error) => Err(error),
         };
         self.counted("ListProbes", result)
+    }
+
+    #[instrument(skip_all)]
+    async fn list_module_versions(
+        &self,
+        request: Request<ListModuleVersionsRequest>,
+    ) -> Result<Response<ListModuleVersionsResponse>, Status> {
+        let result = match self.auth.authorize(request.metadata(), Role::View) {
+            Ok(_) => self.store.summaries().await.map(|summaries| ListModuleVersionsResponse {
+                module_versions: summaries
+                    .into_iter()
+                    .map(|summary| ModuleVersionSummary {
+                        module_version: summary.module_version.to_string(),
+                        probes: summary.probes,
+                        bytes: summary.bytes,
+                        last_stored_unix: summary.last_stored.map_or(0, |at| at as i64),
+                    })
+                    .collect(),
+            }),
+            Err(error) => Err(error),
+        };
+        self.counted("ListModuleVersions", result)
     }
 
     #[instrument(skip_all)]

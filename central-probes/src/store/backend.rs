@@ -10,7 +10,7 @@ use bytes::Bytes;
 use probe_api::names::{ModuleVersion, ProbePath};
 use tokio::sync::oneshot;
 
-use super::{CommitOutcome, ProbeReader, StoredProbe};
+use super::{CommitOutcome, ModuleSummary, ProbeReader, StoredProbe};
 use crate::error::Result;
 
 #[tonic::async_trait]
@@ -27,6 +27,9 @@ pub trait Backend: Send + Sync + 'static {
         after: Option<&ProbePath>,
         limit: usize,
     ) -> Result<Vec<StoredProbe>>;
+
+    /// `ProbeStore::summaries`.
+    async fn summaries(&self) -> Result<Vec<ModuleSummary>>;
 
     /// The probe under `path` as it is now, streamed in chunks of at most
     /// 1 MiB. A reader keeps reading what it opened even if the probe is

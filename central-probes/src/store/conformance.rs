@@ -65,6 +65,10 @@ macro_rules! store_conformance_tests {
                 suite::listing_is_in_path_string_order_for_every_page_size(&$make).await;
             }
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn summaries_count_each_module_version_in_path_order() {
+                suite::summaries_count_each_module_version_in_path_order(&$make).await;
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn a_large_probe_streams_in_bounded_chunks() {
                 suite::a_large_probe_streams_in_bounded_chunks(&$make).await;
             }
@@ -272,6 +276,31 @@ pub async fn listing_is_in_path_string_order_for_every_page_size(fixture: &dyn S
             }
             assert_eq!(listed, expected, "filter {filter:?}, page size {page_size}");
         }
+    }
+}
+
+pub async fn summaries_count_each_module_version_in_path_order(fixture: &dyn StoreFixture) {
+    let store = fixture.open().await;
+    assert_eq!(store.summaries().await.unwrap(), vec![], "an empty store");
+    let before = crate::misses::unix_now();
+    let probes = [
+        ("2.5.0/collector-ebpf-5.4.0.o.gz", 10),
+        ("2.5.0/collector-5.4.0.ko.gz", 20),
+        ("2.5.0-rc1/collector-ebpf-5.4.0.o.gz", 5),
+        ("2.6.0/collector-ebpf-5.4.0.o.gz", 7),
+    ];
+    for (p, size) in probes {
+        put(store.as_ref(), &path(p), &vec![1; size], false).await.unwrap();
+    }
+    store.remove(&path("2.6.0/collector-ebpf-5.4.0.o.gz")).await.unwrap();
+    let after = crate::misses::unix_now();
+    let summaries = store.summaries().await.unwrap();
+    let counted: Vec<(&str, u64, u64)> =
+        summaries.iter().map(|s| (s.module_version.as_str(), s.probes, s.bytes)).collect();
+    assert_eq!(counted, [("2.5.0-rc1", 1, 5), ("2.5.0", 2, 30)], "path order; a deleted version is gone");
+    for summary in &summaries {
+        let stored = summary.last_stored.expect("a time");
+        assert!((before..=after).contains(&stored), "{summary:?} not within {before}..={after}");
     }
 }
 

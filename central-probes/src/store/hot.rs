@@ -28,7 +28,8 @@ use tokio_stream::StreamExt;
 
 use super::lru::Lru;
 use super::{
-    CommitOrder, CommitOutcome, ExpectedDigests, PendingCommit, ProbeReader, ProbeStore, ProbeWriter, StoredProbe,
+    CommitOrder, CommitOutcome, ExpectedDigests, ModuleSummary, PendingCommit, ProbeReader, ProbeStore, ProbeWriter,
+    StoredProbe,
 };
 use crate::error::Result;
 
@@ -155,6 +156,10 @@ impl ProbeStore for HotProbes {
         limit: usize,
     ) -> Result<Vec<StoredProbe>> {
         self.store.list(module_version, after, limit).await
+    }
+
+    async fn summaries(&self) -> Result<Vec<ModuleSummary>> {
+        self.store.summaries().await
     }
 
     async fn create(&self, path: ProbePath, size: u64) -> Result<Box<dyn ProbeWriter>> {

@@ -41,6 +41,17 @@ pub struct StoredProbe {
     pub crc32: Option<u32>,
 }
 
+/// The probes of one module version, in total.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ModuleSummary {
+    pub module_version: ModuleVersion,
+    pub probes: u64,
+    pub bytes: u64,
+    /// When the most recently stored of them was stored (Unix seconds);
+    /// `None` if the store cannot tell.
+    pub last_stored: Option<u64>,
+}
+
 /// What a writer is told its bytes must hash to: a SHA-256, a CRC-32, or
 /// both. The store computes both in any case and checks each one given.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -169,6 +180,10 @@ pub trait ProbeStore: Send + Sync + 'static {
         after: Option<&ProbePath>,
         limit: usize,
     ) -> Result<Vec<StoredProbe>>;
+
+    /// Every module version with stored probes, in path order: how many,
+    /// how many bytes, and when the last was stored.
+    async fn summaries(&self) -> Result<Vec<ModuleSummary>>;
 
     /// Starts writing a probe of exactly `size` bytes. Nothing is visible
     /// until the writer's `finish` commits; a writer dropped before that

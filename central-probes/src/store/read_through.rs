@@ -27,7 +27,7 @@ use tokio_stream::StreamExt;
 use tracing::warn;
 
 use super::lru::Lru;
-use super::{ExpectedDigests, ProbeReader, ProbeStore, ProbeWriter, StoredProbe};
+use super::{ExpectedDigests, ModuleSummary, ProbeReader, ProbeStore, ProbeWriter, StoredProbe};
 use crate::error::Result;
 
 /// What the record's change feed says.
@@ -146,6 +146,10 @@ impl ProbeStore for ReadThrough {
         limit: usize,
     ) -> Result<Vec<StoredProbe>> {
         self.record.list(module_version, after, limit).await
+    }
+
+    async fn summaries(&self) -> Result<Vec<ModuleSummary>> {
+        self.record.summaries().await
     }
 
     async fn create(&self, path: ProbePath, size: u64) -> Result<Box<dyn ProbeWriter>> {

@@ -16,8 +16,8 @@ use tonic::Code;
 
 use super::backend::{Backend, Staging};
 use super::{
-    CommitOrder, Committed, Decision, ExpectedDigests, PendingCommit, ProbeReader, ProbeStore, ProbeWriter,
-    StoredProbe, overwrite_rule, report_taken,
+    CommitOrder, Committed, Decision, ExpectedDigests, ModuleSummary, PendingCommit, ProbeReader, ProbeStore,
+    ProbeWriter, StoredProbe, overwrite_rule, report_taken,
 };
 use crate::error::{Error, Result};
 
@@ -110,6 +110,10 @@ impl<B: Backend> ProbeStore for VerifiedStore<B> {
         limit: usize,
     ) -> Result<Vec<StoredProbe>> {
         self.backend.list(module_version, after, limit).await
+    }
+
+    async fn summaries(&self) -> Result<Vec<ModuleSummary>> {
+        self.backend.summaries().await
     }
 
     async fn create(&self, path: ProbePath, size: u64) -> Result<Box<dyn ProbeWriter>> {

@@ -43,7 +43,7 @@ use tracing::{info, warn};
 use crate::error::{Error, Result};
 use crate::store::backend::{Backend, Staging};
 use crate::store::verified::VerifiedStore;
-use crate::store::{ProbeReader, StoredProbe};
+use crate::store::{ModuleSummary, ProbeReader, StoredProbe};
 
 use format::{load_or_create_key, lock_data_dir, remove_leftovers, sync_dir};
 use index::load_index;
@@ -224,6 +224,43 @@ impl Backend for FilesystemBackend {
             .take(limit)
             .map(|(path, &entry)| stored(path.clone(), entry))
             .collect())
+    }
+
+    async fn summaries(&self) -> Result<Vec<ModuleSummary>> {
+        let mut summaries: Vec<(ModuleSummary, Vec<PathBuf>)> = Vec::new();
+        for (path, entry) in self.inner.index().iter() {
+            if summaries.last().is_none_or(|(summary, _)| &summary.module_version != path.module_version()) {
+                let summary = ModuleSummary {
+                    module_version: path.module_version().clone(),
+                    probes: 0,
+                    bytes: 0,
+                    last_stored: None,
+                };
+                summaries.push((summary, Vec::new()));
+            }
+            let (summary, files) = summaries.last_mut().expect("just pushed");
+            summary.probes += 1;
+            summary.bytes += entry.size;
+            files.push(self.inner.final_path(path));
+        }
+        // A probe file is written whole, then renamed into place: its
+        // modification time is when it was stored. One stat per probe, off
+        // the runtime's threads.
+        let summaries = tokio::task::spawn_blocking(move || {
+            let modified = |file: &PathBuf| fs::metadata(file).and_then(|m| m.modified()).ok();
+            let unix =
+                |time: std::time::SystemTime| time.duration_since(std::time::UNIX_EPOCH).ok().map(|d| d.as_secs());
+            summaries
+                .into_iter()
+                .map(|(summary, files)| ModuleSummary {
+                    last_stored: files.iter().filter_map(modified).max().and_then(unix),
+                    ..summary
+                })
+                .collect()
+        })
+        .await
+        .map_err(|e| Error::internal(format!("summing up the store: {e}")))?;
+        Ok(summaries)
     }
 
     async fn stage(&self, path: &ProbePath, _size: u64) -> Result<Box<dyn Staging>> {

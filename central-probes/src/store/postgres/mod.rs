@@ -49,7 +49,7 @@ use tonic::Code;
 use crate::error::{Error, Result};
 use crate::store::backend::{Backend, Staging};
 use crate::store::verified::VerifiedStore;
-use crate::store::{ProbeReader, StoredProbe};
+use crate::store::{ModuleSummary, ProbeReader, StoredProbe};
 
 use flush::GroupFlush;
 
@@ -343,6 +343,31 @@ impl Backend for PostgresBackend {
         .await
         .map_err(|e| db_error("listing probes", e))?;
         rows.iter().map(stored).collect()
+    }
+
+    async fn summaries(&self) -> Result<Vec<ModuleSummary>> {
+        let client = get(&self.pool).await?;
+        // Path order: "2.5.0-rc1/" before "2.5.0/".
+        let rows = query(
+            &client,
+            "SELECT module_version, count(*) AS probes, sum(size)::bigint AS bytes,
+                    floor(extract(epoch FROM max(stored_at)))::bigint AS last_stored
+             FROM probes GROUP BY module_version ORDER BY module_version || '/'",
+            &[],
+        )
+        .await
+        .map_err(|e| db_error("summing up the probes", e))?;
+        let bad = || Error::internal("the database holds a bad module version");
+        rows.iter()
+            .map(|row| {
+                Ok(ModuleSummary {
+                    module_version: ModuleVersion::parse(row.get("module_version")).map_err(|_| bad())?,
+                    probes: row.get::<_, i64>("probes").unsigned_abs(),
+                    bytes: row.get::<_, i64>("bytes").unsigned_abs(),
+                    last_stored: u64::try_from(row.get::<_, i64>("last_stored")).ok(),
+                })
+            })
+            .collect()
     }
 
     async fn open(&self, path: &ProbePath) -> Result<Option<ProbeReader>> {
