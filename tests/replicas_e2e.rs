@@ -325,3 +325,44 @@ async fn a_replica_killed_mid_upload_leaves_whole_probes_only_and_the_other_comp
     }
     survivor.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn misses_of_every_replica_meet_in_the_database_and_an_upload_through_another_resolves_them() {
+    use probe_api::v1::ListMissesRequest;
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let url = TestCluster::get().new_database();
+    let (a, b) = (replica(&pki, dir.path(), "a", &url).await, replica(&pki, dir.path(), "b", &url).await);
+    let other_node = pki.ca.issue_client("collector-on-node-2").unwrap();
+    let probes = spec(0);
+    let missed = &probes.probe_paths()[0];
+    let (module_version, file_name) = missed.split_once('/').unwrap();
+    for (central, identity) in [(&a, &pki.collector), (&b, &other_node), (&b, &other_node)] {
+        let result = central.collector(&pki, Some(identity)).fetch(module_version, file_name).await;
+        assert_eq!(result.map(drop).unwrap_err().code(), Code::NotFound);
+    }
+    // b merges its own when asked; a merges its miss every second.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let listed = loop {
+        let listed = b.admin(&pki, &b.view_token).list_misses(ListMissesRequest::default()).await.unwrap().into_inner();
+        if listed.misses.first().is_some_and(|miss| miss.requests == 3) {
+            break listed;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "a's miss never reached the database: {listed:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(listed.open_count, 1, "{listed:?}");
+    let miss = &listed.misses[0];
+    assert_eq!((&miss.path, miss.requests, miss.distinct_clients), (missed, 3, 2), "{listed:?}");
+
+    // An upload through b resolves it for a too.
+    let package = dir.path().join("pkg.zip");
+    probes.write(&package).unwrap();
+    upload(&b, &pki, &package, false).await;
+    let request = ListMissesRequest { include_resolved: true };
+    let listed = a.admin(&pki, &a.view_token).list_misses(request).await.unwrap().into_inner();
+    assert_eq!(listed.open_count, 0, "{listed:?}");
+    assert_eq!(listed.misses[0].resolved_by, "upload");
+    a.stop().await;
+    b.stop().await;
+}

@@ -4,9 +4,11 @@
 //! package is missing. A miss is resolved when an upload or the upstream
 //! later provides its probe, and opens again if it is missed again.
 //!
-//! A `MissLog` keeps them across restarts (`file`: a file in the data
-//! directory). Requests only touch `MissRecorder`'s in-memory batch; a task
-//! merges the batch into the log every second, so a Collector fleet in
+//! A `MissLog` keeps them across restarts, beside the probes: `file`, a
+//! file in the data directory, or the database that replicas share
+//! (`store::postgres::DatabaseMisses`), where every replica's misses meet.
+//! Requests only touch `MissRecorder`'s in-memory batch; a task merges the
+//! batch into the log every second, so a Collector fleet in
 //! CrashLoopBackOff costs no write per request. The log is bounded: at most
 //! `MAX_MISSES` misses (the one seen longest ago goes first) and
 //! `MAX_MISS_CLIENTS` distinct clients counted per miss.
@@ -237,6 +239,9 @@ impl MissRecorder {
     /// resolved.
     pub async fn resolve(&self, paths: &[ProbePath], by: Resolver) -> Result<()> {
         let _merging = self.merging.lock().await;
+        self.flush_locked().await?;
+        // Another replica may have recorded misses since this one looked.
+        self.count_open().await?;
         let missed: Vec<ProbePath> = {
             let open = self.open.lock().expect("not poisoned");
             paths.iter().filter(|path| open.contains(*path)).cloned().collect()
@@ -244,7 +249,6 @@ impl MissRecorder {
         if missed.is_empty() {
             return Ok(());
         }
-        self.flush_locked().await?;
         self.log.resolve(&missed, Resolved { at: unix_now(), by }).await?;
         self.count_open().await.map(drop)
     }
@@ -271,17 +275,22 @@ impl MissRecorder {
     }
 
     /// Merges the batch every `every` until the recorder is dropped
-    /// elsewhere; a failed merge is logged and its misses are lost (they are
-    /// a diagnosis, not data).
+    /// elsewhere, and every tenth time learns which misses are open (other
+    /// replicas of a shared log record some); a failed merge is logged and
+    /// its misses are lost (they are a diagnosis, not data).
     pub fn merge_every(self: &Arc<Self>, every: Duration) {
         let recorder = Arc::downgrade(self);
         tokio::spawn(async move {
             let mut ticks = tokio::time::interval(every);
             ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
+            for tick in 1u64.. {
                 ticks.tick().await;
                 let Some(recorder) = recorder.upgrade() else { return };
-                if let Err(error) = recorder.flush().await {
+                let merged = match tick % 10 {
+                    0 => recorder.list().await.map(drop),
+                    _ => recorder.flush().await,
+                };
+                if let Err(error) = merged {
                     warn!(%error, "could not record misses");
                 }
             }

@@ -35,8 +35,8 @@ use tonic::service::Routes;
 use tracing::{info, warn};
 
 use crate::error::{Error, Result};
-use crate::misses::MissRecorder;
 use crate::misses::file::FileMissLog;
+use crate::misses::{MissLog, MissRecorder};
 use crate::server::auth::TokenAuth;
 use crate::server::metrics::Metrics;
 use crate::server::probe_service::ProbeServing;
@@ -153,10 +153,13 @@ impl Central {
                 budget => Arc::new(HotProbes::new(store, budget)),
             }
         };
-        let (store, auth): (Arc<dyn ProbeStore>, TokenAuth) = match &config.database {
+        // Misses are kept beside the probes: in the data directory, or in the
+        // database, where every replica's misses meet.
+        let (store, auth, misses): (Arc<dyn ProbeStore>, TokenAuth, Arc<dyn MissLog>) = match &config.database {
             None => (
                 hot(Arc::new(open_store(&config.data_dir, config.min_free_bytes, "the probe store").await?)),
                 TokenAuth::new(TokenFile::in_data_dir(&config.data_dir)),
+                Arc::new(FileMissLog::open(&config.data_dir).map_err(|e| e.context("opening the misses"))?),
             ),
             Some(database) => {
                 let record = PostgresStore::connect(&database.postgres)
@@ -164,16 +167,16 @@ impl Central {
                     .map_err(|e| e.context("opening the probe database"))?;
                 let auth = TokenAuth::shared(record.backend().tokens().watch().await?);
                 let changes = record.backend().changes();
+                let misses = Arc::new(record.backend().misses());
                 let copies = config.data_dir.join(LOCAL_COPIES_DIR);
                 let local = open_copies(&copies, config.min_free_bytes).await?;
                 let budget = database.local_copies_bytes;
                 let store = ReadThrough::new(Arc::new(record), hot(Arc::new(local)), budget, Some(changes)).await?;
-                (Arc::new(store), auth)
+                (Arc::new(store), auth, misses)
             }
         };
         let metrics = Metrics::new();
-        let log = FileMissLog::open(&config.data_dir).map_err(|e| e.context("opening the misses"))?;
-        let misses = Arc::new(MissRecorder::open(Arc::new(log), metrics.open_misses.clone()).await?);
+        let misses = Arc::new(MissRecorder::open(misses, metrics.open_misses.clone()).await?);
         let upstream = match config.upstream {
             None => None,
             Some(upstream) => {

@@ -18,6 +18,7 @@
 
 mod changes;
 mod flush;
+mod misses;
 mod schema;
 #[cfg(any(test, feature = "testing"))]
 pub mod test_cluster;
@@ -53,6 +54,7 @@ use crate::store::{ModuleSummary, ProbeReader, StoredProbe};
 
 use flush::GroupFlush;
 
+pub use misses::DatabaseMisses;
 pub use schema::SCHEMA_VERSION;
 pub use tokens::DatabaseTokens;
 
@@ -174,6 +176,11 @@ impl PostgresBackend {
         schema::migrate(&mut client).await?;
         let page_token_key = load_or_create_key(&client).await?;
         Ok(PostgresBackend { pool, page_token_key, flush: Arc::default(), settings })
+    }
+
+    /// The misses of every replica on this database.
+    pub fn misses(&self) -> DatabaseMisses {
+        DatabaseMisses::new(self.pool.clone())
     }
 
     /// The API tokens of this database.

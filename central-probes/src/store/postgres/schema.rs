@@ -15,7 +15,9 @@ use crate::error::{Error, Result};
 /// `CHUNK_ROW` bytes. A replaced probe gets a new blob, so a reader in a
 /// repeatable-read transaction keeps reading the old rows. Paths compare
 /// byte by byte (`COLLATE "C"`), the API's listing order. Version 2: API
-/// tokens (their SHA-256 only), shared by every replica.
+/// tokens (their SHA-256 only), shared by every replica. Version 3: the
+/// misses of every replica (`crate::misses`; times in Unix seconds, client
+/// ids as their 64 bits).
 const MIGRATIONS: &[&str] = &[
     r#"
     CREATE TABLE probes (
@@ -47,6 +49,18 @@ const MIGRATIONS: &[&str] = &[
         sha256 bytea NOT NULL,
         created_at timestamptz NOT NULL DEFAULT now()
     );
+"#,
+    r#"
+    CREATE TABLE probe_misses (
+        path text COLLATE "C" PRIMARY KEY,
+        requests bigint NOT NULL,
+        clients bigint[] NOT NULL,
+        first_seen bigint NOT NULL,
+        last_seen bigint NOT NULL,
+        resolved_at bigint,
+        resolved_by text
+    );
+    CREATE INDEX probe_misses_by_last_seen ON probe_misses (last_seen);
 "#,
 ];
 
