@@ -366,3 +366,30 @@ async fn misses_of_every_replica_meet_in_the_database_and_an_upload_through_anot
     a.stop().await;
     b.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_export_through_a_replica_holds_every_probe_of_the_database() {
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let url = TestCluster::get().new_database();
+    let (a, b) = (replica(&pki, dir.path(), "a", &url).await, replica(&pki, dir.path(), "b", &url).await);
+    let probes = spec(0);
+    let package = dir.path().join("pkg.zip");
+    probes.write(&package).unwrap();
+    upload(&a, &pki, &package, false).await;
+
+    // Through b, which has no local copy of anything.
+    let exported = dir.path().join("export.zip");
+    let mut admin = b.admin(&pki, &b.view_token);
+    let report = central_probes::admin::export::export(&mut admin, vec![], &exported).await.unwrap();
+    assert_eq!((report.probes, report.module_versions.clone()), (8, vec!["2.5.0".to_owned()]));
+    let mut archive = zip::ZipArchive::new(std::fs::File::open(&exported).unwrap()).unwrap();
+    for path in probes.probe_paths() {
+        let mut entry = archive.by_name(&format!("kernel-modules/{path}")).unwrap();
+        let mut bytes = Vec::new();
+        std::io::Read::read_to_end(&mut entry, &mut bytes).unwrap();
+        assert_eq!(bytes, probes.probe_bytes(&path), "{path}");
+    }
+    a.stop().await;
+    b.stop().await;
+}

@@ -139,8 +139,9 @@ impl Export {
             Ok(()) => self.completed.store(true, Ordering::Release),
             Err(Stop::Client) => debug!("export ended: the client stopped reading"),
             Err(Stop::Store(error)) => {
-                // A stalled client is told by `ExportStream` instead.
-                let _ = self.sender.try_send(Err(error.into()));
+                // After the chunks queued before it; a client that stalls
+                // meanwhile is told by `ExportStream` instead.
+                let _ = tokio::time::timeout(self.send_timeout, self.sender.send(Err(error.into()))).await;
             }
         }
     }

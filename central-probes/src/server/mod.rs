@@ -105,6 +105,8 @@ const MISSES_MERGED_EVERY: std::time::Duration = std::time::Duration::from_secs(
 /// Central, opened and ready to serve.
 pub struct Central {
     store: Arc<dyn ProbeStore>,
+    /// The store without its caches.
+    record: Arc<dyn ProbeStore>,
     misses: Arc<MissRecorder>,
     auth: TokenAuth,
     upstream: Option<Arc<UpstreamSource>>,
@@ -155,12 +157,19 @@ impl Central {
         };
         // Misses are kept beside the probes: in the data directory, or in the
         // database, where every replica's misses meet.
-        let (store, auth, misses): (Arc<dyn ProbeStore>, TokenAuth, Arc<dyn MissLog>) = match &config.database {
-            None => (
-                hot(Arc::new(open_store(&config.data_dir, config.min_free_bytes, "the probe store").await?)),
-                TokenAuth::new(TokenFile::in_data_dir(&config.data_dir)),
-                Arc::new(FileMissLog::open(&config.data_dir).map_err(|e| e.context("opening the misses"))?),
-            ),
+        // Exports read the store itself (`record`), without its caches, so
+        // that reading every probe once does not push the hot ones out.
+        let (store, record, auth, misses): (_, Arc<dyn ProbeStore>, _, Arc<dyn MissLog>) = match &config.database {
+            None => {
+                let store: Arc<dyn ProbeStore> =
+                    Arc::new(open_store(&config.data_dir, config.min_free_bytes, "the probe store").await?);
+                (
+                    hot(store.clone()),
+                    store,
+                    TokenAuth::new(TokenFile::in_data_dir(&config.data_dir)),
+                    Arc::new(FileMissLog::open(&config.data_dir).map_err(|e| e.context("opening the misses"))?),
+                )
+            }
             Some(database) => {
                 let record = PostgresStore::connect(&database.postgres)
                     .await
@@ -171,8 +180,9 @@ impl Central {
                 let copies = config.data_dir.join(LOCAL_COPIES_DIR);
                 let local = open_copies(&copies, config.min_free_bytes).await?;
                 let budget = database.local_copies_bytes;
-                let store = ReadThrough::new(Arc::new(record), hot(Arc::new(local)), budget, Some(changes)).await?;
-                (Arc::new(store), auth, misses)
+                let record: Arc<dyn ProbeStore> = Arc::new(record);
+                let store = ReadThrough::new(record.clone(), hot(Arc::new(local)), budget, Some(changes)).await?;
+                (Arc::new(store) as Arc<dyn ProbeStore>, record, auth, misses)
             }
         };
         let metrics = Metrics::new();
@@ -189,6 +199,7 @@ impl Central {
         };
         Ok(Central {
             store,
+            record,
             misses,
             auth,
             upstream,
@@ -221,7 +232,7 @@ pub fn install_crypto_provider() {
 }
 
 async fn serve(central: Central, listener: TcpListener, shutdown: impl Future<Output = ()>) -> Result<()> {
-    let Central { store, misses, auth, upstream, metrics, tls, allow_anonymous_reads, limits } = central;
+    let Central { store, record, misses, auth, upstream, metrics, tls, allow_anonymous_reads, limits } = central;
     misses.merge_every(MISSES_MERGED_EVERY);
     install_crypto_provider();
     let address = listener.local_addr().map_err(|e| Error::io("reading the listening address", e))?;
@@ -259,6 +270,7 @@ async fn serve(central: Central, listener: TcpListener, shutdown: impl Future<Ou
     ));
     let upload = ProbeUploadServiceServer::new(UploadService::new(
         store,
+        record,
         misses.clone(),
         auth.clone(),
         metrics.clone(),

@@ -40,15 +40,17 @@ pub struct UploadService {
 impl UploadService {
     /// `send_timeout`: an export whose client takes nothing for this long
     /// is ended.
+    /// `record` is `store` without its caches, for exports.
     pub fn new(
         store: Arc<dyn ProbeStore>,
+        record: Arc<dyn ProbeStore>,
         misses: Arc<MissRecorder>,
         auth: TokenAuth,
         metrics: Metrics,
         send_timeout: Duration,
     ) -> Self {
         let page_tokens = PageTokens::new(store.page_token_key());
-        let exports = Exports::new(store.clone(), send_timeout);
+        let exports = Exports::new(record, send_timeout);
         UploadService { store, misses, auth, metrics, page_tokens, exports }
     }
 
