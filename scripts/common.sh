@@ -58,11 +58,11 @@ start_postgres() {
 # collector_get_probe KERNEL CENTRAL_ADDR OUT [FLAG...]: collector-client as
 # the demos run it: the eBPF probe of module version 2.5.0 for KERNEL from
 # Central, with the Collector identity of the demo PKI in $WORK/pki, written
-# to OUT (decompressed).
+# to OUT (decompressed), giving up after $RETRY_BUDGET (default 10s).
 collector_get_probe() {
   local kernel=$1 central=$2 out=$3
   shift 3
   RUST_LOG=warn "$BIN/collector-client" get-probe --collection-method ebpf --module-version 2.5.0 --kernel "$kernel" \
     --central "$central" --ca "$WORK/pki/ca.pem" --cert "$WORK/pki/collector.pem" --key "$WORK/pki/collector-key.pem" \
-    --out "$out" --retry-budget 10s "$@"
+    --out "$out" --retry-budget "${RETRY_BUDGET:-10s}" "$@"
 }

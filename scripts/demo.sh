@@ -54,4 +54,14 @@ collector "$(kernel 95)" "built into its image" builtin
 collector "$(kernel 60)" "in the uploaded package" central
 collector "$(kernel 7)" "only the upstream has it" upstream
 collector "$(kernel 7)" "again: now in Central's cache" cache
+echo "== a Collector on kernel 99, which no source has: it exits with status 1 (its pod would crash-loop)"
+if RETRY_BUDGET=1s collector_get_probe "$(kernel 99)" "$CENTRAL_ADDR" "$WORK/probe-missing.o"; then
+  echo "kernel 99 was served, though no source has it" >&2
+  exit 1
+fi
+echo "== what an admin sees: the misses, a line per module version, and an export for another Central"
+"$BIN/central-probes" misses -e "$ROX_CENTRAL_ADDRESS" --ca "$WORK/pki/ca.pem"
+"$BIN/central-probes" ls --summary -e "$ROX_CENTRAL_ADDRESS" --ca "$WORK/pki/ca.pem"
+"$BIN/central-probes" export --module-version 2.5.0 -o "$WORK/support-pkg-2.5.0-export.zip" \
+  -e "$ROX_CENTRAL_ADDRESS" --ca "$WORK/pki/ca.pem"
 echo "== demo finished; files in $WORK"
