@@ -190,9 +190,10 @@ echo "== 2. serving"
   echo "## 2. Serving the probes (random picks over $(wc -l <"$WORK/paths.txt") files, mutual TLS)"
   echo
   echo "Central answers GetProbe (gRPC) and GET /kernel-objects/<module>/<file> (its HTTPS route, HTTP/2), nginx GET of"
-  echo "the same files; one harness (probe-bench) drives all three."
+  echo "the same files; one harness (probe-bench) drives all three. GetProbe is asked through tonic (G) and as plain"
+  echo "HTTP/2 requests by the client that also asks the route and nginx, decoding no protobuf (P)."
   echo
-  echo "| connections | concurrency | GetProbe req/s | route req/s | nginx req/s | GetProbe / nginx | route / nginx | GetProbe MB/s | nginx MB/s | GetProbe p50 / p99 ms | route p50 / p99 ms | nginx p50 / p99 ms | server CPU µs/request G / r / n | errors G / r / n |"
+  echo "| connections | concurrency | GetProbe req/s G / P | route req/s | nginx req/s | GetProbe / nginx G / P | route / nginx | GetProbe MB/s | nginx MB/s | GetProbe p50 / p99 ms G / P | route p50 / p99 ms | nginx p50 / p99 ms | server CPU µs/request G / P / r / n | errors G / P / r / n |"
   echo "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
 } >>"$RESULTS"
 sed 's|^|kernel-objects/|' "$WORK/paths.txt" >"$WORK/route-paths.txt"
@@ -209,6 +210,10 @@ for mode in long-lived new-per-request hot-16-probes; do
       --concurrency "$c" --seconds "$SECONDS_PER_RUN" "${flag[@]}" 2>>"$WORK/load.err")
     g_cpu=$(secs "$c0" "$(cpu_of "$MAIN_PID")")
     c0=$(cpu_of "$MAIN_PID")
+    p=$("$BIN/probe-bench" load --protocol grpc-plain --address "$MAIN_ADDR" "${TLS[@]}" --paths "$paths" \
+      --concurrency "$c" --seconds "$SECONDS_PER_RUN" "${flag[@]}" 2>>"$WORK/load.err")
+    p_cpu=$(secs "$c0" "$(cpu_of "$MAIN_PID")")
+    c0=$(cpu_of "$MAIN_PID")
     r=$("$BIN/probe-bench" load --protocol https --address "$MAIN_ADDR" "${TLS[@]}" --paths "$route_paths" \
       --concurrency "$c" --seconds "$SECONDS_PER_RUN" "${flag[@]}" 2>>"$WORK/load.err")
     r_cpu=$(secs "$c0" "$(cpu_of "$MAIN_PID")")
@@ -217,11 +222,12 @@ for mode in long-lived new-per-request hot-16-probes; do
       --concurrency "$c" --seconds "$SECONDS_PER_RUN" "${flag[@]}" 2>>"$WORK/load.err")
     h_cpu=$(secs "$n0" "$(nginx_cpu)")
     read -r g_rps g_mbs g_p50 g_p99 g_err <<<"$g"
+    read -r p_rps _ p_p50 p_p99 p_err <<<"$p"
     read -r r_rps _ r_p50 r_p99 r_err <<<"$r"
     read -r h_rps h_mbs h_p50 h_p99 h_err <<<"$h"
     per_request() { awk -v c="$1" -v r="$2" -v s="$SECONDS_PER_RUN" 'BEGIN { printf "%.0f", c / (r * s) * 1e6 }'; }
-    echo "| $mode | $c | $g_rps | $r_rps | $h_rps | $(ratio "$g_rps" "$h_rps") | $(ratio "$r_rps" "$h_rps") | $g_mbs | $h_mbs | $g_p50 / $g_p99 | $r_p50 / $r_p99 | $h_p50 / $h_p99 | $(per_request "$g_cpu" "$g_rps") / $(per_request "$r_cpu" "$r_rps") / $(per_request "$h_cpu" "$h_rps") | $g_err / $r_err / $h_err |" >>"$RESULTS"
-    echo "$mode c=$c grpc: $g | route: $r | nginx: $h"
+    echo "| $mode | $c | $g_rps / $p_rps | $r_rps | $h_rps | $(ratio "$g_rps" "$h_rps") / $(ratio "$p_rps" "$h_rps") | $(ratio "$r_rps" "$h_rps") | $g_mbs | $h_mbs | $g_p50 / $g_p99, $p_p50 / $p_p99 | $r_p50 / $r_p99 | $h_p50 / $h_p99 | $(per_request "$g_cpu" "$g_rps") / $(per_request "$p_cpu" "$p_rps") / $(per_request "$r_cpu" "$r_rps") / $(per_request "$h_cpu" "$h_rps") | $g_err / $p_err / $r_err / $h_err |" >>"$RESULTS"
+    echo "$mode c=$c grpc: $g | grpc-plain: $p | route: $r | nginx: $h"
   done
 done
 

@@ -1,10 +1,12 @@
-//! The clients of one load run: gRPC GetProbe (Central) or HTTPS GET
-//! (nginx), each on its own connection or a new one per request, and the
-//! loop that drives N of them for a fixed time and reports rate and
-//! latency.
+//! The clients of one load run: gRPC GetProbe (Central) through tonic, or
+//! as plain HTTP/2 requests (the gRPC frame sent, the reply's bytes counted
+//! and its grpc-status checked, no protobuf decoded: the HTTPS client's
+//! work), or HTTPS GET (nginx, Central's route), each on its own connection
+//! or a new one per request, and the loop that drives N of them for a fixed
+//! time and reports rate and latency.
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Empty};
+use http_body_util::{BodyExt, Full};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use probe_api::transport::{self, ClientTls};
 use probe_api::v1::GetProbeRequest;
@@ -32,15 +34,29 @@ pub(crate) fn rustls_config(tls: &Tls) -> rustls::ClientConfig {
 }
 
 pub(crate) enum Client {
-    Grpc { address: String, tls: ClientTls },
-    Https { address: String, config: Arc<rustls::ClientConfig> },
+    Grpc {
+        address: String,
+        tls: ClientTls,
+    },
+    /// GetProbe over the HTTP/2 client of `Https`.
+    GrpcPlain {
+        address: String,
+        config: Arc<rustls::ClientConfig>,
+    },
+    Https {
+        address: String,
+        config: Arc<rustls::ClientConfig>,
+    },
 }
 
 /// One connection's worth of client: reused, or made anew per request.
 pub(crate) enum Connection {
     Grpc(ProbeServiceClient<tonic::transport::Channel>),
-    Https(hyper::client::conn::http2::SendRequest<Empty<Bytes>>),
+    Http2 { sender: hyper::client::conn::http2::SendRequest<Full<Bytes>>, grpc: bool },
 }
+
+/// The path of GetProbe as an HTTP/2 request.
+const GET_PROBE: &str = "kprobes.v1.ProbeService/GetProbe";
 
 impl Client {
     pub(crate) async fn connect(&self) -> Result<Connection, String> {
@@ -51,7 +67,7 @@ impl Client {
                 let channel = endpoint.connect().await.map_err(|e| e.to_string())?;
                 Ok(Connection::Grpc(ProbeServiceClient::new(channel)))
             }
-            Client::Https { address, config } => {
+            Client::GrpcPlain { address, config } | Client::Https { address, config } => {
                 let tcp = tokio::net::TcpStream::connect(address).await.map_err(|e| e.to_string())?;
                 tcp.set_nodelay(true).map_err(|e| e.to_string())?;
                 let host = address.rsplit_once(':').map_or(address.as_str(), |(h, _)| h).to_owned();
@@ -67,7 +83,7 @@ impl Client {
                     .await
                     .map_err(|e| e.to_string())?;
                 tokio::spawn(connection);
-                Ok(Connection::Https(sender))
+                Ok(Connection::Http2 { sender, grpc: matches!(self, Client::GrpcPlain { .. }) })
             }
         }
     }
@@ -90,21 +106,47 @@ impl Connection {
                 }
                 Ok(bytes)
             }
-            Connection::Https(sender) => {
+            Connection::Http2 { sender, grpc } => {
                 sender.ready().await.map_err(|e| e.to_string())?;
-                let request = hyper::Request::get(format!("https://{address}/{path}"))
-                    .body(Empty::<Bytes>::new())
-                    .map_err(|e| e.to_string())?;
+                let request = if *grpc {
+                    let (module_version, file_name) = path.split_once('/').ok_or("bad path")?;
+                    let message =
+                        GetProbeRequest { module_version: module_version.to_owned(), file_name: file_name.to_owned() };
+                    let encoded = prost::Message::encode_to_vec(&message);
+                    let mut frame = vec![0u8];
+                    frame.extend_from_slice(&(encoded.len() as u32).to_be_bytes());
+                    frame.extend_from_slice(&encoded);
+                    hyper::Request::post(format!("https://{address}/{GET_PROBE}"))
+                        .header("content-type", "application/grpc")
+                        .header("te", "trailers")
+                        .body(Full::new(Bytes::from(frame)))
+                } else {
+                    hyper::Request::get(format!("https://{address}/{path}")).body(Full::new(Bytes::new()))
+                }
+                .map_err(|e| e.to_string())?;
                 let response = sender.send_request(request).await.map_err(|e| e.to_string())?;
                 if !response.status().is_success() {
                     return Err(format!("HTTP {}", response.status()));
                 }
+                // An error without bytes comes as headers only ("Trailers-Only").
+                let mut grpc_status = response.headers().get("grpc-status").map(|v| v.as_bytes().to_vec());
                 let mut body = response.into_body();
                 let mut bytes = 0;
                 while let Some(frame) = body.frame().await {
-                    if let Ok(data) = frame.map_err(|e| e.to_string())?.into_data() {
-                        bytes += data.len() as u64;
+                    match frame.map_err(|e| e.to_string())?.into_data() {
+                        Ok(data) => bytes += data.len() as u64,
+                        Err(frame) => {
+                            if let Ok(trailers) = frame.into_trailers() {
+                                grpc_status = trailers.get("grpc-status").map(|v| v.as_bytes().to_vec());
+                            }
+                        }
                     }
+                }
+                if *grpc && grpc_status.as_deref() != Some(b"0") {
+                    return Err(format!(
+                        "grpc-status {:?}",
+                        grpc_status.map(|s| String::from_utf8_lossy(&s).into_owned())
+                    ));
                 }
                 Ok(bytes)
             }
@@ -122,7 +164,9 @@ pub(crate) async fn load(
 ) {
     let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let address = match &*client {
-        Client::Grpc { address, .. } | Client::Https { address, .. } => address.clone(),
+        Client::Grpc { address, .. } | Client::GrpcPlain { address, .. } | Client::Https { address, .. } => {
+            address.clone()
+        }
     };
     let bytes = Arc::new(AtomicU64::new(0));
     let errors = Arc::new(AtomicU64::new(0));

@@ -28,6 +28,8 @@ struct Cli {
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Protocol {
     Grpc,
+    /// GetProbe through the HTTP/2 client of `https` (no protobuf decoded).
+    GrpcPlain,
     Https,
 }
 
@@ -146,6 +148,7 @@ async fn main() {
             let paths: Vec<String> = std::fs::read_to_string(&paths).unwrap().lines().map(String::from).collect();
             let client = match protocol {
                 Protocol::Grpc => Client::Grpc { address, tls: client_tls(&tls) },
+                Protocol::GrpcPlain => Client::GrpcPlain { address, config: Arc::new(rustls_config(&tls)) },
                 Protocol::Https => Client::Https { address, config: Arc::new(rustls_config(&tls)) },
             };
             load(Arc::new(client), Arc::new(paths), concurrency, seconds, new_connection_per_request, each_once).await;
