@@ -82,6 +82,7 @@ async fn misses_are_listed_resolved_by_an_upload_and_kept_across_a_restart() {
     let first = find(&report, &old).unwrap();
     assert_eq!((first["requests"].as_u64(), first["distinct_clients"].as_u64()), (Some(3), Some(2)), "{first}");
     assert_eq!((first["module_version"].as_str(), first["status"].as_str()), (Some("2.5.0"), Some("open")));
+    assert_eq!(first["file_name"].as_str(), Some(probe_of(OLD_KERNEL).as_str()));
     assert!(first["first_seen"].as_str().unwrap().ends_with('Z') && first["resolved_at"].is_null(), "{first}");
     let second = find(&report, &new).unwrap();
     assert_eq!((second["requests"].as_u64(), second["distinct_clients"].as_u64()), (Some(1), Some(1)), "{second}");

@@ -44,6 +44,7 @@ pub async fn misses(args: MissesArgs) -> Result<(), CliError> {
                 serde_json::json!({
                     "path": miss.path,
                     "module_version": miss.module_version,
+                    "file_name": miss.file_name,
                     "requests": miss.requests,
                     "distinct_clients": miss.distinct_clients,
                     "first_seen": time(miss.first_seen_unix),

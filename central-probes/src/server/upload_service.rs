@@ -227,6 +227,7 @@ fn miss_of(miss: &Miss) -> ProbeMiss {
     ProbeMiss {
         path: miss.path.to_string(),
         module_version: miss.path.module_version().to_string(),
+        file_name: miss.path.file_name().to_string(),
         requests: miss.requests,
         distinct_clients: miss.clients.len() as u32,
         first_seen_unix: miss.first_seen as i64,
