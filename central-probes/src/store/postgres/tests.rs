@@ -7,6 +7,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use probe_api::digest::Sha256Digest;
 use probe_api::names::ProbePath;
+use tokio_postgres::NoTls;
 use tonic::Code;
 
 use super::test_cluster::TestCluster;
