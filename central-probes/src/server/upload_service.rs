@@ -26,7 +26,7 @@ use crate::server::export::{ExportStream, Exports};
 use crate::server::metrics::{AuditLabels, Metrics, OutcomeLabels};
 use crate::server::page_token::PageTokens;
 use crate::server::upload_session::UploadSession;
-use crate::store::{ProbeStore, StoredProbe};
+use crate::store::{ModuleSummary, ProbeStore, StoredProbe};
 
 pub struct UploadService {
     store: Arc<dyn ProbeStore>,
@@ -35,6 +35,9 @@ pub struct UploadService {
     metrics: Metrics,
     page_tokens: PageTokens,
     exports: Exports,
+    /// ListModuleVersions reads the whole store: one at a time, so that
+    /// callers cannot make Central read it many times at once.
+    summarizing: tokio::sync::Mutex<()>,
 }
 
 impl UploadService {
@@ -51,7 +54,7 @@ impl UploadService {
     ) -> Self {
         let page_tokens = PageTokens::new(store.page_token_key());
         let exports = Exports::new(record, send_timeout);
-        UploadService { store, misses, auth, metrics, page_tokens, exports }
+        UploadService { store, misses, auth, metrics, page_tokens, exports, summarizing: Default::default() }
     }
 
     /// The audit record of a finished upload: who (token name and role,
@@ -208,6 +211,20 @@ impl UploadService {
 }
 
 impl UploadService {
+    async fn module_versions(&self) -> Result<ListModuleVersionsResponse> {
+        let summaries = {
+            let _one_at_a_time = self.summarizing.lock().await;
+            self.store.summaries().await?
+        };
+        let summary_of = |summary: ModuleSummary| ModuleVersionSummary {
+            module_version: summary.module_version.to_string(),
+            probes: summary.probes,
+            bytes: summary.bytes,
+            last_stored_unix: summary.last_stored.map_or(0, |at| at as i64),
+        };
+        Ok(ListModuleVersionsResponse { module_versions: summaries.into_iter().map(summary_of).collect() })
+    }
+
     async fn misses_listed(&self, request: ListMissesRequest) -> Result<ListMissesResponse> {
         let misses = self.misses.list().await?;
         let open: Vec<&Miss> = misses.iter().filter(|miss| miss.resolved.is_none()).collect();
@@ -309,17 +326,7 @@ impl ProbeUploadService for UploadService {
         request: Request<ListModuleVersionsRequest>,
     ) -> Result<Response<ListModuleVersionsResponse>, Status> {
         let result = match self.auth.authorize(request.metadata(), Role::View) {
-            Ok(_) => self.store.summaries().await.map(|summaries| ListModuleVersionsResponse {
-                module_versions: summaries
-                    .into_iter()
-                    .map(|summary| ModuleVersionSummary {
-                        module_version: summary.module_version.to_string(),
-                        probes: summary.probes,
-                        bytes: summary.bytes,
-                        last_stored_unix: summary.last_stored.map_or(0, |at| at as i64),
-                    })
-                    .collect(),
-            }),
+            Ok(_) => self.module_versions().await,
             Err(error) => Err(error),
         };
         self.counted("ListModuleVersions", result)
