@@ -10,6 +10,7 @@ pub mod admin;
 pub mod error;
 pub mod misses;
 pub mod pki;
+pub mod private_file;
 pub mod server;
 pub mod store;
 #[cfg(feature = "testing")]

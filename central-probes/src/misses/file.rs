@@ -11,8 +11,7 @@
 use std::collections::BTreeSet;
 use std::fmt::Write as _;
 use std::fs;
-use std::io::{self, Write as _};
-use std::os::unix::fs::OpenOptionsExt;
+use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -76,14 +75,8 @@ impl Inner {
             text.push_str(&format_line(&miss));
             text.push('\n');
         }
-        let temp = self.path.with_extension("tsv.new");
-        let written = (|| {
-            let mut file = fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&temp)?;
-            file.write_all(text.as_bytes())?;
-            file.sync_all()?;
-            fs::rename(&temp, &self.path)
-        })();
-        written.map_err(|e| Error::io(format!("writing {}", self.path.display()), e))
+        crate::private_file::replace(&self.path, text.as_bytes())
+            .map_err(|e| Error::io(format!("writing {}", self.path.display()), e))
     }
 }
 

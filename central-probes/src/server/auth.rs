@@ -10,8 +10,7 @@
 
 use std::fmt;
 use std::fs;
-use std::io::{self, Write};
-use std::os::unix::fs::OpenOptionsExt;
+use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
@@ -128,16 +127,13 @@ impl TokenFile {
         if let Some(dir) = self.path.parent() {
             fs::create_dir_all(dir)?;
         }
-        let temp = self.path.with_extension("new");
+        let mut text = String::new();
+        for r in records {
+            text.push_str(&format!("{} {} {}\n", r.hash, r.role, r.name));
+        }
         // Readable by Central's user only: the hashes are not the tokens, but
         // they are what a stolen copy would be guessed against.
-        let _ = fs::remove_file(&temp);
-        let mut file = fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&temp)?;
-        for r in records {
-            writeln!(file, "{} {} {}", r.hash, r.role, r.name)?;
-        }
-        file.sync_all()?;
-        fs::rename(&temp, &self.path)
+        crate::private_file::replace(&self.path, text.as_bytes())
     }
 }
 

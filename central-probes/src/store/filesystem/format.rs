@@ -6,7 +6,7 @@
 //! before the store recorded CRC-32s, is still read, its CRC-32 unknown.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
+use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
@@ -78,7 +78,6 @@ pub(super) fn lock_data_dir(data_dir: &Path) -> Result<File> {
 /// Reads the 32-byte key at `path`, or makes one: random, readable by
 /// Central's user only, written whole or not at all.
 pub(super) fn load_or_create_key(path: &Path) -> Result<[u8; 32]> {
-    use std::os::unix::fs::OpenOptionsExt;
     let io_error = |what: &str| {
         let what = format!("{what} {}", path.display());
         move |e| Error::io(what, e)
@@ -92,16 +91,7 @@ pub(super) fn load_or_create_key(path: &Path) -> Result<[u8; 32]> {
     }
     let mut key = [0u8; 32];
     getrandom::getrandom(&mut key).map_err(|e| Error::internal(format!("making a page token key: {e}")))?;
-    let temp = path.with_extension("new");
-    let mut file = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&temp)
-        .map_err(io_error("creating"))?;
-    file.write_all(&key).and_then(|()| file.sync_all()).map_err(io_error("writing"))?;
-    fs::rename(&temp, path).map_err(io_error("renaming"))?;
+    crate::private_file::replace(path, &key).map_err(io_error("writing"))?;
     Ok(key)
 }
 
