@@ -216,12 +216,20 @@ impl MissRecorder {
     }
 
     async fn flush_locked(&self) -> Result<()> {
+        if self.merge_batch().await? {
+            self.count_open().await?;
+        }
+        Ok(())
+    }
+
+    /// Records the batch in the log; whether it held anything.
+    async fn merge_batch(&self) -> Result<bool> {
         let batch: Vec<Miss> = std::mem::take(&mut *self.batch.lock().expect("not poisoned")).into_values().collect();
         if batch.is_empty() {
-            return Ok(());
+            return Ok(false);
         }
         self.log.record(batch).await?;
-        self.count_open().await.map(drop)
+        Ok(true)
     }
 
     async fn count_open(&self) -> Result<Vec<Miss>> {
@@ -239,7 +247,7 @@ impl MissRecorder {
     /// resolved.
     pub async fn resolve(&self, paths: &[ProbePath], by: Resolver) -> Result<()> {
         let _merging = self.merging.lock().await;
-        self.flush_locked().await?;
+        self.merge_batch().await?;
         // Another replica may have recorded misses since this one looked.
         self.count_open().await?;
         let missed: Vec<ProbePath> = {
@@ -270,7 +278,7 @@ impl MissRecorder {
     /// Every miss, the batch's included.
     pub async fn list(&self) -> Result<Vec<Miss>> {
         let _merging = self.merging.lock().await;
-        self.flush_locked().await?;
+        self.merge_batch().await?;
         self.count_open().await
     }
 
