@@ -25,12 +25,8 @@ pub struct ExportArgs {
 pub async fn export(args: ExportArgs) -> Result<(), CliError> {
     let mut client = args.endpoint.connect()?;
     let started = std::time::Instant::now();
-    let report = tokio::time::timeout(
-        args.endpoint.timeout,
-        central_probes::admin::export::export(&mut client, args.module_version.clone(), &args.output),
-    )
-    .await
-    .map_err(|_| "the export did not finish within --timeout".to_owned())??;
+    let export = central_probes::admin::export::export(&mut client, args.module_version.clone(), &args.output);
+    let report = args.endpoint.within("the export", export).await?;
     let seconds = started.elapsed().as_secs_f64().max(1e-3);
     println!(
         "Exported {} probes ({} bytes) of module versions {} to {} in {seconds:.1} s ({:.0} MB/s).",

@@ -25,13 +25,8 @@ pub struct LsArgs {
 
 async fn summary(args: &LsArgs) -> Result<(), CliError> {
     let mut client = args.endpoint.connect()?;
-    let mut summaries =
-        tokio::time::timeout(args.endpoint.timeout, client.list_module_versions(ListModuleVersionsRequest {}))
-            .await
-            .map_err(|_| "listing did not finish within --timeout".to_owned())?
-            .map_err(|status| format!("listing module versions: {}", probe_api::transport::describe(&status)))?
-            .into_inner()
-            .module_versions;
+    let listing = client.list_module_versions(ListModuleVersionsRequest {});
+    let mut summaries = args.endpoint.call("listing module versions", listing).await?.module_versions;
     if let Some(version) = &args.module_version {
         summaries.retain(|summary| &summary.module_version == version);
     }
@@ -77,12 +72,8 @@ pub async fn ls(args: LsArgs) -> Result<(), CliError> {
     }
     let endpoint = &args.endpoint;
     let mut client = endpoint.connect()?;
-    let probes = tokio::time::timeout(
-        endpoint.timeout,
-        central_probes::admin::client::list_all(&mut client, args.module_version.as_deref()),
-    )
-    .await
-    .map_err(|_| "listing did not finish within --timeout".to_owned())??;
+    let listing = central_probes::admin::client::list_all(&mut client, args.module_version.as_deref());
+    let probes = endpoint.within("listing", listing).await?;
     use std::io::Write;
     if args.output == OutputFormat::Json {
         let listed: Vec<serde_json::Value> = probes

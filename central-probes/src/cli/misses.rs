@@ -28,14 +28,8 @@ fn status(miss: &ProbeMiss) -> &str {
 
 pub async fn misses(args: MissesArgs) -> Result<(), CliError> {
     let mut client = args.endpoint.connect()?;
-    let response = tokio::time::timeout(
-        args.endpoint.timeout,
-        client.list_misses(ListMissesRequest { include_resolved: args.all }),
-    )
-    .await
-    .map_err(|_| "listing misses did not finish within --timeout".to_owned())?
-    .map_err(|status| format!("listing misses: {}", probe_api::transport::describe(&status)))?
-    .into_inner();
+    let listing = client.list_misses(ListMissesRequest { include_resolved: args.all });
+    let response = args.endpoint.call("listing misses", listing).await?;
     if args.output == OutputFormat::Json {
         let misses: Vec<serde_json::Value> = response
             .misses

@@ -30,11 +30,7 @@ pub async fn rm(args: RmArgs) -> Result<(), CliError> {
         module_versions: args.module_version.clone(),
         dry_run: args.dry_run,
     };
-    let response = tokio::time::timeout(args.endpoint.timeout, client.delete_probes(request))
-        .await
-        .map_err(|_| "the deletion did not finish within --timeout".to_owned())?
-        .map_err(|status| format!("deleting probes: {}", probe_api::transport::describe(&status)))?
-        .into_inner();
+    let response = args.endpoint.call("deleting probes", client.delete_probes(request)).await?;
     for probe in &response.deleted {
         println!("{}  {:>10}  {}", probe.sha256, probe.size, probe.path);
     }

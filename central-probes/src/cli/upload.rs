@@ -55,6 +55,38 @@ impl Endpoint {
         let ca = read(&self.ca, "the CA certificate")?;
         Ok(admin_client::connect(&self.endpoint, ca, &api_token()?, Duration::from_secs(10))?)
     }
+
+    /// `work` given at most `--timeout`; `what` names it in the error
+    /// ("the export").
+    pub(crate) async fn within<T, E: Into<CliError>>(
+        &self,
+        what: &str,
+        work: impl Future<Output = Result<T, E>>,
+    ) -> Result<T, CliError> {
+        match tokio::time::timeout(self.timeout, work).await {
+            Ok(result) => result.map_err(Into::into),
+            Err(_) => {
+                Err(format!("{what} did not finish within --timeout {}", humantime::format_duration(self.timeout))
+                    .into())
+            }
+        }
+    }
+
+    /// One call to Central given at most `--timeout`, its failure shown
+    /// with the hints of `transport::describe`; `what` names it ("listing
+    /// misses").
+    pub(crate) async fn call<T>(
+        &self,
+        what: &str,
+        call: impl Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    ) -> Result<T, CliError> {
+        let described = async {
+            call.await
+                .map(tonic::Response::into_inner)
+                .map_err(|status| format!("{what}: {}", probe_api::transport::describe(&status)))
+        };
+        self.within(what, described).await
+    }
 }
 
 fn api_token() -> Result<String, String> {
@@ -86,9 +118,7 @@ pub async fn upload(args: UploadArgs) -> Result<(), CliError> {
         );
         Progress::for_stderr()
     });
-    let report = tokio::time::timeout(endpoint.timeout, upload).await.map_err(|_| {
-        format!("the upload did not finish within --timeout {}", humantime::format_duration(endpoint.timeout))
-    })??;
+    let report = endpoint.within("the upload", upload).await?;
     match args.output {
         OutputFormat::Text => print_report(&report),
         OutputFormat::Json => println!("{}", json_report(&request.package, &report)),
