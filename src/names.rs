@@ -26,8 +26,9 @@ pub const MAX_MODULE_VERSION_LEN: usize = 64;
 pub const MAX_PATH_LEN: usize = 512;
 
 /// A module version: 64 lowercase hex characters, or `MAJOR.MINOR.PATCH`
-/// with an optional `-rcN` suffix.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+/// with an optional `-rcN` suffix. Module versions order as the paths of
+/// their probes do: `2.5.0-rc1` before `2.5.0`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct ModuleVersion(String);
 
 /// Which kind of probe a file holds.
@@ -201,6 +202,21 @@ impl ProbePath {
     }
 }
 
+impl Ord for ModuleVersion {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        // As "<version>/": every path of one version sorts before or after
+        // every path of the other, the way this orders the versions.
+        let slash = std::iter::once(b'/');
+        self.0.bytes().chain(slash.clone()).cmp(other.0.bytes().chain(slash))
+    }
+}
+
+impl PartialOrd for ModuleVersion {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
 impl Ord for ProbePath {
     fn cmp(&self, other: &Self) -> std::cmp::Ordering {
         // Equal module versions (the common case) compare by file name alone.
@@ -363,6 +379,19 @@ mod tests {
         assert_eq!(parsed.iter().map(|p| p.to_string()).collect::<Vec<_>>(), paths);
         let position = |prefix: &str| paths.iter().position(|p| p.starts_with(prefix)).unwrap();
         assert!(position("2.5.0-rc1/") < position("2.5.0/"));
+
+        // Module versions order as their paths do.
+        let mut versions: Vec<ModuleVersion> = parsed.iter().map(|p| p.module_version().clone()).collect();
+        versions.sort();
+        versions.dedup();
+        let mut in_path_order: Vec<ModuleVersion> = Vec::new();
+        for path in &parsed {
+            if in_path_order.last() != Some(path.module_version()) {
+                in_path_order.push(path.module_version().clone());
+            }
+        }
+        assert_eq!(versions, in_path_order);
+        assert!(ModuleVersion::parse("2.5.0-rc1").unwrap() < ModuleVersion::parse("2.5.0").unwrap());
     }
 
     #[test]

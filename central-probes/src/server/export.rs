@@ -74,8 +74,8 @@ impl Exports {
         }
         let mut versions =
             request.module_versions.iter().map(|v| ModuleVersion::parse(v)).collect::<Result<Vec<_>, _>>()?;
-        // Path order: "2.5.0-rc1/" sorts before "2.5.0/", as their paths do.
-        versions.sort_by_cached_key(|version| format!("{version}/"));
+        // Path order (`ModuleVersion`'s).
+        versions.sort();
         versions.dedup();
         let Ok(permit) = self.running.clone().try_acquire_owned() else {
             return Err(Error::new(

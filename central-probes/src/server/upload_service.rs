@@ -228,9 +228,9 @@ impl UploadService {
     async fn misses_listed(&self, request: ListMissesRequest) -> Result<ListMissesResponse> {
         let misses = self.misses.list().await?;
         let open: Vec<&Miss> = misses.iter().filter(|miss| miss.resolved.is_none()).collect();
-        // Path order: "2.5.0-rc1/" before "2.5.0/".
-        let versions: BTreeSet<String> = open.iter().map(|miss| format!("{}/", miss.path.module_version())).collect();
-        let module_versions_to_upload = versions.into_iter().map(|v| v.trim_end_matches('/').to_owned()).collect();
+        // In path order (`ModuleVersion`'s).
+        let versions: BTreeSet<&ModuleVersion> = open.iter().map(|miss| miss.path.module_version()).collect();
+        let module_versions_to_upload = versions.into_iter().map(ToString::to_string).collect();
         let listed = misses.iter().filter(|miss| request.include_resolved || miss.resolved.is_none());
         Ok(ListMissesResponse {
             open_count: open.len() as u32,
