@@ -4,7 +4,7 @@ use clap::Args;
 use probe_api::v1::ListModuleVersionsRequest;
 
 use super::upload::Endpoint;
-use super::{CliError, OutputFormat};
+use super::{CliError, OutputFormat, rfc3339};
 
 #[derive(Args)]
 pub struct LsArgs {
@@ -53,17 +53,6 @@ async fn summary(args: &LsArgs) -> Result<(), CliError> {
     }
     eprintln!("{} module versions, {probes} probes, {bytes} bytes", summaries.len());
     Ok(())
-}
-
-/// Seconds since the Unix epoch as RFC 3339 UTC; empty for 0 (unknown).
-pub(super) fn rfc3339(unix: i64) -> String {
-    match u64::try_from(unix) {
-        Ok(seconds) if seconds > 0 => humantime::format_rfc3339_seconds(
-            std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(seconds),
-        )
-        .to_string(),
-        _ => String::new(),
-    }
 }
 
 pub async fn ls(args: LsArgs) -> Result<(), CliError> {

@@ -5,7 +5,7 @@ use clap::Args;
 use probe_api::v1::{ListMissesRequest, ProbeMiss};
 
 use super::upload::Endpoint;
-use super::{CliError, OutputFormat};
+use super::{CliError, OutputFormat, rfc3339 as time};
 
 #[derive(Args)]
 pub struct MissesArgs {
@@ -19,8 +19,6 @@ pub struct MissesArgs {
     #[arg(short = 'o', long, value_enum, default_value = "text")]
     output: OutputFormat,
 }
-
-use super::ls::rfc3339 as time;
 
 fn status(miss: &ProbeMiss) -> &str {
     if miss.resolved_by.is_empty() { "open" } else { "resolved" }

@@ -102,6 +102,17 @@ pub(crate) fn read(path: &Path, what: &str) -> Result<Vec<u8>, Context> {
     std::fs::read(path).map_err(Context::of(format!("reading {what} {}", path.display())))
 }
 
+/// Seconds since the Unix epoch as RFC 3339 UTC; empty for 0 (unknown).
+pub(crate) fn rfc3339(unix: i64) -> String {
+    match u64::try_from(unix) {
+        Ok(seconds) if seconds > 0 => humantime::format_rfc3339_seconds(
+            std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(seconds),
+        )
+        .to_string(),
+        _ => String::new(),
+    }
+}
+
 /// Parses `1073741824`, `1G` (10^9), `1GiB` (2^30) and the like.
 pub(crate) fn parse_size(text: &str) -> Result<u64, String> {
     let text = text.trim();
