@@ -19,6 +19,11 @@ use tonic::Code;
 const UPLOAD: &str = "/kprobes.v1.ProbeUploadService/UploadProbes";
 const EXISTING: &str = "/kprobes.v1.ProbeUploadService/GetExistingProbes";
 const GET_PROBE: &str = "/kprobes.v1.ProbeService/GetProbe";
+const LIST: &str = "/kprobes.v1.ProbeUploadService/ListProbes";
+const MODULE_VERSIONS: &str = "/kprobes.v1.ProbeUploadService/ListModuleVersions";
+const DELETE: &str = "/kprobes.v1.ProbeUploadService/DeleteProbes";
+const EXPORT: &str = "/kprobes.v1.ProbeUploadService/ExportProbes";
+const MISSES: &str = "/kprobes.v1.ProbeUploadService/ListMisses";
 
 fn options() -> UploadProbesRequest {
     UploadProbesRequest { message: Some(Message::Options(UploadOptions::default())) }
@@ -73,17 +78,20 @@ async fn over_limit_and_undecodable_messages_get_codes_that_do_not_say_retry() {
     let over_limit = Bytes::from(over_limit);
     // Bytes that are no protobuf message: field 1 with wire type 7.
     let garbage = Bytes::from_static(&[0, 0, 0, 0, 3, 0x0f, 0xff, 0xff]);
-    let cases = [
+    let mut cases = vec![
         ("upload, a 65 MiB message", UPLOAD, over_limit.clone(), Code::ResourceExhausted),
         ("upload, no protobuf", UPLOAD, garbage.clone(), Code::InvalidArgument),
-        ("existing probes, a 65 MiB message", EXISTING, over_limit.clone(), Code::ResourceExhausted),
-        ("existing probes, no protobuf", EXISTING, garbage.clone(), Code::InvalidArgument),
-        ("get probe, a 65 MiB message", GET_PROBE, over_limit, Code::ResourceExhausted),
-        ("get probe, no protobuf", GET_PROBE, garbage, Code::InvalidArgument),
+        ("get probe, a 65 MiB message", GET_PROBE, over_limit.clone(), Code::ResourceExhausted),
+        ("get probe, no protobuf", GET_PROBE, garbage.clone(), Code::InvalidArgument),
     ];
+    // Every unary or server-streaming admin RPC reads its request the same way.
+    for method in [EXISTING, LIST, MODULE_VERSIONS, DELETE, EXPORT, MISSES] {
+        cases.push(("a 65 MiB message", method, over_limit.clone(), Code::ResourceExhausted));
+        cases.push(("no protobuf", method, garbage.clone(), Code::InvalidArgument));
+    }
     for (case, method, body, code) in cases {
         let status = raw_grpc_call(&raw, method, admin, body).await;
-        assert_eq!(status.code(), code, "{case}: {status:?}");
+        assert_eq!(status.code(), code, "{method}, {case}: {status:?}");
     }
 
     // A chunk over the per-chunk limit, in a well-formed stream.
