@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use central_probes::admin::chunk_pool::ChunkPool;
 use central_probes::admin::package::Package;
 use clap::{Parser, Subcommand, ValueEnum};
 use load::{Client, load, rustls_config};
@@ -165,13 +166,14 @@ async fn main() {
 fn extract(package: &Path, out: &Path) {
     let mut package = Package::open(package, &Default::default()).unwrap();
     let index = package.index().unwrap();
+    let mut pool = ChunkPool::new(1 << 20, 1);
     for probe in &index.probes {
         let dir = out.join(probe.path.module_version().as_str());
         std::fs::create_dir_all(&dir).unwrap();
         let mut bytes = Vec::with_capacity(probe.size as usize);
         package
-            .read_entry(probe, 1 << 20, |chunk| {
-                bytes.extend_from_slice(chunk);
+            .read_entry(probe, &mut pool, |chunk| {
+                bytes.extend_from_slice(&chunk);
                 Ok(())
             })
             .unwrap();

@@ -20,7 +20,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use probe_api::digest::{Sha256Digest, Sha256Hasher};
 use probe_api::transport::{self, ClientTls};
 use probe_api::v1::probe_upload_service_client::ProbeUploadServiceClient;
@@ -38,6 +37,7 @@ use tonic::transport::Channel;
 use tonic::{Request, Status};
 
 use crate::admin::checksum;
+use crate::admin::chunk_pool::ChunkPool;
 use crate::admin::error::{AdminError, PackageError};
 use crate::admin::package::{Package, PackageIndex, PackageProbe, PackageReads};
 use crate::admin::progress::Progress;
@@ -296,6 +296,9 @@ fn stream_package(
     progress: &Progress,
 ) -> Result<StreamTally, StreamError> {
     let mut tally = StreamTally::default();
+    // Enough for every message the queue holds, the one tonic is encoding
+    // and the one being read: then `take` never waits on the network.
+    let mut pool = ChunkPool::new(UPLOAD_CHUNK, UPLOAD_QUEUE + 2);
     let mut options_sent = false;
     let send = |message: Message| {
         sender
@@ -325,9 +328,9 @@ fn stream_package(
         send(Message::FileHeader(FileHeader { path: probe.path.to_string(), size: probe.size }))?;
         let mut send_error = None;
         package
-            .read_entry(probe, UPLOAD_CHUNK, |bytes| {
-                progress.inc(bytes.len() as u64);
-                send(Message::Chunk(Bytes::copy_from_slice(bytes))).map_err(|e| {
+            .read_entry(probe, &mut pool, |chunk| {
+                progress.inc(chunk.len() as u64);
+                send(Message::Chunk(chunk.into_bytes())).map_err(|e| {
                     send_error = Some(e);
                     std::io::Error::other("stopped")
                 })
@@ -370,9 +373,11 @@ async fn compare_digests(
         let reads = reads.clone();
         workers.push(tokio::task::spawn_blocking(move || {
             let mut package = Package::open(&package, &reads)?;
+            // Each chunk is hashed and dropped before the next is read.
+            let mut pool = ChunkPool::new(UPLOAD_CHUNK, 1);
             entries
                 .into_iter()
-                .map(|(i, probe)| Ok((i, hash_entry(&mut package, &probe, &progress)?)))
+                .map(|(i, probe)| Ok((i, hash_entry(&mut package, &mut pool, &probe, &progress)?)))
                 .collect::<Result<Vec<_>, PackageError>>()
         }));
     }
@@ -394,12 +399,17 @@ enum StreamError {
     CallEnded,
 }
 
-fn hash_entry(package: &mut Package, probe: &PackageProbe, progress: &Progress) -> Result<Sha256Digest, PackageError> {
+fn hash_entry(
+    package: &mut Package,
+    pool: &mut ChunkPool,
+    probe: &PackageProbe,
+    progress: &Progress,
+) -> Result<Sha256Digest, PackageError> {
     let mut hasher = Sha256Hasher::new();
     package
-        .read_entry(probe, UPLOAD_CHUNK, |bytes| {
-            hasher.update(bytes);
-            progress.inc(bytes.len() as u64);
+        .read_entry(probe, pool, |chunk| {
+            hasher.update(&chunk);
+            progress.inc(chunk.len() as u64);
             Ok(())
         })
         .map_err(|source| PackageError::Read { path: probe.path.to_string(), source })?;

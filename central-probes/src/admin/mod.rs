@@ -3,6 +3,7 @@
 //! internals.
 
 pub mod checksum;
+pub mod chunk_pool;
 pub mod client;
 pub mod error;
 pub mod export;

@@ -20,6 +20,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use probe_api::names::{PackageEntry, ProbePath, classify_package_entry};
 use zip::ZipArchive;
 
+use super::chunk_pool::{Chunk, ChunkPool};
+
 use probe_api::limits::MAX_FILE_SIZE;
 
 pub use crate::admin::error::PackageError;
@@ -189,24 +191,27 @@ impl Package {
         Ok(index)
     }
 
-    /// Reads a probe entry and hands its bytes to `consume` in pieces of at
-    /// most `chunk_size`. Fails if the entry yields a byte count other than
-    /// the one it declares, or its CRC-32 does not match (the zip reader
-    /// checks it as the bytes go by; the last piece fails, not the first).
+    /// Reads a probe entry into buffers of the pool and hands them to
+    /// `consume` (each at most the pool's buffer size). Fails if the entry
+    /// yields a byte count other than the one it declares, or its CRC-32
+    /// does not match (the zip reader checks it as the bytes go by; the last
+    /// piece fails, not the first).
     pub fn read_entry(
         &mut self,
         probe: &PackageProbe,
-        chunk_size: usize,
-        mut consume: impl FnMut(&[u8]) -> io::Result<()>,
+        pool: &mut ChunkPool,
+        mut consume: impl FnMut(Chunk) -> io::Result<()>,
     ) -> io::Result<()> {
         let entry = self.archive.by_index(probe.index).map_err(io::Error::other)?;
         // One byte more than declared is enough to catch a lying entry
         // (a zip bomb) without reading what it inflates to.
         let mut reader = entry.take(probe.size + 1);
-        let mut buffer = vec![0u8; chunk_size.min(probe.size as usize + 1).max(1)];
         let mut total = 0u64;
         loop {
-            let n = read_full(&mut reader, &mut buffer).map_err(|error| explain_crc_error(error, probe))?;
+            let mut chunk = pool.take();
+            let want = pool.size().min((probe.size - total) as usize + 1);
+            let n =
+                read_full(&mut reader, &mut chunk.space()[..want]).map_err(|error| explain_crc_error(error, probe))?;
             if n == 0 {
                 break;
             }
@@ -217,7 +222,8 @@ impl Package {
                     format!("{}: the entry holds more bytes than its declared {}", probe.path, probe.size),
                 ));
             }
-            consume(&buffer[..n])?;
+            chunk.set_len(n);
+            consume(chunk)?;
         }
         if total != probe.size {
             return Err(io::Error::new(
@@ -296,8 +302,10 @@ mod tests {
 
     fn read_all(package: &mut Package, probe: &PackageProbe) -> io::Result<Vec<u8>> {
         let mut out = Vec::new();
-        package.read_entry(probe, 7, |b| {
-            out.extend_from_slice(b);
+        // Pieces of 7 bytes: they end anywhere in the entry.
+        let mut pool = ChunkPool::new(7, 1);
+        package.read_entry(probe, &mut pool, |chunk| {
+            out.extend_from_slice(&chunk);
             Ok(())
         })?;
         Ok(out)
