@@ -44,6 +44,12 @@ use service::{Activity, ConnectionService};
 /// Bytes HTTP/2 may buffer for one stream beyond its flow-control window:
 /// with unread streams this, plus one chunk, is what each one holds.
 const SEND_BUFFER: usize = 64 * 1024;
+/// Bytes a client may send on one stream before Central has taken them: an
+/// upload's data waiting for the disk sits here. 16 MiB (the clients'
+/// receive window) made a 2 GB upload's peak RSS 61 MiB, 4 MiB 40 MiB, with
+/// no loss of speed on loopback; a link of 50 ms round trip still carries
+/// 80 MB/s.
+const RECEIVE_STREAM_WINDOW: u32 = 4 << 20;
 /// Descriptors kept free of connections for store files, probe reads and
 /// upload temp files, besides one per probe stream slot.
 const DESCRIPTOR_RESERVE: u64 = 128;
@@ -152,7 +158,7 @@ pub async fn serve(
     builder
         .http2()
         .timer(TokioTimer::new())
-        .initial_stream_window_size(probe_api::transport::STREAM_WINDOW)
+        .initial_stream_window_size(RECEIVE_STREAM_WINDOW)
         .initial_connection_window_size(probe_api::transport::CONNECTION_WINDOW)
         .max_concurrent_streams(limits.max_concurrent_streams)
         .max_send_buf_size(SEND_BUFFER)
