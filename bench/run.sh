@@ -398,6 +398,25 @@ for c in 16 64; do
   echo "pgbench c=$c: $tps tps"
 done
 
+# PostgreSQL's own ingest of the same rows, the bound of an upload into it:
+# the chunk rows written to a file (untimed), then one binary COPY of them
+# into an empty table of the same shape, committed durably, as fast as
+# PostgreSQL takes bytes (one transaction, no client, no TLS).
+"$PG_BIN_DIR/psql" "$PG_URL" -qc "COPY probe_chunks TO '$PG_DIR/chunks.bin' (FORMAT binary)" \
+  -c "CREATE TABLE ingest_copy (LIKE probe_chunks INCLUDING ALL)" -c "CHECKPOINT" >/dev/null
+t0=$(now)
+"$PG_BIN_DIR/psql" "$PG_URL" -qc "COPY ingest_copy FROM '$PG_DIR/chunks.bin' (FORMAT binary)" >/dev/null
+ingest_s=$(secs "$t0" "$(now)")
+"$PG_BIN_DIR/psql" "$PG_URL" -qc "DROP TABLE ingest_copy" >/dev/null
+rm -f "$PG_DIR/chunks.bin"
+{
+  echo
+  echo "PostgreSQL alone ingesting the same chunk rows (one binary COPY from a file, committed): $ingest_s s,"
+  echo "a rate of $(ratio "$up_s" "$ingest_s") of the filesystem store's upload in section 1; the upload into PostgreSQL"
+  echo "reached $(ratio "$ingest_s" "$db_up_s") of PostgreSQL's own rate."
+} >>"$RESULTS"
+echo "postgres ingest: $ingest_s s"
+
 # Scale on the database: 100,000 probe rows (made with SQL, as `probe-bench
 # fill` makes them on disk for section 4), a replica's start and queries.
 PSQL="$PG_BIN_DIR/psql"
