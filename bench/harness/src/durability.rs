@@ -10,7 +10,8 @@
 //!   store overlaps the commits of an upload (up to 32 pending).
 //! - `per-file, direct I/O, 32 in flight`: the same, the file's whole
 //!   4 KiB blocks written with `O_DIRECT` (no copy into the page cache),
-//!   its last partial block through the page cache, as the store writes.
+//!   its last partial block through the page cache. Measured only: the
+//!   store writes through the page cache (see BENCHMARKS.md).
 //! - `group of N, fsync each`: write N files, fsync each, rename all,
 //!   fsync the directory once.
 //! - `group of N, syncfs`: write N files, one `syncfs` of the whole file
