@@ -5,8 +5,9 @@ mod common;
 
 use std::time::Duration;
 
-use central_probes::admin::client::{self as admin_client, UploadRequest};
+use central_probes::admin::client as admin_client;
 use central_probes::admin::progress::Progress;
+use central_probes::admin::upload::{self as admin_upload, UploadRequest};
 use central_probes::server::{DatabaseConfig, PostgresConfig};
 use central_probes::store::postgres::test_cluster::TestCluster;
 use central_probes::synthetic::PackageSpec;
@@ -41,10 +42,10 @@ async fn upload(
     pki: &TestPki,
     package: &std::path::Path,
     overwrite: bool,
-) -> admin_client::UploadReport {
+) -> admin_upload::UploadReport {
     let mut admin = central.admin(pki, &central.admin_token);
     let request = UploadRequest { package: package.to_owned(), overwrite, checksum: None, verify: false };
-    admin_client::upload(&mut admin, &request, |_| Progress::Silent).await.unwrap()
+    admin_upload::upload(&mut admin, &request, |_| Progress::Silent).await.unwrap()
 }
 
 async fn fetch(central: &Central, pki: &TestPki, path: &str) -> Result<Vec<u8>, Code> {
@@ -114,7 +115,7 @@ async fn racing_uploads_through_two_replicas_store_each_probe_once_and_whole() {
     let (from_a, from_b) = tokio::join!(upload(&a, &pki, &package_one, false), upload(&b, &pki, &package_other, false));
     // Each client saw what Central decided; what it skipped before sending
     // it counts as a conflict too.
-    let outcome = |report: &admin_client::UploadReport, path: &str| -> &'static str {
+    let outcome = |report: &admin_upload::UploadReport, path: &str| -> &'static str {
         if report.conflicts.iter().any(|c| c == path) {
             return "conflict";
         }

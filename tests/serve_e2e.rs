@@ -149,14 +149,14 @@ fn start_upload(
         Duration::from_secs(5),
     )
     .unwrap();
-    let request = central_probes::admin::client::UploadRequest {
+    let request = central_probes::admin::upload::UploadRequest {
         package: package.to_owned(),
         overwrite: false,
         checksum: None,
         verify: false,
     };
     tokio::spawn(async move {
-        let report = central_probes::admin::client::upload(&mut admin, &request, |_| {
+        let report = central_probes::admin::upload::upload(&mut admin, &request, |_| {
             central_probes::admin::progress::Progress::Silent
         })
         .await?;

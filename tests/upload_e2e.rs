@@ -7,9 +7,10 @@ mod common;
 
 use std::time::Duration;
 
-use central_probes::admin::client::{self as admin_client, UploadRequest};
+use central_probes::admin::client as admin_client;
 use central_probes::admin::error::AdminError;
 use central_probes::admin::progress::Progress;
+use central_probes::admin::upload::{self as admin_upload, UploadRequest};
 use central_probes::synthetic::PackageSpec;
 use cli::central_cli;
 use common::{Central, CentralOptions, TestPki, tmp_files, whole_probes_on_disk};
@@ -110,7 +111,7 @@ async fn reupload_of_an_unchanged_package_reads_only_its_directory_and_sends_not
     let mut admin = central.admin(&pki, &central.admin_token);
     let request = UploadRequest { package: package.clone().into(), overwrite: false, checksum: None, verify: false };
 
-    let first = admin_client::upload(&mut admin, &request, |_| Progress::Silent).await.unwrap();
+    let first = admin_upload::upload(&mut admin, &request, |_| Progress::Silent).await.unwrap();
     assert_eq!(first.files_sent, 40);
     assert_eq!(first.response.unwrap().stored_count, 40);
     // Every probe once, and little else: no read-ahead thrown away per entry.
@@ -120,7 +121,7 @@ async fn reupload_of_an_unchanged_package_reads_only_its_directory_and_sends_not
         first.package_bytes_read
     );
 
-    let again = admin_client::upload(&mut admin, &request, |_| Progress::Silent).await.unwrap();
+    let again = admin_upload::upload(&mut admin, &request, |_| Progress::Silent).await.unwrap();
     assert_eq!((again.files_sent, again.bytes_sent), (0, 0));
     assert!(again.response.is_none(), "no UploadProbes call at all");
     assert_eq!(again.identical, 40);
@@ -133,7 +134,7 @@ async fn reupload_of_an_unchanged_package_reads_only_its_directory_and_sends_not
 
     // --verify reads and hashes every probe Central has, and agrees.
     let verify = UploadRequest { verify: true, ..request };
-    let verified = admin_client::upload(&mut admin, &verify, |_| Progress::Silent).await.unwrap();
+    let verified = admin_upload::upload(&mut admin, &verify, |_| Progress::Silent).await.unwrap();
     assert_eq!((verified.identical, verified.files_sent), (40, 0));
     assert!(verified.package_bytes_read >= probe_bytes, "{} of {probe_bytes}", verified.package_bytes_read);
 
@@ -235,7 +236,7 @@ async fn an_interrupted_upload_keeps_finished_files_and_the_rerun_sends_only_the
 
     let package = write(&spec, dir.path(), "pkg.zip");
     let request = UploadRequest { package: package.into(), overwrite: false, checksum: None, verify: false };
-    let report = admin_client::upload(&mut admin, &request, |_| Progress::Silent).await.unwrap();
+    let report = admin_upload::upload(&mut admin, &request, |_| Progress::Silent).await.unwrap();
     assert_eq!(report.files_sent, 3, "only the files the interruption missed");
     assert_eq!(report.identical, 3);
     for path in &paths {
@@ -342,7 +343,7 @@ async fn existing_probes_are_answered_for_20000_names_in_one_call() {
     let mut admin = central.admin(&pki, &central.admin_token);
     let package = write(&spec, dir.path(), "pkg.zip");
     let request = UploadRequest { package: package.into(), overwrite: false, checksum: None, verify: false };
-    admin_client::upload(&mut admin, &request, |_| Progress::Silent).await.unwrap();
+    admin_upload::upload(&mut admin, &request, |_| Progress::Silent).await.unwrap();
 
     let mut paths: Vec<String> = kernels(10_000)
         .iter()
@@ -379,7 +380,7 @@ async fn listing_pages_through_all_probes_and_filters_by_module_version() {
             checksum: None,
             verify: false,
         };
-        admin_client::upload(&mut admin, &request, |_| Progress::Silent).await.unwrap();
+        admin_upload::upload(&mut admin, &request, |_| Progress::Silent).await.unwrap();
     }
     let all = admin_client::list_all(&mut admin, None).await.unwrap();
     assert_eq!(all.len(), 1420, "1,420 probes take two pages of 1,000");
@@ -451,7 +452,7 @@ async fn a_killed_uploader_leaves_whole_probes_only_and_the_rerun_completes() {
 
     let kept = settled_whole_probes(&central, &spec).await;
     let request = UploadRequest { package: package.into(), overwrite: false, checksum: None, verify: false };
-    let report = admin_client::upload(&mut admin, &request, |_| Progress::Silent).await.unwrap();
+    let report = admin_upload::upload(&mut admin, &request, |_| Progress::Silent).await.unwrap();
     assert_eq!(report.files_sent, spec.probe_paths().len() - kept);
     assert_eq!(whole_probes_on_disk(&central.data_dir, &spec), spec.probe_paths().len());
     central.stop().await;
@@ -501,13 +502,13 @@ async fn a_network_cut_mid_stream_keeps_whole_probes_only_and_the_rerun_complete
     )
     .unwrap();
     let request = UploadRequest { package: package.into(), overwrite: false, checksum: None, verify: false };
-    let error = admin_client::upload(&mut through_proxy, &request, |_| Progress::Silent).await.unwrap_err();
+    let error = admin_upload::upload(&mut through_proxy, &request, |_| Progress::Silent).await.unwrap_err();
     assert!(matches!(error, AdminError::Rpc { what: "upload failed", .. } | AdminError::CallEnded), "{error}");
 
     let kept = settled_whole_probes(&central, &spec).await;
     assert!(kept > 0 && kept < spec.probe_paths().len(), "{kept}");
     let mut admin = central.admin(&pki, &central.admin_token);
-    let report = admin_client::upload(&mut admin, &request, |_| Progress::Silent).await.unwrap();
+    let report = admin_upload::upload(&mut admin, &request, |_| Progress::Silent).await.unwrap();
     assert_eq!(report.files_sent, spec.probe_paths().len() - kept);
     assert_eq!(whole_probes_on_disk(&central.data_dir, &spec), spec.probe_paths().len());
     central.stop().await;
@@ -552,7 +553,7 @@ async fn a_full_disk_refuses_the_upload_keeps_stored_probes_and_keeps_serving() 
     let scratch = tempfile::tempdir().unwrap();
     let package = write(&spec, scratch.path(), "pkg.zip");
     let request = UploadRequest { package: package.into(), overwrite: false, checksum: None, verify: false };
-    let error = admin_client::upload(&mut admin, &request, |_| Progress::Silent).await.unwrap_err();
+    let error = admin_upload::upload(&mut admin, &request, |_| Progress::Silent).await.unwrap_err();
     assert_eq!(error.code(), Some(Code::ResourceExhausted), "{error}");
 
     let kept = settled_whole_probes(&central, &spec).await;
@@ -643,7 +644,7 @@ async fn a_malformed_digest_from_central_fails_the_upload_instead_of_being_guess
     let mut client =
         admin_client::connect(&address, pki.ca.cert_pem.clone().into_bytes(), "token", Duration::from_secs(5)).unwrap();
     let request = UploadRequest { package: package.into(), overwrite: false, checksum: None, verify: false };
-    let error = admin_client::upload(&mut client, &request, |_| Progress::Silent).await.unwrap_err();
+    let error = admin_upload::upload(&mut client, &request, |_| Progress::Silent).await.unwrap_err();
     assert!(matches!(&error, AdminError::BadReply(why) if why.contains("malformed SHA-256")), "{error}");
     server.abort();
 }
@@ -741,7 +742,7 @@ async fn verify_compares_sha256_and_finds_a_change_that_keeps_size_and_crc32() {
     let package = write(&spec, dir.path(), "pkg.zip");
     let mut admin = central.admin(&pki, &central.admin_token);
     let request = UploadRequest { package: package.clone().into(), overwrite: false, checksum: None, verify: false };
-    admin_client::upload(&mut admin, &request, |_| Progress::Silent).await.unwrap();
+    admin_upload::upload(&mut admin, &request, |_| Progress::Silent).await.unwrap();
 
     // A second package: one probe changed, with its size and CRC-32 kept.
     let changed = &spec.probe_paths()[1];
@@ -764,14 +765,14 @@ async fn verify_compares_sha256_and_finds_a_change_that_keeps_size_and_crc32() {
     let forged_request = UploadRequest { package: forged_package, ..request };
 
     // By the directory alone the change cannot be seen (documented).
-    let quick = admin_client::upload(&mut admin, &forged_request, |_| Progress::Silent).await.unwrap();
+    let quick = admin_upload::upload(&mut admin, &forged_request, |_| Progress::Silent).await.unwrap();
     assert_eq!((quick.identical, quick.conflicts.len()), (6, 0));
     // --verify hashes what Central has and finds it.
     let verify = UploadRequest { verify: true, ..forged_request.clone() };
-    let verified = admin_client::upload(&mut admin, &verify, |_| Progress::Silent).await.unwrap();
+    let verified = admin_upload::upload(&mut admin, &verify, |_| Progress::Silent).await.unwrap();
     assert_eq!((verified.identical, verified.conflicts.clone()), (5, vec![changed.clone()]));
     let overwrite = UploadRequest { overwrite: true, ..verify };
-    let replaced = admin_client::upload(&mut admin, &overwrite, |_| Progress::Silent).await.unwrap();
+    let replaced = admin_upload::upload(&mut admin, &overwrite, |_| Progress::Silent).await.unwrap();
     assert_eq!(replaced.response.unwrap().overwritten_count, 1);
     assert_eq!(fetch(&central, &pki, changed).await, forged);
     central.stop().await;

@@ -9,3 +9,4 @@ pub mod error;
 pub mod export;
 pub mod package;
 pub mod progress;
+pub mod upload;

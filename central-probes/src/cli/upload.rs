@@ -4,8 +4,9 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use central_probes::admin::client::{self as admin_client, UploadReport, UploadRequest};
+use central_probes::admin::client as admin_client;
 use central_probes::admin::progress::Progress;
+use central_probes::admin::upload::{self as admin_upload, UploadReport, UploadRequest};
 use clap::Args;
 use probe_api::v1::FileOutcome;
 
@@ -105,7 +106,7 @@ pub async fn upload(args: UploadArgs) -> Result<(), CliError> {
     };
     let request =
         UploadRequest { package: args.package.clone(), overwrite: args.overwrite, checksum, verify: args.verify };
-    let upload = admin_client::upload(&mut client, &request, |plan| {
+    let upload = admin_upload::upload(&mut client, &request, |plan| {
         eprintln!(
             "{}: {} probe files; {} new ({:.1} MiB) to upload; {} already in Central compared by size and CRC-32, \
              {} to read and compare by SHA-256",
