@@ -40,7 +40,7 @@ done
 if [ -n "${need_install:-}" ]; then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx curl time postgresql >/dev/null
 fi
-cargo build --release --quiet -p central-probes -p collector-client -p probe-bench --features central-probes/testing
+cargo build --release --quiet -p central-probes -p collector-client -p probe-bench --features testing
 
 cleanup() {
   # Every server this script started, also one whose start failed midway.

@@ -12,7 +12,7 @@ BIN=${CARGO_TARGET_DIR:-target}/release
 WORK=$(pwd)/bench/work/soak
 SOAK_SECONDS=${SOAK_SECONDS:-120}
 SOAK_CLIENTS=${SOAK_CLIENTS:-500}
-cargo build --release --quiet -p central-probes -p probe-bench --features central-probes/testing
+cargo build --release --quiet -p central-probes -p probe-bench --features testing
 trap 'kill $(jobs -p) 2>/dev/null; wait 2>/dev/null || true' EXIT
 rm -rf "$WORK"; mkdir -p "$WORK"
 "$BIN/central-probes" pki init --out "$WORK/pki" >/dev/null

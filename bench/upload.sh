@@ -13,7 +13,7 @@ BIN=${CARGO_TARGET_DIR:-target}/release
 WORK=${BENCH_DIR:-bench/work}
 
 command -v /usr/bin/time >/dev/null || apt-get install -y time >/dev/null
-cargo build --release --quiet --bins --features central-probes/testing
+build_bins --release
 mkdir -p "$WORK"
 PACKAGE="$WORK/support-pkg-2.5.0-bench.zip"
 if [ ! -f "$PACKAGE" ]; then

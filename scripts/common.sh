@@ -4,6 +4,14 @@
 # BIN: the directory holding central-probes, make-package, collector-client.
 BIN=${BIN:-${CARGO_TARGET_DIR:-target}/debug}
 
+# build_bins [CARGO FLAG...]: builds every binary the scripts run, in one
+# cargo invocation: the packages named with -p and the feature by its own
+# name (`--features central-probes/testing` does not satisfy make-package's
+# `required-features = ["testing"]`: cargo 1.95 silently leaves the bin out).
+build_bins() {
+  cargo build --quiet -p central-probes -p collector-client --features testing --bins "$@"
+}
+
 # Kernel releases for synthetic packages: 8,128 real release strings (public
 # names, as a support package of the product covers them), kept in the
 # repository so that every clone builds the same realistic packages.

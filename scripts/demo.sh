@@ -11,7 +11,7 @@ cd "$(dirname "$0")/.."
 source scripts/common.sh
 
 echo "== building"
-cargo build --quiet --bins --features central-probes/testing
+build_bins
 WORK=${DEMO_DIR:-$(mktemp -d)}
 mkdir -p "$WORK"
 trap 'kill $(jobs -p) 2>/dev/null; wait 2>/dev/null || true' EXIT

@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 source scripts/common.sh
 
 echo "== building"
-cargo build --quiet --bins --features central-probes/testing
+build_bins
 WORK=${DEMO_DIR:-$(mktemp -d)}
 mkdir -p "$WORK"
 # Run as root, PostgreSQL runs as user postgres, which must reach its
