@@ -7,21 +7,14 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use crate::https::{HttpsError, Proxy, ProxySettings};
+pub use crate::client_tls::ClientTls;
+use crate::https::error::HttpsError;
+use crate::https::proxy::{Proxy, ProxySettings};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 /// Per-stream and per-connection HTTP/2 receive windows of clients.
 pub const STREAM_WINDOW: u32 = 16 << 20;
 pub const CONNECTION_WINDOW: u32 = 32 << 20;
-
-/// TLS settings of a client.
-#[derive(Clone, Debug, Default)]
-pub struct ClientTls {
-    /// PEM of the CA that signed Central's server certificate.
-    pub ca_pem: Vec<u8>,
-    /// PEM certificate and key presented to Central, if any.
-    pub identity: Option<(Vec<u8>, Vec<u8>)>,
-}
 
 /// Why a client for an address cannot be made.
 #[derive(Debug)]

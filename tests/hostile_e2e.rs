@@ -21,23 +21,25 @@ use collector_client::central::CentralClient;
 use common::TestPki;
 use probe_api::digest::Sha256Digest;
 use probe_api::names::ProbePath;
-use raw_grpc::{grpc_frame, raw_http2, raw_http2_undriven};
+use raw_grpc::{grpc_frame, raw_http2, raw_http2_undriven, raw_http2_zero_window};
 use served::{Served, serve, serve_with_descriptor_limit};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 const LARGE: &str = "2.5.0/collector-ebpf-6.1.0-large.o.gz";
 const MEDIUM: &str = "2.5.0/collector-ebpf-6.1.0-medium.o.gz";
+const SMALL: &str = "2.5.0/collector-ebpf-6.1.0-small.o.gz";
 
 fn bytes_of(len: usize, seed: u8) -> Vec<u8> {
     (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect()
 }
 
-/// Puts a 4 MiB and a 1 MiB probe into the store before Central starts.
+/// Puts a 4 MiB, a 1 MiB and a 4 KiB probe into the store before Central
+/// starts.
 async fn fill(data_dir: &Path) {
     let config = FilesystemStoreConfig { data_dir: data_dir.to_owned(), min_free_bytes: 0 };
     let store = FilesystemStore::open(&config).unwrap();
-    for (path, bytes) in [(LARGE, bytes_of(4 << 20, 1)), (MEDIUM, bytes_of(1 << 20, 2))] {
+    for (path, bytes) in [(LARGE, bytes_of(4 << 20, 1)), (MEDIUM, bytes_of(1 << 20, 2)), (SMALL, bytes_of(4096, 3))] {
         let mut writer = store.create(ProbePath::parse(path).unwrap(), bytes.len() as u64).await.unwrap();
         for chunk in bytes.chunks(256 * 1024) {
             writer.write(Bytes::copy_from_slice(chunk)).await.unwrap();
@@ -100,16 +102,21 @@ fn open_unread_get_probes(sender: &h2::client::SendRequest<Bytes>, count: usize,
         .collect()
 }
 
-/// A Collector fetches the 1 MiB probe; returns how long it took, or what
-/// went wrong within 20 s.
+/// A Collector fetches the 1 MiB probe on a fresh connection; returns how
+/// long it took, or what went wrong within 20 s.
 async fn collector_fetch(served: &Served, pki: &TestPki) -> Result<Duration, String> {
+    collector_fetch_of(served, pki, MEDIUM, 1 << 20).await
+}
+
+/// A Collector fetches `path`, of `len` bytes, on a fresh connection.
+async fn collector_fetch_of(served: &Served, pki: &TestPki, path: &str, len: usize) -> Result<Duration, String> {
     let tls = pki.tls_with(Some(&pki.collector));
     let client = CentralClient::new(&served.address, &tls, Duration::from_secs(5)).unwrap();
     let started = Instant::now();
-    let (module_version, file_name) = MEDIUM.split_once('/').unwrap();
+    let (module_version, file_name) = path.split_once('/').unwrap();
     match tokio::time::timeout(Duration::from_secs(20), client.fetch(module_version, file_name)).await {
-        Ok(Ok(probe)) if probe.bytes.len() == 1 << 20 => Ok(started.elapsed()),
-        Ok(Ok(probe)) => Err(format!("{} bytes instead of 1 MiB", probe.bytes.len())),
+        Ok(Ok(probe)) if probe.bytes.len() == len => Ok(started.elapsed()),
+        Ok(Ok(probe)) => Err(format!("{} bytes instead of {len}", probe.bytes.len())),
         Ok(Err(error)) => Err(format!("failed after {:?}: {error}", started.elapsed())),
         Err(_) => Err("no probe after 20 s".into()),
     }
@@ -158,6 +165,76 @@ async fn two_thousand_unread_streams_on_one_connection_hold_bounded_memory_and_a
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unread_anonymous_streams_over_twenty_connections_hold_bounded_memory_and_a_collector_is_served() {
     unread_streams_are_bounded(20, 100, true).await;
+}
+
+/// 2,000 GetProbe streams for the 4 MiB probe from clients that grant no
+/// window (SETTINGS_INITIAL_WINDOW_SIZE = 0, never a WINDOW_UPDATE), over
+/// as many connections as Central's stream limit requires, held while a
+/// Collector fetches a small and a 1 MiB probe on fresh connections: each
+/// must be served in under 2 s, Central's RSS must grow by less than
+/// 128 MiB, and every descriptor must be released when the attacker goes.
+async fn zero_window_streams_do_not_lock_collectors_out(anonymous: bool) {
+    const STREAMS: usize = 2000;
+    const PER_CONNECTION: usize = 100;
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().unwrap();
+    fill(dir.path()).await;
+    let per_connection = PER_CONNECTION.to_string();
+    let mut extra = vec!["--max-concurrent-streams", per_connection.as_str()];
+    if anonymous {
+        extra.push("--allow-anonymous-reads");
+    }
+    let served = serve(&pki, dir.path(), &extra);
+    let pid = served.child.id();
+    let rss_before = proc_status(pid, "VmRSS:") / 1024;
+    let descriptors_before = open_descriptors(pid);
+
+    let mut attack = Vec::new();
+    for _ in 0..STREAMS / PER_CONNECTION {
+        let sender = raw_http2_zero_window(&served.address, &pki, !anonymous).await;
+        attack.push((open_unread_get_probes(&sender, PER_CONNECTION, LARGE), sender));
+    }
+    // Every slot taken by a stream that could never send a byte, and long
+    // enough for each to count as stalled.
+    let (rss_attack, _) = sample_peak(pid, Duration::from_secs(2)).await;
+    let small = collector_fetch_of(&served, &pki, SMALL, 4096).await;
+    let medium = collector_fetch(&served, &pki).await;
+    let (rss_after, _) = sample_peak(pid, Duration::from_millis(500)).await;
+    let rss = rss_attack.max(rss_after);
+    let descriptors_attack = open_descriptors(pid);
+
+    drop(attack);
+    let released_by = Instant::now() + Duration::from_secs(10);
+    while open_descriptors(pid) > descriptors_before && Instant::now() < released_by {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let descriptors_after = open_descriptors(pid);
+    println!(
+        "{STREAMS} zero-window streams over {} connections{}: a Collector's 4 KiB fetch {small:?}, 1 MiB fetch \
+         {medium:?}; RSS {rss_before} -> {rss} MiB; descriptors {descriptors_before} -> {descriptors_attack} during, \
+         {descriptors_after} after",
+        STREAMS / PER_CONNECTION,
+        if anonymous { " without certificates (anonymous reads)" } else { "" }
+    );
+    for (what, fetch) in [("4 KiB", small), ("1 MiB", medium)] {
+        let fetch = fetch.unwrap_or_else(|error| panic!("the {what} probe: {error}"));
+        assert!(fetch < Duration::from_secs(2), "the Collector waited {fetch:?} for the {what} probe");
+    }
+    assert!(rss < rss_before + 128, "Central's RSS grew from {rss_before} to {rss} MiB");
+    assert!(
+        descriptors_after <= descriptors_before,
+        "Central holds {descriptors_after} descriptors after the attacker left, {descriptors_before} before"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn zero_window_streams_with_certificates_do_not_lock_collectors_out() {
+    zero_window_streams_do_not_lock_collectors_out(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn zero_window_streams_without_certificates_under_anonymous_reads_do_not_lock_collectors_out() {
+    zero_window_streams_do_not_lock_collectors_out(true).await;
 }
 
 /// Raises this process's descriptor limit to its hard limit; returns it.

@@ -8,7 +8,8 @@ use http::StatusCode;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use super::{HttpsError, error, split_host_port};
+use super::error::{HttpsError, error};
+use super::url::split_host_port;
 
 /// An HTTP CONNECT proxy.
 #[derive(Clone, PartialEq, Eq)]

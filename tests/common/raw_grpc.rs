@@ -23,6 +23,22 @@ pub async fn raw_http2(address: &str, pki: &TestPki, with_certificate: bool) -> 
     sender.ready().await.unwrap()
 }
 
+/// A raw HTTP/2 client that grants no flow-control window to any stream
+/// (SETTINGS_INITIAL_WINDOW_SIZE = 0 from its first frame, never a
+/// WINDOW_UPDATE): the server may send headers, and not one byte of data.
+pub async fn raw_http2_zero_window(
+    address: &str,
+    pki: &TestPki,
+    with_certificate: bool,
+) -> h2::client::SendRequest<Bytes> {
+    let tls = tls_connect(address, pki, with_certificate).await;
+    let (sender, connection) = h2::client::Builder::new().initial_window_size(0).handshake(tls).await.unwrap();
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    sender.ready().await.unwrap()
+}
+
 /// An HTTP/2 connection whose connection half nobody drives: after the
 /// preface it neither reads nor answers anything until the caller polls it.
 pub async fn raw_http2_undriven(

@@ -8,5 +8,6 @@ pub mod client;
 pub mod error;
 pub mod export;
 pub mod package;
+mod package_file;
 pub mod progress;
 pub mod upload;

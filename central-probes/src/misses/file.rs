@@ -20,7 +20,7 @@ use tracing::warn;
 
 use super::{Miss, MissLog, MissTable, Resolved, Resolver};
 use crate::error::{Error, Result};
-use crate::server::client_id::ClientId;
+use crate::store::client_id::ClientId;
 
 const FILE: &str = "misses.tsv";
 const HEADER: &str = "# kprobes misses v1: path requests first_seen last_seen resolved_at resolved_by clients";

@@ -15,98 +15,19 @@
 
 pub mod file;
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
-use probe_api::limits::{MAX_MISS_CLIENTS, MAX_MISSES};
+use probe_api::limits::MAX_MISSES;
 use probe_api::names::ProbePath;
 use prometheus_client::metrics::gauge::Gauge;
 use tracing::warn;
 
 use crate::error::Result;
-use crate::server::client_id::ClientId;
-
-/// One probe asked for and not found.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Miss {
-    pub path: ProbePath,
-    pub requests: u64,
-    /// Distinct clients, at most `MAX_MISS_CLIENTS`.
-    pub clients: BTreeSet<ClientId>,
-    /// Unix seconds.
-    pub first_seen: u64,
-    pub last_seen: u64,
-    /// Set once an upload or the upstream provided the probe.
-    pub resolved: Option<Resolved>,
-}
-
-/// When and how a miss was resolved.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Resolved {
-    /// Unix seconds.
-    pub at: u64,
-    pub by: Resolver,
-}
-
-/// What provided a missed probe.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Resolver {
-    Upload,
-    Upstream,
-}
-
-impl Resolver {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Resolver::Upload => "upload",
-            Resolver::Upstream => "upstream",
-        }
-    }
-
-    pub fn parse(text: &str) -> Option<Resolver> {
-        match text {
-            "upload" => Some(Resolver::Upload),
-            "upstream" => Some(Resolver::Upstream),
-            _ => None,
-        }
-    }
-}
-
-impl Miss {
-    /// A first request.
-    fn new(path: ProbePath, client: ClientId, now: u64) -> Miss {
-        Miss { path, requests: 1, clients: BTreeSet::from([client]), first_seen: now, last_seen: now, resolved: None }
-    }
-
-    /// Adds the requests of `later`, which reopens a resolved miss.
-    fn merge(&mut self, later: &Miss) {
-        self.requests += later.requests;
-        for client in &later.clients {
-            if self.clients.len() >= MAX_MISS_CLIENTS {
-                break;
-            }
-            self.clients.insert(*client);
-        }
-        self.first_seen = self.first_seen.min(later.first_seen);
-        self.last_seen = self.last_seen.max(later.last_seen);
-        self.resolved = None;
-    }
-}
-
-/// Where misses are kept across restarts.
-#[tonic::async_trait]
-pub trait MissLog: Send + Sync + 'static {
-    /// Merges misses seen since the last call (each path once).
-    async fn record(&self, seen: Vec<Miss>) -> Result<()>;
-
-    /// Marks the open misses of these paths resolved; other paths are
-    /// ignored.
-    async fn resolve(&self, paths: &[ProbePath], resolved: Resolved) -> Result<()>;
-
-    /// Every miss kept, most recently seen first.
-    async fn list(&self) -> Result<Vec<Miss>>;
-}
+use crate::store::client_id::ClientId;
+// The records live with the store, below the recorder.
+pub use crate::store::misses::{Miss, MissLog, Resolved, Resolver, unix_now};
 
 /// The misses of a log in memory, bounded; what a log that keeps them
 /// whole (the file) applies changes to.
@@ -158,11 +79,6 @@ impl MissTable {
         misses.sort_by(|a, b| b.last_seen.cmp(&a.last_seen).then_with(|| a.path.cmp(&b.path)));
         misses
     }
-}
-
-/// Now, in Unix seconds.
-pub fn unix_now() -> u64 {
-    SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
 /// Collects misses as they happen and merges them into the log in batches.
@@ -308,6 +224,8 @@ impl MissRecorder {
 
 #[cfg(test)]
 mod tests {
+    use probe_api::limits::MAX_MISS_CLIENTS;
+
     use super::*;
 
     fn path(i: usize) -> ProbePath {

@@ -23,7 +23,6 @@ use tonic::Status;
 use tracing::debug;
 
 use crate::error::{Error, Result};
-use crate::server::upload_service::info_of;
 use crate::store::ProbeStore;
 
 /// Messages queued between the store and the client: a few chunks.
@@ -165,7 +164,7 @@ impl Export {
     async fn send_probe(&self, path: &ProbePath) -> Result<(), Stop> {
         // Deleted since it was listed: left out.
         let Some(reader) = self.store.open(path).await? else { return Ok(()) };
-        self.send(Message::FileHeader(info_of(reader.probe))).await?;
+        self.send(Message::FileHeader(reader.probe.into())).await?;
         let mut chunks = reader.chunks;
         while let Some(chunk) = chunks.next().await {
             let mut chunk: Bytes = chunk?;

@@ -28,7 +28,7 @@ use prost::Message as _;
 use tokio_stream::Stream;
 use tonic::{Code, Status};
 
-use crate::server::connections::ConnectionHandle;
+use crate::server::connections::handle::ConnectionHandle;
 use crate::server::probe_service::{Asker, ProbeChunks, ProbeServing, Serving};
 
 /// The HTTP/2 path of GetProbe.

@@ -26,7 +26,7 @@ use tokio_stream::StreamExt;
 use tonic::Code;
 
 use crate::error::Error;
-use crate::server::connections::ConnectionHandle;
+use crate::server::connections::handle::ConnectionHandle;
 use crate::server::probe_service::{Asker, ProbeServing, Serving};
 
 /// Where the route starts.

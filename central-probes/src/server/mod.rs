@@ -9,7 +9,6 @@
 //! benches start the very same server. `connections` serves the connections.
 
 pub mod auth;
-pub mod client_id;
 pub mod connections;
 pub mod export;
 pub mod get_probe_direct;

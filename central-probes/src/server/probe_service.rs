@@ -18,13 +18,12 @@ use tonic::Code;
 
 use crate::error::{Error, Result};
 use crate::misses::{MissRecorder, Resolver};
-use crate::server::client_id::ClientId;
-use crate::server::connections::ConnectInfo;
-use crate::server::connections::ConnectionHandle;
+use crate::server::connections::handle::ConnectionHandle;
 use crate::server::metrics::Metrics;
 use crate::server::probe_slots::{ProbeSlots, Slot};
 use crate::server::sources::{SourceChain, source_label};
 use crate::store::StoredProbe;
+use crate::store::client_id::ClientId;
 
 /// A probe's bytes as its source reads them, holding a stream slot.
 pub type ProbeChunks = SlottedStream<Pin<Box<dyn Stream<Item = Result<Bytes>> + Send>>>;
@@ -52,19 +51,6 @@ pub struct Asker {
     pub has_certificate: bool,
     /// For counting distinct clients in the misses.
     pub client: ClientId,
-}
-
-impl Asker {
-    /// The client of a TLS connection.
-    pub fn of(connect_info: &ConnectInfo) -> Asker {
-        let certificates = connect_info.peer_certs();
-        let certificate = certificates.as_deref().and_then(|certs| certs.first());
-        let address = connect_info.get_ref().remote_addr().map(|address| address.ip());
-        Asker {
-            has_certificate: certificate.is_some(),
-            client: ClientId::of(certificate.map(|cert| cert.as_ref()), address),
-        }
-    }
 }
 
 /// A probe found: what it is, where it came from, and its bytes to come.
@@ -141,6 +127,10 @@ impl ProbeServing {
             }
             chunk
         });
+        // From here the stream has bytes to send (its header at least) and
+        // waits on HTTP/2 to ask for them, which it does only once the
+        // client's window has room: a client granting none stalls it now.
+        slot.waiting_on_client();
         Ok(Serving {
             probe: found.reader.probe,
             source: found.source,
@@ -149,9 +139,10 @@ impl ProbeServing {
     }
 }
 
-/// A probe stream holding its slot until it ends or is dropped. Between
-/// handing out an item and being asked for the next, it waits on its
-/// client: that is the stall `ProbeSlots` watches.
+/// A probe stream holding its slot until it ends or is dropped. From being
+/// handed to HTTP/2 until it is first polled, and between handing out an
+/// item and being asked for the next, it waits on its client: that is the
+/// stall `ProbeSlots` watches.
 pub struct SlottedStream<S> {
     inner: S,
     slot: Slot,

@@ -9,11 +9,16 @@
 //! request), so a client with thousands of streams cannot queue ahead of a
 //! Collector asking for one probe.
 //!
-//! A stream is *stalled* while it has handed bytes to HTTP/2 and is waiting
-//! to be asked for more: its client is not reading. A slot stalled longer
-//! than the send timeout closes its connection (as nginx's `send_timeout`),
-//! and when a request finds no free slot, connections stalled for a second
-//! or more are closed at once to make room.
+//! A stream is *stalled* while it has bytes to send and is waiting to be
+//! asked for them: from the moment its response is handed to HTTP/2 (the
+//! probe's header is ready) and after each piece it hands on, until HTTP/2
+//! polls it again. HTTP/2 polls a stream only when the client's window has
+//! room, so a client that grants no window at all stalls its streams from
+//! their first byte, as one that stops reading does later. A slot stalled
+//! longer than the send timeout closes its connection (as nginx's
+//! `send_timeout`), and while any request waits for a slot, connections
+//! stalled for a second or more are closed to make room: when the request
+//! arrives and at every sweep while it waits.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -23,13 +28,14 @@ use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 use tracing::{info, warn};
 
-use crate::server::connections::ConnectionHandle;
+use crate::server::connections::handle::ConnectionHandle;
 
 /// When every slot is taken, streams stalled at least this long lose their
 /// connection to make room.
 const STALL_UNDER_PRESSURE: Duration = Duration::from_secs(1);
-/// How often the send timeout is checked.
-const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
+/// How often stalls are checked: a request waiting for a slot waits at
+/// most `STALL_UNDER_PRESSURE` plus this for a stalled holder to go.
+const SWEEP_INTERVAL: Duration = Duration::from_millis(100);
 
 #[derive(Clone)]
 pub struct ProbeSlots {
@@ -95,6 +101,12 @@ impl ProbeSlots {
             loop {
                 tick.tick().await;
                 let Some(shared) = sweeper.upgrade() else { return };
+                // A request waiting for a slot makes a second's stall too
+                // long: the holders it waits on may have stalled just
+                // after it arrived.
+                if shared.has_waiters() {
+                    shared.close_stalled_under_pressure();
+                }
                 let closed = shared.close_stalled(shared.send_timeout);
                 if closed > 0 {
                     info!(connections = closed, timeout = ?shared.send_timeout, "closed connections whose client stopped reading");
@@ -119,13 +131,7 @@ impl ProbeSlots {
             state.waiters.push(Waiter { id, connection: connection.clone(), grant });
             receiver
         };
-        let closed = self.shared.close_stalled(STALL_UNDER_PRESSURE);
-        if closed > 0 {
-            warn!(
-                connections = closed,
-                "every probe stream slot was taken: closed connections whose client stopped reading"
-            );
-        }
+        self.shared.close_stalled_under_pressure();
         tokio::time::timeout(wait, receiver).await.ok()?.ok()
     }
 
@@ -173,6 +179,20 @@ impl Shared {
         // Outside the lock: a waiter that gave up just now hands the slot
         // back, and dropping it releases it again.
         let _ = waiter.grant.send(slot);
+    }
+
+    fn has_waiters(&self) -> bool {
+        self.state().waiters.iter().any(|waiter| !waiter.grant.is_closed())
+    }
+
+    fn close_stalled_under_pressure(&self) {
+        let closed = self.close_stalled(STALL_UNDER_PRESSURE);
+        if closed > 0 {
+            warn!(
+                connections = closed,
+                "every probe stream slot was taken: closed connections whose client stopped reading"
+            );
+        }
     }
 
     /// Closes the connections of streams stalled for at least `min`;
@@ -226,7 +246,7 @@ impl State {
 }
 
 impl Slot {
-    /// The stream handed bytes on and waits to be asked for more.
+    /// The stream has bytes to send and waits to be asked for them.
     pub fn waiting_on_client(&self) {
         let now = self.shared.now_millis() + 1;
         self.stall.0.store(now, Ordering::Relaxed);
@@ -294,6 +314,24 @@ mod tests {
         slot.client_reads();
         drop(slot);
         assert!(slots.acquire(&other, Duration::ZERO).await.is_some());
+    }
+
+    #[tokio::test]
+    async fn a_waiting_request_closes_a_holder_that_stalls_after_it_arrived() {
+        let slots = ProbeSlots::new(1, Duration::from_secs(60));
+        let holder = ConnectionHandle::detached();
+        let slot = slots.acquire(&holder, Duration::ZERO).await.unwrap();
+        slot.waiting_on_client();
+        let waiting = tokio::spawn({
+            let slots = slots.clone();
+            async move { slots.acquire(&ConnectionHandle::detached(), Duration::from_secs(5)).await.is_some() }
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!holder.is_closed(), "stalled for less than a second when the request came");
+        tokio::time::sleep(STALL_UNDER_PRESSURE + SWEEP_INTERVAL * 2).await;
+        assert!(holder.is_closed(), "the sweeper closes it while the request waits");
+        drop(slot);
+        assert!(waiting.await.unwrap());
     }
 
     #[tokio::test]

@@ -113,7 +113,7 @@ impl UploadService {
         let paths = request.paths.iter().map(|p| ProbePath::parse(p)).collect::<Result<Vec<_>, _>>()?;
         let mut seen = HashSet::new();
         let paths: Vec<ProbePath> = paths.into_iter().filter(|path| seen.insert(path.clone())).collect();
-        let probes = self.store.stat_many(&paths).await?.into_iter().flatten().map(info_of).collect();
+        let probes = self.store.stat_many(&paths).await?.into_iter().flatten().map(ProbeInfo::from).collect();
         Ok(GetExistingProbesResponse { probes })
     }
 
@@ -141,7 +141,7 @@ impl UploadService {
         } else {
             String::new()
         };
-        Ok(ListProbesResponse { probes: probes.into_iter().map(info_of).collect(), next_page_token })
+        Ok(ListProbesResponse { probes: probes.into_iter().map(ProbeInfo::from).collect(), next_page_token })
     }
 }
 
@@ -198,7 +198,7 @@ impl UploadService {
                 continue; // deleted meanwhile by another call
             }
             response.deleted_bytes += probe.size;
-            response.deleted.push(info_of(probe));
+            response.deleted.push(probe.into());
         }
         let count = response.deleted.len();
         info!(token = %caller.name, role = %caller.role, client, dry_run = request.dry_run, probes = count, bytes = response.deleted_bytes, "probes deleted");
@@ -252,10 +252,6 @@ fn miss_of(miss: &Miss) -> ProbeMiss {
         resolved_unix: miss.resolved.map_or(0, |r| r.at as i64),
         resolved_by: miss.resolved.map(|r| r.by.as_str().to_owned()).unwrap_or_default(),
     }
-}
-
-pub(crate) fn info_of(probe: StoredProbe) -> ProbeInfo {
-    ProbeInfo { path: probe.path.to_string(), size: probe.size, sha256: probe.sha256.to_hex(), crc32: probe.crc32 }
 }
 
 #[tonic::async_trait]

@@ -282,7 +282,7 @@ pub async fn listing_is_in_path_string_order_for_every_page_size(fixture: &dyn S
 pub async fn summaries_count_each_module_version_in_path_order(fixture: &dyn StoreFixture) {
     let store = fixture.open().await;
     assert_eq!(store.summaries().await.unwrap(), vec![], "an empty store");
-    let before = crate::misses::unix_now();
+    let before = crate::store::misses::unix_now();
     let probes = [
         ("2.5.0/collector-ebpf-5.4.0.o.gz", 10),
         ("2.5.0/collector-5.4.0.ko.gz", 20),
@@ -293,7 +293,7 @@ pub async fn summaries_count_each_module_version_in_path_order(fixture: &dyn Sto
         put(store.as_ref(), &path(p), &vec![1; size], false).await.unwrap();
     }
     store.remove(&path("2.6.0/collector-ebpf-5.4.0.o.gz")).await.unwrap();
-    let after = crate::misses::unix_now();
+    let after = crate::store::misses::unix_now();
     let summaries = store.summaries().await.unwrap();
     let counted: Vec<(&str, u64, u64)> =
         summaries.iter().map(|s| (s.module_version.as_str(), s.probes, s.bytes)).collect();

@@ -5,20 +5,26 @@
 //! listing, reading, staging, and a compare-and-commit that applies the
 //! overwrite rule atomically): `filesystem/` and `postgres/`, both passing
 //! `conformance`. `read_through` keeps local copies of a shared record, and
-//! `hot` keeps the most asked-for probes in memory.
+//! `hot` keeps the most asked-for probes in memory. Beside the probes, the
+//! store keeps what the server and the misses record: API tokens
+//! (`tokens`), the misses' records (`misses`) and the identities of the
+//! clients they count (`client_id`).
 //!
 //! The store is the authority on the overwrite rule (`overwrite_rule`): it
 //! decides, atomically with the commit, whether the new bytes are stored,
 //! identical to what is there, a conflict, or an overwrite.
 
 pub mod backend;
+pub mod client_id;
 #[cfg(any(test, feature = "testing"))]
 pub mod conformance;
 pub mod filesystem;
 pub mod hot;
 pub(crate) mod lru;
+pub mod misses;
 pub mod postgres;
 pub mod read_through;
+pub mod tokens;
 pub mod verified;
 
 use std::future::Future;
@@ -39,6 +45,18 @@ pub struct StoredProbe {
     pub sha256: Sha256Digest,
     /// `None` for probes stored before the store recorded CRC-32s.
     pub crc32: Option<u32>,
+}
+
+/// A probe as the API describes it (listings, lookups, exports).
+impl From<StoredProbe> for probe_api::v1::ProbeInfo {
+    fn from(probe: StoredProbe) -> Self {
+        probe_api::v1::ProbeInfo {
+            path: probe.path.to_string(),
+            size: probe.size,
+            sha256: probe.sha256.to_hex(),
+            crc32: probe.crc32,
+        }
+    }
 }
 
 /// The probes of one module version, in total.

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use tracing::warn;
 
-use super::ConnectionHandle;
+use super::handle::ConnectionHandle;
 
 /// Live connections, by id (the oldest first), and whether each is still
 /// in its handshake.

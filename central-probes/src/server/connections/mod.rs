@@ -17,29 +17,29 @@
 //!   which `ProbeSlots` closes connections whose client stopped reading.
 
 mod accept;
+pub mod handle;
 mod service;
 
 use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 
-use crate::server::probe_service::{Asker, ProbeServing};
+use crate::server::probe_service::ProbeServing;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Notify, mpsc, watch};
+use tokio::sync::{mpsc, watch};
 use tokio_rustls::TlsAcceptor;
 use tonic::service::Routes;
 use tonic::transport::server::Connected;
 use tracing::{debug, info};
 
 pub use accept::raise_descriptor_limit;
-pub use service::ConnectInfo;
+pub use handle::ConnectionHandle;
 
 use accept::{AcceptBackoff, Registration, Registry};
-use service::{Activity, ConnectionService};
+use service::{Activity, ConnectionService, asker_of};
 
 /// Bytes HTTP/2 may buffer for one stream beyond its flow-control window:
 /// with unread streams this, plus one chunk, is what each one holds.
@@ -91,47 +91,6 @@ impl Default for ConnectionLimits {
             probe_stream_wait: Duration::from_secs(10),
             send_timeout: Duration::from_secs(30),
         }
-    }
-}
-
-/// One connection as requests and the accept loop see it.
-#[derive(Clone)]
-pub struct ConnectionHandle(Arc<HandleShared>);
-
-struct HandleShared {
-    id: u64,
-    closed: AtomicBool,
-    close: Notify,
-}
-
-impl ConnectionHandle {
-    fn new(id: u64) -> Self {
-        ConnectionHandle(Arc::new(HandleShared { id, closed: AtomicBool::new(false), close: Notify::new() }))
-    }
-
-    /// A handle of no accepted connection (requests that did not come
-    /// through `serve`, and tests); closing it affects nothing else.
-    pub fn detached() -> Self {
-        static NEXT: AtomicU64 = AtomicU64::new(u64::MAX / 2);
-        Self::new(NEXT.fetch_add(1, Ordering::Relaxed))
-    }
-
-    pub fn id(&self) -> u64 {
-        self.0.id
-    }
-
-    /// Closes the connection at once, streams in flight included.
-    pub fn close(&self) {
-        self.0.closed.store(true, Ordering::SeqCst);
-        self.0.close.notify_one();
-    }
-
-    pub fn is_closed(&self) -> bool {
-        self.0.closed.load(Ordering::SeqCst)
-    }
-
-    async fn closed(&self) {
-        self.0.close.notified().await;
     }
 }
 
@@ -251,7 +210,7 @@ impl ConnectionContext {
         let service = ConnectionService {
             routes: self.routes.clone(),
             probes: self.probes.clone(),
-            asker: Asker::of(&connect_info),
+            asker: asker_of(&connect_info),
             connect_info,
             handle: handle.clone(),
             activity: activity.clone(),

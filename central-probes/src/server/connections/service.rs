@@ -20,9 +20,10 @@ use tonic::codegen::Service;
 use tonic::service::Routes;
 use tonic::transport::server::Connected;
 
-use super::ConnectionHandle;
+use super::handle::ConnectionHandle;
 use crate::server::probe_service::{Asker, ProbeServing};
 use crate::server::{get_probe_direct, kernel_objects};
+use crate::store::client_id::ClientId;
 
 /// Requests in flight on a connection and when the last one ended.
 pub(super) struct Activity {
@@ -61,6 +62,17 @@ impl Drop for InFlight {
 }
 
 pub type ConnectInfo = <tokio_rustls::server::TlsStream<TcpStream> as Connected>::ConnectInfo;
+
+/// The client of a TLS connection.
+pub(super) fn asker_of(connect_info: &ConnectInfo) -> Asker {
+    let certificates = connect_info.peer_certs();
+    let certificate = certificates.as_deref().and_then(|certs| certs.first());
+    let address = connect_info.get_ref().remote_addr().map(|address| address.ip());
+    Asker {
+        has_certificate: certificate.is_some(),
+        client: ClientId::of(certificate.map(|cert| cert.as_ref()), address),
+    }
+}
 
 /// The HTTP service of one connection: tonic's routes, with the connection's
 /// TLS facts (for `peer_certs`) and handle in every request.

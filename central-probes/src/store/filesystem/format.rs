@@ -15,7 +15,7 @@ use tonic::Code;
 
 use crate::error::{Error, Result};
 
-use super::Entry;
+use super::entry::Entry;
 
 const MAGIC_V1: &[u8; 8] = b"KPROBE01";
 const HEADER_LEN_V1: u64 = 48;

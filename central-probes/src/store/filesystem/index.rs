@@ -10,7 +10,7 @@ use tracing::warn;
 
 use crate::error::{Error, Result};
 
-use super::Entry;
+use super::entry::Entry;
 use super::format::read_header;
 use super::snapshot::Snapshot;
 

@@ -16,10 +16,12 @@
 //! `FilesystemStore` is it behind `VerifiedStore`, which hashes, verifies
 //! and keeps the disk floor.
 
+mod entry;
 mod format;
 mod index;
 mod reader;
 mod snapshot;
+mod state;
 #[cfg(test)]
 mod tests;
 mod writer;
@@ -28,15 +30,13 @@ pub use reader::READ_CHUNK;
 #[cfg(any(test, feature = "testing"))]
 pub use reader::read_probe_file;
 
-use std::collections::BTreeMap;
-use std::fs::{self, File};
+use std::fs;
 use std::io;
 use std::ops::Bound;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 
-use probe_api::digest::Sha256Digest;
 use probe_api::names::{ModuleVersion, ProbePath};
 use tracing::{info, warn};
 
@@ -45,9 +45,11 @@ use crate::store::backend::{Backend, Staging};
 use crate::store::verified::VerifiedStore;
 use crate::store::{ModuleSummary, ProbeReader, StoredProbe};
 
+use entry::stored;
 use format::{load_or_create_key, lock_data_dir, remove_leftovers, sync_dir};
 use index::load_index;
 use reader::open_probe;
+use state::Inner;
 use writer::{FsStaging, available_bytes};
 
 /// Settings of the embedded store.
@@ -64,30 +66,6 @@ pub type FilesystemStore = VerifiedStore<FilesystemBackend>;
 /// Probes as files under a data directory.
 pub struct FilesystemBackend {
     inner: Arc<Inner>,
-}
-
-struct Inner {
-    data_dir: PathBuf,
-    probes_dir: PathBuf,
-    tmp_dir: PathBuf,
-    index: Mutex<BTreeMap<ProbePath, Entry>>,
-    next_temp: AtomicU64,
-    /// Authenticates ListProbes page tokens; kept in the data directory so
-    /// that tokens stay valid across restarts.
-    page_token_key: [u8; 32],
-    /// Whether commits are fsync'd and a snapshot left on close (false for
-    /// a cache that starts empty, `open_cache`).
-    durable: bool,
-    /// Held for the life of the store: the exclusive lock on the directory.
-    _lock: File,
-}
-
-#[derive(Clone, Copy, PartialEq, Eq)]
-struct Entry {
-    size: u64,
-    sha256: Sha256Digest,
-    /// `None` for probes written before the store recorded CRC-32s.
-    crc32: Option<u32>,
 }
 
 impl FilesystemStore {
@@ -163,38 +141,6 @@ impl FilesystemBackend {
                 _lock: lock,
             }),
         })
-    }
-}
-
-/// A closing store leaves a snapshot of its index, so that the next start
-/// reads no probe headers: after an upload that ended less than a second
-/// before, it first waits out the rest of that second (see `snapshot`).
-impl Drop for Inner {
-    fn drop(&mut self) {
-        if !self.durable {
-            return;
-        }
-        let index = self.index.get_mut().unwrap_or_else(|poisoned| poisoned.into_inner());
-        std::thread::sleep(snapshot::quiet_wait(&self.probes_dir, index));
-        if let Err(error) = snapshot::write(&self.data_dir, &self.probes_dir, index) {
-            warn!(%error, "could not write the index snapshot; the next start reads every probe");
-        }
-    }
-}
-
-impl Inner {
-    fn index(&self) -> std::sync::MutexGuard<'_, BTreeMap<ProbePath, Entry>> {
-        // A panic while holding the lock cannot leave the map half-updated
-        // (each change is one insert), so a poisoned lock is still usable.
-        self.index.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
-    fn final_path(&self, path: &ProbePath) -> PathBuf {
-        self.probes_dir.join(path.module_version().as_str()).join(path.file_name().as_str())
-    }
-
-    fn entry(&self, path: &ProbePath) -> Option<Entry> {
-        self.index().get(path).copied()
     }
 }
 
@@ -314,8 +260,4 @@ fn remove_probe(inner: &Inner, path: &ProbePath) -> Result<bool> {
         sync_dir(dir).map_err(|e| Error::io(format!("syncing the directory of {path}"), e))?;
     }
     Ok(true)
-}
-
-fn stored(path: ProbePath, entry: Entry) -> StoredProbe {
-    StoredProbe { path, size: entry.size, sha256: entry.sha256, crc32: entry.crc32 }
 }

@@ -13,8 +13,8 @@ use tokio::task::JoinHandle;
 use crate::error::{Error, Result};
 use crate::store::ProbeReader;
 
+use super::entry::stored;
 use super::format::read_header;
-use super::stored;
 
 /// Size of the chunks a probe is read in for serving.
 pub const READ_CHUNK: usize = 256 * 1024;

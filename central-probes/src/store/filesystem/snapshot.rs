@@ -21,7 +21,7 @@ use probe_api::digest::Sha256Digest;
 use probe_api::names::ProbePath;
 use tracing::warn;
 
-use super::Entry;
+use super::entry::Entry;
 use super::format::sync_dir;
 
 const FILE: &str = "index.snapshot";

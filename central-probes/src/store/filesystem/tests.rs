@@ -8,6 +8,7 @@ use probe_api::digest::Sha256Digest;
 use probe_api::names::{ModuleVersion, ProbePath};
 use tonic::Code;
 
+use super::entry::Entry;
 use super::format::header;
 use super::*;
 use crate::error::Result;

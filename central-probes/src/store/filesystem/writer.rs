@@ -19,8 +19,9 @@ use crate::error::{Error, Result};
 use crate::store::backend::{Staged, Staging};
 use crate::store::{CommitOutcome, Decision, StoredProbe, overwrite_rule, report_taken};
 
+use super::entry::{Entry, stored};
 use super::format::{HEADER_LEN, header, sync_dir};
-use super::{Entry, Inner};
+use super::state::Inner;
 
 /// Chunks queued between the network and the writing thread of one file.
 pub(super) const WRITE_QUEUE: usize = 16;
@@ -114,7 +115,7 @@ impl Staging for FsStaging {
 #[tonic::async_trait]
 impl Staged for FsStaged {
     async fn existing(&self) -> Result<Option<StoredProbe>> {
-        Ok(self.inner.index().get(&self.path).map(|&entry| super::stored(self.path.clone(), entry)))
+        Ok(self.inner.index().get(&self.path).map(|&entry| stored(self.path.clone(), entry)))
     }
 
     async fn prepare(&mut self, probe: &StoredProbe) -> Result<()> {

@@ -11,7 +11,9 @@ use tokio_postgres::NoTls;
 use tonic::Code;
 use tracing::warn;
 
-use super::{CHANGES_CHANNEL, Connector, PostgresBackend, db_error};
+use super::PostgresBackend;
+use super::connection::{Connector, db_error};
+use super::rows::CHANGES_CHANNEL;
 use crate::error::{Error, Result};
 use crate::store::read_through::RecordChange;
 

@@ -3,6 +3,7 @@
 //! to the pool open, and statements prepared once per connection.
 
 use std::str::FromStr;
+use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime};
 use probe_api::errors::chain;
@@ -11,8 +12,23 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::{NoTls, Row, SimpleQueryMessage};
 use tonic::Code;
 
-use super::{PostgresConfig, tls};
+use super::tls;
 use crate::error::{Error, Result};
+
+/// Settings of the PostgreSQL store.
+#[derive(Clone, Debug)]
+pub struct PostgresConfig {
+    /// `postgres://USER@HOST:PORT/DB` (or key=value form).
+    pub url: String,
+    /// Connections at most; each file being uploaded or probe being read
+    /// from the database holds one.
+    pub max_connections: usize,
+    /// Longest a statement may run, and a caller may wait for a connection.
+    pub statement_timeout: Duration,
+    /// Connect over TLS, verifying the server against these CA certificates
+    /// (PEM) and the host name (`tls.rs`); plain TCP when `None`.
+    pub ca_pem: Option<Vec<u8>>,
+}
 
 /// Plain TCP or verified TLS.
 #[derive(Clone)]

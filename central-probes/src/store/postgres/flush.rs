@@ -21,7 +21,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use deadpool_postgres::Object;
 use tokio::sync::Mutex;
 
-use super::db_error;
+use super::connection::db_error;
 use crate::error::Result;
 
 /// Makes earlier asynchronous commits durable, many at a time.

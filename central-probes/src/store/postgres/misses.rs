@@ -9,10 +9,10 @@ use probe_api::limits::{MAX_MISS_CLIENTS, MAX_MISSES};
 use probe_api::names::ProbePath;
 use tokio_postgres::Row;
 
-use super::{db_error, get};
+use super::connection::{db_error, get};
 use crate::error::{Error, Result};
-use crate::misses::{Miss, MissLog, Resolved, Resolver};
-use crate::server::client_id::ClientId;
+use crate::store::client_id::ClientId;
+use crate::store::misses::{Miss, MissLog, Resolved, Resolver};
 
 /// The `probe_misses` table.
 pub struct DatabaseMisses {

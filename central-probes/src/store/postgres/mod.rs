@@ -22,6 +22,7 @@ mod changes;
 mod connection;
 mod flush;
 mod misses;
+mod rows;
 mod schema;
 #[cfg(any(test, feature = "testing"))]
 pub mod test_cluster;
@@ -35,14 +36,11 @@ use writer::PgStaging;
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::Bytes;
 use deadpool_postgres::{Object, Pool};
-use probe_api::digest::Sha256Digest;
 use probe_api::names::{ModuleVersion, ProbePath};
 use tokio::sync::mpsc;
-use tokio_postgres::Row;
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::error::{Error, Result};
@@ -50,30 +48,15 @@ use crate::store::backend::{Backend, Staging};
 use crate::store::verified::VerifiedStore;
 use crate::store::{ModuleSummary, ProbeReader, StoredProbe};
 
-use connection::{Connector, InTransaction, db_error, execute, get, make_pool, prepare, query, query_opt, settings};
+use connection::{Connector, InTransaction, db_error, execute, get, make_pool, query, query_opt, settings};
 use flush::GroupFlush;
+use rows::{CHANGES_CHANNEL, COLUMNS, NOTIFY, stored};
 
+pub use connection::PostgresConfig;
 pub use misses::DatabaseMisses;
+pub use rows::CHUNK_ROW;
 pub use schema::SCHEMA_VERSION;
 pub use tokens::DatabaseTokens;
-
-/// Bytes per chunk row: what a writer buffers, and what a reader holds.
-pub const CHUNK_ROW: usize = 256 * 1024;
-
-/// Settings of the PostgreSQL store.
-#[derive(Clone, Debug)]
-pub struct PostgresConfig {
-    /// `postgres://USER@HOST:PORT/DB` (or key=value form).
-    pub url: String,
-    /// Connections at most; each file being uploaded or probe being read
-    /// from the database holds one.
-    pub max_connections: usize,
-    /// Longest a statement may run, and a caller may wait for a connection.
-    pub statement_timeout: Duration,
-    /// Connect over TLS, verifying the server against these CA certificates
-    /// (PEM) and the host name (`tls.rs`); plain TCP when `None`.
-    pub ca_pem: Option<Vec<u8>>,
-}
 
 /// The PostgreSQL backend behind verification.
 pub type PostgresStore = VerifiedStore<PostgresBackend>;
@@ -86,12 +69,6 @@ pub struct PostgresBackend {
     /// How to open a connection of its own (the change listener's).
     settings: (tokio_postgres::Config, Connector),
 }
-
-/// The channel every commit and removal notifies with the probe's path.
-const CHANGES_CHANNEL: &str = "kprobes_changes";
-
-/// Tells `$1` that `$2` changed, when the transaction commits.
-const NOTIFY: &str = "SELECT pg_notify($1, $2)";
 
 impl PostgresStore {
     /// Connects, applies migrations and loads the shared page token key.
@@ -139,22 +116,6 @@ async fn load_or_create_key(client: &Object) -> Result<Vec<u8>> {
         .map_err(|e| db_error("reading the page token key", e))?;
     Ok(row.get(0))
 }
-
-fn stored(row: &Row) -> Result<StoredProbe> {
-    let bad = |what: &str| Error::internal(format!("the database holds a bad {what}"));
-    let path: String = row.get("path");
-    let size: i64 = row.get("size");
-    let sha256: Vec<u8> = row.get("sha256");
-    let crc32: Option<i64> = row.get("crc32");
-    Ok(StoredProbe {
-        path: ProbePath::parse(&path).map_err(|_| bad("path"))?,
-        size: u64::try_from(size).map_err(|_| bad("size"))?,
-        sha256: Sha256Digest(sha256.try_into().map_err(|_| bad("SHA-256"))?),
-        crc32: crc32.map(|crc| u32::try_from(crc).map_err(|_| bad("CRC-32"))).transpose()?,
-    })
-}
-
-const COLUMNS: &str = "path, size, sha256, crc32";
 
 #[tonic::async_trait]
 impl Backend for PostgresBackend {

@@ -72,7 +72,7 @@ const MIGRATION_LOCK: i64 = 0x6b70_726f_6265_7331; // "kprobes1"
 
 /// Brings the database to `SCHEMA_VERSION`, or refuses one that is newer.
 pub async fn migrate(client: &mut Client) -> Result<()> {
-    let db_error = |what: &'static str| move |e: tokio_postgres::Error| super::db_error(what, e);
+    let db_error = |what: &'static str| move |e: tokio_postgres::Error| super::connection::db_error(what, e);
     client.execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK]).await.map_err(db_error("locking migrations"))?;
     let migrated = apply(client).await;
     let unlocked = client.execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK]).await;
@@ -82,7 +82,7 @@ pub async fn migrate(client: &mut Client) -> Result<()> {
 }
 
 async fn apply(client: &mut Client) -> Result<()> {
-    let db_error = |what: &'static str| move |e: tokio_postgres::Error| super::db_error(what, e);
+    let db_error = |what: &'static str| move |e: tokio_postgres::Error| super::connection::db_error(what, e);
     client
         .batch_execute(
             "CREATE TABLE IF NOT EXISTS kprobes_schema (

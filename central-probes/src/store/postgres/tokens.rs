@@ -7,9 +7,10 @@ use deadpool_postgres::Pool;
 use probe_api::digest::Sha256Digest;
 use tracing::warn;
 
-use super::{PostgresConfig, db_error, get, make_pool, schema, settings};
+use super::connection::{PostgresConfig, db_error, get, make_pool, settings};
+use super::schema;
 use crate::error::{Error, Result};
-use crate::server::auth::{Role, SHARED_REFRESH, SharedTokens, TokenRecord, name_taken, new_token};
+use crate::store::tokens::{Role, SHARED_REFRESH, SharedTokens, TokenRecord, name_taken, new_token};
 
 /// The `api_tokens` table.
 #[derive(Clone)]

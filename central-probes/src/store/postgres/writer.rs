@@ -8,10 +8,9 @@ use std::sync::Arc;
 use tokio::sync::oneshot;
 use tokio_postgres::types::ToSql;
 
+use super::connection::{InTransaction, db_error, execute, prepare, query_opt};
 use super::flush::GroupFlush;
-use super::{
-    CHANGES_CHANNEL, CHUNK_ROW, COLUMNS, InTransaction, NOTIFY, db_error, execute, prepare, query_opt, stored,
-};
+use super::rows::{CHANGES_CHANNEL, CHUNK_ROW, COLUMNS, NOTIFY, stored};
 use crate::error::{Error, Result};
 use crate::store::backend::{Staged, Staging};
 use crate::store::{CommitOutcome, Decision, StoredProbe, overwrite_rule, report_taken};
