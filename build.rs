@@ -8,6 +8,8 @@ const PROTO_FILES: &[&str] = &[
     "proto/kprobes/v1/probe.proto",
     "proto/kprobes/v1/probe_service.proto",
     "proto/kprobes/v1/probe_upload_service.proto",
+    // The product's upload API, served for its unmodified `roxctl`.
+    "proto/v1/probe_upload_service.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

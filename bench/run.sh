@@ -57,7 +57,7 @@ if [ ! -f "$PACKAGE" ]; then
   "$BIN/make-package" --out "$PACKAGE" --kernels "$WORK/kernels.txt" --kernel-modules
 fi
 SIZE=$(stat -c %s "$PACKAGE")
-rm -rf "$WORK"/{pki,data,nginx,upstream,middle,scale,copy.zip,files} "$WORK"/*.log
+rm -rf "$WORK"/{pki,data,roxctl-data,nginx,upstream,middle,scale,copy.zip,files} "$WORK"/*.log
 # ext4 without a journal (as on the machines this runs on) skips every inode
 # freed in the last 60 s when it allocates a new one, checking each: the
 # upload, which creates 16,256 files, would pay for the tens of thousands
@@ -112,6 +112,18 @@ central_cpu=$(secs "$c0" "$(cpu_of "$MAIN_PID")"); central_rss=$(hwm_mib "$MAIN_
 read -r re_s re_rss <"$WORK/time2.txt"
 grep -q "Nothing to do" "$WORK/reupload.out" && re_bytes=0 || re_bytes="see $WORK/reupload.out"
 re_read=$(sed -n 's/^Read \([0-9]*\) bytes of the package\./\1/p' "$WORK/reupload.err")
+# The product's unmodified roxctl, as probe-bench roxctl-upload speaks its
+# wire protocol (GetExistingProbes of v1, then POST
+# /api/extensions/probeupload), into a second fresh Central.
+rx_token=$("$BIN/central-probes" token create --data-dir "$WORK/roxctl-data" --role admin --name bench 2>/dev/null)
+start_central "$WORK/roxctl-data" "$PKI"
+RX_PID=$CENTRAL_PID
+c0=$(cpu_of "$RX_PID")
+/usr/bin/time -f "%e %M %U %S" -o "$WORK/time-roxctl.txt" "$BIN/probe-bench" roxctl-upload --package "$PACKAGE" \
+  --address "$CENTRAL_ADDR" --ca "$PKI/ca.pem" --token "$rx_token" >"$WORK/roxctl.out"
+read -r rx_s rx_rss rx_u rx_s2 <"$WORK/time-roxctl.txt"
+rx_cpu=$(secs "$c0" "$(cpu_of "$RX_PID")"); rx_central_rss=$(hwm_mib "$RX_PID")
+kill "$RX_PID"
 durability=$("$BIN/probe-bench" durability --dir "$WORK" --files 2000 --size 130000 --group 64)
 
 # nginx: static files for serving, WebDAV PUT for the upload, mutual TLS, HTTP/2.
@@ -176,9 +188,11 @@ cmp -s "$PACKAGE" "$WORK/nginx/upload/pkg.zip" || echo "warning: nginx stored a 
   echo "| nginx PUT over HTTPS mTLS (curl -T), no fsync | $ng_s | $(mbps "$SIZE" "$ng_s") | 1.00x | $(ratio "$cp_s" "$ng_s") | $nginx_rss / $((curl_rss / 1024)) | $nginx_cpu / $(awk -v a="$curl_u" -v b="$curl_s" 'BEGIN{print a+b}') |"
   echo "| central-probes upload, every probe verified and fsync'd | $up_s | $(mbps "$SIZE" "$up_s") | $(ratio "$ng_s" "$up_s") | $(ratio "$cp_s" "$up_s") | $central_rss / $((up_rss / 1024)) | $central_cpu / $(awk -v a="$up_u" -v b="$up_s2" 'BEGIN{print a+b}') |"
   echo "| re-upload, unchanged package | $re_s | | | | - / $((re_rss / 1024)) | |"
+  echo "| roxctl's wire protocol (probe-bench roxctl-upload) to /api/extensions/probeupload, every probe verified and fsync'd | $rx_s | $(mbps "$SIZE" "$rx_s") | $(ratio "$ng_s" "$rx_s") | $(ratio "$cp_s" "$rx_s") | $rx_central_rss / $((rx_rss / 1024)) | $rx_cpu / $(awk -v a="$rx_u" -v b="$rx_s2" 'BEGIN{print a+b}') |"
   echo
   echo "Re-upload: probe bytes sent: $re_bytes; package bytes read: $re_read of $SIZE; time $(awk -v a="$re_s" -v b="$up_s" 'BEGIN { printf "%.3f", a / b }') of the first upload."
   echo "First upload vs SHA-256 on all cores: $(ratio "$sha_all_s" "$up_s")."
+  echo "roxctl's upload through the product route vs central-probes upload: $(ratio "$up_s" "$rx_s") of its rate."
   per_gb() { awk -v c="$1" -v b="$SIZE" 'BEGIN { printf "%.2f", c / (b / 1e9) }'; }
   echo "CPU seconds per GB of package in the first upload: uploader $(per_gb "$(awk -v a="$up_u" -v b="$up_s2" 'BEGIN{print a+b}')"), Central $(per_gb "$central_cpu"), nginx $(per_gb "$nginx_cpu")."
   echo
@@ -207,11 +221,16 @@ sed 's|^|kernel-objects/|' "$WORK/paths.txt" >"$WORK/route-paths.txt"
 # A cluster's nodes run a handful of kernels: 16 probes take every request.
 shuf -n 16 --random-source=<(yes) "$WORK/paths.txt" >"$WORK/hot-paths.txt"
 sed 's|^|kernel-objects/|' "$WORK/hot-paths.txt" >"$WORK/hot-route-paths.txt"
-for mode in long-lived new-per-request hot-16-probes; do
+# new-full-handshake: a new connection per request without TLS session
+# resumption in the plain client, as a Collector starting makes it (tonic's
+# client, G, never resumes; in new-per-request, P, the route and nginx do).
+for mode in long-lived new-per-request hot-16-probes new-full-handshake; do
   flag=(); [ "$mode" = new-per-request ] && flag=(--new-connection-per-request)
+  [ "$mode" = new-full-handshake ] && flag=(--new-connection-per-request --full-handshakes)
   paths="$WORK/paths.txt"; [ "$mode" = hot-16-probes ] && paths="$WORK/hot-paths.txt"
   route_paths="$WORK/route-paths.txt"; [ "$mode" = hot-16-probes ] && route_paths="$WORK/hot-route-paths.txt"
-  for c in 1 16 64 256; do
+  counts=(1 16 64 256); [ "$mode" = new-full-handshake ] && counts=(1)
+  for c in "${counts[@]}"; do
     c0=$(cpu_of "$MAIN_PID")
     g=$("$BIN/probe-bench" load --protocol grpc --address "$MAIN_ADDR" "${TLS[@]}" --paths "$paths" \
       --concurrency "$c" --seconds "$SECONDS_PER_RUN" "${flag[@]}" 2>>"$WORK/load.err")

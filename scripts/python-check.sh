@@ -34,7 +34,7 @@ TLS=(-cacert "$WORK/pki/ca.pem")
 echo "grpcurl: services through reflection"
 SERVICES=$("$GRPCURL" "${TLS[@]}" "$CENTRAL_ADDR" list)
 echo "$SERVICES"
-for service in kprobes.v1.ProbeService kprobes.v1.ProbeUploadService grpc.health.v1.Health; do
+for service in kprobes.v1.ProbeService kprobes.v1.ProbeUploadService v1.ProbeUploadService grpc.health.v1.Health; do
   grep -qx "$service" <<<"$SERVICES" || { echo "reflection does not list $service" >&2; exit 1; }
 done
 echo "grpcurl: ListProbes"

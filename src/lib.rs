@@ -20,5 +20,14 @@ pub mod v1 {
     tonic::include_proto!("kprobes.v1");
 }
 
+/// The product's own upload API (`proto/v1`, package `v1`), which Central
+/// serves for the product's unmodified `roxctl`.
+#[allow(clippy::all)]
+pub mod product {
+    pub mod v1 {
+        tonic::include_proto!("v1");
+    }
+}
+
 /// The encoded descriptor set of `proto/`, served by gRPC reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("kprobes_descriptor");

@@ -43,3 +43,10 @@ pub const MAX_MISSES: usize = 1_000;
 
 /// Distinct clients counted per miss; more are not told apart.
 pub const MAX_MISS_CLIENTS: usize = 1_000;
+
+/// Bytes of the manifest that starts a product-style upload
+/// (`/api/extensions/probeupload`): 16,256 files take about 1.3 MB.
+pub const MAX_MANIFEST_BYTES: usize = 16 << 20;
+/// Files one product-style upload may list: a real package has about
+/// 16,500 entries.
+pub const MAX_MANIFEST_FILES: usize = 65_536;

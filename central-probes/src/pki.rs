@@ -1,5 +1,6 @@
 //! A development PKI made with rcgen: a cluster CA, Central's server
-//! certificate (valid for localhost and 127.0.0.1) and a Collector client
+//! certificate (valid for the names the product's clients check, the
+//! loopback names and a site's own, `SERVER_NAMES`) and a Collector client
 //! identity. `central-probes pki init --out DIR` writes it; tests make their
 //! own at run time.
 
@@ -84,13 +85,23 @@ impl CertificateAuthority {
     }
 }
 
-/// Writes a development PKI into `out`: `ca.pem`, `ca-key.pem`,
+/// The names of Central's certificate: those the product's unmodified
+/// clients check (roxctl checks `central.stackrox` when given an IP
+/// address; Collectors default `SNI_HOSTNAME` to `sensor.stackrox.svc`),
+/// and the loopback names.
+pub const SERVER_NAMES: &[&str] =
+    &["central.stackrox", "central.stackrox.svc", "sensor.stackrox.svc", "localhost", "127.0.0.1"];
+
+/// Writes a development PKI into `out`, the server certificate valid for
+/// `SERVER_NAMES` and `extra_names`: `ca.pem`, `ca-key.pem`,
 /// `server.pem`, `server-key.pem`, `collector.pem`, `collector-key.pem`.
 /// Private keys are readable by their owner only.
-pub fn init(out: &Path) -> std::io::Result<()> {
+pub fn init(out: &Path, extra_names: &[String]) -> std::io::Result<()> {
     let error = |e: rcgen::Error| std::io::Error::other(format!("making certificates: {e}"));
     let ca = CertificateAuthority::new("central-probes development CA").map_err(error)?;
-    let server = ca.issue_server(&["localhost", "127.0.0.1"]).map_err(error)?;
+    let mut names: Vec<&str> = SERVER_NAMES.to_vec();
+    names.extend(extra_names.iter().map(String::as_str).filter(|name| !SERVER_NAMES.contains(name)));
+    let server = ca.issue_server(&names).map_err(error)?;
     let collector = ca.issue_client("collector").map_err(error)?;
     fs::create_dir_all(out)?;
     write_file(&out.join("ca.pem"), &ca.cert_pem, 0o644)?;
@@ -115,7 +126,7 @@ mod tests {
     fn init_writes_all_six_files_with_private_keys_kept_private() {
         use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
-        init(dir.path()).unwrap();
+        init(dir.path(), &[]).unwrap();
         for name in ["ca.pem", "server.pem", "collector.pem"] {
             let text = fs::read_to_string(dir.path().join(name)).unwrap();
             assert!(text.starts_with("-----BEGIN CERTIFICATE-----"), "{name}");
@@ -125,5 +136,28 @@ mod tests {
             assert!(fs::read_to_string(&path).unwrap().contains("PRIVATE KEY"));
             assert_eq!(fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600, "{name}");
         }
+    }
+
+    #[test]
+    fn the_server_certificate_holds_the_names_unmodified_clients_check_and_a_sites_own() {
+        use rustls::client::danger::ServerCertVerifier;
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+        crate::server::install_crypto_provider();
+        let dir = tempfile::tempdir().unwrap();
+        init(dir.path(), &["probes.example.com".to_owned(), "10.1.2.3".to_owned()]).unwrap();
+        let read = |name: &str| fs::read(dir.path().join(name)).unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(CertificateDer::from_pem_slice(&read("ca.pem")).unwrap()).unwrap();
+        let verifier = rustls::client::WebPkiServerVerifier::builder(std::sync::Arc::new(roots)).build().unwrap();
+        let server = CertificateDer::from_pem_slice(&read("server.pem")).unwrap();
+        let verify = |name: &str| {
+            let name = ServerName::try_from(name.to_owned()).unwrap();
+            verifier.verify_server_cert(&server, &[], &name, &[], UnixTime::now()).is_ok()
+        };
+        for name in SERVER_NAMES.iter().copied().chain(["probes.example.com", "10.1.2.3"]) {
+            assert!(verify(name), "{name}");
+        }
+        assert!(!verify("central.example.com"), "no other name");
     }
 }

@@ -33,6 +33,16 @@ pub(crate) fn rustls_config(tls: &Tls) -> rustls::ClientConfig {
     config
 }
 
+/// A TLS client trusting the CA `ca_pem`, presenting no certificate (an
+/// admin tool with a token).
+pub(crate) fn plain_tls_config(ca_pem: &[u8]) -> rustls::ClientConfig {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(ca_pem) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth()
+}
+
 pub(crate) enum Client {
     Grpc {
         address: String,

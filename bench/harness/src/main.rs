@@ -7,6 +7,7 @@
 
 mod durability;
 mod load;
+mod roxctl;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -75,6 +76,24 @@ enum Command {
         /// time (to warm a cache).
         #[arg(long)]
         each_once: bool,
+        /// No TLS session resumption in the plain HTTP/2 client: every new
+        /// connection makes a full handshake, as a Collector starting does
+        /// (tonic's client, a new one per connection, never resumes).
+        #[arg(long)]
+        full_handshakes: bool,
+    },
+    /// Uploads a package as the product's roxctl does: GetExistingProbes of
+    /// v1.ProbeUploadService, then POST /api/extensions/probeupload.
+    RoxctlUpload {
+        #[arg(long)]
+        package: PathBuf,
+        #[arg(long)]
+        address: String,
+        #[arg(long)]
+        ca: PathBuf,
+        /// An admin token.
+        #[arg(long)]
+        token: String,
     },
     /// Many clients, each on a new connection, ask for one probe at once.
     Fanout {
@@ -145,12 +164,17 @@ async fn main() {
             seconds,
             new_connection_per_request,
             each_once,
+            full_handshakes,
         } => {
             let paths: Vec<String> = std::fs::read_to_string(&paths).unwrap().lines().map(String::from).collect();
+            let mut config = rustls_config(&tls);
+            if full_handshakes {
+                config.resumption = rustls::client::Resumption::disabled();
+            }
             let client = match protocol {
                 Protocol::Grpc => Client::Grpc { address, tls: client_tls(&tls) },
-                Protocol::GrpcPlain => Client::GrpcPlain { address, config: Arc::new(rustls_config(&tls)) },
-                Protocol::Https => Client::Https { address, config: Arc::new(rustls_config(&tls)) },
+                Protocol::GrpcPlain => Client::GrpcPlain { address, config: Arc::new(config) },
+                Protocol::Https => Client::Https { address, config: Arc::new(config) },
             };
             load(Arc::new(client), Arc::new(paths), concurrency, seconds, new_connection_per_request, each_once).await;
         }
@@ -160,6 +184,9 @@ async fn main() {
             fill(&data_dir, probes, module_versions, &paths_out).await
         }
         Command::Durability { dir, files, size, group } => durability::run(&dir, files, size, group),
+        Command::RoxctlUpload { package, address, ca, token } => {
+            roxctl::upload(&package, &address, read(&ca), &token).await
+        }
     }
 }
 

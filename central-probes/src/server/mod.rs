@@ -17,6 +17,8 @@ pub mod metrics;
 pub mod page_token;
 pub mod probe_service;
 pub mod probe_slots;
+pub mod product_api;
+pub mod product_upload;
 pub mod sources;
 pub mod upload_service;
 pub mod upload_session;
@@ -27,6 +29,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use probe_api::limits::MAX_REQUEST_MESSAGE;
+use probe_api::product::v1::probe_upload_service_server::ProbeUploadServiceServer as ProductServer;
 use probe_api::v1::probe_upload_service_server::ProbeUploadServiceServer;
 use tokio::net::TcpListener;
 use tonic::codegen::InterceptedService;
@@ -40,6 +43,7 @@ use crate::server::auth::TokenAuth;
 use crate::server::metrics::Metrics;
 use crate::server::probe_service::ProbeServing;
 use crate::server::probe_slots::ProbeSlots;
+use crate::server::product_api::{ProductUploadService, ProductUploads};
 use crate::server::sources::{ProbeSource, SourceChain, UploadedProbes};
 use crate::server::upload_service::UploadService;
 use crate::server::upstream::UpstreamSource;
@@ -267,6 +271,20 @@ async fn serve(central: Central, listener: TcpListener, shutdown: impl Future<Ou
         limits.probe_stream_wait,
         misses.clone(),
     ));
+    let product = Arc::new(ProductUploads {
+        store: store.clone(),
+        auth: auth.clone(),
+        metrics: metrics.clone(),
+        misses: misses.clone(),
+    });
+    let product_grpc = ProductServer::new(ProductUploadService(product.clone()))
+        .max_decoding_message_size(MAX_REQUEST_MESSAGE)
+        .max_encoding_message_size(MAX_REQUEST_MESSAGE);
+    let product_auth = auth.clone();
+    let product_grpc = InterceptedService::new(product_grpc, move |request: tonic::Request<()>| {
+        product_auth.authorize(request.metadata(), Role::View).map_err(tonic::Status::from)?;
+        Ok(request)
+    });
     let upload = ProbeUploadServiceServer::new(UploadService::new(
         store,
         record,
@@ -285,21 +303,27 @@ async fn serve(central: Central, listener: TcpListener, shutdown: impl Future<Ou
         Ok(request)
     });
 
-    let routes =
-        Routes::new(health_service).add_service(reflection_v1).add_service(reflection_v1alpha).add_service(upload);
+    let routes = Routes::new(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(upload)
+        .add_service(product_grpc);
     info!(%address, "listening on {address}");
     metrics.set_ready(true);
     let shutdown = async {
         shutdown.await;
         metrics.set_ready(false);
     };
-    connections::serve(listener, tls, routes, serving, limits, shutdown).await;
+    connections::serve(listener, tls, routes, serving, product, limits, shutdown).await;
     if let Err(error) = misses.flush().await {
         warn!(%error, "could not record the last misses");
     }
     info!("server stopped");
     Ok(())
 }
+
+/// The product's ALPN name for HTTP/2 carrying only gRPC.
+pub const PRODUCT_ALPN_HTTP2: &[u8] = b"https://alpn.stackrox.io/#pure-grpc";
 
 /// Central's TLS: its identity, and client certificates verified against
 /// the cluster CA but optional at this level, since admins authenticate
@@ -325,7 +349,12 @@ fn tls_config(tls: &TlsMaterial) -> Result<Arc<rustls::ServerConfig>> {
         .with_client_cert_verifier(verifier)
         .with_single_cert(certs, key)
         .map_err(|e| invalid("the certificate and key", &e))?;
-    // HTTP/1.1 for the HTTPS probe route's older clients; gRPC needs h2.
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    // HTTP/1.1 for the HTTPS probe route's older clients and
+    // `roxctl --force-http1`; gRPC needs h2. The product's roxctl offers
+    // its own name for HTTP/2 first and refuses a server that selects
+    // none: rustls picks the first of these the client offers, so roxctl
+    // gets h2, and a client offering only the product's name gets that
+    // (HTTP/2 is told by its preface either way).
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec(), PRODUCT_ALPN_HTTP2.to_vec()];
     Ok(Arc::new(config))
 }

@@ -57,45 +57,6 @@ impl UploadService {
         UploadService { store, misses, auth, metrics, page_tokens, exports, summarizing: Default::default() }
     }
 
-    /// The audit record of a finished upload: who (token name and role,
-    /// client address), what (counts, and each overwritten file).
-    fn record_upload(&self, response: &UploadProbesResponse, caller: &Caller, client: &str) {
-        info!(
-            token = %caller.name,
-            role = %caller.role,
-            client,
-            stored = response.stored_count,
-            identical = response.identical_count,
-            conflicts = response.conflict_count,
-            overwritten = response.overwritten_count,
-            bytes = response.bytes_received,
-            "upload finished"
-        );
-        for result in &response.results {
-            if result.outcome() == FileOutcome::Overwritten {
-                info!(token = %caller.name, role = %caller.role, client, path = %result.path, "probe overwritten");
-            }
-        }
-        let audit = |action| AuditLabels { token: caller.name.clone(), action };
-        self.metrics.changes_by_token.get_or_create(&audit("upload")).inc();
-        if response.overwritten_count > 0 {
-            self.metrics
-                .changes_by_token
-                .get_or_create(&audit("overwrite"))
-                .inc_by(u64::from(response.overwritten_count));
-        }
-        self.metrics.upload_bytes.inc_by(response.bytes_received);
-        for (outcome, count) in [
-            ("stored", response.stored_count),
-            ("identical", response.identical_count),
-            ("conflict", response.conflict_count),
-            ("overwritten", response.overwritten_count),
-        ] {
-            let labels = OutcomeLabels { outcome };
-            self.metrics.upload_files.get_or_create(&labels).inc_by(u64::from(count));
-        }
-    }
-
     /// Counts the call under its final status code.
     fn counted<T>(&self, rpc: &'static str, result: Result<T>) -> Result<Response<T>, Status> {
         let code = result.as_ref().map_or_else(|e| e.code, |_| tonic::Code::Ok);
@@ -254,6 +215,50 @@ fn miss_of(miss: &Miss) -> ProbeMiss {
     }
 }
 
+/// The audit record of a finished upload, whichever API it came through
+/// (`via`): who (token name and role, client address), what (counts, and
+/// each overwritten file).
+pub(crate) fn record_upload(
+    metrics: &Metrics,
+    response: &UploadProbesResponse,
+    caller: &Caller,
+    client: &str,
+    via: &str,
+) {
+    info!(
+        token = %caller.name,
+        role = %caller.role,
+        client,
+        via,
+        stored = response.stored_count,
+        identical = response.identical_count,
+        conflicts = response.conflict_count,
+        overwritten = response.overwritten_count,
+        bytes = response.bytes_received,
+        "upload finished"
+    );
+    for result in &response.results {
+        if result.outcome() == FileOutcome::Overwritten {
+            info!(token = %caller.name, role = %caller.role, client, via, path = %result.path, "probe overwritten");
+        }
+    }
+    let audit = |action| AuditLabels { token: caller.name.clone(), action };
+    metrics.changes_by_token.get_or_create(&audit("upload")).inc();
+    if response.overwritten_count > 0 {
+        metrics.changes_by_token.get_or_create(&audit("overwrite")).inc_by(u64::from(response.overwritten_count));
+    }
+    metrics.upload_bytes.inc_by(response.bytes_received);
+    for (outcome, count) in [
+        ("stored", response.stored_count),
+        ("identical", response.identical_count),
+        ("conflict", response.conflict_count),
+        ("overwritten", response.overwritten_count),
+    ] {
+        let labels = OutcomeLabels { outcome };
+        metrics.upload_files.get_or_create(&labels).inc_by(u64::from(count));
+    }
+}
+
 #[tonic::async_trait]
 impl ProbeUploadService for UploadService {
     #[instrument(skip_all, fields(paths = request.get_ref().paths.len()))]
@@ -283,7 +288,7 @@ impl ProbeUploadService for UploadService {
             info!(token = %caller.name, role = %caller.role, client, code = ?error.code, %error, "upload failed")
         });
         if let Ok(response) = &result {
-            self.record_upload(response, &caller, &client);
+            record_upload(&self.metrics, response, &caller, &client, "UploadProbes");
             // Every path of the response is stored now, whatever its outcome.
             let paths: Vec<ProbePath> =
                 response.results.iter().filter_map(|r| ProbePath::parse(&r.path).ok()).collect();

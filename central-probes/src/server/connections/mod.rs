@@ -28,6 +28,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 
 use crate::server::probe_service::ProbeServing;
+use crate::server::product_api::ProductUploads;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 use tokio_rustls::TlsAcceptor;
@@ -102,6 +103,7 @@ pub async fn serve(
     tls: Arc<rustls::ServerConfig>,
     routes: Routes,
     probes: Arc<ProbeServing>,
+    product: Arc<ProductUploads>,
     limits: ConnectionLimits,
     shutdown: impl Future<Output = ()>,
 ) {
@@ -128,6 +130,7 @@ pub async fn serve(
         acceptor: TlsAcceptor::from(tls),
         routes: routes.prepare(),
         probes,
+        product,
         limits,
         registry: Arc::new(Registry::default()),
     });
@@ -174,6 +177,7 @@ struct ConnectionContext {
     acceptor: TlsAcceptor,
     routes: Routes,
     probes: Arc<ProbeServing>,
+    product: Arc<ProductUploads>,
     limits: ConnectionLimits,
     registry: Arc<Registry>,
 }
@@ -210,6 +214,7 @@ impl ConnectionContext {
         let service = ConnectionService {
             routes: self.routes.clone(),
             probes: self.probes.clone(),
+            product: self.product.clone(),
             asker: asker_of(&connect_info),
             connect_info,
             handle: handle.clone(),

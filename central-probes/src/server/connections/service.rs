@@ -1,5 +1,7 @@
-//! The HTTP service of one connection: GetProbe (`get_probe_direct`) and
-//! the HTTPS probe route (`kernel_objects`), else tonic's routes with the connection's TLS facts
+//! The HTTP service of one connection: GetProbe (`get_probe_direct`), the
+//! HTTPS probe route (`kernel_objects`), the product's upload route
+//! (`product_upload`) and gRPC-web (`product_api`), else tonic's routes
+//! with the connection's TLS facts
 //! and handle in every request, requests in flight counted for
 //! the idle timeout, and tonic's pre-handler errors recoded as the API
 //! documents them.
@@ -22,7 +24,8 @@ use tonic::transport::server::Connected;
 
 use super::handle::ConnectionHandle;
 use crate::server::probe_service::{Asker, ProbeServing};
-use crate::server::{get_probe_direct, kernel_objects};
+use crate::server::product_api::{self, ProductUploads};
+use crate::server::{get_probe_direct, kernel_objects, product_upload};
 use crate::store::client_id::ClientId;
 
 /// Requests in flight on a connection and when the last one ended.
@@ -81,6 +84,8 @@ pub(super) struct ConnectionService {
     pub(super) routes: Routes,
     /// GetProbe and the HTTPS route, answered beside tonic.
     pub(super) probes: Arc<ProbeServing>,
+    /// The product's upload route and gRPC-web, answered beside tonic.
+    pub(super) product: Arc<ProductUploads>,
     pub(super) connect_info: ConnectInfo,
     /// Who is asking, for GetProbe and the HTTPS route.
     pub(super) asker: Asker,
@@ -101,6 +106,18 @@ impl hyper::service::Service<Request<Incoming>> for ConnectionService {
             response.map(|body| tonic::body::Body::new(TrackedBody { body, _in_flight: in_flight }))
         };
         let path = request.uri().path();
+        if path == product_upload::PATH || product_api::wants_grpc_web(&request) {
+            let product = self.product.clone();
+            let client = self.connect_info.get_ref().remote_addr().map_or_else(|| "unknown".into(), |a| a.to_string());
+            return Box::pin(async move {
+                let response = if product_api::wants_grpc_web(&request) {
+                    product_api::grpc_web(&product, request).await
+                } else {
+                    product_upload::handle(&product, request, client).await
+                };
+                Ok(track(response))
+            });
+        }
         let direct = path == get_probe_direct::PATH;
         if direct || path.starts_with(kernel_objects::PREFIX) {
             let probes = self.probes.clone();
