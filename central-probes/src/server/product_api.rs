@@ -205,6 +205,28 @@ fn grpc_web_response(message: Option<Vec<u8>>, status: &Status) -> Response<toni
 mod tests {
     use super::*;
 
+    #[test]
+    fn grpc_web_is_answered_to_grpc_web_and_to_roxctls_downgrade_only() {
+        let request = |version, headers: &[(&str, &str)]| {
+            let mut request = Request::post(GET_EXISTING_PATH).version(version);
+            for (name, value) in headers {
+                request = request.header(*name, *value);
+            }
+            request.body(()).unwrap()
+        };
+        let (h1, h2) = (http::Version::HTTP_11, http::Version::HTTP_2);
+        let grpc = ("content-type", "application/grpc");
+        let trailers = ("te", "trailers");
+        let accepts_web = ("accept", "application/grpc, application/grpc-web");
+        assert!(wants_grpc_web(&request(h2, &[("content-type", "application/grpc-web+proto")])));
+        assert!(wants_grpc_web(&request(h1, &[grpc, accepts_web])), "HTTP/1.1 cannot carry trailers");
+        assert!(wants_grpc_web(&request(h2, &[grpc, trailers, accepts_web, ("grpc-web-only", "true")])));
+        assert!(!wants_grpc_web(&request(h2, &[grpc, trailers, accepts_web])), "plain gRPC when trailers go");
+        assert!(!wants_grpc_web(&request(h2, &[grpc, trailers])), "tonic's own clients");
+        assert!(!wants_grpc_web(&request(h1, &[grpc])), "a client that accepts no gRPC-web");
+        assert!(!wants_grpc_web(&request(h1, &[("content-type", "application/octet-stream"), accepts_web])));
+    }
+
     #[tokio::test]
     async fn a_grpc_web_answer_ends_with_its_status_in_a_trailer_frame() {
         let response = grpc_web_response(Some(vec![1, 2, 3]), &Status::new(Code::Unauthenticated, "no token"));

@@ -106,18 +106,6 @@ impl hyper::service::Service<Request<Incoming>> for ConnectionService {
             response.map(|body| tonic::body::Body::new(TrackedBody { body, _in_flight: in_flight }))
         };
         let path = request.uri().path();
-        if path == product_upload::PATH || product_api::wants_grpc_web(&request) {
-            let product = self.product.clone();
-            let client = self.connect_info.get_ref().remote_addr().map_or_else(|| "unknown".into(), |a| a.to_string());
-            return Box::pin(async move {
-                let response = if product_api::wants_grpc_web(&request) {
-                    product_api::grpc_web(&product, request).await
-                } else {
-                    product_upload::handle(&product, request, client).await
-                };
-                Ok(track(response))
-            });
-        }
         let direct = path == get_probe_direct::PATH;
         if direct || path.starts_with(kernel_objects::PREFIX) {
             let probes = self.probes.clone();
@@ -128,6 +116,19 @@ impl hyper::service::Service<Request<Incoming>> for ConnectionService {
                     get_probe_direct::handle(&probes, request, asker, &handle).await
                 } else {
                     kernel_objects::handle(&probes, &request, asker, &handle).await
+                };
+                Ok(track(response))
+            });
+        }
+        let grpc_web = product_api::wants_grpc_web(&request);
+        if grpc_web || path == product_upload::PATH {
+            let product = self.product.clone();
+            let client = self.connect_info.get_ref().remote_addr().map_or_else(|| "unknown".into(), |a| a.to_string());
+            return Box::pin(async move {
+                let response = if grpc_web {
+                    product_api::grpc_web(&product, request).await
+                } else {
+                    product_upload::handle(&product, request, client).await
                 };
                 Ok(track(response))
             });
