@@ -250,6 +250,10 @@ async fn missing_and_view_tokens_get_answers_roxctl_does_not_retry() {
     let refused = roxctl::get_existing(&sender, None, &names(&files)).await.unwrap_err();
     assert_eq!(refused.code(), tonic::Code::Unauthenticated);
     assert!(roxctl::get_existing(&sender, Some(view), &names(&files)).await.unwrap().is_empty());
+    let too_many: Vec<String> = (0..100_001).map(|i| format!("{MV}/collector-ebpf-6.{i}.0.o.gz")).collect();
+    let too_many: Vec<&str> = too_many.iter().map(String::as_str).collect();
+    let refused = roxctl::get_existing(&sender, Some(view), &too_many).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument, "over 100,000 names: {refused:?}");
     for file in &files {
         assert!(served_by_get_probe(&central, &pki, &file.name).await.is_none());
     }
