@@ -57,7 +57,10 @@ where
     B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
     B::Error: std::fmt::Display,
 {
-    match upload(uploads, request, &client).await {
+    let result = upload(uploads, request, &client).await;
+    let code = result.as_ref().map_or_else(|e| e.code, |_| Code::Ok);
+    uploads.metrics.count_request("probeupload", code, "");
+    match result {
         Ok(response) => answer(
             StatusCode::OK,
             format!(
@@ -68,10 +71,7 @@ where
                 response.identical_count
             ),
         ),
-        Err(error) => {
-            info!(client, code = ?error.code, %error, "an upload through {PATH} failed");
-            answer(http_status(error.code), format!("{error}\n"))
-        }
+        Err(error) => answer(http_status(error.code), format!("{error}\n")),
     }
 }
 
@@ -127,7 +127,11 @@ where
         (_, Err(error)) => Err(error),
         (Err(error), Ok(_)) => Err(error),
         (Ok(()), Ok(response)) => Ok(response),
-    }?;
+    }
+    .inspect_err(|error| {
+        // Files committed before the error stay: the log says who sent them.
+        info!(token = %caller.name, role = %caller.role, client, via = PATH, code = ?error.code, %error, "upload failed")
+    })?;
     record_upload(&uploads.metrics, &response, &caller, client, PATH);
     let paths: Vec<ProbePath> = response.results.iter().filter_map(|r| ProbePath::parse(&r.path).ok()).collect();
     if let Err(error) = uploads.misses.resolve(&paths, Resolver::Upload).await {
