@@ -118,6 +118,20 @@ where
     B: http_body::Body<Data = Bytes> + Unpin,
     B::Error: std::fmt::Display,
 {
+    let message = read_message(request, MAX_GET_PROBE_REQUEST).await?;
+    GetProbeRequest::decode(message)
+        .map_err(|e| Status::invalid_argument(format!("the request message was refused: not valid protobuf: {e}")))
+}
+
+/// The bytes of the one message of a gRPC (or gRPC-web) request, read by
+/// hand as Central does beside tonic: uncompressed, at most `limit` bytes
+/// (RESOURCE_EXHAUSTED beyond, on the length alone), exactly one frame
+/// (INVALID_ARGUMENT otherwise).
+pub(crate) async fn read_message<B>(request: Request<B>, limit: usize) -> Result<Bytes, Status>
+where
+    B: http_body::Body<Data = Bytes> + Unpin,
+    B::Error: std::fmt::Display,
+{
     if request.headers().get("grpc-encoding").is_some_and(|encoding| encoding != "identity") {
         return Err(Status::invalid_argument("Central accepts no compressed requests"));
     }
@@ -129,9 +143,9 @@ where
         received.extend_from_slice(&data);
         if received.len() >= 5 {
             let length = u32::from_be_bytes([received[1], received[2], received[3], received[4]]) as usize;
-            if length > MAX_GET_PROBE_REQUEST {
+            if length > limit {
                 return Err(Status::resource_exhausted(format!(
-                    "the request message was refused: {length} bytes, over the limit of {MAX_GET_PROBE_REQUEST}"
+                    "the request message was refused: {length} bytes, over the limit of {limit}"
                 )));
             }
             if received.len() > 5 + length {
@@ -150,8 +164,7 @@ where
     if received.len() != 5 + length {
         return Err(malformed());
     }
-    GetProbeRequest::decode(&received[5..])
-        .map_err(|e| Status::invalid_argument(format!("the request message was refused: not valid protobuf: {e}")))
+    Ok(received.freeze().slice(5..))
 }
 
 /// `message` as one gRPC message frame.

@@ -104,7 +104,8 @@ fn refused(error: &Error) -> Response<tonic::body::Body> {
     response
 }
 
-fn text(status: StatusCode, message: &str) -> Response<tonic::body::Body> {
+/// A plain-text answer: `message` and a newline.
+pub(crate) fn text(status: StatusCode, message: &str) -> Response<tonic::body::Body> {
     let body = Full::new(Bytes::from(format!("{message}\n"))).map_err(|never: Infallible| match never {});
     let mut response = Response::new(tonic::body::Body::new(body));
     *response.status_mut() = status;

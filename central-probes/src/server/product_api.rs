@@ -23,6 +23,7 @@ use tonic::{Code, Status};
 use crate::error::{Error, Result};
 use crate::misses::MissRecorder;
 use crate::server::auth::{Role, TokenAuth};
+use crate::server::get_probe_direct::read_message;
 use crate::server::metrics::Metrics;
 use crate::store::ProbeStore;
 
@@ -128,7 +129,9 @@ where
     let result = async {
         // The token before the body, as over gRPC.
         uploads.auth.authorize(&metadata, Role::View)?;
-        let message = read_message(request.into_body()).await?;
+        let message = read_message(request, MAX_REQUEST_MESSAGE)
+            .await
+            .map_err(|status| Error::new(status.code(), status.message()))?;
         let asked = GetExistingProbesRequest::decode(message)
             .map_err(|e| Error::invalid_argument(format!("the request message was refused: {e}")))?;
         uploads.existing(&asked.files_to_check).await
@@ -138,39 +141,6 @@ where
         Ok(answer) => grpc_web_response(Some(answer.encode_to_vec()), &Status::ok("")),
         Err(error) => grpc_web_response(None, &Status::from(error)),
     }
-}
-
-/// The one uncompressed message of a gRPC(-web) request body, at most
-/// `MAX_REQUEST_MESSAGE` bytes.
-async fn read_message<B>(mut body: B) -> Result<Bytes>
-where
-    B: http_body::Body<Data = Bytes> + Unpin,
-    B::Error: std::fmt::Display,
-{
-    let mut received = BytesMut::new();
-    while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(|e| Error::new(Code::Cancelled, format!("reading the request: {e}")))?;
-        let Ok(data) = frame.into_data() else { continue };
-        received.extend_from_slice(&data);
-        if received.len() >= 5 {
-            let length = u32::from_be_bytes([received[1], received[2], received[3], received[4]]) as usize;
-            if length > MAX_REQUEST_MESSAGE {
-                return Err(Error::new(
-                    Code::ResourceExhausted,
-                    format!("the request message was refused: {length} bytes, over the limit of {MAX_REQUEST_MESSAGE}"),
-                ));
-            }
-        }
-    }
-    let malformed = || Error::invalid_argument("the request is not one uncompressed gRPC message frame");
-    if received.len() < 5 || received[0] != 0 {
-        return Err(malformed());
-    }
-    let length = u32::from_be_bytes([received[1], received[2], received[3], received[4]]) as usize;
-    if received.len() != 5 + length {
-        return Err(malformed());
-    }
-    Ok(received.freeze().slice(5..))
 }
 
 /// A gRPC-web answer: the message frame, if any, then the trailer frame

@@ -14,7 +14,7 @@
 //! the store takes it.
 
 use bytes::{Buf, Bytes, BytesMut};
-use http::{HeaderValue, Method, Request, Response, StatusCode};
+use http::{Method, Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use probe_api::limits::{MAX_FILE_SIZE, MAX_MANIFEST_BYTES, MAX_MANIFEST_FILES, MAX_UPLOAD_CHUNK};
 use probe_api::names::ProbePath;
@@ -30,6 +30,7 @@ use tracing::info;
 
 use crate::error::{Error, Result};
 use crate::server::auth::Role;
+use crate::server::kernel_objects::text;
 use crate::server::product_api::ProductUploads;
 use crate::server::upload_service::record_upload;
 use crate::server::upload_session::UploadSession;
@@ -61,17 +62,17 @@ where
     let code = result.as_ref().map_or_else(|e| e.code, |_| Code::Ok);
     uploads.metrics.count_request("probeupload", code, "");
     match result {
-        Ok(response) => answer(
+        Ok(response) => text(
             StatusCode::OK,
-            format!(
-                "{} files: {} stored, {} overwritten, {} identical\n",
+            &format!(
+                "{} files: {} stored, {} overwritten, {} identical",
                 response.results.len(),
                 response.stored_count,
                 response.overwritten_count,
                 response.identical_count
             ),
         ),
-        Err(error) => answer(http_status(error.code), format!("{error}\n")),
+        Err(error) => text(http_status(error.code), &error.to_string()),
     }
 }
 
@@ -315,15 +316,6 @@ fn http_status(code: Code) -> StatusCode {
         Code::Internal | Code::Unknown | Code::DeadlineExceeded => StatusCode::INTERNAL_SERVER_ERROR,
         _ => StatusCode::BAD_REQUEST,
     }
-}
-
-fn answer(status: StatusCode, text: String) -> Response<tonic::body::Body> {
-    let mut response = Response::new(tonic::body::Body::new(
-        http_body_util::Full::new(Bytes::from(text)).map_err(|never| match never {}),
-    ));
-    *response.status_mut() = status;
-    response.headers_mut().insert(http::header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
-    response
 }
 
 #[cfg(test)]
