@@ -7,6 +7,8 @@
 //! HTTP/1.1; then what Collectors get of it.
 
 mod common;
+#[path = "common/raw_grpc.rs"]
+mod raw_grpc;
 #[path = "common/roxctl.rs"]
 mod roxctl;
 #[path = "common/served.rs"]

@@ -19,6 +19,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 
 use crate::common::TestPki;
+use crate::raw_grpc::grpc_frame;
 
 /// What roxctl offers in ALPN: the product's name for HTTP/2 first.
 pub const ROXCTL_ALPN: &[&[u8]] = &[b"https://alpn.stackrox.io/#pure-grpc", b"h2", b"http/1.1"];
@@ -135,12 +136,7 @@ pub async fn get_existing(
 
 /// The request message of GetExistingProbes in its gRPC frame.
 fn request_frame(names: &[&str]) -> Bytes {
-    let message = GetExistingProbesRequest { files_to_check: names.iter().map(|n| n.to_string()).collect() };
-    let body = message.encode_to_vec();
-    let mut frame = vec![0u8];
-    frame.extend_from_slice(&(body.len() as u32).to_be_bytes());
-    frame.extend_from_slice(&body);
-    Bytes::from(frame)
+    grpc_frame(&GetExistingProbesRequest { files_to_check: names.iter().map(|n| n.to_string()).collect() })
 }
 
 /// GetExistingProbes as `roxctl --force-http1` sends it: gRPC over
