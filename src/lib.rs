@@ -10,6 +10,7 @@ pub mod https;
 pub mod limits;
 pub mod names;
 pub mod probe_stream;
+pub mod signing;
 pub mod transport;
 
 /// Generated messages, clients and servers of package `kprobes.v1`.

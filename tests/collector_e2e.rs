@@ -334,6 +334,7 @@ impl ProbeService for LyingUpstream {
             size: promised.len() as u64,
             sha256: probe_api::digest::Sha256Digest::of(&promised).to_hex(),
             source: ProbeSource::UploadedPackage.into(),
+            signature: Default::default(),
         };
         let messages = vec![
             Ok(GetProbeResponse { message: Some(get_probe_response::Message::Header(header)) }),

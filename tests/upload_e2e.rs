@@ -584,6 +584,7 @@ impl probe_api::v1::probe_upload_service_server::ProbeUploadService for GarbledC
                 path,
                 sha256: "zz".into(),
                 crc32: None,
+                ..Default::default()
             })
             .collect();
         Ok(tonic::Response::new(probe_api::v1::GetExistingProbesResponse { probes }))

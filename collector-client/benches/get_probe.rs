@@ -79,6 +79,7 @@ async fn start(
         allow_anonymous_reads: anonymous,
         upstream,
         limits: Default::default(),
+        trusted_keys: None,
     };
     let central = Central::open(config).await.unwrap();
     let (store, metrics) = (central.store(), central.metrics().clone());

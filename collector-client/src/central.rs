@@ -17,6 +17,8 @@ pub struct FetchedProbe {
     pub bytes: Vec<u8>,
     pub sha256: Sha256Digest,
     pub source: ProbeSource,
+    /// The header's signature; `None` when Central sent none.
+    pub signature: Option<Vec<u8>>,
 }
 
 /// Why a fetch failed: the reader's own error, the verification of the
@@ -65,6 +67,7 @@ impl CentralClient {
             return Err(FetchError::BadReply(format!("SHA-256 {sha256} does not match the header's {expected}")));
         }
         let source = ProbeSource::try_from(reply.header().source).unwrap_or(ProbeSource::Unspecified);
-        Ok(FetchedProbe { bytes, sha256, source })
+        let signature = Some(reply.header().signature.to_vec()).filter(|s| !s.is_empty());
+        Ok(FetchedProbe { bytes, sha256, source, signature })
     }
 }

@@ -8,9 +8,10 @@ use std::hash::{BuildHasher, Hasher};
 use std::io::Read;
 use std::time::{Duration, Instant};
 
-use probe_api::names::{ModuleVersion, ProbeFileName};
+use probe_api::names::{ModuleVersion, ProbeFileName, ProbePath};
 use tracing::{info, warn};
 
+use crate::signatures::{Checked, SignaturePolicy};
 use crate::sources::{Lookup, ProbeSource};
 
 /// How long and how often to keep trying.
@@ -34,6 +35,12 @@ pub struct Served {
     pub detail: String,
     /// It came over the network (not from the image).
     pub remote: bool,
+    /// The probe file as the source served it (gzip'd) and its signature:
+    /// what the node-local cache keeps, to check again when it is used.
+    pub file: Vec<u8>,
+    pub signature: Option<Vec<u8>>,
+    /// What the signature policy found.
+    pub checked: Checked,
 }
 
 /// The last outcome of one candidate in one source.
@@ -57,11 +64,15 @@ pub struct NotServed {
     pub remote_answered: bool,
 }
 
+/// Looks for the probe of the first candidate any source has. A probe from
+/// a source over the network is used only if `signatures` accepts it;
+/// otherwise that source counts as not having it and the search goes on.
 pub async fn get_probe(
     sources: &[Box<dyn ProbeSource>],
     module_version: &ModuleVersion,
     candidates: &[String],
     policy: RetryPolicy,
+    signatures: &SignaturePolicy,
 ) -> Result<Served, NotServed> {
     let started = Instant::now();
     let mut tried: Vec<Tried> = Vec::new();
@@ -81,14 +92,35 @@ pub async fn get_probe(
                 let lookup = source.lookup(module_version, file_name).await;
                 remote_answered |= source.worth_retrying() && !matches!(lookup, Lookup::Failed(_));
                 let outcome = match lookup {
-                    Lookup::Found { bytes, gzipped, detail } => match decompress(bytes, gzipped) {
-                        Ok(probe) => {
-                            let (candidate, source, remote) =
-                                (candidate.clone(), source.name(), source.worth_retrying());
-                            return Ok(Served { probe, candidate, source, detail, remote });
+                    Lookup::Found { bytes, gzipped, detail, signature } => {
+                        let remote = source.worth_retrying();
+                        let path = ProbePath::new(module_version.clone(), file_name.clone());
+                        // Built-in probes are part of the image, trusted as it is.
+                        let checked = match remote {
+                            true => signatures.check(&path, &bytes, signature.as_deref()),
+                            false => Ok(Checked::Unchecked),
+                        };
+                        match checked
+                            .map_err(|why| format!("signature refused: {why}"))
+                            .and_then(|checked| Ok((decompress(&bytes, gzipped)?, checked)))
+                        {
+                            Ok((probe, checked)) => {
+                                let (candidate, source) = (candidate.clone(), source.name());
+                                let file = bytes;
+                                return Ok(Served {
+                                    probe,
+                                    candidate,
+                                    source,
+                                    detail,
+                                    remote,
+                                    file,
+                                    signature,
+                                    checked,
+                                });
+                            }
+                            Err(why) => why,
                         }
-                        Err(why) => why,
-                    },
+                    }
                     Lookup::NotFound(why) => {
                         if round == 0 {
                             info!(%file_name, source = %source.name(), "not found: {why}");
@@ -144,12 +176,12 @@ fn jittered(interval: Duration) -> Duration {
     interval.mul_f64(1.0 + fraction)
 }
 
-fn decompress(bytes: Vec<u8>, gzipped: bool) -> Result<Vec<u8>, String> {
+pub fn decompress(bytes: &[u8], gzipped: bool) -> Result<Vec<u8>, String> {
     if !gzipped {
-        return Ok(bytes);
+        return Ok(bytes.to_vec());
     }
     let mut probe = Vec::new();
-    flate2::read::GzDecoder::new(bytes.as_slice())
+    flate2::read::GzDecoder::new(bytes)
         .take(MAX_PROBE_SIZE + 1)
         .read_to_end(&mut probe)
         .map_err(|e| format!("the probe is not valid gzip: {e}"))?;
@@ -180,6 +212,13 @@ impl fmt::Display for NotServed {
              until a probe is available."
         )?;
         writeln!(f, "What an admin can do:")?;
+        if self.tried.iter().any(|t| t.outcome.starts_with("signature refused")) {
+            writeln!(
+                f,
+                "  - a probe was found but its signature was refused (above): upload the package signed \
+                 (central-probes package sign) by a key this node trusts, at a serial not below the last one"
+            )?;
+        }
         writeln!(
             f,
             "  - upload a kernel support package for module version {} that covers kernel {kernel}:\n    \
@@ -228,7 +267,7 @@ mod tests {
             self.asked.lock().unwrap().push(file_name.to_string());
             match self.has {
                 Some((kernel, from)) if call >= from && file_name.kernel_release() == kernel => {
-                    Lookup::Found { bytes: b"probe".to_vec(), gzipped: false, detail: String::new() }
+                    Lookup::Found { bytes: b"probe".to_vec(), gzipped: false, detail: String::new(), signature: None }
                 }
                 _ => Lookup::NotFound("no".into()),
             }
@@ -250,7 +289,9 @@ mod tests {
         let builtin = Scripted::new("builtin", false, None);
         let central = Scripted::new("central", true, Some(("5.4.0", 0)));
         let sources: Vec<Box<dyn ProbeSource>> = vec![builtin, central];
-        let served = get_probe(&sources, &version(), &kernels(&["5.4.0-cos", "5.4.0"]), QUICK).await.unwrap();
+        let served = get_probe(&sources, &version(), &kernels(&["5.4.0-cos", "5.4.0"]), QUICK, &SignaturePolicy::off())
+            .await
+            .unwrap();
         assert_eq!((served.candidate.as_str(), served.source.as_str()), ("5.4.0", "central"));
         assert_eq!(served.probe, b"probe");
     }
@@ -260,7 +301,8 @@ mod tests {
         let builtin = Scripted::new("builtin", false, Some(("5.4.0", 0)));
         let central = Scripted::new("central", true, Some(("5.4.0", 0)));
         let sources: Vec<Box<dyn ProbeSource>> = vec![builtin, central];
-        let served = get_probe(&sources, &version(), &kernels(&["5.4.0"]), QUICK).await.unwrap();
+        let served =
+            get_probe(&sources, &version(), &kernels(&["5.4.0"]), QUICK, &SignaturePolicy::off()).await.unwrap();
         assert_eq!(served.source, "builtin");
     }
 
@@ -269,7 +311,8 @@ mod tests {
         let builtin = Scripted::new("builtin", false, None);
         let central = Scripted::new("central", true, Some(("5.4.0", 3)));
         let sources: Vec<Box<dyn ProbeSource>> = vec![builtin, central];
-        let served = get_probe(&sources, &version(), &kernels(&["5.4.0"]), QUICK).await.unwrap();
+        let served =
+            get_probe(&sources, &version(), &kernels(&["5.4.0"]), QUICK, &SignaturePolicy::off()).await.unwrap();
         assert_eq!(served.source, "central");
     }
 
@@ -279,7 +322,8 @@ mod tests {
         let central = Scripted::new("central", true, None);
         let sources: Vec<Box<dyn ProbeSource>> = vec![builtin, central];
         let started = Instant::now();
-        let report = get_probe(&sources, &version(), &kernels(&["5.4.0"]), QUICK).await.unwrap_err();
+        let report =
+            get_probe(&sources, &version(), &kernels(&["5.4.0"]), QUICK, &SignaturePolicy::off()).await.unwrap_err();
         assert!(started.elapsed() < Duration::from_secs(5), "bounded by the budget");
         let builtin_tries = report.tried.iter().find(|t| t.source == "builtin").unwrap().attempts;
         let central_tries = report.tried.iter().find(|t| t.source == "central").unwrap().attempts;
@@ -296,7 +340,9 @@ mod tests {
         let central = Scripted::new("central", true, None);
         let sources: Vec<Box<dyn ProbeSource>> = vec![central];
         let policy = RetryPolicy { budget: Duration::ZERO, ..QUICK };
-        let report = get_probe(&sources, &version(), &kernels(&["x/../5.4"]), policy).await.unwrap_err();
+        let report = get_probe(&sources, &version(), &kernels(&["x/../5.4"]), policy, &SignaturePolicy::off())
+            .await
+            .unwrap_err();
         assert_eq!(report.tried.len(), 1);
         assert!(report.tried[0].outcome.contains("invalid"), "{:?}", report.tried);
     }
@@ -307,9 +353,9 @@ mod tests {
         let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
         encoder.write_all(b"ebpf object").unwrap();
         let gz = encoder.finish().unwrap();
-        assert_eq!(decompress(gz, true).unwrap(), b"ebpf object");
-        assert!(decompress(b"not gzip".to_vec(), true).unwrap_err().contains("not valid gzip"));
-        assert_eq!(decompress(b"raw".to_vec(), false).unwrap(), b"raw");
+        assert_eq!(decompress(&gz, true).unwrap(), b"ebpf object");
+        assert!(decompress(b"not gzip", true).unwrap_err().contains("not valid gzip"));
+        assert_eq!(decompress(b"raw", false).unwrap(), b"raw");
     }
 
     #[test]

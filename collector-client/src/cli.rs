@@ -10,9 +10,11 @@ use collector_client::chain::{self, RetryPolicy};
 use collector_client::host::{self, HostSettings};
 use collector_client::https_probes::HttpsProbeClient;
 use collector_client::output;
+use collector_client::signatures::{Checked, Mode, SignaturePolicy};
 use collector_client::sources::{BuiltinDir, CentralSource, HttpsSource, ProbeSource};
 use probe_api::errors::Context;
-use probe_api::names::ModuleVersion;
+use probe_api::names::{ModuleVersion, ProbeFileName, ProbePath};
+use probe_api::signing::TrustedKeys;
 use probe_api::transport::ClientTls;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -128,6 +130,23 @@ pub struct GetProbeArgs {
     /// remote source can be reached for the whole retry budget.
     #[arg(long)]
     cache_dir: Option<PathBuf>,
+    /// A file of one or more minisign public keys that probes must be
+    /// signed by (README, "Signed probes").
+    #[arg(long, env = "PROBE_TRUSTED_KEYS")]
+    trusted_keys: Option<PathBuf>,
+    /// required: use only probes whose signature verifies; warn: log and
+    /// use them anyway (for migrating); off. Default: required with
+    /// --trusted-keys, off without.
+    #[arg(long, value_enum)]
+    signature_policy: Option<Mode>,
+    /// The lowest signature serial accepted, for nodes that have not
+    /// accepted any yet.
+    #[arg(long, default_value_t = 0)]
+    min_serial: u64,
+    /// Where the node remembers the highest serial it accepted per probe;
+    /// <--cache-dir>/state by default when --cache-dir is given.
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
     /// `text`, or `json`: one object on stdout saying what served the probe,
     /// or what was tried.
     #[arg(short = 'o', long, value_enum, default_value = "text")]
@@ -184,6 +203,8 @@ pub async fn get_probe(args: GetProbeArgs) -> Result<(), CliError> {
         sources.push(Box::new(BuiltinDir { dir: dir.clone(), uncompressed: true }));
     }
     let request_timeout = args.request_timeout;
+    // A probe's signature is fetched only when something checks it.
+    let with_signatures = args.trusted_keys.is_some() && args.signature_policy != Some(Mode::Off);
     if let Some(address) = args.central.as_deref().filter(|address| !address.is_empty()) {
         let tls = ClientTls {
             ca_pem: read(&args.ca, "the CA certificate")?,
@@ -193,7 +214,7 @@ pub async fn get_probe(args: GetProbeArgs) -> Result<(), CliError> {
         if args.central_http {
             let client = HttpsProbeClient::central(address, &tls, args.connect_timeout, sni)?;
             let name = format!("Central {}", client.base());
-            sources.push(Box::new(HttpsSource { name, client, request_timeout }));
+            sources.push(Box::new(HttpsSource { name, client, request_timeout, with_signatures }));
         } else {
             let client = CentralClient::named(address, &tls, args.connect_timeout, sni)?;
             sources.push(Box::new(CentralSource { address: address.to_owned(), client, request_timeout }));
@@ -203,7 +224,7 @@ pub async fn get_probe(args: GetProbeArgs) -> Result<(), CliError> {
         let tls = ClientTls { ca_pem: probe_api::https::system_ca_bundle()?, identity: None };
         let client = HttpsProbeClient::bucket(base_url, &tls, args.connect_timeout)?;
         let name = format!("download site {}", client.base());
-        sources.push(Box::new(HttpsSource { name, client, request_timeout }));
+        sources.push(Box::new(HttpsSource { name, client, request_timeout, with_signatures }));
     }
     if sources.is_empty() {
         return Err("no source to look in: give --builtin-dir, --central (GRPC_SERVER), \
@@ -211,14 +232,16 @@ pub async fn get_probe(args: GetProbeArgs) -> Result<(), CliError> {
             .into());
     }
     let out = args.out.as_ref().ok_or("the ebpf collection method needs --out")?;
+    let signatures = signature_policy(&args)?;
 
     let policy = RetryPolicy { interval: args.retry_interval, budget: args.retry_budget };
     let cache = args.cache_dir.as_deref().map(ProbeCache::new);
-    let served = match chain::get_probe(&sources, &module_version, &candidates, policy).await {
+    let served = match chain::get_probe(&sources, &module_version, &candidates, policy, &signatures).await {
         Ok(served) => {
             if let Some(cache) = &cache
                 && served.remote
-                && let Err(error) = cache.keep(&module_version, &served.candidate, &served.probe)
+                && let Err(error) =
+                    cache.keep(&module_version, &served.candidate, &served.file, served.signature.as_deref())
             {
                 tracing::warn!(%error, "could not keep the probe in the node-local cache");
             }
@@ -226,22 +249,58 @@ pub async fn get_probe(args: GetProbeArgs) -> Result<(), CliError> {
         }
         // Only when nothing remote answered: a Central that says "not
         // found" is not overruled by an old copy.
-        Err(not_served) if !not_served.remote_answered => {
+        Err(mut not_served) if !not_served.remote_answered => {
+            let cache_name = format!("the node-local cache {}", args.cache_dir.as_deref().unwrap_or(out).display());
             let cached = cache.as_ref().and_then(|cache| {
-                candidates.iter().find_map(|kernel| Some((kernel, cache.verified(&module_version, kernel)?)))
+                candidates.iter().find_map(|kernel| {
+                    let kept = cache.verified(&module_version, kernel)?;
+                    // A cached probe is checked as a fetched one is.
+                    match signatures.check(&kept.path, &kept.file, kept.signature.as_deref()) {
+                        Ok(checked) => match chain::decompress(&kept.file, true) {
+                            Ok(probe) => Some((kernel, kept, probe, checked)),
+                            Err(why) => {
+                                tracing::warn!(path = %kept.path, "a cached probe is unusable: {why}");
+                                None
+                            }
+                        },
+                        Err(why) => {
+                            not_served.tried.push(chain::Tried {
+                                file_name: kept.path.file_name().to_string(),
+                                source: cache_name.clone(),
+                                outcome: format!("signature refused: {why}"),
+                                attempts: 1,
+                            });
+                            None
+                        }
+                    }
+                })
             });
-            let Some((kernel, probe)) = cached else { return Err(not_served_error(not_served, args.output)) };
+            let Some((kernel, kept, probe, checked)) = cached else {
+                return Err(not_served_error(not_served, args.output, &signatures));
+            };
             chain::Served {
                 probe,
                 candidate: kernel.clone(),
-                source: format!("the node-local cache {}", args.cache_dir.as_ref().expect("a cache").display()),
+                source: cache_name,
                 detail: format!("no remote source reachable for {:.0?}; SHA-256 verified", not_served.elapsed),
                 remote: false,
+                file: kept.file,
+                signature: kept.signature,
+                checked,
             }
         }
-        Err(not_served) => return Err(not_served_error(not_served, args.output)),
+        Err(not_served) => return Err(not_served_error(not_served, args.output, &signatures)),
     };
     output::write_read_only(out, &served.probe).map_err(Context::of(format!("writing {}", out.display())))?;
+    let verified = match served.checked {
+        Checked::Verified(verified) => Some(verified),
+        Checked::Unchecked => None,
+    };
+    if let Some(verified) = verified {
+        let path = ProbePath::new(module_version.clone(), ProbeFileName::ebpf(&served.candidate)?);
+        signatures.accepted(&path, verified.serial).map_err(Context::of("recording the accepted signature serial"))?;
+    }
+    let signature_json = verified.map(|v| serde_json::json!({"key_id": v.key_id.to_string(), "serial": v.serial}));
     match args.output {
         OutputFormat::Json => println!(
             "{}",
@@ -254,22 +313,42 @@ pub async fn get_probe(args: GetProbeArgs) -> Result<(), CliError> {
                 "detail": served.detail,
                 "out": out.display().to_string(),
                 "bytes": served.probe.len(),
+                "signature_policy": policy_name(signatures.mode()),
+                "signature": signature_json,
+                "signature_refusals": signatures.refusals(),
             })
         ),
         OutputFormat::Text => println!(
-            "wrote {} ({} bytes) for kernel {}, from {} ({})",
+            "wrote {} ({} bytes) for kernel {}, from {} ({}{})",
             out.display(),
             served.probe.len(),
             served.candidate,
             served.source,
-            served.detail
+            served.detail,
+            verified.map(|v| format!("; signed by key {} at serial {}", v.key_id, v.serial)).unwrap_or_default()
         ),
     }
     Ok(())
 }
 
+/// The signature policy the flags ask for.
+fn signature_policy(args: &GetProbeArgs) -> Result<SignaturePolicy, CliError> {
+    let keys = args.trusted_keys.as_deref().map(TrustedKeys::load).transpose()?;
+    let mode = args.signature_policy.unwrap_or(if keys.is_some() { Mode::Required } else { Mode::Off });
+    let state_dir = args.state_dir.clone().or_else(|| args.cache_dir.as_ref().map(|dir| dir.join("state")));
+    Ok(SignaturePolicy::new(mode, keys, args.min_serial, state_dir.as_deref())?)
+}
+
+fn policy_name(mode: Mode) -> &'static str {
+    match mode {
+        Mode::Required => "required",
+        Mode::Warn => "warn",
+        Mode::Off => "off",
+    }
+}
+
 /// The report of a probe not served: also on stdout as JSON when asked.
-fn not_served_error(not_served: chain::NotServed, output: OutputFormat) -> CliError {
+fn not_served_error(not_served: chain::NotServed, output: OutputFormat, signatures: &SignaturePolicy) -> CliError {
     if output == OutputFormat::Json {
         let tried: Vec<serde_json::Value> = not_served
             .tried
@@ -291,6 +370,8 @@ fn not_served_error(not_served: chain::NotServed, output: OutputFormat) -> CliEr
                 "candidates": not_served.candidates,
                 "tried": tried,
                 "elapsed_ms": not_served.elapsed.as_millis() as u64,
+                "signature_policy": policy_name(signatures.mode()),
+                "signature_refusals": signatures.refusals(),
             })
         );
     }

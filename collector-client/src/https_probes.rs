@@ -12,6 +12,7 @@ use http_body_util::BodyExt;
 use probe_api::digest::{Sha256Digest, Sha256Hasher};
 use probe_api::https::{HttpsClient, HttpsError, HttpsUrl, ProxySettings};
 use probe_api::limits::MAX_FILE_SIZE;
+use probe_api::signing::{MAX_SIGNATURE_LEN, SIGNATURE_SUFFIX};
 use probe_api::transport::ClientTls;
 
 /// Why a fetch over HTTPS gave no probe.
@@ -138,6 +139,37 @@ impl HttpsProbeClient {
             return Err(failed(format!("SHA-256 {sha256} does not match the Digest header's {published}")));
         }
         Ok(HttpsProbe { bytes, sha256, digest_checked: published.is_some() })
+    }
+}
+
+impl HttpsProbeClient {
+    /// The probe's signature, `<file name>.minisig` beside it: `None` when
+    /// the server has none (404, or 403 as buckets answer for a missing
+    /// object). At most `MAX_SIGNATURE_LEN + 1` bytes are read, so that an
+    /// oversized one is refused as such.
+    pub async fn fetch_signature(
+        &self,
+        module_version: &str,
+        file_name: &str,
+    ) -> Result<Option<Vec<u8>>, HttpsFetchError> {
+        let url = self.base.join(&format!("{module_version}/{file_name}{SIGNATURE_SUFFIX}"));
+        let failed = |why: String| HttpsFetchError::Failed(format!("{url}: {why}"));
+        let mut response = self.client.request(http::Method::GET, &url).await.map_err(|e| failed(e.to_string()))?;
+        match response.status() {
+            http::StatusCode::OK => {}
+            http::StatusCode::NOT_FOUND | http::StatusCode::FORBIDDEN | http::StatusCode::GONE => return Ok(None),
+            status => return Err(failed(format!("HTTP {status}"))),
+        }
+        let mut bytes = Vec::new();
+        while bytes.len() <= MAX_SIGNATURE_LEN {
+            match response.body_mut().frame().await {
+                Some(Ok(frame)) => bytes.extend_from_slice(&frame.into_data().unwrap_or_default()),
+                Some(Err(e)) => return Err(failed(format!("reading the body: {e}"))),
+                None => break,
+            }
+        }
+        bytes.truncate(MAX_SIGNATURE_LEN + 1);
+        Ok(Some(bytes))
     }
 }
 

@@ -11,4 +11,5 @@ pub mod chain;
 pub mod host;
 pub mod https_probes;
 pub mod output;
+pub mod signatures;
 pub mod sources;

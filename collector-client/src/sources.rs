@@ -15,7 +15,9 @@ use crate::https_probes::{HttpsFetchError, HttpsProbeClient};
 #[derive(Debug)]
 pub enum Lookup {
     /// The probe; `gzipped` tells whether it still needs decompressing.
-    Found { bytes: Vec<u8>, gzipped: bool, detail: String },
+    /// `signature`: what the source served as its `.minisig` (sources over
+    /// the network only; built-in probes have none and need none).
+    Found { bytes: Vec<u8>, gzipped: bool, detail: String, signature: Option<Vec<u8>> },
     /// The source answered that it does not have it.
     NotFound(String),
     /// The source could not answer (unreachable, refused, a bad reply).
@@ -57,7 +59,12 @@ impl ProbeSource for BuiltinDir {
         let name = if self.uncompressed { name.strip_suffix(".gz").unwrap_or(name) } else { name };
         let path = self.dir.join(name);
         match tokio::fs::read(&path).await {
-            Ok(bytes) => Lookup::Found { bytes, gzipped: !self.uncompressed, detail: path.display().to_string() },
+            Ok(bytes) => Lookup::Found {
+                bytes,
+                gzipped: !self.uncompressed,
+                detail: path.display().to_string(),
+                signature: None,
+            },
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Lookup::NotFound(format!("no {}", path.display())),
             Err(e) => Lookup::Failed(format!("reading {}: {e}", path.display())),
         }
@@ -94,6 +101,7 @@ impl ProbeSource for CentralSource {
                 bytes: probe.bytes,
                 gzipped: true,
                 detail: format!("{:?}, SHA-256 {}", probe.source, probe.sha256),
+                signature: probe.signature,
             },
             Ok(Err(FetchError::Status(status))) if status.code() == Code::NotFound => {
                 Lookup::NotFound(format!("NotFound: {}", status.message()))
@@ -111,6 +119,8 @@ pub struct HttpsSource {
     pub name: String,
     pub client: HttpsProbeClient,
     pub request_timeout: Duration,
+    /// Also fetch `<file name>.minisig` (when signatures are checked).
+    pub with_signatures: bool,
 }
 
 #[tonic::async_trait]
@@ -124,19 +134,27 @@ impl ProbeSource for HttpsSource {
     }
 
     async fn lookup(&self, module_version: &ModuleVersion, file_name: &ProbeFileName) -> Lookup {
-        let fetch = self.client.fetch(module_version.as_str(), file_name.as_str());
+        let (version, file) = (module_version.as_str(), file_name.as_str());
+        let fetch = async {
+            if !self.with_signatures {
+                return (self.client.fetch(version, file).await, Ok(None));
+            }
+            tokio::join!(self.client.fetch(version, file), self.client.fetch_signature(version, file))
+        };
         match bounded(self.request_timeout, fetch).await {
             Err(timed_out) => timed_out,
-            Ok(Ok(probe)) => {
+            Ok((Ok(_), Err(error))) => Lookup::Failed(format!("fetching the signature: {error}")),
+            Ok((Ok(probe), Ok(signature))) => {
                 let checked = if probe.digest_checked { "matches the Digest header" } else { "no Digest header" };
                 Lookup::Found {
                     bytes: probe.bytes,
                     gzipped: true,
                     detail: format!("SHA-256 {} ({checked})", probe.sha256),
+                    signature,
                 }
             }
-            Ok(Err(HttpsFetchError::NotFound(why))) => Lookup::NotFound(why),
-            Ok(Err(HttpsFetchError::Failed(why))) => Lookup::Failed(why),
+            Ok((Err(HttpsFetchError::NotFound(why)), _)) => Lookup::NotFound(why),
+            Ok((Err(HttpsFetchError::Failed(why)), _)) => Lookup::Failed(why),
         }
     }
 }

@@ -256,6 +256,8 @@ impl fmt::Display for ProbePath {
 pub enum PackageEntry {
     /// `kernel-modules/<probe path>`: a probe to upload.
     Probe(ProbePath),
+    /// `kernel-modules/<probe path>.minisig`: the signature of that probe.
+    Signature(ProbePath),
     /// Directories, `LICENSE` files and anything outside `kernel-modules/`.
     Ignored,
     /// Something else under `kernel-modules/`: a sign of a corrupt package.
@@ -269,6 +271,12 @@ pub fn classify_package_entry(entry_name: &str) -> PackageEntry {
     };
     if rest.is_empty() || rest.ends_with('/') || rest.rsplit('/').next() == Some("LICENSE") {
         return PackageEntry::Ignored;
+    }
+    if let Some(probe) = rest.strip_suffix(crate::signing::SIGNATURE_SUFFIX) {
+        return match ProbePath::parse(probe) {
+            Ok(path) => PackageEntry::Signature(path),
+            Err(error) => PackageEntry::Unrecognised(error),
+        };
     }
     match ProbePath::parse(rest) {
         Ok(path) => PackageEntry::Probe(path),

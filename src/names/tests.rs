@@ -147,6 +147,11 @@ fn package_entries_are_classified() {
         classify_package_entry(probe),
         PackageEntry::Probe(ProbePath::parse("2.5.0/collector-ebpf-5.4.0.o.gz").unwrap())
     );
+    assert_eq!(
+        classify_package_entry("kernel-modules/2.5.0/collector-ebpf-5.4.0.o.gz.minisig"),
+        PackageEntry::Signature(ProbePath::parse("2.5.0/collector-ebpf-5.4.0.o.gz").unwrap())
+    );
+    assert!(matches!(classify_package_entry("kernel-modules/2.5.0/notes.txt.minisig"), PackageEntry::Unrecognised(_)));
     for ignored in [
         "kernel-modules/",
         "kernel-modules/2.5.0/",

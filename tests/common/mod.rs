@@ -61,6 +61,8 @@ pub struct CentralOptions {
     /// Probes in this shared database instead of the data directory.
     pub database: Option<server::DatabaseConfig>,
     pub limits: server::ConnectionLimits,
+    /// `--trusted-keys`.
+    pub trusted_keys: Option<probe_api::signing::TrustedKeys>,
 }
 
 /// Central running in this process.
@@ -107,6 +109,7 @@ impl Central {
             allow_anonymous_reads: options.allow_anonymous_reads,
             upstream: options.upstream,
             limits: options.limits,
+            trusted_keys: options.trusted_keys,
         };
         let central = server::Central::open(config).await.unwrap();
         let metrics = central.metrics().clone();

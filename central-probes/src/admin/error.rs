@@ -48,6 +48,11 @@ pub enum PackageError {
         path: String,
         source: io::Error,
     },
+    /// A signature entry that cannot be used.
+    Signature {
+        name: String,
+        why: probe_api::signing::SignatureError,
+    },
     /// The package is not the one its published checksum describes.
     Checksum {
         path: PathBuf,
@@ -78,6 +83,7 @@ impl fmt::Display for PackageError {
             }
             PackageError::Twice { name } => write!(f, "the package holds {name} twice"),
             PackageError::Read { path, .. } => write!(f, "reading {path}"),
+            PackageError::Signature { name, why } => write!(f, "{name}: {why}"),
             PackageError::Checksum { path, expected, actual } => write!(
                 f,
                 "{} has SHA-256 {actual}, not the {expected} of its checksum: a damaged or different package; nothing was sent",

@@ -18,6 +18,7 @@ use std::path::{Path, PathBuf};
 use bytes::Bytes;
 use probe_api::digest::{Sha256Digest, Sha256Hasher};
 use probe_api::names::ProbePath;
+use probe_api::signing::SIGNATURE_SUFFIX;
 use probe_api::v1::export_probes_response::Message;
 use probe_api::v1::{ExportProbesRequest, ProbeInfo};
 use tokio::sync::mpsc;
@@ -141,8 +142,9 @@ impl Current {
         Ok(())
     }
 
-    /// Checks the probe's bytes once all have come.
-    fn check(mut self) -> Result<(), AdminError> {
+    /// Checks the probe's bytes once all have come, and gives its
+    /// signature back (empty when unsigned).
+    fn check(mut self) -> Result<Bytes, AdminError> {
         if self.received != self.info.size {
             return Err(self.mismatch(format!("{} bytes, not {}", self.received, self.info.size)));
         }
@@ -157,7 +159,7 @@ impl Current {
         {
             return Err(self.mismatch(format!("SHA-256 {sha256}, not {}", self.info.sha256)));
         }
-        Ok(())
+        Ok(self.info.signature)
     }
 
     fn mismatch(&self, what: String) -> AdminError {
@@ -216,11 +218,21 @@ fn write_package(file: File, mut messages: mpsc::Receiver<Message>, path: &Path)
     let options = SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
     let mut report = ExportReport::default();
     let mut current: Option<Current> = None;
+    // A probe's signature goes in the entry after it, once its bytes checked.
+    let finish = |zip: &mut ZipWriter<_>, done: Current| -> Result<(), AdminError> {
+        let path = done.info.path.clone();
+        let signature = done.check()?;
+        if !signature.is_empty() {
+            zip.start_file(format!("kernel-modules/{path}{SIGNATURE_SUFFIX}"), options).map_err(zip_error)?;
+            zip.write_all(&signature).map_err(io_error)?;
+        }
+        Ok(())
+    };
     while let Some(message) = messages.blocking_recv() {
         match message {
             Message::FileHeader(info) => {
                 if let Some(done) = current.take() {
-                    done.check()?;
+                    finish(&mut zip, done)?;
                 }
                 let path = ProbePath::parse(&info.path)
                     .map_err(|e| AdminError::BadReply(format!("an exported probe has an invalid path: {e}")))?;
@@ -245,7 +257,7 @@ fn write_package(file: File, mut messages: mpsc::Receiver<Message>, path: &Path)
         }
     }
     if let Some(done) = current.take() {
-        done.check()?;
+        finish(&mut zip, done)?;
     }
     let file = zip.finish().map_err(zip_error)?.into_inner().map_err(|e| io_error(e.into_error()))?;
     file.sync_all().map_err(io_error)?;

@@ -10,4 +10,5 @@ pub mod export;
 pub mod package;
 mod package_file;
 pub mod progress;
+pub mod signatures;
 pub mod upload;

@@ -36,6 +36,8 @@ pub struct PackageProbe {
     pub size: u64,
     /// CRC-32 of the uncompressed bytes, as the central directory records it.
     pub crc32: u32,
+    /// Its `.minisig` entry, once `signatures::read_signatures` read it.
+    pub signature: Option<bytes::Bytes>,
 }
 
 /// What a package holds, from its central directory.
@@ -46,6 +48,9 @@ pub struct PackageIndex {
     pub ignored: usize,
     /// Entries under `kernel-modules/` that are not probes, with the reason.
     pub unrecognised: Vec<String>,
+    /// `kernel-modules/<probe path>.minisig` entries: the probe's path,
+    /// the entry's position and its declared size.
+    pub signatures: Vec<(ProbePath, usize, u64)>,
 }
 
 pub struct Package {
@@ -102,13 +107,24 @@ impl Package {
                     if !seen.insert(path.clone()) {
                         return Err(PackageError::Twice { name });
                     }
-                    index.probes.push(PackageProbe { index: i, path, size: entry.size(), crc32: entry.crc32() });
+                    let (size, crc32) = (entry.size(), entry.crc32());
+                    index.probes.push(PackageProbe { index: i, path, size, crc32, signature: None });
                 }
+                PackageEntry::Signature(path) => index.signatures.push((path, i, entry.size())),
                 PackageEntry::Ignored => index.ignored += 1,
                 PackageEntry::Unrecognised(reason) => index.unrecognised.push(format!("{name}: {reason}")),
             }
         }
         Ok(index)
+    }
+
+    /// Reads a small entry whole (a signature): at most `limit` bytes, else
+    /// `None`.
+    pub fn read_small_entry(&mut self, index: usize, limit: usize) -> io::Result<Option<Vec<u8>>> {
+        let entry = self.archive.by_index(index).map_err(io::Error::other)?;
+        let mut bytes = Vec::new();
+        entry.take(limit as u64 + 1).read_to_end(&mut bytes)?;
+        Ok((bytes.len() <= limit).then_some(bytes))
     }
 
     /// Reads a probe entry into buffers of the pool and hands them to

@@ -3,8 +3,10 @@
 //!
 //! An upload reads the package's central directory and asks Central which
 //! probes it has. A file Central has with the size and CRC-32 of its
-//! package entry is the same file and is not read; one with another size or
-//! CRC-32 differs and is sent only with `--overwrite`. Only files Central
+//! package entry, and a signature by the same key at the same serial as
+//! the package's (or none in both), is the same file and is not read; one
+//! with another size, CRC-32 or signature differs and is sent only with
+//! `--overwrite`. Each file's signature entry goes in its trailer. Only files Central
 //! stored without a CRC-32 (by an older Central), or every file Central has
 //! under `--verify`, are read and hashed (SHA-256, on every core) to decide.
 //! Then one sequential pass over the package on a blocking thread streams
@@ -20,6 +22,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use probe_api::digest::{Sha256Digest, Sha256Hasher};
+use probe_api::signing::ProbeSignature;
 use probe_api::v1::upload_probes_request::Message;
 use probe_api::v1::{
     FileHeader, FileTrailer, GetExistingProbesRequest, ProbeInfo, UploadOptions, UploadProbesRequest,
@@ -34,6 +37,7 @@ use crate::admin::client::AdminClient;
 use crate::admin::error::{AdminError, PackageError};
 use crate::admin::package::{Package, PackageIndex, PackageProbe, PackageReads};
 use crate::admin::progress::Progress;
+use crate::admin::signatures;
 
 /// Paths asked about per GetExistingProbes call: well inside the limits.
 const EXISTING_BATCH: usize = 10_000;
@@ -123,7 +127,8 @@ pub async fn upload(
     let package_reads = reads.clone();
     let (package, index) = tokio::task::spawn_blocking(move || {
         let mut package = Package::open(&package_path, &package_reads)?;
-        let index = package.index()?;
+        let mut index = package.index()?;
+        signatures::read_signatures(&mut package, &mut index)?;
         Ok::<_, PackageError>((package, index))
     })
     .await
@@ -222,7 +227,7 @@ pub async fn upload(
 /// one for some value would decide "identical" or "conflict" on nothing.
 fn decide(probe: &PackageProbe, existing: Option<&ProbeInfo>, verify: bool) -> Result<Action, AdminError> {
     let Some(info) = existing else { return Ok(Action::Send) };
-    if info.size != probe.size {
+    if info.size != probe.size || !same_signature(probe, info) {
         return Ok(Action::Differs);
     }
     match info.crc32 {
@@ -232,6 +237,19 @@ fn decide(probe: &PackageProbe, existing: Option<&ProbeInfo>, verify: bool) -> R
             .map(Action::Compare)
             .ok_or_else(|| AdminError::BadReply(format!("a malformed SHA-256 {:?} for {}", info.sha256, probe.path))),
     }
+}
+
+/// Whether the package's signature of `probe` is, as far as Central's
+/// listing tells, the one Central has: signed by the same key at the same
+/// serial, or unsigned in both. (Two signings of one probe differ in their
+/// bytes but say the same.)
+fn same_signature(probe: &PackageProbe, info: &ProbeInfo) -> bool {
+    let signed = probe
+        .signature
+        .as_deref()
+        .map(|bytes| ProbeSignature::parse(bytes).map(|s| (s.key_id().to_string(), s.serial())).unwrap_or_default());
+    let stored = (!info.signature_key_id.is_empty()).then(|| (info.signature_key_id.clone(), info.signature_serial));
+    signed == stored
 }
 
 async fn existing_probes(
@@ -307,7 +325,8 @@ fn stream_package(
 
         // The zip reader checked the entry's bytes against this CRC-32 (an
         // error above otherwise); Central checks what it received.
-        send(Message::FileTrailer(FileTrailer { sha256: String::new(), crc32: Some(probe.crc32) }))?;
+        let signature = probe.signature.clone().unwrap_or_default();
+        send(Message::FileTrailer(FileTrailer { sha256: String::new(), crc32: Some(probe.crc32), signature }))?;
         tally.files_sent += 1;
         tally.bytes_sent += probe.size;
     }

@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use central_probes::admin::signatures;
 use central_probes::synthetic::PackageSpec;
 use clap::Parser;
 
@@ -36,6 +37,13 @@ struct Args {
     /// Deflate the entries instead of storing them.
     #[arg(long)]
     deflate: bool,
+    /// Sign every probe with this unencrypted minisign secret key (as
+    /// `central-probes package sign` does).
+    #[arg(long, value_name = "KEY")]
+    sign: Option<PathBuf>,
+    /// The serial of those signatures.
+    #[arg(long, default_value_t = 1, requires = "sign")]
+    serial: u64,
 }
 
 fn main() -> ExitCode {
@@ -61,7 +69,13 @@ fn main() -> ExitCode {
         deflate: args.deflate,
         ..PackageSpec::new(&args.module_version, &kernels)
     };
-    match spec.write(&args.out) {
+    let written = spec.write(&args.out).map_err(|e| e.to_string()).and_then(|bytes| {
+        let Some(key) = &args.sign else { return Ok(bytes) };
+        let key = signatures::load_secret_key(key, None)?;
+        signatures::sign_package(&args.out, &args.out, &key, args.serial).map_err(|e| e.to_string())?;
+        Ok(bytes)
+    });
+    match written {
         Ok(bytes) => {
             println!(
                 "wrote {} with {} probes ({:.1} MiB of probe bytes)",

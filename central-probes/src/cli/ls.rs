@@ -67,7 +67,17 @@ pub async fn ls(args: LsArgs) -> Result<(), CliError> {
     if args.output == OutputFormat::Json {
         let listed: Vec<serde_json::Value> = probes
             .iter()
-            .map(|p| serde_json::json!({"path": p.path, "size": p.size, "sha256": p.sha256, "crc32": p.crc32}))
+            .map(|p| {
+                let signature = (!p.signature_key_id.is_empty())
+                    .then(|| serde_json::json!({"key_id": p.signature_key_id, "serial": p.signature_serial}));
+                serde_json::json!({
+                    "path": p.path,
+                    "size": p.size,
+                    "sha256": p.sha256,
+                    "crc32": p.crc32,
+                    "signature": signature,
+                })
+            })
             .collect();
         let bytes: u64 = probes.iter().map(|p| p.size).sum();
         println!("{}", serde_json::json!({"probes": listed, "count": probes.len(), "bytes": bytes}));
@@ -76,7 +86,13 @@ pub async fn ls(args: LsArgs) -> Result<(), CliError> {
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     let written = probes
         .iter()
-        .try_for_each(|probe| writeln!(out, "{}  {:>10}  {}", probe.sha256, probe.size, probe.path))
+        .try_for_each(|probe| {
+            write!(out, "{}  {:>10}  {}", probe.sha256, probe.size, probe.path)?;
+            if !probe.signature_key_id.is_empty() {
+                write!(out, "  signed-by {} serial {}", probe.signature_key_id, probe.signature_serial)?;
+            }
+            writeln!(out)
+        })
         .and_then(|()| out.flush());
     match written {
         // A reader that has seen enough (`| head`) is no failure.

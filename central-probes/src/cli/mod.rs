@@ -5,6 +5,7 @@
 mod export;
 mod ls;
 mod misses;
+mod package;
 mod pki;
 mod rm;
 mod serve;
@@ -46,6 +47,11 @@ pub enum Command {
     Token {
         #[command(subcommand)]
         command: token::TokenCommand,
+    },
+    /// Sign a support package's probes, or check their signatures (minisign).
+    Package {
+        #[command(subcommand)]
+        command: package::PackageCommand,
     },
     /// Development certificates.
     Pki {
@@ -94,6 +100,7 @@ pub async fn run(command: Command) -> Result<(), CliError> {
         Command::Export(args) => export::export(args).await,
         Command::Misses(args) => misses::misses(args).await,
         Command::Token { command } => token::token(command).await,
+        Command::Package { command } => package::run(command).await,
         Command::Pki { command } => pki::pki(command),
     }
 }

@@ -20,6 +20,11 @@ pub struct ServeArgs {
     /// Address to listen on; port 0 picks a free port (the log says which).
     #[arg(long, env = "CENTRAL_LISTEN", default_value = "127.0.0.1:8443")]
     listen: SocketAddr,
+    /// A file of minisign public keys: uploads and upstream probes whose
+    /// signature is missing or does not verify by one of them are refused
+    /// (README, "Signed probes").
+    #[arg(long, env = "CENTRAL_TRUSTED_KEYS")]
+    trusted_keys: Option<PathBuf>,
     /// Where probes and API token hashes are kept.
     #[arg(long, env = "CENTRAL_DATA_DIR")]
     data_dir: PathBuf,
@@ -193,6 +198,12 @@ pub async fn serve(args: ServeArgs) -> Result<(), CliError> {
         allow_anonymous_reads: args.allow_anonymous_reads,
         upstream: upstream_config(&args)?,
         limits: args.limits.limits(),
+        trusted_keys: args
+            .trusted_keys
+            .as_deref()
+            .map(probe_api::signing::TrustedKeys::load)
+            .transpose()
+            .map_err(|e| format!("--trusted-keys: {e}"))?,
     };
     let central = Central::open(config).await.map_err(|e| e.to_string())?;
     if let Some(address) = args.metrics_listen {

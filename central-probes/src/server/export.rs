@@ -15,7 +15,7 @@ use bytes::Bytes;
 use probe_api::limits::{MAX_EXPORT_CHUNK, MAX_EXPORT_MODULE_VERSIONS, MAX_EXPORTS, MAX_PAGE_SIZE};
 use probe_api::names::{ModuleVersion, ProbePath};
 use probe_api::v1::export_probes_response::Message;
-use probe_api::v1::{ExportProbesRequest, ExportProbesResponse};
+use probe_api::v1::{ExportProbesRequest, ExportProbesResponse, ProbeInfo};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{Stream, StreamExt};
@@ -164,7 +164,9 @@ impl Export {
     async fn send_probe(&self, path: &ProbePath) -> Result<(), Stop> {
         // Deleted since it was listed: left out.
         let Some(reader) = self.store.open(path).await? else { return Ok(()) };
-        self.send(Message::FileHeader(reader.probe.into())).await?;
+        let signature = reader.probe.signature.clone().unwrap_or_default();
+        let header = ProbeInfo { signature, ..reader.probe.into() };
+        self.send(Message::FileHeader(header)).await?;
         let mut chunks = reader.chunks;
         while let Some(chunk) = chunks.next().await {
             let mut chunk: Bytes = chunk?;

@@ -64,6 +64,7 @@ where
             size: probe.size,
             sha256: probe.sha256.to_hex(),
             source: source.into(),
+            signature: probe.signature.clone().unwrap_or_default(),
         })),
     };
     let body = ProbeBody { header: Some(frame_of(&header)), pending: None, chunks, done: false };

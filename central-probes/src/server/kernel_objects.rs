@@ -8,7 +8,9 @@
 //! an `ETag` (the SHA-256 in hex), the SHA-256 as `Digest` (RFC 3230) and
 //! `Repr-Digest` (RFC 9530), and `Content-Disposition` with the file name;
 //! a query string (the product's CI Collectors add `?cid=collector`) is
-//! ignored; 400 for a name that is not a probe name,
+//! ignored. `<file name>.minisig` is the probe's minisign signature
+//! (`text/plain`), 404 when it has none. 400 for a name that is not a
+//! probe name,
 //! 401 without a client certificate (one the cluster CA did not sign never
 //! gets past the TLS handshake), 404 when no source has the probe, 405 for
 //! other methods, 503 with `Retry-After` when a source is unreachable or
@@ -22,6 +24,7 @@ use base64::engine::general_purpose::STANDARD as BASE64;
 use bytes::Bytes;
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full, StreamBody};
+use probe_api::signing::SIGNATURE_SUFFIX;
 use tokio_stream::StreamExt;
 use tonic::Code;
 
@@ -55,10 +58,37 @@ pub async fn handle<B>(
     let Some((module_version, file_name)) = name.split_once('/') else {
         return text(StatusCode::BAD_REQUEST, "the path must be /kernel-objects/<module version>/<file name>");
     };
+    if let Some(probe_file) = file_name.strip_suffix(SIGNATURE_SUFFIX) {
+        return match serving.serve(METRICS_NAME, module_version, probe_file, asker, connection).await {
+            Ok(serving) => signature(serving, head),
+            Err(error) => refused(&error),
+        };
+    }
     match serving.serve(METRICS_NAME, module_version, file_name, asker, connection).await {
         Ok(serving) => found(serving, head),
         Err(error) => refused(&error),
     }
+}
+
+/// `<file name>.minisig`: the probe's signature as it was uploaded, 404
+/// when the probe has none.
+fn signature(Serving { probe, chunks, .. }: Serving, head: bool) -> Response<tonic::body::Body> {
+    // Only the signature is sent: the probe's stream and its slot end now.
+    drop(chunks);
+    let Some(signature) = probe.signature else {
+        return text(StatusCode::NOT_FOUND, &format!("{} is not signed", probe.path));
+    };
+    let len = signature.len();
+    let body = if head {
+        tonic::body::Body::empty()
+    } else {
+        tonic::body::Body::new(Full::new(signature).map_err(|never: Infallible| match never {}))
+    };
+    let mut response = Response::new(body);
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    response
 }
 
 fn found(Serving { probe, chunks, .. }: Serving, head: bool) -> Response<tonic::body::Body> {

@@ -38,6 +38,15 @@ pub struct OutcomeLabels {
     pub outcome: &'static str,
 }
 
+/// Why a probe's signature was refused, and where.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SignatureLabels {
+    /// `SignatureError::reason`: "missing", "invalid", "unknown_key", ...
+    pub reason: &'static str,
+    /// "upload" (UploadProbes and the product's upload) or "upstream".
+    pub at: &'static str,
+}
+
 /// Who changed the store, and how (the audit counters).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct AuditLabels {
@@ -61,6 +70,8 @@ pub struct Metrics {
     pub changes_by_token: Family<AuditLabels, Counter>,
     /// Probes asked for that no source had, not resolved since (`misses`).
     pub open_misses: Gauge,
+    /// Probes refused under `--trusted-keys`, by reason and where.
+    pub signature_refusals: Family<SignatureLabels, Counter>,
     /// GetProbe calls of any outcome, for tests and benchmarks; not
     /// exported (`requests` has them by code and source).
     get_probe_calls: Counter,
@@ -109,8 +120,15 @@ impl Metrics {
             "Probes Collectors asked for that no source had, and that no upload or upstream has provided since",
             open_misses.clone(),
         );
+        let signature_refusals = Family::<SignatureLabels, Counter>::default();
+        registry.register(
+            "signature_refusals",
+            "Uploaded and upstream probes refused because their signature is missing or does not verify",
+            signature_refusals.clone(),
+        );
         Metrics {
             registry: Arc::new(registry),
+            signature_refusals,
             open_misses,
             requests,
             probe_bytes_served,
@@ -122,6 +140,14 @@ impl Metrics {
             get_probe_calls: Counter::default(),
             ready: Arc::new(AtomicBool::new(false)),
         }
+    }
+
+    /// What a store checking signatures calls for each probe it refuses.
+    pub fn on_signature_refused(&self, at: &'static str) -> crate::store::verified::OnRefused {
+        let refusals = self.signature_refusals.clone();
+        Arc::new(move |why: &probe_api::signing::SignatureError| {
+            refusals.get_or_create(&SignatureLabels { reason: why.reason(), at }).inc();
+        })
     }
 
     /// Central starts or stops accepting requests.

@@ -52,6 +52,7 @@ use crate::store::filesystem::{FilesystemStore, FilesystemStoreConfig};
 use crate::store::hot::HotProbes;
 use crate::store::postgres::PostgresStore;
 use crate::store::read_through::ReadThrough;
+use probe_api::signing::TrustedKeys;
 // The server's front door: what the binary needs to configure and run it.
 pub use crate::store::postgres::PostgresConfig;
 pub use auth::{Role, TokenFile};
@@ -87,6 +88,9 @@ pub struct CentralConfig {
     pub upstream: Option<UpstreamConfig>,
     /// Connection, stream and timeout limits.
     pub limits: ConnectionLimits,
+    /// Refuse uploaded and upstream probes whose signature does not verify
+    /// by one of these keys (`--trusted-keys`).
+    pub trusted_keys: Option<TrustedKeys>,
 }
 
 /// The shared PostgreSQL store of replicas, and this replica's local copies.
@@ -162,10 +166,15 @@ impl Central {
         // database, where every replica's misses meet.
         // Exports read the store itself (`record`), without its caches, so
         // that reading every probe once does not push the hot ones out.
+        let metrics = Metrics::new();
+        let checked = |store: FilesystemStore, at: &'static str| match &config.trusted_keys {
+            None => store,
+            Some(keys) => store.checking_signatures(keys.clone(), metrics.on_signature_refused(at)),
+        };
         let (store, record, auth, misses): (_, Arc<dyn ProbeStore>, _, Arc<dyn MissLog>) = match &config.database {
             None => {
-                let store: Arc<dyn ProbeStore> =
-                    Arc::new(open_store(&config.data_dir, config.min_free_bytes, "the probe store").await?);
+                let store = open_store(&config.data_dir, config.min_free_bytes, "the probe store").await?;
+                let store: Arc<dyn ProbeStore> = Arc::new(checked(store, "upload"));
                 (
                     hot(store.clone()),
                     store,
@@ -174,9 +183,12 @@ impl Central {
                 )
             }
             Some(database) => {
-                let record = PostgresStore::connect(&database.postgres)
+                let mut record = PostgresStore::connect(&database.postgres)
                     .await
                     .map_err(|e| e.context("opening the probe database"))?;
+                if let Some(keys) = &config.trusted_keys {
+                    record = record.checking_signatures(keys.clone(), metrics.on_signature_refused("upload"));
+                }
                 let auth = TokenAuth::shared(record.backend().tokens().watch().await?);
                 let changes = record.backend().changes();
                 let misses = Arc::new(record.backend().misses());
@@ -188,12 +200,13 @@ impl Central {
                 (Arc::new(store) as Arc<dyn ProbeStore>, record, auth, misses)
             }
         };
-        let metrics = Metrics::new();
         let misses = Arc::new(MissRecorder::open(misses, metrics.open_misses.clone()).await?);
-        let upstream = match config.upstream {
+        let upstream = match &config.upstream {
             None => None,
             Some(upstream) => {
                 let cache = open_store(&upstream.cache_dir, upstream.min_free_bytes, "the upstream cache").await?;
+                let cache = checked(cache, "upstream");
+                let upstream = upstream.clone();
                 let source = UpstreamSource::new(upstream, Arc::new(cache), metrics.clone())
                     .await
                     .map_err(|e| e.context("setting up the upstream"))?;

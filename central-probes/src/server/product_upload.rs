@@ -262,7 +262,7 @@ where
         if index == last {
             ends_here(&mut body, &mut rest).await?;
         }
-        let trailer = FileTrailer { sha256: String::new(), crc32: Some(file.crc32) };
+        let trailer = FileTrailer { sha256: String::new(), crc32: Some(file.crc32), signature: Bytes::new() };
         if !send(Message::FileTrailer(trailer)).await {
             return Ok(());
         }

@@ -88,6 +88,7 @@ mod tests {
                             size: 0,
                             sha256: probe_api::digest::Sha256Digest::of(b""),
                             crc32: Some(0),
+                            signature: None,
                         },
                         chunks: Box::pin(tokio_stream::empty()),
                     },

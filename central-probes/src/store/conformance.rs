@@ -73,6 +73,10 @@ macro_rules! store_conformance_tests {
                 suite::a_large_probe_streams_in_bounded_chunks(&$make).await;
             }
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn a_signature_is_kept_exactly_and_replaced_only_with_its_probe() {
+                suite::a_signature_is_kept_exactly_and_replaced_only_with_its_probe(&$make).await;
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn a_batch_lookup_of_100000_paths_answers_in_order() {
                 suite::a_batch_lookup_of_100000_paths_answers_in_order(&$make).await;
             }
@@ -92,7 +96,20 @@ fn kernel(i: usize) -> ProbePath {
 }
 
 async fn put(store: &dyn ProbeStore, p: &ProbePath, bytes: &[u8], overwrite: bool) -> Result<CommitOutcome> {
+    put_signed(store, p, bytes, None, overwrite).await
+}
+
+async fn put_signed(
+    store: &dyn ProbeStore,
+    p: &ProbePath,
+    bytes: &[u8],
+    signature: Option<&'static [u8]>,
+    overwrite: bool,
+) -> Result<CommitOutcome> {
     let mut writer = store.create(p.clone(), bytes.len() as u64).await?;
+    if let Some(signature) = signature {
+        writer.set_signature(Bytes::from_static(signature));
+    }
     for chunk in bytes.chunks(64 * 1024) {
         writer.write(Bytes::copy_from_slice(chunk)).await?;
     }
@@ -219,6 +236,7 @@ pub async fn a_crc32_alone_verifies_and_both_digests_are_kept(fixture: &dyn Stor
         size: bytes.len() as u64,
         sha256: Sha256Digest::of(bytes),
         crc32: Some(crc32fast::hash(bytes)),
+        signature: None,
     };
     assert_eq!(store.stat(&p).await.unwrap().as_ref(), Some(&expected));
     assert_eq!(read(store.as_ref(), &p).await.unwrap().0, expected);
@@ -349,4 +367,34 @@ pub async fn a_batch_lookup_of_100000_paths_answers_in_order(fixture: &dyn Store
             None => assert!(i % 1000 != 0, "{i} was stored"),
         }
     }
+}
+
+/// A store without trusted keys keeps what it was given, byte for byte; the
+/// overwrite rule treats another signature as other content.
+pub async fn a_signature_is_kept_exactly_and_replaced_only_with_its_probe(fixture: &dyn StoreFixture) {
+    let store = fixture.open().await;
+    let (p, bytes) = (kernel(11), b"a signed probe");
+    let (first, second): (&[u8], &[u8]) = (b"untrusted comment: a\n\x00\xff binary too\n", b"another signature");
+    assert_eq!(put_signed(store.as_ref(), &p, bytes, Some(first), false).await.unwrap(), CommitOutcome::Stored);
+    let signature = |store: &Arc<dyn ProbeStore>| {
+        let (store, p) = (store.clone(), p.clone());
+        async move { store.stat(&p).await.unwrap().unwrap().signature }
+    };
+    assert_eq!(signature(&store).await.as_deref(), Some(first));
+    assert_eq!(read(store.as_ref(), &p).await.unwrap().0.signature.as_deref(), Some(first));
+    drop(store);
+    let store = fixture.open().await;
+    assert_eq!(signature(&store).await.as_deref(), Some(first), "kept across a restart");
+    let identical = put_signed(store.as_ref(), &p, bytes, Some(first), false).await.unwrap();
+    assert_eq!(identical, CommitOutcome::Identical);
+    let conflict = put_signed(store.as_ref(), &p, bytes, Some(second), false).await.unwrap();
+    assert!(matches!(conflict, CommitOutcome::Conflict { .. }), "{conflict:?}");
+    assert!(matches!(put(store.as_ref(), &p, bytes, false).await.unwrap(), CommitOutcome::Conflict { .. }));
+    assert_eq!(signature(&store).await.as_deref(), Some(first), "a conflict keeps the signature");
+    let replaced = put_signed(store.as_ref(), &p, b"new bytes", Some(second), true).await.unwrap();
+    assert!(matches!(replaced, CommitOutcome::Overwritten { .. }));
+    let (probe, content) = read(store.as_ref(), &p).await.unwrap();
+    assert_eq!((probe.signature.as_deref(), content.as_slice()), (Some(second), &b"new bytes"[..]));
+    assert!(matches!(put(store.as_ref(), &p, b"new bytes", true).await.unwrap(), CommitOutcome::Overwritten { .. }));
+    assert_eq!(signature(&store).await, None, "an unsigned overwrite leaves the probe unsigned");
 }

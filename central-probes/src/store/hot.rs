@@ -216,6 +216,10 @@ impl ProbeWriter for HotWriter {
         self.writer.write(chunk).await
     }
 
+    fn set_signature(&mut self, signature: Bytes) {
+        self.writer.set_signature(signature);
+    }
+
     async fn finish_in_order(
         self: Box<Self>,
         expected: ExpectedDigests,

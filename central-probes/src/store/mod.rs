@@ -33,6 +33,7 @@ use std::pin::Pin;
 use bytes::Bytes;
 use probe_api::digest::Sha256Digest;
 use probe_api::names::{ModuleVersion, ProbePath};
+use probe_api::signing::ProbeSignature;
 use tokio_stream::Stream;
 
 use crate::error::Result;
@@ -45,16 +46,31 @@ pub struct StoredProbe {
     pub sha256: Sha256Digest,
     /// `None` for probes stored before the store recorded CRC-32s.
     pub crc32: Option<u32>,
+    /// The probe's minisign signature (its `.minisig` file's bytes, as
+    /// uploaded), if it was uploaded with one.
+    pub signature: Option<Bytes>,
 }
 
-/// A probe as the API describes it (listings, lookups, exports).
+impl StoredProbe {
+    /// What the overwrite rule compares of this probe.
+    pub fn content(&self) -> Content<'_> {
+        (self.size, self.sha256, self.signature.as_deref())
+    }
+}
+
+/// A probe as the API describes it (listings, lookups); exports add the
+/// signature itself.
 impl From<StoredProbe> for probe_api::v1::ProbeInfo {
     fn from(probe: StoredProbe) -> Self {
+        let signed = probe.signature.as_deref().and_then(|signature| ProbeSignature::parse(signature).ok());
         probe_api::v1::ProbeInfo {
             path: probe.path.to_string(),
             size: probe.size,
             sha256: probe.sha256.to_hex(),
             crc32: probe.crc32,
+            signature_key_id: signed.as_ref().map(|s| s.key_id().to_string()).unwrap_or_default(),
+            signature_serial: signed.as_ref().map_or(0, |s| s.serial()),
+            signature: Bytes::new(),
         }
     }
 }
@@ -113,16 +129,21 @@ pub enum Decision {
     Keep(CommitOutcome),
 }
 
+/// What the overwrite rule compares: size, SHA-256 and signature.
+pub type Content<'a> = (u64, Sha256Digest, Option<&'a [u8]>);
+
 /// The overwrite rule, the same for every backend: what committing a probe
-/// of size and digest `new` over what is stored under its path (`old`)
-/// does. A backend applies it atomically with its commit (under its lock,
-/// or in its transaction), so racing uploads of one path agree.
-pub fn overwrite_rule(old: Option<(u64, Sha256Digest)>, new: (u64, Sha256Digest), overwrite: bool) -> Decision {
+/// of size, digest and signature `new` over what is stored under its path
+/// (`old`) does. Another signature over the same bytes is a change like
+/// other bytes: replacing what Collectors check needs `overwrite` too. A
+/// backend applies the rule atomically with its commit (under its lock, or
+/// in its transaction), so racing uploads of one path agree.
+pub fn overwrite_rule(old: Option<Content<'_>>, new: Content<'_>, overwrite: bool) -> Decision {
     match old {
         None => Decision::Write(CommitOutcome::Stored),
         Some(old) if old == new => Decision::Keep(CommitOutcome::Identical),
-        Some((_, previous)) if overwrite => Decision::Write(CommitOutcome::Overwritten { previous }),
-        Some((_, existing)) => Decision::Keep(CommitOutcome::Conflict { existing }),
+        Some((_, previous, _)) if overwrite => Decision::Write(CommitOutcome::Overwritten { previous }),
+        Some((_, existing, _)) => Decision::Keep(CommitOutcome::Conflict { existing }),
     }
 }
 
@@ -225,6 +246,11 @@ pub trait ProbeWriter: Send {
     /// Appends the next bytes.
     async fn write(&mut self, chunk: Bytes) -> Result<()>;
 
+    /// The probe's signature, committed with its bytes (an upload's trailer
+    /// carries it, after the bytes). A store that checks signatures
+    /// (`VerifiedStore::with_trusted_keys`) refuses a commit without one.
+    fn set_signature(&mut self, signature: Bytes);
+
     /// Ends the file. The returned commit checks that exactly the declared
     /// size arrived and that it hashes to every digest of `expected`
     /// (INVALID_ARGUMENT or DATA_LOSS otherwise, keeping nothing; at least
@@ -252,20 +278,34 @@ mod tests {
     #[test]
     fn the_overwrite_rule_stores_skips_keeps_or_replaces() {
         let (a, b) = (Sha256Digest::of(b"a"), Sha256Digest::of(b"b"));
-        assert_eq!(overwrite_rule(None, (1, a), false), Decision::Write(CommitOutcome::Stored));
-        assert_eq!(overwrite_rule(Some((1, a)), (1, a), true), Decision::Keep(CommitOutcome::Identical));
+        assert_eq!(overwrite_rule(None, (1, a, None), false), Decision::Write(CommitOutcome::Stored));
+        assert_eq!(overwrite_rule(Some((1, a, None)), (1, a, None), true), Decision::Keep(CommitOutcome::Identical));
         assert_eq!(
-            overwrite_rule(Some((1, a)), (1, b), false),
+            overwrite_rule(Some((1, a, None)), (1, b, None), false),
             Decision::Keep(CommitOutcome::Conflict { existing: a })
         );
         assert_eq!(
-            overwrite_rule(Some((1, a)), (1, b), true),
+            overwrite_rule(Some((1, a, None)), (1, b, None), true),
             Decision::Write(CommitOutcome::Overwritten { previous: a })
         );
         // Same digest, other size: not the same probe.
         assert_eq!(
-            overwrite_rule(Some((2, a)), (1, a), false),
+            overwrite_rule(Some((2, a, None)), (1, a, None), false),
             Decision::Keep(CommitOutcome::Conflict { existing: a })
+        );
+        // Same bytes, another signature (or none): a change.
+        let signed = Some(&b"sig"[..]);
+        assert_eq!(
+            overwrite_rule(Some((1, a, signed)), (1, a, signed), false),
+            Decision::Keep(CommitOutcome::Identical)
+        );
+        assert_eq!(
+            overwrite_rule(Some((1, a, signed)), (1, a, None), false),
+            Decision::Keep(CommitOutcome::Conflict { existing: a })
+        );
+        assert_eq!(
+            overwrite_rule(Some((1, a, None)), (1, a, signed), true),
+            Decision::Write(CommitOutcome::Overwritten { previous: a })
         );
     }
 }

@@ -101,6 +101,9 @@ impl ReadThrough {
     async fn copy(&self, probe: &StoredProbe) -> Result<bool> {
         let Some(mut reader) = self.record.open(&probe.path).await? else { return Ok(false) };
         let mut writer = self.local.create(probe.path.clone(), reader.probe.size).await?;
+        if let Some(signature) = reader.probe.signature.clone() {
+            writer.set_signature(signature);
+        }
         while let Some(chunk) = reader.chunks.next().await {
             writer.write(chunk?).await?;
         }
@@ -173,7 +176,7 @@ impl ProbeStore for ReadThrough {
         // open is copied once more.
         for _ in 0..2 {
             if let Some(local) = self.local.open(path).await?
-                && (local.probe.size, local.probe.sha256) == (now.size, now.sha256)
+                && local.probe.content() == now.content()
             {
                 self.lru().touch(path);
                 self.trust_if_unchanged(path, generation);

@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use bytes::Bytes;
 use probe_api::digest::{Sha256Digest, Sha256Hasher};
 use probe_api::names::{ModuleVersion, ProbePath};
+use probe_api::signing::{Prehasher, SignatureError, TrustedKeys};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tonic::Code;
@@ -20,6 +21,9 @@ use super::{
     ProbeWriter, StoredProbe, overwrite_rule, report_taken,
 };
 use crate::error::{Error, Result};
+
+/// Told of each probe a store with trusted keys refuses, and why.
+pub type OnRefused = Arc<dyn Fn(&SignatureError) + Send + Sync>;
 
 /// Chunks queued between the network and the hashing thread of one file.
 const HASH_QUEUE: usize = 16;
@@ -39,6 +43,9 @@ impl<B> Clone for VerifiedStore<B> {
 struct Shared {
     /// Writes are refused when they would leave less than this free.
     min_free_bytes: u64,
+    /// With keys, a commit needs a signature that verifies by one of them;
+    /// each refusal is told to the callback (the server's metrics).
+    trusted_keys: Option<(TrustedKeys, OnRefused)>,
     /// Bytes of files being written: the backend will need them soon,
     /// although its free space does not show it yet.
     reserved: AtomicU64,
@@ -48,8 +55,18 @@ impl<B: Backend> VerifiedStore<B> {
     pub fn new(backend: B, min_free_bytes: u64) -> Self {
         VerifiedStore {
             backend: Arc::new(backend),
-            shared: Arc::new(Shared { min_free_bytes, reserved: AtomicU64::new(0) }),
+            shared: Arc::new(Shared { min_free_bytes, trusted_keys: None, reserved: AtomicU64::new(0) }),
         }
+    }
+
+    /// The store, refusing from now on to commit a probe whose signature is
+    /// missing or does not verify by one of `keys` (FAILED_PRECONDITION),
+    /// checked from a BLAKE2b-512 computed as the bytes stream in. For a
+    /// store just opened, before any clone of it.
+    pub fn checking_signatures(mut self, keys: TrustedKeys, on_refused: OnRefused) -> Self {
+        let shared = Arc::get_mut(&mut self.shared).expect("a store not cloned yet");
+        shared.trusted_keys = Some((keys, on_refused));
+        self
     }
 
     pub fn backend(&self) -> &B {
@@ -120,8 +137,19 @@ impl<B: Backend> ProbeStore for VerifiedStore<B> {
         let reservation = self.reserve(size)?;
         let staging = self.backend.stage(&path, size).await?;
         let (chunks, queue) = mpsc::channel(HASH_QUEUE);
-        let hasher = tokio::task::spawn_blocking(move || hash_all(queue));
-        Ok(Box::new(VerifiedWriter { path, size, received: 0, staging, chunks, hasher, reservation }))
+        let prehash = self.shared.trusted_keys.is_some();
+        let hasher = tokio::task::spawn_blocking(move || hash_all(queue, prehash));
+        Ok(Box::new(VerifiedWriter {
+            path,
+            size,
+            received: 0,
+            staging,
+            chunks,
+            hasher,
+            reservation,
+            signature: None,
+            shared: self.shared.clone(),
+        }))
     }
 
     async fn open(&self, path: &ProbePath) -> Result<Option<ProbeReader>> {
@@ -137,25 +165,41 @@ impl<B: Backend> ProbeStore for VerifiedStore<B> {
     }
 }
 
-/// What the hashing thread found: the length and both digests.
+/// What the hashing thread found: the length and the digests.
 struct Received {
     len: u64,
     sha256: Sha256Digest,
     crc32: u32,
+    /// What a minisign signature signs; computed only for a store that
+    /// checks signatures.
+    prehash: Option<[u8; 64]>,
 }
 
 /// Hashes chunks on a blocking thread until the channel closes. The CRC-32
 /// costs a few percent of the SHA-256 (crc32fast runs at memory speed).
-fn hash_all(mut chunks: mpsc::Receiver<Bytes>) -> Received {
+fn hash_all(mut chunks: mpsc::Receiver<Bytes>, prehash: bool) -> Received {
     let mut sha256 = Sha256Hasher::new();
     let mut crc32 = crc32fast::Hasher::new();
+    let mut blake2b = prehash.then(Prehasher::new);
     let mut len = 0u64;
     while let Some(chunk) = chunks.blocking_recv() {
         sha256.update(&chunk);
         crc32.update(&chunk);
+        if let Some(blake2b) = &mut blake2b {
+            blake2b.update(&chunk);
+        }
         len += chunk.len() as u64;
     }
-    Received { len, sha256: sha256.finish(), crc32: crc32.finalize() }
+    Received { len, sha256: sha256.finish(), crc32: crc32.finalize(), prehash: blake2b.map(Prehasher::finish) }
+}
+
+/// With trusted keys, the signature must verify for these bytes.
+fn check_signature(shared: &Shared, path: &ProbePath, received: &Received, signature: Option<&[u8]>) -> Result<()> {
+    let (Some((keys, on_refused)), Some(prehash)) = (&shared.trusted_keys, &received.prehash) else { return Ok(()) };
+    keys.verify_prehashed(path, prehash, signature).map(drop).map_err(|why| {
+        on_refused(&why);
+        Error::new(Code::FailedPrecondition, format!("{path}: {why}"))
+    })
 }
 
 /// Checks the received bytes against what the writer was promised.
@@ -191,6 +235,8 @@ struct VerifiedWriter {
     chunks: mpsc::Sender<Bytes>,
     hasher: JoinHandle<Received>,
     reservation: Reservation,
+    signature: Option<Bytes>,
+    shared: Arc<Shared>,
 }
 
 #[tonic::async_trait]
@@ -209,13 +255,17 @@ impl ProbeWriter for VerifiedWriter {
         self.staging.write(chunk).await
     }
 
+    fn set_signature(&mut self, signature: Bytes) {
+        self.signature = Some(signature);
+    }
+
     async fn finish_in_order(
         self: Box<Self>,
         expected: ExpectedDigests,
         overwrite: bool,
         order: CommitOrder,
     ) -> Result<PendingCommit> {
-        let VerifiedWriter { path, size, staging, chunks, hasher, reservation, .. } = *self;
+        let VerifiedWriter { path, size, staging, chunks, hasher, reservation, signature, shared, .. } = *self;
         if expected == ExpectedDigests::default() {
             return Err(Error::invalid_argument(format!("{path}: the trailer carries neither a SHA-256 nor a CRC-32")));
         }
@@ -228,6 +278,7 @@ impl ProbeWriter for VerifiedWriter {
             let received = hasher.await.map_err(|e| Error::internal(format!("hashing {path}: {e}")))?;
             let mut staged = staging.finish().await?;
             verify(&path, size, &received, expected)?;
+            check_signature(&shared, &path, &received, signature.as_deref())?;
             let sha256 = received.sha256;
             let committed = |outcome| Committed { outcome, sha256 };
             let aborted = |path: &ProbePath| {
@@ -235,8 +286,9 @@ impl ProbeWriter for VerifiedWriter {
             };
             // Decide early when nothing will be stored: no durable write then.
             let old = staged.existing().await?;
-            if let Decision::Keep(outcome) = overwrite_rule(old.map(|o| (o.size, o.sha256)), (size, sha256), overwrite)
-            {
+            let decision =
+                overwrite_rule(old.as_ref().map(StoredProbe::content), (size, sha256, signature.as_deref()), overwrite);
+            if let Decision::Keep(outcome) = decision {
                 if !after.await {
                     return Err(aborted(&path));
                 }
@@ -245,7 +297,7 @@ impl ProbeWriter for VerifiedWriter {
             }
             // Durable before the wait, so that consecutive files overlap their
             // fsyncs; only visibility waits for the file before.
-            let probe = StoredProbe { path, size, sha256, crc32: Some(received.crc32) };
+            let probe = StoredProbe { path, size, sha256, crc32: Some(received.crc32), signature };
             staged.prepare(&probe).await?;
             if !after.await {
                 return Err(aborted(&probe.path));

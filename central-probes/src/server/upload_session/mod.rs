@@ -17,6 +17,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use probe_api::digest::Sha256Digest;
 use probe_api::limits::{MAX_FILE_SIZE, MAX_REQUEST_MESSAGE, MAX_UPLOAD_CHUNK};
 use probe_api::names::ProbePath;
+use probe_api::signing::MAX_SIGNATURE_LEN;
 use probe_api::v1::upload_probes_request::Message;
 use probe_api::v1::{FileHeader, FileOutcome, FileResult, FileTrailer, UploadProbesRequest, UploadProbesResponse};
 use tokio::sync::oneshot;
@@ -134,8 +135,17 @@ impl UploadSession {
                 self.state = State::InFile { path, writer };
                 Ok(())
             }
-            (State::InFile { path, writer }, Message::FileTrailer(trailer)) => {
+            (State::InFile { path, mut writer }, Message::FileTrailer(trailer)) => {
                 let expected = expected_digests(&path, &trailer)?;
+                if trailer.signature.len() > MAX_SIGNATURE_LEN {
+                    return Err(Error::invalid_argument(format!(
+                        "{path}: a signature of {} bytes is over the limit of {MAX_SIGNATURE_LEN}",
+                        trailer.signature.len()
+                    )));
+                }
+                if !trailer.signature.is_empty() {
+                    writer.set_signature(trailer.signature);
+                }
                 let gate: CommitGate = match self.last_committed.take() {
                     None => open_gate(),
                     Some(before) => Box::pin(async move { before.await.unwrap_or(false) }),
@@ -268,7 +278,7 @@ pub fn file_messages(path: &str, bytes: &[u8], chunk_size: usize) -> Vec<UploadP
         vec![message(Message::FileHeader(FileHeader { path: path.to_owned(), size: bytes.len() as u64 }))];
     messages.extend(bytes.chunks(chunk_size.max(1)).map(|c| message(Message::Chunk(Bytes::copy_from_slice(c)))));
     let sha256 = Sha256Digest::of(bytes).to_hex();
-    messages.push(message(Message::FileTrailer(FileTrailer { sha256, crc32: None })));
+    messages.push(message(Message::FileTrailer(FileTrailer { sha256, crc32: None, signature: Bytes::new() })));
     messages
 }
 

@@ -109,7 +109,11 @@ async fn lying_sizes_and_digests_store_nothing() {
     let header =
         |size| UploadProbesRequest { message: Some(Message::FileHeader(FileHeader { path: A.to_owned(), size })) };
     let trailer = |sha256: &str| UploadProbesRequest {
-        message: Some(Message::FileTrailer(FileTrailer { sha256: sha256.to_owned(), crc32: None })),
+        message: Some(Message::FileTrailer(FileTrailer {
+            sha256: sha256.to_owned(),
+            crc32: None,
+            signature: Default::default(),
+        })),
     };
     let good = file_messages(A, b"abc", 10).pop().unwrap();
     let wrong_digest = file_messages(A, b"abd", 10).pop().unwrap();
@@ -248,7 +252,11 @@ async fn a_trailer_may_carry_a_crc32_a_sha256_or_both_and_each_one_given_is_chec
     let store = store(dir.path());
     let bytes = b"probe bytes";
     let (sha256, crc32) = (Sha256Digest::of(bytes).to_hex(), crc32fast::hash(bytes));
-    let trailer = |sha256: &str, crc32: Option<u32>| FileTrailer { sha256: sha256.to_owned(), crc32 };
+    let trailer = |sha256: &str, crc32: Option<u32>| FileTrailer {
+        sha256: sha256.to_owned(),
+        crc32,
+        signature: Default::default(),
+    };
 
     let mut messages = vec![options(false)];
     messages.extend(file_with_trailer(A, bytes, trailer("", Some(crc32))));

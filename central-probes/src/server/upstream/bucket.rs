@@ -8,6 +8,8 @@
 //! and against the bytes that came; that the bytes are one complete, valid
 //! gzip stream (inflated with a bound as they arrive, the output thrown
 //! away); and the SHA-256 in `<file name>.sha256` when the bucket has one.
+//! A `<file name>.minisig` beside it is the probe's signature, cached with
+//! it (and checked by a Central with trusted keys).
 //! 404 is a miss; any other failure is UNAVAILABLE and caches nothing.
 
 use std::io::Write;
@@ -19,6 +21,7 @@ use probe_api::digest::{Sha256Digest, Sha256Hasher};
 use probe_api::https::{HttpsClient, HttpsUrl};
 use probe_api::limits::MAX_FILE_SIZE;
 use probe_api::names::ProbePath;
+use probe_api::signing::{MAX_SIGNATURE_LEN, SIGNATURE_SUFFIX};
 use tonic::Code;
 
 use crate::error::{Error, Result};
@@ -47,7 +50,12 @@ impl Bucket {
     pub async fn fetch(&self, path: &ProbePath, cache: &dyn ProbeStore) -> Result<Option<u64>> {
         let url = self.base.join(&path.to_string());
         let digest_url = self.base.join(&format!("{path}.sha256"));
-        let (file, digest) = tokio::join!(self.get(&url), self.published_digest(&digest_url));
+        let signature_url = self.base.join(&format!("{path}{SIGNATURE_SUFFIX}"));
+        let (file, digest, signature) = tokio::join!(
+            self.get(&url),
+            self.published_digest(&digest_url),
+            self.small_file(&signature_url, MAX_SIGNATURE_LEN, "a minisign signature")
+        );
         let mut response = file?;
         match response.status() {
             StatusCode::OK => {}
@@ -57,6 +65,9 @@ impl Bucket {
         let published = digest?;
         let size = content_length(&response, &url)?;
         let mut writer = cache.create(path.clone(), size).await?;
+        if let Some(signature) = signature? {
+            writer.set_signature(signature.into());
+        }
         let mut gzip = GzipCheck::new();
         let mut hasher = Sha256Hasher::new();
         let mut received = 0u64;
@@ -81,6 +92,7 @@ impl Bucket {
         let committed = writer.finish(ExpectedDigests::from(expected), true).await?.await;
         committed.map_err(|e| match e.code {
             Code::DataLoss | Code::InvalidArgument => unavailable(format!("{url}: {}", e.message)),
+            Code::FailedPrecondition => super::refused(e),
             _ => e,
         })?;
         Ok(Some(size))
@@ -93,27 +105,36 @@ impl Bucket {
     /// The SHA-256 in `url` (`sha256sum` format, or the hex digest alone),
     /// `None` when the bucket has no such file.
     async fn published_digest(&self, url: &HttpsUrl) -> Result<Option<Sha256Digest>> {
+        let Some(text) = self.small_file(url, MAX_DIGEST_FILE, "a SHA-256 file").await? else { return Ok(None) };
+        let text = String::from_utf8_lossy(&text);
+        let hex = text.split_whitespace().next().unwrap_or_default();
+        Sha256Digest::from_hex(hex)
+            .map(Some)
+            .ok_or_else(|| unavailable(format!("{url} does not start with a SHA-256 in hex")))
+    }
+}
+
+impl Bucket {
+    /// The bytes of a small file beside a probe (at most `max`, else it is
+    /// not `what`), `None` when the bucket has no such file.
+    async fn small_file(&self, url: &HttpsUrl, max: usize, what: &str) -> Result<Option<Vec<u8>>> {
         let mut response = self.get(url).await?;
         match response.status() {
             StatusCode::OK => {}
             StatusCode::NOT_FOUND | StatusCode::GONE | StatusCode::FORBIDDEN => return Ok(None),
             status => return Err(unavailable(format!("{url} answered {status}"))),
         }
-        let mut text = Vec::new();
+        let mut bytes = Vec::new();
         while let Some(frame) = response.body_mut().frame().await {
             let frame = frame.map_err(|e| unavailable(format!("reading {url}: {e}")))?;
             if let Ok(chunk) = frame.into_data() {
-                text.extend_from_slice(&chunk);
+                bytes.extend_from_slice(&chunk);
             }
-            if text.len() > MAX_DIGEST_FILE {
-                return Err(unavailable(format!("{url} is over {MAX_DIGEST_FILE} bytes: not a SHA-256 file")));
+            if bytes.len() > max {
+                return Err(unavailable(format!("{url} is over {max} bytes: not {what}")));
             }
         }
-        let text = String::from_utf8_lossy(&text);
-        let hex = text.split_whitespace().next().unwrap_or_default();
-        Sha256Digest::from_hex(hex)
-            .map(Some)
-            .ok_or_else(|| unavailable(format!("{url} does not start with a SHA-256 in hex")))
+        Ok(Some(bytes))
     }
 }
 

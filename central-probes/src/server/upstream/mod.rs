@@ -22,6 +22,7 @@ use bucket::Bucket;
 use probe_api::https::{HttpsClient, HttpsUrl, ProxySettings};
 use probe_api::names::ProbePath;
 use probe_api::probe_stream::{ProbeReply, ReplyError};
+use probe_api::signing::MAX_SIGNATURE_LEN;
 use probe_api::transport::{self, ClientTls};
 use probe_api::v1::probe_service_client::ProbeServiceClient;
 use probe_api::v1::{GetProbeRequest, ProbeSource as ApiSource};
@@ -202,6 +203,13 @@ impl UpstreamSource {
         };
         let mut reply = ProbeReply::start(stream, MAX_FILE_SIZE).await.map_err(reply_error)?;
         let mut writer = self.cache.create(path.clone(), reply.size()).await?;
+        let signature = reply.header().signature.clone();
+        if signature.len() > MAX_SIGNATURE_LEN {
+            return Err(bad_reply(format!("a signature of {} bytes", signature.len())));
+        }
+        if !signature.is_empty() {
+            writer.set_signature(signature);
+        }
         while let Some(chunk) = reply.next_chunk().await.map_err(reply_error)? {
             writer.write(chunk).await.map_err(|e| bad_reply(e.message))?;
         }
@@ -209,6 +217,7 @@ impl UpstreamSource {
         let commit = writer.finish(reply.sha256().into(), true).await?;
         commit.await.map_err(|e| match e.code {
             Code::DataLoss | Code::InvalidArgument => bad_reply(e.message),
+            Code::FailedPrecondition => refused(e),
             _ => e,
         })?;
         Ok(Some(reply.size()))
@@ -219,6 +228,12 @@ impl UpstreamSource {
 enum Client {
     Grpc(ProbeServiceClient<Channel>),
     Bucket(Bucket),
+}
+
+/// An upstream probe the cache refused for its signature (a Central with
+/// trusted keys): not served, and NOT_FOUND says why.
+fn refused(error: Error) -> Error {
+    Error::new(Code::NotFound, format!("the upstream's probe is not served: {}", error.message))
 }
 
 fn unavailable(status: &tonic::Status) -> Error {

@@ -2,19 +2,28 @@
 //! describes: shared by the header format, the snapshot, the index and
 //! the writer.
 
+use bytes::Bytes;
 use probe_api::digest::Sha256Digest;
 use probe_api::names::ProbePath;
 
 use crate::store::StoredProbe;
 
-#[derive(Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub(super) struct Entry {
     pub(super) size: u64,
     pub(super) sha256: Sha256Digest,
     /// `None` for probes written before the store recorded CRC-32s.
     pub(super) crc32: Option<u32>,
+    /// The probe's minisign signature, if it was uploaded with one.
+    pub(super) signature: Option<Bytes>,
+}
+
+impl Entry {
+    pub(super) fn of(probe: &StoredProbe) -> Entry {
+        Entry { size: probe.size, sha256: probe.sha256, crc32: probe.crc32, signature: probe.signature.clone() }
+    }
 }
 
 pub(super) fn stored(path: ProbePath, entry: Entry) -> StoredProbe {
-    StoredProbe { path, size: entry.size, sha256: entry.sha256, crc32: entry.crc32 }
+    StoredProbe { path, size: entry.size, sha256: entry.sha256, crc32: entry.crc32, signature: entry.signature }
 }

@@ -1,16 +1,21 @@
 //! The on-disk layout: the header in front of every probe's bytes, the
 //! directory lock, the page token key, and leftovers of interrupted writes.
 //!
-//! Headers: "KPROBE02" (56 bytes: magic, size, SHA-256, CRC-32, 4 zero
-//! bytes) is written; "KPROBE01" (48 bytes: magic, size, SHA-256), written
-//! before the store recorded CRC-32s, is still read, its CRC-32 unknown.
+//! Headers: "KPROBE02" (56 bytes: magic, size, SHA-256, CRC-32, and the
+//! length of the probe's signature as 4 bytes, 0 for none) is written, and
+//! the signature follows the probe's bytes, so that probe and signature are
+//! committed (and replaced) by one rename; "KPROBE01" (48 bytes: magic,
+//! size, SHA-256), written before the store recorded CRC-32s, is still
+//! read, its CRC-32 unknown.
 
 use std::fs::{self, File, OpenOptions};
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
+use bytes::Bytes;
 use probe_api::digest::Sha256Digest;
+use probe_api::signing::MAX_SIGNATURE_LEN;
 use tonic::Code;
 
 use crate::error::{Error, Result};
@@ -23,18 +28,20 @@ const MAGIC: &[u8; 8] = b"KPROBE02";
 /// Length of the header this store writes; the bytes follow it.
 pub(super) const HEADER_LEN: u64 = 56;
 
-/// The header of a probe of `size` bytes with these digests.
-pub(super) fn header(size: u64, sha256: &Sha256Digest, crc32: u32) -> [u8; HEADER_LEN as usize] {
+/// The header of a probe of `size` bytes with these digests, followed by a
+/// signature of `signature_len` bytes.
+pub(super) fn header(size: u64, sha256: &Sha256Digest, crc32: u32, signature_len: u32) -> [u8; HEADER_LEN as usize] {
     let mut header = [0u8; HEADER_LEN as usize];
     header[..8].copy_from_slice(MAGIC);
     header[8..16].copy_from_slice(&size.to_le_bytes());
     header[16..48].copy_from_slice(&sha256.0);
     header[48..52].copy_from_slice(&crc32.to_le_bytes());
+    header[52..56].copy_from_slice(&signature_len.to_le_bytes());
     header
 }
 
-/// Reads and checks the header of a stored probe file: what it describes,
-/// and the offset of its first byte.
+/// Reads and checks the header of a stored probe file, and the signature
+/// after its bytes: what it describes, and the offset of its first byte.
 pub(super) fn read_header(file: &File) -> io::Result<(Entry, u64)> {
     let mut header = [0u8; HEADER_LEN as usize];
     let file_len = file.metadata()?.len();
@@ -42,19 +49,30 @@ pub(super) fn read_header(file: &File) -> io::Result<(Entry, u64)> {
     // A version 1 file may be shorter than a version 2 header.
     let readable = file_len.min(HEADER_LEN) as usize;
     file.read_exact_at(&mut header[..readable], 0)?;
-    let (header_len, crc32) = match header.first_chunk::<8>() {
-        Some(magic) if magic == MAGIC && readable == HEADER_LEN as usize => {
-            (HEADER_LEN, Some(u32::from_le_bytes(header[48..52].try_into().expect("4 bytes"))))
-        }
-        Some(magic) if magic == MAGIC_V1 && readable >= HEADER_LEN_V1 as usize => (HEADER_LEN_V1, None),
+    let (header_len, crc32, signature_len) = match header.first_chunk::<8>() {
+        Some(magic) if magic == MAGIC && readable == HEADER_LEN as usize => (
+            HEADER_LEN,
+            Some(u32::from_le_bytes(header[48..52].try_into().expect("4 bytes"))),
+            u32::from_le_bytes(header[52..56].try_into().expect("4 bytes")),
+        ),
+        Some(magic) if magic == MAGIC_V1 && readable >= HEADER_LEN_V1 as usize => (HEADER_LEN_V1, None, 0),
         _ => return Err(invalid("not a probe file of this store (bad magic or too short)")),
     };
     let size = u64::from_le_bytes(header[8..16].try_into().expect("8 bytes"));
     let sha256 = Sha256Digest(header[16..48].try_into().expect("32 bytes"));
-    if file_len != header_len + size {
+    if signature_len as usize > MAX_SIGNATURE_LEN
+        || Some(file_len) != (header_len + u64::from(signature_len)).checked_add(size)
+    {
         return Err(invalid("the file length does not match its header"));
     }
-    Ok((Entry { size, sha256, crc32 }, header_len))
+    let signature = if signature_len == 0 {
+        None
+    } else {
+        let mut signature = vec![0u8; signature_len as usize];
+        file.read_exact_at(&mut signature, header_len + size)?;
+        Some(Bytes::from(signature))
+    };
+    Ok((Entry { size, sha256, crc32, signature }, header_len))
 }
 
 pub(super) fn sync_dir(dir: &Path) -> io::Result<()> {

@@ -1,9 +1,9 @@
 //! The embedded store: one file per probe under a data directory.
 //!
 //! Layout: `probes/<module version>/<probe file name>` holds a header
-//! (magic, size, SHA-256, CRC-32; `format.rs`) followed by the probe's
-//! bytes, so a probe and its digests are committed together by a single
-//! rename; `tmp/` holds
+//! (magic, size, SHA-256, CRC-32, signature length; `format.rs`) followed
+//! by the probe's bytes and its signature, so a probe, its digests and its
+//! signature are committed together by a single rename; `tmp/` holds
 //! files being written. A file is written to `tmp/`, verified, fsync'd,
 //! renamed into place, and its directory fsync'd. A crash can leave files in
 //! `tmp/` only; they are removed at start-up. An exclusive lock on `lock`
@@ -148,7 +148,7 @@ impl FilesystemBackend {
 impl Backend for FilesystemBackend {
     async fn stat_many(&self, paths: &[ProbePath]) -> Result<Vec<Option<StoredProbe>>> {
         let index = self.inner.index();
-        Ok(paths.iter().map(|path| index.get(path).map(|&entry| stored(path.clone(), entry))).collect())
+        Ok(paths.iter().map(|path| index.get(path).map(|entry| stored(path.clone(), entry.clone()))).collect())
     }
 
     async fn list(
@@ -168,7 +168,7 @@ impl Backend for FilesystemBackend {
             .skip_while(|(path, _)| prefix.as_ref().is_some_and(|prefix| path.bytes().lt(prefix.bytes())))
             .take_while(|(path, _)| in_module(path))
             .take(limit)
-            .map(|(path, &entry)| stored(path.clone(), entry))
+            .map(|(path, entry)| stored(path.clone(), entry.clone()))
             .collect())
     }
 

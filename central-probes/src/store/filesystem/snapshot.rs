@@ -2,7 +2,9 @@
 //! start-up reads one file instead of every probe's header.
 //!
 //! The snapshot holds, per module directory, the directory's modification
-//! time and its probes (name, size, SHA-256, CRC-32). A directory whose time is
+//! time and its probes (name, size, SHA-256, CRC-32, and the signature in
+//! base64, "-" for none; a version 2 snapshot, written before signatures,
+//! has no such field and is read as unsigned, as its probes were). A directory whose time is
 //! unchanged has had no probe added, replaced or removed (each is a rename
 //! or unlink in it), so its probes are taken from the snapshot; any other
 //! directory is read from disk. Directory times have a coarse clock, so a
@@ -17,6 +19,9 @@ use std::io::{self, BufWriter, Write};
 use std::path::Path;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use bytes::Bytes;
 use probe_api::digest::Sha256Digest;
 use probe_api::names::ProbePath;
 use tracing::warn;
@@ -26,7 +31,8 @@ use super::format::sync_dir;
 
 const FILE: &str = "index.snapshot";
 /// Version 1 (no CRC-32) is read as a missing snapshot: one full read.
-const FIRST_LINE: &str = "kprobes-index 2";
+const FIRST_LINE: &str = "kprobes-index 3";
+const FIRST_LINE_V2: &str = "kprobes-index 2";
 /// How long before the snapshot a directory must have stopped changing for
 /// its time to vouch for its content.
 const QUIET_NANOS: i128 = 1_000_000_000;
@@ -70,29 +76,36 @@ pub(super) fn read(data_dir: &Path) -> Option<Snapshot> {
 
 fn parse(text: &str) -> Option<Snapshot> {
     let mut lines = text.lines();
-    if lines.next()? != FIRST_LINE {
-        return None;
-    }
+    let with_signatures = match lines.next()? {
+        FIRST_LINE => true,
+        FIRST_LINE_V2 => false,
+        _ => return None,
+    };
     let written: i128 = lines.next()?.strip_prefix("W ")?.parse().ok()?;
     let mut dirs: HashMap<String, (i128, Vec<(String, Entry)>)> = HashMap::new();
     let mut current: Option<String> = None;
     let mut complete = false;
     for line in lines {
-        let mut fields = line.split(' ');
-        match (fields.next()?, fields.next(), fields.next(), fields.next(), fields.next()) {
-            ("D", Some(mtime), Some(module), None, None) => {
+        let fields: Vec<&str> = line.split(' ').collect();
+        match fields[..] {
+            ["D", mtime, module] => {
                 dirs.insert(module.to_owned(), (mtime.parse().ok()?, Vec::new()));
                 current = Some(module.to_owned());
             }
-            ("F", Some(name), Some(size), Some(sha256), Some(crc32)) => {
+            ["F", name, size, sha256, crc32, ref signature @ ..] if signature.len() == usize::from(with_signatures) => {
                 let crc32 = match crc32 {
                     "-" => None,
                     hex => Some(u32::from_str_radix(hex, 16).ok()?),
                 };
-                let entry = Entry { size: size.parse().ok()?, sha256: Sha256Digest::from_hex(sha256)?, crc32 };
+                let signature = match signature.first() {
+                    None | Some(&"-") => None,
+                    Some(base64) => Some(Bytes::from(STANDARD.decode(base64).ok()?)),
+                };
+                let (size, sha256) = (size.parse().ok()?, Sha256Digest::from_hex(sha256)?);
+                let entry = Entry { size, sha256, crc32, signature };
                 dirs.get_mut(current.as_ref()?)?.1.push((name.to_owned(), entry));
             }
-            ("END", None, None, None, None) => complete = true,
+            ["END"] => complete = true,
             _ => return None,
         }
     }
@@ -129,10 +142,9 @@ pub(super) fn write(data_dir: &Path, probes_dir: &Path, index: &BTreeMap<ProbePa
             writeln!(out, "D {mtime} {version}")?;
             module = Some(version);
         }
-        match entry.crc32 {
-            Some(crc32) => writeln!(out, "F {} {} {} {crc32:08x}", path.file_name(), entry.size, entry.sha256)?,
-            None => writeln!(out, "F {} {} {} -", path.file_name(), entry.size, entry.sha256)?,
-        }
+        let crc32 = entry.crc32.map_or_else(|| "-".to_owned(), |crc32| format!("{crc32:08x}"));
+        let signature = entry.signature.as_ref().map_or_else(|| "-".to_owned(), |s| STANDARD.encode(s));
+        writeln!(out, "F {} {} {} {crc32} {signature}", path.file_name(), entry.size, entry.sha256)?;
     }
     writeln!(out, "END")?;
     let file = out.into_inner().map_err(|e| e.into_error())?;

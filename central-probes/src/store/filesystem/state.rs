@@ -59,6 +59,6 @@ impl Inner {
     }
 
     pub(super) fn entry(&self, path: &ProbePath) -> Option<Entry> {
-        self.index().get(path).copied()
+        self.index().get(path).cloned()
     }
 }

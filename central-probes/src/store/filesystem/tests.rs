@@ -107,7 +107,7 @@ fn corrupt_and_foreign_files_are_not_served() {
     fs::create_dir_all(&module).unwrap();
     fs::write(module.join("collector-ebpf-5.4.0.o.gz"), b"no header").unwrap();
     fs::write(module.join("notes.txt"), b"").unwrap();
-    let mut truncated = header(100, &sha(b""), 0).to_vec();
+    let mut truncated = header(100, &sha(b""), 0, 0).to_vec();
     truncated.extend_from_slice(b"short");
     fs::write(module.join("collector-ebpf-5.5.0.o.gz"), truncated).unwrap();
     let store = FilesystemStore::open(&config(dir.path())).unwrap();

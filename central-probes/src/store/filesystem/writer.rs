@@ -17,7 +17,7 @@ use tracing::warn;
 
 use crate::error::{Error, Result};
 use crate::store::backend::{Staged, Staging};
-use crate::store::{CommitOutcome, Decision, StoredProbe, overwrite_rule, report_taken};
+use crate::store::{CommitOutcome, Content, Decision, StoredProbe, overwrite_rule, report_taken};
 
 use super::entry::{Entry, stored};
 use super::format::{HEADER_LEN, header, sync_dir};
@@ -115,16 +115,24 @@ impl Staging for FsStaging {
 #[tonic::async_trait]
 impl Staged for FsStaged {
     async fn existing(&self) -> Result<Option<StoredProbe>> {
-        Ok(self.inner.index().get(&self.path).map(|&entry| stored(self.path.clone(), entry)))
+        Ok(self.inner.index().get(&self.path).map(|entry| stored(self.path.clone(), entry.clone())))
     }
 
     async fn prepare(&mut self, probe: &StoredProbe) -> Result<()> {
         let crc32 = probe.crc32.ok_or_else(|| Error::internal(format!("{}: no CRC-32 to store", probe.path)))?;
         let temp = self.temp.take().expect("prepared once");
-        let header = header(probe.size, &probe.sha256, crc32);
+        let signature = probe.signature.clone().unwrap_or_default();
+        let signature_len = u32::try_from(signature.len())
+            .map_err(|_| Error::invalid_argument(format!("{}: the signature is too long", probe.path)))?;
+        let header = header(probe.size, &probe.sha256, crc32, signature_len);
         let path = self.path.clone();
         let durable = self.inner.durable;
+        let signature_at = HEADER_LEN + probe.size;
         let temp = tokio::task::spawn_blocking(move || {
+            // The signature after the bytes, then the header that counts it.
+            temp.file
+                .write_all_at(&signature, signature_at)
+                .map_err(|e| Error::io(format!("writing the signature of {path}"), e))?;
             temp.file.write_all_at(&header, 0).map_err(|e| Error::io(format!("writing the header of {path}"), e))?;
             if durable {
                 temp.file.sync_all().map_err(|e| Error::io(format!("syncing {path}"), e))?;
@@ -145,7 +153,7 @@ impl Staged for FsStaged {
     ) -> Result<CommitOutcome> {
         let FsStaged { inner, path, temp } = *self;
         let temp = temp.expect("prepared before the commit");
-        let new = Entry { size: probe.size, sha256: probe.sha256, crc32: probe.crc32 };
+        let new = Entry::of(&probe);
         tokio::task::spawn_blocking(move || commit(&inner, &path, temp, new, overwrite, taken))
             .await
             .map_err(|e| Error::internal(format!("commit task failed: {e}")))?
@@ -153,8 +161,11 @@ impl Staged for FsStaged {
 }
 
 /// The store's overwrite rule on this store's index entries.
-fn decide(old: Option<Entry>, new: Entry, overwrite: bool) -> Decision {
-    overwrite_rule(old.map(|old| (old.size, old.sha256)), (new.size, new.sha256), overwrite)
+fn decide(old: Option<&Entry>, new: &Entry, overwrite: bool) -> Decision {
+    fn content(entry: &Entry) -> Content<'_> {
+        (entry.size, entry.sha256, entry.signature.as_deref())
+    }
+    overwrite_rule(old.map(content), content(new), overwrite)
 }
 
 /// Under the index lock, decides by the overwrite rule and renames the
@@ -177,7 +188,7 @@ fn commit(
         // The check and the rename happen under one lock: concurrent uploads
         // of one path cannot both think they stored it first.
         let mut index = inner.index();
-        let outcome = match decide(index.get(path).copied(), new, overwrite) {
+        let outcome = match decide(index.get(path), &new, overwrite) {
             Decision::Keep(nothing_to_write) => {
                 report_taken(taken);
                 return Ok(nothing_to_write);

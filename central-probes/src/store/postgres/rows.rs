@@ -2,6 +2,7 @@
 //! the change feed share: the chunk row's size, the columns a probe is
 //! read back from, and the channel commits notify.
 
+use bytes::Bytes;
 use probe_api::digest::Sha256Digest;
 use probe_api::names::ProbePath;
 use tokio_postgres::Row;
@@ -24,12 +25,14 @@ pub(super) fn stored(row: &Row) -> Result<StoredProbe> {
     let size: i64 = row.get("size");
     let sha256: Vec<u8> = row.get("sha256");
     let crc32: Option<i64> = row.get("crc32");
+    let signature: Option<Vec<u8>> = row.get("signature");
     Ok(StoredProbe {
         path: ProbePath::parse(&path).map_err(|_| bad("path"))?,
         size: u64::try_from(size).map_err(|_| bad("size"))?,
         sha256: Sha256Digest(sha256.try_into().map_err(|_| bad("SHA-256"))?),
         crc32: crc32.map(|crc| u32::try_from(crc).map_err(|_| bad("CRC-32"))).transpose()?,
+        signature: signature.map(Bytes::from),
     })
 }
 
-pub(super) const COLUMNS: &str = "path, size, sha256, crc32";
+pub(super) const COLUMNS: &str = "path, size, sha256, crc32, signature";

@@ -17,7 +17,8 @@ use crate::error::{Error, Result};
 /// byte by byte (`COLLATE "C"`), the API's listing order. Version 2: API
 /// tokens (their SHA-256 only), shared by every replica. Version 3: the
 /// misses of every replica (`crate::misses`; times in Unix seconds, client
-/// ids as their 64 bits).
+/// ids as their 64 bits). Version 4: each probe's minisign signature, NULL
+/// for an unsigned probe, written in the row's one statement with the probe.
 const MIGRATIONS: &[&str] = &[
     r#"
     CREATE TABLE probes (
@@ -61,6 +62,9 @@ const MIGRATIONS: &[&str] = &[
         resolved_by text
     );
     CREATE INDEX probe_misses_by_last_seen ON probe_misses (last_seen);
+"#,
+    r#"
+    ALTER TABLE probes ADD COLUMN signature bytea;
 "#,
 ];
 

@@ -110,19 +110,22 @@ impl Staged for PgStaged {
         let old = old.map_err(db("looking up"))?;
         let old_blob: Option<i64> = old.as_ref().map(|row| row.get("blob"));
         let old = old.as_ref().map(stored).transpose()?;
-        let decision = overwrite_rule(old.map(|o| (o.size, o.sha256)), (probe.size, probe.sha256), overwrite);
+        let decision = overwrite_rule(old.as_ref().map(StoredProbe::content), probe.content(), overwrite);
         let (outcome, client) = match decision {
             Decision::Keep(outcome) => (outcome, writing.end_keeping("ROLLBACK").await?),
             Decision::Write(outcome) => {
                 let size = i64::try_from(probe.size).map_err(|_| Error::invalid_argument("a probe over 2^63 bytes"))?;
                 let crc32 = probe.crc32.map(i64::from);
                 let sha256 = probe.sha256.0.as_slice();
-                let params: [&(dyn ToSql + Sync); 6] =
-                    [&path_text, &path.module_version().as_str(), &size, &sha256, &crc32, &blob];
+                let signature = probe.signature.as_deref();
+                let params: [&(dyn ToSql + Sync); 7] =
+                    [&path_text, &path.module_version().as_str(), &size, &sha256, &crc32, &blob, &signature];
                 let insert = prepare(
                     client,
-                    "INSERT INTO probes (path, module_version, size, sha256, crc32, blob) VALUES ($1, $2, $3, $4, $5, $6)
-                     ON CONFLICT (path) DO UPDATE SET size = $3, sha256 = $4, crc32 = $5, blob = $6, stored_at = now()",
+                    "INSERT INTO probes (path, module_version, size, sha256, crc32, blob, signature)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7)
+                     ON CONFLICT (path) DO UPDATE SET
+                         size = $3, sha256 = $4, crc32 = $5, blob = $6, signature = $7, stored_at = now()",
                 )
                 .await?;
                 let delete = prepare(client, "DELETE FROM probe_chunks WHERE blob = $1").await?;

@@ -1,0 +1,107 @@
+//! `central-probes package sign` and `package verify`: signatures of a
+//! support package's probes, made and checked on the clean side of an air
+//! gap (README, "Signed probes").
+
+use std::path::PathBuf;
+
+use central_probes::admin::signatures::{self, Checked};
+use clap::{Args, Subcommand};
+use probe_api::signing::TrustedKeys;
+
+use super::{CliError, OutputFormat};
+
+#[derive(Subcommand)]
+pub enum PackageCommand {
+    /// Write a copy of a support package with a minisign signature beside every probe.
+    Sign(SignArgs),
+    /// Check the signature of every probe of a support package; names each failure.
+    Verify(VerifyArgs),
+}
+
+#[derive(Args)]
+pub struct SignArgs {
+    /// The support package (zip) to sign.
+    package: PathBuf,
+    /// A minisign secret key (`minisign -G`), unencrypted (`-W`) or with
+    /// its password in --password-file.
+    #[arg(long, value_name = "KEY")]
+    secret_key: PathBuf,
+    /// A file whose first line is the secret key's password.
+    #[arg(long, value_name = "FILE")]
+    password_file: Option<PathBuf>,
+    /// The release number in every trusted comment: raise it with each
+    /// release, so that a node refuses an older one.
+    #[arg(long, default_value_t = 1)]
+    serial: u64,
+    /// The signed package to write (replaced only once it is complete).
+    #[arg(short = 'o', long = "output", value_name = "OUT.zip")]
+    output: PathBuf,
+}
+
+#[derive(Args)]
+pub struct VerifyArgs {
+    /// The support package (zip) to check.
+    package: PathBuf,
+    /// A file of one or more minisign public keys.
+    #[arg(long, value_name = "KEYS")]
+    trusted_keys: PathBuf,
+    #[arg(short = 'o', long, value_enum, default_value = "text")]
+    output: OutputFormat,
+}
+
+pub async fn run(command: PackageCommand) -> Result<(), CliError> {
+    match command {
+        PackageCommand::Sign(args) => sign(args).await,
+        PackageCommand::Verify(args) => verify(args).await,
+    }
+}
+
+async fn sign(args: SignArgs) -> Result<(), CliError> {
+    let key = signatures::load_secret_key(&args.secret_key, args.password_file.as_deref())?;
+    let (package, output, serial) = (args.package.clone(), args.output.clone(), args.serial);
+    let report = tokio::task::spawn_blocking(move || signatures::sign_package(&package, &output, &key, serial))
+        .await
+        .map_err(|e| format!("signing: {e}"))??;
+    println!(
+        "Signed {} probes at serial {serial} into {} ({} earlier signatures replaced, {} other entries copied).",
+        report.signed,
+        args.output.display(),
+        report.replaced,
+        report.other_entries
+    );
+    Ok(())
+}
+
+async fn verify(args: VerifyArgs) -> Result<(), CliError> {
+    let keys = TrustedKeys::load(&args.trusted_keys)?;
+    let package = args.package.clone();
+    let checked = tokio::task::spawn_blocking(move || signatures::verify_package(&package, &keys))
+        .await
+        .map_err(|e| format!("verifying: {e}"))??;
+    let failed: Vec<&Checked> = checked.iter().filter(|c| c.outcome.is_err()).collect();
+    match args.output {
+        OutputFormat::Json => {
+            let failures: Vec<serde_json::Value> = failed
+                .iter()
+                .map(|c| {
+                    let why = c.outcome.as_ref().expect_err("a failure");
+                    serde_json::json!({"path": c.path.to_string(), "reason": why.reason(), "message": why.to_string()})
+                })
+                .collect();
+            println!(
+                "{}",
+                serde_json::json!({"probes": checked.len(), "verified": checked.len() - failed.len(), "failures": failures})
+            );
+        }
+        OutputFormat::Text => {
+            for c in &failed {
+                println!("FAILED {}: {}", c.path, c.outcome.as_ref().expect_err("a failure"));
+            }
+            println!("{} of {} probes verified.", checked.len() - failed.len(), checked.len());
+        }
+    }
+    if !failed.is_empty() {
+        return Err(format!("{} probes of {} failed verification", failed.len(), args.package.display()).into());
+    }
+    Ok(())
+}
