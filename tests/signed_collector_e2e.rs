@@ -1,0 +1,282 @@
+//! End to end: a Collector in `--signature-policy required` writes a probe
+//! only if its minisign signature (made by the real `minisign` tool)
+//! verifies, names the probe and is not below the serial the node saw,
+//! whichever source served it: Central by GetProbe, Central's HTTPS route,
+//! a bucket, or the node-local cache. Every attack is refused with its
+//! reason reported and nothing written.
+
+mod common;
+#[path = "common/minisign.rs"]
+mod minisign;
+
+use std::path::{Path, PathBuf};
+
+use common::{Central, TestPki};
+use minisign::MinisignKey;
+use probe_api::v1::upload_probes_request::Message;
+use probe_api::v1::{UploadOptions, UploadProbesRequest};
+
+const MODULE: &str = "2.5.0";
+const KERNEL: &str = "5.14.0-284.11.1.el9_2.x86_64";
+const PATH: &str = "2.5.0/collector-ebpf-5.14.0-284.11.1.el9_2.x86_64.o.gz";
+
+fn gzip(bytes: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    encoder.write_all(bytes).unwrap();
+    encoder.finish().unwrap()
+}
+
+/// The probe file (gzip'd) of `variant`, and the object inside it.
+fn probe(variant: u8) -> (Vec<u8>, Vec<u8>) {
+    let object: Vec<u8> = format!("eBPF object {variant} for {KERNEL}").repeat(200).into_bytes();
+    (gzip(&object), object)
+}
+
+/// Uploads `file` under `path` with `signature` in its trailer, replacing
+/// what is there.
+async fn upload(central: &Central, pki: &TestPki, path: &str, file: &[u8], signature: Option<&[u8]>) {
+    let options = UploadOptions { overwrite: true };
+    let mut messages = vec![UploadProbesRequest { message: Some(Message::Options(options)) }];
+    messages.extend(central_probes::server::upload_session::file_messages(path, file, 1 << 20));
+    if let Some(Message::FileTrailer(trailer)) = &mut messages.last_mut().unwrap().message {
+        trailer.signature = signature.unwrap_or_default().to_vec().into();
+    }
+    let mut admin = central.admin(pki, &central.admin_token);
+    admin.upload_probes(tokio_stream::iter(messages)).await.unwrap();
+}
+
+struct Collector {
+    dir: PathBuf,
+    args: Vec<String>,
+    env: Vec<(String, String)>,
+}
+
+impl Collector {
+    fn new(pki: &TestPki, dir: &Path, trusted: &MinisignKey) -> Collector {
+        std::fs::write(dir.join("collector.pem"), &pki.collector.cert_pem).unwrap();
+        std::fs::write(dir.join("collector-key.pem"), &pki.collector.key_pem).unwrap();
+        let path = |p: PathBuf| p.display().to_string();
+        let args = [
+            "get-probe",
+            "--collection-method",
+            "ebpf",
+            "--module-version",
+            MODULE,
+            "--kernel-candidates",
+            KERNEL,
+            "--ca",
+            &path(pki.ca_file()),
+            "--cert",
+            &path(dir.join("collector.pem")),
+            "--key",
+            &path(dir.join("collector-key.pem")),
+            "--trusted-keys",
+            &path(trusted.public.clone()),
+            "--state-dir",
+            &path(dir.join("state")),
+            "--retry-budget",
+            "0s",
+            "--connect-timeout",
+            "500ms",
+            "-o",
+            "json",
+        ]
+        .map(String::from)
+        .to_vec();
+        Collector { dir: dir.to_owned(), args, env: Vec::new() }
+    }
+
+    /// Runs get-probe with `extra`, writing to `dir/<out>`: exit code, the
+    /// JSON report and stderr.
+    async fn run(&self, out: &str, extra: &[&str]) -> (i32, serde_json::Value, String) {
+        let mut args = self.args.clone();
+        args.extend(["--out".into(), self.dir.join(out).display().to_string()]);
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let env = self.env.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_collector-client"));
+            for name in ["GRPC_SERVER", "MODULE_DOWNLOAD_BASE_URL", "PROBE_TRUSTED_KEYS", "https_proxy", "HTTPS_PROXY"]
+            {
+                command.env_remove(name);
+            }
+            let output = command.args(&args).envs(env).output().unwrap();
+            let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+            let report = serde_json::from_str(stdout.trim()).unwrap_or(serde_json::Value::String(stdout));
+            (output.status.code().unwrap_or(-1), report, String::from_utf8_lossy(&output.stderr).into_owned())
+        })
+        .await
+        .unwrap()
+    }
+
+    /// Expects the probe to be refused for `reason`, reported in the JSON
+    /// and the crash-loop report, and nothing written.
+    async fn refuses(&self, out: &str, extra: &[&str], reason: &str) {
+        let (code, report, stderr) = self.run(out, extra).await;
+        assert_eq!(code, 1, "{reason}: {report}\n{stderr}");
+        assert!(report["signature_refusals"][reason].as_u64() >= Some(1), "{reason}: {report}");
+        assert!(stderr.contains("signature refused"), "{reason}: {stderr}");
+        assert!(!self.dir.join(out).exists(), "{reason}: nothing is written");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_collector_in_required_mode_loads_only_what_a_trusted_key_signed() {
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let (trusted, stranger) = (MinisignKey::generate(dir.path(), "site"), MinisignKey::generate(dir.path(), "x"));
+    let central = Central::start(&pki, &dir.path().join("central")).await;
+    let (file, object) = probe(1);
+    upload(&central, &pki, PATH, &file, Some(&trusted.sign(PATH, 2, &file))).await;
+    let collector = Collector::new(&pki, dir.path(), &trusted);
+    let grpc = ["--central", &central.address];
+
+    // GetProbe, then the HTTPS route.
+    let (code, report, stderr) = collector.run("grpc.o", &grpc).await;
+    assert_eq!(code, 0, "{report}\n{stderr}");
+    assert_eq!(std::fs::read(dir.path().join("grpc.o")).unwrap(), object);
+    assert_eq!(report["signature"]["key_id"].as_str(), Some(trusted.key_id().as_str()), "{report}");
+    assert_eq!(report["signature"]["serial"], 2);
+    assert_eq!(report["signature_policy"], "required");
+    let (code, report, stderr) = collector.run("http.o", &[&grpc[..], &["--central-http"]].concat()).await;
+    assert_eq!(code, 0, "{report}\n{stderr}");
+    assert_eq!(report["signature"]["serial"], 2, "{report}");
+
+    // What an attacker holding an admin token, Central or its disk can do.
+    let other_path = "2.5.0/collector-ebpf-6.1.0-1.x86_64.o.gz";
+    let (other_file, _) = probe(2);
+    let signed_as_2_6 = trusted.sign(&PATH.replace("2.5.0", "2.6.0"), 3, &file);
+    let good = String::from_utf8(trusted.sign(PATH, 3, &file)).unwrap();
+    let edited = good.replace("serial=3", "serial=30");
+    let cases: Vec<(&str, Vec<u8>, Option<Vec<u8>>, &str)> = vec![
+        ("an unsigned probe uploaded with --overwrite", probe(3).0, None, "missing"),
+        (
+            "another file's probe and signature",
+            other_file.clone(),
+            Some(trusted.sign(other_path, 3, &other_file)),
+            "other_probe",
+        ),
+        ("another module version's signature", file.clone(), Some(signed_as_2_6), "other_probe"),
+        ("an edited trusted comment", file.clone(), Some(edited.into_bytes()), "invalid"),
+        ("a signature of other bytes", probe(4).0, Some(trusted.sign(PATH, 3, &file)), "invalid"),
+        ("an unknown key", file.clone(), Some(stranger.sign(PATH, 3, &file)), "unknown_key"),
+        (
+            "a legacy signature",
+            file.clone(),
+            Some(trusted.sign_with(
+                &file,
+                &probe_api::signing::trusted_comment(&probe_api::names::ProbePath::parse(PATH).unwrap(), 3),
+                true,
+            )),
+            "legacy",
+        ),
+        ("a lower serial than the node accepted", file.clone(), Some(trusted.sign(PATH, 1, &file)), "rollback"),
+        ("a malformed signature", file.clone(), Some(b"untrusted comment: x\nnot a signature\n".to_vec()), "malformed"),
+    ];
+    for (i, (attack, bytes, signature, reason)) in cases.into_iter().enumerate() {
+        upload(&central, &pki, PATH, &bytes, signature.as_deref()).await;
+        println!("attack: {attack}");
+        collector.refuses(&format!("attack-{i}.o"), &grpc, reason).await;
+        collector.refuses(&format!("attack-{i}-http.o"), &[&grpc[..], &["--central-http"]].concat(), reason).await;
+    }
+    // --min-serial is a floor for a node that saw nothing yet.
+    upload(&central, &pki, PATH, &file, Some(&trusted.sign(PATH, 3, &file))).await;
+    let state_at = collector.args.iter().position(|arg| arg == "--state-dir").unwrap() + 1;
+    let mut new_node = Collector { args: collector.args.clone(), dir: collector.dir.clone(), env: Vec::new() };
+    new_node.args[state_at] = dir.path().join("fresh-state").display().to_string();
+    new_node.refuses("floor.o", &[&grpc[..], &["--min-serial", "4"]].concat(), "rollback").await;
+    let (code, _, stderr) = new_node.run("floor-3.o", &grpc).await;
+    assert_eq!(code, 0, "without the floor, a new node takes serial 3: {stderr}");
+    let (code, _, stderr) = collector.run("serial-3.o", &grpc).await;
+    assert_eq!(code, 0, "a higher serial is accepted: {stderr}");
+
+    // A compromised Central: a byte of the probe flipped on its disk, and
+    // the stored SHA-256 and CRC-32 rewritten to match.
+    central.stop().await;
+    let stored = dir.path().join("central/probes").join(PATH);
+    let mut on_disk = std::fs::read(&stored).unwrap();
+    let content = 56..56 + file.len();
+    on_disk[content.start + 100] ^= 1;
+    let tampered = on_disk[content.clone()].to_vec();
+    on_disk[16..48].copy_from_slice(&probe_api::digest::Sha256Digest::of(&tampered).0);
+    on_disk[48..52].copy_from_slice(&crc32fast::hash(&tampered).to_le_bytes());
+    std::fs::write(&stored, &on_disk).unwrap();
+    let central = Central::start(&pki, &dir.path().join("central")).await;
+    let client = central.collector(&pki, Some(&pki.collector));
+    let served = client.fetch(MODULE, &format!("collector-ebpf-{KERNEL}.o.gz")).await.unwrap();
+    assert_eq!(served.bytes, tampered, "Central serves the tampered bytes with a matching SHA-256");
+    collector.refuses("tampered.o", &["--central", &central.address], "invalid").await;
+
+    // In warn mode an unsigned probe is used, and the refusal reported.
+    upload(&central, &pki, PATH, &probe(5).0, None).await;
+    let (code, report, _) =
+        collector.run("warn.o", &["--central", &central.address, "--signature-policy", "warn"]).await;
+    assert_eq!(code, 0, "{report}");
+    assert_eq!(std::fs::read(dir.path().join("warn.o")).unwrap(), probe(5).1);
+    assert_eq!(report["signature_refusals"]["missing"], 1, "{report}");
+    assert_eq!(report["signature"], serde_json::Value::Null);
+    central.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bucket_and_the_node_local_cache_are_checked_like_central() {
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let trusted = MinisignKey::generate(dir.path(), "site");
+    let (file, object) = probe(1);
+    // A bucket (Python's file server over TLS) with the probe and its
+    // signature beside it.
+    let files = dir.path().join("bucket/modules/2.5.0");
+    std::fs::create_dir_all(&files).unwrap();
+    let probe_file = files.join(format!("collector-ebpf-{KERNEL}.o.gz"));
+    let signature_file = files.join(format!("collector-ebpf-{KERNEL}.o.gz.minisig"));
+    std::fs::write(&probe_file, &file).unwrap();
+    std::fs::write(&signature_file, trusted.sign(PATH, 1, &file)).unwrap();
+    let (cert, key) = (dir.path().join("server.pem"), dir.path().join("server-key.pem"));
+    std::fs::write(&cert, &pki.server.cert_pem).unwrap();
+    std::fs::write(&key, &pki.server.key_pem).unwrap();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/python/https_bucket.py");
+    let mut bucket = std::process::Command::new("python3")
+        .arg(script)
+        .args([&dir.path().join("bucket"), &cert, &key])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(bucket.stdout.take().unwrap()), &mut line).unwrap();
+    let port = line.trim().strip_prefix("listening on ").unwrap().to_owned();
+    let base_url = format!("https://localhost:{port}/modules");
+    // SSL_CERT_FILE makes the test CA the system's for the bucket.
+    let mut collector = Collector::new(&pki, dir.path(), &trusted);
+    let cache = dir.path().join("cache").display().to_string();
+    collector.args.extend(["--cache-dir".into(), cache.clone()]);
+    let bucket_args = ["--module-download-base-url", &base_url];
+    collector.env.push(("SSL_CERT_FILE".into(), pki.ca_file().display().to_string()));
+
+    let (code, report, stderr) = collector.run("bucket.o", &bucket_args).await;
+    assert_eq!(code, 0, "{report}\n{stderr}");
+    assert_eq!(std::fs::read(dir.path().join("bucket.o")).unwrap(), object);
+    assert_eq!(report["signature"]["serial"], 1, "{report}");
+
+    // A 1 MiB signature, and none at all.
+    std::fs::write(&signature_file, vec![b'a'; 1 << 20]).unwrap();
+    collector.refuses("huge.o", &bucket_args, "too_large").await;
+    std::fs::remove_file(&signature_file).unwrap();
+    collector.refuses("unsigned.o", &bucket_args, "missing").await;
+    let _ = bucket.kill();
+    let _ = bucket.wait();
+
+    // Nothing remote reachable: the cached probe, checked again.
+    let unreachable = ["--central", "127.0.0.1:1"];
+    let (code, report, stderr) = collector.run("cached.o", &unreachable).await;
+    assert_eq!(code, 0, "{report}\n{stderr}");
+    assert!(report["source"].as_str().unwrap().contains("node-local cache"), "{report}");
+    assert_eq!(report["signature"]["serial"], 1, "{report}");
+    assert_eq!(std::fs::read(dir.path().join("cached.o")).unwrap(), object);
+    // A cached signature that was swapped is refused like a served one.
+    let cached_signature = Path::new(&cache).join(format!("{MODULE}/collector-ebpf-{KERNEL}.o.gz.minisig"));
+    let stranger = MinisignKey::generate(dir.path(), "x");
+    std::fs::write(&cached_signature, stranger.sign(PATH, 1, &file)).unwrap();
+    collector.refuses("cached-foreign.o", &unreachable, "unknown_key").await;
+}
