@@ -52,6 +52,7 @@ pub fn read_signatures(package: &mut Package, index: &mut PackageIndex) -> Resul
 /// (its first line).
 pub fn load_secret_key(key_file: &Path, password_file: Option<&Path>) -> Result<minisign::SecretKey, String> {
     let text = std::fs::read_to_string(key_file).map_err(|e| format!("reading {}: {e}", key_file.display()))?;
+    let text = with_checksum(&text).unwrap_or(text);
     let key_box = minisign::SecretKeyBox::from_string(&text).map_err(|e| format!("{}: {e}", key_file.display()))?;
     let key = match password_file {
         None => key_box
@@ -64,6 +65,32 @@ pub fn load_secret_key(key_file: &Path, password_file: Option<&Path>) -> Result<
         }
     };
     Ok(key)
+}
+
+/// The tool `minisign` 0.11 (Debian 12's) writes an unencrypted key
+/// (`-G -W`) with a checksum of zeros, which it does not check itself but
+/// minisign's crate does: such a key, with its checksum (BLAKE2b-256 of
+/// algorithm, key id and secret key) filled in. `None` for any other key.
+fn with_checksum(text: &str) -> Option<String> {
+    use base64::Engine;
+    use base64::engine::general_purpose::STANDARD;
+    use blake2::Digest;
+    let mut lines: Vec<&str> = text.lines().collect();
+    let mut key = STANDARD.decode(lines.get(1)?.trim()).ok()?;
+    // sig alg 2, kdf alg 2, checksum alg 2, salt 32, limits 16, then the
+    // encrypted part: key id 8, secret key 64, checksum 32.
+    let (kdf_none, checksum) = (key.get(2..4)? == [0, 0], 54 + 8 + 64);
+    if !kdf_none || key.len() != checksum + 32 || key[checksum..].iter().any(|&b| b != 0) {
+        return None;
+    }
+    let mut hasher = blake2::Blake2b256::new();
+    hasher.update(&key[..2]);
+    hasher.update(&key[54..checksum]);
+    let sum = hasher.finalize();
+    key[checksum..].copy_from_slice(&sum);
+    let encoded = STANDARD.encode(&key);
+    lines[1] = &encoded;
+    Some(lines.join("\n") + "\n")
 }
 
 /// What `sign_package` did.
