@@ -59,6 +59,22 @@ if RETRY_BUDGET=1s collector_get_probe "$(kernel 99)" "$CENTRAL_ADDR" "$WORK/pro
   echo "kernel 99 was served, though no source has it" >&2
   exit 1
 fi
+echo "== signed probes: a site key, the package signed (as on the clean side of an air gap) and checked"
+"$BIN/central-probes" package keygen --public-key "$WORK/site.pub" --secret-key "$WORK/site.key"
+"$BIN/central-probes" package sign "$PACKAGE" --secret-key "$WORK/site.key" --serial 1 -o "$WORK/signed.zip"
+"$BIN/central-probes" package verify "$WORK/signed.zip" --trusted-keys "$WORK/site.pub"
+"$BIN/central-probes" upload --overwrite "$WORK/signed.zip" -e "$ROX_CENTRAL_ADDRESS" --ca "$WORK/pki/ca.pem"
+echo "== a Collector on kernel $(kernel 60) that loads only what the site key signed"
+collector_get_probe "$(kernel 60)" "$CENTRAL_ADDR" "$WORK/probe-signed.o" --trusted-keys "$WORK/site.pub" \
+  --state-dir "$WORK/collector-state"
+echo "== the same Collector refuses a probe its keys did not sign (kernel 7, unsigned upstream): exit 1"
+if RETRY_BUDGET=1s collector_get_probe "$(kernel 7)" "$CENTRAL_ADDR" "$WORK/probe-unsigned.o" \
+  --trusted-keys "$WORK/site.pub" 2>"$WORK/refused.txt"; then
+  echo "an unsigned probe was written in required mode" >&2
+  exit 1
+fi
+grep "signature refused" "$WORK/refused.txt"
+
 echo "== what an admin sees: the misses, a line per module version, and an export for another Central"
 "$BIN/central-probes" misses -e "$ROX_CENTRAL_ADDRESS" --ca "$WORK/pki/ca.pem"
 "$BIN/central-probes" ls --summary -e "$ROX_CENTRAL_ADDRESS" --ca "$WORK/pki/ca.pem"

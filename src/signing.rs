@@ -22,8 +22,7 @@ use crate::names::ProbePath;
 /// bytes; a longer one is refused before it is parsed.
 pub const MAX_SIGNATURE_LEN: usize = 2048;
 
-/// The file name of a probe's signature: `<probe file>.minisig`.
-pub const SIGNATURE_SUFFIX: &str = ".minisig";
+pub use crate::names::SIGNATURE_SUFFIX;
 
 /// The trusted comment a signature of `path` at release `serial` carries.
 pub fn trusted_comment(path: &ProbePath, serial: u64) -> String {

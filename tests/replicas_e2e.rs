@@ -394,3 +394,29 @@ async fn an_export_through_a_replica_holds_every_probe_of_the_database() {
     a.stop().await;
     b.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_signature_uploaded_through_one_replica_is_served_by_another() {
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let url = TestCluster::get().new_database();
+    let (a, b) = (replica(&pki, dir.path(), "a", &url).await, replica(&pki, dir.path(), "b", &url).await);
+    let keys = minisign::KeyPair::generate_unencrypted_keypair().unwrap();
+    let key_file = dir.path().join("site.key");
+    std::fs::write(&key_file, keys.sk.to_box(None).unwrap().into_string()).unwrap();
+    let (package, signed) = (dir.path().join("pkg.zip"), dir.path().join("signed.zip"));
+    spec(0).write(&package).unwrap();
+    let key = central_probes::admin::signatures::load_secret_key(&key_file, None).unwrap();
+    central_probes::admin::signatures::sign_package(&package, &signed, &key, 7).unwrap();
+    assert_eq!(upload(&a, &pki, &signed, false).await.response.unwrap().stored_count, 8);
+    let trusted = probe_api::signing::TrustedKeys::parse(&keys.pk.to_box().unwrap().into_string()).unwrap();
+    for path in spec(0).probe_paths() {
+        let parsed = probe_api::names::ProbePath::parse(&path).unwrap();
+        let (module_version, file_name) = path.split_once('/').unwrap();
+        let probe = b.collector(&pki, Some(&pki.collector)).fetch(module_version, file_name).await.unwrap();
+        let verified = trusted.verify(&parsed, &probe.bytes, probe.signature.as_deref()).unwrap();
+        assert_eq!(verified.serial, 7, "{path} through b, signed");
+    }
+    a.stop().await;
+    b.stop().await;
+}

@@ -148,7 +148,8 @@ async fn a_collector_in_required_mode_loads_only_what_a_trusted_key_signed() {
     let signed_as_2_6 = trusted.sign(&PATH.replace("2.5.0", "2.6.0"), 3, &file);
     let good = String::from_utf8(trusted.sign(PATH, 3, &file)).unwrap();
     let edited = good.replace("serial=3", "serial=30");
-    let cases: Vec<(&str, Vec<u8>, Option<Vec<u8>>, &str)> = vec![
+    type Attack = (&'static str, Vec<u8>, Option<Vec<u8>>, &'static str);
+    let cases: Vec<Attack> = vec![
         ("an unsigned probe uploaded with --overwrite", probe(3).0, None, "missing"),
         (
             "another file's probe and signature",

@@ -251,6 +251,9 @@ impl fmt::Display for ProbePath {
     }
 }
 
+/// The file name of a probe's signature: `<probe file>.minisig`.
+pub const SIGNATURE_SUFFIX: &str = ".minisig";
+
 /// What a zip entry of a support package is.
 #[derive(Debug, PartialEq, Eq)]
 pub enum PackageEntry {
@@ -272,7 +275,7 @@ pub fn classify_package_entry(entry_name: &str) -> PackageEntry {
     if rest.is_empty() || rest.ends_with('/') || rest.rsplit('/').next() == Some("LICENSE") {
         return PackageEntry::Ignored;
     }
-    if let Some(probe) = rest.strip_suffix(crate::signing::SIGNATURE_SUFFIX) {
+    if let Some(probe) = rest.strip_suffix(SIGNATURE_SUFFIX) {
         return match ProbePath::parse(probe) {
             Ok(path) => PackageEntry::Signature(path),
             Err(error) => PackageEntry::Unrecognised(error),

@@ -1,6 +1,8 @@
 //! Keys and signatures made by the real `minisign` tool (Debian's package,
 //! which `.ci/run` installs): what a site signing its packages uses.
 
+#![allow(dead_code)] // each test file uses a different part of it
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 

@@ -16,6 +16,19 @@ pub enum PackageCommand {
     Sign(SignArgs),
     /// Check the signature of every probe of a support package; names each failure.
     Verify(VerifyArgs),
+    /// Make a minisign key pair without a password, as `minisign -G -W` does
+    /// (for tests and demos; a site signs with keys it keeps offline).
+    Keygen(KeygenArgs),
+}
+
+#[derive(Args)]
+pub struct KeygenArgs {
+    /// Where to write the public key (what Central and Collectors trust).
+    #[arg(long, value_name = "FILE")]
+    public_key: PathBuf,
+    /// Where to write the secret key (readable by its owner only).
+    #[arg(long, value_name = "FILE")]
+    secret_key: PathBuf,
 }
 
 #[derive(Args)]
@@ -53,7 +66,19 @@ pub async fn run(command: PackageCommand) -> Result<(), CliError> {
     match command {
         PackageCommand::Sign(args) => sign(args).await,
         PackageCommand::Verify(args) => verify(args).await,
+        PackageCommand::Keygen(args) => keygen(&args),
     }
+}
+
+fn keygen(args: &KeygenArgs) -> Result<(), CliError> {
+    let keys = minisign::KeyPair::generate_unencrypted_keypair().map_err(|e| format!("making a key: {e}"))?;
+    let secret = keys.sk.to_box(None).map_err(|e| format!("encoding the secret key: {e}"))?.into_string();
+    let public = keys.pk.to_box().map_err(|e| format!("encoding the public key: {e}"))?.into_string();
+    central_probes::private_file::replace(&args.secret_key, secret.as_bytes())
+        .map_err(|e| format!("writing {}: {e}", args.secret_key.display()))?;
+    std::fs::write(&args.public_key, public).map_err(|e| format!("writing {}: {e}", args.public_key.display()))?;
+    println!("Wrote {} and {}.", args.public_key.display(), args.secret_key.display());
+    Ok(())
 }
 
 async fn sign(args: SignArgs) -> Result<(), CliError> {

@@ -92,7 +92,6 @@ impl Bucket {
         let committed = writer.finish(ExpectedDigests::from(expected), true).await?.await;
         committed.map_err(|e| match e.code {
             Code::DataLoss | Code::InvalidArgument => unavailable(format!("{url}: {}", e.message)),
-            Code::FailedPrecondition => super::refused(e),
             _ => e,
         })?;
         Ok(Some(size))

@@ -166,9 +166,11 @@ impl UpstreamSource {
 
     async fn download(&self, path: &ProbePath) -> Result<bool> {
         let fetched = match &self.client {
-            Client::Grpc(client) => self.download_grpc(client, path).await?,
-            Client::Bucket(bucket) => bucket.fetch(path, self.cache.as_ref()).await?,
+            Client::Grpc(client) => self.download_grpc(client, path).await,
+            Client::Bucket(bucket) => bucket.fetch(path, self.cache.as_ref()).await,
         };
+        // The cache refused the probe for its signature (trusted keys).
+        let fetched = fetched.map_err(|e| if e.code == Code::FailedPrecondition { refused(e) } else { e })?;
         let Some(size) = fetched else { return Ok(false) };
         let evicted = {
             let mut lru = self.lru();
@@ -217,7 +219,6 @@ impl UpstreamSource {
         let commit = writer.finish(reply.sha256().into(), true).await?;
         commit.await.map_err(|e| match e.code {
             Code::DataLoss | Code::InvalidArgument => bad_reply(e.message),
-            Code::FailedPrecondition => refused(e),
             _ => e,
         })?;
         Ok(Some(reply.size()))
