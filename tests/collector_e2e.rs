@@ -583,8 +583,8 @@ async fn a_warm_node_cache_serves_while_central_is_down_and_a_damaged_entry_is_n
     let address = central.address.clone();
     let (code, stdout, stderr) = cli.run(&address, &cache_flag).await;
     assert_eq!(code, 0, "{stdout}\n{stderr}");
-    let cached = cache.join(MODULE).join(format!("collector-ebpf-{KERNEL}.o"));
-    assert_eq!(std::fs::read(&cached).unwrap(), probe_for(KERNEL).0, "kept decompressed");
+    let cached = cache.join(MODULE).join(format!("collector-ebpf-{KERNEL}.o.gz"));
+    assert_eq!(std::fs::read(&cached).unwrap(), probe_for(KERNEL).1, "kept as served, to be checked again");
 
     // A Central that answers "not found" is not overruled by the cache.
     let empty = central_with(&pki, &dir.path().join("empty"), None).await;
