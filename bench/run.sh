@@ -20,7 +20,9 @@
 #   6. replicas on PostgreSQL: the same upload and GetProbe load against a
 #      Central keeping probes in a local PostgreSQL 15 (fsync on), beside
 #      the filesystem store's figures of sections 1 and 2; pgbench on the
-#      same rows; start-up and queries with 100,000 probes in the database.
+#      same rows; start-up and queries with 100,000 probes in the database;
+#   7. signed probes (bench/signed.sh): GetProbe of signed against unsigned
+#      probes, and the Collector's CPU per signature check.
 # Results: bench/work/results.md. Settings: SECONDS_PER_RUN (default 5),
 # SCALE_PROBES (default 100000).
 set -euo pipefail
@@ -461,6 +463,10 @@ read -r db_asked db_found db_existing_first_ms db_existing_ms db_page db_list_ms
   echo "With $SCALE_PROBES probes in the database: a replica starts listening in $db_start_s s;"
   echo "GetExistingProbes for $db_asked names ($db_found found), on an open connection: first call $db_existing_first_ms ms, median of 5 $db_existing_ms ms; a ListProbes page of $db_page $db_list_ms ms."
 } >>"$RESULTS"
+
+# ------------------------------------------------------------ 7. signed probes
+echo "== 7. signed probes"
+SKIP_BUILD=1 SECONDS_PER_RUN="$SECONDS_PER_RUN" SIGNED_BENCH_DIR="$WORK/signed" bash bench/signed.sh >>"$RESULTS"
 
 echo "results in $RESULTS"
 cat "$RESULTS"

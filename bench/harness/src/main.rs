@@ -8,6 +8,7 @@
 mod durability;
 mod load;
 mod roxctl;
+mod verify;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -129,6 +130,13 @@ enum Command {
         #[arg(long)]
         paths_out: PathBuf,
     },
+    /// CPU time of the Collector's signature check of one probe, beside its SHA-256.
+    Verify {
+        #[arg(long, default_value_t = 130_000)]
+        size: usize,
+        #[arg(long, default_value_t = 2000)]
+        iterations: usize,
+    },
     /// Per-file fsync against group commit, on the file system of DIR.
     Durability {
         #[arg(long)]
@@ -184,6 +192,7 @@ async fn main() {
             fill(&data_dir, probes, module_versions, &paths_out).await
         }
         Command::Durability { dir, files, size, group } => durability::run(&dir, files, size, group),
+        Command::Verify { size, iterations } => verify::run(size, iterations),
         Command::RoxctlUpload { package, address, ca, token } => {
             roxctl::upload(&package, &address, read(&ca), &token).await
         }
