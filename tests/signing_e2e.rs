@@ -233,6 +233,12 @@ async fn a_checking_central_serves_and_caches_only_verified_upstream_probes() {
         min_free_bytes: 0,
         not_found_ttl: Duration::from_secs(30),
     };
+    // A run without keys caches the stranger's probe; the checking run on
+    // the same cache directory must not serve that copy.
+    let options = CentralOptions { upstream: Some(upstream_config.clone()), ..Default::default() };
+    let unchecked = Central::start_with(&pki, &dir.path().join("central"), options).await;
+    unchecked.collector(&pki, Some(&pki.collector)).fetch("2.5.0", "collector-ebpf-5.4.0-2.o.gz").await.unwrap();
+    unchecked.stop().await;
     let options = CentralOptions { upstream: Some(upstream_config), trusted_keys: trusted(&key), ..Default::default() };
     let central = Central::start_with(&pki, &dir.path().join("central"), options).await;
     let client = central.collector(&pki, Some(&pki.collector));

@@ -204,6 +204,7 @@ impl Central {
         let upstream = match &config.upstream {
             None => None,
             Some(upstream) => {
+                upstream::forget_cache_checked_otherwise(&upstream.cache_dir, config.trusted_keys.as_ref())?;
                 let cache = open_store(&upstream.cache_dir, upstream.min_free_bytes, "the upstream cache").await?;
                 let cache = checked(cache, "upstream");
                 let upstream = upstream.clone();

@@ -13,7 +13,7 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use probe_api::digest::Sha256Digest;
 use probe_api::signing::MAX_SIGNATURE_LEN;
 use tonic::Code;
@@ -43,19 +43,47 @@ pub(super) fn header(size: u64, sha256: &Sha256Digest, crc32: u32, signature_len
 /// Reads and checks the header of a stored probe file, and the signature
 /// after its bytes: what it describes, and the offset of its first byte.
 pub(super) fn read_header(file: &File) -> io::Result<(Entry, u64)> {
-    let mut header = [0u8; HEADER_LEN as usize];
     let file_len = file.metadata()?.len();
-    let invalid = |what: &str| io::Error::new(io::ErrorKind::InvalidData, what.to_owned());
+    let mut header = [0u8; HEADER_LEN as usize];
     // A version 1 file may be shorter than a version 2 header.
     let readable = file_len.min(HEADER_LEN) as usize;
     file.read_exact_at(&mut header[..readable], 0)?;
+    let (mut entry, header_len, signature_len) = parse_header(&header[..readable], file_len)?;
+    if signature_len > 0 {
+        let mut signature = vec![0u8; signature_len as usize];
+        file.read_exact_at(&mut signature, header_len + entry.size)?;
+        entry.signature = Some(Bytes::from(signature));
+    }
+    Ok((entry, header_len))
+}
+
+/// `read_header`, and when the whole file is at most `whole_up_to` bytes
+/// (a probe of one chunk, the usual case), the probe's bytes too, all in
+/// one read: a GetProbe of such a probe costs one `pread`, signed or not.
+pub(super) fn read_probe_start(file: &File, whole_up_to: u64) -> io::Result<(Entry, u64, Option<Bytes>)> {
+    let file_len = file.metadata()?.len();
+    if file_len > whole_up_to {
+        let (entry, offset) = read_header(file)?;
+        return Ok((entry, offset, None));
+    }
+    let mut all = BytesMut::zeroed(file_len as usize);
+    file.read_exact_at(&mut all, 0)?;
+    let all = all.freeze();
+    let (mut entry, header_len, signature_len) = parse_header(&all[..all.len().min(HEADER_LEN as usize)], file_len)?;
+    let end = (header_len + entry.size) as usize;
+    entry.signature = (signature_len > 0).then(|| all.slice(end..));
+    Ok((entry, header_len, Some(all.slice(header_len as usize..end))))
+}
+
+/// Checks a header (the file's first bytes, up to `HEADER_LEN`) against the
+/// file's length: what it describes (without the signature), its length
+/// and the signature's.
+fn parse_header(header: &[u8], file_len: u64) -> io::Result<(Entry, u64, u32)> {
+    let invalid = |what: &str| io::Error::new(io::ErrorKind::InvalidData, what.to_owned());
+    let word = |at: usize| u32::from_le_bytes(header[at..at + 4].try_into().expect("4 bytes"));
     let (header_len, crc32, signature_len) = match header.first_chunk::<8>() {
-        Some(magic) if magic == MAGIC && readable == HEADER_LEN as usize => (
-            HEADER_LEN,
-            Some(u32::from_le_bytes(header[48..52].try_into().expect("4 bytes"))),
-            u32::from_le_bytes(header[52..56].try_into().expect("4 bytes")),
-        ),
-        Some(magic) if magic == MAGIC_V1 && readable >= HEADER_LEN_V1 as usize => (HEADER_LEN_V1, None, 0),
+        Some(magic) if magic == MAGIC && header.len() == HEADER_LEN as usize => (HEADER_LEN, Some(word(48)), word(52)),
+        Some(magic) if magic == MAGIC_V1 && header.len() >= HEADER_LEN_V1 as usize => (HEADER_LEN_V1, None, 0),
         _ => return Err(invalid("not a probe file of this store (bad magic or too short)")),
     };
     let size = u64::from_le_bytes(header[8..16].try_into().expect("8 bytes"));
@@ -65,14 +93,7 @@ pub(super) fn read_header(file: &File) -> io::Result<(Entry, u64)> {
     {
         return Err(invalid("the file length does not match its header"));
     }
-    let signature = if signature_len == 0 {
-        None
-    } else {
-        let mut signature = vec![0u8; signature_len as usize];
-        file.read_exact_at(&mut signature, header_len + size)?;
-        Some(Bytes::from(signature))
-    };
-    Ok((Entry { size, sha256, crc32, signature }, header_len))
+    Ok((Entry { size, sha256, crc32, signature: None }, header_len, signature_len))
 }
 
 pub(super) fn sync_dir(dir: &Path) -> io::Result<()> {

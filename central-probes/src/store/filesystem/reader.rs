@@ -1,4 +1,5 @@
-//! Reading a stored probe: its header, then its bytes a chunk at a time.
+//! Reading a stored probe: its header, then its bytes a chunk at a time (a
+//! probe of one chunk, with its header and signature, in one read).
 
 use std::fs::File;
 use std::io;
@@ -8,13 +9,14 @@ use std::task::Poll;
 
 use bytes::{Bytes, BytesMut};
 use probe_api::names::ProbePath;
+use probe_api::signing::MAX_SIGNATURE_LEN;
 use tokio::task::JoinHandle;
 
 use crate::error::{Error, Result};
 use crate::store::ProbeReader;
 
 use super::entry::stored;
-use super::format::read_header;
+use super::format::{HEADER_LEN, read_header, read_probe_start};
 
 /// Size of the chunks a probe is read in for serving.
 pub const READ_CHUNK: usize = 256 * 1024;
@@ -28,10 +30,19 @@ pub(super) fn open_probe(path: ProbePath, file_path: &Path) -> Result<Option<Pro
         Err(e) => return Err(Error::io(format!("opening {path}"), e)),
     };
     // The header, not the index, describes this file: it may have been
-    // overwritten since the index was asked.
-    let (entry, offset) = read_header(&file).map_err(|e| Error::io(format!("reading {path}"), e))?;
+    // overwritten since the index was asked. A probe of one chunk comes
+    // with it, in the same read.
+    let whole_up_to = HEADER_LEN + READ_CHUNK as u64 + MAX_SIGNATURE_LEN as u64;
+    let (entry, offset, whole) =
+        read_probe_start(&file, whole_up_to).map_err(|e| Error::io(format!("reading {path}"), e))?;
     let mut reader = ProbeBytes { file, offset, remaining: entry.size };
-    let first = reader.next_chunk().map_err(|e| Error::io(format!("reading {path}"), e))?;
+    let first = match whole {
+        Some(bytes) => {
+            reader.remaining = 0;
+            Some(bytes).filter(|bytes| !bytes.is_empty())
+        }
+        None => reader.next_chunk().map_err(|e| Error::io(format!("reading {path}"), e))?,
+    };
     let chunks = OnDemandChunks { first, reader: Some(reader), reading: None, path: path.clone() };
     Ok(Some(ProbeReader { probe: stored(path, entry), chunks: Box::pin(chunks) }))
 }
