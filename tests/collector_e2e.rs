@@ -495,20 +495,8 @@ async fn after_central_the_module_download_base_url_is_tried() {
     let files = dir.path().join("bucket");
     std::fs::create_dir_all(files.join("modules").join(MODULE)).unwrap();
     std::fs::write(files.join("modules").join(MODULE).join(file_name(KERNEL)), probe_for(KERNEL).1).unwrap();
-    let (cert, key) = (dir.path().join("server.pem"), dir.path().join("server-key.pem"));
-    std::fs::write(&cert, &pki.server.cert_pem).unwrap();
-    std::fs::write(&key, &pki.server.key_pem).unwrap();
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/python/https_bucket.py");
-    let mut bucket = std::process::Command::new("python3")
-        .arg(script)
-        .args([&files, &cert, &key])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    std::io::BufRead::read_line(&mut std::io::BufReader::new(bucket.stdout.take().unwrap()), &mut line).unwrap();
-    let port = line.trim().strip_prefix("listening on ").unwrap().to_owned();
+    let bucket = common::https_bucket(&pki, dir.path(), &files);
+    let port = bucket.port.clone();
 
     let base_url = format!("https://localhost:{port}/modules");
     let ca = pki.ca_file().display().to_string();
@@ -519,8 +507,7 @@ async fn after_central_the_module_download_base_url_is_tried() {
     ];
     let env = product_env(&central.address, &dir.path().join("no-host"), &extra);
     let (code, stdout, stderr) = run_collector_with_env(identity_args(&pki, dir.path()), env).await;
-    let _ = bucket.kill();
-    let _ = bucket.wait();
+    drop(bucket);
     assert_eq!(code, 0, "{stdout}\n{stderr}");
     assert!(stdout.contains(&format!("download site {base_url}")), "{stdout}");
     assert_eq!(std::fs::read(dir.path().join("probe.o")).unwrap(), probe_for(KERNEL).0);

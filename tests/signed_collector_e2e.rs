@@ -13,8 +13,6 @@ use std::path::{Path, PathBuf};
 
 use common::{Central, TestPki};
 use minisign::MinisignKey;
-use probe_api::v1::upload_probes_request::Message;
-use probe_api::v1::{UploadOptions, UploadProbesRequest};
 
 const MODULE: &str = "2.5.0";
 const KERNEL: &str = "5.14.0-284.11.1.el9_2.x86_64";
@@ -36,14 +34,7 @@ fn probe(variant: u8) -> (Vec<u8>, Vec<u8>) {
 /// Uploads `file` under `path` with `signature` in its trailer, replacing
 /// what is there.
 async fn upload(central: &Central, pki: &TestPki, path: &str, file: &[u8], signature: Option<&[u8]>) {
-    let options = UploadOptions { overwrite: true };
-    let mut messages = vec![UploadProbesRequest { message: Some(Message::Options(options)) }];
-    messages.extend(central_probes::server::upload_session::file_messages(path, file, 1 << 20));
-    if let Some(Message::FileTrailer(trailer)) = &mut messages.last_mut().unwrap().message {
-        trailer.signature = signature.unwrap_or_default().to_vec().into();
-    }
-    let mut admin = central.admin(pki, &central.admin_token);
-    admin.upload_probes(tokio_stream::iter(messages)).await.unwrap();
+    common::upload_signed(central, pki, path, file, signature).await.unwrap();
 }
 
 struct Collector {
@@ -233,20 +224,8 @@ async fn a_bucket_and_the_node_local_cache_are_checked_like_central() {
     let signature_file = files.join(format!("collector-ebpf-{KERNEL}.o.gz.minisig"));
     std::fs::write(&probe_file, &file).unwrap();
     std::fs::write(&signature_file, trusted.sign(PATH, 1, &file)).unwrap();
-    let (cert, key) = (dir.path().join("server.pem"), dir.path().join("server-key.pem"));
-    std::fs::write(&cert, &pki.server.cert_pem).unwrap();
-    std::fs::write(&key, &pki.server.key_pem).unwrap();
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/python/https_bucket.py");
-    let mut bucket = std::process::Command::new("python3")
-        .arg(script)
-        .args([&dir.path().join("bucket"), &cert, &key])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    std::io::BufRead::read_line(&mut std::io::BufReader::new(bucket.stdout.take().unwrap()), &mut line).unwrap();
-    let port = line.trim().strip_prefix("listening on ").unwrap().to_owned();
+    let bucket = common::https_bucket(&pki, dir.path(), &dir.path().join("bucket"));
+    let port = bucket.port.clone();
     let base_url = format!("https://localhost:{port}/modules");
     // SSL_CERT_FILE makes the test CA the system's for the bucket.
     let mut collector = Collector::new(&pki, dir.path(), &trusted);
@@ -265,8 +244,7 @@ async fn a_bucket_and_the_node_local_cache_are_checked_like_central() {
     collector.refuses("huge.o", &bucket_args, "too_large").await;
     std::fs::remove_file(&signature_file).unwrap();
     collector.refuses("unsigned.o", &bucket_args, "missing").await;
-    let _ = bucket.kill();
-    let _ = bucket.wait();
+    drop(bucket);
 
     // Nothing remote reachable: the cached probe, checked again.
     let unreachable = ["--central", "127.0.0.1:1"];

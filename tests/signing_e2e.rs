@@ -21,8 +21,6 @@ use cli::central_cli;
 use common::{Central, CentralOptions, TestPki};
 use minisign::MinisignKey;
 use probe_api::signing::{TrustedKeys, trusted_comment};
-use probe_api::v1::upload_probes_request::Message;
-use probe_api::v1::{UploadOptions, UploadProbesRequest};
 use tonic::Code;
 
 fn spec() -> PackageSpec {
@@ -71,13 +69,7 @@ async fn upload_one(
     bytes: &[u8],
     signature: &[u8],
 ) -> Result<(), tonic::Status> {
-    let options = UploadOptions { overwrite: true };
-    let mut messages = vec![UploadProbesRequest { message: Some(Message::Options(options)) }];
-    messages.extend(central_probes::server::upload_session::file_messages(path, bytes, 1 << 20));
-    if let Some(Message::FileTrailer(trailer)) = &mut messages.last_mut().unwrap().message {
-        trailer.signature = signature.to_vec().into();
-    }
-    central.admin(pki, &central.admin_token).upload_probes(tokio_stream::iter(messages)).await.map(drop)
+    common::upload_signed(central, pki, path, bytes, Some(signature)).await
 }
 
 fn refusals(central: &Central, reason: &'static str, at: &'static str) -> u64 {

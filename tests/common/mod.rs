@@ -208,3 +208,56 @@ pub async fn serve_fake(pki: &TestPki, routes: tonic::service::Routes) -> (Strin
     });
     (address, task)
 }
+
+/// A static HTTPS bucket: Python's file server over TLS with the test
+/// server certificate, serving `files`; stopped when dropped.
+pub struct HttpsBucket {
+    child: std::process::Child,
+    pub port: String,
+}
+
+impl Drop for HttpsBucket {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts an `HttpsBucket` of `files`, its certificate written to `dir`.
+pub fn https_bucket(pki: &TestPki, dir: &Path, files: &Path) -> HttpsBucket {
+    let (cert, key) = (dir.join("server.pem"), dir.join("server-key.pem"));
+    std::fs::write(&cert, &pki.server.cert_pem).unwrap();
+    std::fs::write(&key, &pki.server.key_pem).unwrap();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/python/https_bucket.py");
+    let mut child = std::process::Command::new("python3")
+        .arg(script)
+        .args([files, &cert, &key])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.take().unwrap()), &mut line).unwrap();
+    let port = line.trim().strip_prefix("listening on ").unwrap().to_owned();
+    HttpsBucket { child, port }
+}
+
+/// Uploads one file under `path` with `signature` in its trailer,
+/// replacing what is there: the call's outcome.
+pub async fn upload_signed(
+    central: &Central,
+    pki: &TestPki,
+    path: &str,
+    bytes: &[u8],
+    signature: Option<&[u8]>,
+) -> Result<(), tonic::Status> {
+    use probe_api::v1::upload_probes_request::Message;
+    use probe_api::v1::{UploadOptions, UploadProbesRequest};
+    let options = UploadOptions { overwrite: true };
+    let mut messages = vec![UploadProbesRequest { message: Some(Message::Options(options)) }];
+    messages.extend(central_probes::server::upload_session::file_messages(path, bytes, 1 << 20));
+    if let Some(Message::FileTrailer(trailer)) = &mut messages.last_mut().unwrap().message {
+        trailer.signature = signature.unwrap_or_default().to_vec().into();
+    }
+    central.admin(pki, &central.admin_token).upload_probes(tokio_stream::iter(messages)).await.map(drop)
+}
