@@ -7,9 +7,8 @@ mod common;
 #[path = "common/served.rs"]
 mod served;
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -41,7 +40,8 @@ fn probe(kernel: &str) -> Vec<u8> {
 /// certificate (valid for localhost).
 struct Bucket {
     root: tempfile::TempDir,
-    server: Child,
+    /// Stopped when dropped.
+    _server: common::HttpsBucket,
     /// `https://localhost:PORT/collector/modules/`
     base_url: String,
 }
@@ -49,23 +49,11 @@ struct Bucket {
 impl Bucket {
     fn start(pki: &TestPki) -> Bucket {
         let root = tempfile::tempdir().unwrap();
-        let (cert, key) = (root.path().join("server.pem"), root.path().join("server-key.pem"));
-        std::fs::write(&cert, &pki.server.cert_pem).unwrap();
-        std::fs::write(&key, &pki.server.key_pem).unwrap();
         let files = root.path().join("files");
         std::fs::create_dir_all(files.join("collector/modules").join(MODULE)).unwrap();
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/python/https_bucket.py");
-        let mut server = Command::new("python3")
-            .arg(script)
-            .args([&files, &cert, &key])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("python3 runs the bucket server");
-        let mut line = String::new();
-        BufReader::new(server.stdout.take().unwrap()).read_line(&mut line).unwrap();
-        let port = line.trim().strip_prefix("listening on ").unwrap_or_else(|| panic!("bucket server said {line:?}"));
-        Bucket { root, server, base_url: format!("https://localhost:{port}/collector/modules/") }
+        let server = common::https_bucket(pki, root.path(), &files);
+        let base_url = format!("https://localhost:{}/collector/modules/", server.port);
+        Bucket { root, _server: server, base_url }
     }
 
     fn module_dir(&self) -> PathBuf {
@@ -74,13 +62,6 @@ impl Bucket {
 
     fn put(&self, name: &str, bytes: &[u8]) {
         std::fs::write(self.module_dir().join(name), bytes).unwrap();
-    }
-}
-
-impl Drop for Bucket {
-    fn drop(&mut self) {
-        let _ = self.server.kill();
-        let _ = self.server.wait();
     }
 }
 
@@ -299,4 +280,37 @@ async fn a_grpc_upstream_is_reached_through_the_proxy_too() {
     assert!(tunnels[0].starts_with(&format!("CONNECT localhost:{port} ")), "{}", tunnels[0]);
     central.stop().await;
     upstream_central.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checking_central_takes_a_buckets_signature_beside_its_probe_and_refuses_an_unsigned_one() {
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let keys = minisign::KeyPair::generate_unencrypted_keypair().unwrap();
+    let trusted = probe_api::signing::TrustedKeys::parse(&keys.pk.to_box().unwrap().into_string()).unwrap();
+    let bucket = Bucket::start(&pki);
+    let (signed, unsigned) = (probe("5.1.0"), probe("5.2.0"));
+    bucket.put(&file("5.1.0"), &signed);
+    bucket.put(&file("5.2.0"), &unsigned);
+    let path = probe_api::names::ProbePath::parse(&format!("{MODULE}/{}", file("5.1.0"))).unwrap();
+    let comment = probe_api::signing::trusted_comment(&path, 4);
+    let signature = minisign::sign(None, &keys.sk, std::io::Cursor::new(&signed), Some(&comment), None).unwrap();
+    let signature = signature.into_string().into_bytes();
+    bucket.put(&format!("{}.minisig", file("5.1.0")), &signature);
+
+    let cache_dir = dir.path().join("cache");
+    let kind = UpstreamKind::Bucket { base_url: bucket.base_url.clone() };
+    let upstream = Some(upstream_config(&pki, kind, &cache_dir, ProxySettings::default()));
+    let options = CentralOptions { upstream, trusted_keys: Some(trusted), ..Default::default() };
+    let central = Central::start_with(&pki, &dir.path().join("central"), options).await;
+    let collector = central.collector(&pki, Some(&pki.collector));
+    let got = collector.fetch(MODULE, &file("5.1.0")).await.unwrap();
+    assert_eq!(got.signature.as_deref(), Some(&signature[..]), "the .minisig beside it, byte for byte");
+    let again = collector.fetch(MODULE, &file("5.1.0")).await.unwrap();
+    assert_eq!((again.source, again.signature), (ProbeSource::UpstreamCache, Some(signature)), "cached with it");
+    let refused = collector.fetch(MODULE, &file("5.2.0")).await.unwrap_err();
+    assert_eq!(refused.code(), Code::NotFound, "{refused}");
+    assert!(refused.to_string().contains("not signed"), "{refused}");
+    assert_eq!(cached_probes(&cache_dir), 1, "the unsigned probe is not cached");
+    central.stop().await;
 }
