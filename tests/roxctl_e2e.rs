@@ -382,3 +382,22 @@ async fn a_connection_that_only_completes_the_handshake_is_closed_quietly() {
         served.log.try_iter().filter(|line| line.contains("WARN") || line.contains("ERROR")).collect();
     assert!(noisy.is_empty(), "handshake-only connections are not worth a warning: {noisy:?}");
 }
+
+#[tokio::test]
+async fn a_checking_central_refuses_roxctls_unsigned_files_and_stores_none() {
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let keys = minisign::KeyPair::generate_unencrypted_keypair().unwrap();
+    let trusted = probe_api::signing::TrustedKeys::parse(&keys.pk.to_box().unwrap().into_string()).unwrap();
+    let options = common::CentralOptions { trusted_keys: Some(trusted), ..Default::default() };
+    let central = Central::start_with(&pki, dir.path(), options).await;
+    let files = package();
+    let sender = roxctl::http2(&central.address, &pki).await;
+    let (status, text) = roxctl::upload_http2(&sender, Upload::of(&central.admin_token, &files)).await;
+    assert_eq!(status, 400, "{text}");
+    assert!(text.contains(&files[0].name) && text.contains("not signed"), "names the file and why: {text}");
+    for file in &files {
+        assert!(served_by_get_probe(&central, &pki, &file.name).await.is_none(), "{} is not stored", file.name);
+    }
+    central.stop().await;
+}

@@ -249,3 +249,41 @@ async fn a_checking_central_serves_and_caches_only_verified_upstream_probes() {
     central.stop().await;
     upstream.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn package_sign_takes_a_password_protected_key_and_refuses_the_wrong_password() {
+    let dir = tempfile::tempdir().unwrap();
+    // An scrypt-encrypted key, as `minisign -G` makes one with a password.
+    let keys = ::minisign::KeyPair::generate_encrypted_keypair(Some("correct horse".into())).unwrap();
+    let (secret, public) = (dir.path().join("site.key"), dir.path().join("site.pub"));
+    std::fs::write(&secret, keys.sk.to_box(None).unwrap().into_string()).unwrap();
+    std::fs::write(&public, keys.pk.to_box().unwrap().into_string()).unwrap();
+    let (package, signed) = (dir.path().join("pkg.zip"), dir.path().join("signed.zip"));
+    spec().write(&package).unwrap();
+    let password = dir.path().join("password");
+    let sign = |password_line: &'static str| {
+        std::fs::write(&password, password_line).unwrap();
+        let args = [
+            "package",
+            "sign",
+            package.to_str().unwrap(),
+            "--secret-key",
+            secret.to_str().unwrap(),
+            "--password-file",
+            password.to_str().unwrap(),
+            "-o",
+            signed.to_str().unwrap(),
+        ]
+        .map(String::from);
+        async move { central_cli(&args.each_ref().map(String::as_str), "").await }
+    };
+    let (ok, _, err) = sign("wrong horse\n").await;
+    assert!(!ok && err.contains("Wrong password"), "{err}");
+    assert!(!signed.exists(), "nothing is written");
+    let (ok, out, err) = sign("correct horse\n").await;
+    assert!(ok && out.contains("Signed 6 probes"), "{out}\n{err}");
+    let (ok, out, _) =
+        central_cli(&["package", "verify", signed.to_str().unwrap(), "--trusted-keys", public.to_str().unwrap()], "")
+            .await;
+    assert!(ok && out.contains("6 of 6 probes verified"), "{out}");
+}
