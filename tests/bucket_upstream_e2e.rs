@@ -114,17 +114,7 @@ impl Drop for ConnectProxy {
 }
 
 fn upstream_config(pki: &TestPki, kind: UpstreamKind, cache_dir: &Path, proxies: ProxySettings) -> UpstreamConfig {
-    UpstreamConfig {
-        kind,
-        tls: pki.tls_with(None),
-        proxies,
-        connect_timeout: Duration::from_secs(2),
-        fetch_timeout: Duration::from_secs(10),
-        cache_dir: cache_dir.to_owned(),
-        cache_max_bytes: 1 << 30,
-        min_free_bytes: 0,
-        not_found_ttl: Duration::from_secs(30),
-    }
+    UpstreamConfig { proxies, ..common::upstream_config(pki, kind, cache_dir) }
 }
 
 /// Probe files in the upstream cache under `cache_dir`.

@@ -54,17 +54,8 @@ async fn upstream_server(pki: &TestPki, dir: &Path) -> Central {
 }
 
 fn upstream_config(pki: &TestPki, address: &str, dir: &Path) -> UpstreamConfig {
-    UpstreamConfig {
-        kind: UpstreamKind::Grpc { address: format!("https://{address}") },
-        tls: pki.tls_with(None),
-        proxies: Default::default(),
-        connect_timeout: Duration::from_secs(2),
-        fetch_timeout: Duration::from_secs(10),
-        cache_dir: dir.join("central-cache"),
-        cache_max_bytes: 1 << 30,
-        min_free_bytes: 0,
-        not_found_ttl: Duration::from_secs(30),
-    }
+    let kind = UpstreamKind::Grpc { address: format!("https://{address}") };
+    common::upstream_config(pki, kind, &dir.join("central-cache"))
 }
 
 /// Central with `upstream` behind it, or offline when `None`.

@@ -12,10 +12,9 @@ mod minisign;
 
 use std::io::{Read, Write};
 use std::path::Path;
-use std::time::Duration;
 
 use central_probes::server::metrics::SignatureLabels;
-use central_probes::server::upstream::{UpstreamConfig, UpstreamKind};
+use central_probes::server::upstream::UpstreamKind;
 use central_probes::synthetic::PackageSpec;
 use cli::central_cli;
 use common::{Central, CentralOptions, TestPki};
@@ -214,17 +213,8 @@ async fn a_checking_central_serves_and_caches_only_verified_upstream_probes() {
     let (good, bad) = ("2.5.0/collector-ebpf-5.4.0-1.o.gz", "2.5.0/collector-ebpf-5.4.0-2.o.gz");
     upload_one(&upstream, &pki, good, b"good probe", &key.sign(good, 1, b"good probe")).await.unwrap();
     upload_one(&upstream, &pki, bad, b"bad probe", &stranger.sign(bad, 1, b"bad probe")).await.unwrap();
-    let upstream_config = UpstreamConfig {
-        kind: UpstreamKind::Grpc { address: format!("https://{}", upstream.address) },
-        tls: pki.tls_with(None),
-        proxies: Default::default(),
-        connect_timeout: Duration::from_secs(2),
-        fetch_timeout: Duration::from_secs(10),
-        cache_dir: dir.path().join("upstream-cache"),
-        cache_max_bytes: 1 << 30,
-        min_free_bytes: 0,
-        not_found_ttl: Duration::from_secs(30),
-    };
+    let kind = UpstreamKind::Grpc { address: format!("https://{}", upstream.address) };
+    let upstream_config = common::upstream_config(&pki, kind, &dir.path().join("upstream-cache"));
     // A run without keys caches the stranger's probe; the checking run on
     // the same cache directory must not serve that copy.
     let options = CentralOptions { upstream: Some(upstream_config.clone()), ..Default::default() };

@@ -85,8 +85,13 @@ impl ProbeCache {
     }
 }
 
-fn write_atomically(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    let temp = path.with_extension("part");
+/// Writes `bytes` to `<path>.part`, fsyncs it and renames it to `path`.
+pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    // The whole name with ".part" after it: a probe's digest and signature,
+    // `<file>.sha256` and `<file>.minisig`, never share a temporary file.
+    let mut temp = path.as_os_str().to_owned();
+    temp.push(".part");
+    let temp = PathBuf::from(temp);
     std::fs::write(&temp, bytes)?;
     std::fs::File::open(&temp)?.sync_all()?;
     std::fs::rename(&temp, path)

@@ -203,8 +203,9 @@ pub async fn get_probe(args: GetProbeArgs) -> Result<(), CliError> {
         sources.push(Box::new(BuiltinDir { dir: dir.clone(), uncompressed: true }));
     }
     let request_timeout = args.request_timeout;
+    let signatures = signature_policy(&args)?;
     // A probe's signature is fetched only when something checks it.
-    let with_signatures = args.trusted_keys.is_some() && args.signature_policy != Some(Mode::Off);
+    let with_signatures = signatures.wants_signatures();
     if let Some(address) = args.central.as_deref().filter(|address| !address.is_empty()) {
         let tls = ClientTls {
             ca_pem: read(&args.ca, "the CA certificate")?,
@@ -232,7 +233,6 @@ pub async fn get_probe(args: GetProbeArgs) -> Result<(), CliError> {
             .into());
     }
     let out = args.out.as_ref().ok_or("the ebpf collection method needs --out")?;
-    let signatures = signature_policy(&args)?;
 
     let policy = RetryPolicy { interval: args.retry_interval, budget: args.retry_budget };
     let cache = args.cache_dir.as_deref().map(ProbeCache::new);
@@ -250,44 +250,15 @@ pub async fn get_probe(args: GetProbeArgs) -> Result<(), CliError> {
         // Only when nothing remote answered: a Central that says "not
         // found" is not overruled by an old copy.
         Err(mut not_served) if !not_served.remote_answered => {
-            let cache_name = format!("the node-local cache {}", args.cache_dir.as_deref().unwrap_or(out).display());
-            let cached = cache.as_ref().and_then(|cache| {
-                candidates.iter().find_map(|kernel| {
-                    let kept = cache.verified(&module_version, kernel)?;
-                    // A cached probe is checked as a fetched one is.
-                    match signatures.check(&kept.path, &kept.file, kept.signature.as_deref()) {
-                        Ok(checked) => match chain::decompress(&kept.file, true) {
-                            Ok(probe) => Some((kernel, kept, probe, checked)),
-                            Err(why) => {
-                                tracing::warn!(path = %kept.path, "a cached probe is unusable: {why}");
-                                None
-                            }
-                        },
-                        Err(why) => {
-                            not_served.tried.push(chain::Tried {
-                                file_name: kept.path.file_name().to_string(),
-                                source: cache_name.clone(),
-                                outcome: format!("signature refused: {why}"),
-                                attempts: 1,
-                            });
-                            None
-                        }
-                    }
-                })
+            let cache_dir = args.cache_dir.as_deref();
+            let cached = cache.as_ref().zip(cache_dir).and_then(|(cache, dir)| {
+                from_cache(cache, dir, &module_version, &candidates, &signatures, &mut not_served)
             });
-            let Some((kernel, kept, probe, checked)) = cached else {
+            let Some(mut served) = cached else {
                 return Err(not_served_error(not_served, args.output, &signatures));
             };
-            chain::Served {
-                probe,
-                candidate: kernel.clone(),
-                source: cache_name,
-                detail: format!("no remote source reachable for {:.0?}; SHA-256 verified", not_served.elapsed),
-                remote: false,
-                file: kept.file,
-                signature: kept.signature,
-                checked,
-            }
+            served.detail = format!("no remote source reachable for {:.0?}; SHA-256 verified", not_served.elapsed);
+            served
         }
         Err(not_served) => return Err(not_served_error(not_served, args.output, &signatures)),
     };
@@ -313,7 +284,7 @@ pub async fn get_probe(args: GetProbeArgs) -> Result<(), CliError> {
                 "detail": served.detail,
                 "out": out.display().to_string(),
                 "bytes": served.probe.len(),
-                "signature_policy": policy_name(signatures.mode()),
+                "signature_policy": signatures.mode().name(),
                 "signature": signature_json,
                 "signature_refusals": signatures.refusals(),
             })
@@ -331,20 +302,54 @@ pub async fn get_probe(args: GetProbeArgs) -> Result<(), CliError> {
     Ok(())
 }
 
+/// The first candidate's probe kept in the node-local cache that hashes to
+/// its digest and passes the signature policy, as a fetched one must; a
+/// kept probe the policy refuses is reported in `not_served`.
+fn from_cache(
+    cache: &ProbeCache,
+    cache_dir: &std::path::Path,
+    module_version: &ModuleVersion,
+    candidates: &[String],
+    signatures: &SignaturePolicy,
+    not_served: &mut chain::NotServed,
+) -> Option<chain::Served> {
+    let source = format!("the node-local cache {}", cache_dir.display());
+    candidates.iter().find_map(|kernel| {
+        let kept = cache.verified(module_version, kernel)?;
+        let checked = match signatures.check(&kept.path, &kept.file, kept.signature.as_deref()) {
+            Ok(checked) => checked,
+            Err(why) => {
+                not_served.tried.push(chain::Tried {
+                    file_name: kept.path.file_name().to_string(),
+                    source: source.clone(),
+                    outcome: format!("signature refused: {why}"),
+                    attempts: 1,
+                });
+                return None;
+            }
+        };
+        let probe = chain::decompress(&kept.file, true)
+            .inspect_err(|why| tracing::warn!(path = %kept.path, "a cached probe is unusable: {why}"))
+            .ok()?;
+        Some(chain::Served {
+            probe,
+            candidate: kernel.clone(),
+            source: source.clone(),
+            detail: String::new(),
+            remote: false,
+            file: kept.file,
+            signature: kept.signature,
+            checked,
+        })
+    })
+}
+
 /// The signature policy the flags ask for.
 fn signature_policy(args: &GetProbeArgs) -> Result<SignaturePolicy, CliError> {
     let keys = args.trusted_keys.as_deref().map(TrustedKeys::load).transpose()?;
     let mode = args.signature_policy.unwrap_or(if keys.is_some() { Mode::Required } else { Mode::Off });
     let state_dir = args.state_dir.clone().or_else(|| args.cache_dir.as_ref().map(|dir| dir.join("state")));
     Ok(SignaturePolicy::new(mode, keys, args.min_serial, state_dir.as_deref())?)
-}
-
-fn policy_name(mode: Mode) -> &'static str {
-    match mode {
-        Mode::Required => "required",
-        Mode::Warn => "warn",
-        Mode::Off => "off",
-    }
 }
 
 /// The report of a probe not served: also on stdout as JSON when asked.
@@ -370,7 +375,7 @@ fn not_served_error(not_served: chain::NotServed, output: OutputFormat, signatur
                 "candidates": not_served.candidates,
                 "tried": tried,
                 "elapsed_ms": not_served.elapsed.as_millis() as u64,
-                "signature_policy": policy_name(signatures.mode()),
+                "signature_policy": signatures.mode().name(),
                 "signature_refusals": signatures.refusals(),
             })
         );

@@ -140,9 +140,7 @@ impl HttpsProbeClient {
         }
         Ok(HttpsProbe { bytes, sha256, digest_checked: published.is_some() })
     }
-}
 
-impl HttpsProbeClient {
     /// The probe's signature, `<file name>.minisig` beside it: `None` when
     /// the server has none (404, or 403 as buckets answer for a missing
     /// object). At most `MAX_SIGNATURE_LEN + 1` bytes are read, so that an

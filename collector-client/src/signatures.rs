@@ -30,6 +30,17 @@ pub enum Mode {
     Off,
 }
 
+impl Mode {
+    /// As the flag spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Required => "required",
+            Mode::Warn => "warn",
+            Mode::Off => "off",
+        }
+    }
+}
+
 /// What the check of one probe gave.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Checked {
@@ -58,8 +69,7 @@ impl SignaturePolicy {
         state_dir: Option<&Path>,
     ) -> Result<Self, String> {
         if mode != Mode::Off && keys.is_none() {
-            let name = if mode == Mode::Required { "required" } else { "warn" };
-            return Err(format!("--signature-policy {name} needs --trusted-keys (PROBE_TRUSTED_KEYS)"));
+            return Err(format!("--signature-policy {} needs --trusted-keys (PROBE_TRUSTED_KEYS)", mode.name()));
         }
         let serials = state_dir.map(AcceptedSerials::load).transpose()?;
         Ok(SignaturePolicy { mode, keys, min_serial, serials, refusals: Mutex::new(BTreeMap::new()) })
@@ -159,14 +169,10 @@ impl AcceptedSerials {
         }
         *known = serial;
         let text: String = serials.iter().map(|(path, serial)| format!("{path} {serial}\n")).collect();
-        if let Some(dir) = self.file.parent() {
-            std::fs::create_dir_all(dir)?;
-        }
-        let temp = self.file.with_extension("part");
-        std::fs::write(&temp, text)?;
-        std::fs::File::open(&temp)?.sync_all()?;
-        std::fs::rename(&temp, &self.file)?;
-        std::fs::File::open(self.file.parent().unwrap_or(Path::new(".")))?.sync_all()
+        let dir = self.file.parent().unwrap_or(Path::new("."));
+        std::fs::create_dir_all(dir)?;
+        crate::cache::write_atomically(&self.file, text.as_bytes())?;
+        std::fs::File::open(dir)?.sync_all()
     }
 }
 

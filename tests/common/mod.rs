@@ -261,3 +261,23 @@ pub async fn upload_signed(
     }
     central.admin(pki, &central.admin_token).upload_probes(tokio_stream::iter(messages)).await.map(drop)
 }
+
+/// The upstream of `kind` as the tests reach it: the test CA, no proxy,
+/// quick timeouts, a cache of 1 GiB in `cache_dir`.
+pub fn upstream_config(
+    pki: &TestPki,
+    kind: central_probes::server::upstream::UpstreamKind,
+    cache_dir: &Path,
+) -> UpstreamConfig {
+    UpstreamConfig {
+        kind,
+        tls: pki.tls_with(None),
+        proxies: Default::default(),
+        connect_timeout: Duration::from_secs(2),
+        fetch_timeout: Duration::from_secs(10),
+        cache_dir: cache_dir.to_owned(),
+        cache_max_bytes: 1 << 30,
+        min_free_bytes: 0,
+        not_found_ttl: Duration::from_secs(30),
+    }
+}

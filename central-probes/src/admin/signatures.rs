@@ -9,7 +9,7 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::{self, BufWriter, Read};
+use std::io::{self, BufWriter};
 use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
@@ -20,6 +20,7 @@ use probe_api::signing::{
 use zip::ZipArchive;
 use zip::write::{SimpleFileOptions, ZipWriter};
 
+use crate::admin::chunk_pool::ChunkPool;
 use crate::admin::error::PackageError;
 use crate::admin::package::{Package, PackageIndex};
 
@@ -214,23 +215,16 @@ pub fn verify_package(path: &Path, keys: &TrustedKeys) -> Result<Vec<Checked>, P
     let mut package = Package::open(path, &reads)?;
     let mut index = package.index()?;
     read_signatures(&mut package, &mut index)?;
-    let file = File::open(path).map_err(|source| PackageError::Open { path: path.to_owned(), source })?;
-    let mut archive = ZipArchive::new(file).map_err(|source| PackageError::NotZip { path: path.to_owned(), source })?;
+    let mut pool = ChunkPool::new(256 << 10, 1);
     let mut checked = Vec::with_capacity(index.probes.len());
-    let mut buffer = vec![0u8; 256 << 10];
     for probe in &index.probes {
-        let read_error = |source| PackageError::Read { path: probe.path.to_string(), source };
-        let mut entry = archive
-            .by_index(probe.index)
-            .map_err(|source| PackageError::UnreadableEntry { index: probe.index, source })?;
         let mut prehash = Prehasher::new();
-        loop {
-            let n = entry.read(&mut buffer).map_err(read_error)?;
-            if n == 0 {
-                break;
-            }
-            prehash.update(&buffer[..n]);
-        }
+        package
+            .read_entry(probe, &mut pool, |chunk| {
+                prehash.update(&chunk);
+                Ok(())
+            })
+            .map_err(|source| PackageError::Read { path: probe.path.to_string(), source })?;
         let outcome = keys.verify_prehashed(&probe.path, &prehash.finish(), probe.signature.as_deref());
         checked.push(Checked { path: probe.path.clone(), outcome });
     }

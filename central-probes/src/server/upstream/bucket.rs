@@ -111,9 +111,7 @@ impl Bucket {
             .map(Some)
             .ok_or_else(|| unavailable(format!("{url} does not start with a SHA-256 in hex")))
     }
-}
 
-impl Bucket {
     /// The bytes of a small file beside a probe (at most `max`, else it is
     /// not `what`), `None` when the bucket has no such file.
     async fn small_file(&self, url: &HttpsUrl, max: usize, what: &str) -> Result<Option<Vec<u8>>> {

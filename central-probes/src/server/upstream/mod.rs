@@ -34,6 +34,7 @@ use crate::error::{Error, Result};
 use crate::server::metrics::{Metrics, ResultLabels};
 use crate::server::sources::{Found, ProbeSource};
 use crate::store::ProbeStore;
+use crate::store::filesystem::FilesystemStore;
 use crate::store::lru::Lru;
 use probe_api::limits::MAX_FILE_SIZE;
 use single_flight::SingleFlight;
@@ -248,14 +249,7 @@ pub fn forget_cache_checked_otherwise(cache_dir: &std::path::Path, keys: Option<
         Ok(recorded) if recorded == wanted => return Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound && keys.is_none() => {}
         _ => {
-            for old in ["probes", "index.snapshot"] {
-                let path = cache_dir.join(old);
-                let removed = if path.is_dir() { std::fs::remove_dir_all(&path) } else { std::fs::remove_file(&path) };
-                match removed {
-                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io("emptying")(e)),
-                    _ => {}
-                }
-            }
+            FilesystemStore::empty(cache_dir)?;
             info!("emptied the upstream cache: its probes were not checked by the trusted keys given now");
         }
     }

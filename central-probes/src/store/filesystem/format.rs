@@ -43,7 +43,11 @@ pub(super) fn header(size: u64, sha256: &Sha256Digest, crc32: u32, signature_len
 /// Reads and checks the header of a stored probe file, and the signature
 /// after its bytes: what it describes, and the offset of its first byte.
 pub(super) fn read_header(file: &File) -> io::Result<(Entry, u64)> {
-    let file_len = file.metadata()?.len();
+    read_header_of(file, file.metadata()?.len())
+}
+
+/// `read_header` of a file of `file_len` bytes.
+fn read_header_of(file: &File, file_len: u64) -> io::Result<(Entry, u64)> {
     let mut header = [0u8; HEADER_LEN as usize];
     // A version 1 file may be shorter than a version 2 header.
     let readable = file_len.min(HEADER_LEN) as usize;
@@ -63,7 +67,7 @@ pub(super) fn read_header(file: &File) -> io::Result<(Entry, u64)> {
 pub(super) fn read_probe_start(file: &File, whole_up_to: u64) -> io::Result<(Entry, u64, Option<Bytes>)> {
     let file_len = file.metadata()?.len();
     if file_len > whole_up_to {
-        let (entry, offset) = read_header(file)?;
+        let (entry, offset) = read_header_of(file, file_len)?;
         return Ok((entry, offset, None));
     }
     let mut all = BytesMut::zeroed(file_len as usize);

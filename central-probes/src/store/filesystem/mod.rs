@@ -81,8 +81,15 @@ impl FilesystemStore {
     /// fsyncs, since a copy a crash may have torn is never read again.
     /// Commits are as atomic as ever (a temporary file renamed into place).
     pub fn open_cache(config: &FilesystemStoreConfig) -> Result<Self> {
+        Self::empty(&config.data_dir)?;
+        Ok(VerifiedStore::new(FilesystemBackend::open(&config.data_dir, false)?, config.min_free_bytes))
+    }
+
+    /// Removes every probe of the (closed) store in `data_dir`, and its
+    /// index snapshot.
+    pub fn empty(data_dir: &Path) -> Result<()> {
         for old in ["probes", "index.snapshot"] {
-            let path = config.data_dir.join(old);
+            let path = data_dir.join(old);
             let removed = if path.is_dir() { fs::remove_dir_all(&path) } else { fs::remove_file(&path) };
             match removed {
                 Ok(()) => {}
@@ -90,7 +97,7 @@ impl FilesystemStore {
                 Err(e) => return Err(Error::io(format!("emptying {}", path.display()), e)),
             }
         }
-        Ok(VerifiedStore::new(FilesystemBackend::open(&config.data_dir, false)?, config.min_free_bytes))
+        Ok(())
     }
 
     /// Number of probes stored.
