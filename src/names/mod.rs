@@ -196,6 +196,11 @@ impl ProbePath {
         &self.file_name
     }
 
+    /// The length of the path string, without building it.
+    pub fn byte_len(&self) -> usize {
+        self.module_version.0.len() + 1 + self.file_name.0.len()
+    }
+
     /// The bytes of the path string, without building it.
     pub fn bytes(&self) -> impl Iterator<Item = u8> + '_ {
         self.module_version.0.bytes().chain(std::iter::once(b'/')).chain(self.file_name.0.bytes())

@@ -22,6 +22,7 @@ pub mod filesystem;
 pub mod hot;
 pub(crate) mod lru;
 pub mod misses;
+pub mod pack;
 pub mod postgres;
 pub mod read_through;
 pub mod tokens;
@@ -148,6 +149,26 @@ pub fn overwrite_rule(old: Option<Content<'_>>, new: Content<'_>, overwrite: boo
 }
 
 /// A probe's bytes, in order, as chunks of bounded size.
+/// The probes of an in-memory index in path order (the byte order of the
+/// path strings), after `after` when given, only of `module_version` when
+/// given: what `Backend::list` returns of a map.
+pub(crate) fn list_range<'a, V>(
+    index: &'a std::collections::BTreeMap<ProbePath, V>,
+    module_version: Option<&'a ModuleVersion>,
+    after: Option<&'a ProbePath>,
+) -> impl Iterator<Item = (&'a ProbePath, &'a V)> + 'a {
+    use std::ops::Bound;
+    let start = after.map_or(Bound::Unbounded, Bound::Excluded);
+    let in_module = move |path: &ProbePath| module_version.is_none_or(|v| path.module_version() == v);
+    // Paths order as strings, so one module version's paths are the
+    // contiguous run of those starting with "<version>/".
+    let prefix = module_version.map(|v| format!("{v}/"));
+    index
+        .range((start, Bound::Unbounded))
+        .skip_while(move |(path, _)| prefix.as_ref().is_some_and(|prefix| path.bytes().lt(prefix.bytes())))
+        .take_while(move |(path, _)| in_module(path))
+}
+
 pub type ChunkStream = Pin<Box<dyn Stream<Item = Result<Bytes>> + Send>>;
 
 /// A commit that has been verified and is being made durable. It completes

@@ -104,7 +104,7 @@ pub(super) fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
-pub(super) fn lock_data_dir(data_dir: &Path) -> Result<File> {
+pub(in crate::store) fn lock_data_dir(data_dir: &Path) -> Result<File> {
     let path = data_dir.join("lock");
     let file = OpenOptions::new()
         .create(true)
@@ -120,7 +120,7 @@ pub(super) fn lock_data_dir(data_dir: &Path) -> Result<File> {
 
 /// Reads the 32-byte key at `path`, or makes one: random, readable by
 /// Central's user only, written whole or not at all.
-pub(super) fn load_or_create_key(path: &Path) -> Result<[u8; 32]> {
+pub(in crate::store) fn load_or_create_key(path: &Path) -> Result<[u8; 32]> {
     let io_error = |what: &str| {
         let what = format!("{what} {}", path.display());
         move |e| Error::io(what, e)

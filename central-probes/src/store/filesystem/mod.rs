@@ -17,14 +17,14 @@
 //! and keeps the disk floor.
 
 mod entry;
-mod format;
+pub(in crate::store) mod format;
 mod index;
-mod reader;
+pub(in crate::store) mod reader;
 mod snapshot;
 mod state;
 #[cfg(test)]
 mod tests;
-mod writer;
+pub(in crate::store) mod writer;
 
 pub use reader::READ_CHUNK;
 #[cfg(any(test, feature = "testing"))]
@@ -32,7 +32,6 @@ pub use reader::read_probe_file;
 
 use std::fs;
 use std::io;
-use std::ops::Bound;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
@@ -43,7 +42,7 @@ use tracing::{info, warn};
 use crate::error::{Error, Result};
 use crate::store::backend::{Backend, Staging};
 use crate::store::verified::VerifiedStore;
-use crate::store::{ModuleSummary, ProbeReader, StoredProbe};
+use crate::store::{ModuleSummary, ProbeReader, StoredProbe, list_range};
 
 use entry::stored;
 use format::{load_or_create_key, lock_data_dir, remove_leftovers, sync_dir};
@@ -165,15 +164,7 @@ impl Backend for FilesystemBackend {
         limit: usize,
     ) -> Result<Vec<StoredProbe>> {
         let index = self.inner.index();
-        let start = after.map_or(Bound::Unbounded, Bound::Excluded);
-        let in_module = |path: &ProbePath| module_version.is_none_or(|v| path.module_version() == v);
-        // Paths order as strings, so one module version's paths are the
-        // contiguous run of those starting with "<version>/".
-        let prefix = module_version.map(|v| format!("{v}/"));
-        Ok(index
-            .range((start, Bound::Unbounded))
-            .skip_while(|(path, _)| prefix.as_ref().is_some_and(|prefix| path.bytes().lt(prefix.bytes())))
-            .take_while(|(path, _)| in_module(path))
+        Ok(list_range(&index, module_version, after)
             .take(limit)
             .map(|(path, entry)| stored(path.clone(), entry.clone()))
             .collect())

@@ -5,6 +5,7 @@ use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
+use std::sync::Arc;
 use std::task::Poll;
 
 use bytes::{Bytes, BytesMut};
@@ -13,10 +14,12 @@ use probe_api::signing::MAX_SIGNATURE_LEN;
 use tokio::task::JoinHandle;
 
 use crate::error::{Error, Result};
-use crate::store::ProbeReader;
+use crate::store::{ChunkStream, ProbeReader};
 
 use super::entry::stored;
-use super::format::{HEADER_LEN, read_header, read_probe_start};
+#[cfg(any(test, feature = "testing"))]
+use super::format::read_header;
+use super::format::{HEADER_LEN, read_probe_start};
 
 /// Size of the chunks a probe is read in for serving.
 pub const READ_CHUNK: usize = 256 * 1024;
@@ -35,22 +38,36 @@ pub(super) fn open_probe(path: ProbePath, file_path: &Path) -> Result<Option<Pro
     let whole_up_to = HEADER_LEN + READ_CHUNK as u64 + MAX_SIGNATURE_LEN as u64;
     let (entry, offset, whole) =
         read_probe_start(&file, whole_up_to).map_err(|e| Error::io(format!("reading {path}"), e))?;
-    let mut reader = ProbeBytes { file, offset, remaining: entry.size };
-    let first = match whole {
-        Some(bytes) => {
-            reader.remaining = 0;
-            Some(bytes).filter(|bytes| !bytes.is_empty())
-        }
+    let chunks = match whole {
+        Some(bytes) => read_on_demand(path.clone(), Arc::new(file), offset, 0, Some(bytes))?,
+        None => read_on_demand(path.clone(), Arc::new(file), offset, entry.size, None)?,
+    };
+    Ok(Some(ProbeReader { probe: stored(path, entry), chunks }))
+}
+
+/// The chunks of the `size` bytes at `offset` of `file`, after `first`
+/// (bytes read already, that precede them); without `first`, the first
+/// chunk is read now, on the calling thread.
+pub(in crate::store) fn read_on_demand(
+    path: ProbePath,
+    file: Arc<File>,
+    offset: u64,
+    size: u64,
+    first: Option<Bytes>,
+) -> Result<ChunkStream> {
+    let mut reader = ProbeBytes { file, offset, remaining: size };
+    let first = match first {
+        Some(bytes) => Some(bytes),
         None => reader.next_chunk().map_err(|e| Error::io(format!("reading {path}"), e))?,
     };
-    let chunks = OnDemandChunks { first, reader: Some(reader), reading: None, path: path.clone() };
-    Ok(Some(ProbeReader { probe: stored(path, entry), chunks: Box::pin(chunks) }))
+    let first = first.filter(|bytes| !bytes.is_empty());
+    Ok(Box::pin(OnDemandChunks { first, reader: Some(reader), reading: None, path }))
 }
 
 /// The chunks of a probe, each read on a blocking thread only once the
 /// stream is asked for it: a client that does not read holds one chunk and
 /// its file, never a thread.
-pub(super) struct OnDemandChunks {
+struct OnDemandChunks {
     first: Option<Bytes>,
     /// `None` while a read is in flight, and once the probe is read whole
     /// or failed.
@@ -90,8 +107,8 @@ impl tokio_stream::Stream for OnDemandChunks {
     }
 }
 
-pub(super) struct ProbeBytes {
-    file: File,
+struct ProbeBytes {
+    file: Arc<File>,
     offset: u64,
     remaining: u64,
 }

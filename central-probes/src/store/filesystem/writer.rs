@@ -216,7 +216,7 @@ fn commit(
 }
 
 /// Free bytes on the file system holding `dir`, as an unprivileged user sees it.
-pub(super) fn available_bytes(dir: &Path) -> Result<u64> {
+pub(in crate::store) fn available_bytes(dir: &Path) -> Result<u64> {
     use std::os::unix::ffi::OsStrExt;
     let c_path = std::ffi::CString::new(dir.as_os_str().as_bytes())
         .map_err(|_| Error::internal("data directory path holds a NUL byte"))?;

@@ -1,0 +1,172 @@
+//! The pack files (`packs/<id>.pack`): each is appended to by one writer at
+//! a time, which leases it from a pool of packs open for appending; a pack
+//! grown past the target size is sealed (no longer appended to, so that
+//! compaction may rewrite it). Readers share an open handle of each pack:
+//! a reader that opened a pack reads it whole even after compaction
+//! removed its file.
+
+use std::collections::{BTreeSet, HashMap};
+use std::fs::File;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+
+use tracing::warn;
+
+use super::faults::Faults;
+
+/// A pack open for appending.
+pub(super) struct Writer {
+    pub(super) id: u32,
+    pub(super) file: Arc<File>,
+    pub(super) len: u64,
+}
+
+pub(super) struct Packs {
+    pub(super) dir: PathBuf,
+    pub(super) faults: Arc<Faults>,
+    /// Every pack, open for reading.
+    files: RwLock<HashMap<u32, Arc<File>>>,
+    /// Packs open for appending and not leased.
+    idle: Mutex<Vec<Writer>>,
+    /// Packs open for appending, leased or not.
+    open: Mutex<BTreeSet<u32>>,
+    next_id: AtomicU32,
+    /// A pack this long is sealed.
+    target_len: u64,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+pub(super) fn pack_path(dir: &Path, id: u32) -> PathBuf {
+    dir.join(format!("{id:010}.pack"))
+}
+
+/// The id of a pack file's name.
+pub(super) fn pack_id(name: &str) -> Option<u32> {
+    name.strip_suffix(".pack")?.parse().ok()
+}
+
+impl Packs {
+    pub(super) fn new(dir: PathBuf, faults: Arc<Faults>, target_len: u64) -> Packs {
+        Packs {
+            dir,
+            faults,
+            files: RwLock::default(),
+            idle: Mutex::default(),
+            open: Mutex::default(),
+            next_id: AtomicU32::new(1),
+            target_len,
+        }
+    }
+
+    /// Adds a pack found at start-up, `len` bytes long; it takes appends
+    /// again if it is short of the target.
+    pub(super) fn add_existing(&self, id: u32, file: File, len: u64) {
+        let file = Arc::new(file);
+        self.files.write().unwrap_or_else(|p| p.into_inner()).insert(id, file.clone());
+        self.next_id.fetch_max(id + 1, Ordering::SeqCst);
+        if len < self.target_len {
+            lock(&self.open).insert(id);
+            lock(&self.idle).push(Writer { id, file, len });
+        }
+    }
+
+    /// The pack `id`, for reading.
+    pub(super) fn file(&self, id: u32) -> Option<Arc<File>> {
+        self.files.read().unwrap_or_else(|p| p.into_inner()).get(&id).cloned()
+    }
+
+    /// Packs that are sealed: neither appended to nor leased.
+    pub(super) fn sealed(&self) -> Vec<u32> {
+        let open = lock(&self.open);
+        let files = self.files.read().unwrap_or_else(|p| p.into_inner());
+        let mut sealed: Vec<u32> = files.keys().filter(|id| !open.contains(id)).copied().collect();
+        sealed.sort_unstable();
+        sealed
+    }
+
+    /// A pack to append to, for as long as the lease lives.
+    pub(super) fn lease(self: &Arc<Self>) -> io::Result<Lease> {
+        let idle = lock(&self.idle).pop();
+        let writer = match idle {
+            Some(writer) => writer,
+            None => self.create()?,
+        };
+        Ok(Lease { packs: self.clone(), start: writer.len, writer: Some(writer) })
+    }
+
+    fn create(&self) -> io::Result<Writer> {
+        let id = self.next_id.fetch_add(1, Ordering::SeqCst);
+        let file = Arc::new(self.faults.create(&pack_path(&self.dir, id))?);
+        // The pack's name is durable before any log entry names it.
+        self.faults.sync_dir(&self.dir)?;
+        self.files.write().unwrap_or_else(|p| p.into_inner()).insert(id, file.clone());
+        lock(&self.open).insert(id);
+        Ok(Writer { id, file, len: 0 })
+    }
+
+    fn give_back(&self, writer: Writer) {
+        if writer.len >= self.target_len {
+            lock(&self.open).remove(&writer.id);
+        } else {
+            lock(&self.idle).push(writer);
+        }
+    }
+
+    /// Forgets a removed pack (readers that hold it keep their handle).
+    pub(super) fn forget(&self, id: u32) {
+        self.files.write().unwrap_or_else(|p| p.into_inner()).remove(&id);
+    }
+}
+
+/// The exclusive right to append to one pack, from `start`. Dropped
+/// without `keep`, it cuts the pack back to `start`: what was appended
+/// since is gone, as if never written.
+pub(super) struct Lease {
+    packs: Arc<Packs>,
+    writer: Option<Writer>,
+    pub(super) start: u64,
+}
+
+impl Lease {
+    pub(super) fn id(&self) -> u32 {
+        self.writer.as_ref().expect("a live lease").id
+    }
+
+    pub(super) fn file(&self) -> &Arc<File> {
+        &self.writer.as_ref().expect("a live lease").file
+    }
+
+    pub(super) fn faults(&self) -> &Faults {
+        &self.packs.faults
+    }
+
+    /// Keeps what was appended, up to `end`, and gives the pack back.
+    pub(super) fn keep(mut self, end: u64) {
+        let mut writer = self.writer.take().expect("a live lease");
+        writer.len = end;
+        self.packs.give_back(writer);
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        let Some(mut writer) = self.writer.take() else { return };
+        match self.packs.faults.truncate(&writer.file, self.start) {
+            Ok(()) => {
+                writer.len = self.start;
+                self.packs.give_back(writer);
+            }
+            Err(error) => {
+                // Not appended to again: nothing can follow the unfinished
+                // record, which a scan drops as a torn end.
+                warn!(pack = writer.id, %error, "could not cut an unfinished record off a pack; sealing it");
+                lock(&self.packs.open).remove(&writer.id);
+            }
+        }
+    }
+}

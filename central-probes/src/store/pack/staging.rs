@@ -1,0 +1,220 @@
+//! Staging and committing in a pack: a probe's record is appended to a
+//! leased pack by a blocking thread as its bytes arrive, completed (its
+//! signature and header) when they are all in, and committed by writing
+//! its stamp and handing the index change to the group commit. Removals
+//! append a tombstone the same way.
+
+use std::io;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use probe_api::names::ProbePath;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+
+use crate::error::{Error, Result};
+use crate::store::backend::{Staged, Staging};
+use crate::store::{CommitOutcome, Decision, StoredProbe, overwrite_rule, report_taken};
+
+use super::index::{Change, Loc};
+use super::packs::Lease;
+use super::record::{HEADER_LEN, Header, Kind, stamp, tombstone};
+use super::{Inner, durable, unix_now};
+
+/// Chunks queued between the network and the writing thread.
+const WRITE_QUEUE: usize = 16;
+
+pub(super) struct PackStaging {
+    inner: Arc<Inner>,
+    path: ProbePath,
+    chunks: mpsc::Sender<Bytes>,
+    /// The writing thread; it gives back the lease and where the bytes end.
+    /// Dropped unfinished, its lease cuts the pack back.
+    worker: JoinHandle<io::Result<(Lease, u64)>>,
+}
+
+impl PackStaging {
+    pub(super) fn start(inner: &Arc<Inner>, path: &ProbePath, _size: u64) -> Result<PackStaging> {
+        let lease = inner.packs.lease().map_err(|e| Error::io("starting a pack", e))?;
+        let (chunks, receiver) = mpsc::channel(WRITE_QUEUE);
+        let path_bytes = path.to_string().into_bytes();
+        let worker = tokio::task::spawn_blocking(move || write_all_chunks(lease, path_bytes, receiver));
+        Ok(PackStaging { inner: inner.clone(), path: path.clone(), chunks, worker })
+    }
+}
+
+/// Writes the path after the room for the header, then every chunk, until
+/// the channel closes.
+fn write_all_chunks(lease: Lease, path: Vec<u8>, mut chunks: mpsc::Receiver<Bytes>) -> io::Result<(Lease, u64)> {
+    let mut at = lease.start + HEADER_LEN;
+    lease.faults().write_at(lease.file(), &path, at)?;
+    at += path.len() as u64;
+    while let Some(chunk) = chunks.blocking_recv() {
+        lease.faults().write_at(lease.file(), &chunk, at)?;
+        at += chunk.len() as u64;
+    }
+    Ok((lease, at))
+}
+
+#[tonic::async_trait]
+impl Staging for PackStaging {
+    async fn write(&mut self, chunk: Bytes) -> Result<()> {
+        if self.chunks.send(chunk).await.is_err() {
+            let error = match (&mut self.worker).await {
+                Ok(Err(error)) => Error::io(format!("writing {}", self.path), error),
+                _ => Error::internal(format!("writing {}: the writer stopped", self.path)),
+            };
+            return Err(error);
+        }
+        Ok(())
+    }
+
+    async fn finish(self: Box<Self>) -> Result<Box<dyn Staged>> {
+        let PackStaging { inner, path, chunks, worker } = *self;
+        drop(chunks);
+        let (lease, end) = worker
+            .await
+            .map_err(|e| Error::internal(format!("writing {path}: {e}")))?
+            .map_err(|e| Error::io(format!("writing {path}"), e))?;
+        Ok(Box::new(PackStaged { inner, path, lease: Some(lease), bytes_end: end, record: None }))
+    }
+}
+
+/// A record written but for its header (`lease` still held), or whole and
+/// waiting for its commit (`record`).
+pub(super) struct PackStaged {
+    inner: Arc<Inner>,
+    path: ProbePath,
+    lease: Option<Lease>,
+    bytes_end: u64,
+    /// The completed record's location and its end.
+    record: Option<(Loc, u64)>,
+}
+
+#[tonic::async_trait]
+impl Staged for PackStaged {
+    async fn existing(&self) -> Result<Option<StoredProbe>> {
+        Ok(self.inner.index().decided(&self.path).map(|loc| loc.stored(&self.path)))
+    }
+
+    async fn prepare(&mut self, probe: &StoredProbe) -> Result<()> {
+        let crc32 = probe.crc32.ok_or_else(|| Error::internal(format!("{}: no CRC-32 to store", probe.path)))?;
+        let lease = self.lease.take().expect("prepared once");
+        let signature = probe.signature.clone().unwrap_or_default();
+        let signature_len = u32::try_from(signature.len())
+            .map_err(|_| Error::invalid_argument(format!("{}: the signature is too long", probe.path)))?;
+        let stored_at = unix_now();
+        let path_string = self.path.to_string();
+        let path_bytes = path_string.as_bytes();
+        let header = Header {
+            kind: Kind::Probe,
+            path_len: path_bytes.len() as u16,
+            size: probe.size,
+            signature_len,
+            crc32,
+            sha256: probe.sha256,
+            stored_at,
+        }
+        .encode(path_bytes, &signature);
+        let bytes_end = self.bytes_end;
+        let path = self.path.clone();
+        // Written here, not yet durable: the group commit syncs the pack.
+        let lease = tokio::task::spawn_blocking(move || {
+            let io_error = |what: &str| {
+                let what = format!("writing the {what} of {path}");
+                move |e| Error::io(what, e)
+            };
+            lease.faults().write_at(lease.file(), &signature, bytes_end).map_err(io_error("signature"))?;
+            lease.faults().write_at(lease.file(), &header, lease.start).map_err(io_error("header"))?;
+            Ok::<_, Error>(lease)
+        })
+        .await
+        .map_err(|e| Error::internal(format!("writing {}: {e}", self.path)))??;
+        let loc = Loc {
+            pack: lease.id(),
+            offset: lease.start,
+            seq: 0,
+            size: probe.size,
+            sha256: probe.sha256,
+            crc32,
+            stored_at,
+            signature: probe.signature.clone(),
+        };
+        let end = bytes_end + u64::from(signature_len);
+        lease.keep(end);
+        self.record = Some((loc, end));
+        Ok(())
+    }
+
+    async fn commit(
+        self: Box<Self>,
+        _probe: StoredProbe,
+        overwrite: bool,
+        taken: Option<oneshot::Sender<bool>>,
+    ) -> Result<CommitOutcome> {
+        let PackStaged { inner, path, record, .. } = *self;
+        let (loc, end) = record.expect("prepared before the commit");
+        let decided = {
+            let inner = inner.clone();
+            tokio::task::spawn_blocking(move || decide_and_submit(&inner, path, loc, end, overwrite))
+                .await
+                .map_err(|e| Error::internal(format!("commit task failed: {e}")))??
+        };
+        // Decided: the next file of the upload may take effect meanwhile.
+        report_taken(taken);
+        match decided {
+            (outcome, None) => Ok(outcome),
+            (outcome, Some(receiver)) => durable(receiver, "a probe").await.map(|()| outcome),
+        }
+    }
+}
+
+type Submitted = oneshot::Receiver<io::Result<()>>;
+
+/// Under the index lock: decides by the overwrite rule against the newest
+/// decision on the path; to write, stamps the record and submits it.
+fn decide_and_submit(
+    inner: &Inner,
+    path: ProbePath,
+    mut loc: Loc,
+    end: u64,
+    overwrite: bool,
+) -> Result<(CommitOutcome, Option<Submitted>)> {
+    inner.failed()?;
+    fn content(loc: &Loc) -> crate::store::Content<'_> {
+        (loc.size, loc.sha256, loc.signature.as_deref())
+    }
+    let mut index = inner.index();
+    let outcome = match overwrite_rule(index.decided(&path).map(content), content(&loc), overwrite) {
+        // The record stays unstamped: dead, skipped by any scan.
+        Decision::Keep(outcome) => return Ok((outcome, None)),
+        Decision::Write(outcome) => outcome,
+    };
+    loc.seq = index.take_seq();
+    let file = inner.packs.file(loc.pack).ok_or_else(|| Error::internal(format!("{path}: its pack is gone")))?;
+    let (stamp, at) = stamp(loc.offset, loc.seq);
+    inner.faults.write_at(&file, &stamp, loc.offset + at).map_err(|e| Error::io(format!("committing {path}"), e))?;
+    let bytes = end - loc.offset;
+    let receiver = inner.submit(vec![Change::Put(path.clone(), loc.clone())], vec![(loc.pack, end)], bytes)?;
+    index.pending.insert(path, (loc.seq, Some(loc)));
+    Ok((outcome, Some(receiver)))
+}
+
+/// Appends a tombstone for `path` and submits the removal; `None` if there
+/// is no such probe.
+pub(super) fn remove(inner: &Inner, path: &ProbePath) -> Result<Option<Submitted>> {
+    inner.failed()?;
+    let mut index = inner.index();
+    if index.decided(path).is_none() {
+        return Ok(None);
+    }
+    let seq = index.take_seq();
+    let lease = inner.packs.lease().map_err(|e| Error::io("starting a pack", e))?;
+    let record = tombstone(path, lease.start, seq, unix_now());
+    lease.faults().write_at(lease.file(), &record, lease.start).map_err(|e| Error::io(format!("removing {path}"), e))?;
+    let (pack, end) = (lease.id(), lease.start + record.len() as u64);
+    lease.keep(end);
+    let receiver = inner.submit(vec![Change::Remove(path.clone(), seq)], vec![(pack, end)], record.len() as u64)?;
+    index.pending.insert(path.clone(), (seq, None));
+    Ok(Some(receiver))
+}

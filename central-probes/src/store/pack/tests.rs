@@ -1,0 +1,215 @@
+//! The pack store against its guarantees: the conformance suite, restarts
+//! with and without a clean close, an index rebuilt from the packs, and a
+//! stop at every step of an upload (`crash_tests.rs`).
+
+use std::fs;
+use std::path::Path;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use probe_api::digest::Sha256Digest;
+use probe_api::names::ProbePath;
+
+use super::record::read_record;
+use super::*;
+use crate::store::{CommitOutcome, ProbeStore};
+
+mod crash_tests;
+
+pub(super) fn config(dir: &Path) -> PackStoreConfig {
+    PackStoreConfig::new(dir)
+}
+
+pub(super) fn path(n: usize) -> ProbePath {
+    ProbePath::parse(&format!("2.5.0/collector-ebpf-5.4.0-{n}-generic.o.gz")).unwrap()
+}
+
+pub(super) fn content(n: usize, round: u8) -> Vec<u8> {
+    (0..1000 + n * 37).map(|i| (i as u8).wrapping_mul(31).wrapping_add(n as u8).wrapping_add(round)).collect()
+}
+
+pub(super) async fn put(store: &PackStore, p: &ProbePath, bytes: &[u8], overwrite: bool) -> Result<CommitOutcome> {
+    let mut writer = store.create(p.clone(), bytes.len() as u64).await?;
+    for chunk in bytes.chunks(700) {
+        writer.write(Bytes::copy_from_slice(chunk)).await?;
+    }
+    writer.finish(Sha256Digest::of(bytes).into(), overwrite).await?.await.map(|c| c.outcome)
+}
+
+pub(super) async fn read(store: &PackStore, p: &ProbePath) -> Option<Vec<u8>> {
+    use tokio_stream::StreamExt;
+    let reader = store.open(p).await.unwrap()?;
+    let chunks: Vec<Bytes> = reader.chunks.map(|c| c.unwrap()).collect().await;
+    Some(chunks.concat())
+}
+
+/// Packs whose bytes are not a whole run of records: a crash's leftovers.
+fn unfinished_packs(dir: &Path) -> usize {
+    let mut unfinished = 0;
+    for entry in fs::read_dir(dir.join("packs")).unwrap() {
+        let file = fs::File::open(entry.unwrap().path()).unwrap();
+        let len = file.metadata().unwrap().len();
+        let mut offset = 0;
+        while let Some(found) = read_record(&file, offset, len).unwrap() {
+            offset += found.header.record_len();
+        }
+        unfinished += usize::from(offset != len);
+    }
+    unfinished
+}
+
+struct PackFixture {
+    dir: tempfile::TempDir,
+}
+
+fn pack_fixture() -> PackFixture {
+    PackFixture { dir: tempfile::tempdir().unwrap() }
+}
+
+#[tonic::async_trait]
+impl crate::store::conformance::StoreFixture for PackFixture {
+    async fn open(&self) -> Arc<dyn ProbeStore> {
+        Arc::new(PackStore::open(&config(self.dir.path())).unwrap())
+    }
+
+    async fn leave_a_crashed_write(&self) {
+        // Half a record at the end of a pack, as a process killed while
+        // appending leaves it.
+        let packs = self.dir.path().join("packs");
+        let newest = fs::read_dir(&packs).unwrap().map(|e| e.unwrap().path()).max().unwrap();
+        let mut bytes = fs::read(&newest).unwrap();
+        bytes.extend_from_slice(b"KPK1\x01\0half a probe");
+        fs::write(&newest, bytes).unwrap();
+    }
+
+    async fn leftovers(&self) -> usize {
+        unfinished_packs(self.dir.path())
+    }
+}
+
+crate::store_conformance_tests!(pack_fixture());
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn probes_survive_a_clean_close_and_a_crash_and_the_index_is_rebuilt_from_the_packs() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = PackStore::open(&config(dir.path())).unwrap();
+    for n in 0..20 {
+        assert_eq!(put(&store, &path(n), &content(n, 0), false).await.unwrap(), CommitOutcome::Stored);
+    }
+    assert!(store.remove(&path(3)).await.unwrap());
+    put(&store, &path(4), &content(4, 1), true).await.unwrap();
+    drop(store);
+    let check = |store: &PackStore| {
+        assert_eq!(store.len(), 19);
+        let store = store.clone();
+        async move {
+            assert_eq!(read(&store, &path(3)).await, None, "removed");
+            assert_eq!(read(&store, &path(4)).await.unwrap(), content(4, 1), "overwritten");
+            for n in (0..20).filter(|&n| n != 3 && n != 4) {
+                assert_eq!(read(&store, &path(n)).await.unwrap(), content(n, 0));
+            }
+        }
+    };
+    // From the snapshot a clean close left.
+    let store = PackStore::open(&config(dir.path())).unwrap();
+    check(&store).await;
+    put(&store, &path(30), &content(30, 0), false).await.unwrap();
+    // A crash: nothing more reaches the disk, not even the snapshot a
+    // close writes; the next start replays the log.
+    store.faults().stop_now();
+    drop(store);
+    let store = PackStore::open(&config(dir.path())).unwrap();
+    assert_eq!(read(&store, &path(30)).await.unwrap(), content(30, 0));
+    assert!(store.remove(&path(30)).await.unwrap());
+    check(&store).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_or_damaged_index_is_rebuilt_from_the_packs_and_removals_stay_removed() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = PackStore::open(&config(dir.path())).unwrap();
+    for n in 0..10 {
+        put(&store, &path(n), &content(n, 0), false).await.unwrap();
+    }
+    assert!(store.remove(&path(2)).await.unwrap());
+    put(&store, &path(5), &content(5, 9), true).await.unwrap();
+    // An upload the overwrite rule refused leaves a dead, unstamped record.
+    assert!(matches!(put(&store, &path(6), &content(6, 9), false).await.unwrap(), CommitOutcome::Conflict { .. }));
+    drop(store);
+    let expect = |store: PackStore| async move {
+        assert_eq!(store.len(), 9);
+        assert_eq!(read(&store, &path(2)).await, None);
+        assert_eq!(read(&store, &path(5)).await.unwrap(), content(5, 9));
+        assert_eq!(read(&store, &path(6)).await.unwrap(), content(6, 0));
+        assert_eq!(read(&store, &path(7)).await.unwrap(), content(7, 0));
+    };
+    fs::remove_dir_all(dir.path().join("index")).unwrap();
+    expect(PackStore::open(&config(dir.path())).unwrap()).await;
+    // A damaged snapshot (one byte flipped) is not trusted either.
+    let snapshot = dir.path().join("index").join(journal::SNAPSHOT);
+    let mut bytes = fs::read(&snapshot).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x40;
+    fs::write(&snapshot, bytes).unwrap();
+    expect(PackStore::open(&config(dir.path())).unwrap()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_torn_last_record_is_dropped_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = PackStore::open(&config(dir.path())).unwrap();
+    put(&store, &path(1), &content(1, 0), false).await.unwrap();
+    drop(store);
+    fs::remove_dir_all(dir.path().join("index")).unwrap();
+    // A whole record of a second probe, then its bytes cut short.
+    let pack = fs::read_dir(dir.path().join("packs")).unwrap().next().unwrap().unwrap().path();
+    let whole = fs::read(&pack).unwrap();
+    let mut torn = whole.clone();
+    torn.extend_from_slice(&whole[..whole.len() - 10]);
+    fs::write(&pack, &torn).unwrap();
+    let store = PackStore::open(&config(dir.path())).unwrap();
+    assert_eq!(store.len(), 1);
+    assert_eq!(read(&store, &path(1)).await.unwrap(), content(1, 0));
+    drop(store);
+    assert_eq!(fs::read(&pack).unwrap(), whole, "cut back to the last whole record");
+}
+
+/// An upload's files as the upload session commits them: each after the
+/// one before it took effect, the next streaming in meanwhile.
+pub(super) async fn upload_in_order(store: &PackStore, files: &[(ProbePath, Vec<u8>)]) -> Vec<Result<CommitOutcome>> {
+    use crate::store::{CommitOrder, open_gate};
+    let mut after = open_gate();
+    let mut pending = Vec::new();
+    for (p, bytes) in files {
+        let mut writer = store.create(p.clone(), bytes.len() as u64).await.unwrap();
+        writer.write(Bytes::copy_from_slice(bytes)).await.unwrap();
+        let (taken, next) = tokio::sync::oneshot::channel();
+        let order = CommitOrder { after, taken: Some(taken) };
+        pending.push(writer.finish_in_order(Sha256Digest::of(bytes).into(), false, order).await.unwrap());
+        after = Box::pin(async move { next.await.unwrap_or(false) });
+    }
+    let mut outcomes = Vec::new();
+    for commit in pending {
+        outcomes.push(commit.await.map(|c| c.outcome));
+    }
+    outcomes
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_shares_fsyncs_among_its_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config(dir.path());
+    config.batch.max_delay = std::time::Duration::from_millis(20);
+    let store = PackStore::open_with(&config, Arc::new(Faults::stop_at(u64::MAX))).unwrap();
+    let before = store.faults().syncs();
+    let files: Vec<_> = (0..64).map(|n| (path(n), content(n, 0))).collect();
+    for outcome in upload_in_order(&store, &files).await {
+        assert_eq!(outcome.unwrap(), CommitOutcome::Stored);
+    }
+    let syncs = store.faults().syncs() - before;
+    // One batch per file would be 128 fsyncs (its pack and the log).
+    assert!(syncs <= 32, "{syncs} fsyncs for an upload of 64 files");
+    for (p, bytes) in &files {
+        assert_eq!(read(&store, p).await.as_ref(), Some(bytes));
+    }
+}
