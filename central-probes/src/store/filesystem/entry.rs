@@ -9,13 +9,13 @@ use probe_api::names::ProbePath;
 use crate::store::StoredProbe;
 
 #[derive(Clone, PartialEq, Eq)]
-pub(super) struct Entry {
-    pub(super) size: u64,
-    pub(super) sha256: Sha256Digest,
+pub(in crate::store) struct Entry {
+    pub(in crate::store) size: u64,
+    pub(in crate::store) sha256: Sha256Digest,
     /// `None` for probes written before the store recorded CRC-32s.
-    pub(super) crc32: Option<u32>,
+    pub(in crate::store) crc32: Option<u32>,
     /// The probe's minisign signature, if it was uploaded with one.
-    pub(super) signature: Option<Bytes>,
+    pub(in crate::store) signature: Option<Bytes>,
 }
 
 impl Entry {

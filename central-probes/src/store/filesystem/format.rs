@@ -42,7 +42,7 @@ pub(super) fn header(size: u64, sha256: &Sha256Digest, crc32: u32, signature_len
 
 /// Reads and checks the header of a stored probe file, and the signature
 /// after its bytes: what it describes, and the offset of its first byte.
-pub(super) fn read_header(file: &File) -> io::Result<(Entry, u64)> {
+pub(in crate::store) fn read_header(file: &File) -> io::Result<(Entry, u64)> {
     read_header_of(file, file.metadata()?.len())
 }
 

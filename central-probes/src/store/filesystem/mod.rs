@@ -16,7 +16,7 @@
 //! `FilesystemStore` is it behind `VerifiedStore`, which hashes, verifies
 //! and keeps the disk floor.
 
-mod entry;
+pub(in crate::store) mod entry;
 pub(in crate::store) mod format;
 mod index;
 pub(in crate::store) mod reader;

@@ -19,6 +19,7 @@ mod faults;
 mod group_commit;
 mod index;
 mod journal;
+mod migrate;
 mod open;
 mod packs;
 mod record;
@@ -196,7 +197,7 @@ impl PackBackend {
         }
         let known = if loaded.wants_snapshot { loaded.old_generations } else { Vec::new() };
         remove_logs(&faults, &index_dir, &known);
-        let log = Log::create(&faults, &index_dir, loaded.next_generation)
+        let mut log = Log::create(&faults, &index_dir, loaded.next_generation)
             .map_err(|e| Error::io("starting the index log", e))?;
         let (queue, requests) = mpsc::channel();
         let inner = Arc::new(Inner {
@@ -211,6 +212,8 @@ impl PackBackend {
             data_dir: data_dir.clone(),
             _lock: lock,
         });
+        migrate::migrate(&inner, &mut log, data_dir)
+            .map_err(|e| Error::io(format!("converting the per-file probes of {}", data_dir.display()), e))?;
         let group_commit = {
             let inner = inner.clone();
             std::thread::Builder::new()

@@ -4,6 +4,8 @@
 //! there; then it is reopened, and every change it reported done must be
 //! there whole, nothing torn may be visible, and a re-upload completes.
 
+use std::path::Path;
+
 use super::*;
 
 const EXISTING: usize = 5;
@@ -98,4 +100,43 @@ async fn a_stop_at_any_step_of_an_upload_loses_nothing_reported_stored() {
         }
     }
     assert!(stops > 20, "only {stops} stops");
+}
+
+/// A per-file data directory of `count` probes, closed.
+async fn per_file_store(dir: &Path, count: usize) {
+    use crate::store::filesystem::{FilesystemStore, FilesystemStoreConfig};
+    let store = FilesystemStore::open(&FilesystemStoreConfig { data_dir: dir.to_owned(), min_free_bytes: 0 }).unwrap();
+    for k in 0..count {
+        let bytes = content(k, 0);
+        let mut writer = store.create(path(k), bytes.len() as u64).await.unwrap();
+        writer.write(Bytes::from(bytes.clone())).await.unwrap();
+        writer.finish(Sha256Digest::of(&bytes).into(), false).await.unwrap().await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_per_file_store_is_converted_and_a_stop_at_any_step_of_it_loses_nothing() {
+    const PROBES: usize = 12;
+    let mut stops = 0;
+    for n in 1.. {
+        let dir = tempfile::tempdir().unwrap();
+        per_file_store(dir.path(), PROBES).await;
+        let faults = Arc::new(Faults::stop_at(n));
+        let opened = PackStore::open_with(&config(dir.path()), faults.clone());
+        drop(opened);
+        if !faults.stopped() {
+            assert!(n > 5, "the conversion took only {n} steps");
+            break;
+        }
+        stops += 1;
+        let store = PackStore::open(&config(dir.path())).unwrap_or_else(|e| panic!("stop at {n}: {e}"));
+        assert_eq!(store.len(), PROBES, "stop at {n}");
+        for k in 0..PROBES {
+            assert_eq!(read(&store, &path(k)).await, Some(content(k, 0)), "stop at {n}");
+        }
+        assert!(!dir.path().join("probes").exists(), "stop at {n}: the old layout is gone once converted");
+        drop(store);
+        assert_eq!(PackStore::open(&config(dir.path())).unwrap().len(), PROBES, "stop at {n}: and stays converted");
+    }
+    assert!(stops > 5, "only {stops} stops");
 }
