@@ -11,7 +11,8 @@ mod minisign;
 
 use std::path::{Path, PathBuf};
 
-use common::{Central, TestPki};
+use central_probes::server::StoreLayout;
+use common::{Central, CentralOptions, TestPki};
 use minisign::MinisignKey;
 
 const MODULE: &str = "2.5.0";
@@ -116,7 +117,9 @@ async fn a_collector_in_required_mode_loads_only_what_a_trusted_key_signed() {
     let pki = TestPki::new();
     let dir = tempfile::tempdir().unwrap();
     let (trusted, stranger) = (MinisignKey::generate(dir.path(), "site"), MinisignKey::generate(dir.path(), "x"));
-    let central = Central::start(&pki, &dir.path().join("central")).await;
+    // The per-file layout, whose probe files the test tampers with below.
+    let options = CentralOptions { store_layout: StoreLayout::Files, ..CentralOptions::default() };
+    let central = Central::start_with(&pki, &dir.path().join("central"), options).await;
     let (file, object) = probe(1);
     upload(&central, &pki, PATH, &file, Some(&trusted.sign(PATH, 2, &file))).await;
     let collector = Collector::new(&pki, dir.path(), &trusted);
@@ -193,7 +196,8 @@ async fn a_collector_in_required_mode_loads_only_what_a_trusted_key_signed() {
     on_disk[16..48].copy_from_slice(&probe_api::digest::Sha256Digest::of(&tampered).0);
     on_disk[48..52].copy_from_slice(&crc32fast::hash(&tampered).to_le_bytes());
     std::fs::write(&stored, &on_disk).unwrap();
-    let central = Central::start(&pki, &dir.path().join("central")).await;
+    let options = CentralOptions { store_layout: StoreLayout::Files, ..CentralOptions::default() };
+    let central = Central::start_with(&pki, &dir.path().join("central"), options).await;
     let client = central.collector(&pki, Some(&pki.collector));
     let served = client.fetch(MODULE, &format!("collector-ebpf-{KERNEL}.o.gz")).await.unwrap();
     assert_eq!(served.bytes, tampered, "Central serves the tampered bytes with a matching SHA-256");

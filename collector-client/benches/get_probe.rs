@@ -74,6 +74,7 @@ async fn start(
         data_dir: dir.to_owned(),
         min_free_bytes: 0,
         hot_cache_bytes: 16 << 20,
+        store_layout: Default::default(),
         database: None,
         tls: pki.tls.clone(),
         allow_anonymous_reads: anonymous,

@@ -63,6 +63,8 @@ pub struct CentralOptions {
     pub limits: server::ConnectionLimits,
     /// `--trusted-keys`.
     pub trusted_keys: Option<probe_api::signing::TrustedKeys>,
+    /// `--store-layout`.
+    pub store_layout: server::StoreLayout,
 }
 
 /// Central running in this process.
@@ -104,6 +106,7 @@ impl Central {
             data_dir: data_dir.to_owned(),
             min_free_bytes: options.min_free_bytes,
             hot_cache_bytes: 16 << 20,
+            store_layout: options.store_layout,
             database: options.database,
             tls,
             allow_anonymous_reads: options.allow_anonymous_reads,
@@ -165,16 +168,23 @@ fn unique() -> u64 {
     NEXT.fetch_add(1, Ordering::Relaxed)
 }
 
-/// Files in the store's `tmp/`: writes under way or left behind.
+/// Writes under way or left behind: files in a per-file store's `tmp/`,
+/// packs that do not end with a whole record.
 pub fn tmp_files(data_dir: &Path) -> usize {
-    std::fs::read_dir(data_dir.join("tmp")).map(|d| d.count()).unwrap_or(0)
+    let files = std::fs::read_dir(data_dir.join("tmp")).map(|d| d.count()).unwrap_or(0);
+    files + central_probes::store::pack::inspect::unfinished_packs(data_dir).unwrap()
 }
 
-/// Counts the probes stored in `data_dir`, asserting that each one is
-/// whole: its bytes hash to the digest in its header, and are what the
-/// package `spec` describes.
+/// Counts the probes stored in `data_dir` (in packs, or as files),
+/// asserting that each one is whole: its bytes hash to the digest in its
+/// header, and are what the package `spec` describes.
 pub fn whole_probes_on_disk(data_dir: &Path, spec: &central_probes::synthetic::PackageSpec) -> usize {
     let mut count = 0;
+    for (path, digest, content) in central_probes::store::pack::inspect::probes_on_disk(data_dir).unwrap() {
+        assert_eq!(probe_api::digest::Sha256Digest::of(&content), digest, "{path}");
+        assert_eq!(content, spec.probe_bytes(&path.to_string()), "{path}");
+        count += 1;
+    }
     for module in std::fs::read_dir(data_dir.join("probes")).into_iter().flatten() {
         let module = module.unwrap().path();
         for file in std::fs::read_dir(&module).unwrap() {

@@ -6,7 +6,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use central_probes::server::{
-    Central, CentralConfig, ConnectionLimits, DatabaseConfig, PostgresConfig, TlsMaterial, UpstreamConfig, UpstreamKind,
+    Central, CentralConfig, ConnectionLimits, DatabaseConfig, PostgresConfig, StoreLayout, TlsMaterial, UpstreamConfig,
+    UpstreamKind,
 };
 use clap::Args;
 use probe_api::https::{Proxy, ProxySettings};
@@ -28,6 +29,12 @@ pub struct ServeArgs {
     /// Where probes and API token hashes are kept.
     #[arg(long, env = "CENTRAL_DATA_DIR")]
     data_dir: PathBuf,
+    /// How the data directory keeps uploaded probes: `packs` (records
+    /// appended to a few large files, one fsync per batch; a directory in
+    /// the per-file layout is converted at start) or `files` (a file per
+    /// probe, the layout before packs). README, "The probe store".
+    #[arg(long, env = "CENTRAL_STORE_LAYOUT", value_enum, default_value = "packs")]
+    store_layout: LayoutArg,
     /// Central's TLS certificate (PEM).
     #[arg(long, env = "CENTRAL_TLS_CERT")]
     tls_cert: PathBuf,
@@ -182,6 +189,10 @@ pub async fn serve(args: ServeArgs) -> Result<(), CliError> {
         data_dir: args.data_dir.clone(),
         min_free_bytes: args.min_free_space,
         hot_cache_bytes: args.hot_cache_size,
+        store_layout: match args.store_layout {
+            LayoutArg::Packs => StoreLayout::Packs,
+            LayoutArg::Files => StoreLayout::Files,
+        },
         database: match &args.database_url {
             None => None,
             Some(url) => Some(DatabaseConfig {
@@ -306,4 +317,10 @@ mod tests {
         let Command::Serve(args) = cli.command else { panic!("not serve") };
         assert_eq!(args.limits.limits(), ConnectionLimits::default());
     }
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum LayoutArg {
+    Packs,
+    Files,
 }

@@ -20,6 +20,7 @@ pub mod probe_slots;
 pub mod product_api;
 pub mod product_upload;
 pub mod sources;
+mod stores;
 pub mod upload_service;
 pub mod upload_session;
 pub mod upstream;
@@ -48,16 +49,17 @@ use crate::server::sources::{ProbeSource, SourceChain, UploadedProbes};
 use crate::server::upload_service::UploadService;
 use crate::server::upstream::UpstreamSource;
 use crate::store::ProbeStore;
-use crate::store::filesystem::{FilesystemStore, FilesystemStoreConfig};
 use crate::store::hot::HotProbes;
 use crate::store::postgres::PostgresStore;
 use crate::store::read_through::ReadThrough;
 use probe_api::signing::TrustedKeys;
+use stores::{checked, open_copies, open_store, open_uploaded};
 // The server's front door: what the binary needs to configure and run it.
 pub use crate::store::postgres::PostgresConfig;
 pub use auth::{Role, TokenFile};
 pub use connections::ConnectionLimits;
 pub use metrics::serve as serve_metrics;
+pub use stores::StoreLayout;
 pub use upstream::{UpstreamConfig, UpstreamKind};
 
 /// PEM-encoded TLS material of the server.
@@ -75,6 +77,8 @@ pub struct CentralConfig {
     pub data_dir: PathBuf,
     /// Writes are refused when they would leave less free disk than this.
     pub min_free_bytes: u64,
+    /// How the data directory keeps uploaded probes.
+    pub store_layout: StoreLayout,
     /// Memory for hot uploaded probes (`store::hot`); 0 for none.
     pub hot_cache_bytes: u64,
     /// Keep uploaded probes in this shared database instead of the data
@@ -123,31 +127,6 @@ pub struct Central {
     limits: ConnectionLimits,
 }
 
-/// Opens a filesystem store (lock, leftovers, index: blocking work) off
-/// the runtime's threads.
-async fn open_store(data_dir: &std::path::Path, min_free_bytes: u64, what: &str) -> Result<FilesystemStore> {
-    open_filesystem(data_dir, min_free_bytes, what, FilesystemStore::open).await
-}
-
-/// `open_store` for the local copies of database probes: emptied at start
-/// and never fsync'd (`FilesystemStore::open_cache`).
-async fn open_copies(data_dir: &std::path::Path, min_free_bytes: u64) -> Result<FilesystemStore> {
-    open_filesystem(data_dir, min_free_bytes, "the local copies of database probes", FilesystemStore::open_cache).await
-}
-
-async fn open_filesystem(
-    data_dir: &std::path::Path,
-    min_free_bytes: u64,
-    what: &str,
-    open: fn(&FilesystemStoreConfig) -> Result<FilesystemStore>,
-) -> Result<FilesystemStore> {
-    let config = FilesystemStoreConfig { data_dir: data_dir.to_owned(), min_free_bytes };
-    tokio::task::spawn_blocking(move || open(&config))
-        .await
-        .map_err(|e| Error::internal(format!("opening {what}: {e}")))?
-        .map_err(|e| e.context(format!("opening {what}")))
-}
-
 impl Central {
     /// Opens the store under the data directory (taking its lock and
     /// reading its index) and sets up the upstream.
@@ -167,14 +146,11 @@ impl Central {
         // Exports read the store itself (`record`), without its caches, so
         // that reading every probe once does not push the hot ones out.
         let metrics = Metrics::new();
-        let checked = |store: FilesystemStore, at: &'static str| match &config.trusted_keys {
-            None => store,
-            Some(keys) => store.checking_signatures(keys.clone(), metrics.on_signature_refused(at)),
-        };
+        let keys = config.trusted_keys.as_ref();
         let (store, record, auth, misses): (_, Arc<dyn ProbeStore>, _, Arc<dyn MissLog>) = match &config.database {
             None => {
-                let store = open_store(&config.data_dir, config.min_free_bytes, "the probe store").await?;
-                let store: Arc<dyn ProbeStore> = Arc::new(checked(store, "upload"));
+                let store =
+                    open_uploaded(&config.data_dir, config.min_free_bytes, config.store_layout, keys, &metrics).await?;
                 (
                     hot(store.clone()),
                     store,
@@ -206,7 +182,7 @@ impl Central {
             Some(upstream) => {
                 upstream::forget_cache_checked_otherwise(&upstream.cache_dir, config.trusted_keys.as_ref())?;
                 let cache = open_store(&upstream.cache_dir, upstream.min_free_bytes, "the upstream cache").await?;
-                let cache = checked(cache, "upstream");
+                let cache = checked(cache, keys, &metrics, "upstream");
                 let upstream = upstream.clone();
                 let source = UpstreamSource::new(upstream, Arc::new(cache), metrics.clone())
                     .await

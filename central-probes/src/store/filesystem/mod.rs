@@ -117,6 +117,18 @@ impl FilesystemBackend {
             fs::create_dir_all(dir).map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
         }
         let lock = lock_data_dir(data_dir)?;
+        // Probes uploaded into packs would be missing from this layout's
+        // view, and uploads would go on beside them.
+        if fs::read_dir(data_dir.join("packs")).is_ok_and(|mut packs| packs.next().is_some()) {
+            return Err(Error::new(
+                tonic::Code::FailedPrecondition,
+                format!(
+                    "{} holds a pack store: serve it with --store-layout packs, or export its probes and import \
+                     them into an empty directory",
+                    data_dir.display()
+                ),
+            ));
+        }
         let page_token_key = load_or_create_key(&data_dir.join("page-token.key"))?;
         let leftovers = remove_leftovers(&tmp_dir)?;
         if leftovers > 0 {

@@ -15,31 +15,13 @@ use std::io;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use tokio::sync::oneshot;
 use tracing::error;
 
-use super::Inner;
 use super::index::Change;
 use super::journal::{self, Log};
-
-/// Changes to make durable, in their order, and whom to tell.
-pub(super) struct Request {
-    pub(super) changes: Vec<Change>,
-    /// Each pack written, and the end of what was written to it.
-    pub(super) packs: Vec<(u32, u64)>,
-    /// Bytes written to packs, for the batch bound.
-    pub(super) bytes: u64,
-    pub(super) done: oneshot::Sender<io::Result<()>>,
-}
-
-/// How batches are bounded.
-#[derive(Clone, Copy, Debug)]
-pub struct BatchLimits {
-    pub max_bytes: u64,
-    pub max_delay: Duration,
-}
+use super::state::{BatchLimits, Inner, Request};
 
 /// Runs batches until every sender is gone; gives the log back.
 pub(super) fn run(inner: Arc<Inner>, requests: Receiver<Request>, mut log: Log) -> Log {
@@ -85,7 +67,8 @@ fn gather(requests: &Receiver<Request>, limits: BatchLimits) -> Option<Vec<Reque
         let next = match requests.try_recv() {
             Ok(next) => next,
             Err(TryRecvError::Disconnected) => break,
-            Err(TryRecvError::Empty) => match requests.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Err(TryRecvError::Empty) => match requests.recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            {
                 Ok(next) => next,
                 Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => break,
             },

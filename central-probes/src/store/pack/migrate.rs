@@ -13,14 +13,14 @@ use std::path::Path;
 use std::time::UNIX_EPOCH;
 
 use probe_api::names::{ModuleVersion, ProbeFileName, ProbePath};
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::store::filesystem::format::read_header;
 
-use super::Inner;
 use super::index::{Change, Loc};
 use super::journal::{self, Log};
 use super::record::{HEADER_LEN, Header, Kind, stamp};
+use super::state::Inner;
 
 /// Bytes appended between two batch commits.
 const BATCH_BYTES: usize = 64 << 20;
@@ -40,11 +40,11 @@ pub(super) fn migrate(inner: &Inner, log: &mut Log, data_dir: &Path) -> io::Resu
     // last durable one ended.
     let mut batch: Vec<u8> = Vec::new();
     let mut changes = Vec::new();
-    for (path, file) in probe_files(&probes_dir)? {
-        let (file, (entry, offset)) = match File::open(&file).and_then(|f| read_header(&f).map(|h| (f, h))) {
+    for (path, file_path) in probe_files(&probes_dir)? {
+        let (file, (entry, offset)) = match File::open(&file_path).and_then(|f| read_header(&f).map(|h| (f, h))) {
             Ok(read) => read,
             Err(error) => {
-                warn!(path = %file.display(), %error, "not converting an unreadable probe file");
+                warn!(path = %file_path.display(), %error, "not converting an unreadable probe file");
                 continue;
             }
         };
@@ -54,7 +54,11 @@ pub(super) fn migrate(inner: &Inner, log: &mut Log, data_dir: &Path) -> io::Resu
         }
         let mut bytes = vec![0u8; entry.size as usize];
         file.read_exact_at(&mut bytes, offset)?;
-        let crc32 = entry.crc32.unwrap_or_else(|| crc32fast::hash(&bytes));
+        let crc32 = crc32fast::hash(&bytes);
+        if entry.crc32.is_some_and(|recorded| recorded != crc32) {
+            error!(path = %file_path.display(), "not converting a probe file whose bytes do not match its CRC-32");
+            continue;
+        }
         let stored_at = file.metadata()?.modified()?.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
         let signature = entry.signature.clone().unwrap_or_default();
         let path_string = path.to_string();
@@ -86,7 +90,10 @@ pub(super) fn migrate(inner: &Inner, log: &mut Log, data_dir: &Path) -> io::Resu
             stored_at,
             signature: entry.signature,
         };
-        debug_assert_eq!(loc.record_len(&path), HEADER_LEN + path_string.len() as u64 + entry.size + signature.len() as u64);
+        debug_assert_eq!(
+            loc.record_len(&path),
+            HEADER_LEN + path_string.len() as u64 + entry.size + signature.len() as u64
+        );
         changes.push(Change::Put(path, loc));
         moved += 1;
         if batch.len() >= BATCH_BYTES {

@@ -12,34 +12,37 @@
 //! The index is in memory; each commit is decided under its lock by the
 //! overwrite rule against the newest decision on the path, and becomes
 //! visible once its batch is durable. Overwrites and removals append a new
-//! record or a tombstone; compaction (`compact.rs`) reclaims what they leave
-//! dead.
+//! record or a tombstone; what they leave dead stays in the packs (there is
+//! no compaction yet: `Change::Move` and `PackGone` are the log's part of
+//! it).
 
 mod faults;
 mod group_commit;
 mod index;
+#[cfg(any(test, feature = "testing"))]
+pub mod inspect;
 mod journal;
 mod migrate;
 mod open;
 mod packs;
 mod record;
 mod staging;
+mod state;
 #[cfg(test)]
 mod tests;
 
 pub use faults::Faults;
-pub use group_commit::BatchLimits;
+pub use state::BatchLimits;
 
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
-use std::sync::mpsc::{self, Sender};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use probe_api::names::{ModuleVersion, ProbePath};
-use tokio::sync::oneshot;
 use tracing::{info, warn};
 
 use crate::error::{Error, Result};
@@ -50,10 +53,9 @@ use crate::store::filesystem::writer::available_bytes;
 use crate::store::verified::VerifiedStore;
 use crate::store::{ModuleSummary, ProbeReader, StoredProbe, list_range};
 
-use group_commit::Request;
-use index::{Change, Index};
 use journal::Log;
 use packs::Packs;
+use state::{Inner, durable};
 
 /// Settings of the pack store.
 #[derive(Clone, Debug)]
@@ -83,65 +85,6 @@ pub type PackStore = VerifiedStore<PackBackend>;
 pub struct PackBackend {
     inner: Arc<Inner>,
     group_commit: Option<JoinHandle<Log>>,
-}
-
-pub(super) struct Inner {
-    index_dir: PathBuf,
-    index: Mutex<Index>,
-    packs: Arc<Packs>,
-    faults: Arc<Faults>,
-    /// To the group commit; `None` once the store closed.
-    queue: Mutex<Option<Sender<Request>>>,
-    /// Set when a batch could not be made durable: no more writes.
-    failed: AtomicBool,
-    batch_limits: BatchLimits,
-    page_token_key: [u8; 32],
-    data_dir: PathBuf,
-    _lock: fs::File,
-}
-
-impl Inner {
-    fn index(&self) -> MutexGuard<'_, Index> {
-        // Each change to the index is applied whole under the lock.
-        self.index.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
-    /// Hands changes to the group commit; the receiver tells when they are
-    /// durable and applied.
-    fn submit(
-        &self,
-        changes: Vec<Change>,
-        packs: Vec<(u32, u64)>,
-        bytes: u64,
-    ) -> Result<oneshot::Receiver<std::io::Result<()>>> {
-        let (done, receiver) = oneshot::channel();
-        let queue = self.queue.lock().unwrap_or_else(|p| p.into_inner());
-        let sent = queue.as_ref().is_some_and(|queue| queue.send(Request { changes, packs, bytes, done }).is_ok());
-        if !sent {
-            return Err(Error::new(tonic::Code::Unavailable, "the probe store is closed"));
-        }
-        Ok(receiver)
-    }
-
-    fn failed(&self) -> Result<()> {
-        if self.failed.load(std::sync::atomic::Ordering::SeqCst) {
-            return Err(Error::internal("the probe store could not make a write durable and takes no more; restart Central"));
-        }
-        Ok(())
-    }
-}
-
-/// Waits for the group commit to make a submitted change durable.
-async fn durable(receiver: oneshot::Receiver<std::io::Result<()>>, what: &str) -> Result<()> {
-    match receiver.await {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => Err(Error::io(format!("making {what} durable"), e)),
-        Err(_) => Err(Error::internal(format!("making {what} durable: the group commit stopped"))),
-    }
-}
-
-pub(super) fn unix_now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
 impl PackStore {

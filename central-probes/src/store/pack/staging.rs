@@ -19,7 +19,7 @@ use crate::store::{CommitOutcome, Decision, StoredProbe, overwrite_rule, report_
 use super::index::{Change, Loc};
 use super::packs::Lease;
 use super::record::{HEADER_LEN, Header, Kind, stamp, tombstone};
-use super::{Inner, durable, unix_now};
+use super::state::{Inner, durable, unix_now};
 
 /// Chunks queued between the network and the writing thread.
 const WRITE_QUEUE: usize = 16;
@@ -211,7 +211,10 @@ pub(super) fn remove(inner: &Inner, path: &ProbePath) -> Result<Option<Submitted
     let seq = index.take_seq();
     let lease = inner.packs.lease().map_err(|e| Error::io("starting a pack", e))?;
     let record = tombstone(path, lease.start, seq, unix_now());
-    lease.faults().write_at(lease.file(), &record, lease.start).map_err(|e| Error::io(format!("removing {path}"), e))?;
+    lease
+        .faults()
+        .write_at(lease.file(), &record, lease.start)
+        .map_err(|e| Error::io(format!("removing {path}"), e))?;
     let (pack, end) = (lease.id(), lease.start + record.len() as u64);
     lease.keep(end);
     let receiver = inner.submit(vec![Change::Remove(path.clone(), seq)], vec![(pack, end)], record.len() as u64)?;

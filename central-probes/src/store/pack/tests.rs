@@ -10,7 +10,6 @@ use bytes::Bytes;
 use probe_api::digest::Sha256Digest;
 use probe_api::names::ProbePath;
 
-use super::record::read_record;
 use super::*;
 use crate::store::{CommitOutcome, ProbeStore};
 
@@ -43,21 +42,6 @@ pub(super) async fn read(store: &PackStore, p: &ProbePath) -> Option<Vec<u8>> {
     Some(chunks.concat())
 }
 
-/// Packs whose bytes are not a whole run of records: a crash's leftovers.
-fn unfinished_packs(dir: &Path) -> usize {
-    let mut unfinished = 0;
-    for entry in fs::read_dir(dir.join("packs")).unwrap() {
-        let file = fs::File::open(entry.unwrap().path()).unwrap();
-        let len = file.metadata().unwrap().len();
-        let mut offset = 0;
-        while let Some(found) = read_record(&file, offset, len).unwrap() {
-            offset += found.header.record_len();
-        }
-        unfinished += usize::from(offset != len);
-    }
-    unfinished
-}
-
 struct PackFixture {
     dir: tempfile::TempDir,
 }
@@ -83,7 +67,7 @@ impl crate::store::conformance::StoreFixture for PackFixture {
     }
 
     async fn leftovers(&self) -> usize {
-        unfinished_packs(self.dir.path())
+        inspect::unfinished_packs(self.dir.path()).unwrap()
     }
 }
 

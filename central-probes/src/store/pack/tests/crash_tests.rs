@@ -90,7 +90,9 @@ async fn a_stop_at_any_step_of_an_upload_loses_nothing_reported_stored() {
         }
         nothing_torn(&store).await;
         for k in NEW {
-            put(&store, &path(k), &content(k, 0), false).await.unwrap_or_else(|e| panic!("stop at {n}: re-upload: {e}"));
+            put(&store, &path(k), &content(k, 0), false)
+                .await
+                .unwrap_or_else(|e| panic!("stop at {n}: re-upload: {e}"));
         }
         drop(store);
         let store = PackStore::open(&config(dir.path())).unwrap();

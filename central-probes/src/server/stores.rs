@@ -1,0 +1,91 @@
+//! Opening the stores Central keeps on its disk: the uploaded probes (in
+//! packs or a file each), the upstream cache and the local copies of
+//! database probes, off the runtime's threads.
+
+use std::sync::Arc;
+
+use probe_api::signing::TrustedKeys;
+
+use crate::error::{Error, Result};
+use crate::server::metrics::Metrics;
+use crate::store::ProbeStore;
+use crate::store::backend::Backend;
+use crate::store::filesystem::{FilesystemStore, FilesystemStoreConfig};
+use crate::store::pack::{PackStore, PackStoreConfig};
+use crate::store::verified::VerifiedStore;
+
+/// How the data directory keeps uploaded probes (`--store-layout`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum StoreLayout {
+    /// Records appended to pack files, a group commit per batch
+    /// (`store::pack`); a per-file data directory is converted at start.
+    #[default]
+    Packs,
+    /// A file per probe, each committed by its own fsync and rename
+    /// (`store::filesystem`): the layout before packs.
+    Files,
+}
+
+/// Opens the store of uploaded probes in `data_dir` off the runtime's
+/// threads (lock, index, a conversion: blocking work), checking
+/// signatures by `keys` if given.
+pub(super) async fn open_uploaded(
+    data_dir: &std::path::Path,
+    min_free_bytes: u64,
+    layout: StoreLayout,
+    keys: Option<&TrustedKeys>,
+    metrics: &Metrics,
+) -> Result<Arc<dyn ProbeStore>> {
+    let what = "the probe store";
+    Ok(match layout {
+        StoreLayout::Files => {
+            Arc::new(checked(open_store(data_dir, min_free_bytes, what).await?, keys, metrics, "upload"))
+        }
+        StoreLayout::Packs => {
+            let config = PackStoreConfig { min_free_bytes, ..PackStoreConfig::new(data_dir) };
+            let store = tokio::task::spawn_blocking(move || PackStore::open(&config))
+                .await
+                .map_err(|e| Error::internal(format!("opening {what}: {e}")))?
+                .map_err(|e| e.context(format!("opening {what}")))?;
+            Arc::new(checked(store, keys, metrics, "upload"))
+        }
+    })
+}
+
+/// `store`, refusing from now on what `keys` (if any) did not sign.
+pub(super) fn checked<B: Backend>(
+    store: VerifiedStore<B>,
+    keys: Option<&TrustedKeys>,
+    metrics: &Metrics,
+    at: &'static str,
+) -> VerifiedStore<B> {
+    match keys {
+        None => store,
+        Some(keys) => store.checking_signatures(keys.clone(), metrics.on_signature_refused(at)),
+    }
+}
+
+/// Opens a filesystem store (lock, leftovers, index: blocking work) off
+/// the runtime's threads.
+pub(super) async fn open_store(data_dir: &std::path::Path, min_free_bytes: u64, what: &str) -> Result<FilesystemStore> {
+    open_filesystem(data_dir, min_free_bytes, what, FilesystemStore::open).await
+}
+
+/// `open_store` for the local copies of database probes: emptied at start
+/// and never fsync'd (`FilesystemStore::open_cache`).
+pub(super) async fn open_copies(data_dir: &std::path::Path, min_free_bytes: u64) -> Result<FilesystemStore> {
+    open_filesystem(data_dir, min_free_bytes, "the local copies of database probes", FilesystemStore::open_cache).await
+}
+
+async fn open_filesystem(
+    data_dir: &std::path::Path,
+    min_free_bytes: u64,
+    what: &str,
+    open: fn(&FilesystemStoreConfig) -> Result<FilesystemStore>,
+) -> Result<FilesystemStore> {
+    let config = FilesystemStoreConfig { data_dir: data_dir.to_owned(), min_free_bytes };
+    tokio::task::spawn_blocking(move || open(&config))
+        .await
+        .map_err(|e| Error::internal(format!("opening {what}: {e}")))?
+        .map_err(|e| e.context(format!("opening {what}")))
+}

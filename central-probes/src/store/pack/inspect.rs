@@ -1,0 +1,68 @@
+//! What the packs of a data directory hold, read without opening the store
+//! (it may be running, or killed): for tests that check what a crash left.
+
+use std::fs::{self, File};
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+use probe_api::digest::Sha256Digest;
+use probe_api::names::ProbePath;
+
+use super::record::{Kind, read_record};
+
+/// A probe's SHA-256 and bytes, `None` for a removal.
+type Version = Option<(Sha256Digest, Vec<u8>)>;
+
+/// The newest committed version of each probe in the packs (removed ones
+/// left out), each read whole and checked against its CRC-32: its path,
+/// SHA-256 and bytes.
+pub fn probes_on_disk(data_dir: &Path) -> io::Result<Vec<(ProbePath, Sha256Digest, Vec<u8>)>> {
+    let mut newest: std::collections::BTreeMap<ProbePath, (u64, Version)> = Default::default();
+    for pack in packs(data_dir)? {
+        let file = File::open(&pack)?;
+        let len = file.metadata()?.len();
+        let mut offset = 0;
+        while let Some(found) = read_record(&file, offset, len)? {
+            offset += found.header.record_len();
+            let Some(seq) = found.seq else { continue };
+            if newest.get(&found.path).is_some_and(|(newer, _)| *newer > seq) {
+                continue;
+            }
+            let probe = match found.header.kind {
+                Kind::Tombstone => None,
+                Kind::Probe => {
+                    let mut bytes = vec![0u8; found.header.size as usize];
+                    file.read_exact_at(&mut bytes, found.offset + found.header.bytes_at())?;
+                    Some((found.header.sha256, bytes))
+                }
+            };
+            newest.insert(found.path, (seq, probe));
+        }
+    }
+    Ok(newest.into_iter().filter_map(|(path, (_, probe))| probe.map(|(sha256, bytes)| (path, sha256, bytes))).collect())
+}
+
+/// Packs whose bytes do not end with a whole record: a write under way, or
+/// what a crash left.
+pub fn unfinished_packs(data_dir: &Path) -> io::Result<usize> {
+    let mut unfinished = 0;
+    for pack in packs(data_dir)? {
+        let file = File::open(&pack)?;
+        let len = file.metadata()?.len();
+        let mut offset = 0;
+        while let Some(found) = read_record(&file, offset, len)? {
+            offset += found.header.record_len();
+        }
+        unfinished += usize::from(offset != len);
+    }
+    Ok(unfinished)
+}
+
+fn packs(data_dir: &Path) -> io::Result<Vec<std::path::PathBuf>> {
+    match fs::read_dir(data_dir.join("packs")) {
+        Ok(entries) => entries.map(|entry| entry.map(|e| e.path())).collect(),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Vec::new()),
+        Err(e) => Err(e),
+    }
+}
