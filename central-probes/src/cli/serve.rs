@@ -6,8 +6,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use central_probes::server::{
-    Central, CentralConfig, ConnectionLimits, DatabaseConfig, PostgresConfig, StoreLayout, TlsMaterial, UpstreamConfig,
-    UpstreamKind,
+    Central, CentralConfig, CompactionLimits, ConnectionLimits, DatabaseConfig, PostgresConfig, StoreLayout,
+    TlsMaterial, UpstreamConfig, UpstreamKind,
 };
 use clap::Args;
 use probe_api::https::{Proxy, ProxySettings};
@@ -35,6 +35,15 @@ pub struct ServeArgs {
     /// probe, the layout before packs). README, "The probe store".
     #[arg(long, env = "CENTRAL_STORE_LAYOUT", value_enum, default_value = "packs")]
     store_layout: LayoutArg,
+    /// With packs: a full pack whose live probes take less than this
+    /// fraction of it (overwrites and removals left the rest dead) is
+    /// rewritten in the background; 0 turns compaction off.
+    #[arg(long, env = "CENTRAL_COMPACT_BELOW", default_value = "0.5", value_parser = parse_fraction)]
+    compact_below: f64,
+    /// With packs: how fast compaction may copy (bytes per second, or with
+    /// a K/M/G or KiB/MiB/GiB suffix).
+    #[arg(long, env = "CENTRAL_COMPACT_RATE", default_value = "64MiB", value_parser = parse_size)]
+    compact_rate: u64,
     /// Central's TLS certificate (PEM).
     #[arg(long, env = "CENTRAL_TLS_CERT")]
     tls_cert: PathBuf,
@@ -190,7 +199,10 @@ pub async fn serve(args: ServeArgs) -> Result<(), CliError> {
         min_free_bytes: args.min_free_space,
         hot_cache_bytes: args.hot_cache_size,
         store_layout: match args.store_layout {
-            LayoutArg::Packs => StoreLayout::Packs,
+            LayoutArg::Packs => StoreLayout::Packs(CompactionLimits {
+                below_live_fraction: args.compact_below,
+                bytes_per_second: args.compact_rate,
+            }),
             LayoutArg::Files => StoreLayout::Files,
         },
         database: match &args.database_url {
@@ -316,6 +328,13 @@ mod tests {
         let cli = Cli::try_parse_from(["central-probes", "serve"].into_iter().chain(required)).unwrap();
         let Command::Serve(args) = cli.command else { panic!("not serve") };
         assert_eq!(args.limits.limits(), ConnectionLimits::default());
+    }
+}
+
+fn parse_fraction(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(fraction) if (0.0..=1.0).contains(&fraction) => Ok(fraction),
+        _ => Err(format!("{text:?} is not a fraction from 0 to 1")),
     }
 }
 

@@ -11,19 +11,25 @@ use crate::server::metrics::Metrics;
 use crate::store::ProbeStore;
 use crate::store::backend::Backend;
 use crate::store::filesystem::{FilesystemStore, FilesystemStoreConfig};
-use crate::store::pack::{PackStore, PackStoreConfig};
+use crate::store::pack::{CompactionLimits, PackStore, PackStoreConfig};
 use crate::store::verified::VerifiedStore;
 
 /// How the data directory keeps uploaded probes (`--store-layout`).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug)]
 pub enum StoreLayout {
     /// Records appended to pack files, a group commit per batch
-    /// (`store::pack`); a per-file data directory is converted at start.
-    #[default]
-    Packs,
+    /// (`store::pack`), compacted in the background; a per-file data
+    /// directory is converted at start.
+    Packs(CompactionLimits),
     /// A file per probe, each committed by its own fsync and rename
     /// (`store::filesystem`): the layout before packs.
     Files,
+}
+
+impl Default for StoreLayout {
+    fn default() -> Self {
+        StoreLayout::Packs(PackStoreConfig::new(std::path::Path::new("")).compaction)
+    }
 }
 
 /// Opens the store of uploaded probes in `data_dir` off the runtime's
@@ -41,8 +47,8 @@ pub(super) async fn open_uploaded(
         StoreLayout::Files => {
             Arc::new(checked(open_store(data_dir, min_free_bytes, what).await?, keys, metrics, "upload"))
         }
-        StoreLayout::Packs => {
-            let config = PackStoreConfig { min_free_bytes, ..PackStoreConfig::new(data_dir) };
+        StoreLayout::Packs(compaction) => {
+            let config = PackStoreConfig { min_free_bytes, compaction, ..PackStoreConfig::new(data_dir) };
             let store = tokio::task::spawn_blocking(move || PackStore::open(&config))
                 .await
                 .map_err(|e| Error::internal(format!("opening {what}: {e}")))?

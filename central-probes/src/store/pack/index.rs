@@ -4,7 +4,7 @@
 //! and how much of each pack is still live. Every change to it is a
 //! `Change`, the same ones the index log records and replays.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use bytes::Bytes;
 use probe_api::digest::Sha256Digest;
@@ -78,6 +78,8 @@ pub(super) struct Index {
     /// Decided commits (a `None` for a removal) by sequence number.
     pub(super) pending: HashMap<ProbePath, (u64, Option<Loc>)>,
     pub(super) packs: BTreeMap<u32, PackUse>,
+    /// Packs compacted away (their files removed, or about to be).
+    pub(super) gone: BTreeSet<u32>,
     pub(super) next_seq: u64,
 }
 
@@ -131,6 +133,7 @@ impl Index {
             }
             Change::PackGone(pack) => {
                 self.packs.remove(&pack);
+                self.gone.insert(pack);
             }
         }
     }
@@ -155,6 +158,7 @@ impl Index {
     /// Every change that rebuilds this index's durable part.
     pub(super) fn durable_changes(&self) -> impl Iterator<Item = Change> + '_ {
         let ends = self.packs.iter().map(|(&pack, used)| Change::PackEnd(pack, used.durable_end));
-        ends.chain(self.visible.iter().map(|(path, loc)| Change::Put(path.clone(), loc.clone())))
+        let gone = self.gone.iter().map(|&pack| Change::PackGone(pack));
+        ends.chain(gone).chain(self.visible.iter().map(|(path, loc)| Change::Put(path.clone(), loc.clone())))
     }
 }

@@ -16,6 +16,7 @@
 //! no compaction yet: `Change::Move` and `PackGone` are the log's part of
 //! it).
 
+mod compact;
 mod faults;
 mod group_commit;
 mod index;
@@ -31,6 +32,7 @@ mod state;
 #[cfg(test)]
 mod tests;
 
+pub use compact::CompactionLimits;
 pub use faults::Faults;
 pub use state::BatchLimits;
 
@@ -66,6 +68,9 @@ pub struct PackStoreConfig {
     pub batch: BatchLimits,
     /// A pack this long takes no more records.
     pub pack_len: u64,
+    pub compaction: CompactionLimits,
+    /// How often compaction looks for packs to rewrite.
+    pub compaction_every: Duration,
 }
 
 impl PackStoreConfig {
@@ -75,6 +80,8 @@ impl PackStoreConfig {
             min_free_bytes: 0,
             batch: BatchLimits { max_bytes: 64 << 20, max_delay: Duration::from_millis(2) },
             pack_len: 1 << 30,
+            compaction: CompactionLimits { below_live_fraction: 0.5, bytes_per_second: 64 << 20 },
+            compaction_every: Duration::from_secs(60),
         }
     }
 }
@@ -85,6 +92,10 @@ pub type PackStore = VerifiedStore<PackBackend>;
 pub struct PackBackend {
     inner: Arc<Inner>,
     group_commit: Option<JoinHandle<Log>>,
+    /// Closed to stop the compaction thread.
+    stop_compaction: Option<mpsc::Sender<()>>,
+    compaction: Option<JoinHandle<()>>,
+    compaction_limits: CompactionLimits,
 }
 
 impl PackStore {
@@ -107,6 +118,23 @@ impl PackStore {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Rewrites now every sealed pack below the live fraction (what the
+    /// compaction thread does every `compaction_every`); the bytes freed.
+    /// Blocking.
+    pub fn compact_now(&self) -> Result<u64> {
+        let backend = self.backend();
+        compact::compact(&backend.inner, backend.compaction_limits).map_err(|e| Error::io("compacting the packs", e))
+    }
+
+    /// Live and dead bytes of the packs: what the index points to, and the
+    /// rest (old versions, removed probes, refused uploads).
+    pub fn pack_bytes(&self) -> (u64, u64) {
+        let index = self.backend().inner.index();
+        let live: u64 = index.packs.values().map(|used| used.live).sum();
+        let all: u64 = index.packs.values().map(|used| used.durable_end).sum();
+        (live, all.saturating_sub(live))
     }
 
     /// The store's steps so far and whether it stopped (test builds).
@@ -164,7 +192,29 @@ impl PackBackend {
                 .spawn(move || group_commit::run(inner, requests, log))
                 .map_err(|e| Error::io("starting the group commit", e))?
         };
-        Ok(PackBackend { inner, group_commit: Some(group_commit) })
+        let (stop_compaction, stop) = mpsc::channel::<()>();
+        let compaction = {
+            let (inner, limits, every) = (inner.clone(), config.compaction, config.compaction_every);
+            std::thread::Builder::new()
+                .name("compaction".into())
+                .spawn(move || {
+                    while let Err(mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(every) {
+                        if limits.below_live_fraction > 0.0
+                            && let Err(error) = compact::compact(&inner, limits)
+                        {
+                            warn!(%error, "compaction failed; it tries again later");
+                        }
+                    }
+                })
+                .map_err(|e| Error::io("starting compaction", e))?
+        };
+        Ok(PackBackend {
+            inner,
+            group_commit: Some(group_commit),
+            stop_compaction: Some(stop_compaction),
+            compaction: Some(compaction),
+            compaction_limits: config.compaction,
+        })
     }
 }
 
@@ -180,6 +230,11 @@ fn remove_logs(faults: &Faults, index_dir: &Path, generations: &[u64]) {
 /// leaves a snapshot of its index, so that the next start replays no log.
 impl Drop for PackBackend {
     fn drop(&mut self) {
+        // Compaction first: it needs the group commit to finish a pass.
+        self.stop_compaction.take();
+        if let Some(thread) = self.compaction.take() {
+            let _ = thread.join();
+        }
         self.inner.queue.lock().unwrap_or_else(|p| p.into_inner()).take();
         let Some(log) = self.group_commit.take().and_then(|thread| thread.join().ok()) else { return };
         let inner = &self.inner;
@@ -230,12 +285,15 @@ impl Backend for PackBackend {
     }
 
     async fn open(&self, path: &ProbePath) -> Result<Option<ProbeReader>> {
-        let Some(loc) = self.inner.index().visible.get(path).cloned() else { return Ok(None) };
-        let file = self
-            .inner
-            .packs
-            .file(loc.pack)
-            .ok_or_else(|| Error::internal(format!("{path}: its pack {} is gone", loc.pack)))?;
+        // The pack's handle is taken under the index lock: compaction
+        // forgets a pack only after the index stopped pointing into it.
+        let (loc, file) = {
+            let index = self.inner.index();
+            let Some(loc) = index.visible.get(path).cloned() else { return Ok(None) };
+            let file = self.inner.packs.file(loc.pack);
+            let file = file.ok_or_else(|| Error::internal(format!("{path}: its pack {} is gone", loc.pack)))?;
+            (loc, file)
+        };
         // Read on the calling thread, as the per-file store does: a probe
         // is usually one chunk, in the page cache, read by one pread.
         let probe = loc.stored(path);

@@ -90,7 +90,8 @@ pub(super) fn load(faults: &Faults, index_dir: &Path, packs_dir: &Path) -> io::R
                 }
                 opened.push((id, file, used.durable_end));
             }
-            // Nothing of it was ever logged: it holds no stored probe.
+            // Compacted away, or nothing of it was ever logged: it holds no
+            // stored probe.
             None => {
                 drop(file);
                 faults.remove_file(&pack_path(packs_dir, id))?;
@@ -121,7 +122,7 @@ fn check(index: &Index, packs: &HashMap<u32, (File, u64)>) -> Option<String> {
     }
     packs
         .iter()
-        .find(|(id, (_, len))| *len > 0 && !index.packs.contains_key(id))
+        .find(|(id, (_, len))| *len > 0 && !index.packs.contains_key(id) && !index.gone.contains(id))
         .map(|(id, _)| format!("pack {id} is not in the index"))
 }
 

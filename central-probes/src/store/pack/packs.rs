@@ -1,8 +1,9 @@
 //! The pack files (`packs/<id>.pack`): each is appended to by one writer at
 //! a time, which leases it from a pool of packs open for appending; a pack
-//! grown past the target size is sealed (no longer appended to). Readers
-//! share an open handle of each pack, so that a reader that opened a pack
-//! would read it whole even after its file were removed.
+//! grown past the target size is sealed (no longer appended to, so that
+//! compaction may rewrite it). Readers share an open handle of each pack:
+//! a reader that opened a pack reads it whole even after compaction
+//! removed its file.
 
 use std::collections::{BTreeSet, HashMap};
 use std::fs::File;
@@ -77,6 +78,20 @@ impl Packs {
     /// The pack `id`, for reading.
     pub(super) fn file(&self, id: u32) -> Option<Arc<File>> {
         self.files.read().unwrap_or_else(|p| p.into_inner()).get(&id).cloned()
+    }
+
+    /// Packs that are sealed: neither appended to nor leased.
+    pub(super) fn sealed(&self) -> Vec<u32> {
+        let open = lock(&self.open);
+        let files = self.files.read().unwrap_or_else(|p| p.into_inner());
+        let mut sealed: Vec<u32> = files.keys().filter(|id| !open.contains(id)).copied().collect();
+        sealed.sort_unstable();
+        sealed
+    }
+
+    /// Forgets a compacted pack (readers that hold it keep their handle).
+    pub(super) fn forget(&self, id: u32) {
+        self.files.write().unwrap_or_else(|p| p.into_inner()).remove(&id);
     }
 
     /// A pack to append to, for as long as the lease lives.

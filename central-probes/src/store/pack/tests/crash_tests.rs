@@ -6,6 +6,8 @@
 
 use std::path::Path;
 
+use crate::store::filesystem::READ_CHUNK;
+
 use super::*;
 
 const EXISTING: usize = 5;
@@ -141,4 +143,104 @@ async fn a_per_file_store_is_converted_and_a_stop_at_any_step_of_it_loses_nothin
         assert_eq!(PackStore::open(&config(dir.path())).unwrap().len(), PROBES, "stop at {n}: and stays converted");
     }
     assert!(stops > 5, "only {stops} stops");
+}
+
+/// A store of small packs (sealed after about 8 KiB) holding 30 probes, of
+/// which every other one was removed; closed.
+async fn half_removed(dir: &Path) -> PackStoreConfig {
+    let mut config = config(dir);
+    config.pack_len = 8 << 10;
+    let store = PackStore::open(&config).unwrap();
+    for k in 0..30 {
+        put(&store, &path(k), &content(k, 0), false).await.unwrap();
+    }
+    for k in (0..30).step_by(2) {
+        assert!(store.remove(&path(k)).await.unwrap());
+    }
+    config
+}
+
+async fn only_odd_probes(store: &PackStore, what: &str) {
+    assert_eq!(store.len(), 15, "{what}");
+    for k in 0..30 {
+        let expected = (k % 2 == 1).then(|| content(k, 0));
+        assert_eq!(read(store, &path(k)).await, expected, "{what}: probe {k}");
+    }
+}
+
+fn pack_dir_bytes(dir: &Path) -> u64 {
+    fs::read_dir(dir.join("packs")).unwrap().map(|e| e.unwrap().metadata().unwrap().len()).sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compaction_returns_the_space_of_removed_probes_and_a_reader_of_the_old_pack_reads_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = half_removed(dir.path()).await;
+    let store = PackStore::open(&config).unwrap();
+    // A probe of several chunks, opened before compaction, read after it.
+    let big = path(100);
+    let big_bytes: Vec<u8> = (0..(3 * READ_CHUNK + 5)).map(|i| (i % 251) as u8).collect();
+    put(&store, &big, &big_bytes, false).await.unwrap();
+    put(&store, &path(101), &content(101, 0), false).await.unwrap();
+    assert!(store.remove(&path(101)).await.unwrap());
+    drop(store);
+    let store = PackStore::open(&config).unwrap();
+    let (live, dead) = store.pack_bytes();
+    assert!(dead > 20_000, "removals leave dead bytes ({live} live, {dead} dead)");
+    let before = pack_dir_bytes(dir.path());
+    let mut reader = store.open(&big).await.unwrap().unwrap();
+    use tokio_stream::StreamExt;
+    let mut read_back = reader.chunks.next().await.unwrap().unwrap().to_vec();
+    let freed = {
+        let store = store.clone();
+        tokio::task::spawn_blocking(move || store.compact_now()).await.unwrap().unwrap()
+    };
+    assert!(freed > 0);
+    while let Some(chunk) = reader.chunks.next().await {
+        read_back.extend_from_slice(&chunk.unwrap());
+    }
+    assert_eq!(read_back, big_bytes, "a reader of a compacted pack reads it whole");
+    assert!(pack_dir_bytes(dir.path()) < before, "the space came back");
+    let (_, dead_after) = store.pack_bytes();
+    assert!(dead_after < dead, "{dead_after} dead bytes after compaction, {dead} before");
+    assert_eq!(read(&store, &big).await.unwrap(), big_bytes);
+    drop(store);
+    let store = PackStore::open(&config).unwrap();
+    assert_eq!(read(&store, &path(101)).await, None);
+    assert_eq!(read(&store, &big).await.unwrap(), big_bytes);
+    assert_eq!(store.len(), 16);
+    drop(store);
+    // The removals stay removed when the index is rebuilt from the packs.
+    fs::remove_dir_all(dir.path().join("index")).unwrap();
+    let store = PackStore::open(&config).unwrap();
+    assert_eq!(store.len(), 16);
+    assert_eq!(read(&store, &path(0)).await, None);
+    assert_eq!(read(&store, &path(101)).await, None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_at_any_step_of_a_compaction_loses_nothing() {
+    let mut stops = 0;
+    for n in 1.. {
+        let dir = tempfile::tempdir().unwrap();
+        let config = half_removed(dir.path()).await;
+        let faults = Arc::new(Faults::stop_at(n));
+        if let Ok(store) = PackStore::open_with(&config, faults.clone()) {
+            let _ = tokio::task::spawn_blocking(move || store.compact_now()).await.unwrap();
+        }
+        if !faults.stopped() {
+            assert!(n > 20, "the compaction took only {n} steps");
+            break;
+        }
+        stops += 1;
+        let store = PackStore::open(&config).unwrap_or_else(|e| panic!("stop at {n}: {e}"));
+        only_odd_probes(&store, &format!("stop at {n}")).await;
+        let compacted = store.clone();
+        tokio::task::spawn_blocking(move || compacted.compact_now()).await.unwrap().unwrap();
+        only_odd_probes(&store, &format!("stop at {n}, compacted again")).await;
+        drop(store);
+        fs::remove_dir_all(dir.path().join("index")).unwrap();
+        only_odd_probes(&PackStore::open(&config).unwrap(), &format!("stop at {n}, rebuilt")).await;
+    }
+    assert!(stops > 20, "only {stops} stops");
 }
