@@ -17,7 +17,8 @@ WORK=${PACKS_BENCH_DIR:-/tmp/kprobes-bench-packs}
 if [ -z "${SKIP_BUILD:-}" ]; then
   cargo build --release --quiet -p central-probes -p collector-client -p probe-bench --features testing >&2
 fi
-rm -rf "$WORK"; mkdir -p "$WORK"
+# (A package made by an earlier run is kept: it takes a minute to make.)
+find "$WORK" -mindepth 1 -maxdepth 1 ! -name "support-pkg-*.zip" -exec rm -rf {} +; mkdir -p "$WORK"
 trap 'kill $(jobs -p) 2>/dev/null; wait 2>/dev/null || true' EXIT
 
 "$BIN/central-probes" pki init --out "$WORK/pki" >/dev/null
@@ -64,7 +65,7 @@ for layout in files packs; do
   ADDR[$layout]=$CENTRAL_ADDR; PID[$layout]=$CENTRAL_PID
   echo "$layout: upload ${UP_S[$layout]} s, re-upload ${RE_S[$layout]} s, start ${START_S[$layout]} s" >&2
 done
-"$BIN/central-probes" ls -e "${ADDR[packs]}" --ca "$PKI/ca.pem" 2>/dev/null | awk '{ print $3 }' | grep / >"$WORK/paths.txt"
+ROX_API_TOKEN=$(cat "$WORK/token-packs") "$BIN/central-probes" ls -e "${ADDR[packs]}" --ca "$PKI/ca.pem" 2>/dev/null | awk '{ print $3 }' | grep / >"$WORK/paths.txt"
 
 echo
 echo "## 8. The pack store against the per-file store"

@@ -268,5 +268,20 @@ async fn delete_by_module_version_with_dry_run_changes_nothing_and_without_remov
     let done = admin.delete_probes(request).await.unwrap().into_inner();
     assert_eq!(done.deleted.iter().map(|p| p.path.clone()).collect::<Vec<_>>(), [new[0].clone()]);
     assert_eq!(existing(&central, &pki, &all).await, [new[1].clone()]);
+    // The pack store reports what the removals left dead for compaction.
+    let gauge = |name: &str| -> u64 {
+        let metrics = central.metrics.render();
+        let line = metrics.lines().find(|line| line.starts_with(&format!("{name} "))).unwrap_or_default().to_owned();
+        line.rsplit(' ').next().and_then(|n| n.parse().ok()).unwrap_or(0)
+    };
+    for _ in 0..50 {
+        if gauge("central_probes_store_dead_bytes") > 0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let (live, dead) = (gauge("central_probes_store_live_bytes"), gauge("central_probes_store_dead_bytes"));
+    assert!(live > new[1].len() as u64, "one probe's record is live: {live}");
+    assert!(dead > old.iter().map(|p| p.len() as u64).sum::<u64>(), "four removed probes are dead: {dead}");
     central.stop().await;
 }

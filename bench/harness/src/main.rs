@@ -267,9 +267,9 @@ const QUERY_ROUNDS: usize = 5;
 
 async fn fill(data_dir: &Path, probes: usize, module_versions: usize, paths_out: &Path) {
     use central_probes::store::ProbeStore;
-    use central_probes::store::filesystem::{FilesystemStore, FilesystemStoreConfig};
-    let store =
-        FilesystemStore::open(&FilesystemStoreConfig { data_dir: data_dir.to_owned(), min_free_bytes: 0 }).unwrap();
+    use central_probes::store::pack::{PackStore, PackStoreConfig};
+    // The layout Central serves by default: what its start-up is measured on.
+    let store = PackStore::open(&PackStoreConfig::new(data_dir)).unwrap();
     let per_version = probes.div_ceil(module_versions);
     let mut first_version = Vec::new();
     let mut pending = Vec::new();

@@ -70,6 +70,10 @@ pub struct Metrics {
     pub changes_by_token: Family<AuditLabels, Counter>,
     /// Probes asked for that no source had, not resolved since (`misses`).
     pub open_misses: Gauge,
+    /// Bytes of the pack store's live records and of its dead ones (old
+    /// versions, removals, refused uploads) that compaction reclaims.
+    pub store_live_bytes: Gauge,
+    pub store_dead_bytes: Gauge,
     /// Probes refused under `--trusted-keys`, by reason and where.
     pub signature_refusals: Family<SignatureLabels, Counter>,
     /// GetProbe calls of any outcome, for tests and benchmarks; not
@@ -120,6 +124,17 @@ impl Metrics {
             "Probes Collectors asked for that no source had, and that no upload or upstream has provided since",
             open_misses.clone(),
         );
+        let (store_live_bytes, store_dead_bytes) = (Gauge::default(), Gauge::default());
+        registry.register(
+            "store_live_bytes",
+            "Bytes of the pack store's records that hold current probes",
+            store_live_bytes.clone(),
+        );
+        registry.register(
+            "store_dead_bytes",
+            "Bytes of the pack store's records that compaction can reclaim (old versions, removed probes)",
+            store_dead_bytes.clone(),
+        );
         let signature_refusals = Family::<SignatureLabels, Counter>::default();
         registry.register(
             "signature_refusals",
@@ -130,6 +145,8 @@ impl Metrics {
             registry: Arc::new(registry),
             signature_refusals,
             open_misses,
+            store_live_bytes,
+            store_dead_bytes,
             requests,
             probe_bytes_served,
             upstream_fetches,

@@ -225,9 +225,28 @@ pub fn install_crypto_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
+/// Keeps the live and dead bytes gauges of a store that has them current,
+/// until the store is closed (it holds the store only to look).
+fn report_space(store: Arc<dyn ProbeStore>, metrics: Metrics) {
+    if store.space().is_none() {
+        return;
+    }
+    let store = Arc::downgrade(&store);
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(std::time::Duration::from_secs(1));
+        loop {
+            every.tick().await;
+            let Some((live, dead)) = store.upgrade().and_then(|store| store.space()) else { return };
+            metrics.store_live_bytes.set(live as i64);
+            metrics.store_dead_bytes.set(dead as i64);
+        }
+    });
+}
+
 async fn serve(central: Central, listener: TcpListener, shutdown: impl Future<Output = ()>) -> Result<()> {
     let Central { store, record, misses, auth, upstream, metrics, tls, allow_anonymous_reads, limits } = central;
     misses.merge_every(MISSES_MERGED_EVERY);
+    report_space(record.clone(), metrics.clone());
     install_crypto_provider();
     let address = listener.local_addr().map_err(|e| Error::io("reading the listening address", e))?;
     let tls = tls_config(&tls)?;

@@ -50,6 +50,16 @@ pub trait Backend: Send + Sync + 'static {
 
     /// Bytes the backend can still take (free disk, for a filesystem).
     fn available_bytes(&self) -> Result<u64>;
+
+    /// `ProbeStore::space`.
+    fn space(&self) -> Option<(u64, u64)> {
+        None
+    }
+
+    /// `ProbeStore::max_pending_commits`.
+    fn max_pending_commits(&self) -> usize {
+        32
+    }
 }
 
 /// Bytes being staged.

@@ -195,6 +195,14 @@ impl ProbeStore for HotProbes {
         self.store.page_token_key()
     }
 
+    fn space(&self) -> Option<(u64, u64)> {
+        self.store.space()
+    }
+
+    fn max_pending_commits(&self) -> usize {
+        self.store.max_pending_commits()
+    }
+
     async fn remove(&self, path: &ProbePath) -> Result<bool> {
         self.cache.invalidate(path);
         let removed = self.store.remove(path).await;

@@ -257,6 +257,20 @@ pub trait ProbeStore: Send + Sync + 'static {
     /// on one store must see the same one.
     fn page_token_key(&self) -> &[u8];
 
+    /// Bytes of live and of dead records, for a store that keeps dead ones
+    /// until it compacts (the pack store); `None` for others.
+    fn space(&self) -> Option<(u64, u64)> {
+        None
+    }
+
+    /// Commits of one upload that may be in flight at once: enough to hide
+    /// the store's commit latency behind the network, few enough for what
+    /// each holds (an open file in the per-file store; in the pack store,
+    /// only a place in the group commit's batch, which grows with them).
+    fn max_pending_commits(&self) -> usize {
+        32
+    }
+
     /// Deletes the probe under `path`; false if there was none. Readers
     /// that opened it already still read it whole.
     async fn remove(&self, path: &ProbePath) -> Result<bool>;

@@ -160,6 +160,14 @@ impl<B: Backend> ProbeStore for VerifiedStore<B> {
         self.backend.page_token_key()
     }
 
+    fn space(&self) -> Option<(u64, u64)> {
+        self.backend.space()
+    }
+
+    fn max_pending_commits(&self) -> usize {
+        self.backend.max_pending_commits()
+    }
+
     async fn remove(&self, path: &ProbePath) -> Result<bool> {
         self.backend.remove(path).await
     }

@@ -3,7 +3,7 @@
 //! Messages must come as: options, then per file a header, its chunks and a
 //! trailer. Each file's bytes go straight into a store writer; once its
 //! trailer arrives, its verification and commit run in the background while
-//! the next file streams in (at most `MAX_PENDING_COMMITS` at once).
+//! the next file streams in (at most the store's `max_pending_commits` at once).
 //! Verification runs in parallel, but each commit waits for the one before
 //! it, so files take effect in stream order and none after a file that
 //! failed: the stream ends at its first error, as the proto promises. At
@@ -29,9 +29,6 @@ use crate::error::{Error, Result};
 use crate::store::{
     CommitGate, CommitOrder, CommitOutcome, Committed, ExpectedDigests, ProbeStore, ProbeWriter, open_gate,
 };
-/// Verified files whose fsync and rename may be in flight at once. Enough to
-/// hide fsync latency behind the network; few enough to bound open files.
-const MAX_PENDING_COMMITS: usize = 32;
 
 enum State {
     AwaitingOptions,
@@ -163,7 +160,7 @@ impl UploadSession {
                     outcome
                 });
                 self.pending.push_back(Pending { path, commit });
-                if self.pending.len() > MAX_PENDING_COMMITS
+                if self.pending.len() > self.store.max_pending_commits()
                     && let Err(error) = self.complete_oldest().await
                 {
                     // `commit_failed` is set: the stream stops at the next message.

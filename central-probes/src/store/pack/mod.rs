@@ -128,15 +128,6 @@ impl PackStore {
         compact::compact(&backend.inner, backend.compaction_limits).map_err(|e| Error::io("compacting the packs", e))
     }
 
-    /// Live and dead bytes of the packs: what the index points to, and the
-    /// rest (old versions, removed probes, refused uploads).
-    pub fn pack_bytes(&self) -> (u64, u64) {
-        let index = self.backend().inner.index();
-        let live: u64 = index.packs.values().map(|used| used.live).sum();
-        let all: u64 = index.packs.values().map(|used| used.durable_end).sum();
-        (live, all.saturating_sub(live))
-    }
-
     /// The store's steps so far and whether it stopped (test builds).
     pub fn faults(&self) -> &Faults {
         &self.backend().inner.faults
@@ -332,5 +323,21 @@ impl Backend for PackBackend {
 
     fn available_bytes(&self) -> Result<u64> {
         available_bytes(&self.inner.data_dir)
+    }
+
+    /// A batch holds what is pending: 512 probes of 130 KB are 64 MiB, the
+    /// batch's bound, so that one fsync of the pack and one of the log
+    /// cover that much.
+    fn max_pending_commits(&self) -> usize {
+        512
+    }
+
+    /// Live and dead bytes of the packs: what the index points to, and the
+    /// rest (old versions, removed probes, refused uploads).
+    fn space(&self) -> Option<(u64, u64)> {
+        let index = self.inner.index();
+        let live: u64 = index.packs.values().map(|used| used.live).sum();
+        let all: u64 = index.packs.values().map(|used| used.durable_end).sum();
+        Some((live, all.saturating_sub(live)))
     }
 }

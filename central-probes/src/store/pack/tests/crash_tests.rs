@@ -185,7 +185,7 @@ async fn compaction_returns_the_space_of_removed_probes_and_a_reader_of_the_old_
     assert!(store.remove(&path(101)).await.unwrap());
     drop(store);
     let store = PackStore::open(&config).unwrap();
-    let (live, dead) = store.pack_bytes();
+    let (live, dead) = store.space().unwrap();
     assert!(dead > 20_000, "removals leave dead bytes ({live} live, {dead} dead)");
     let before = pack_dir_bytes(dir.path());
     let mut reader = store.open(&big).await.unwrap().unwrap();
@@ -201,7 +201,7 @@ async fn compaction_returns_the_space_of_removed_probes_and_a_reader_of_the_old_
     }
     assert_eq!(read_back, big_bytes, "a reader of a compacted pack reads it whole");
     assert!(pack_dir_bytes(dir.path()) < before, "the space came back");
-    let (_, dead_after) = store.pack_bytes();
+    let (_, dead_after) = store.space().unwrap();
     assert!(dead_after < dead, "{dead_after} dead bytes after compaction, {dead} before");
     assert_eq!(read(&store, &big).await.unwrap(), big_bytes);
     drop(store);
