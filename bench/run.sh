@@ -22,7 +22,10 @@
 #      the filesystem store's figures of sections 1 and 2; pgbench on the
 #      same rows; start-up and queries with 100,000 probes in the database;
 #   7. signed probes (bench/signed.sh): GetProbe of signed against unsigned
-#      probes, and the Collector's CPU per signature check.
+#      probes, and the Collector's CPU per signature check;
+#   8. the pack store against the per-file store (bench/packs.sh): upload,
+#      re-upload, start-up, GetProbe at 1-256 clients, export.
+# Sections 1-6 run Central with its default store, the pack store.
 # Results: bench/work/results.md. Settings: SECONDS_PER_RUN (default 5),
 # SCALE_PROBES (default 100000).
 set -euo pipefail
@@ -467,6 +470,10 @@ read -r db_asked db_found db_existing_first_ms db_existing_ms db_page db_list_ms
 # ------------------------------------------------------------ 7. signed probes
 echo "== 7. signed probes"
 SKIP_BUILD=1 SECONDS_PER_RUN="$SECONDS_PER_RUN" SIGNED_BENCH_DIR="$WORK/signed" bash bench/signed.sh >>"$RESULTS"
+
+# ------------------------------------------------- 8. pack store vs per-file
+echo "== 8. pack store against the per-file store"
+SKIP_BUILD=1 SECONDS_PER_RUN="$SECONDS_PER_RUN" PACKS_BENCH_DIR="$WORK/packs" PACKAGE="$PACKAGE" bash bench/packs.sh >>"$RESULTS"
 
 echo "results in $RESULTS"
 cat "$RESULTS"
