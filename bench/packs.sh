@@ -18,7 +18,7 @@ if [ -z "${SKIP_BUILD:-}" ]; then
   cargo build --release --quiet -p central-probes -p collector-client -p probe-bench --features testing >&2
 fi
 # (A package made by an earlier run is kept: it takes a minute to make.)
-find "$WORK" -mindepth 1 -maxdepth 1 ! -name "support-pkg-*.zip" -exec rm -rf {} +; mkdir -p "$WORK"
+mkdir -p "$WORK"; find "$WORK" -mindepth 1 -maxdepth 1 ! -name "support-pkg-*.zip" -exec rm -rf {} +; mkdir -p "$WORK"
 trap 'kill $(jobs -p) 2>/dev/null; wait 2>/dev/null || true' EXIT
 
 "$BIN/central-probes" pki init --out "$WORK/pki" >/dev/null

@@ -15,6 +15,7 @@
 //! identical to what is there, a conflict, or an overwrite.
 
 pub mod backend;
+mod chunk_writer;
 pub mod client_id;
 #[cfg(any(test, feature = "testing"))]
 pub mod conformance;

@@ -12,19 +12,16 @@ use std::sync::atomic::Ordering;
 use bytes::Bytes;
 use probe_api::names::ProbePath;
 use tokio::sync::{mpsc, oneshot};
-use tokio::task::JoinHandle;
 use tracing::warn;
 
 use crate::error::{Error, Result};
 use crate::store::backend::{Staged, Staging};
+use crate::store::chunk_writer::ChunkWriter;
 use crate::store::{CommitOutcome, Content, Decision, StoredProbe, overwrite_rule, report_taken};
 
 use super::entry::{Entry, stored};
 use super::format::{HEADER_LEN, header, sync_dir};
 use super::state::Inner;
-
-/// Chunks queued between the network and the writing thread of one file.
-pub(super) const WRITE_QUEUE: usize = 16;
 
 /// A file in `tmp/`, removed on drop unless it was renamed into place.
 pub(super) struct TempFile {
@@ -47,10 +44,9 @@ impl Drop for TempFile {
 pub(super) struct FsStaging {
     inner: Arc<Inner>,
     path: ProbePath,
-    chunks: mpsc::Sender<Bytes>,
-    /// The writing thread. Dropping the staging closes `chunks`; the thread
-    /// then ends and its `TempFile` removes the file.
-    worker: JoinHandle<io::Result<TempFile>>,
+    /// The writing thread. Dropping the staging ends it, and its
+    /// `TempFile` removes the file.
+    writer: ChunkWriter<TempFile>,
 }
 
 /// A written temporary file, ready to be renamed into place.
@@ -72,9 +68,8 @@ impl FsStaging {
             .open(&temp_path)
             .map_err(|e| Error::io(format!("creating {}", temp_path.display()), e))?;
         let temp = TempFile { path: temp_path, file, renamed: false };
-        let (chunks, receiver) = mpsc::channel(WRITE_QUEUE);
-        let worker = tokio::task::spawn_blocking(move || write_all_chunks(temp, receiver));
-        Ok(FsStaging { inner: inner.clone(), path: path.clone(), chunks, worker })
+        let writer = ChunkWriter::start(path, move |chunks| write_all_chunks(temp, chunks));
+        Ok(FsStaging { inner: inner.clone(), path: path.clone(), writer })
     }
 }
 
@@ -90,24 +85,12 @@ fn write_all_chunks(mut temp: TempFile, mut chunks: mpsc::Receiver<Bytes>) -> io
 #[tonic::async_trait]
 impl Staging for FsStaging {
     async fn write(&mut self, chunk: Bytes) -> Result<()> {
-        if self.chunks.send(chunk).await.is_err() {
-            // The thread stopped early: only a write error does that.
-            let error = match (&mut self.worker).await {
-                Ok(Err(error)) => Error::io(format!("writing {}", self.path), error),
-                _ => Error::internal(format!("writing {}: the writer stopped", self.path)),
-            };
-            return Err(error);
-        }
-        Ok(())
+        self.writer.write(chunk).await
     }
 
     async fn finish(self: Box<Self>) -> Result<Box<dyn Staged>> {
-        let FsStaging { inner, path, chunks, worker } = *self;
-        drop(chunks);
-        let temp = worker
-            .await
-            .map_err(|e| Error::internal(format!("writing {path}: {e}")))?
-            .map_err(|e| Error::io(format!("writing {path}"), e))?;
+        let FsStaging { inner, path, writer } = *self;
+        let temp = writer.finish().await?;
         Ok(Box::new(FsStaged { inner, path, temp: Some(temp) }))
     }
 }

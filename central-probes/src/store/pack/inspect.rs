@@ -9,7 +9,7 @@ use std::path::Path;
 use probe_api::digest::Sha256Digest;
 use probe_api::names::ProbePath;
 
-use super::record::{Kind, read_record};
+use super::record::{Found, Kind, read_record};
 
 /// A probe's SHA-256 and bytes, `None` for a removal.
 type Version = Option<(Sha256Digest, Vec<u8>)>;
@@ -21,10 +21,7 @@ pub fn probes_on_disk(data_dir: &Path) -> io::Result<Vec<(ProbePath, Sha256Diges
     let mut newest: std::collections::BTreeMap<ProbePath, (u64, Version)> = Default::default();
     for pack in packs(data_dir)? {
         let file = File::open(&pack)?;
-        let len = file.metadata()?.len();
-        let mut offset = 0;
-        while let Some(found) = read_record(&file, offset, len)? {
-            offset += found.header.record_len();
+        for found in whole_records(&file)?.0 {
             let Some(seq) = found.seq else { continue };
             if newest.get(&found.path).is_some_and(|(newer, _)| *newer > seq) {
                 continue;
@@ -49,14 +46,21 @@ pub fn unfinished_packs(data_dir: &Path) -> io::Result<usize> {
     let mut unfinished = 0;
     for pack in packs(data_dir)? {
         let file = File::open(&pack)?;
-        let len = file.metadata()?.len();
-        let mut offset = 0;
-        while let Some(found) = read_record(&file, offset, len)? {
-            offset += found.header.record_len();
-        }
-        unfinished += usize::from(offset != len);
+        let (_, whole_len) = whole_records(&file)?;
+        unfinished += usize::from(whole_len != file.metadata()?.len());
     }
     Ok(unfinished)
+}
+
+/// The whole records from the pack's start, and where they end.
+fn whole_records(file: &File) -> io::Result<(Vec<Found>, u64)> {
+    let len = file.metadata()?.len();
+    let (mut records, mut offset) = (Vec::new(), 0);
+    while let Some(found) = read_record(file, offset, len)? {
+        offset += found.header.record_len();
+        records.push(found);
+    }
+    Ok((records, offset))
 }
 
 fn packs(data_dir: &Path) -> io::Result<Vec<std::path::PathBuf>> {

@@ -10,10 +10,10 @@ use std::sync::Arc;
 use bytes::Bytes;
 use probe_api::names::ProbePath;
 use tokio::sync::{mpsc, oneshot};
-use tokio::task::JoinHandle;
 
 use crate::error::{Error, Result};
 use crate::store::backend::{Staged, Staging};
+use crate::store::chunk_writer::ChunkWriter;
 use crate::store::{CommitOutcome, Decision, StoredProbe, overwrite_rule, report_taken};
 
 use super::index::{Change, Loc};
@@ -21,25 +21,20 @@ use super::packs::Lease;
 use super::record::{HEADER_LEN, Header, Kind, stamp, tombstone};
 use super::state::{Inner, durable, unix_now};
 
-/// Chunks queued between the network and the writing thread.
-const WRITE_QUEUE: usize = 16;
-
 pub(super) struct PackStaging {
     inner: Arc<Inner>,
     path: ProbePath,
-    chunks: mpsc::Sender<Bytes>,
     /// The writing thread; it gives back the lease and where the bytes end.
     /// Dropped unfinished, its lease cuts the pack back.
-    worker: JoinHandle<io::Result<(Lease, u64)>>,
+    writer: ChunkWriter<(Lease, u64)>,
 }
 
 impl PackStaging {
     pub(super) fn start(inner: &Arc<Inner>, path: &ProbePath, _size: u64) -> Result<PackStaging> {
         let lease = inner.packs.lease().map_err(|e| Error::io("starting a pack", e))?;
-        let (chunks, receiver) = mpsc::channel(WRITE_QUEUE);
         let path_bytes = path.to_string().into_bytes();
-        let worker = tokio::task::spawn_blocking(move || write_all_chunks(lease, path_bytes, receiver));
-        Ok(PackStaging { inner: inner.clone(), path: path.clone(), chunks, worker })
+        let writer = ChunkWriter::start(path, move |chunks| write_all_chunks(lease, path_bytes, chunks));
+        Ok(PackStaging { inner: inner.clone(), path: path.clone(), writer })
     }
 }
 
@@ -59,23 +54,12 @@ fn write_all_chunks(lease: Lease, path: Vec<u8>, mut chunks: mpsc::Receiver<Byte
 #[tonic::async_trait]
 impl Staging for PackStaging {
     async fn write(&mut self, chunk: Bytes) -> Result<()> {
-        if self.chunks.send(chunk).await.is_err() {
-            let error = match (&mut self.worker).await {
-                Ok(Err(error)) => Error::io(format!("writing {}", self.path), error),
-                _ => Error::internal(format!("writing {}: the writer stopped", self.path)),
-            };
-            return Err(error);
-        }
-        Ok(())
+        self.writer.write(chunk).await
     }
 
     async fn finish(self: Box<Self>) -> Result<Box<dyn Staged>> {
-        let PackStaging { inner, path, chunks, worker } = *self;
-        drop(chunks);
-        let (lease, end) = worker
-            .await
-            .map_err(|e| Error::internal(format!("writing {path}: {e}")))?
-            .map_err(|e| Error::io(format!("writing {path}"), e))?;
+        let PackStaging { inner, path, writer } = *self;
+        let (lease, end) = writer.finish().await?;
         Ok(Box::new(PackStaged { inner, path, lease: Some(lease), bytes_end: end, record: None }))
     }
 }
