@@ -74,3 +74,12 @@ collector_get_probe() {
     --central "$central" --ca "$WORK/pki/ca.pem" --cert "$WORK/pki/collector.pem" --key "$WORK/pki/collector-key.pem" \
     --out "$out" --retry-budget "${RETRY_BUDGET:-10s}" "$@"
 }
+
+# Benchmark arithmetic: seconds between two `now`s, MB/s of bytes over
+# seconds, the ratio a / b, and a process's CPU seconds and peak RSS (MiB).
+secs() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", b - a }'; }
+now() { date +%s.%N; }
+mbps() { awk -v b="$1" -v s="$2" 'BEGIN { printf "%.0f", b / s / 1e6 }'; }
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2fx", a / b }'; }
+cpu_of() { awk '{ printf "%.2f", ($14 + $15) / 100 }' "/proc/$1/stat"; }
+hwm_mib() { awk '/VmHWM/ { printf "%d", $2 / 1024 }' "/proc/$1/status"; }
