@@ -155,6 +155,27 @@ impl Index {
         }
     }
 
+    /// The index a snapshot describes. Its probes come in path order, so
+    /// the map is built in bulk rather than an insert at a time: a start-up
+    /// with a million probes took 0.68-0.69 s against 0.95-0.97 s, in
+    /// alternating cold starts.
+    pub(super) fn from_snapshot(changes: Vec<Change>) -> Index {
+        let mut index = Index::default();
+        let mut probes = Vec::with_capacity(changes.len());
+        for change in changes {
+            match change {
+                Change::Put(path, loc) => {
+                    index.next_seq = index.next_seq.max(loc.seq + 1);
+                    index.packs.entry(loc.pack).or_default().live += loc.record_len(&path);
+                    probes.push((path, loc));
+                }
+                other => index.apply(other),
+            }
+        }
+        index.visible = probes.into_iter().collect();
+        index
+    }
+
     /// Every change that rebuilds this index's durable part.
     pub(super) fn durable_changes(&self) -> impl Iterator<Item = Change> + '_ {
         let ends = self.packs.iter().map(|(&pack, used)| Change::PackEnd(pack, used.durable_end));

@@ -50,7 +50,7 @@ pub(super) fn load(faults: &Faults, index_dir: &Path, packs_dir: &Path) -> io::R
     let mut replayed = 0;
     let mut damage: Option<String> = None;
     if let Some(snapshot) = snapshot {
-        snapshot.changes.into_iter().for_each(|change| index.apply(change));
+        index = Index::from_snapshot(snapshot.changes);
     }
     let newer: Vec<u64> = generations.iter().copied().filter(|&g| g > covers).collect();
     for (n, &generation) in newer.iter().enumerate() {
