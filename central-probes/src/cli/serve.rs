@@ -35,7 +35,7 @@ pub struct ServeArgs {
     /// probe, the layout before packs). README, "The probe store".
     #[arg(long, env = "CENTRAL_STORE_LAYOUT", value_enum, default_value = "packs")]
     store_layout: LayoutArg,
-    /// With packs: a full pack whose live probes take less than this
+    /// With packs: a pack not being appended to whose live probes take less than this
     /// fraction of it (overwrites and removals left the rest dead) is
     /// rewritten in the background; 0 turns compaction off.
     #[arg(long, env = "CENTRAL_COMPACT_BELOW", default_value = "0.5", value_parser = parse_fraction)]

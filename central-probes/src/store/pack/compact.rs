@@ -1,5 +1,5 @@
-//! Compaction: a sealed pack whose live records have fallen below a
-//! fraction of its length (overwrites and removals left the rest dead) is
+//! Compaction: a pack not being appended to whose live records have fallen
+//! below a fraction of its length (overwrites and removals left the rest dead) is
 //! rewritten. Its live records, and its tombstones of paths still absent
 //! (so that a rebuild from the packs keeps them removed), are copied to a
 //! pack open for appending at a bounded rate, each keeping its sequence
@@ -40,18 +40,19 @@ pub(super) fn compact(inner: &Arc<Inner>, limits: CompactionLimits) -> io::Resul
     Ok(freed)
 }
 
+/// Packs below the live fraction that are sealed, or idle and sealed now
+/// (a store whose packs never grew to the target length compacts too); a
+/// pack being appended to waits for the next pass.
 fn candidates(inner: &Inner, below: f64) -> Vec<u32> {
-    let sealed = inner.packs.sealed();
-    let index = inner.index();
-    sealed
-        .into_iter()
-        .filter(|id| {
-            index
-                .packs
-                .get(id)
-                .is_some_and(|used| used.durable_end > 0 && (used.live as f64) < below * used.durable_end as f64)
-        })
-        .collect()
+    let low: Vec<u32> = {
+        let index = inner.index();
+        let low = |id: &u32| {
+            let used = index.packs.get(id);
+            used.is_some_and(|used| used.durable_end > 0 && (used.live as f64) < below * used.durable_end as f64)
+        };
+        inner.packs.ids().into_iter().filter(low).collect()
+    };
+    low.into_iter().filter(|&id| inner.packs.seal_if_idle(id)).collect()
 }
 
 /// Copies what is still needed of `victim` elsewhere, then removes it.

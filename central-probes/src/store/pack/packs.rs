@@ -1,7 +1,7 @@
 //! The pack files (`packs/<id>.pack`): each is appended to by one writer at
 //! a time, which leases it from a pool of packs open for appending; a pack
 //! grown past the target size is sealed (no longer appended to, so that
-//! compaction may rewrite it). Readers share an open handle of each pack:
+//! compaction may rewrite it), and so is an idle one compaction picks. Readers share an open handle of each pack:
 //! a reader that opened a pack reads it whole even after compaction
 //! removed its file.
 
@@ -80,13 +80,22 @@ impl Packs {
         self.files.read().unwrap_or_else(|p| p.into_inner()).get(&id).cloned()
     }
 
-    /// Packs that are sealed: neither appended to nor leased.
-    pub(super) fn sealed(&self) -> Vec<u32> {
-        let open = lock(&self.open);
-        let files = self.files.read().unwrap_or_else(|p| p.into_inner());
-        let mut sealed: Vec<u32> = files.keys().filter(|id| !open.contains(id)).copied().collect();
-        sealed.sort_unstable();
-        sealed
+    /// Seals pack `id` if it is open for appending and not leased (so that
+    /// compaction may rewrite it); whether it is sealed now.
+    pub(super) fn seal_if_idle(&self, id: u32) -> bool {
+        let mut idle = lock(&self.idle);
+        if let Some(at) = idle.iter().position(|writer| writer.id == id) {
+            idle.swap_remove(at);
+            lock(&self.open).remove(&id);
+        }
+        !lock(&self.open).contains(&id)
+    }
+
+    /// Every pack's id.
+    pub(super) fn ids(&self) -> Vec<u32> {
+        let mut ids: Vec<u32> = self.files.read().unwrap_or_else(|p| p.into_inner()).keys().copied().collect();
+        ids.sort_unstable();
+        ids
     }
 
     /// Forgets a compacted pack (readers that hold it keep their handle).

@@ -244,3 +244,32 @@ async fn a_stop_at_any_step_of_a_compaction_loses_nothing() {
     }
     assert!(stops > 20, "only {stops} stops");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compaction_also_rewrites_a_pack_that_never_grew_to_the_target_length() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = config(dir.path());
+    let store = PackStore::open(&config).unwrap();
+    for k in 0..30 {
+        put(&store, &path(k), &content(k, 0), false).await.unwrap();
+    }
+    for k in (0..30).step_by(2) {
+        assert!(store.remove(&path(k)).await.unwrap());
+    }
+    let (_, dead) = store.space().unwrap();
+    let compacted = store.clone();
+    let freed = tokio::task::spawn_blocking(move || compacted.compact_now()).await.unwrap().unwrap();
+    assert!(freed > 0 && store.space().unwrap().1 < dead, "freed {freed} of {dead} dead bytes");
+    only_odd_probes(&store, "compacted").await;
+    put(&store, &path(40), &content(40, 0), false).await.unwrap();
+    drop(store);
+    let store = PackStore::open(&config).unwrap();
+    only_odd_probes_and(&store, 40).await;
+}
+
+async fn only_odd_probes_and(store: &PackStore, extra: usize) {
+    assert_eq!(read(store, &path(extra)).await, Some(content(extra, 0)));
+    for k in 0..30 {
+        assert_eq!(read(store, &path(k)).await, (k % 2 == 1).then(|| content(k, 0)), "probe {k}");
+    }
+}
