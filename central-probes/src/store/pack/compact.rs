@@ -102,6 +102,7 @@ fn rewrite(inner: &Arc<Inner>, victim: u32, bytes_per_second: u64) -> io::Result
         }
     }
     let (new_pack, end) = (lease.id(), at);
+    let _in_flight = inner.packs.record_in_flight(new_pack);
     lease.keep(end);
     wait(inner, moves, vec![(new_pack, end)], copied)?;
     wait(inner, vec![Change::PackGone(victim)], Vec::new(), 0)?;

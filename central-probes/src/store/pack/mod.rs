@@ -312,7 +312,7 @@ impl Backend for PackBackend {
         let submitted = tokio::task::spawn_blocking(move || staging::remove(&inner, &path))
             .await
             .map_err(|e| Error::internal(format!("removing a probe: {e}")))??;
-        let Some(receiver) = submitted else { return Ok(false) };
+        let Some((receiver, _in_flight)) = submitted else { return Ok(false) };
         durable(receiver, "a removal").await?;
         Ok(true)
     }

@@ -32,6 +32,9 @@ pub(super) struct Packs {
     idle: Mutex<Vec<Writer>>,
     /// Packs open for appending, leased or not.
     open: Mutex<BTreeSet<u32>>,
+    /// Records per pack written whole but not yet committed or dropped:
+    /// compaction leaves such a pack alone.
+    in_flight: Mutex<HashMap<u32, usize>>,
     next_id: AtomicU32,
     /// A pack this long is sealed.
     target_len: u64,
@@ -58,6 +61,7 @@ impl Packs {
             files: RwLock::default(),
             idle: Mutex::default(),
             open: Mutex::default(),
+            in_flight: Mutex::default(),
             next_id: AtomicU32::new(1),
             target_len,
         }
@@ -80,9 +84,25 @@ impl Packs {
         self.files.read().unwrap_or_else(|p| p.into_inner()).get(&id).cloned()
     }
 
-    /// Seals pack `id` if it is open for appending and not leased (so that
-    /// compaction may rewrite it); whether it is sealed now.
+    /// Records in flight, in all packs.
+    #[cfg(test)]
+    pub(super) fn records_in_flight(&self) -> usize {
+        lock(&self.in_flight).values().sum()
+    }
+
+    /// Counts a record of pack `id` in flight until the guard is dropped.
+    pub(super) fn record_in_flight(self: &Arc<Self>, id: u32) -> InFlight {
+        *lock(&self.in_flight).entry(id).or_default() += 1;
+        InFlight { packs: self.clone(), id }
+    }
+
+    /// Seals pack `id` if it is open for appending, not leased and has no
+    /// record in flight (so that compaction may rewrite it); whether it is
+    /// sealed and free of such records now.
     pub(super) fn seal_if_idle(&self, id: u32) -> bool {
+        if lock(&self.in_flight).get(&id).is_some_and(|&n| n > 0) {
+            return false;
+        }
         let mut idle = lock(&self.idle);
         if let Some(at) = idle.iter().position(|writer| writer.id == id) {
             idle.swap_remove(at);
@@ -175,6 +195,24 @@ impl Drop for Lease {
                 // record, which a scan drops as a torn end.
                 warn!(pack = writer.id, %error, "could not cut an unfinished record off a pack; sealing it");
                 lock(&self.packs.open).remove(&writer.id);
+            }
+        }
+    }
+}
+
+/// A record of a pack between its completion and its commit (or its end).
+pub(super) struct InFlight {
+    packs: Arc<Packs>,
+    id: u32,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let mut in_flight = lock(&self.packs.in_flight);
+        if let Some(n) = in_flight.get_mut(&self.id) {
+            *n -= 1;
+            if *n == 0 {
+                in_flight.remove(&self.id);
             }
         }
     }

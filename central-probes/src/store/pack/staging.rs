@@ -17,7 +17,7 @@ use crate::store::chunk_writer::ChunkWriter;
 use crate::store::{CommitOutcome, Decision, StoredProbe, overwrite_rule, report_taken};
 
 use super::index::{Change, Loc};
-use super::packs::Lease;
+use super::packs::{InFlight, Lease};
 use super::record::{HEADER_LEN, Header, Kind, stamp, tombstone};
 use super::state::{Inner, durable, unix_now};
 
@@ -60,7 +60,7 @@ impl Staging for PackStaging {
     async fn finish(self: Box<Self>) -> Result<Box<dyn Staged>> {
         let PackStaging { inner, path, writer } = *self;
         let (lease, end) = writer.finish().await?;
-        Ok(Box::new(PackStaged { inner, path, lease: Some(lease), bytes_end: end, record: None }))
+        Ok(Box::new(PackStaged { inner, path, lease: Some(lease), bytes_end: end, record: None, in_flight: None }))
     }
 }
 
@@ -73,6 +73,8 @@ pub(super) struct PackStaged {
     bytes_end: u64,
     /// The completed record's location and its end.
     record: Option<(Loc, u64)>,
+    /// Held from the record's completion to its commit's end.
+    in_flight: Option<InFlight>,
 }
 
 #[tonic::async_trait]
@@ -125,6 +127,9 @@ impl Staged for PackStaged {
             signature: probe.signature.clone(),
         };
         let end = bytes_end + u64::from(signature_len);
+        // Counted before the pack is given back, and so before compaction
+        // could pick it.
+        self.in_flight = Some(self.inner.packs.record_in_flight(lease.id()));
         lease.keep(end);
         self.record = Some((loc, end));
         Ok(())
@@ -136,7 +141,7 @@ impl Staged for PackStaged {
         overwrite: bool,
         taken: Option<oneshot::Sender<bool>>,
     ) -> Result<CommitOutcome> {
-        let PackStaged { inner, path, record, .. } = *self;
+        let PackStaged { inner, path, record, in_flight, .. } = *self;
         let (loc, end) = record.expect("prepared before the commit");
         let decided = {
             let inner = inner.clone();
@@ -146,10 +151,13 @@ impl Staged for PackStaged {
         };
         // Decided: the next file of the upload may take effect meanwhile.
         report_taken(taken);
-        match decided {
+        let outcome = match decided {
             (outcome, None) => Ok(outcome),
             (outcome, Some(receiver)) => durable(receiver, "a probe").await.map(|()| outcome),
-        }
+        };
+        // Applied to the index (or dropped): compaction may see the pack.
+        drop(in_flight);
+        outcome
     }
 }
 
@@ -184,9 +192,10 @@ fn decide_and_submit(
     Ok((outcome, Some(receiver)))
 }
 
-/// Appends a tombstone for `path` and submits the removal; `None` if there
+/// Appends a tombstone for `path` and submits the removal (the pack's
+/// tombstone counted in flight until the guard is dropped); `None` if there
 /// is no such probe.
-pub(super) fn remove(inner: &Inner, path: &ProbePath) -> Result<Option<Submitted>> {
+pub(super) fn remove(inner: &Inner, path: &ProbePath) -> Result<Option<(Submitted, InFlight)>> {
     inner.failed()?;
     let mut index = inner.index();
     if index.decided(path).is_none() {
@@ -200,8 +209,9 @@ pub(super) fn remove(inner: &Inner, path: &ProbePath) -> Result<Option<Submitted
         .write_at(lease.file(), &record, lease.start)
         .map_err(|e| Error::io(format!("removing {path}"), e))?;
     let (pack, end) = (lease.id(), lease.start + record.len() as u64);
+    let in_flight = inner.packs.record_in_flight(pack);
     lease.keep(end);
     let receiver = inner.submit(vec![Change::Remove(path.clone(), seq)], vec![(pack, end)], record.len() as u64)?;
     index.pending.insert(path.clone(), (seq, None));
-    Ok(Some(receiver))
+    Ok(Some((receiver, in_flight)))
 }

@@ -273,3 +273,45 @@ async fn only_odd_probes_and(store: &PackStore, extra: usize) {
         assert_eq!(read(store, &path(k)).await, (k % 2 == 1).then(|| content(k, 0)), "probe {k}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compaction_leaves_a_pack_alone_while_a_record_in_it_waits_for_its_commit() {
+    use crate::store::CommitOrder;
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config(dir.path());
+    config.compaction.below_live_fraction = 0.9;
+    let store = PackStore::open(&config).unwrap();
+    for k in 0..30 {
+        put(&store, &path(k), &content(k, 0), false).await.unwrap();
+    }
+    for k in (0..30).step_by(2) {
+        assert!(store.remove(&path(k)).await.unwrap());
+    }
+    // A file appended to the same pack, held before its commit by the file
+    // before it in its upload.
+    let bytes = content(40, 0);
+    let mut writer = store.create(path(40), bytes.len() as u64).await.unwrap();
+    writer.write(Bytes::from(bytes.clone())).await.unwrap();
+    let (open_gate, gate) = tokio::sync::oneshot::channel::<bool>();
+    let order = CommitOrder { after: Box::pin(async move { gate.await.unwrap_or(false) }), taken: None };
+    let commit = writer.finish_in_order(Sha256Digest::of(&bytes).into(), false, order).await.unwrap();
+    let packs = store.backend().inner.packs.clone();
+    for _ in 0..500 {
+        if packs.records_in_flight() > 0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert_eq!(packs.records_in_flight(), 1, "the record is written whole and waits");
+    let compact = |store: &PackStore| {
+        let store = store.clone();
+        async move { tokio::task::spawn_blocking(move || store.compact_now()).await.unwrap().unwrap() }
+    };
+    assert_eq!(compact(&store).await, 0, "the pack of a record in flight is not rewritten");
+    open_gate.send(true).unwrap();
+    assert_eq!(commit.await.unwrap().outcome, CommitOutcome::Stored);
+    assert!(compact(&store).await > 0, "once committed, the pack is rewritten");
+    only_odd_probes_and(&store, 40).await;
+    drop(store);
+    only_odd_probes_and(&PackStore::open(&config).unwrap(), 40).await;
+}
