@@ -32,12 +32,13 @@ pub struct ServeArgs {
     /// How the data directory keeps uploaded probes: `packs` (records
     /// appended to a few large files, one fsync per batch; a directory in
     /// the per-file layout is converted at start) or `files` (a file per
-    /// probe, the layout before packs). README, "The probe store".
+    /// probe, the layout before packs). README, "How the store keeps data
+    /// safe".
     #[arg(long, env = "CENTRAL_STORE_LAYOUT", value_enum, default_value = "packs")]
     store_layout: LayoutArg,
-    /// With packs: a pack not being appended to whose live probes take less than this
-    /// fraction of it (overwrites and removals left the rest dead) is
-    /// rewritten in the background; 0 turns compaction off.
+    /// With packs: a pack not being appended to whose live probes take
+    /// less than this fraction of it (overwrites and removals left the rest
+    /// dead) is rewritten in the background; 0 turns compaction off.
     #[arg(long, env = "CENTRAL_COMPACT_BELOW", default_value = "0.5", value_parser = parse_fraction)]
     compact_below: f64,
     /// With packs: how fast compaction may copy (bytes per second, or with

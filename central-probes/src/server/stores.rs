@@ -28,7 +28,7 @@ pub enum StoreLayout {
 
 impl Default for StoreLayout {
     fn default() -> Self {
-        StoreLayout::Packs(PackStoreConfig::new(std::path::Path::new("")).compaction)
+        StoreLayout::Packs(CompactionLimits::default())
     }
 }
 
@@ -49,10 +49,7 @@ pub(super) async fn open_uploaded(
         }
         StoreLayout::Packs(compaction) => {
             let config = PackStoreConfig { min_free_bytes, compaction, ..PackStoreConfig::new(data_dir) };
-            let store = tokio::task::spawn_blocking(move || PackStore::open(&config))
-                .await
-                .map_err(|e| Error::internal(format!("opening {what}: {e}")))?
-                .map_err(|e| e.context(format!("opening {what}")))?;
+            let store = open_blocking(what, move || PackStore::open(&config)).await?;
             Arc::new(checked(store, keys, metrics, "upload"))
         }
     })
@@ -90,7 +87,13 @@ async fn open_filesystem(
     open: fn(&FilesystemStoreConfig) -> Result<FilesystemStore>,
 ) -> Result<FilesystemStore> {
     let config = FilesystemStoreConfig { data_dir: data_dir.to_owned(), min_free_bytes };
-    tokio::task::spawn_blocking(move || open(&config))
+    open_blocking(what, move || open(&config)).await
+}
+
+/// Runs `open` (a store's start-up: blocking work) off the runtime's
+/// threads; its errors say that they happened opening `what`.
+async fn open_blocking<T: Send + 'static>(what: &str, open: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(open)
         .await
         .map_err(|e| Error::internal(format!("opening {what}: {e}")))?
         .map_err(|e| e.context(format!("opening {what}")))

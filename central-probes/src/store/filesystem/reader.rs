@@ -38,10 +38,8 @@ pub(super) fn open_probe(path: ProbePath, file_path: &Path) -> Result<Option<Pro
     let whole_up_to = HEADER_LEN + READ_CHUNK as u64 + MAX_SIGNATURE_LEN as u64;
     let (entry, offset, whole) =
         read_probe_start(&file, whole_up_to).map_err(|e| Error::io(format!("reading {path}"), e))?;
-    let chunks = match whole {
-        Some(bytes) => read_on_demand(path.clone(), Arc::new(file), offset, 0, Some(bytes))?,
-        None => read_on_demand(path.clone(), Arc::new(file), offset, entry.size, None)?,
-    };
+    let remaining = if whole.is_some() { 0 } else { entry.size };
+    let chunks = read_on_demand(path.clone(), Arc::new(file), offset, remaining, whole)?;
     Ok(Some(ProbeReader { probe: stored(path, entry), chunks }))
 }
 

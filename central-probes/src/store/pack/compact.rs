@@ -18,7 +18,7 @@ use tracing::info;
 
 use super::index::{Change, Loc};
 use super::packs::pack_path;
-use super::record::{Kind, read_record, stamp};
+use super::record::{Kind, read_record, stamp_into};
 use super::state::Inner;
 
 /// When and how fast compaction runs.
@@ -31,7 +31,14 @@ pub struct CompactionLimits {
     pub bytes_per_second: u64,
 }
 
-/// Rewrites every sealed pack below the live fraction; the bytes freed.
+impl Default for CompactionLimits {
+    fn default() -> Self {
+        CompactionLimits { below_live_fraction: 0.5, bytes_per_second: 64 << 20 }
+    }
+}
+
+/// Rewrites every pack below the live fraction that is not being appended
+/// to; the bytes freed.
 pub(super) fn compact(inner: &Arc<Inner>, limits: CompactionLimits) -> io::Result<u64> {
     let mut freed = 0;
     for pack in candidates(inner, limits.below_live_fraction) {
@@ -68,26 +75,24 @@ fn rewrite(inner: &Arc<Inner>, victim: u32, bytes_per_second: u64) -> io::Result
     while let Some(found) = read_record(&file, offset, len)? {
         offset += found.header.record_len();
         let Some(seq) = found.seq else { continue };
-        let keep = {
+        // Whether to copy the record, and for a probe, where the index has it.
+        let keep: Option<Option<Loc>> = {
             let index = inner.index();
             match found.header.kind {
+                // While the index still points to this very record.
                 Kind::Probe => {
-                    index.visible.get(&found.path).filter(|loc| loc.pack == victim && loc.seq == seq).cloned()
+                    let live = index.visible.get(&found.path).filter(|loc| loc.pack == victim && loc.seq == seq);
+                    live.cloned().map(Some)
                 }
-                Kind::Tombstone => None,
+                // While its path stays removed, so that a rebuild keeps it so.
+                Kind::Tombstone => index.decided(&found.path).is_none().then_some(None),
             }
-            .map(Some)
-            .or_else(|| {
-                let absent = found.header.kind == Kind::Tombstone && index.decided(&found.path).is_none();
-                absent.then_some(None)
-            })
         };
         let Some(live) = keep else { continue };
         let record_len = found.header.record_len();
         let mut record = vec![0u8; record_len as usize];
         file.read_exact_at(&mut record, found.offset)?;
-        let (new_stamp, stamp_at) = stamp(at, seq);
-        record[stamp_at as usize..stamp_at as usize + new_stamp.len()].copy_from_slice(&new_stamp);
+        stamp_into(&mut record, at, seq);
         lease.faults().write_at(lease.file(), &record, at)?;
         if let Some(loc) = live {
             moves.push(Change::Move(found.path, Loc { pack: lease.id(), offset: at, ..loc }));

@@ -79,25 +79,37 @@ fn gather(requests: &Receiver<Request>, limits: BatchLimits) -> Option<Vec<Reque
     Some(batch)
 }
 
-/// Syncs the packs the batch wrote, then appends its changes (and the
-/// packs' new durable ends, returned) to the log and syncs it.
+/// Makes the batch durable (`make_durable`); the packs' new durable ends.
 fn commit(inner: &Inner, batch: &[Request], log: &mut Log) -> io::Result<BTreeMap<u32, u64>> {
     let mut ends: BTreeMap<u32, u64> = BTreeMap::new();
     for &(pack, end) in batch.iter().flat_map(|request| &request.packs) {
         let known = ends.entry(pack).or_default();
         *known = (*known).max(end);
     }
+    make_durable(inner, log, &ends, batch.iter().flat_map(|request| &request.changes))?;
+    Ok(ends)
+}
+
+/// What makes changes durable, for the group commit and the conversion of
+/// a per-file store alike: an fsync of each pack written (up to its end in
+/// `ends`), then the packs' ends and the changes appended to the log and
+/// an fsync of it.
+pub(super) fn make_durable<'a>(
+    inner: &Inner,
+    log: &mut Log,
+    ends: &BTreeMap<u32, u64>,
+    changes: impl Iterator<Item = &'a Change>,
+) -> io::Result<()> {
     for &pack in ends.keys() {
         let file = inner.packs.file(pack).ok_or_else(|| io::Error::other(format!("pack {pack} is gone")))?;
         inner.faults.sync(&file)?;
     }
-    let mut frames = Vec::with_capacity(256 * batch.len());
-    for (&pack, &end) in &ends {
+    let mut frames = Vec::with_capacity(256 * ends.len());
+    for (&pack, &end) in ends {
         journal::encode(&Change::PackEnd(pack, end), &mut frames);
     }
-    for change in batch.iter().flat_map(|request| &request.changes) {
+    for change in changes {
         journal::encode(change, &mut frames);
     }
-    log.append(&inner.faults, &frames)?;
-    Ok(ends)
+    log.append(&inner.faults, &frames)
 }

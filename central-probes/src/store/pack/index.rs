@@ -12,7 +12,7 @@ use probe_api::names::ProbePath;
 
 use crate::store::StoredProbe;
 
-use super::record::HEADER_LEN;
+use super::record::{HEADER_LEN, Header, Kind};
 
 /// Where a probe's record is, and what it holds.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -34,6 +34,19 @@ impl Loc {
 
     pub(super) fn bytes_at(&self, path: &ProbePath) -> u64 {
         self.offset + HEADER_LEN + path.byte_len() as u64
+    }
+
+    /// The header of this probe's record.
+    pub(super) fn header(&self, path: &ProbePath) -> Header {
+        Header {
+            kind: Kind::Probe,
+            path_len: path.byte_len() as u16,
+            size: self.size,
+            signature_len: self.signature.as_ref().map_or(0, |s| s.len() as u32),
+            crc32: self.crc32,
+            sha256: self.sha256,
+            stored_at: self.stored_at,
+        }
     }
 
     pub(super) fn stored(&self, path: &ProbePath) -> StoredProbe {

@@ -6,6 +6,7 @@
 //! leaves `probes/` whole and starts again at the next start, skipping
 //! what the packs already hold.
 
+use std::collections::BTreeMap;
 use std::fs::{self, File};
 use std::io;
 use std::os::unix::fs::FileExt;
@@ -17,9 +18,10 @@ use tracing::{error, info, warn};
 
 use crate::store::filesystem::format::read_header;
 
+use super::group_commit::make_durable;
 use super::index::{Change, Loc};
-use super::journal::{self, Log};
-use super::record::{HEADER_LEN, Header, Kind, stamp};
+use super::journal::Log;
+use super::record::stamp_into;
 use super::state::Inner;
 
 /// Bytes appended between two batch commits.
@@ -61,39 +63,23 @@ pub(super) fn migrate(inner: &Inner, log: &mut Log, data_dir: &Path) -> io::Resu
         }
         let stored_at = file.metadata()?.modified()?.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
         let signature = entry.signature.clone().unwrap_or_default();
-        let path_string = path.to_string();
-        let header = Header {
-            kind: Kind::Probe,
-            path_len: path_string.len() as u16,
-            size: entry.size,
-            signature_len: signature.len() as u32,
-            crc32,
-            sha256: entry.sha256,
-            stored_at,
-        };
-        let seq = inner.index().take_seq();
-        let record_at = at + batch.len() as u64;
-        let mut head = header.encode(path_string.as_bytes(), &signature);
-        let (stamp, stamp_at) = stamp(record_at, seq);
-        head[stamp_at as usize..stamp_at as usize + stamp.len()].copy_from_slice(&stamp);
-        batch.extend_from_slice(&head);
-        batch.extend_from_slice(path_string.as_bytes());
-        batch.extend_from_slice(&bytes);
-        batch.extend_from_slice(&signature);
         let loc = Loc {
             pack: lease.id(),
-            offset: record_at,
-            seq,
+            offset: at + batch.len() as u64,
+            seq: inner.index().take_seq(),
             size: entry.size,
             sha256: entry.sha256,
             crc32,
             stored_at,
             signature: entry.signature,
         };
-        debug_assert_eq!(
-            loc.record_len(&path),
-            HEADER_LEN + path_string.len() as u64 + entry.size + signature.len() as u64
-        );
+        let path_string = path.to_string();
+        let mut head = loc.header(&path).encode(path_string.as_bytes(), &signature);
+        stamp_into(&mut head, loc.offset, loc.seq);
+        batch.extend_from_slice(&head);
+        batch.extend_from_slice(path_string.as_bytes());
+        batch.extend_from_slice(&bytes);
+        batch.extend_from_slice(&signature);
         changes.push(Change::Put(path, loc));
         moved += 1;
         if batch.len() >= BATCH_BYTES {
@@ -110,7 +96,8 @@ pub(super) fn migrate(inner: &Inner, log: &mut Log, data_dir: &Path) -> io::Resu
     Ok(moved)
 }
 
-/// Appends a batch to the pack, syncs it, logs the batch and applies it.
+/// Appends a batch to the pack, makes it durable as the group commit does,
+/// and applies it.
 fn commit(
     inner: &Inner,
     log: &mut Log,
@@ -123,14 +110,8 @@ fn commit(
         return Ok(at);
     }
     inner.faults.write_at(lease.file(), batch, at)?;
-    inner.faults.sync(lease.file())?;
     let end = at + batch.len() as u64;
-    let mut frames = Vec::new();
-    journal::encode(&Change::PackEnd(lease.id(), end), &mut frames);
-    for change in changes.iter() {
-        journal::encode(change, &mut frames);
-    }
-    log.append(&inner.faults, &frames)?;
+    make_durable(inner, log, &BTreeMap::from([(lease.id(), end)]), changes.iter())?;
     let mut index = inner.index();
     index.apply(Change::PackEnd(lease.id(), end));
     changes.drain(..).for_each(|change| index.apply(change));

@@ -12,9 +12,8 @@
 //! The index is in memory; each commit is decided under its lock by the
 //! overwrite rule against the newest decision on the path, and becomes
 //! visible once its batch is durable. Overwrites and removals append a new
-//! record or a tombstone; what they leave dead stays in the packs (there is
-//! no compaction yet: `Change::Move` and `PackGone` are the log's part of
-//! it).
+//! record or a tombstone; compaction (`compact.rs`) rewrites the packs they
+//! left mostly dead.
 
 mod compact;
 mod faults;
@@ -80,7 +79,7 @@ impl PackStoreConfig {
             min_free_bytes: 0,
             batch: BatchLimits { max_bytes: 64 << 20, max_delay: Duration::from_millis(2) },
             pack_len: 1 << 30,
-            compaction: CompactionLimits { below_live_fraction: 0.5, bytes_per_second: 64 << 20 },
+            compaction: CompactionLimits::default(),
             compaction_every: Duration::from_secs(60),
         }
     }
@@ -120,7 +119,8 @@ impl PackStore {
         self.len() == 0
     }
 
-    /// Rewrites now every sealed pack below the live fraction (what the
+    /// Rewrites now every pack below the live fraction that is not being
+    /// appended to (what the
     /// compaction thread does every `compaction_every`); the bytes freed.
     /// Blocking.
     pub fn compact_now(&self) -> Result<u64> {
@@ -301,9 +301,9 @@ impl Backend for PackBackend {
         Ok(Some(ProbeReader { probe, chunks }))
     }
 
-    async fn stage(&self, path: &ProbePath, size: u64) -> Result<Box<dyn Staging>> {
+    async fn stage(&self, path: &ProbePath, _size: u64) -> Result<Box<dyn Staging>> {
         self.inner.failed()?;
-        Ok(Box::new(staging::PackStaging::start(&self.inner, path, size)?))
+        Ok(Box::new(staging::PackStaging::start(&self.inner, path)?))
     }
 
     async fn remove(&self, path: &ProbePath) -> Result<bool> {

@@ -129,6 +129,13 @@ pub(super) fn stamp(offset: u64, seq: u64) -> ([u8; 12], u64) {
     (out, STAMP_AT)
 }
 
+/// Stamps a record (its bytes from the start, header first) that goes at
+/// `offset` with sequence number `seq`.
+pub(super) fn stamp_into(record: &mut [u8], offset: u64, seq: u64) {
+    let (stamp, at) = stamp(offset, seq);
+    record[at as usize..at as usize + stamp.len()].copy_from_slice(&stamp);
+}
+
 /// The sequence number of a committed record's header bytes, or `None`
 /// if it was never committed (or its stamp is torn).
 pub(super) fn committed_seq(header: &[u8], offset: u64) -> Option<u64> {
@@ -158,8 +165,7 @@ pub(super) fn tombstone(path: &ProbePath, offset: u64, seq: u64, stored_at: u64)
         stored_at,
     };
     let mut record = header.encode(path_bytes, &[]).to_vec();
-    let (stamp, at) = stamp(offset, seq);
-    record[at as usize..at as usize + stamp.len()].copy_from_slice(&stamp);
+    stamp_into(&mut record, offset, seq);
     record.extend_from_slice(path_bytes);
     record
 }
@@ -200,7 +206,7 @@ pub(super) fn read_record(file: &std::fs::File, offset: u64, len: u64) -> std::i
     if header.kind == Kind::Probe {
         let mut crc = crc32fast::Hasher::new();
         let mut at = offset + header.bytes_at();
-        let mut buffer = vec![0u8; 1 << 20];
+        let mut buffer = vec![0u8; header.size.min(1 << 20) as usize];
         let mut left = header.size;
         while left > 0 {
             let n = left.min(buffer.len() as u64) as usize;

@@ -18,7 +18,7 @@ use crate::store::{CommitOutcome, Decision, StoredProbe, overwrite_rule, report_
 
 use super::index::{Change, Loc};
 use super::packs::{InFlight, Lease};
-use super::record::{HEADER_LEN, Header, Kind, stamp, tombstone};
+use super::record::{HEADER_LEN, stamp, tombstone};
 use super::state::{Inner, durable, unix_now};
 
 pub(super) struct PackStaging {
@@ -30,7 +30,7 @@ pub(super) struct PackStaging {
 }
 
 impl PackStaging {
-    pub(super) fn start(inner: &Arc<Inner>, path: &ProbePath, _size: u64) -> Result<PackStaging> {
+    pub(super) fn start(inner: &Arc<Inner>, path: &ProbePath) -> Result<PackStaging> {
         let lease = inner.packs.lease().map_err(|e| Error::io("starting a pack", e))?;
         let path_bytes = path.to_string().into_bytes();
         let writer = ChunkWriter::start(path, move |chunks| write_all_chunks(lease, path_bytes, chunks));
@@ -89,19 +89,17 @@ impl Staged for PackStaged {
         let signature = probe.signature.clone().unwrap_or_default();
         let signature_len = u32::try_from(signature.len())
             .map_err(|_| Error::invalid_argument(format!("{}: the signature is too long", probe.path)))?;
-        let stored_at = unix_now();
-        let path_string = self.path.to_string();
-        let path_bytes = path_string.as_bytes();
-        let header = Header {
-            kind: Kind::Probe,
-            path_len: path_bytes.len() as u16,
+        let loc = Loc {
+            pack: lease.id(),
+            offset: lease.start,
+            seq: 0,
             size: probe.size,
-            signature_len,
-            crc32,
             sha256: probe.sha256,
-            stored_at,
-        }
-        .encode(path_bytes, &signature);
+            crc32,
+            stored_at: unix_now(),
+            signature: probe.signature.clone(),
+        };
+        let header = loc.header(&self.path).encode(self.path.to_string().as_bytes(), &signature);
         let bytes_end = self.bytes_end;
         let path = self.path.clone();
         // Written here, not yet durable: the group commit syncs the pack.
@@ -116,16 +114,6 @@ impl Staged for PackStaged {
         })
         .await
         .map_err(|e| Error::internal(format!("writing {}: {e}", self.path)))??;
-        let loc = Loc {
-            pack: lease.id(),
-            offset: lease.start,
-            seq: 0,
-            size: probe.size,
-            sha256: probe.sha256,
-            crc32,
-            stored_at,
-            signature: probe.signature.clone(),
-        };
         let end = bytes_end + u64::from(signature_len);
         // Counted before the pack is given back, and so before compaction
         // could pick it.
