@@ -41,6 +41,14 @@ pub trait Backend: Send + Sync + 'static {
     /// nothing behind.
     async fn stage(&self, path: &ProbePath, size: u64) -> Result<Box<dyn Staging>>;
 
+    /// Starts staging as `stage` does, for a backend whose staging is plain
+    /// file writes that never wait long (`None` for others): `VerifiedStore`
+    /// then writes each chunk on the thread that hashes it, which saves a
+    /// thread and a hand-off per chunk.
+    fn stage_blocking(&self, _path: &ProbePath) -> Option<Result<Box<dyn BlockingStaging>>> {
+        None
+    }
+
     /// Removes the probe under `path`; false if there was none.
     async fn remove(&self, path: &ProbePath) -> Result<bool>;
 
@@ -70,6 +78,15 @@ pub trait Staging: Send {
 
     /// All bytes are written. (`VerifiedStore` counts and hashes them.)
     async fn finish(self: Box<Self>) -> Result<Box<dyn Staged>>;
+}
+
+/// Bytes being staged by blocking writes, on the caller's thread.
+pub trait BlockingStaging: Send {
+    /// Appends the next bytes.
+    fn write(&mut self, chunk: &[u8]) -> Result<()>;
+
+    /// All bytes are written.
+    fn finish(self: Box<Self>) -> Result<Box<dyn Staged>>;
 }
 
 /// Staged bytes, ready to be committed.

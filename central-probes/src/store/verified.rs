@@ -15,7 +15,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tonic::Code;
 
-use super::backend::{Backend, Staging};
+use super::backend::{Backend, BlockingStaging, Staged, Staging};
 use super::{
     CommitOrder, Committed, Decision, ExpectedDigests, ModuleSummary, PendingCommit, ProbeReader, ProbeStore,
     ProbeWriter, StoredProbe, overwrite_rule, report_taken,
@@ -135,17 +135,21 @@ impl<B: Backend> ProbeStore for VerifiedStore<B> {
 
     async fn create(&self, path: ProbePath, size: u64) -> Result<Box<dyn ProbeWriter>> {
         let reservation = self.reserve(size)?;
-        let staging = self.backend.stage(&path, size).await?;
+        // A staging of blocking writes is written by the hashing thread.
+        let (on_hasher, staging) = match self.backend.stage_blocking(&path) {
+            Some(staging) => (Some(staging?), None),
+            None => (None, Some(self.backend.stage(&path, size).await?)),
+        };
         let (chunks, queue) = mpsc::channel(HASH_QUEUE);
         let prehash = self.shared.trusted_keys.is_some();
-        let hasher = tokio::task::spawn_blocking(move || hash_all(queue, prehash));
+        let hasher = tokio::task::spawn_blocking(move || hash_all(queue, prehash, on_hasher));
         Ok(Box::new(VerifiedWriter {
             path,
             size,
             received: 0,
             staging,
             chunks,
-            hasher,
+            hasher: Some(hasher),
             reservation,
             signature: None,
             shared: self.shared.clone(),
@@ -183,9 +187,17 @@ struct Received {
     prehash: Option<[u8; 64]>,
 }
 
-/// Hashes chunks on a blocking thread until the channel closes. The CRC-32
-/// costs a few percent of the SHA-256 (crc32fast runs at memory speed).
-fn hash_all(mut chunks: mpsc::Receiver<Bytes>, prehash: bool) -> Received {
+/// What the hashing thread did: the digests, and the staging it wrote (if
+/// it was given one), or the error that stopped it.
+struct Hashed {
+    received: Received,
+    staged: Option<Result<Box<dyn Staged>>>,
+}
+
+/// Hashes chunks on a blocking thread until the channel closes, and writes
+/// them to `staging` if given one. The CRC-32 costs a few percent of the
+/// SHA-256 (crc32fast runs at memory speed).
+fn hash_all(mut chunks: mpsc::Receiver<Bytes>, prehash: bool, mut staging: Option<Box<dyn BlockingStaging>>) -> Hashed {
     let mut sha256 = Sha256Hasher::new();
     let mut crc32 = crc32fast::Hasher::new();
     let mut blake2b = prehash.then(Prehasher::new);
@@ -197,8 +209,15 @@ fn hash_all(mut chunks: mpsc::Receiver<Bytes>, prehash: bool) -> Received {
             blake2b.update(&chunk);
         }
         len += chunk.len() as u64;
+        if let Some(Err(error)) = staging.as_mut().map(|staging| staging.write(&chunk)) {
+            // Closing the channel tells the writer at its next chunk.
+            let received = Received { len, sha256: sha256.finish(), crc32: 0, prehash: None };
+            return Hashed { received, staged: Some(Err(error)) };
+        }
     }
-    Received { len, sha256: sha256.finish(), crc32: crc32.finalize(), prehash: blake2b.map(Prehasher::finish) }
+    let received =
+        Received { len, sha256: sha256.finish(), crc32: crc32.finalize(), prehash: blake2b.map(Prehasher::finish) };
+    Hashed { received, staged: staging.map(|staging| staging.finish()) }
 }
 
 /// With trusted keys, the signature must verify for these bytes.
@@ -238,13 +257,30 @@ struct VerifiedWriter {
     path: ProbePath,
     size: u64,
     received: u64,
-    staging: Box<dyn Staging>,
+    /// A staging written here; `None` when the hashing thread writes it.
+    staging: Option<Box<dyn Staging>>,
     /// To the hashing thread; it ends when this closes.
     chunks: mpsc::Sender<Bytes>,
-    hasher: JoinHandle<Received>,
+    /// Taken when the thread stopped early.
+    hasher: Option<JoinHandle<Hashed>>,
     reservation: Reservation,
     signature: Option<Bytes>,
     shared: Arc<Shared>,
+}
+
+impl VerifiedWriter {
+    /// The error that stopped the hashing thread before the end: a write of
+    /// the staging it was given.
+    async fn why_the_hasher_stopped(&mut self) -> Error {
+        let stopped = || Error::internal(format!("hashing {}: the hasher stopped", self.path));
+        match self.hasher.take() {
+            Some(hasher) => match hasher.await {
+                Ok(Hashed { staged: Some(Err(error)), .. }) => error,
+                _ => stopped(),
+            },
+            None => stopped(),
+        }
+    }
 }
 
 #[tonic::async_trait]
@@ -255,12 +291,15 @@ impl ProbeWriter for VerifiedWriter {
             return Err(Error::invalid_argument(format!("{}: more bytes than the declared {}", self.path, self.size)));
         }
         self.received = received;
-        // Hashing and staging run side by side, each on its own thread.
-        self.chunks
-            .send(chunk.clone())
-            .await
-            .map_err(|_| Error::internal(format!("hashing {}: the hasher stopped", self.path)))?;
-        self.staging.write(chunk).await
+        // Hashing and an async staging run side by side.
+        let for_staging = self.staging.is_some().then(|| chunk.clone());
+        if self.chunks.send(chunk).await.is_err() {
+            return Err(self.why_the_hasher_stopped().await);
+        }
+        match (&mut self.staging, for_staging) {
+            (Some(staging), Some(chunk)) => staging.write(chunk).await,
+            _ => Ok(()),
+        }
     }
 
     fn set_signature(&mut self, signature: Bytes) {
@@ -278,13 +317,19 @@ impl ProbeWriter for VerifiedWriter {
             return Err(Error::invalid_argument(format!("{path}: the trailer carries neither a SHA-256 nor a CRC-32")));
         }
         drop(chunks);
+        let hasher = hasher.ok_or_else(|| Error::internal(format!("writing {path}: the writer stopped")))?;
         // The commit runs to its end even if the caller goes away, so a file
         // whose last byte arrived is never left half-committed; the caller
         // goes on with the next file meanwhile.
         let task = tokio::spawn(async move {
             let CommitOrder { after, taken } = order;
-            let received = hasher.await.map_err(|e| Error::internal(format!("hashing {path}: {e}")))?;
-            let mut staged = staging.finish().await?;
+            let hashed = hasher.await.map_err(|e| Error::internal(format!("hashing {path}: {e}")))?;
+            let received = hashed.received;
+            let mut staged = match (hashed.staged, staging) {
+                (Some(staged), _) => staged?,
+                (None, Some(staging)) => staging.finish().await?,
+                (None, None) => return Err(Error::internal(format!("{path}: staged nowhere"))),
+            };
             verify(&path, size, &received, expected)?;
             check_signature(&shared, &path, &received, signature.as_deref())?;
             let sha256 = received.sha256;

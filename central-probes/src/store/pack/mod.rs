@@ -16,6 +16,7 @@
 //! left mostly dead.
 
 mod compact;
+mod direct;
 mod faults;
 mod group_commit;
 mod index;
@@ -47,7 +48,8 @@ use probe_api::names::{ModuleVersion, ProbePath};
 use tracing::{info, warn};
 
 use crate::error::{Error, Result};
-use crate::store::backend::{Backend, Staging};
+use crate::store::backend::{Backend, BlockingStaging, Staging};
+use crate::store::chunk_writer;
 use crate::store::filesystem::format::{load_or_create_key, lock_data_dir};
 use crate::store::filesystem::reader::{READ_CHUNK, read_on_demand};
 use crate::store::filesystem::writer::available_bytes;
@@ -302,8 +304,13 @@ impl Backend for PackBackend {
     }
 
     async fn stage(&self, path: &ProbePath, _size: u64) -> Result<Box<dyn Staging>> {
-        self.inner.failed()?;
-        Ok(Box::new(staging::PackStaging::start(&self.inner, path)?))
+        let staging = self.stage_blocking(path).expect("a pack store stages by blocking writes")?;
+        Ok(chunk_writer::on_a_thread(path, staging))
+    }
+
+    fn stage_blocking(&self, path: &ProbePath) -> Option<Result<Box<dyn BlockingStaging>>> {
+        let staging = self.inner.failed().and_then(|()| staging::PackStaging::start(&self.inner, path));
+        Some(staging.map(|staging| Box::new(staging) as Box<dyn BlockingStaging>))
     }
 
     async fn remove(&self, path: &ProbePath) -> Result<bool> {

@@ -14,12 +14,15 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 use tracing::warn;
 
+use super::direct::{self, Buffers, Target};
 use super::faults::Faults;
 
 /// A pack open for appending.
 pub(super) struct Writer {
     pub(super) id: u32,
     pub(super) file: Arc<File>,
+    /// The same pack opened for direct writes (`direct`), if allowed.
+    pub(super) direct: Option<Arc<File>>,
     pub(super) len: u64,
 }
 
@@ -38,6 +41,7 @@ pub(super) struct Packs {
     next_id: AtomicU32,
     /// A pack this long is sealed.
     target_len: u64,
+    pub(super) buffers: Buffers,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -64,6 +68,7 @@ impl Packs {
             in_flight: Mutex::default(),
             next_id: AtomicU32::new(1),
             target_len,
+            buffers: Buffers::default(),
         }
     }
 
@@ -74,8 +79,9 @@ impl Packs {
         self.files.write().unwrap_or_else(|p| p.into_inner()).insert(id, file.clone());
         self.next_id.fetch_max(id + 1, Ordering::SeqCst);
         if len < self.target_len {
+            let direct = direct::open(&pack_path(&self.dir, id)).map(Arc::new);
             lock(&self.open).insert(id);
-            lock(&self.idle).push(Writer { id, file, len });
+            lock(&self.idle).push(Writer { id, file, direct, len });
         }
     }
 
@@ -135,12 +141,14 @@ impl Packs {
 
     fn create(&self) -> io::Result<Writer> {
         let id = self.next_id.fetch_add(1, Ordering::SeqCst);
-        let file = Arc::new(self.faults.create(&pack_path(&self.dir, id))?);
+        let path = pack_path(&self.dir, id);
+        let file = Arc::new(self.faults.create(&path)?);
+        let direct = direct::open(&path).map(Arc::new);
         // The pack's name is durable before any log entry names it.
         self.faults.sync_dir(&self.dir)?;
         self.files.write().unwrap_or_else(|p| p.into_inner()).insert(id, file.clone());
         lock(&self.open).insert(id);
-        Ok(Writer { id, file, len: 0 })
+        Ok(Writer { id, file, direct, len: 0 })
     }
 
     fn give_back(&self, writer: Writer) {
@@ -172,6 +180,17 @@ impl Lease {
 
     pub(super) fn faults(&self) -> &Faults {
         &self.packs.faults
+    }
+
+    /// Where a `RecordWriter` of this pack writes.
+    pub(super) fn target(&self) -> Target<'_> {
+        let writer = self.writer.as_ref().expect("a live lease");
+        Target {
+            faults: &self.packs.faults,
+            file: &writer.file,
+            direct: writer.direct.as_deref(),
+            buffers: &self.packs.buffers,
+        }
     }
 
     /// Keeps what was appended, up to `end`, and gives the pack back.

@@ -1,21 +1,21 @@
 //! Staging and committing in a pack: a probe's record is appended to a
-//! leased pack by a blocking thread as its bytes arrive, completed (its
-//! signature and header) when they are all in, and committed by writing
-//! its stamp and handing the index change to the group commit. Removals
-//! append a tombstone the same way.
+//! leased pack as its bytes arrive (on the thread that hashes them, see
+//! `Backend::stage_blocking`), completed (its signature and header) when
+//! they are all in, and committed by writing its stamp and handing the
+//! index change to the group commit. Removals append a tombstone the same
+//! way.
 
 use std::io;
 use std::sync::Arc;
 
-use bytes::Bytes;
 use probe_api::names::ProbePath;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 
 use crate::error::{Error, Result};
-use crate::store::backend::{Staged, Staging};
-use crate::store::chunk_writer::ChunkWriter;
+use crate::store::backend::{BlockingStaging, Staged};
 use crate::store::{CommitOutcome, Decision, StoredProbe, overwrite_rule, report_taken};
 
+use super::direct::RecordWriter;
 use super::index::{Change, Loc};
 use super::packs::{InFlight, Lease};
 use super::record::{HEADER_LEN, stamp, tombstone};
@@ -24,42 +24,33 @@ use super::state::{Inner, durable, unix_now};
 pub(super) struct PackStaging {
     inner: Arc<Inner>,
     path: ProbePath,
-    /// The writing thread; it gives back the lease and where the bytes end.
-    /// Dropped unfinished, its lease cuts the pack back.
-    writer: ChunkWriter<(Lease, u64)>,
+    /// Dropped unfinished, the lease cuts the pack back.
+    lease: Lease,
+    record: RecordWriter,
 }
 
 impl PackStaging {
+    /// A record started in a leased pack: its path written after the room
+    /// for the header.
     pub(super) fn start(inner: &Arc<Inner>, path: &ProbePath) -> Result<PackStaging> {
         let lease = inner.packs.lease().map_err(|e| Error::io("starting a pack", e))?;
-        let path_bytes = path.to_string().into_bytes();
-        let writer = ChunkWriter::start(path, move |chunks| write_all_chunks(lease, path_bytes, chunks));
-        Ok(PackStaging { inner: inner.clone(), path: path.clone(), writer })
+        let at = lease.start + HEADER_LEN;
+        let record = RecordWriter::new(&lease.target(), at, at);
+        let mut staging = PackStaging { inner: inner.clone(), path: path.clone(), lease, record };
+        staging.write(path.to_string().as_bytes())?;
+        Ok(staging)
     }
 }
 
-/// Writes the path after the room for the header, then every chunk, until
-/// the channel closes.
-fn write_all_chunks(lease: Lease, path: Vec<u8>, mut chunks: mpsc::Receiver<Bytes>) -> io::Result<(Lease, u64)> {
-    let mut at = lease.start + HEADER_LEN;
-    lease.faults().write_at(lease.file(), &path, at)?;
-    at += path.len() as u64;
-    while let Some(chunk) = chunks.blocking_recv() {
-        lease.faults().write_at(lease.file(), &chunk, at)?;
-        at += chunk.len() as u64;
-    }
-    Ok((lease, at))
-}
-
-#[tonic::async_trait]
-impl Staging for PackStaging {
-    async fn write(&mut self, chunk: Bytes) -> Result<()> {
-        self.writer.write(chunk).await
+impl BlockingStaging for PackStaging {
+    fn write(&mut self, chunk: &[u8]) -> Result<()> {
+        let target = self.lease.target();
+        self.record.write(&target, chunk).map_err(|e| Error::io(format!("writing {}", self.path), e))
     }
 
-    async fn finish(self: Box<Self>) -> Result<Box<dyn Staged>> {
-        let PackStaging { inner, path, writer } = *self;
-        let (lease, end) = writer.finish().await?;
+    fn finish(self: Box<Self>) -> Result<Box<dyn Staged>> {
+        let PackStaging { inner, path, lease, record } = *self;
+        let end = record.finish(&lease.target()).map_err(|e| Error::io(format!("writing {path}"), e))?;
         Ok(Box::new(PackStaged { inner, path, lease: Some(lease), bytes_end: end, record: None, in_flight: None }))
     }
 }
@@ -131,12 +122,9 @@ impl Staged for PackStaged {
     ) -> Result<CommitOutcome> {
         let PackStaged { inner, path, record, in_flight, .. } = *self;
         let (loc, end) = record.expect("prepared before the commit");
-        let decided = {
-            let inner = inner.clone();
-            tokio::task::spawn_blocking(move || decide_and_submit(&inner, path, loc, end, overwrite))
-                .await
-                .map_err(|e| Error::internal(format!("commit task failed: {e}")))??
-        };
+        // A decision under the lock and a stamp into a cached page: no
+        // blocking thread needed.
+        let decided = decide_and_submit(&inner, path, loc, end, overwrite)?;
         // Decided: the next file of the upload may take effect meanwhile.
         report_taken(taken);
         let outcome = match decided {
