@@ -11,7 +11,10 @@ use central_probes::server::upload_session::file_messages;
 use common::{Central, TestPki};
 use probe_api::limits::{MAX_REQUEST_MESSAGE, MAX_UPLOAD_CHUNK};
 use probe_api::v1::upload_probes_request::Message;
-use probe_api::v1::{FileHeader, GetExistingProbesRequest, ListProbesRequest, UploadOptions, UploadProbesRequest};
+use probe_api::v1::{
+    FileHeader, GetExistingProbesRequest, ListModuleVersionsRequest, ListProbesRequest, UploadOptions,
+    UploadProbesRequest,
+};
 use raw_grpc::{grpc_frame, raw_grpc_call, raw_http2};
 use tokio_stream::StreamExt;
 use tonic::Code;
@@ -283,5 +286,12 @@ async fn delete_by_module_version_with_dry_run_changes_nothing_and_without_remov
     let (live, dead) = (gauge("central_probes_store_live_bytes"), gauge("central_probes_store_dead_bytes"));
     assert!(live > new[1].len() as u64, "one probe's record is live: {live}");
     assert!(dead > old.iter().map(|p| p.len() as u64).sum::<u64>(), "four removed probes are dead: {dead}");
+    // And ListModuleVersions (`ls --summary`): the one record left is its
+    // 88-byte header, its path and its bytes (here the path again).
+    let listed = admin.list_module_versions(ListModuleVersionsRequest {}).await.unwrap().into_inner();
+    let space = listed.space.expect("a pack store tells its space");
+    assert_eq!(space.live_bytes, 88 + 2 * new[1].len() as u64, "{space:?}");
+    let removed: u64 = old.iter().chain(&new[..1]).map(|p| 88 + 2 * p.len() as u64).sum();
+    assert!(space.dead_bytes >= removed.max(dead), "the four removed records at least: {space:?}");
     central.stop().await;
 }

@@ -75,6 +75,10 @@ async fn an_export_uploaded_to_a_fresh_central_gives_identical_sha256s_for_every
         [&old, &new].iter().flat_map(|s| s.probe_paths().into_iter().map(|p| s.probe_bytes(&p).len() as u64)).sum();
     assert_eq!(bytes, expected_bytes);
     assert!(versions.iter().all(|v| v["last_upload"].as_str().is_some_and(|t| t.ends_with('Z'))), "{summary}");
+    // The pack store's space: every record live (each more than its bytes),
+    // none dead yet.
+    assert!(summary["space"]["live_bytes"].as_u64().unwrap() > bytes, "{summary}");
+    assert_eq!(summary["space"]["dead_bytes"], 0, "{summary}");
     let table = cli_ok(&source, &pki, &source.view_token, &["ls", "--summary"]).await;
     assert!(table.starts_with("MODULE VERSION") && table.lines().count() == 3, "{table}");
 

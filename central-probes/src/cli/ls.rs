@@ -18,7 +18,8 @@ pub struct LsArgs {
     #[arg(short = 'o', long, value_enum, default_value = "text")]
     output: OutputFormat,
     /// A line per module version instead: its number of probes, their
-    /// bytes, and when the last of them was uploaded.
+    /// bytes, and when the last of them was uploaded; then, for a pack
+    /// store, the live and dead bytes of its packs.
     #[arg(long)]
     summary: bool,
 }
@@ -26,7 +27,8 @@ pub struct LsArgs {
 async fn summary(args: &LsArgs) -> Result<(), CliError> {
     let mut client = args.endpoint.connect()?;
     let listing = client.list_module_versions(ListModuleVersionsRequest {});
-    let mut summaries = args.endpoint.call("listing module versions", listing).await?.module_versions;
+    let response = args.endpoint.call("listing module versions", listing).await?;
+    let (mut summaries, space) = (response.module_versions, response.space);
     if let Some(version) = &args.module_version {
         summaries.retain(|summary| &summary.module_version == version);
     }
@@ -43,7 +45,11 @@ async fn summary(args: &LsArgs) -> Result<(), CliError> {
                 })
             })
             .collect();
-        println!("{}", serde_json::json!({"module_versions": listed, "probes": probes, "bytes": bytes}));
+        let space = space.map(|s| serde_json::json!({"live_bytes": s.live_bytes, "dead_bytes": s.dead_bytes}));
+        println!(
+            "{}",
+            serde_json::json!({"module_versions": listed, "probes": probes, "bytes": bytes, "space": space})
+        );
         return Ok(());
     }
     let width = summaries.iter().map(|s| s.module_version.len()).max().unwrap_or(0).max(14);
@@ -52,6 +58,14 @@ async fn summary(args: &LsArgs) -> Result<(), CliError> {
         println!("{:width$}  {:>8}  {:>14}  {}", s.module_version, s.probes, s.bytes, rfc3339(s.last_stored_unix));
     }
     eprintln!("{} module versions, {probes} probes, {bytes} bytes", summaries.len());
+    if let Some(space) = space {
+        let packs = space.live_bytes + space.dead_bytes;
+        let dead_percent = if packs == 0 { 0.0 } else { space.dead_bytes as f64 * 100.0 / packs as f64 };
+        eprintln!(
+            "packs on disk: {} bytes live, {} bytes dead ({dead_percent:.1}%; compaction returns them)",
+            space.live_bytes, space.dead_bytes
+        );
+    }
     Ok(())
 }
 

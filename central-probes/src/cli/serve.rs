@@ -45,6 +45,10 @@ pub struct ServeArgs {
     /// a K/M/G or KiB/MiB/GiB suffix).
     #[arg(long, env = "CENTRAL_COMPACT_RATE", default_value = "64MiB", value_parser = parse_size)]
     compact_rate: u64,
+    /// With packs: how often the background compaction looks for packs to
+    /// rewrite.
+    #[arg(long, env = "CENTRAL_COMPACT_EVERY", default_value = "60s", value_parser = humantime::parse_duration)]
+    compact_every: Duration,
     /// Central's TLS certificate (PEM).
     #[arg(long, env = "CENTRAL_TLS_CERT")]
     tls_cert: PathBuf,
@@ -203,6 +207,7 @@ pub async fn serve(args: ServeArgs) -> Result<(), CliError> {
             LayoutArg::Packs => StoreLayout::Packs(CompactionLimits {
                 below_live_fraction: args.compact_below,
                 bytes_per_second: args.compact_rate,
+                every: args.compact_every,
             }),
             LayoutArg::Files => StoreLayout::Files,
         },

@@ -14,7 +14,7 @@ use probe_api::v1::{
     DeleteProbesRequest, DeleteProbesResponse, ExportProbesRequest, FileOutcome, GetExistingProbesRequest,
     GetExistingProbesResponse, ListMissesRequest, ListMissesResponse, ListModuleVersionsRequest,
     ListModuleVersionsResponse, ListProbesRequest, ListProbesResponse, ModuleVersionSummary, ProbeInfo, ProbeMiss,
-    UploadProbesRequest, UploadProbesResponse,
+    StoreSpace, UploadProbesRequest, UploadProbesResponse,
 };
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{info, instrument, warn};
@@ -183,7 +183,8 @@ impl UploadService {
             bytes: summary.bytes,
             last_stored_unix: summary.last_stored.map_or(0, |at| at as i64),
         };
-        Ok(ListModuleVersionsResponse { module_versions: summaries.into_iter().map(summary_of).collect() })
+        let space = self.store.space().map(|(live_bytes, dead_bytes)| StoreSpace { live_bytes, dead_bytes });
+        Ok(ListModuleVersionsResponse { module_versions: summaries.into_iter().map(summary_of).collect(), space })
     }
 
     async fn misses_listed(&self, request: ListMissesRequest) -> Result<ListMissesResponse> {

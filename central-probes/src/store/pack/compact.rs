@@ -29,11 +29,13 @@ pub struct CompactionLimits {
     pub below_live_fraction: f64,
     /// Bytes copied per second at most.
     pub bytes_per_second: u64,
+    /// How often the background compaction looks for packs to rewrite.
+    pub every: Duration,
 }
 
 impl Default for CompactionLimits {
     fn default() -> Self {
-        CompactionLimits { below_live_fraction: 0.5, bytes_per_second: 64 << 20 }
+        CompactionLimits { below_live_fraction: 0.5, bytes_per_second: 64 << 20, every: Duration::from_secs(60) }
     }
 }
 

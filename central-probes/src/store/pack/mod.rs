@@ -70,8 +70,6 @@ pub struct PackStoreConfig {
     /// A pack this long takes no more records.
     pub pack_len: u64,
     pub compaction: CompactionLimits,
-    /// How often compaction looks for packs to rewrite.
-    pub compaction_every: Duration,
 }
 
 impl PackStoreConfig {
@@ -82,7 +80,6 @@ impl PackStoreConfig {
             batch: BatchLimits { max_bytes: 64 << 20, max_delay: Duration::from_millis(2) },
             pack_len: 1 << 30,
             compaction: CompactionLimits::default(),
-            compaction_every: Duration::from_secs(60),
         }
     }
 }
@@ -123,7 +120,7 @@ impl PackStore {
 
     /// Rewrites now every pack below the live fraction that is not being
     /// appended to (what the
-    /// compaction thread does every `compaction_every`); the bytes freed.
+    /// compaction thread does every `CompactionLimits::every`); the bytes freed.
     /// Blocking.
     pub fn compact_now(&self) -> Result<u64> {
         let backend = self.backend();
@@ -187,7 +184,7 @@ impl PackBackend {
         };
         let (stop_compaction, stop) = mpsc::channel::<()>();
         let compaction = {
-            let (inner, limits, every) = (inner.clone(), config.compaction, config.compaction_every);
+            let (inner, limits, every) = (inner.clone(), config.compaction, config.compaction.every);
             std::thread::Builder::new()
                 .name("compaction".into())
                 .spawn(move || {
