@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
-# The pack store (issue 24) against the per-file store, in one run on the
-# same package: the first upload (with cp + sync of the package as the
-# disk's floor, and the run's CPU bound: both processes' CPU seconds over
-# the machine's cores), the re-upload, Central's start-up with the probes
-# stored (page cache dropped where the machine lets it), GetProbe over
-# long-lived connections at 1, 16, 64 and 256 clients (alternating the two
-# stores) and the export of every probe. Prints a Markdown section on
-# stdout (bench/run.sh appends it); progress goes to stderr. Standalone:
+# The pack store (issue 24) against the per-file store of the release
+# before it (the binary of BASELINE_REV, main before the pack store, built
+# once into bench/work/baseline-REV), in one run on the same package: the
+# first upload (both through today's uploader, with cp + sync of the
+# package as the disk's floor, and the run's CPU bound: both processes' CPU
+# seconds over the machine's cores), the re-upload, Central's start-up with
+# the probes stored (page cache dropped where the machine lets it),
+# GetProbe over long-lived connections at 1, 16, 64 and 256 clients
+# (alternating the two), the export of every probe, and compaction after
+# removing every other probe: the space returned, and GetProbe before,
+# during and after it. Prints a Markdown section on stdout (bench/run.sh
+# appends it); progress goes to stderr. Standalone:
 #   bash bench/packs.sh            (PACKAGE=... to reuse a package)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,6 +21,21 @@ WORK=${PACKS_BENCH_DIR:-/tmp/kprobes-bench-packs}
 if [ -z "${SKIP_BUILD:-}" ]; then
   cargo build --release --quiet -p central-probes -p collector-client -p probe-bench --features testing >&2
 fi
+# The previous release's Central, built from its own sources (kept: a
+# release build takes minutes).
+BASELINE_REV=${BASELINE_REV:-dc4f685}
+BASELINE=$(pwd)/bench/work/baseline-$BASELINE_REV
+if [ ! -x "$BASELINE/bin/central-probes" ]; then
+  echo "building Central at $BASELINE_REV (once)" >&2
+  rm -rf "$BASELINE"; mkdir -p "$BASELINE/src" "$BASELINE/bin"
+  git archive "$BASELINE_REV" | tar -x -C "$BASELINE/src"
+  (cd "$BASELINE/src" && CARGO_TARGET_DIR="$BASELINE/target" cargo build --release --quiet -p central-probes >&2)
+  cp "$BASELINE/target/release/central-probes" "$BASELINE/bin/"
+  rm -rf "$BASELINE/src" "$BASELINE/target"
+fi
+# The Central binary of each store, and its store flag.
+bin_of() { if [ "$1" = files ]; then echo "$BASELINE/bin"; else echo "$BIN"; fi; }
+layout_flags() { if [ "$1" = packs ]; then echo "--store-layout packs"; fi; }
 # (A package made by an earlier run is kept: it takes a minute to make.)
 mkdir -p "$WORK"; find "$WORK" -mindepth 1 -maxdepth 1 ! -name "support-pkg-*.zip" -exec rm -rf {} +; mkdir -p "$WORK"
 trap 'kill $(jobs -p) 2>/dev/null; wait 2>/dev/null || true' EXIT
@@ -41,9 +60,10 @@ sleep 61
 declare -A UP_S UP_CPU UP_RSS CLIENT_CPU RE_S START_S ADDR PID
 for layout in files packs; do
   data=$WORK/data-$layout
-  token=$("$BIN/central-probes" token create --data-dir "$data" --role admin --name bench 2>/dev/null)
+  token=$("$(bin_of $layout)/central-probes" token create --data-dir "$data" --role admin --name bench 2>/dev/null)
   echo "$token" >"$WORK/token-$layout"
-  start_central "$data" "$PKI" --store-layout "$layout"
+  # shellcheck disable=SC2046
+  BIN=$(bin_of $layout) start_central "$data" "$PKI" $(layout_flags $layout)
   c0=$(cpu_of "$CENTRAL_PID")
   ROX_API_TOKEN=$token /usr/bin/time -f "%e %M %U %S" -o "$WORK/time.txt" "$BIN/central-probes" upload "$PACKAGE" \
     -e "$CENTRAL_ADDR" --ca "$PKI/ca.pem" >"$WORK/upload-$layout.out" 2>&1
@@ -55,7 +75,8 @@ for layout in files packs; do
   RE_S[$layout]=$(cat "$WORK/time.txt")
   kill -TERM "$CENTRAL_PID"; wait "$CENTRAL_PID" 2>/dev/null || true
   caches=$(drop_caches)
-  t0=$(now); start_central "$data" "$PKI" --store-layout "$layout"; START_S[$layout]=$(secs "$t0" "$(now)")
+  # shellcheck disable=SC2046
+  t0=$(now); BIN=$(bin_of $layout) start_central "$data" "$PKI" $(layout_flags $layout); START_S[$layout]=$(secs "$t0" "$(now)")
   ADDR[$layout]=$CENTRAL_ADDR; PID[$layout]=$CENTRAL_PID
   echo "$layout: upload ${UP_S[$layout]} s, re-upload ${RE_S[$layout]} s, start ${START_S[$layout]} s" >&2
 done
@@ -64,8 +85,9 @@ ROX_API_TOKEN=$(cat "$WORK/token-packs") "$BIN/central-probes" ls -e "${ADDR[pac
 echo
 echo "## 8. The pack store against the per-file store"
 echo
-echo "The same package ($((SIZE / 1048576)) MiB, $(wc -l <"$WORK/paths.txt") probes) into a fresh Central of each layout,"
-echo "every probe verified and durable before it is reported stored. cp + sync of the package: $cp_s s"
+echo "The same package ($((SIZE / 1048576)) MiB, $(wc -l <"$WORK/paths.txt") probes) into a fresh Central of each layout:"
+echo "files is the previous release's binary ($BASELINE_REV, main before the pack store), packs today's; the"
+echo "uploader is today's for both. Every probe is verified and durable before it is reported stored. cp + sync of the package: $cp_s s"
 echo "($(mbps "$SIZE" "$cp_s") MB/s). CPU bound: the uploader's and Central's CPU seconds over $(nproc) cores."
 echo
 echo "| layout | upload s | MB/s | vs cp + sync | CPU s Central / uploader | Central CPU s per GB | upload / CPU bound | Central peak RSS MiB | re-upload / first | start-up s (page cache $caches) |"
@@ -114,4 +136,68 @@ for layout in files packs; do
   e_s=$(secs "$t0" "$(now)")
   echo "| $layout | $e_s | $(mbps "$(stat -c %s "$WORK/export-$layout.zip")" "$e_s") |"
   rm -f "$WORK/export-$layout.zip"
+done
+
+# -------------------------------------------------------------- compaction
+# Every other probe removed, then compaction (looked for every 20 s here,
+# rewriting packs under 0.6 live: with every other probe gone a pack is
+# about half live) while GetProbe goes on over the probes kept.
+kill -TERM "${PID[packs]}"; wait "${PID[packs]}" 2>/dev/null || true
+start_central "$WORK/data-packs" "$PKI" --store-layout packs --compact-every 20s --compact-below 0.6
+export ROX_API_TOKEN
+ROX_API_TOKEN=$(cat "$WORK/token-packs")
+# The store's dead and live bytes, by ls --summary.
+space() {
+  "$BIN/central-probes" ls --summary -o json -e "$CENTRAL_ADDR" --ca "$PKI/ca.pem" 2>/dev/null |
+    python3 -c 'import json, sys; s = json.load(sys.stdin)["space"]; print(s["dead_bytes"], s["live_bytes"])'
+}
+disk() { du -sb "$WORK/data-packs/packs" | cut -f1; }
+before_disk=$(disk)
+awk 'NR % 2 == 0' "$WORK/paths.txt" >"$WORK/removed.txt"
+awk 'NR % 2 == 1' "$WORK/paths.txt" >"$WORK/kept.txt"
+load_kept() {
+  "$BIN/probe-bench" load --protocol grpc-plain --address "$CENTRAL_ADDR" "${TLS[@]}" --paths "$WORK/kept.txt" \
+    --concurrency "$1" --seconds 3 2>>"$WORK/load.err"
+}
+"$BIN/probe-bench" load --protocol grpc-plain --address "$CENTRAL_ADDR" "${TLS[@]}" --paths "$WORK/kept.txt" \
+  --concurrency 16 --seconds 1 --each-once >/dev/null 2>&1
+declare -A LOAD
+# Before: the same probes, before anything is removed (nothing to compact).
+LOAD[before,1]=$(load_kept 1); LOAD[before,16]=$(load_kept 16)
+xargs -n 2000 "$BIN/central-probes" rm -e "$CENTRAL_ADDR" --ca "$PKI/ca.pem" <"$WORK/removed.txt" >/dev/null 2>&1
+grep -q "compacting a pack" "$WORK/data-packs.log" && echo "warning: compaction began before the removal was over" >&2
+read -r dead_after_rm live_after_rm <<<"$(space)"
+removed_disk=$(disk)
+for _ in $(seq 1 600); do grep -q "compacting a pack" "$WORK/data-packs.log" && break; sleep 0.2; done
+compaction_started=$(now)
+LOAD[during,1]=$(load_kept 1); LOAD[during,16]=$(load_kept 16)
+still=$(grep -c "compacting a pack" "$WORK/data-packs.log")
+done_by_then=$(grep -c "compacted a pack" "$WORK/data-packs.log")
+for _ in $(seq 1 600); do
+  read -r dead _ <<<"$(space)"
+  [ "$dead" -lt $((dead_after_rm / 10)) ] && break
+  sleep 0.5
+done
+compaction_s=$(secs "$compaction_started" "$(now)")
+sleep 1; after_disk=$(disk); read -r dead_after live_after <<<"$(space)"
+LOAD[after,1]=$(load_kept 1); LOAD[after,16]=$(load_kept 16)
+echo "compaction: ${compaction_s} s; disk $before_disk -> $removed_disk -> $after_disk" >&2
+
+mib() { awk -v b="$1" 'BEGIN { printf "%.0f", b / 1048576 }'; }
+echo
+echo "Compaction after removing every other probe ($(wc -l <"$WORK/removed.txt") of $(wc -l <"$WORK/paths.txt")), Central run with"
+echo "\`--compact-below 0.6 --compact-every 20s\` (each pack is then about half live) at the default rate (64 MiB/s):"
+echo "packs on disk $(mib "$before_disk") MiB before the removal, $(mib "$removed_disk") MiB after it (live $(mib "$live_after_rm"), dead"
+echo "$(mib "$dead_after_rm") MiB by \`ls --summary\`), $(mib "$after_disk") MiB after compaction (live $(mib "$live_after"), dead $(mib "$dead_after"));"
+echo "returned $(mib $((removed_disk - after_disk))) MiB, $(awk -v a="$removed_disk" -v b="$after_disk" -v d="$dead_after_rm" 'BEGIN { printf "%.2f", (a - b) / d }') of the dead bytes, in $compaction_s s"
+echo "(from the first pack's start until dead bytes fell under a tenth); $done_by_then of $still packs begun were done"
+echo "when the loads during it ended. Before: the same probes before the removal."
+echo
+echo "GetProbe over the probes kept (plain HTTP/2 client, long-lived connections, 3 s each):"
+echo
+echo "| clients | before req/s | during req/s | after req/s | during / before | p99 ms before / during / after | errors during |"
+echo "|---|---|---|---|---|---|---|"
+for c in 1 16; do
+  read -r b _ _ b99 _ <<<"${LOAD[before,$c]}"; read -r d _ _ d99 d_err <<<"${LOAD[during,$c]}"; read -r a _ _ a99 _ <<<"${LOAD[after,$c]}"
+  echo "| $c | $b | $d | $a | $(ratio "$d" "$b") | $b99 / $d99 / $a99 | $d_err |"
 done

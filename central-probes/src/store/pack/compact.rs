@@ -67,7 +67,8 @@ fn candidates(inner: &Inner, below: f64) -> Vec<u32> {
 /// Copies what is still needed of `victim` elsewhere, then removes it.
 fn rewrite(inner: &Arc<Inner>, victim: u32, bytes_per_second: u64) -> io::Result<u64> {
     let Some(file) = inner.packs.file(victim) else { return Ok(0) };
-    let len = inner.index().packs.get(&victim).map_or(0, |used| used.durable_end);
+    let (len, live) = inner.index().packs.get(&victim).map_or((0, 0), |used| (used.durable_end, used.live));
+    info!(pack = victim, bytes = len, live, "compacting a pack");
     let started = Instant::now();
     let lease = inner.packs.lease()?;
     let mut at = lease.start;
