@@ -39,15 +39,7 @@ pub trait Backend: Send + Sync + 'static {
     /// Starts staging the bytes of a probe of `size` bytes for `path`.
     /// Nothing is visible until `Staged::commit`; dropping either leaves
     /// nothing behind.
-    async fn stage(&self, path: &ProbePath, size: u64) -> Result<Box<dyn Staging>>;
-
-    /// Starts staging as `stage` does, for a backend whose staging is plain
-    /// file writes that never wait long (`None` for others): `VerifiedStore`
-    /// then writes each chunk on the thread that hashes it, which saves a
-    /// thread and a hand-off per chunk.
-    fn stage_blocking(&self, _path: &ProbePath) -> Option<Result<Box<dyn BlockingStaging>>> {
-        None
-    }
+    async fn stage(&self, path: &ProbePath, size: u64) -> Result<Stage>;
 
     /// Removes the probe under `path`; false if there was none.
     async fn remove(&self, path: &ProbePath) -> Result<bool>;
@@ -68,6 +60,16 @@ pub trait Backend: Send + Sync + 'static {
     fn max_pending_commits(&self) -> usize {
         32
     }
+}
+
+/// How a backend stages a probe's bytes.
+pub enum Stage {
+    /// By async writes (a database, or a blocking thread of its own).
+    Async(Box<dyn Staging>),
+    /// By plain file writes that never wait long: `VerifiedStore` makes
+    /// them on the thread that hashes the bytes, which saves a thread and a
+    /// hand-off per chunk.
+    Blocking(Box<dyn BlockingStaging>),
 }
 
 /// Bytes being staged.

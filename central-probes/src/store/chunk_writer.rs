@@ -1,15 +1,16 @@
 //! A probe's chunks handed to a blocking thread through a bounded channel:
 //! how the filesystem backends write off the runtime's threads. The thread
 //! gets the receiving end and gives back what it wrote into (a temporary
-//! file, a pack's staging); dropping the writer closes the channel, and
-//! the thread's own clean-up runs when it ends.
+//! file, a pack lease); dropping the writer closes the channel, and the
+//! thread's own clean-up runs when it ends.
+
+use std::io;
 
 use bytes::Bytes;
 use probe_api::names::ProbePath;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-use super::backend::{BlockingStaging, Staged, Staging};
 use crate::error::{Error, Result};
 
 /// Chunks queued between the network and the writing thread.
@@ -18,14 +19,14 @@ const WRITE_QUEUE: usize = 16;
 pub(crate) struct ChunkWriter<T> {
     path: ProbePath,
     chunks: mpsc::Sender<Bytes>,
-    worker: JoinHandle<Result<T>>,
+    worker: JoinHandle<io::Result<T>>,
 }
 
 impl<T: Send + 'static> ChunkWriter<T> {
     /// Starts `write` on a blocking thread, fed the chunks of `path`.
     pub(crate) fn start(
         path: &ProbePath,
-        write: impl FnOnce(mpsc::Receiver<Bytes>) -> Result<T> + Send + 'static,
+        write: impl FnOnce(mpsc::Receiver<Bytes>) -> io::Result<T> + Send + 'static,
     ) -> Self {
         let (chunks, receiver) = mpsc::channel(WRITE_QUEUE);
         let worker = tokio::task::spawn_blocking(move || write(receiver));
@@ -37,7 +38,7 @@ impl<T: Send + 'static> ChunkWriter<T> {
         if self.chunks.send(chunk).await.is_err() {
             // The thread stopped early: only a write error does that.
             let error = match (&mut self.worker).await {
-                Ok(Err(error)) => error,
+                Ok(Err(error)) => Error::io(format!("writing {}", self.path), error),
                 _ => Error::internal(format!("writing {}: the writer stopped", self.path)),
             };
             return Err(error);
@@ -49,32 +50,9 @@ impl<T: Send + 'static> ChunkWriter<T> {
     pub(crate) async fn finish(self) -> Result<T> {
         let ChunkWriter { path, chunks, worker } = self;
         drop(chunks);
-        worker.await.map_err(|e| Error::internal(format!("writing {path}: {e}")))?
-    }
-}
-
-/// A blocking staging as a `Staging`: its writes run on a blocking thread.
-pub(crate) fn on_a_thread(path: &ProbePath, mut staging: Box<dyn BlockingStaging>) -> Box<dyn Staging> {
-    Box::new(ThreadStaging(ChunkWriter::start(path, move |mut chunks| {
-        while let Some(chunk) = chunks.blocking_recv() {
-            staging.write(&chunk)?;
-        }
-        Ok(staging)
-    })))
-}
-
-struct ThreadStaging(ChunkWriter<Box<dyn BlockingStaging>>);
-
-#[tonic::async_trait]
-impl Staging for ThreadStaging {
-    async fn write(&mut self, chunk: Bytes) -> Result<()> {
-        self.0.write(chunk).await
-    }
-
-    async fn finish(self: Box<Self>) -> Result<Box<dyn Staged>> {
-        let staging = self.0.finish().await?;
-        tokio::task::spawn_blocking(move || staging.finish())
+        worker
             .await
-            .map_err(|e| Error::internal(format!("finishing a staging: {e}")))?
+            .map_err(|e| Error::internal(format!("writing {path}: {e}")))?
+            .map_err(|e| Error::io(format!("writing {path}"), e))
     }
 }

@@ -15,7 +15,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tonic::Code;
 
-use super::backend::{Backend, BlockingStaging, Staged, Staging};
+use super::backend::{Backend, BlockingStaging, Stage, Staged, Staging};
 use super::{
     CommitOrder, Committed, Decision, ExpectedDigests, ModuleSummary, PendingCommit, ProbeReader, ProbeStore,
     ProbeWriter, StoredProbe, overwrite_rule, report_taken,
@@ -136,9 +136,9 @@ impl<B: Backend> ProbeStore for VerifiedStore<B> {
     async fn create(&self, path: ProbePath, size: u64) -> Result<Box<dyn ProbeWriter>> {
         let reservation = self.reserve(size)?;
         // A staging of blocking writes is written by the hashing thread.
-        let (on_hasher, staging) = match self.backend.stage_blocking(&path) {
-            Some(staging) => (Some(staging?), None),
-            None => (None, Some(self.backend.stage(&path, size).await?)),
+        let (on_hasher, staging) = match self.backend.stage(&path, size).await? {
+            Stage::Blocking(staging) => (Some(staging), None),
+            Stage::Async(staging) => (None, Some(staging)),
         };
         let (chunks, queue) = mpsc::channel(HASH_QUEUE);
         let prehash = self.shared.trusted_keys.is_some();

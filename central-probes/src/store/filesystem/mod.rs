@@ -40,7 +40,7 @@ use probe_api::names::{ModuleVersion, ProbePath};
 use tracing::{info, warn};
 
 use crate::error::{Error, Result};
-use crate::store::backend::{Backend, Staging};
+use crate::store::backend::{Backend, Stage};
 use crate::store::verified::VerifiedStore;
 use crate::store::{ModuleSummary, ProbeReader, StoredProbe, list_range};
 
@@ -219,8 +219,8 @@ impl Backend for FilesystemBackend {
         Ok(summaries)
     }
 
-    async fn stage(&self, path: &ProbePath, _size: u64) -> Result<Box<dyn Staging>> {
-        Ok(Box::new(FsStaging::start(&self.inner, path)?))
+    async fn stage(&self, path: &ProbePath, _size: u64) -> Result<Stage> {
+        Ok(Stage::Async(Box::new(FsStaging::start(&self.inner, path)?)))
     }
 
     fn available_bytes(&self) -> Result<u64> {

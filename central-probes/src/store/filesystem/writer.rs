@@ -68,9 +68,7 @@ impl FsStaging {
             .open(&temp_path)
             .map_err(|e| Error::io(format!("creating {}", temp_path.display()), e))?;
         let temp = TempFile { path: temp_path, file, renamed: false };
-        let what = format!("writing {path}");
-        let writer =
-            ChunkWriter::start(path, move |chunks| write_all_chunks(temp, chunks).map_err(|e| Error::io(what, e)));
+        let writer = ChunkWriter::start(path, move |chunks| write_all_chunks(temp, chunks));
         Ok(FsStaging { inner: inner.clone(), path: path.clone(), writer })
     }
 }

@@ -59,8 +59,8 @@ pub(super) struct Target<'a> {
 }
 
 /// Appends bytes at `at` onward: buffered up to the first page boundary
-/// after `no_direct_before`, then whole pages direct, and the last partial
-/// page buffered again.
+/// at or after `at`, then whole pages direct, and the last partial page
+/// buffered again.
 pub(super) struct RecordWriter {
     /// Where the next byte goes.
     at: u64,
@@ -73,10 +73,10 @@ pub(super) struct RecordWriter {
 }
 
 impl RecordWriter {
-    /// A writer from `at`; no page before the one after `no_direct_before`
-    /// (the end of the header, which is written later) is written direct.
-    pub(super) fn new(target: &Target, at: u64, no_direct_before: u64) -> Self {
-        let direct_start = no_direct_before.div_ceil(PAGE) * PAGE;
+    /// A writer from `at`: the page of `at` holds what comes before it (the
+    /// header, written later), so it is written buffered.
+    pub(super) fn new(target: &Target, at: u64) -> Self {
+        let direct_start = at.div_ceil(PAGE) * PAGE;
         let buffer = if target.direct.is_some() { target.buffers.take() } else { Vec::new() };
         RecordWriter { at, direct_start, buffer, buffered: 0 }
     }
@@ -145,14 +145,14 @@ mod tests {
     use super::*;
     use std::os::unix::fs::FileExt;
 
-    fn write_pieces(dir: &Path, start: u64, no_direct_before: u64, pieces: &[usize]) -> (Vec<u8>, u64) {
+    fn write_pieces(dir: &Path, start: u64, pieces: &[usize]) -> (Vec<u8>, u64) {
         let path = dir.join("pack");
         let file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path).unwrap();
         let direct = open(&path);
         let (faults, buffers) = (Faults::default(), Buffers::default());
         let target = Target { faults: &faults, file: &file, direct: direct.as_ref(), buffers: &buffers };
         file.write_all_at(&vec![0xEE; start as usize], 0).unwrap();
-        let mut writer = RecordWriter::new(&target, start, no_direct_before);
+        let mut writer = RecordWriter::new(&target, start);
         let mut expected = Vec::new();
         for (i, &len) in pieces.iter().enumerate() {
             let piece: Vec<u8> = (0..len).map(|j| (i * 31 + j * 7) as u8).collect();
@@ -175,7 +175,7 @@ mod tests {
         for start in [0u64, 1, 88, 4095, 4096, 5000] {
             for pieces in [&[0usize][..], &[1], &[4096], &[100_000], &[BUFFER, 1], &[3, BUFFER * 2 + 5, 4096, 17]] {
                 let len: usize = pieces.iter().sum();
-                let (_, end) = write_pieces(dir.path(), start, start + 88, pieces);
+                let (_, end) = write_pieces(dir.path(), start, pieces);
                 assert_eq!(end, start + len as u64);
             }
         }

@@ -48,8 +48,7 @@ use probe_api::names::{ModuleVersion, ProbePath};
 use tracing::{info, warn};
 
 use crate::error::{Error, Result};
-use crate::store::backend::{Backend, BlockingStaging, Staging};
-use crate::store::chunk_writer;
+use crate::store::backend::{Backend, Stage};
 use crate::store::filesystem::format::{load_or_create_key, lock_data_dir};
 use crate::store::filesystem::reader::{READ_CHUNK, read_on_demand};
 use crate::store::filesystem::writer::available_bytes;
@@ -300,14 +299,9 @@ impl Backend for PackBackend {
         Ok(Some(ProbeReader { probe, chunks }))
     }
 
-    async fn stage(&self, path: &ProbePath, _size: u64) -> Result<Box<dyn Staging>> {
-        let staging = self.stage_blocking(path).expect("a pack store stages by blocking writes")?;
-        Ok(chunk_writer::on_a_thread(path, staging))
-    }
-
-    fn stage_blocking(&self, path: &ProbePath) -> Option<Result<Box<dyn BlockingStaging>>> {
-        let staging = self.inner.failed().and_then(|()| staging::PackStaging::start(&self.inner, path));
-        Some(staging.map(|staging| Box::new(staging) as Box<dyn BlockingStaging>))
+    async fn stage(&self, path: &ProbePath, _size: u64) -> Result<Stage> {
+        self.inner.failed()?;
+        Ok(Stage::Blocking(Box::new(staging::PackStaging::start(&self.inner, path)?)))
     }
 
     async fn remove(&self, path: &ProbePath) -> Result<bool> {

@@ -1,6 +1,6 @@
 //! Staging and committing in a pack: a probe's record is appended to a
 //! leased pack as its bytes arrive (on the thread that hashes them, see
-//! `Backend::stage_blocking`), completed (its signature and header) when
+//! `backend::Stage::Blocking`), completed (its signature and header) when
 //! they are all in, and committed by writing its stamp and handing the
 //! index change to the group commit. Removals append a tombstone the same
 //! way.
@@ -35,7 +35,7 @@ impl PackStaging {
     pub(super) fn start(inner: &Arc<Inner>, path: &ProbePath) -> Result<PackStaging> {
         let lease = inner.packs.lease().map_err(|e| Error::io("starting a pack", e))?;
         let at = lease.start + HEADER_LEN;
-        let record = RecordWriter::new(&lease.target(), at, at);
+        let record = RecordWriter::new(&lease.target(), at);
         let mut staging = PackStaging { inner: inner.clone(), path: path.clone(), lease, record };
         staging.write(path.to_string().as_bytes())?;
         Ok(staging)

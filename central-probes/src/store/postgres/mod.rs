@@ -44,7 +44,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::error::{Error, Result};
-use crate::store::backend::{Backend, Staging};
+use crate::store::backend::{Backend, Stage};
 use crate::store::verified::VerifiedStore;
 use crate::store::{ModuleSummary, ProbeReader, StoredProbe};
 
@@ -204,7 +204,7 @@ impl Backend for PostgresBackend {
         Ok(Some(ProbeReader { probe, chunks: Box::pin(ReceiverStream::new(receiver)) }))
     }
 
-    async fn stage(&self, path: &ProbePath, _size: u64) -> Result<Box<dyn Staging>> {
+    async fn stage(&self, path: &ProbePath, _size: u64) -> Result<Stage> {
         // Visible at commit, durable at the group flush that follows it.
         let (writing, blob) = InTransaction::begin_returning(
             &self.pool,
@@ -214,7 +214,7 @@ impl Backend for PostgresBackend {
         let blob: i64 = blob
             .and_then(|blob| blob.parse().ok())
             .ok_or_else(|| Error::internal("the database gave no number for a new probe"))?;
-        Ok(Box::new(PgStaging::new(writing, self.flush.clone(), path.clone(), blob)))
+        Ok(Stage::Async(Box::new(PgStaging::new(writing, self.flush.clone(), path.clone(), blob))))
     }
 
     async fn remove(&self, path: &ProbePath) -> Result<bool> {
