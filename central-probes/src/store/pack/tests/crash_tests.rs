@@ -315,3 +315,29 @@ async fn compaction_leaves_a_pack_alone_while_a_record_in_it_waits_for_its_commi
     drop(store);
     only_odd_probes_and(&PackStore::open(&config).unwrap(), 40).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_background_compaction_runs_every_compaction_every() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = half_removed(dir.path()).await;
+    let (_, dead) = PackStore::open(&config).unwrap().space().unwrap();
+    assert!(dead > 0);
+    // Nothing compacts in the first interval (a minute by default) ...
+    let store = PackStore::open(&config).unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert_eq!(store.space().unwrap().1, dead, "no compaction before its interval");
+    drop(store);
+    // ... and with an interval of 50 ms, the dead bytes go without a call.
+    config.compaction.every = std::time::Duration::from_millis(50);
+    let store = PackStore::open(&config).unwrap();
+    let mut left = dead;
+    for _ in 0..200 {
+        left = store.space().unwrap().1;
+        if left < dead {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(left < dead, "{left} dead bytes after the background compaction, {dead} before");
+    only_odd_probes(&store, "after the background compaction").await;
+}
