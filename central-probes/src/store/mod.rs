@@ -21,6 +21,7 @@ pub mod client_id;
 pub mod conformance;
 pub mod filesystem;
 pub mod hot;
+mod lanes;
 pub(crate) mod lru;
 pub mod misses;
 pub mod pack;

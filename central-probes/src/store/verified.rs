@@ -1,21 +1,21 @@
-//! The store every backend is used through: it hashes what is written, and
-//! commits it only when size and SHA-256 match what the writer promised, in
-//! a task that outlives its caller, after the caller's gate (the file before
-//! it in an upload) and never below the disk floor. A backend only stages
-//! and compare-and-commits (`backend.rs`).
+//! The store every backend is used through: it hashes what is written (on
+//! its lanes, `lanes.rs`), and commits it only when size and SHA-256 match
+//! what the writer promised, in a task that outlives its caller, after the
+//! caller's gate (the file before it in an upload) and never below the disk
+//! floor. A backend only stages and compare-and-commits (`backend.rs`).
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use probe_api::digest::{Sha256Digest, Sha256Hasher};
 use probe_api::names::{ModuleVersion, ProbePath};
 use probe_api::signing::{Prehasher, SignatureError, TrustedKeys};
-use tokio::sync::mpsc;
-use tokio::task::JoinHandle;
+use tokio::sync::oneshot;
 use tonic::Code;
 
 use super::backend::{Backend, BlockingStaging, Stage, Staged, Staging};
+use super::lanes::{Lane, Lanes};
 use super::{
     CommitOrder, Committed, Decision, ExpectedDigests, ModuleSummary, PendingCommit, ProbeReader, ProbeStore,
     ProbeWriter, StoredProbe, overwrite_rule, report_taken,
@@ -24,9 +24,6 @@ use crate::error::{Error, Result};
 
 /// Told of each probe a store with trusted keys refuses, and why.
 pub type OnRefused = Arc<dyn Fn(&SignatureError) + Send + Sync>;
-
-/// Chunks queued between the network and the hashing thread of one file.
-const HASH_QUEUE: usize = 16;
 
 /// A backend behind verification and the disk floor; cheap to clone.
 pub struct VerifiedStore<B> {
@@ -49,13 +46,20 @@ struct Shared {
     /// Bytes of files being written: the backend will need them soon,
     /// although its free space does not show it yet.
     reserved: AtomicU64,
+    /// The threads that hash (and, for blocking stagings, write) chunks.
+    lanes: Lanes,
 }
 
 impl<B: Backend> VerifiedStore<B> {
     pub fn new(backend: B, min_free_bytes: u64) -> Self {
         VerifiedStore {
             backend: Arc::new(backend),
-            shared: Arc::new(Shared { min_free_bytes, trusted_keys: None, reserved: AtomicU64::new(0) }),
+            shared: Arc::new(Shared {
+                min_free_bytes,
+                trusted_keys: None,
+                reserved: AtomicU64::new(0),
+                lanes: Lanes::new(),
+            }),
         }
     }
 
@@ -135,21 +139,21 @@ impl<B: Backend> ProbeStore for VerifiedStore<B> {
 
     async fn create(&self, path: ProbePath, size: u64) -> Result<Box<dyn ProbeWriter>> {
         let reservation = self.reserve(size)?;
-        // A staging of blocking writes is written by the hashing thread.
-        let (on_hasher, staging) = match self.backend.stage(&path, size).await? {
+        // A staging of blocking writes is written on the lane that hashes.
+        let (on_lane, staging) = match self.backend.stage(&path, size).await? {
             Stage::Blocking(staging) => (Some(staging), None),
             Stage::Async(staging) => (None, Some(staging)),
         };
-        let (chunks, queue) = mpsc::channel(HASH_QUEUE);
         let prehash = self.shared.trusted_keys.is_some();
-        let hasher = tokio::task::spawn_blocking(move || hash_all(queue, prehash, on_hasher));
         Ok(Box::new(VerifiedWriter {
             path,
             size,
             received: 0,
             staging,
-            chunks,
-            hasher: Some(hasher),
+            on_lane: OnLane {
+                lane: self.shared.lanes.pick(),
+                hashing: Some(Arc::new(FileHashing::new(prehash, on_lane))),
+            },
             reservation,
             signature: None,
             shared: self.shared.clone(),
@@ -177,7 +181,7 @@ impl<B: Backend> ProbeStore for VerifiedStore<B> {
     }
 }
 
-/// What the hashing thread found: the length and the digests.
+/// What the lane found: the length and the digests.
 struct Received {
     len: u64,
     sha256: Sha256Digest,
@@ -187,37 +191,86 @@ struct Received {
     prehash: Option<[u8; 64]>,
 }
 
-/// What the hashing thread did: the digests, and the staging it wrote (if
-/// it was given one), or the error that stopped it.
+/// What the lane did: the digests, and the staging it wrote (if it was
+/// given one), or the error that stopped it.
 struct Hashed {
     received: Received,
     staged: Option<Result<Box<dyn Staged>>>,
 }
 
-/// Hashes chunks on a blocking thread until the channel closes, and writes
-/// them to `staging` if given one. The CRC-32 costs a few percent of the
-/// SHA-256 (crc32fast runs at memory speed).
-fn hash_all(mut chunks: mpsc::Receiver<Bytes>, prehash: bool, mut staging: Option<Box<dyn BlockingStaging>>) -> Hashed {
-    let mut sha256 = Sha256Hasher::new();
-    let mut crc32 = crc32fast::Hasher::new();
-    let mut blake2b = prehash.then(Prehasher::new);
-    let mut len = 0u64;
-    while let Some(chunk) = chunks.blocking_recv() {
-        sha256.update(&chunk);
-        crc32.update(&chunk);
-        if let Some(blake2b) = &mut blake2b {
-            blake2b.update(&chunk);
+/// One file as its lane sees it; the writer holds it too.
+struct FileHashing {
+    state: Mutex<Option<Hashing>>,
+    /// Set when a write of the staging failed: nothing more is taken.
+    failed: AtomicBool,
+}
+
+/// The digests so far, and the staging the lane writes.
+struct Hashing {
+    sha256: Sha256Hasher,
+    crc32: crc32fast::Hasher,
+    blake2b: Option<Prehasher>,
+    len: u64,
+    staging: Option<Box<dyn BlockingStaging>>,
+    error: Option<Error>,
+}
+
+impl FileHashing {
+    fn new(prehash: bool, staging: Option<Box<dyn BlockingStaging>>) -> FileHashing {
+        let hashing = Hashing {
+            sha256: Sha256Hasher::new(),
+            crc32: crc32fast::Hasher::new(),
+            blake2b: prehash.then(Prehasher::new),
+            len: 0,
+            staging,
+            error: None,
+        };
+        FileHashing { state: Mutex::new(Some(hashing)), failed: AtomicBool::new(false) }
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, Option<Hashing>> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// On the lane: hashes `chunk`, and writes it to the staging if there
+    /// is one. The CRC-32 costs a few percent of the SHA-256 (crc32fast
+    /// runs at memory speed).
+    fn take(&self, chunk: &[u8]) {
+        let mut state = self.state();
+        let Some(hashing) = state.as_mut().filter(|hashing| hashing.error.is_none()) else { return };
+        hashing.sha256.update(chunk);
+        hashing.crc32.update(chunk);
+        if let Some(blake2b) = &mut hashing.blake2b {
+            blake2b.update(chunk);
         }
-        len += chunk.len() as u64;
-        if let Some(Err(error)) = staging.as_mut().map(|staging| staging.write(&chunk)) {
-            // Closing the channel tells the writer at its next chunk.
-            let received = Received { len, sha256: sha256.finish(), crc32: 0, prehash: None };
-            return Hashed { received, staged: Some(Err(error)) };
+        hashing.len += chunk.len() as u64;
+        if let Some(Err(error)) = hashing.staging.as_mut().map(|staging| staging.write(chunk)) {
+            hashing.error = Some(error);
+            // The writer stops at its next chunk.
+            self.failed.store(true, Ordering::SeqCst);
         }
     }
-    let received =
-        Received { len, sha256: sha256.finish(), crc32: crc32.finalize(), prehash: blake2b.map(Prehasher::finish) };
-    Hashed { received, staged: staging.map(|staging| staging.finish()) }
+
+    /// On the lane: the digests and the finished staging.
+    fn finish(&self) -> Option<Hashed> {
+        let hashing = self.state().take()?;
+        let received = Received {
+            len: hashing.len,
+            sha256: hashing.sha256.finish(),
+            crc32: hashing.crc32.finalize(),
+            prehash: hashing.blake2b.map(Prehasher::finish),
+        };
+        let staged = match hashing.error {
+            Some(error) => Some(Err(error)),
+            None => hashing.staging.map(|staging| staging.finish()),
+        };
+        Some(Hashed { received, staged })
+    }
+
+    /// The error that stopped the lane taking this file's chunks.
+    fn error(&self) -> Option<Error> {
+        self.state().as_ref().and_then(|hashing| hashing.error.clone())
+    }
 }
 
 /// With trusted keys, the signature must verify for these bytes.
@@ -257,29 +310,48 @@ struct VerifiedWriter {
     path: ProbePath,
     size: u64,
     received: u64,
-    /// A staging written here; `None` when the hashing thread writes it.
+    /// A staging written here; `None` when the lane writes it.
     staging: Option<Box<dyn Staging>>,
-    /// To the hashing thread; it ends when this closes.
-    chunks: mpsc::Sender<Bytes>,
-    /// Taken when the thread stopped early.
-    hasher: Option<JoinHandle<Hashed>>,
+    on_lane: OnLane,
     reservation: Reservation,
     signature: Option<Bytes>,
     shared: Arc<Shared>,
 }
 
-impl VerifiedWriter {
-    /// The error that stopped the hashing thread before the end: a write of
-    /// the staging it was given.
-    async fn why_the_hasher_stopped(&mut self) -> Error {
-        let stopped = || Error::internal(format!("hashing {}: the hasher stopped", self.path));
-        match self.hasher.take() {
-            Some(hasher) => match hasher.await {
-                Ok(Hashed { staged: Some(Err(error)), .. }) => error,
-                _ => stopped(),
-            },
-            None => stopped(),
+/// A file on the lane that hashes its chunks. Dropped unfinished, it drops
+/// the file's staging on the lane, after the chunks queued before (a pack
+/// lease cuts its record off there).
+struct OnLane {
+    lane: Lane,
+    /// Handed to the lane's last job by `finish`.
+    hashing: Option<Arc<FileHashing>>,
+}
+
+impl OnLane {
+    /// Queues the file's last job: what the lane did, once it has.
+    fn finish(mut self) -> Option<oneshot::Receiver<Hashed>> {
+        let hashing = self.hashing.take()?;
+        let (done, hashed) = oneshot::channel();
+        let queued = self.lane.run_now(0, move || {
+            if let Some(result) = hashing.finish() {
+                let _ = done.send(result);
+            }
+        });
+        queued.then_some(hashed)
+    }
+}
+
+impl Drop for OnLane {
+    fn drop(&mut self) {
+        if let Some(hashing) = self.hashing.take() {
+            self.lane.run_now(0, move || drop(hashing.state().take()));
         }
+    }
+}
+
+impl VerifiedWriter {
+    fn lane_gone(&self) -> Error {
+        Error::internal(format!("hashing {}: the hashing thread is gone", self.path))
     }
 }
 
@@ -291,10 +363,14 @@ impl ProbeWriter for VerifiedWriter {
             return Err(Error::invalid_argument(format!("{}: more bytes than the declared {}", self.path, self.size)));
         }
         self.received = received;
+        let hashing = self.on_lane.hashing.clone().ok_or_else(|| self.lane_gone())?;
+        if hashing.failed.load(Ordering::SeqCst) {
+            return Err(hashing.error().unwrap_or_else(|| self.lane_gone()));
+        }
         // Hashing and an async staging run side by side.
         let for_staging = self.staging.is_some().then(|| chunk.clone());
-        if self.chunks.send(chunk).await.is_err() {
-            return Err(self.why_the_hasher_stopped().await);
+        if !self.on_lane.lane.run(chunk.len() as u64, move || hashing.take(&chunk)).await {
+            return Err(self.lane_gone());
         }
         match (&mut self.staging, for_staging) {
             (Some(staging), Some(chunk)) => staging.write(chunk).await,
@@ -312,18 +388,18 @@ impl ProbeWriter for VerifiedWriter {
         overwrite: bool,
         order: CommitOrder,
     ) -> Result<PendingCommit> {
-        let VerifiedWriter { path, size, staging, chunks, hasher, reservation, signature, shared, .. } = *self;
+        let VerifiedWriter { path, size, staging, on_lane, reservation, signature, shared, .. } = *self;
         if expected == ExpectedDigests::default() {
             return Err(Error::invalid_argument(format!("{path}: the trailer carries neither a SHA-256 nor a CRC-32")));
         }
-        drop(chunks);
-        let hasher = hasher.ok_or_else(|| Error::internal(format!("writing {path}: the writer stopped")))?;
+        let lane_gone = |path: &ProbePath| Error::internal(format!("hashing {path}: the hashing thread is gone"));
+        let hashed = on_lane.finish().ok_or_else(|| lane_gone(&path))?;
         // The commit runs to its end even if the caller goes away, so a file
         // whose last byte arrived is never left half-committed; the caller
         // goes on with the next file meanwhile.
         let task = tokio::spawn(async move {
             let CommitOrder { after, taken } = order;
-            let hashed = hasher.await.map_err(|e| Error::internal(format!("hashing {path}: {e}")))?;
+            let hashed = hashed.await.map_err(|_| lane_gone(&path))?;
             let received = hashed.received;
             let mut staged = match (hashed.staged, staging) {
                 (Some(staged), _) => staged?,

@@ -301,7 +301,7 @@ impl Backend for PackBackend {
 
     async fn stage(&self, path: &ProbePath, _size: u64) -> Result<Stage> {
         self.inner.failed()?;
-        Ok(Stage::Blocking(Box::new(staging::PackStaging::start(&self.inner, path)?)))
+        Ok(Stage::Blocking(Box::new(staging::PackStaging::new(&self.inner, path))))
     }
 
     async fn remove(&self, path: &ProbePath) -> Result<bool> {

@@ -24,32 +24,43 @@ use super::state::{Inner, durable, unix_now};
 pub(super) struct PackStaging {
     inner: Arc<Inner>,
     path: ProbePath,
-    /// Dropped unfinished, the lease cuts the pack back.
-    lease: Lease,
-    record: RecordWriter,
+    /// Taken at the first write, on the lane that writes the record: files
+    /// created ahead of their lane hold no pack. Dropped unfinished, the
+    /// lease cuts the pack back.
+    started: Option<(Lease, RecordWriter)>,
 }
 
 impl PackStaging {
-    /// A record started in a leased pack: its path written after the room
-    /// for the header.
-    pub(super) fn start(inner: &Arc<Inner>, path: &ProbePath) -> Result<PackStaging> {
-        let lease = inner.packs.lease().map_err(|e| Error::io("starting a pack", e))?;
-        let at = lease.start + HEADER_LEN;
-        let record = RecordWriter::new(&lease.target(), at);
-        let mut staging = PackStaging { inner: inner.clone(), path: path.clone(), lease, record };
-        staging.write(path.to_string().as_bytes())?;
-        Ok(staging)
+    pub(super) fn new(inner: &Arc<Inner>, path: &ProbePath) -> PackStaging {
+        PackStaging { inner: inner.clone(), path: path.clone(), started: None }
+    }
+
+    /// The record, started in a leased pack (its path written after the
+    /// room for the header) if it is not yet.
+    fn started(&mut self) -> Result<&mut (Lease, RecordWriter)> {
+        if self.started.is_none() {
+            let lease = self.inner.packs.lease().map_err(|e| Error::io("starting a pack", e))?;
+            let at = lease.start + HEADER_LEN;
+            let mut record = RecordWriter::new(&lease.target(), at);
+            let path = self.path.to_string();
+            record.write(&lease.target(), path.as_bytes()).map_err(|e| Error::io(format!("writing {path}"), e))?;
+            self.started = Some((lease, record));
+        }
+        Ok(self.started.as_mut().expect("started"))
     }
 }
 
 impl BlockingStaging for PackStaging {
     fn write(&mut self, chunk: &[u8]) -> Result<()> {
-        let target = self.lease.target();
-        self.record.write(&target, chunk).map_err(|e| Error::io(format!("writing {}", self.path), e))
+        let path = self.path.clone();
+        let (lease, record) = self.started()?;
+        record.write(&lease.target(), chunk).map_err(|e| Error::io(format!("writing {path}"), e))
     }
 
-    fn finish(self: Box<Self>) -> Result<Box<dyn Staged>> {
-        let PackStaging { inner, path, lease, record } = *self;
+    fn finish(mut self: Box<Self>) -> Result<Box<dyn Staged>> {
+        self.started()?;
+        let PackStaging { inner, path, started } = *self;
+        let (lease, record) = started.expect("started");
         let end = record.finish(&lease.target()).map_err(|e| Error::io(format!("writing {path}"), e))?;
         Ok(Box::new(PackStaged { inner, path, lease: Some(lease), bytes_end: end, record: None, in_flight: None }))
     }
@@ -92,19 +103,14 @@ impl Staged for PackStaged {
         };
         let header = loc.header(&self.path).encode(self.path.to_string().as_bytes(), &signature);
         let bytes_end = self.bytes_end;
-        let path = self.path.clone();
-        // Written here, not yet durable: the group commit syncs the pack.
-        let lease = tokio::task::spawn_blocking(move || {
-            let io_error = |what: &str| {
-                let what = format!("writing the {what} of {path}");
-                move |e| Error::io(what, e)
-            };
-            lease.faults().write_at(lease.file(), &signature, bytes_end).map_err(io_error("signature"))?;
-            lease.faults().write_at(lease.file(), &header, lease.start).map_err(io_error("header"))?;
-            Ok::<_, Error>(lease)
-        })
-        .await
-        .map_err(|e| Error::internal(format!("writing {}: {e}", self.path)))??;
+        // Written here, into the page cache (no blocking thread for a few
+        // hundred bytes); the group commit makes them durable.
+        let io_error = |what: &str| {
+            let what = format!("writing the {what} of {}", self.path);
+            move |e| Error::io(what, e)
+        };
+        lease.faults().write_at(lease.file(), &signature, bytes_end).map_err(io_error("signature"))?;
+        lease.faults().write_at(lease.file(), &header, lease.start).map_err(io_error("header"))?;
         let end = bytes_end + u64::from(signature_len);
         // Counted before the pack is given back, and so before compaction
         // could pick it.
