@@ -1,7 +1,8 @@
 //! The probe store: where uploaded probes live. The services see only
-//! `ProbeStore`. A store is composed: `VerifiedStore` (verified.rs: hashing,
-//! size and digest checks, the disk floor, commits that outlive their caller
-//! and wait for their gate) over a `Backend` (backend.rs: batch lookup,
+//! `ProbeStore`. A store is composed: `VerifiedStore` (verified.rs: hashing
+//! on a thread per core, `lanes` and `file_hashing`; size and digest checks,
+//! the disk floor, commits that outlive their caller and wait for their
+//! gate) over a `Backend` (backend.rs: batch lookup,
 //! listing, reading, staging, and a compare-and-commit that applies the
 //! overwrite rule atomically): `filesystem/` and `postgres/`, both passing
 //! `conformance`. `read_through` keeps local copies of a shared record, and
@@ -19,6 +20,7 @@ mod chunk_writer;
 pub mod client_id;
 #[cfg(any(test, feature = "testing"))]
 pub mod conformance;
+mod file_hashing;
 pub mod filesystem;
 pub mod hot;
 mod lanes;
