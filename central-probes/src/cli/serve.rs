@@ -6,8 +6,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use central_probes::server::{
-    Central, CentralConfig, CompactionLimits, ConnectionLimits, DatabaseConfig, PostgresConfig, StoreLayout,
-    TlsMaterial, UpstreamConfig, UpstreamKind,
+    BatchLimits, Central, CentralConfig, CompactionLimits, ConnectionLimits, DatabaseConfig, PostgresConfig,
+    StoreLayout, TlsMaterial, UpstreamConfig, UpstreamKind,
 };
 use clap::Args;
 use probe_api::https::{Proxy, ProxySettings};
@@ -49,6 +49,14 @@ pub struct ServeArgs {
     /// rewrite.
     #[arg(long, env = "CENTRAL_COMPACT_EVERY", default_value = "60s", value_parser = humantime::parse_duration)]
     compact_every: Duration,
+    /// With packs: a group commit makes durable at most this many bytes of
+    /// records at once (bytes, or with a K/M/G or KiB/MiB/GiB suffix).
+    #[arg(long, env = "CENTRAL_COMMIT_BATCH", default_value = "64MiB", value_parser = parse_size)]
+    commit_batch: u64,
+    /// With packs: how long a group commit waits, after the first commit
+    /// that reached it, for more to make durable with the same fsyncs.
+    #[arg(long, env = "CENTRAL_COMMIT_WAIT", default_value = "2ms", value_parser = humantime::parse_duration)]
+    commit_wait: Duration,
     /// Central's TLS certificate (PEM).
     #[arg(long, env = "CENTRAL_TLS_CERT")]
     tls_cert: PathBuf,
@@ -203,14 +211,7 @@ pub async fn serve(args: ServeArgs) -> Result<(), CliError> {
         data_dir: args.data_dir.clone(),
         min_free_bytes: args.min_free_space,
         hot_cache_bytes: args.hot_cache_size,
-        store_layout: match args.store_layout {
-            LayoutArg::Packs => StoreLayout::Packs(CompactionLimits {
-                below_live_fraction: args.compact_below,
-                bytes_per_second: args.compact_rate,
-                every: args.compact_every,
-            }),
-            LayoutArg::Files => StoreLayout::Files,
-        },
+        store_layout: args.store_layout(),
         database: match &args.database_url {
             None => None,
             Some(url) => Some(DatabaseConfig {
@@ -319,6 +320,22 @@ async fn shutdown_signal() {
     }
 }
 
+impl ServeArgs {
+    fn store_layout(&self) -> StoreLayout {
+        match self.store_layout {
+            LayoutArg::Packs => StoreLayout::Packs {
+                compaction: CompactionLimits {
+                    below_live_fraction: self.compact_below,
+                    bytes_per_second: self.compact_rate,
+                    every: self.compact_every,
+                },
+                batch: BatchLimits { max_bytes: self.commit_batch, max_delay: self.commit_wait },
+            },
+            LayoutArg::Files => StoreLayout::Files,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use clap::Parser;
@@ -334,6 +351,7 @@ mod tests {
         let cli = Cli::try_parse_from(["central-probes", "serve"].into_iter().chain(required)).unwrap();
         let Command::Serve(args) = cli.command else { panic!("not serve") };
         assert_eq!(args.limits.limits(), ConnectionLimits::default());
+        assert_eq!(args.store_layout(), StoreLayout::default());
     }
 }
 

@@ -55,7 +55,7 @@ use crate::store::read_through::ReadThrough;
 use probe_api::signing::TrustedKeys;
 use stores::{checked, open_copies, open_store, open_uploaded};
 // The server's front door: what the binary needs to configure and run it.
-pub use crate::store::pack::CompactionLimits;
+pub use crate::store::pack::{BatchLimits, CompactionLimits};
 pub use crate::store::postgres::PostgresConfig;
 pub use auth::{Role, TokenFile};
 pub use connections::ConnectionLimits;

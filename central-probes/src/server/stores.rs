@@ -11,16 +11,16 @@ use crate::server::metrics::Metrics;
 use crate::store::ProbeStore;
 use crate::store::backend::Backend;
 use crate::store::filesystem::{FilesystemStore, FilesystemStoreConfig};
-use crate::store::pack::{CompactionLimits, PackStore, PackStoreConfig};
+use crate::store::pack::{BatchLimits, CompactionLimits, PackStore, PackStoreConfig};
 use crate::store::verified::VerifiedStore;
 
 /// How the data directory keeps uploaded probes (`--store-layout`).
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub enum StoreLayout {
     /// Records appended to pack files, a group commit per batch
     /// (`store::pack`), compacted in the background; a per-file data
     /// directory is converted at start.
-    Packs(CompactionLimits),
+    Packs { compaction: CompactionLimits, batch: BatchLimits },
     /// A file per probe, each committed by its own fsync and rename
     /// (`store::filesystem`): the layout before packs.
     Files,
@@ -28,7 +28,7 @@ pub enum StoreLayout {
 
 impl Default for StoreLayout {
     fn default() -> Self {
-        StoreLayout::Packs(CompactionLimits::default())
+        StoreLayout::Packs { compaction: CompactionLimits::default(), batch: BatchLimits::default() }
     }
 }
 
@@ -47,8 +47,8 @@ pub(super) async fn open_uploaded(
         StoreLayout::Files => {
             Arc::new(checked(open_store(data_dir, min_free_bytes, what).await?, keys, metrics, "upload"))
         }
-        StoreLayout::Packs(compaction) => {
-            let config = PackStoreConfig { min_free_bytes, compaction, ..PackStoreConfig::new(data_dir) };
+        StoreLayout::Packs { compaction, batch } => {
+            let config = PackStoreConfig { min_free_bytes, compaction, batch, ..PackStoreConfig::new(data_dir) };
             let store = open_blocking(what, move || PackStore::open(&config)).await?;
             Arc::new(checked(store, keys, metrics, "upload"))
         }

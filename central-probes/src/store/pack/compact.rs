@@ -22,7 +22,7 @@ use super::record::{Kind, read_record, stamp_into};
 use super::state::Inner;
 
 /// When and how fast compaction runs.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub struct CompactionLimits {
     /// A sealed pack whose live bytes are below this fraction of its length
     /// is rewritten; 0 turns compaction off.

@@ -42,7 +42,6 @@ use std::sync::atomic::AtomicBool;
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
 
 use probe_api::names::{ModuleVersion, ProbePath};
 use tracing::{info, warn};
@@ -76,7 +75,7 @@ impl PackStoreConfig {
         PackStoreConfig {
             data_dir: data_dir.to_owned(),
             min_free_bytes: 0,
-            batch: BatchLimits { max_bytes: 64 << 20, max_delay: Duration::from_millis(2) },
+            batch: BatchLimits::default(),
             pack_len: 1 << 30,
             compaction: CompactionLimits::default(),
         }

@@ -28,11 +28,18 @@ pub(super) struct Request {
     pub(super) done: oneshot::Sender<io::Result<()>>,
 }
 
-/// How batches are bounded.
-#[derive(Clone, Copy, Debug)]
+/// How batches are bounded: a batch takes what arrives within `max_delay`
+/// of its first commit, up to `max_bytes` written.
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub struct BatchLimits {
     pub max_bytes: u64,
     pub max_delay: Duration,
+}
+
+impl Default for BatchLimits {
+    fn default() -> Self {
+        BatchLimits { max_bytes: 64 << 20, max_delay: Duration::from_millis(2) }
+    }
 }
 
 pub(super) struct Inner {
