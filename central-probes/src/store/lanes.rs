@@ -28,8 +28,12 @@ const LOW: u64 = 2 << 20;
 type Job = Box<dyn FnOnce() + Send>;
 
 /// The lanes of one store; jobs are given out to the least loaded.
+/// Dropped, it waits for the jobs queued: they may hold what the store
+/// holds (a pack staging holds the store's directory lock), and a store
+/// closed is closed whole.
 pub(crate) struct Lanes {
     lanes: Vec<Lane>,
+    threads: Vec<std::thread::JoinHandle<()>>,
     next: AtomicUsize,
 }
 
@@ -51,8 +55,8 @@ impl Lanes {
     /// One lane per core.
     pub(crate) fn new() -> Lanes {
         let count = std::thread::available_parallelism().map_or(2, |n| n.get());
-        let lanes = (0..count).map(|_| Lane::spawn()).collect();
-        Lanes { lanes, next: AtomicUsize::new(0) }
+        let (lanes, threads) = (0..count).map(|_| Lane::spawn()).unzip();
+        Lanes { lanes, threads, next: AtomicUsize::new(0) }
     }
 
     /// The lane with the fewest bytes queued; among equals, the next in turn
@@ -68,13 +72,24 @@ impl Lanes {
     }
 }
 
+impl Drop for Lanes {
+    /// The store's writers (each holding a lane) are gone by now: they
+    /// hold the store. So the threads end once their queues are empty.
+    fn drop(&mut self) {
+        self.lanes.clear();
+        for thread in self.threads.drain(..) {
+            let _ = thread.join();
+        }
+    }
+}
+
 impl Lane {
-    fn spawn() -> Lane {
+    fn spawn() -> (Lane, std::thread::JoinHandle<()>) {
         let (jobs, queue) = mpsc::channel::<(u64, Job)>();
         let backlog = Arc::new(Backlog::default());
         let worked = backlog.clone();
         // The thread ends when the store and every writer have let go.
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name("probe-hashing".into())
             .spawn(move || {
                 while let Ok((bytes, job)) = queue.recv() {
@@ -86,7 +101,7 @@ impl Lane {
                 }
             })
             .expect("starting a hashing thread");
-        Lane { jobs, backlog }
+        (Lane { jobs, backlog }, thread)
     }
 
     /// Queues `job`, which holds `bytes` bytes, after waiting for room.
@@ -140,7 +155,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_lanes_jobs_run_in_the_order_they_came() {
-        let lane = Lanes::new().pick();
+        let lanes = Lanes::new();
+        let lane = lanes.pick();
         let seen = Arc::new(Mutex::new(Vec::new()));
         for i in 0..1000 {
             let seen = seen.clone();
@@ -155,7 +171,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_writer_waits_while_the_lane_is_over_its_bound_and_goes_on_when_it_drains() {
-        let lane = Lanes::new().pick();
+        let lanes = Lanes::new();
+        let lane = lanes.pick();
         let (release, held) = std::sync::mpsc::channel::<()>();
         // The lane is busy: what follows queues up behind this job.
         lane.run_now(0, move || held.recv().unwrap());
@@ -174,11 +191,25 @@ mod tests {
 
     #[tokio::test]
     async fn a_job_that_panics_leaves_the_lane_running() {
-        let lane = Lanes::new().pick();
+        let lanes = Lanes::new();
+        let lane = lanes.pick();
         lane.run_now(0, || panic!("a failing job"));
         let (done, finished) = tokio::sync::oneshot::channel();
         assert!(lane.run(10, move || done.send(()).unwrap()).await);
         finished.await.unwrap();
+    }
+
+    #[test]
+    fn dropping_the_lanes_waits_for_the_jobs_queued() {
+        let lanes = Lanes::new();
+        let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        for lane in &lanes.lanes {
+            lane.run_now(0, || std::thread::sleep(Duration::from_millis(100)));
+        }
+        let flag = done.clone();
+        lanes.pick().run_now(0, move || flag.store(true, Ordering::SeqCst));
+        drop(lanes);
+        assert!(done.load(Ordering::SeqCst));
     }
 
     #[test]
