@@ -1,6 +1,6 @@
 //! The pack store against its guarantees: the conformance suite, restarts
-//! with and without a clean close, an index rebuilt from the packs, and a
-//! stop at every step of an upload (`crash_tests.rs`).
+//! with and without a clean close, an index rebuilt from the packs, a file
+//! left halfway, and a stop at every step of an upload (`crash_tests.rs`).
 
 use std::fs;
 use std::path::Path;
@@ -195,5 +195,40 @@ async fn an_upload_shares_fsyncs_among_its_files() {
     assert!(syncs <= 32, "{syncs} fsyncs for an upload of 64 files");
     for (p, bytes) in &files {
         assert_eq!(read(&store, p).await.as_ref(), Some(bytes));
+    }
+}
+
+/// Files share a few lanes; one whose uploader stopped halfway (its chunks
+/// queued, the rest never coming) holds up none of them, and dropped, it
+/// leaves nothing in its pack.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_left_halfway_holds_up_no_other_and_leaves_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = PackStore::open(&config(dir.path())).unwrap();
+    let stalled_bytes = content(1, 0);
+    let mut stalled: Vec<_> = Vec::new();
+    for n in 0..8 {
+        let mut writer = store.create(path(100 + n), stalled_bytes.len() as u64 * 2).await.unwrap();
+        writer.write(Bytes::copy_from_slice(&stalled_bytes)).await.unwrap();
+        stalled.push(writer);
+    }
+    let others: Vec<_> = (0..32).map(|n| (path(n), content(n, 0))).collect();
+    let uploaded = tokio::time::timeout(std::time::Duration::from_secs(20), upload_in_order(&store, &others)).await;
+    for outcome in uploaded.expect("the other files are not held up") {
+        assert_eq!(outcome.unwrap(), CommitOutcome::Stored);
+    }
+    let (live, dead) = store.backend().space().unwrap();
+    drop(stalled);
+    // Closed, the store has run the stalled files' clean-up on their lanes.
+    drop(store);
+    let on_disk: u64 =
+        fs::read_dir(dir.path().join("packs")).unwrap().map(|e| e.unwrap().metadata().unwrap().len()).sum();
+    assert_eq!(on_disk, live + dead, "the stalled files' bytes were not cut off their packs");
+    let store = PackStore::open(&config(dir.path())).unwrap();
+    for (p, bytes) in &others {
+        assert_eq!(read(&store, p).await.as_ref(), Some(bytes));
+    }
+    for n in 0..8 {
+        assert_eq!(read(&store, &path(100 + n)).await, None);
     }
 }
