@@ -35,7 +35,9 @@ pub(super) struct Hashed {
 /// One file as its lane sees it; the writer holds it too.
 pub(super) struct FileHashing {
     state: Mutex<Option<Hashing>>,
-    /// Set when a write of the staging failed: nothing more is taken.
+    /// Set when a write of the staging failed: nothing more is taken. A
+    /// flag beside `state`, so that the writer checks it at each chunk
+    /// without waiting for the lock, which the lane holds while it hashes.
     pub(super) failed: AtomicBool,
 }
 

@@ -225,10 +225,9 @@ struct VerifiedWriter {
     shared: Arc<Shared>,
 }
 
-impl VerifiedWriter {
-    fn lane_gone(&self) -> Error {
-        Error::internal(format!("hashing {}: the hashing thread is gone", self.path))
-    }
+/// The error when a file's lane took no more jobs (its thread ended).
+fn lane_gone(path: &ProbePath) -> Error {
+    Error::internal(format!("hashing {path}: the hashing thread is gone"))
 }
 
 #[tonic::async_trait]
@@ -239,14 +238,14 @@ impl ProbeWriter for VerifiedWriter {
             return Err(Error::invalid_argument(format!("{}: more bytes than the declared {}", self.path, self.size)));
         }
         self.received = received;
-        let hashing = self.on_lane.hashing.clone().ok_or_else(|| self.lane_gone())?;
+        let hashing = self.on_lane.hashing.clone().ok_or_else(|| lane_gone(&self.path))?;
         if hashing.failed.load(Ordering::SeqCst) {
-            return Err(hashing.error().unwrap_or_else(|| self.lane_gone()));
+            return Err(hashing.error().unwrap_or_else(|| lane_gone(&self.path)));
         }
         // Hashing and an async staging run side by side.
         let for_staging = self.staging.is_some().then(|| chunk.clone());
         if !self.on_lane.lane.run(chunk.len() as u64, move || hashing.take(&chunk)).await {
-            return Err(self.lane_gone());
+            return Err(lane_gone(&self.path));
         }
         match (&mut self.staging, for_staging) {
             (Some(staging), Some(chunk)) => staging.write(chunk).await,
@@ -268,7 +267,6 @@ impl ProbeWriter for VerifiedWriter {
         if expected == ExpectedDigests::default() {
             return Err(Error::invalid_argument(format!("{path}: the trailer carries neither a SHA-256 nor a CRC-32")));
         }
-        let lane_gone = |path: &ProbePath| Error::internal(format!("hashing {path}: the hashing thread is gone"));
         let hashed = on_lane.finish().ok_or_else(|| lane_gone(&path))?;
         // The commit runs to its end even if the caller goes away, so a file
         // whose last byte arrived is never left half-committed; the caller
