@@ -87,8 +87,17 @@ pub trait BlockingStaging: Send {
     /// Appends the next bytes.
     fn write(&mut self, chunk: &[u8]) -> Result<()>;
 
-    /// All bytes are written.
-    fn finish(self: Box<Self>) -> Result<Box<dyn Staged>>;
+    /// All bytes are written, with these digests (as received, before any
+    /// check) and this signature: a staging that lays the whole record out
+    /// here needs nothing later.
+    fn finish(self: Box<Self>, end: FileEnd) -> Result<Box<dyn Staged>>;
+}
+
+/// What a blocking staging learns at the end of its file.
+pub struct FileEnd {
+    pub sha256: probe_api::digest::Sha256Digest,
+    pub crc32: u32,
+    pub signature: Option<Bytes>,
 }
 
 /// Staged bytes, ready to be committed.

@@ -7,11 +7,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
+use bytes::Bytes;
 use probe_api::digest::{Sha256Digest, Sha256Hasher};
 use probe_api::signing::Prehasher;
 use tokio::sync::oneshot;
 
-use super::backend::{BlockingStaging, Staged};
+use super::backend::{BlockingStaging, FileEnd, Staged};
 use super::lanes::Lane;
 use crate::error::{Error, Result};
 
@@ -87,8 +88,9 @@ impl FileHashing {
         }
     }
 
-    /// On the lane: the digests and the finished staging.
-    pub(super) fn finish(&self) -> Option<Hashed> {
+    /// On the lane: the digests and the finished staging (given the file's
+    /// signature).
+    pub(super) fn finish(&self, signature: Option<Bytes>) -> Option<Hashed> {
         let hashing = self.state().take()?;
         let received = Received {
             len: hashing.len,
@@ -98,7 +100,9 @@ impl FileHashing {
         };
         let staged = match hashing.error {
             Some(error) => Some(Err(error)),
-            None => hashing.staging.map(|staging| staging.finish()),
+            None => hashing
+                .staging
+                .map(|staging| staging.finish(FileEnd { sha256: received.sha256, crc32: received.crc32, signature })),
         };
         Some(Hashed { received, staged })
     }
@@ -120,11 +124,11 @@ pub(super) struct OnLane {
 
 impl OnLane {
     /// Queues the file's last job: what the lane did, once it has.
-    pub(super) fn finish(mut self) -> Option<oneshot::Receiver<Hashed>> {
+    pub(super) fn finish(mut self, signature: Option<Bytes>) -> Option<oneshot::Receiver<Hashed>> {
         let hashing = self.hashing.take()?;
         let (done, hashed) = oneshot::channel();
         let queued = self.lane.run_now(0, move || {
-            if let Some(result) = hashing.finish() {
+            if let Some(result) = hashing.finish(signature) {
                 let _ = done.send(result);
             }
         });

@@ -51,11 +51,14 @@ struct Backlog {
     room: Notify,
 }
 
+/// How many lanes a store has: one per core.
+pub(crate) fn count() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get())
+}
+
 impl Lanes {
-    /// One lane per core.
     pub(crate) fn new() -> Lanes {
-        let count = std::thread::available_parallelism().map_or(2, |n| n.get());
-        let (lanes, threads) = (0..count).map(|_| Lane::spawn()).unzip();
+        let (lanes, threads) = (0..count()).map(|_| Lane::spawn()).unzip();
         Lanes { lanes, threads, next: AtomicUsize::new(0) }
     }
 

@@ -267,7 +267,7 @@ impl ProbeWriter for VerifiedWriter {
         if expected == ExpectedDigests::default() {
             return Err(Error::invalid_argument(format!("{path}: the trailer carries neither a SHA-256 nor a CRC-32")));
         }
-        let hashed = on_lane.finish().ok_or_else(|| lane_gone(&path))?;
+        let hashed = on_lane.finish(signature.clone()).ok_or_else(|| lane_gone(&path))?;
         // The commit runs to its end even if the caller goes away, so a file
         // whose last byte arrived is never left half-committed; the caller
         // goes on with the next file meanwhile.

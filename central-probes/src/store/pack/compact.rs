@@ -61,7 +61,12 @@ fn candidates(inner: &Inner, below: f64) -> Vec<u32> {
         };
         inner.packs.ids().into_iter().filter(low).collect()
     };
-    low.into_iter().filter(|&id| inner.packs.seal_if_idle(id)).collect()
+    low.into_iter()
+        .filter(|&id| {
+            inner.appenders.release(id);
+            inner.packs.seal_if_idle(id)
+        })
+        .collect()
 }
 
 /// Copies what is still needed of `victim` elsewhere, then removes it.

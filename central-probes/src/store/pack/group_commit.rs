@@ -101,6 +101,7 @@ pub(super) fn make_durable<'a>(
     changes: impl Iterator<Item = &'a Change>,
 ) -> io::Result<()> {
     for &pack in ends.keys() {
+        inner.appenders.write_out(pack)?;
         let file = inner.packs.file(pack).ok_or_else(|| io::Error::other(format!("pack {pack} is gone")))?;
         inner.faults.sync(&file)?;
     }

@@ -15,6 +15,7 @@
 //! record or a tombstone; compaction (`compact.rs`) rewrites the packs they
 //! left mostly dead.
 
+mod appender;
 mod compact;
 mod direct;
 mod faults;
@@ -54,6 +55,7 @@ use crate::store::filesystem::writer::available_bytes;
 use crate::store::verified::VerifiedStore;
 use crate::store::{ModuleSummary, ProbeReader, StoredProbe, list_range};
 
+use appender::Appenders;
 use journal::Log;
 use packs::Packs;
 use state::{Inner, durable};
@@ -162,6 +164,7 @@ impl PackBackend {
         let inner = Arc::new(Inner {
             index_dir,
             index: Mutex::new(index),
+            appenders: Appenders::new(packs.clone(), crate::store::lanes::count()),
             packs,
             faults,
             queue: Mutex::new(Some(queue)),

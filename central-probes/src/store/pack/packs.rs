@@ -85,6 +85,11 @@ impl Packs {
         }
     }
 
+    /// The length at which a pack is sealed.
+    pub(super) fn target_len(&self) -> u64 {
+        self.target_len
+    }
+
     /// The pack `id`, for reading.
     pub(super) fn file(&self, id: u32) -> Option<Arc<File>> {
         self.files.read().unwrap_or_else(|p| p.into_inner()).get(&id).cloned()
@@ -176,6 +181,11 @@ impl Lease {
 
     pub(super) fn file(&self) -> &Arc<File> {
         &self.writer.as_ref().expect("a live lease").file
+    }
+
+    /// The pack opened for direct writes, if the file system allows them.
+    pub(super) fn direct(&self) -> Option<&File> {
+        self.writer.as_ref().expect("a live lease").direct.as_deref()
     }
 
     pub(super) fn faults(&self) -> &Faults {

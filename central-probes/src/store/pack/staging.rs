@@ -1,9 +1,11 @@
-//! Staging and committing in a pack: a probe's record is appended to a
-//! leased pack as its bytes arrive (on the thread that hashes them, see
-//! `backend::Stage::Blocking`), completed (its signature and header) when
-//! they are all in, and committed by writing its stamp and handing the
-//! index change to the group commit. Removals append a tombstone the same
-//! way.
+//! Staging and committing in a pack: a probe's record is appended as its
+//! bytes arrive (on the thread that hashes them, see
+//! `backend::Stage::Blocking`) after an appender's last record
+//! (`appender.rs`), or in a pack leased for it alone when every appender
+//! is in the middle of a record; it is laid out whole (its signature and
+//! header) when they are all in, and committed by writing its stamp and
+//! handing the index change to the group commit. Removals append a
+//! tombstone in a leased pack.
 
 use std::io;
 use std::sync::Arc;
@@ -12,9 +14,10 @@ use probe_api::names::ProbePath;
 use tokio::sync::oneshot;
 
 use crate::error::{Error, Result};
-use crate::store::backend::{BlockingStaging, Staged};
+use crate::store::backend::{BlockingStaging, FileEnd, Staged};
 use crate::store::{CommitOutcome, Decision, StoredProbe, overwrite_rule, report_taken};
 
+use super::appender::{Appended, Appending};
 use super::direct::RecordWriter;
 use super::index::{Change, Loc};
 use super::packs::{InFlight, Lease};
@@ -26,25 +29,43 @@ pub(super) struct PackStaging {
     path: ProbePath,
     /// Taken at the first write, on the lane that writes the record: files
     /// created ahead of their lane hold no pack. Dropped unfinished, the
-    /// lease cuts the pack back.
-    started: Option<(Lease, RecordWriter)>,
+    /// record is cut off again.
+    started: Option<Started>,
+    /// The probe's bytes written so far.
+    written: u64,
+}
+
+/// Where a record is written: after the last of an appender's records, or,
+/// when every appender is in the middle of one, in a pack leased for it
+/// alone.
+enum Started {
+    Appending(Appending),
+    Leased(Lease, RecordWriter),
 }
 
 impl PackStaging {
     pub(super) fn new(inner: &Arc<Inner>, path: &ProbePath) -> PackStaging {
-        PackStaging { inner: inner.clone(), path: path.clone(), started: None }
+        PackStaging { inner: inner.clone(), path: path.clone(), started: None, written: 0 }
     }
 
-    /// The record, started in a leased pack (its path written after the
-    /// room for the header) if it is not yet.
-    fn started(&mut self) -> Result<&mut (Lease, RecordWriter)> {
+    /// The record, started (the room for its header, then its path) if it
+    /// is not yet.
+    fn started(&mut self) -> Result<&mut Started> {
         if self.started.is_none() {
-            let lease = self.inner.packs.lease().map_err(|e| Error::io("starting a pack", e))?;
-            let at = lease.start + HEADER_LEN;
-            let mut record = RecordWriter::new(&lease.target(), at);
             let path = self.path.to_string();
-            record.write(&lease.target(), path.as_bytes()).map_err(|e| Error::io(format!("writing {path}"), e))?;
-            self.started = Some((lease, record));
+            let starting = |e| Error::io(format!("starting the record of {path}"), e);
+            let mut head = vec![0; HEADER_LEN as usize];
+            head.extend_from_slice(path.as_bytes());
+            let started = match self.inner.appenders.begin(&head).map_err(starting)? {
+                Some(appending) => Started::Appending(appending),
+                None => {
+                    let lease = self.inner.packs.lease().map_err(starting)?;
+                    let mut record = RecordWriter::new(&lease.target(), lease.start);
+                    record.write(&lease.target(), &head).map_err(starting)?;
+                    Started::Leased(lease, record)
+                }
+            };
+            self.started = Some(started);
         }
         Ok(self.started.as_mut().expect("started"))
     }
@@ -53,30 +74,73 @@ impl PackStaging {
 impl BlockingStaging for PackStaging {
     fn write(&mut self, chunk: &[u8]) -> Result<()> {
         let path = self.path.clone();
-        let (lease, record) = self.started()?;
-        record.write(&lease.target(), chunk).map_err(|e| Error::io(format!("writing {path}"), e))
+        let written = match self.started()? {
+            Started::Appending(appending) => appending.write(chunk),
+            Started::Leased(lease, record) => record.write(&lease.target(), chunk),
+        };
+        written.map_err(|e| Error::io(format!("writing {path}"), e))?;
+        self.written += chunk.len() as u64;
+        Ok(())
     }
 
-    fn finish(mut self: Box<Self>) -> Result<Box<dyn Staged>> {
+    /// Lays the whole record out: the signature after the bytes, and the
+    /// header (of what was received; a file that fails its checks is never
+    /// stamped). A record whose commit is not decided yet is whole, so
+    /// that records may follow it.
+    fn finish(mut self: Box<Self>, end: FileEnd) -> Result<Box<dyn Staged>> {
         self.started()?;
-        let PackStaging { inner, path, started } = *self;
-        let (lease, record) = started.expect("started");
-        let end = record.finish(&lease.target()).map_err(|e| Error::io(format!("writing {path}"), e))?;
-        Ok(Box::new(PackStaged { inner, path, lease: Some(lease), bytes_end: end, record: None, in_flight: None }))
+        let PackStaging { inner, path, started, written } = *self;
+        let signature = end.signature.clone().unwrap_or_default();
+        if u32::try_from(signature.len()).is_err() {
+            return Err(Error::invalid_argument(format!("{path}: the signature is too long")));
+        }
+        let (pack, offset) = match started.as_ref().expect("started") {
+            Started::Appending(appending) => (appending.pack, appending.start),
+            Started::Leased(lease, _) => (lease.id(), lease.start),
+        };
+        let loc = Loc {
+            pack,
+            offset,
+            seq: 0,
+            size: written,
+            sha256: end.sha256,
+            crc32: end.crc32,
+            stored_at: unix_now(),
+            signature: end.signature,
+        };
+        let header = loc.header(&path).encode(path.to_string().as_bytes(), &signature);
+        let io_error = |e| Error::io(format!("writing {path}"), e);
+        // Counted before the pack is given back, and so before compaction
+        // could pick it.
+        let in_flight = inner.packs.record_in_flight(pack);
+        let (end, appended) = match started.expect("started") {
+            Started::Appending(appending) => {
+                let appended = appending.finish(&signature).map_err(io_error)?;
+                inner.appenders.write_at(pack, offset, &header).map_err(io_error)?;
+                (appended.end, Some(appended))
+            }
+            Started::Leased(lease, mut record) => {
+                record.write(&lease.target(), &signature).map_err(io_error)?;
+                let end = record.finish(&lease.target()).map_err(io_error)?;
+                lease.faults().write_at(lease.file(), &header, offset).map_err(io_error)?;
+                lease.keep(end);
+                (end, None)
+            }
+        };
+        Ok(Box::new(PackStaged { inner, path, loc, end, appended, in_flight }))
     }
 }
 
-/// A record written but for its header (`lease` still held), or whole and
-/// waiting for its commit (`record`).
+/// A record written whole, waiting for its commit.
 pub(super) struct PackStaged {
     inner: Arc<Inner>,
     path: ProbePath,
-    lease: Option<Lease>,
-    bytes_end: u64,
-    /// The completed record's location and its end.
-    record: Option<(Loc, u64)>,
+    loc: Loc,
+    end: u64,
+    /// Held until the commit is decided, when the record is an appender's.
+    appended: Option<Appended>,
     /// Held from the record's completion to its commit's end.
-    in_flight: Option<InFlight>,
+    in_flight: InFlight,
 }
 
 #[tonic::async_trait]
@@ -85,38 +149,15 @@ impl Staged for PackStaged {
         Ok(self.inner.index().decided(&self.path).map(|loc| loc.stored(&self.path)))
     }
 
+    /// The record was laid out whole by `finish`; the group commit makes it
+    /// durable.
     async fn prepare(&mut self, probe: &StoredProbe) -> Result<()> {
-        let crc32 = probe.crc32.ok_or_else(|| Error::internal(format!("{}: no CRC-32 to store", probe.path)))?;
-        let lease = self.lease.take().expect("prepared once");
-        let signature = probe.signature.clone().unwrap_or_default();
-        let signature_len = u32::try_from(signature.len())
-            .map_err(|_| Error::invalid_argument(format!("{}: the signature is too long", probe.path)))?;
-        let loc = Loc {
-            pack: lease.id(),
-            offset: lease.start,
-            seq: 0,
-            size: probe.size,
-            sha256: probe.sha256,
-            crc32,
-            stored_at: unix_now(),
-            signature: probe.signature.clone(),
-        };
-        let header = loc.header(&self.path).encode(self.path.to_string().as_bytes(), &signature);
-        let bytes_end = self.bytes_end;
-        // Written here, into the page cache (no blocking thread for a few
-        // hundred bytes); the group commit makes them durable.
-        let io_error = |what: &str| {
-            let what = format!("writing the {what} of {}", self.path);
-            move |e| Error::io(what, e)
-        };
-        lease.faults().write_at(lease.file(), &signature, bytes_end).map_err(io_error("signature"))?;
-        lease.faults().write_at(lease.file(), &header, lease.start).map_err(io_error("header"))?;
-        let end = bytes_end + u64::from(signature_len);
-        // Counted before the pack is given back, and so before compaction
-        // could pick it.
-        self.in_flight = Some(self.inner.packs.record_in_flight(lease.id()));
-        lease.keep(end);
-        self.record = Some((loc, end));
+        let loc = &self.loc;
+        if (probe.size, probe.sha256, probe.crc32, probe.signature.as_ref())
+            != (loc.size, loc.sha256, Some(loc.crc32), loc.signature.as_ref())
+        {
+            return Err(Error::internal(format!("{}: the record written is not of this probe", probe.path)));
+        }
         Ok(())
     }
 
@@ -126,11 +167,17 @@ impl Staged for PackStaged {
         overwrite: bool,
         taken: Option<oneshot::Sender<bool>>,
     ) -> Result<CommitOutcome> {
-        let PackStaged { inner, path, record, in_flight, .. } = *self;
-        let (loc, end) = record.expect("prepared before the commit");
-        // A decision under the lock and a stamp into a cached page: no
-        // blocking thread needed.
+        let PackStaged { inner, path, loc, end, appended, in_flight } = *self;
+        // A decision under the lock and a stamp into memory or a cached
+        // page: no blocking thread needed.
         let decided = decide_and_submit(&inner, path, loc, end, overwrite)?;
+        if let Some(appended) = appended {
+            // Decided: stamped and staying, or dead (cut off if last).
+            match decided.1 {
+                Some(_) => appended.committed(),
+                None => drop(appended),
+            }
+        }
         // Decided: the next file of the upload may take effect meanwhile.
         report_taken(taken);
         let outcome = match decided {
@@ -165,9 +212,9 @@ fn decide_and_submit(
         Decision::Write(outcome) => outcome,
     };
     loc.seq = index.take_seq();
-    let file = inner.packs.file(loc.pack).ok_or_else(|| Error::internal(format!("{path}: its pack is gone")))?;
     let (stamp, at) = stamp(loc.offset, loc.seq);
-    inner.faults.write_at(&file, &stamp, loc.offset + at).map_err(|e| Error::io(format!("committing {path}"), e))?;
+    let stamped = inner.appenders.write_at(loc.pack, loc.offset + at, &stamp);
+    stamped.map_err(|e| Error::io(format!("committing {path}"), e))?;
     let bytes = end - loc.offset;
     let receiver = inner.submit(vec![Change::Put(path.clone(), loc.clone())], vec![(loc.pack, end)], bytes)?;
     index.pending.insert(path, (loc.seq, Some(loc)));

@@ -14,6 +14,7 @@ use tokio::sync::oneshot;
 
 use crate::error::{Error, Result};
 
+use super::appender::Appenders;
 use super::faults::Faults;
 use super::index::{Change, Index};
 use super::packs::Packs;
@@ -46,6 +47,8 @@ pub(super) struct Inner {
     pub(super) index_dir: PathBuf,
     pub(super) index: Mutex<Index>,
     pub(super) packs: Arc<Packs>,
+    /// Where records are appended back to back, one per lane.
+    pub(super) appenders: Appenders,
     pub(super) faults: Arc<Faults>,
     /// To the group commit; `None` once the store closed.
     pub(super) queue: Mutex<Option<Sender<Request>>>,

@@ -13,6 +13,7 @@ use probe_api::names::ProbePath;
 use super::*;
 use crate::store::{CommitOutcome, ProbeStore};
 
+mod appender_tests;
 mod crash_tests;
 
 pub(super) fn config(dir: &Path) -> PackStoreConfig {
@@ -230,5 +231,48 @@ async fn a_file_left_halfway_holds_up_no_other_and_leaves_nothing() {
     }
     for n in 0..8 {
         assert_eq!(read(&store, &path(100 + n)).await, None);
+    }
+}
+
+/// Records follow each other in a lane's pack whatever becomes of them: a
+/// file that fails its digest and the files after it (never committed),
+/// and identical re-uploads (never stamped), stay whole between committed
+/// records, so the records after them are found also by a scan of the
+/// packs with no index.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_never_committed_between_others_leave_a_pack_whole_for_a_rebuild() {
+    use crate::store::{CommitOrder, open_gate};
+    let dir = tempfile::tempdir().unwrap();
+    let store = PackStore::open(&config(dir.path())).unwrap();
+    let mut stored = Vec::new();
+    for round in 0..4u8 {
+        let files: Vec<_> = (0..12).map(|n| (path(n + 20 * usize::from(round)), content(n, round))).collect();
+        let failing = 3 + usize::from(round);
+        let mut after = open_gate();
+        let mut pending = Vec::new();
+        for (i, (p, bytes)) in files.iter().enumerate() {
+            let mut writer = store.create(p.clone(), bytes.len() as u64).await.unwrap();
+            writer.write(Bytes::copy_from_slice(bytes)).await.unwrap();
+            let digest = if i == failing { Sha256Digest::of(b"other bytes") } else { Sha256Digest::of(bytes) };
+            let (taken, next) = tokio::sync::oneshot::channel();
+            let order = CommitOrder { after, taken: Some(taken) };
+            pending.push(writer.finish_in_order(digest.into(), false, order).await.unwrap());
+            after = Box::pin(async move { next.await.unwrap_or(false) });
+        }
+        for (i, commit) in pending.into_iter().enumerate() {
+            let outcome = commit.await.map(|c| c.outcome);
+            assert_eq!(outcome.is_ok(), i < failing, "file {i} of round {round}: {outcome:?}");
+        }
+        stored.extend(files[..failing].iter().cloned());
+        // Already stored: identical, never stamped.
+        let again = upload_in_order(&store, &stored[..2]).await;
+        assert!(again.into_iter().all(|outcome| outcome.unwrap() == CommitOutcome::Identical));
+    }
+    drop(store);
+    fs::remove_dir_all(dir.path().join("index")).unwrap();
+    let store = PackStore::open(&config(dir.path())).unwrap();
+    assert_eq!(store.len(), stored.len());
+    for (p, bytes) in &stored {
+        assert_eq!(read(&store, p).await.as_ref(), Some(bytes), "{p}");
     }
 }
