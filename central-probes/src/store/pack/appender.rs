@@ -172,16 +172,16 @@ impl Appender {
         &mut self.buffer[skip..skip + CAPACITY]
     }
 
-    /// Gives the pack back (written out first) and leases another.
+    /// Gives the pack back (written out first) and starts a new one. Never
+    /// one of the pool: a pack another writer had could get a stamp through
+    /// the page cache (`write_at`, finding no appender holding it) while
+    /// this one read its last page, and the appender would write the page
+    /// back without it.
     fn rotate(&mut self, packs: &Arc<Packs>) -> io::Result<()> {
         self.give_back(packs)?;
-        let lease = packs.lease()?;
-        let start = lease.start;
+        let lease = packs.lease_new()?;
+        (self.buffered_from, self.end) = (lease.start, lease.start);
         self.lease = Some(lease);
-        if let Err(error) = self.buffer_from(start) {
-            self.let_go_at(packs, start);
-            return Err(error);
-        }
         Ok(())
     }
 
@@ -206,8 +206,9 @@ impl Appender {
         self.open = None;
     }
 
-    /// Buffers the pack from `offset` on: the bytes before it in its page
-    /// are read back, as the page is written whole.
+    /// Buffers the pack from `offset` on (a record given up after its
+    /// pages were let go): the bytes before it in its page are read back,
+    /// as the page is written whole.
     fn buffer_from(&mut self, offset: u64) -> io::Result<()> {
         let page = offset / PAGE * PAGE;
         let head = (offset - page) as usize;

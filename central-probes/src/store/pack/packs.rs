@@ -144,6 +144,13 @@ impl Packs {
         Ok(Lease { packs: self.clone(), start: writer.len, writer: Some(writer) })
     }
 
+    /// A new pack to append to, for as long as the lease lives: an
+    /// appender's, so that every record in it is the appender's own.
+    pub(super) fn lease_new(self: &Arc<Self>) -> io::Result<Lease> {
+        let writer = self.create()?;
+        Ok(Lease { packs: self.clone(), start: writer.len, writer: Some(writer) })
+    }
+
     fn create(&self) -> io::Result<Writer> {
         let id = self.next_id.fetch_add(1, Ordering::SeqCst);
         let path = pack_path(&self.dir, id);

@@ -20,8 +20,12 @@ struct Fixture {
 }
 
 fn fixture() -> Fixture {
+    fixture_sealing_at(1 << 40)
+}
+
+fn fixture_sealing_at(pack_len: u64) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
-    let packs = Arc::new(Packs::new(dir.path().to_path_buf(), Arc::new(Faults::default()), 1 << 40));
+    let packs = Arc::new(Packs::new(dir.path().to_path_buf(), Arc::new(Faults::default()), pack_len));
     let appenders = Appenders::new(packs.clone(), 1);
     Fixture { _dir: dir, packs, appenders, model: Vec::new() }
 }
@@ -119,4 +123,18 @@ fn a_record_given_up_last_is_cut_off_and_one_in_the_middle_stays() {
     let last = f.record(1_000, 100, 5);
     last.committed();
     assert_eq!(f.on_disk(), f.model);
+}
+
+#[test]
+fn a_full_pack_is_written_out_and_ends_at_its_last_record_and_the_next_starts_anew() {
+    let mut f = fixture_sealing_at(MIB as u64);
+    let records: Vec<_> = (0..4).map(|n| f.record(300_000, 65_536, n)).collect();
+    records.into_iter().for_each(Appended::committed);
+    // Past the target: the next record starts pack 2.
+    let head = bytes(100, 7);
+    let next = f.appenders.begin(&head).unwrap().unwrap();
+    assert_eq!((next.pack, next.start), (2, 0));
+    let first_pack = std::fs::read(pack_path(&f.packs.dir, 1)).unwrap();
+    assert_eq!(first_pack, f.model, "pack 1 holds its records and nothing after");
+    drop(next);
 }
