@@ -13,10 +13,11 @@
 //! bytes: the pages from the oldest record not yet decided are kept in the
 //! buffer after a write-out (while they fill at most half of it) and
 //! written again with the next, so the stamp lands in memory. A write to a
-//! page let go goes through the page cache instead; the appender never
-//! writes that page again, so no page is written both ways at once. Every
-//! write to a pack after its records (`write_at`) goes through here, for
-//! the appender that may hold the page.
+//! page let go goes through the page cache instead, as a whole page where
+//! the page holds the header of such a record (`side_pages.rs`); the
+//! appender never writes that page again, so no page is written both ways
+//! at once. Every write to a pack after its records (`write_at`) goes
+//! through here, for the appender that may hold the page.
 
 use std::collections::VecDeque;
 use std::io;
@@ -27,6 +28,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use tracing::warn;
 
 use super::packs::{Lease, Packs};
+use super::side_pages::SidePages;
 
 /// What an appender buffers: the largest write the virtual disks here take
 /// whole (`max_sectors_kb`).
@@ -58,6 +60,17 @@ struct Appender {
     /// The end of what was written out: past `end` after a record given
     /// up, until it is cut off.
     written_to: u64,
+    /// The pages let go that hold a header of `open` or `undecided`.
+    side_pages: SidePages,
+}
+
+/// The buffer's page-aligned part (allocated at the first use).
+fn aligned(buffer: &mut Vec<u8>) -> &mut [u8] {
+    if buffer.is_empty() {
+        *buffer = vec![0; CAPACITY + PAGE as usize];
+    }
+    let skip = buffer.as_ptr().align_offset(PAGE as usize);
+    &mut buffer[skip..skip + CAPACITY]
 }
 
 fn lock(slot: &Mutex<Appender>) -> MutexGuard<'_, Appender> {
@@ -103,9 +116,13 @@ impl Appenders {
         let holder = self.slots.iter().map(|slot| lock(slot)).find(|appender| appender.pack() == Some(pack));
         let split = holder.as_ref().map_or(bytes.len(), |a| a.buffered_from.saturating_sub(offset) as usize);
         let (through_cache, in_memory) = bytes.split_at(split.min(bytes.len()));
+        let mut holder = holder;
         if !through_cache.is_empty() {
             let file = self.packs.file(pack).ok_or_else(|| io::Error::other(format!("pack {pack} is gone")))?;
-            self.packs.faults.write_at(&file, through_cache, offset)?;
+            match holder.as_mut() {
+                Some(appender) => appender.side_pages.write(&self.packs.faults, &file, offset, through_cache)?,
+                None => self.packs.faults.write_at(&file, through_cache, offset)?,
+            }
         }
         if let Some(mut appender) = holder.filter(|_| !in_memory.is_empty()) {
             if offset + bytes.len() as u64 > appender.end {
@@ -163,13 +180,8 @@ impl Appender {
         self.lease.as_ref().map(Lease::id)
     }
 
-    /// The buffer's page-aligned part.
     fn aligned(&mut self) -> &mut [u8] {
-        if self.buffer.is_empty() {
-            self.buffer = vec![0; CAPACITY + PAGE as usize];
-        }
-        let skip = self.buffer.as_ptr().align_offset(PAGE as usize);
-        &mut self.buffer[skip..skip + CAPACITY]
+        aligned(&mut self.buffer)
     }
 
     /// Gives the pack back (written out first) and starts a new one. Never
@@ -202,6 +214,7 @@ impl Appender {
             lease.keep(end);
         }
         self.written_to = 0;
+        self.side_pages.clear();
         self.undecided.clear();
         self.open = None;
     }
@@ -236,8 +249,8 @@ impl Appender {
     }
 
     /// Writes the buffer out, then keeps the pages from the oldest record
-    /// not yet decided (if they fill at most half the buffer) or else the
-    /// last partial page.
+    /// not yet decided whose pages fill at most half the buffer, or else
+    /// the last partial page.
     fn write_out(&mut self, packs: &Packs) -> io::Result<()> {
         let used = (self.end - self.buffered_from) as usize;
         if used == 0 {
@@ -260,10 +273,14 @@ impl Appender {
         self.lease = Some(lease);
         written?;
         self.written_to = self.written_to.max(self.end);
-        let oldest = self.open.iter().chain(self.undecided.front()).min().map(|start| start / PAGE * PAGE);
-        let keep_from = oldest
-            .filter(|&page| page >= self.buffered_from && self.end - page <= CAPACITY as u64 / 2)
-            .map_or(last_page, |page| page.min(last_page));
+        // The records' starts are in order: the first within reach is the
+        // oldest kept; older ones get their stamps through the page cache.
+        let (buffered_from, end) = (self.buffered_from, self.end);
+        let within_reach = |page: &u64| *page >= buffered_from && end - page <= CAPACITY as u64 / 2;
+        let pinned = self.undecided.iter().chain(&self.open).map(|start| start / PAGE * PAGE).find(within_reach);
+        let keep_from = pinned.map_or(last_page, |page| page.min(last_page));
+        let pins = self.undecided.iter().chain(&self.open).copied();
+        self.side_pages.keep(aligned(&mut self.buffer), buffered_from, keep_from, pins);
         let skip = (keep_from - self.buffered_from) as usize;
         self.aligned().copy_within(skip..used, 0);
         self.buffered_from = keep_from;
@@ -277,6 +294,7 @@ impl Appender {
         if let Some(lease) = &self.lease {
             cut_off_past(packs, lease, &mut self.written_to, start);
         }
+        self.side_pages.forget_from(start);
         if start >= self.buffered_from {
             self.end = start;
         } else if self.buffer_from(start).is_err() {
@@ -369,6 +387,8 @@ impl Drop for Appended {
             return;
         }
         appender.undecided.retain(|&start| start != self.start);
+        let appender = &mut *appender;
+        appender.side_pages.forget(self.start, appender.undecided.iter().chain(&appender.open).copied());
         if !self.committed && appender.open.is_none() && appender.end == self.end {
             appender.cut_back(&self.packs, self.start);
         }

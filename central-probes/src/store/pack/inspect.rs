@@ -52,13 +52,22 @@ pub fn unfinished_packs(data_dir: &Path) -> io::Result<usize> {
     Ok(unfinished)
 }
 
-/// The whole records from the pack's start, and where they end.
+/// The whole records from the pack's start, and where they end. A running
+/// store may cut the pack back (a record given up) while it is read: the
+/// end is then where the read ran short.
 fn whole_records(file: &File) -> io::Result<(Vec<Found>, u64)> {
     let len = file.metadata()?.len();
     let (mut records, mut offset) = (Vec::new(), 0);
-    while let Some(found) = read_record(file, offset, len)? {
-        offset += found.header.record_len();
-        records.push(found);
+    loop {
+        match read_record(file, offset, len) {
+            Ok(Some(found)) => {
+                offset += found.header.record_len();
+                records.push(found);
+            }
+            Ok(None) => break,
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => break,
+            Err(e) => return Err(e),
+        }
     }
     Ok((records, offset))
 }

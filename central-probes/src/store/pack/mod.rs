@@ -28,6 +28,7 @@ mod migrate;
 mod open;
 mod packs;
 mod record;
+mod side_pages;
 mod staging;
 mod state;
 #[cfg(test)]
