@@ -95,6 +95,8 @@ pub trait BlockingStaging: Send {
 
 /// What a blocking staging learns at the end of its file.
 pub struct FileEnd {
+    /// The bytes written.
+    pub len: u64,
     pub sha256: probe_api::digest::Sha256Digest,
     pub crc32: u32,
     pub signature: Option<Bytes>,

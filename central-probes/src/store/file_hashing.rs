@@ -100,9 +100,9 @@ impl FileHashing {
         };
         let staged = match hashing.error {
             Some(error) => Some(Err(error)),
-            None => hashing
-                .staging
-                .map(|staging| staging.finish(FileEnd { sha256: received.sha256, crc32: received.crc32, signature })),
+            None => hashing.staging.map(|staging| {
+                staging.finish(FileEnd { len: received.len, sha256: received.sha256, crc32: received.crc32, signature })
+            }),
         };
         Some(Hashed { received, staged })
     }
@@ -114,8 +114,8 @@ impl FileHashing {
 }
 
 /// A file on the lane that hashes its chunks. Dropped unfinished, it drops
-/// the file's staging on the lane, after the chunks queued before (a pack
-/// lease cuts its record off there).
+/// the file's staging on the lane, after the chunks queued before (the pack
+/// store cuts its record off there).
 pub(super) struct OnLane {
     pub(super) lane: Lane,
     /// Handed to the lane's last job by `finish`.

@@ -141,14 +141,17 @@ impl Packs {
             Some(writer) => writer,
             None => self.create()?,
         };
-        Ok(Lease { packs: self.clone(), start: writer.len, writer: Some(writer) })
+        Ok(self.lease_of(writer))
     }
 
     /// A new pack to append to, for as long as the lease lives: an
     /// appender's, so that every record in it is the appender's own.
     pub(super) fn lease_new(self: &Arc<Self>) -> io::Result<Lease> {
-        let writer = self.create()?;
-        Ok(Lease { packs: self.clone(), start: writer.len, writer: Some(writer) })
+        Ok(self.lease_of(self.create()?))
+    }
+
+    fn lease_of(self: &Arc<Self>, writer: Writer) -> Lease {
+        Lease { packs: self.clone(), start: writer.len, writer: Some(writer) }
     }
 
     fn create(&self) -> io::Result<Writer> {

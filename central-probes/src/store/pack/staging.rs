@@ -31,8 +31,6 @@ pub(super) struct PackStaging {
     /// created ahead of their lane hold no pack. Dropped unfinished, the
     /// record is cut off again.
     started: Option<Started>,
-    /// The probe's bytes written so far.
-    written: u64,
 }
 
 /// Where a record is written: after the last of an appender's records, or,
@@ -45,7 +43,7 @@ enum Started {
 
 impl PackStaging {
     pub(super) fn new(inner: &Arc<Inner>, path: &ProbePath) -> PackStaging {
-        PackStaging { inner: inner.clone(), path: path.clone(), started: None, written: 0 }
+        PackStaging { inner: inner.clone(), path: path.clone(), started: None }
     }
 
     /// The record, started (the room for its header, then its path) if it
@@ -78,19 +76,17 @@ impl BlockingStaging for PackStaging {
             Started::Appending(appending) => appending.write(chunk),
             Started::Leased(lease, record) => record.write(&lease.target(), chunk),
         };
-        written.map_err(|e| Error::io(format!("writing {path}"), e))?;
-        self.written += chunk.len() as u64;
-        Ok(())
+        written.map_err(|e| Error::io(format!("writing {path}"), e))
     }
 
     /// Lays the whole record out: the signature after the bytes, and the
     /// header (of what was received; a file that fails its checks is never
     /// stamped). A record whose commit is not decided yet is whole, so
     /// that records may follow it.
-    fn finish(mut self: Box<Self>, end: FileEnd) -> Result<Box<dyn Staged>> {
+    fn finish(mut self: Box<Self>, file: FileEnd) -> Result<Box<dyn Staged>> {
         self.started()?;
-        let PackStaging { inner, path, started, written } = *self;
-        let signature = end.signature.clone().unwrap_or_default();
+        let PackStaging { inner, path, started } = *self;
+        let signature = file.signature.clone().unwrap_or_default();
         if u32::try_from(signature.len()).is_err() {
             return Err(Error::invalid_argument(format!("{path}: the signature is too long")));
         }
@@ -102,11 +98,11 @@ impl BlockingStaging for PackStaging {
             pack,
             offset,
             seq: 0,
-            size: written,
-            sha256: end.sha256,
-            crc32: end.crc32,
+            size: file.len,
+            sha256: file.sha256,
+            crc32: file.crc32,
             stored_at: unix_now(),
-            signature: end.signature,
+            signature: file.signature,
         };
         let header = loc.header(&path).encode(path.to_string().as_bytes(), &signature);
         let io_error = |e| Error::io(format!("writing {path}"), e);
