@@ -179,6 +179,31 @@ done
 nginx_cpu=$(secs "$n0" "$n1")
 cmp -s "$PACKAGE" "$WORK/nginx/upload/pkg.zip" || echo "warning: nginx stored a different file" >&2
 
+# The floor of the receive path: probe-bench sink, on Central's TLS and
+# HTTP/2 stack, reads the same curl -T and drops it (then hashes it too),
+# storing nothing. Central cannot spend less CPU per byte than this.
+# sink_run NAME [--sha256]: sets NAME_s, NAME_cpu and NAME_curl_cpu.
+sink_run() {
+  local name=$1 out="$WORK/sink-$1.out" pid addr t0 c0 s u sy
+  shift
+  "$BIN/probe-bench" sink --cert "$PKI/server.pem" --key "$PKI/server-key.pem" "$@" >"$out" &
+  pid=$!
+  for _ in $(seq 100); do addr=$(sed -n 's/^listening on //p' "$out"); [ -n "$addr" ] && break; sleep 0.05; done
+  sync
+  c0=$(cpu_of "$pid"); t0=$(now)
+  /usr/bin/time -f "%U %S" -o "$WORK/time-sink.txt" curl -sS --fail -T "$PACKAGE" "${TLS[@]/#--ca/--cacert}" \
+    "https://$addr/sink" -o /dev/null
+  s=$(secs "$t0" "$(now)")
+  printf -v "${name}_cpu" %s "$(secs "$c0" "$(cpu_of "$pid")")"
+  printf -v "${name}_s" %s "$s"
+  read -r u sy <"$WORK/time-sink.txt"
+  printf -v "${name}_curl_cpu" %s "$(awk -v a="$u" -v b="$sy" 'BEGIN{print a+b}')"
+  grep -q "^$SIZE .* HTTP/2.0\$" "$out" || echo "warning: the sink did not read the package over HTTP/2: $(tail -1 "$out")" >&2
+  kill "$pid"; wait "$pid" 2>/dev/null || true
+}
+sink_run sink
+sink_run sinksha --sha256
+
 {
   echo
   echo "## 1. Upload of the package"
@@ -189,6 +214,8 @@ cmp -s "$PACKAGE" "$WORK/nginx/upload/pkg.zip" || echo "warning: nginx stored a 
   echo "| sha256sum (local, $(nproc) cores, a share each) | $sha_all_s | $(mbps "$SIZE" "$sha_all_s") | | | | |"
   echo "| cp + sync (local floor) | $cp_s | $(mbps "$SIZE" "$cp_s") | | 1.00x | | |"
   echo "| nginx PUT over HTTPS mTLS (curl -T), no fsync | $ng_s | $(mbps "$SIZE" "$ng_s") | 1.00x | $(ratio "$cp_s" "$ng_s") | $nginx_rss / $((curl_rss / 1024)) | $nginx_cpu / $(awk -v a="$curl_u" -v b="$curl_s" 'BEGIN{print a+b}') |"
+  echo "| receive floor: probe-bench sink (Central's TLS + HTTP/2 stack) reads the same curl -T, stores nothing | $sink_s | $(mbps "$SIZE" "$sink_s") | $(ratio "$ng_s" "$sink_s") | $(ratio "$cp_s" "$sink_s") | | $sink_cpu / $sink_curl_cpu |"
+  echo "| receive floor + SHA-256: the same sink hashing every byte | $sinksha_s | $(mbps "$SIZE" "$sinksha_s") | $(ratio "$ng_s" "$sinksha_s") | $(ratio "$cp_s" "$sinksha_s") | | $sinksha_cpu / $sinksha_curl_cpu |"
   echo "| central-probes upload, every probe verified and fsync'd | $up_s | $(mbps "$SIZE" "$up_s") | $(ratio "$ng_s" "$up_s") | $(ratio "$cp_s" "$up_s") | $central_rss / $((up_rss / 1024)) | $central_cpu / $(awk -v a="$up_u" -v b="$up_s2" 'BEGIN{print a+b}') |"
   echo "| re-upload, unchanged package | $re_s | | | | - / $((re_rss / 1024)) | |"
   echo "| roxctl's wire protocol (probe-bench roxctl-upload) to /api/extensions/probeupload, every probe verified and fsync'd | $rx_s | $(mbps "$SIZE" "$rx_s") | $(ratio "$ng_s" "$rx_s") | $(ratio "$cp_s" "$rx_s") | $rx_central_rss / $((rx_rss / 1024)) | $rx_cpu / $(awk -v a="$rx_u" -v b="$rx_s2" 'BEGIN{print a+b}') |"
@@ -198,6 +225,7 @@ cmp -s "$PACKAGE" "$WORK/nginx/upload/pkg.zip" || echo "warning: nginx stored a 
   echo "roxctl's upload through the product route vs central-probes upload: $(ratio "$up_s" "$rx_s") of its rate."
   per_gb() { awk -v c="$1" -v b="$SIZE" 'BEGIN { printf "%.2f", c / (b / 1e9) }'; }
   echo "CPU seconds per GB of package in the first upload: uploader $(per_gb "$(awk -v a="$up_u" -v b="$up_s2" 'BEGIN{print a+b}')"), Central $(per_gb "$central_cpu"), nginx $(per_gb "$nginx_cpu")."
+  echo "CPU seconds per GB to receive the package: the sink $(per_gb "$sink_cpu"), the sink with SHA-256 $(per_gb "$sinksha_cpu") (the floor of Central's $(per_gb "$central_cpu"): Central spends $(awk -v a="$central_cpu" -v b="$sinksha_cpu" 'BEGIN { printf "%.2f", a / b }')x of it)."
   echo
   echo "Durable commits of 2,000 files of 130 KB into one directory (probe-bench durability):"
   echo

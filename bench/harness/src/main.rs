@@ -8,6 +8,7 @@
 mod durability;
 mod load;
 mod roxctl;
+mod sink;
 mod verify;
 
 use std::path::{Path, PathBuf};
@@ -137,6 +138,18 @@ enum Command {
         #[arg(long, default_value_t = 2000)]
         iterations: usize,
     },
+    /// A TLS + HTTP server that only reads request bodies (and hashes them
+    /// with --sha256): the floor of an upload's receive path.
+    Sink {
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: String,
+        #[arg(long)]
+        cert: PathBuf,
+        #[arg(long)]
+        key: PathBuf,
+        #[arg(long)]
+        sha256: bool,
+    },
     /// Per-file fsync against group commit, on the file system of DIR.
     Durability {
         #[arg(long)]
@@ -191,6 +204,7 @@ async fn main() {
         Command::Fill { data_dir, probes, module_versions, paths_out } => {
             fill(&data_dir, probes, module_versions, &paths_out).await
         }
+        Command::Sink { listen, cert, key, sha256 } => sink::run(&listen, &cert, &key, sha256).await,
         Command::Durability { dir, files, size, group } => durability::run(&dir, files, size, group),
         Command::Verify { size, iterations } => verify::run(size, iterations),
         Command::RoxctlUpload { package, address, ca, token } => {
