@@ -73,6 +73,17 @@ sync; removed_at=$(date +%s)
 PKI=$WORK/pki
 TLS=(--ca "$PKI/ca.pem" --cert "$PKI/collector.pem" --key "$PKI/collector-key.pem")
 
+# Steal time (the hypervisor running others on this machine's cores),
+# summed over the cores, per section: the figures of a section with much of
+# it are the least trustworthy. section NAME starts a section.
+steal_cs() { awk 'NR == 1 { print $9 }' /proc/stat; }
+SECTIONS="$WORK/sections.txt"
+: >"$SECTIONS"
+section() {
+  echo "== $1"
+  echo "$(date +%s.%N) $(steal_cs) $1" >>"$SECTIONS"
+}
+
 
 {
   echo "# Benchmark results"
@@ -83,7 +94,7 @@ TLS=(--ca "$PKI/ca.pem" --cert "$PKI/collector.pem" --key "$PKI/collector-key.pe
 } >"$RESULTS"
 
 # ---------------------------------------------------------------- 1. upload
-echo "== 1. upload"
+section "1. upload"
 sha256sum "$PACKAGE" >/dev/null
 t0=$(now); sha256sum "$PACKAGE" >/dev/null; sha_s=$(secs "$t0" "$(now)")
 # SHA-256 on every core: each core hashes its share of the file.
@@ -235,7 +246,7 @@ sink_run sinksha --sha256
 } >>"$RESULTS"
 
 # --------------------------------------------------------------- 2. serving
-echo "== 2. serving"
+section "2. serving"
 (cd "$WORK/files" && find . -type f | sed "s|^\./||" | sort) >"$WORK/paths.txt"
 {
   echo
@@ -318,7 +329,7 @@ for mode in long-lived new-per-request hot-16-probes new-full-handshake; do
 done
 
 # ------------------------------------------------------------ 2b. export
-echo "== 2b. export"
+section "2b. export"
 # The baseline is GetProbe-ing the same bytes: every stored probe once, one
 # after the other, on one connection. Two rounds, alternating, so that
 # neither side alone gets the warmer cache.
@@ -349,7 +360,7 @@ for round in 1 2; do
 done
 
 # --------------------------------------------------------------- 3. fan-out
-echo "== 3. fan-out"
+section "3. fan-out"
 "$BIN/central-probes" token create --data-dir "$WORK/upstream" --role admin --name bench >"$WORK/upstream.token" 2>/dev/null
 start_central "$WORK/upstream" "$PKI" --allow-anonymous-reads --metrics-listen 127.0.0.1:0
 UP_ADDR=$CENTRAL_ADDR
@@ -371,7 +382,7 @@ up_requests=$(curl -s "http://$UP_METRICS/metrics" | awk '/^central_probes_reque
 } >>"$RESULTS"
 
 # ----------------------------------------------------------------- 4. scale
-echo "== 4. scale ($SCALE_PROBES probes)"
+section "4. scale ($SCALE_PROBES probes)"
 rm -rf "$WORK/scale"
 "$BIN/probe-bench" fill --data-dir "$WORK/scale" --probes "$SCALE_PROBES" --paths-out "$WORK/scale-paths.txt" >/dev/null
 head -n 16000 "$WORK/scale-paths.txt" >"$WORK/scale-16k.txt"
@@ -393,7 +404,7 @@ read -r asked found existing_first_ms existing_ms page list_ms <<<"$("$BIN/probe
 } >>"$RESULTS"
 
 # ------------------------------------------------------- 5. Collector start
-echo "== 5. collector start"
+section "5. collector start"
 KERNEL=$(sed -n 5p "$WORK/kernels.txt")
 times=()
 for _ in $(seq 1 20); do
@@ -410,7 +421,7 @@ median=$(printf '%s\n' "${times[@]}" | sort -n | sed -n 10p)
   echo "collector-client get-probe served by Central, process start to probe written: median of 20 runs $median ms."
 } >>"$RESULTS"
 # ------------------------------------------- 6. replicas on PostgreSQL
-echo "== 6. PostgreSQL store"
+section "6. PostgreSQL store"
 start_postgres "$WORK/pg"
 ROX_API_TOKEN=$("$BIN/central-probes" token create --database-url "$PG_URL" --role admin --name bench 2>/dev/null)
 rm -rf "$WORK/db-replica"
@@ -523,12 +534,25 @@ read -r db_asked db_found db_existing_first_ms db_existing_ms db_page db_list_ms
 } >>"$RESULTS"
 
 # ------------------------------------------------------------ 7. signed probes
-echo "== 7. signed probes"
+section "7. signed probes"
 SKIP_BUILD=1 SECONDS_PER_RUN="$SECONDS_PER_RUN" SIGNED_BENCH_DIR="$WORK/signed" bash bench/signed.sh >>"$RESULTS"
 
 # ------------------------------------------------- 8. pack store vs per-file
-echo "== 8. pack store against the per-file store"
+section "8. pack store against the per-file store"
 SKIP_BUILD=1 SECONDS_PER_RUN="$SECONDS_PER_RUN" PACKS_BENCH_DIR="$WORK/packs" PACKAGE="$PACKAGE" bash bench/packs.sh >>"$RESULTS"
 
+echo "$(date +%s.%N) $(steal_cs) end" >>"$SECTIONS"
+{
+  echo
+  echo "## Steal time per section"
+  echo
+  echo "CPU time the hypervisor gave to others while each section ran, over both cores ($(nproc) cores, so"
+  echo "$(nproc) s of steal per second would be all of it)."
+  echo
+  echo "| section | seconds | steal s | steal / wall |"
+  echo "|---|---|---|---|"
+  awk 'NR > 1 { printf "| %s | %.0f | %.1f | %.2f |\n", name, $1 - t, ($2 - st) / 100, ($2 - st) / 100 / ($1 - t) }
+       { t = $1; st = $2; name = $3; for (i = 4; i <= NF; i++) name = name " " $i }' "$SECTIONS"
+} >>"$RESULTS"
 echo "results in $RESULTS"
 cat "$RESULTS"
