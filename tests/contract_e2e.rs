@@ -109,6 +109,16 @@ async fn over_limit_and_undecodable_messages_get_codes_that_do_not_say_retry() {
     assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
     assert!(status.message().contains("chunk"), "{status:?}");
 
+    // Central reads the upload stream itself: a compressed message, and a
+    // stream cut inside a message, are the client's mistakes.
+    let first = grpc_frame(&options());
+    let mut compressed = first.to_vec();
+    compressed[0] = 1;
+    for (case, body) in [("a compressed message", Bytes::from(compressed)), ("a cut frame", first.slice(..4))] {
+        let status = raw_grpc_call(&raw, UPLOAD, admin, body).await;
+        assert_eq!(status.code(), Code::InvalidArgument, "upload, {case}: {status:?}");
+    }
+
     // A GetProbe request is two names: 4 KiB is its limit.
     let request = probe_api::v1::GetProbeRequest { module_version: "2.5.0".into(), file_name: "x".repeat(5000) };
     let status = raw_grpc_call(&raw, GET_PROBE, None, grpc_frame(&request)).await;

@@ -169,7 +169,7 @@ where
 }
 
 /// `message` as one gRPC message frame.
-fn frame_of(message: &GetProbeResponse) -> Bytes {
+pub(crate) fn frame_of(message: &impl prost::Message) -> Bytes {
     let mut frame = BytesMut::with_capacity(5 + message.encoded_len());
     frame.put_u8(0);
     frame.put_u32(message.encoded_len() as u32);
@@ -190,7 +190,7 @@ fn chunk_prefix(len: usize) -> Bytes {
     prefix.freeze()
 }
 
-fn status_trailers(status: Status) -> HeaderMap {
+pub(crate) fn status_trailers(status: Status) -> HeaderMap {
     let mut trailers = HeaderMap::new();
     // Only fails for a status whose details cannot be encoded; ours have none.
     let _ = status.add_header(&mut trailers);
@@ -199,7 +199,7 @@ fn status_trailers(status: Status) -> HeaderMap {
 
 /// A response that is only headers: how gRPC ends a call that failed
 /// before its first message.
-fn trailers_only(status: Status) -> Response<tonic::body::Body> {
+pub(crate) fn trailers_only(status: Status) -> Response<tonic::body::Body> {
     let mut response = Response::new(tonic::body::Body::empty());
     let headers = response.headers_mut();
     headers.insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));

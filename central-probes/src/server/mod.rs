@@ -21,6 +21,7 @@ pub mod product_api;
 pub mod product_upload;
 pub mod sources;
 mod stores;
+pub mod upload_direct;
 pub mod upload_service;
 pub mod upload_session;
 pub mod upstream;
@@ -295,16 +296,11 @@ async fn serve(central: Central, listener: TcpListener, shutdown: impl Future<Ou
         product_auth.authorize(request.metadata(), Role::View).map_err(tonic::Status::from)?;
         Ok(request)
     });
-    let upload = ProbeUploadServiceServer::new(UploadService::new(
-        store,
-        record,
-        misses.clone(),
-        auth.clone(),
-        metrics.clone(),
-        limits.send_timeout,
-    ))
-    .max_decoding_message_size(MAX_REQUEST_MESSAGE)
-    .max_encoding_message_size(MAX_REQUEST_MESSAGE);
+    let uploads =
+        Arc::new(UploadService::new(store, record, misses.clone(), auth.clone(), metrics.clone(), limits.send_timeout));
+    let upload = ProbeUploadServiceServer::from_arc(uploads.clone())
+        .max_decoding_message_size(MAX_REQUEST_MESSAGE)
+        .max_encoding_message_size(MAX_REQUEST_MESSAGE);
     // The token is checked before tonic reads the request body: a caller
     // without one cannot make Central buffer a 64 MiB message. Each RPC
     // checks the role it needs on top.
@@ -324,7 +320,8 @@ async fn serve(central: Central, listener: TcpListener, shutdown: impl Future<Ou
         shutdown.await;
         metrics.set_ready(false);
     };
-    connections::serve(listener, tls, routes, serving, product, limits, shutdown).await;
+    let direct = connections::Direct { probes: serving, product, uploads };
+    connections::serve(listener, tls, routes, direct, limits, shutdown).await;
     if let Err(error) = misses.flush().await {
         warn!(%error, "could not record the last misses");
     }

@@ -23,6 +23,7 @@ use probe_api::v1::upload_probes_request::Message;
 use probe_api::v1::{FileHeader, FileTrailer, UploadOptions, UploadProbesRequest, UploadProbesResponse};
 use prost::Message as _;
 use tokio::sync::mpsc;
+use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Code;
 use tonic::metadata::MetadataMap;
@@ -33,7 +34,7 @@ use crate::server::auth::Role;
 use crate::server::kernel_objects::text;
 use crate::server::product_api::ProductUploads;
 use crate::server::upload_service::record_upload;
-use crate::server::upload_session::UploadSession;
+use crate::server::upload_session::{Part, UploadSession};
 use crate::store::misses::Resolver;
 
 /// The route's path.
@@ -118,7 +119,8 @@ where
         }
         fed
     });
-    let session = UploadSession::new(uploads.store.clone()).run(ReceiverStream::new(received)).await;
+    let parts = ReceiverStream::new(received).map(|message| message.map(Part::from));
+    let session = UploadSession::new(uploads.store.clone()).run(parts).await;
     let fed = feeder.await.map_err(|e| Error::internal(format!("reading the upload: {e}")))?;
     let response = match (fed, session) {
         // The session stopped because of the body: the body's error says why.

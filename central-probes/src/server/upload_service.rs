@@ -16,6 +16,8 @@ use probe_api::v1::{
     ListModuleVersionsResponse, ListProbesRequest, ListProbesResponse, ModuleVersionSummary, ProbeInfo, ProbeMiss,
     StoreSpace, UploadProbesRequest, UploadProbesResponse,
 };
+use tokio_stream::{Stream, StreamExt};
+use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{info, instrument, warn};
 
@@ -25,7 +27,7 @@ use crate::server::auth::{Caller, Role, TokenAuth};
 use crate::server::export::{ExportStream, Exports};
 use crate::server::metrics::{AuditLabels, Metrics, OutcomeLabels};
 use crate::server::page_token::PageTokens;
-use crate::server::upload_session::UploadSession;
+use crate::server::upload_session::{Part, UploadSession};
 use crate::store::{ModuleSummary, ProbeStore, StoredProbe};
 
 pub struct UploadService {
@@ -107,6 +109,38 @@ impl UploadService {
 }
 
 impl UploadService {
+    /// UploadProbes, for tonic's request stream and for Central's own
+    /// (`upload_direct`): the caller must be an admin; `client` is its
+    /// address, for the log.
+    pub async fn upload<S>(
+        &self,
+        metadata: &MetadataMap,
+        client: String,
+        parts: S,
+    ) -> Result<UploadProbesResponse, Status>
+    where
+        S: Stream<Item = Result<Part, Status>> + Unpin,
+    {
+        let caller = match self.auth.caller(metadata, Role::Admin) {
+            Ok(caller) => caller,
+            Err(error) => return self.counted("UploadProbes", Err(error)).map(Response::into_inner),
+        };
+        let result = UploadSession::new(self.store.clone()).run(parts).await.inspect_err(|error| {
+            // Files committed before the error stay: the log says who sent them.
+            info!(token = %caller.name, role = %caller.role, client, code = ?error.code, %error, "upload failed")
+        });
+        if let Ok(response) = &result {
+            record_upload(&self.metrics, response, &caller, &client, "UploadProbes");
+            // Every path of the response is stored now, whatever its outcome.
+            let paths: Vec<ProbePath> =
+                response.results.iter().filter_map(|r| ProbePath::parse(&r.path).ok()).collect();
+            if let Err(error) = self.misses.resolve(&paths, Resolver::Upload).await {
+                warn!(%error, "could not mark misses resolved by an upload");
+            }
+        }
+        self.counted("UploadProbes", result).map(Response::into_inner)
+    }
+
     /// What DeleteProbes would delete, in path order.
     async fn delete_targets(&self, request: &DeleteProbesRequest) -> Result<BTreeMap<String, StoredProbe>> {
         if request.paths.is_empty() && request.module_versions.is_empty() {
@@ -280,24 +314,9 @@ impl ProbeUploadService for UploadService {
         request: Request<Streaming<UploadProbesRequest>>,
     ) -> Result<Response<UploadProbesResponse>, Status> {
         let client = request.remote_addr().map(|address| address.to_string()).unwrap_or_else(|| "unknown".to_owned());
-        let caller = match self.auth.caller(request.metadata(), Role::Admin) {
-            Ok(caller) => caller,
-            Err(error) => return self.counted("UploadProbes", Err(error)),
-        };
-        let result = UploadSession::new(self.store.clone()).run(request.into_inner()).await.inspect_err(|error| {
-            // Files committed before the error stay: the log says who sent them.
-            info!(token = %caller.name, role = %caller.role, client, code = ?error.code, %error, "upload failed")
-        });
-        if let Ok(response) = &result {
-            record_upload(&self.metrics, response, &caller, &client, "UploadProbes");
-            // Every path of the response is stored now, whatever its outcome.
-            let paths: Vec<ProbePath> =
-                response.results.iter().filter_map(|r| ProbePath::parse(&r.path).ok()).collect();
-            if let Err(error) = self.misses.resolve(&paths, Resolver::Upload).await {
-                warn!(%error, "could not mark misses resolved by an upload");
-            }
-        }
-        self.counted("UploadProbes", result)
+        let (metadata, _, messages) = request.into_parts();
+        let parts = messages.map(|message| message.map(Part::from));
+        self.upload(&metadata, client, parts).await.map(Response::new)
     }
 
     #[instrument(skip_all)]

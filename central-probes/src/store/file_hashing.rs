@@ -69,22 +69,14 @@ impl FileHashing {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// On the lane: hashes `chunk`, and writes it to the staging if there
-    /// is one. The CRC-32 costs a few percent of the SHA-256 (crc32fast
-    /// runs at memory speed).
-    pub(super) fn take(&self, chunk: &[u8]) {
+    /// On the lane: hashes the pieces of a chunk, and writes them to the
+    /// staging if there is one. The CRC-32 costs a few percent of the
+    /// SHA-256 (crc32fast runs at memory speed).
+    pub(super) fn take(&self, pieces: &[Bytes]) {
         let mut state = self.state();
-        let Some(hashing) = state.as_mut().filter(|hashing| hashing.error.is_none()) else { return };
-        hashing.sha256.update(chunk);
-        hashing.crc32.update(chunk);
-        if let Some(blake2b) = &mut hashing.blake2b {
-            blake2b.update(chunk);
-        }
-        hashing.len += chunk.len() as u64;
-        if let Some(Err(error)) = hashing.staging.as_mut().map(|staging| staging.write(chunk)) {
-            hashing.error = Some(error);
-            // The writer stops at its next chunk.
-            self.failed.store(true, Ordering::SeqCst);
+        for piece in pieces {
+            let Some(hashing) = state.as_mut().filter(|hashing| hashing.error.is_none()) else { return };
+            hashing.take(piece, &self.failed);
         }
     }
 
@@ -140,6 +132,24 @@ impl Drop for OnLane {
     fn drop(&mut self) {
         if let Some(hashing) = self.hashing.take() {
             self.lane.run_now(0, move || drop(hashing.state().take()));
+        }
+    }
+}
+
+impl Hashing {
+    /// Hashes `chunk` and writes it to the staging; a failed write is kept
+    /// and raises `failed`.
+    fn take(&mut self, chunk: &[u8], failed: &AtomicBool) {
+        self.sha256.update(chunk);
+        self.crc32.update(chunk);
+        if let Some(blake2b) = &mut self.blake2b {
+            blake2b.update(chunk);
+        }
+        self.len += chunk.len() as u64;
+        if let Some(Err(error)) = self.staging.as_mut().map(|staging| staging.write(chunk)) {
+            self.error = Some(error);
+            // The writer stops at its next chunk.
+            failed.store(true, Ordering::SeqCst);
         }
     }
 }

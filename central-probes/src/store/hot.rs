@@ -224,6 +224,10 @@ impl ProbeWriter for HotWriter {
         self.writer.write(chunk).await
     }
 
+    async fn write_pieces(&mut self, pieces: Vec<Bytes>) -> Result<()> {
+        self.writer.write_pieces(pieces).await
+    }
+
     fn set_signature(&mut self, signature: Bytes) {
         self.writer.set_signature(signature);
     }

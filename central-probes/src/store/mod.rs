@@ -285,6 +285,17 @@ pub trait ProbeWriter: Send {
     /// Appends the next bytes.
     async fn write(&mut self, chunk: Bytes) -> Result<()>;
 
+    /// Appends one chunk that came in pieces (an upload's chunk as the
+    /// HTTP/2 frames carried it), as `write` of the pieces joined would.
+    /// A writer that hands bytes to another thread overrides it, to hand
+    /// the chunk over once instead of piece by piece.
+    async fn write_pieces(&mut self, pieces: Vec<Bytes>) -> Result<()> {
+        for piece in pieces {
+            self.write(piece).await?;
+        }
+        Ok(())
+    }
+
     /// The probe's signature, committed with its bytes (an upload's trailer
     /// carries it, after the bytes). A store that checks signatures
     /// (`VerifiedStore::with_trusted_keys`) refuses a commit without one.

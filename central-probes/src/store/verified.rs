@@ -233,7 +233,12 @@ fn lane_gone(path: &ProbePath) -> Error {
 #[tonic::async_trait]
 impl ProbeWriter for VerifiedWriter {
     async fn write(&mut self, chunk: Bytes) -> Result<()> {
-        let received = self.received + chunk.len() as u64;
+        self.write_pieces(vec![chunk]).await
+    }
+
+    async fn write_pieces(&mut self, pieces: Vec<Bytes>) -> Result<()> {
+        let len: u64 = pieces.iter().map(|piece| piece.len() as u64).sum();
+        let received = self.received + len;
         if received > self.size {
             return Err(Error::invalid_argument(format!("{}: more bytes than the declared {}", self.path, self.size)));
         }
@@ -242,9 +247,13 @@ impl ProbeWriter for VerifiedWriter {
         if hashing.failed.load(Ordering::SeqCst) {
             return Err(hashing.error().unwrap_or_else(|| lane_gone(&self.path)));
         }
-        // Hashing and an async staging run side by side.
-        let for_staging = self.staging.is_some().then(|| chunk.clone());
-        if !self.on_lane.lane.run(chunk.len() as u64, move || hashing.take(&chunk)).await {
+        // Hashing and an async staging run side by side. An async staging
+        // (a database's rows) gets the chunk whole, as it came before pieces.
+        let for_staging = self.staging.is_some().then(|| match pieces.as_slice() {
+            [one] => one.clone(),
+            _ => pieces.concat().into(),
+        });
+        if !self.on_lane.lane.run(len, move || hashing.take(&pieces)).await {
             return Err(lane_gone(&self.path));
         }
         match (&mut self.staging, for_staging) {

@@ -27,8 +27,6 @@ use std::time::Duration;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 
-use crate::server::probe_service::ProbeServing;
-use crate::server::product_api::ProductUploads;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 use tokio_rustls::TlsAcceptor;
@@ -40,6 +38,7 @@ pub use accept::raise_descriptor_limit;
 pub use handle::ConnectionHandle;
 
 use accept::{AcceptBackoff, Registration, Registry};
+pub use service::Direct;
 use service::{Activity, ConnectionService, asker_of};
 
 /// Bytes HTTP/2 may buffer for one stream beyond its flow-control window:
@@ -102,8 +101,7 @@ pub async fn serve(
     listener: TcpListener,
     tls: Arc<rustls::ServerConfig>,
     routes: Routes,
-    probes: Arc<ProbeServing>,
-    product: Arc<ProductUploads>,
+    direct: Direct,
     limits: ConnectionLimits,
     shutdown: impl Future<Output = ()>,
 ) {
@@ -129,8 +127,7 @@ pub async fn serve(
         builder,
         acceptor: TlsAcceptor::from(tls),
         routes: routes.prepare(),
-        probes,
-        product,
+        direct,
         limits,
         registry: Arc::new(Registry::default()),
     });
@@ -176,8 +173,7 @@ struct ConnectionContext {
     builder: auto::Builder<TokioExecutor>,
     acceptor: TlsAcceptor,
     routes: Routes,
-    probes: Arc<ProbeServing>,
-    product: Arc<ProductUploads>,
+    direct: Direct,
     limits: ConnectionLimits,
     registry: Arc<Registry>,
 }
@@ -213,8 +209,7 @@ impl ConnectionContext {
         let connect_info = tls.connect_info();
         let service = ConnectionService {
             routes: self.routes.clone(),
-            probes: self.probes.clone(),
-            product: self.product.clone(),
+            direct: self.direct.clone(),
             asker: asker_of(&connect_info),
             connect_info,
             handle: handle.clone(),

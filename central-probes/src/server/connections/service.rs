@@ -1,6 +1,7 @@
-//! The HTTP service of one connection: GetProbe (`get_probe_direct`), the
-//! HTTPS probe route (`kernel_objects`), the product's upload route
-//! (`product_upload`) and gRPC-web (`product_api`), else tonic's routes
+//! The HTTP service of one connection: GetProbe (`get_probe_direct`),
+//! UploadProbes (`upload_direct`), the HTTPS probe route (`kernel_objects`),
+//! the product's upload route (`product_upload`) and gRPC-web
+//! (`product_api`), else tonic's routes
 //! with the connection's TLS facts
 //! and handle in every request, requests in flight counted for
 //! the idle timeout, and tonic's pre-handler errors recoded as the API
@@ -25,7 +26,8 @@ use tonic::transport::server::Connected;
 use super::handle::ConnectionHandle;
 use crate::server::probe_service::{Asker, ProbeServing};
 use crate::server::product_api::{self, ProductUploads};
-use crate::server::{get_probe_direct, kernel_objects, product_upload};
+use crate::server::upload_service::UploadService;
+use crate::server::{get_probe_direct, kernel_objects, product_upload, upload_direct};
 use crate::store::client_id::ClientId;
 
 /// Requests in flight on a connection and when the last one ended.
@@ -77,15 +79,22 @@ pub(super) fn asker_of(connect_info: &ConnectInfo) -> Asker {
     }
 }
 
+/// The requests Central reads itself, beside tonic's `Routes`: the hot
+/// paths whose bytes tonic would copy, and the product's routes.
+#[derive(Clone)]
+pub struct Direct {
+    pub probes: Arc<ProbeServing>,
+    pub product: Arc<ProductUploads>,
+    pub uploads: Arc<UploadService>,
+}
+
 /// The HTTP service of one connection: tonic's routes, with the connection's
 /// TLS facts (for `peer_certs`) and handle in every request.
 #[derive(Clone)]
 pub(super) struct ConnectionService {
     pub(super) routes: Routes,
-    /// GetProbe and the HTTPS route, answered beside tonic.
-    pub(super) probes: Arc<ProbeServing>,
-    /// The product's upload route and gRPC-web, answered beside tonic.
-    pub(super) product: Arc<ProductUploads>,
+    /// What is answered beside tonic.
+    pub(super) direct: Direct,
     pub(super) connect_info: ConnectInfo,
     /// Who is asking, for GetProbe and the HTTPS route.
     pub(super) asker: Asker,
@@ -108,7 +117,7 @@ impl hyper::service::Service<Request<Incoming>> for ConnectionService {
         let path = request.uri().path();
         let direct = path == get_probe_direct::PATH;
         if direct || path.starts_with(kernel_objects::PREFIX) {
-            let probes = self.probes.clone();
+            let probes = self.direct.probes.clone();
             let asker = self.asker;
             let handle = self.handle.clone();
             return Box::pin(async move {
@@ -120,10 +129,15 @@ impl hyper::service::Service<Request<Incoming>> for ConnectionService {
                 Ok(track(response))
             });
         }
+        if path == upload_direct::PATH {
+            let uploads = self.direct.uploads.clone();
+            let client = self.client();
+            return Box::pin(async move { Ok(track(upload_direct::handle(&uploads, request, client).await)) });
+        }
         let grpc_web = product_api::wants_grpc_web(&request);
         if grpc_web || path == product_upload::PATH {
-            let product = self.product.clone();
-            let client = self.connect_info.get_ref().remote_addr().map_or_else(|| "unknown".into(), |a| a.to_string());
+            let product = self.direct.product.clone();
+            let client = self.client();
             return Box::pin(async move {
                 let response = if grpc_web {
                     product_api::grpc_web(&product, request).await
@@ -139,6 +153,13 @@ impl hyper::service::Service<Request<Incoming>> for ConnectionService {
             recode_client_errors(response.headers_mut());
             Ok(track(response))
         })
+    }
+}
+
+impl ConnectionService {
+    /// The client's address, for the log.
+    fn client(&self) -> String {
+        self.connect_info.get_ref().remote_addr().map_or_else(|| "unknown".into(), |a| a.to_string())
     }
 }
 

@@ -14,12 +14,16 @@ use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use bytes::Bytes;
+
 use probe_api::digest::Sha256Digest;
 use probe_api::limits::{MAX_FILE_SIZE, MAX_REQUEST_MESSAGE, MAX_UPLOAD_CHUNK};
 use probe_api::names::ProbePath;
 use probe_api::signing::MAX_SIGNATURE_LEN;
 use probe_api::v1::upload_probes_request::Message;
-use probe_api::v1::{FileHeader, FileOutcome, FileResult, FileTrailer, UploadProbesRequest, UploadProbesResponse};
+use probe_api::v1::{
+    FileHeader, FileOutcome, FileResult, FileTrailer, UploadOptions, UploadProbesRequest, UploadProbesResponse,
+};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio_stream::{Stream, StreamExt};
@@ -30,10 +34,33 @@ use crate::store::{
     CommitGate, CommitOrder, CommitOutcome, Committed, ExpectedDigests, ProbeStore, ProbeWriter, open_gate,
 };
 
+/// A message, with a chunk in pieces.
+enum Incoming {
+    Options(UploadOptions),
+    Header(FileHeader),
+    Chunk(Vec<Bytes>),
+    Trailer(FileTrailer),
+}
+
 enum State {
     AwaitingOptions,
     BetweenFiles,
     InFile { path: ProbePath, writer: Box<dyn ProbeWriter> },
+}
+
+/// One message of an upload stream as the session takes it.
+pub enum Part {
+    /// A decoded message; `None` for one without content.
+    Message(Option<Message>),
+    /// The bytes of a chunk message, in the pieces the HTTP/2 frames
+    /// carried them (`upload_frames` reads chunks so, without a copy).
+    Chunk(Vec<Bytes>),
+}
+
+impl From<UploadProbesRequest> for Part {
+    fn from(request: UploadProbesRequest) -> Part {
+        Part::Message(request.message)
+    }
 }
 
 struct Pending {
@@ -78,7 +105,7 @@ impl UploadSession {
     /// and the message says how many there were.
     pub async fn run<S>(mut self, mut requests: S) -> Result<UploadProbesResponse>
     where
-        S: Stream<Item = Result<UploadProbesRequest, tonic::Status>> + Unpin,
+        S: Stream<Item = Result<Part, tonic::Status>> + Unpin,
     {
         let outcome = async {
             while let Some(request) = requests.next().await {
@@ -86,10 +113,14 @@ impl UploadSession {
                     // `drain` reports the failing file.
                     return Ok(());
                 }
-                let message = request
-                    .map_err(stream_error)?
-                    .message
-                    .ok_or_else(|| Error::invalid_argument("an upload message without content"))?;
+                let message = match request.map_err(stream_error)? {
+                    Part::Message(Some(Message::Chunk(chunk))) => Incoming::Chunk(vec![chunk]),
+                    Part::Message(Some(Message::Options(options))) => Incoming::Options(options),
+                    Part::Message(Some(Message::FileHeader(header))) => Incoming::Header(header),
+                    Part::Message(Some(Message::FileTrailer(trailer))) => Incoming::Trailer(trailer),
+                    Part::Chunk(pieces) => Incoming::Chunk(pieces),
+                    Part::Message(None) => return Err(Error::invalid_argument("an upload message without content")),
+                };
                 self.handle(message).await?;
             }
             self.end_of_stream()
@@ -107,32 +138,35 @@ impl UploadSession {
         }
     }
 
-    async fn handle(&mut self, message: Message) -> Result<()> {
+    async fn handle(&mut self, message: Incoming) -> Result<()> {
         match (std::mem::replace(&mut self.state, State::BetweenFiles), message) {
-            (State::AwaitingOptions, Message::Options(options)) => {
+            (State::AwaitingOptions, Incoming::Options(options)) => {
                 self.overwrite = options.overwrite;
                 Ok(())
             }
             (State::AwaitingOptions, _) => {
                 Err(Error::invalid_argument("the upload stream must start with an options message"))
             }
-            (_, Message::Options(_)) => Err(Error::invalid_argument("a second options message")),
-            (State::BetweenFiles, Message::FileHeader(header)) => self.start_file(header).await,
+            (_, Incoming::Options(_)) => Err(Error::invalid_argument("a second options message")),
+            (State::BetweenFiles, Incoming::Header(header)) => self.start_file(header).await,
             (State::BetweenFiles, _) => Err(Error::invalid_argument("file content or trailer without a file header")),
-            (State::InFile { path, .. }, Message::FileHeader(header)) => {
+            (State::InFile { path, .. }, Incoming::Header(header)) => {
                 Err(Error::invalid_argument(format!("header of {:?} before the trailer of {path}", header.path)))
             }
-            (State::InFile { path, .. }, Message::Chunk(chunk)) if chunk.len() > MAX_UPLOAD_CHUNK => Err(Error::new(
-                Code::ResourceExhausted,
-                format!("{path}: a chunk of {} bytes is over the limit of {MAX_UPLOAD_CHUNK}", chunk.len()),
-            )),
-            (State::InFile { path, mut writer }, Message::Chunk(chunk)) => {
-                self.response.bytes_received += chunk.len() as u64;
-                writer.write(chunk).await?;
+            (State::InFile { path, mut writer }, Incoming::Chunk(pieces)) => {
+                let len: usize = pieces.iter().map(Bytes::len).sum();
+                if len > MAX_UPLOAD_CHUNK {
+                    return Err(Error::new(
+                        Code::ResourceExhausted,
+                        format!("{path}: a chunk of {len} bytes is over the limit of {MAX_UPLOAD_CHUNK}"),
+                    ));
+                }
+                self.response.bytes_received += len as u64;
+                writer.write_pieces(pieces).await?;
                 self.state = State::InFile { path, writer };
                 Ok(())
             }
-            (State::InFile { path, mut writer }, Message::FileTrailer(trailer)) => {
+            (State::InFile { path, mut writer }, Incoming::Trailer(trailer)) => {
                 let expected = expected_digests(&path, &trailer)?;
                 if trailer.signature.len() > MAX_SIGNATURE_LEN {
                     return Err(Error::invalid_argument(format!(
@@ -253,15 +287,18 @@ fn expected_digests(path: &ProbePath, trailer: &FileTrailer) -> Result<ExpectedD
 /// The error for a message the request stream could not deliver. tonic
 /// reports an over-limit message as OUT_OF_RANGE and an undecodable one as
 /// INTERNAL; both are the client's mistake and retrying cannot help, so
-/// they become RESOURCE_EXHAUSTED and INVALID_ARGUMENT. Anything else is a
-/// broken transport.
+/// they become RESOURCE_EXHAUSTED and INVALID_ARGUMENT (as which
+/// `upload_frames` reports them itself). Anything else is a broken
+/// transport.
 fn stream_error(status: tonic::Status) -> Error {
     match status.code() {
         Code::OutOfRange | Code::ResourceExhausted => Error::new(
             Code::ResourceExhausted,
             format!("an upload message over the limit of {MAX_REQUEST_MESSAGE} bytes: {}", status.message()),
         ),
-        Code::Internal => Error::invalid_argument(format!("a malformed upload message: {}", status.message())),
+        Code::Internal | Code::InvalidArgument => {
+            Error::invalid_argument(format!("a malformed upload message: {}", status.message()))
+        }
         _ => Error::new(Code::Cancelled, format!("the upload stream broke off: {}", status.message())),
     }
 }

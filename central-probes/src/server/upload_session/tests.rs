@@ -22,7 +22,13 @@ fn chunk(bytes: &'static [u8]) -> UploadProbesRequest {
 }
 
 async fn run(store: &Arc<dyn ProbeStore>, messages: Vec<UploadProbesRequest>) -> Result<UploadProbesResponse> {
-    UploadSession::new(store.clone()).run(tokio_stream::iter(messages.into_iter().map(Ok))).await
+    UploadSession::new(store.clone()).run(tokio_stream::iter(messages.into_iter().map(|m| Ok(Part::from(m))))).await
+}
+
+fn parts(
+    messages: Vec<Result<UploadProbesRequest, tonic::Status>>,
+) -> impl tokio_stream::Stream<Item = Result<Part, tonic::Status>> + Unpin {
+    tokio_stream::iter(messages.into_iter().map(|m| m.map(Part::from)))
 }
 
 async fn stored(store: &Arc<dyn ProbeStore>, path: &str) -> bool {
@@ -96,7 +102,7 @@ async fn a_broken_client_stream_keeps_the_finished_files_only() {
     messages.extend(file_messages(A, b"complete", 4).into_iter().map(Ok));
     messages.push(Ok(file_messages(B, b"x", 4).remove(0)));
     messages.push(Err(tonic::Status::cancelled("client went away")));
-    let error = UploadSession::new(store.clone()).run(tokio_stream::iter(messages)).await.unwrap_err();
+    let error = UploadSession::new(store.clone()).run(parts(messages)).await.unwrap_err();
     assert_eq!(error.code, Code::Cancelled);
     assert!(stored(&store, A).await);
     assert!(!stored(&store, B).await);
@@ -221,7 +227,7 @@ async fn undeliverable_messages_get_codes_that_do_not_say_retry() {
         (tonic::Status::unknown("connection reset"), Code::Cancelled),
     ] {
         let messages = vec![Ok(options(false)), Err(status)];
-        let error = UploadSession::new(store.clone()).run(tokio_stream::iter(messages)).await.unwrap_err();
+        let error = UploadSession::new(store.clone()).run(parts(messages)).await.unwrap_err();
         assert_eq!(error.code, code, "{error}");
     }
 }
