@@ -45,6 +45,20 @@ async fn existing(central: &Central, pki: &TestPki, paths: &[String]) -> Vec<Str
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn existing_probes_come_in_the_order_asked_once_each_and_missing_ones_left_out() {
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let central = Central::start(&pki, dir.path()).await;
+    let mut messages = vec![options()];
+    for i in [1, 2] {
+        messages.extend(file_messages(&kernel_path(i), b"a probe", 3));
+    }
+    central.admin(&pki, &central.admin_token).upload_probes(tokio_stream::iter(messages)).await.unwrap();
+    let asked = [kernel_path(2), kernel_path(9), kernel_path(1), kernel_path(2), kernel_path(1)];
+    assert_eq!(existing(&central, &pki, &asked).await, vec![kernel_path(2), kernel_path(1)]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn files_after_a_failing_file_are_not_committed_and_the_error_names_it() {
     let pki = TestPki::new();
     let dir = tempfile::tempdir().unwrap();

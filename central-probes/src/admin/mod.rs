@@ -6,6 +6,7 @@ pub mod checksum;
 pub mod chunk_pool;
 pub mod client;
 pub mod error;
+mod existing;
 pub mod export;
 pub mod package;
 mod package_file;

@@ -16,18 +16,13 @@
 //! out, so Central keeps nothing of it. The RPC starts only once there is
 //! something to send.
 
-use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use probe_api::digest::{Sha256Digest, Sha256Hasher};
-use probe_api::signing::ProbeSignature;
 use probe_api::v1::upload_probes_request::Message;
-use probe_api::v1::{
-    FileHeader, FileTrailer, GetExistingProbesRequest, ProbeInfo, UploadOptions, UploadProbesRequest,
-    UploadProbesResponse,
-};
+use probe_api::v1::{FileHeader, FileTrailer, UploadOptions, UploadProbesRequest, UploadProbesResponse};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
@@ -35,12 +30,11 @@ use crate::admin::checksum;
 use crate::admin::chunk_pool::ChunkPool;
 use crate::admin::client::AdminClient;
 use crate::admin::error::{AdminError, PackageError};
+use crate::admin::existing::{Action, decide, existing_probes};
 use crate::admin::package::{Package, PackageIndex, PackageProbe, PackageReads};
 use crate::admin::progress::Progress;
 use crate::admin::signatures;
 
-/// Paths asked about per GetExistingProbes call: well inside the limits.
-const EXISTING_BATCH: usize = 10_000;
 /// Bytes per chunk message: most probes fit in one.
 pub const UPLOAD_CHUNK: usize = 1 << 20;
 /// Messages queued between the package reader and the network.
@@ -98,16 +92,6 @@ struct StreamTally {
     conflicts: Vec<String>,
     files_sent: usize,
     bytes_sent: u64,
-}
-
-enum Action {
-    Send,
-    /// Central has a file of this size: compare digests first.
-    Compare(Sha256Digest),
-    /// Central has other content under this path.
-    Differs,
-    /// Central has this very content.
-    Identical,
 }
 
 pub async fn upload(
@@ -220,52 +204,6 @@ pub async fn upload(
         response,
         elapsed: started.elapsed(),
     })
-}
-
-/// What to do with one probe of the package, given what Central has under
-/// its path. A digest Central sends must be well-formed: taking a malformed
-/// one for some value would decide "identical" or "conflict" on nothing.
-fn decide(probe: &PackageProbe, existing: Option<&ProbeInfo>, verify: bool) -> Result<Action, AdminError> {
-    let Some(info) = existing else { return Ok(Action::Send) };
-    if info.size != probe.size || !same_signature(probe, info) {
-        return Ok(Action::Differs);
-    }
-    match info.crc32 {
-        Some(crc32) if !verify => Ok(if crc32 == probe.crc32 { Action::Identical } else { Action::Differs }),
-        // Stored without a CRC-32, or the admin asked for SHA-256.
-        _ => Sha256Digest::from_hex(&info.sha256)
-            .map(Action::Compare)
-            .ok_or_else(|| AdminError::BadReply(format!("a malformed SHA-256 {:?} for {}", info.sha256, probe.path))),
-    }
-}
-
-/// Whether the package's signature of `probe` is, as far as Central's
-/// listing tells, the one Central has: signed by the same key at the same
-/// serial, or unsigned in both. (Two signings of one probe differ in their
-/// bytes but say the same.)
-fn same_signature(probe: &PackageProbe, info: &ProbeInfo) -> bool {
-    let signed = probe
-        .signature
-        .as_deref()
-        .map(|bytes| ProbeSignature::parse(bytes).map(|s| (s.key_id().to_string(), s.serial())).unwrap_or_default());
-    let stored = (!info.signature_key_id.is_empty()).then(|| (info.signature_key_id.clone(), info.signature_serial));
-    signed == stored
-}
-
-async fn existing_probes(
-    client: &mut AdminClient,
-    index: &PackageIndex,
-) -> Result<HashMap<String, ProbeInfo>, AdminError> {
-    let mut existing = HashMap::new();
-    for batch in index.probes.chunks(EXISTING_BATCH) {
-        let paths = batch.iter().map(|p| p.path.to_string()).collect();
-        let response = client
-            .get_existing_probes(GetExistingProbesRequest { paths })
-            .await
-            .map_err(AdminError::rpc("asking Central which probes it has"))?;
-        existing.extend(response.into_inner().probes.into_iter().map(|p| (p.path.clone(), p)));
-    }
-    Ok(existing)
 }
 
 /// The one pass over the package, on a blocking thread.

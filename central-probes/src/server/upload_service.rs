@@ -28,7 +28,7 @@ use crate::server::export::{ExportStream, Exports};
 use crate::server::metrics::{AuditLabels, Metrics, OutcomeLabels};
 use crate::server::page_token::PageTokens;
 use crate::server::upload_session::{Part, UploadSession};
-use crate::store::{ModuleSummary, ProbeStore, StoredProbe};
+use crate::store::{ModuleSummary, ProbeStore, StoredProbe, probe_info};
 
 pub struct UploadService {
     store: Arc<dyn ProbeStore>,
@@ -73,10 +73,23 @@ impl UploadService {
                 request.paths.len()
             )));
         }
-        let paths = request.paths.iter().map(|p| ProbePath::parse(p)).collect::<Result<Vec<_>, _>>()?;
-        let mut seen = HashSet::new();
-        let paths: Vec<ProbePath> = paths.into_iter().filter(|path| seen.insert(path.clone())).collect();
-        let probes = self.store.stat_many(&paths).await?.into_iter().flatten().map(ProbeInfo::from).collect();
+        let parsed = request.paths.iter().map(|p| ProbePath::parse(p)).collect::<Result<Vec<_>, _>>()?;
+        // A path asked twice is answered once. A valid path's string is its
+        // only spelling, so the strings tell duplicates apart and are the
+        // answer's paths as they are: a re-upload asks for 16,000 at once.
+        let mut seen = HashSet::with_capacity(request.paths.len());
+        let first: Vec<bool> = request.paths.iter().map(|path| seen.insert(path.as_str())).collect();
+        drop(seen);
+        let (asked, paths): (Vec<String>, Vec<ProbePath>) = request
+            .paths
+            .into_iter()
+            .zip(parsed)
+            .zip(first)
+            .filter_map(|(asked, first)| first.then_some(asked))
+            .unzip();
+        let stored = self.store.stat_many(&paths).await?;
+        let probes =
+            asked.into_iter().zip(stored).filter_map(|(path, stored)| Some(probe_info(stored?, path))).collect();
         Ok(GetExistingProbesResponse { probes })
     }
 

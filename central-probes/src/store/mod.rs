@@ -67,16 +67,23 @@ impl StoredProbe {
 /// signature itself.
 impl From<StoredProbe> for probe_api::v1::ProbeInfo {
     fn from(probe: StoredProbe) -> Self {
-        let signed = probe.signature.as_deref().and_then(|signature| ProbeSignature::parse(signature).ok());
-        probe_api::v1::ProbeInfo {
-            path: probe.path.to_string(),
-            size: probe.size,
-            sha256: probe.sha256.to_hex(),
-            crc32: probe.crc32,
-            signature_key_id: signed.as_ref().map(|s| s.key_id().to_string()).unwrap_or_default(),
-            signature_serial: signed.as_ref().map_or(0, |s| s.serial()),
-            signature: Bytes::new(),
-        }
+        let path = probe.path.to_string();
+        probe_info(probe, path)
+    }
+}
+
+/// `probe` as the API describes it, under `path`: its path as a string
+/// the caller has already (a lookup's request), to save formatting it.
+pub fn probe_info(probe: StoredProbe, path: String) -> probe_api::v1::ProbeInfo {
+    let signed = probe.signature.as_deref().and_then(|signature| ProbeSignature::parse(signature).ok());
+    probe_api::v1::ProbeInfo {
+        path,
+        size: probe.size,
+        sha256: probe.sha256.to_hex(),
+        crc32: probe.crc32,
+        signature_key_id: signed.as_ref().map(|s| s.key_id().to_string()).unwrap_or_default(),
+        signature_serial: signed.as_ref().map_or(0, |s| s.serial()),
+        signature: Bytes::new(),
     }
 }
 
