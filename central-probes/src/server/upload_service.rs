@@ -125,6 +125,7 @@ impl UploadService {
     /// UploadProbes, for tonic's request stream and for Central's own
     /// (`upload_direct`): the caller must be an admin; `client` is its
     /// address, for the log.
+    #[instrument(name = "upload_probes", skip_all)]
     pub async fn upload<S>(
         &self,
         metadata: &MetadataMap,
@@ -321,7 +322,6 @@ impl ProbeUploadService for UploadService {
         self.counted("GetExistingProbes", result)
     }
 
-    #[instrument(skip_all)]
     async fn upload_probes(
         &self,
         request: Request<Streaming<UploadProbesRequest>>,
