@@ -53,7 +53,7 @@ pub enum Part {
     /// A decoded message; `None` for one without content.
     Message(Option<Message>),
     /// The bytes of a chunk message, in the pieces the HTTP/2 frames
-    /// carried them (`upload_frames` reads chunks so, without a copy).
+    /// carried them (`upload_direct` reads chunks so, without a copy).
     Chunk(Vec<Bytes>),
 }
 
@@ -288,7 +288,7 @@ fn expected_digests(path: &ProbePath, trailer: &FileTrailer) -> Result<ExpectedD
 /// reports an over-limit message as OUT_OF_RANGE and an undecodable one as
 /// INTERNAL; both are the client's mistake and retrying cannot help, so
 /// they become RESOURCE_EXHAUSTED and INVALID_ARGUMENT (as which
-/// `upload_frames` reports them itself). Anything else is a broken
+/// `upload_direct` reports them itself). Anything else is a broken
 /// transport.
 fn stream_error(status: tonic::Status) -> Error {
     match status.code() {
