@@ -16,11 +16,7 @@ use crate::common::TestPki;
 pub async fn raw_http2(address: &str, pki: &TestPki, with_certificate: bool) -> h2::client::SendRequest<Bytes> {
     let tls = tls_connect(address, pki, with_certificate).await;
     // A small window: the client buffers little of what it never reads.
-    let (sender, connection) = h2::client::Builder::new().initial_window_size(16 * 1024).handshake(tls).await.unwrap();
-    tokio::spawn(async move {
-        let _ = connection.await;
-    });
-    sender.ready().await.unwrap()
+    drive_after_settings(16 * 1024, tls).await
 }
 
 /// A raw HTTP/2 client that grants no flow-control window to any stream
@@ -32,10 +28,27 @@ pub async fn raw_http2_zero_window(
     with_certificate: bool,
 ) -> h2::client::SendRequest<Bytes> {
     let tls = tls_connect(address, pki, with_certificate).await;
-    let (sender, connection) = h2::client::Builder::new().initial_window_size(0).handshake(tls).await.unwrap();
+    drive_after_settings(0, tls).await
+}
+
+/// Opens HTTP/2 with this stream window, hands the connection to a task
+/// and returns once the server's SETTINGS
+/// have been applied. Until then h2 assumes no stream limit, so streams
+/// opened at once would all go out, and the server would refuse those
+/// beyond its limit, then (past h2's 1,024 refusals) close the connection
+/// with ENHANCE_YOUR_CALM. The server sends SETTINGS before it reads
+/// anything, so once a PING's answer is back, they have been applied.
+async fn drive_after_settings(
+    initial_window_size: u32,
+    tls: tokio_rustls::client::TlsStream<TcpStream>,
+) -> h2::client::SendRequest<Bytes> {
+    let (sender, mut connection) =
+        h2::client::Builder::new().initial_window_size(initial_window_size).handshake(tls).await.unwrap();
+    let mut ping_pong = connection.ping_pong().expect("a new connection's ping_pong");
     tokio::spawn(async move {
         let _ = connection.await;
     });
+    ping_pong.ping(h2::Ping::opaque()).await.unwrap();
     sender.ready().await.unwrap()
 }
 
