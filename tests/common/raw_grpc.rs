@@ -32,12 +32,12 @@ pub async fn raw_http2_zero_window(
 }
 
 /// Opens HTTP/2 with this stream window, hands the connection to a task
-/// and returns once the server's SETTINGS
-/// have been applied. Until then h2 assumes no stream limit, so streams
-/// opened at once would all go out, and the server would refuse those
-/// beyond its limit, then (past h2's 1,024 refusals) close the connection
-/// with ENHANCE_YOUR_CALM. The server sends SETTINGS before it reads
-/// anything, so once a PING's answer is back, they have been applied.
+/// and returns once the server's SETTINGS have been applied. Until then h2
+/// assumes no stream limit, so streams opened at once would all go out,
+/// and the server would refuse those beyond its limit, then (past h2's
+/// 1,024 refusals) close the connection with ENHANCE_YOUR_CALM. The server
+/// sends SETTINGS before it reads anything, so once a PING's answer is
+/// back, they have been applied.
 async fn drive_after_settings(
     initial_window_size: u32,
     tls: tokio_rustls::client::TlsStream<TcpStream>,
