@@ -254,7 +254,9 @@ section "2. serving"
   echo
   echo "Central answers GetProbe (gRPC) and GET /kernel-objects/<module>/<file> (its HTTPS route, HTTP/2), nginx GET of"
   echo "the same files; one harness (probe-bench) drives all three. GetProbe is asked through tonic (G) and as plain"
-  echo "HTTP/2 requests by the client that also asks the route and nginx, decoding no protobuf (P). Both servers"
+  echo "HTTP/2 requests (P: h2 itself, the request's HEADERS and DATA in one write, as grpc-go and grpc-core send"
+  echo "them; hyper's client, under tonic and the route's client, writes the DATA after the HEADERS in a second"
+  echo "flush in about a fifth of one-client calls), decoding no protobuf. Both servers"
   echo "have read every probe once before; rows at one client are the means of two runs of each, in the order"
   echo "G, P, route, nginx, then the reverse."
   echo
@@ -282,7 +284,7 @@ serve_once() {
   shift 4
   case $which in
     g) protocol=grpc address=$MAIN_ADDR ;;
-    p) protocol=grpc-plain address=$MAIN_ADDR ;;
+    p) protocol=grpc-h2 address=$MAIN_ADDR ;;
     r) protocol=https address=$MAIN_ADDR paths=$route_paths ;;
     h) protocol=https address=127.0.0.1:$NGINX_PORT ;;
   esac

@@ -1,7 +1,7 @@
 //! The clients of one load run: gRPC GetProbe (Central) through tonic, or
 //! as plain HTTP/2 requests (the gRPC frame sent, the reply's bytes counted
 //! and its grpc-status checked, no protobuf decoded: the HTTPS client's
-//! work), or HTTPS GET (nginx, Central's route), each on its own connection
+//! work) through hyper or through h2 itself, or HTTPS GET (nginx, Central's route), each on its own connection
 //! or a new one per request, and the loop that drives N of them for a fixed
 //! time and reports rate and latency.
 
@@ -53,6 +53,11 @@ pub(crate) enum Client {
         address: String,
         config: Arc<rustls::ClientConfig>,
     },
+    /// GetProbe over h2 itself.
+    GrpcH2 {
+        address: String,
+        config: Arc<rustls::ClientConfig>,
+    },
     Https {
         address: String,
         config: Arc<rustls::ClientConfig>,
@@ -63,6 +68,7 @@ pub(crate) enum Client {
 pub(crate) enum Connection {
     Grpc(ProbeServiceClient<tonic::transport::Channel>),
     Http2 { sender: hyper::client::conn::http2::SendRequest<Full<Bytes>>, grpc: bool },
+    H2(h2::client::SendRequest<Bytes>),
 }
 
 /// The path of GetProbe as an HTTP/2 request.
@@ -77,15 +83,19 @@ impl Client {
                 let channel = endpoint.connect().await.map_err(|e| e.to_string())?;
                 Ok(Connection::Grpc(ProbeServiceClient::new(channel)))
             }
-            Client::GrpcPlain { address, config } | Client::Https { address, config } => {
-                let tcp = tokio::net::TcpStream::connect(address).await.map_err(|e| e.to_string())?;
-                tcp.set_nodelay(true).map_err(|e| e.to_string())?;
-                let host = address.rsplit_once(':').map_or(address.as_str(), |(h, _)| h).to_owned();
-                let name = ServerName::try_from(host).map_err(|e| e.to_string())?;
-                let tls = tokio_rustls::TlsConnector::from(config.clone())
-                    .connect(name, tcp)
+            Client::GrpcH2 { address, config } => {
+                let tls = tls_connect(address, config).await?;
+                let (sender, connection) = h2::client::Builder::new()
+                    .initial_window_size(transport::STREAM_WINDOW)
+                    .initial_connection_window_size(transport::CONNECTION_WINDOW)
+                    .handshake(tls)
                     .await
                     .map_err(|e| e.to_string())?;
+                tokio::spawn(connection);
+                Ok(Connection::H2(sender))
+            }
+            Client::GrpcPlain { address, config } | Client::Https { address, config } => {
+                let tls = tls_connect(address, config).await?;
                 let (sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
                     .initial_stream_window_size(transport::STREAM_WINDOW)
                     .initial_connection_window_size(transport::CONNECTION_WINDOW)
@@ -97,6 +107,28 @@ impl Client {
             }
         }
     }
+}
+
+async fn tls_connect(
+    address: &str,
+    config: &Arc<rustls::ClientConfig>,
+) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>, String> {
+    let tcp = tokio::net::TcpStream::connect(address).await.map_err(|e| e.to_string())?;
+    tcp.set_nodelay(true).map_err(|e| e.to_string())?;
+    let host = address.rsplit_once(':').map_or(address, |(h, _)| h).to_owned();
+    let name = ServerName::try_from(host).map_err(|e| e.to_string())?;
+    tokio_rustls::TlsConnector::from(config.clone()).connect(name, tcp).await.map_err(|e| e.to_string())
+}
+
+/// The gRPC message frame of a GetProbe request for `path`.
+fn get_probe_frame(path: &str) -> Result<Vec<u8>, String> {
+    let (module_version, file_name) = path.split_once('/').ok_or("bad path")?;
+    let message = GetProbeRequest { module_version: module_version.to_owned(), file_name: file_name.to_owned() };
+    let encoded = prost::Message::encode_to_vec(&message);
+    let mut frame = vec![0u8];
+    frame.extend_from_slice(&(encoded.len() as u32).to_be_bytes());
+    frame.extend_from_slice(&encoded);
+    Ok(frame)
 }
 
 impl Connection {
@@ -116,16 +148,42 @@ impl Connection {
                 }
                 Ok(bytes)
             }
+            Connection::H2(sender) => {
+                let mut sender = sender.clone().ready().await.map_err(|e| e.to_string())?;
+                let frame = get_probe_frame(path)?;
+                let request = hyper::Request::post(format!("https://{address}/{GET_PROBE}"))
+                    .header("content-type", "application/grpc")
+                    .header("te", "trailers")
+                    .body(())
+                    .map_err(|e| e.to_string())?;
+                let (response, mut stream) = sender.send_request(request, false).map_err(|e| e.to_string())?;
+                // Queued before the connection task writes the HEADERS: h2
+                // sends both in one flush.
+                stream.send_data(Bytes::from(frame), true).map_err(|e| e.to_string())?;
+                let response = response.await.map_err(|e| e.to_string())?;
+                if !response.status().is_success() {
+                    return Err(format!("HTTP {}", response.status()));
+                }
+                let mut grpc_status = response.headers().get("grpc-status").map(|v| v.as_bytes().to_vec());
+                let mut body = response.into_body();
+                let mut bytes = 0;
+                while let Some(data) = body.data().await {
+                    let data = data.map_err(|e| e.to_string())?;
+                    bytes += data.len() as u64;
+                    let _ = body.flow_control().release_capacity(data.len());
+                }
+                if let Some(trailers) = body.trailers().await.map_err(|e| e.to_string())? {
+                    grpc_status = trailers.get("grpc-status").map(|v| v.as_bytes().to_vec());
+                }
+                if grpc_status.as_deref() != Some(b"0") {
+                    return Err(format!("grpc-status {grpc_status:?}"));
+                }
+                Ok(bytes)
+            }
             Connection::Http2 { sender, grpc } => {
                 sender.ready().await.map_err(|e| e.to_string())?;
                 let request = if *grpc {
-                    let (module_version, file_name) = path.split_once('/').ok_or("bad path")?;
-                    let message =
-                        GetProbeRequest { module_version: module_version.to_owned(), file_name: file_name.to_owned() };
-                    let encoded = prost::Message::encode_to_vec(&message);
-                    let mut frame = vec![0u8];
-                    frame.extend_from_slice(&(encoded.len() as u32).to_be_bytes());
-                    frame.extend_from_slice(&encoded);
+                    let frame = get_probe_frame(path)?;
                     hyper::Request::post(format!("https://{address}/{GET_PROBE}"))
                         .header("content-type", "application/grpc")
                         .header("te", "trailers")
@@ -174,9 +232,10 @@ pub(crate) async fn load(
 ) {
     let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let address = match &*client {
-        Client::Grpc { address, .. } | Client::GrpcPlain { address, .. } | Client::Https { address, .. } => {
-            address.clone()
-        }
+        Client::Grpc { address, .. }
+        | Client::GrpcPlain { address, .. }
+        | Client::GrpcH2 { address, .. }
+        | Client::Https { address, .. } => address.clone(),
     };
     let bytes = Arc::new(AtomicU64::new(0));
     let errors = Arc::new(AtomicU64::new(0));

@@ -34,6 +34,9 @@ enum Protocol {
     Grpc,
     /// GetProbe through the HTTP/2 client of `https` (no protobuf decoded).
     GrpcPlain,
+    /// GetProbe through h2 itself, the request's HEADERS and DATA queued
+    /// in one go (as grpc-go and grpc-core send them).
+    GrpcH2,
     Https,
 }
 
@@ -195,6 +198,7 @@ async fn main() {
             let client = match protocol {
                 Protocol::Grpc => Client::Grpc { address, tls: client_tls(&tls) },
                 Protocol::GrpcPlain => Client::GrpcPlain { address, config: Arc::new(config) },
+                Protocol::GrpcH2 => Client::GrpcH2 { address, config: Arc::new(config) },
                 Protocol::Https => Client::Https { address, config: Arc::new(config) },
             };
             load(Arc::new(client), Arc::new(paths), concurrency, seconds, new_connection_per_request, each_once).await;
