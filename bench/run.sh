@@ -254,9 +254,8 @@ section "2. serving"
   echo
   echo "Central answers GetProbe (gRPC) and GET /kernel-objects/<module>/<file> (its HTTPS route, HTTP/2), nginx GET of"
   echo "the same files; one harness (probe-bench) drives all three. GetProbe is asked through tonic (G) and as plain"
-  echo "HTTP/2 requests (P: h2 itself, the request's HEADERS and DATA in one write, as grpc-go and grpc-core send"
-  echo "them; hyper's client, under tonic and the route's client, writes the DATA after the HEADERS in a second"
-  echo "flush in about a fifth of one-client calls), decoding no protobuf. Both servers"
+  echo "HTTP/2 requests (P: h2 itself, the request's HEADERS and DATA in one write; hyper's client, under tonic,"
+  echo "writes the DATA in a second flush in about a quarter of one-client calls), decoding no protobuf. Both servers"
   echo "have read every probe once before; rows at one client are the means of two runs of each, in the order"
   echo "G, P, route, nginx, then the reverse."
   echo

@@ -1,9 +1,9 @@
 //! The clients of one load run: gRPC GetProbe (Central) through tonic, or
 //! as plain HTTP/2 requests (the gRPC frame sent, the reply's bytes counted
 //! and its grpc-status checked, no protobuf decoded: the HTTPS client's
-//! work) through hyper or through h2 itself, or HTTPS GET (nginx, Central's route), each on its own connection
-//! or a new one per request, and the loop that drives N of them for a fixed
-//! time and reports rate and latency.
+//! work) through hyper or through h2 itself, or HTTPS GET (nginx, Central's
+//! route), each on its own connection or a new one per request, and the
+//! loop that drives N of them for a fixed time and reports rate and latency.
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};

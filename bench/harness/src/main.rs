@@ -35,7 +35,8 @@ enum Protocol {
     /// GetProbe through the HTTP/2 client of `https` (no protobuf decoded).
     GrpcPlain,
     /// GetProbe through h2 itself, the request's HEADERS and DATA queued
-    /// in one go (as grpc-go and grpc-core send them).
+    /// together, so they go out in one write (hyper's client, under tonic
+    /// and `grpc-plain`, often writes the DATA in a second flush).
     GrpcH2,
     Https,
 }
