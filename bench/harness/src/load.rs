@@ -131,6 +131,24 @@ fn get_probe_frame(path: &str) -> Result<Vec<u8>, String> {
     Ok(frame)
 }
 
+/// The HEADERS of a GetProbe call, with `body`.
+fn get_probe_request<B>(address: &str, body: B) -> Result<hyper::Request<B>, String> {
+    hyper::Request::post(format!("https://{address}/{GET_PROBE}"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(body)
+        .map_err(|e| e.to_string())
+}
+
+/// A call's `grpc-status` (from its trailers, or from its headers when it
+/// had no body): an error unless it is OK.
+fn check_grpc_status(grpc_status: Option<Vec<u8>>) -> Result<(), String> {
+    if grpc_status.as_deref() == Some(b"0") {
+        return Ok(());
+    }
+    Err(format!("grpc-status {:?}", grpc_status.map(|s| String::from_utf8_lossy(&s).into_owned())))
+}
+
 impl Connection {
     /// Fetches one probe; returns its size.
     pub(crate) async fn get(&mut self, path: &str, address: &str) -> Result<u64, String> {
@@ -151,14 +169,10 @@ impl Connection {
             Connection::H2(sender) => {
                 let mut sender = sender.clone().ready().await.map_err(|e| e.to_string())?;
                 let frame = get_probe_frame(path)?;
-                let request = hyper::Request::post(format!("https://{address}/{GET_PROBE}"))
-                    .header("content-type", "application/grpc")
-                    .header("te", "trailers")
-                    .body(())
-                    .map_err(|e| e.to_string())?;
+                let request = get_probe_request(address, ())?;
                 let (response, mut stream) = sender.send_request(request, false).map_err(|e| e.to_string())?;
-                // Queued before the connection task writes the HEADERS: h2
-                // sends both in one flush.
+                // Queued before the connection task writes the HEADERS, so h2
+                // almost always sends both in one flush.
                 stream.send_data(Bytes::from(frame), true).map_err(|e| e.to_string())?;
                 let response = response.await.map_err(|e| e.to_string())?;
                 if !response.status().is_success() {
@@ -175,23 +189,18 @@ impl Connection {
                 if let Some(trailers) = body.trailers().await.map_err(|e| e.to_string())? {
                     grpc_status = trailers.get("grpc-status").map(|v| v.as_bytes().to_vec());
                 }
-                if grpc_status.as_deref() != Some(b"0") {
-                    return Err(format!("grpc-status {grpc_status:?}"));
-                }
+                check_grpc_status(grpc_status)?;
                 Ok(bytes)
             }
             Connection::Http2 { sender, grpc } => {
                 sender.ready().await.map_err(|e| e.to_string())?;
                 let request = if *grpc {
-                    let frame = get_probe_frame(path)?;
-                    hyper::Request::post(format!("https://{address}/{GET_PROBE}"))
-                        .header("content-type", "application/grpc")
-                        .header("te", "trailers")
-                        .body(Full::new(Bytes::from(frame)))
+                    get_probe_request(address, Full::new(Bytes::from(get_probe_frame(path)?)))?
                 } else {
-                    hyper::Request::get(format!("https://{address}/{path}")).body(Full::new(Bytes::new()))
-                }
-                .map_err(|e| e.to_string())?;
+                    hyper::Request::get(format!("https://{address}/{path}"))
+                        .body(Full::new(Bytes::new()))
+                        .map_err(|e| e.to_string())?
+                };
                 let response = sender.send_request(request).await.map_err(|e| e.to_string())?;
                 if !response.status().is_success() {
                     return Err(format!("HTTP {}", response.status()));
@@ -210,11 +219,8 @@ impl Connection {
                         }
                     }
                 }
-                if *grpc && grpc_status.as_deref() != Some(b"0") {
-                    return Err(format!(
-                        "grpc-status {:?}",
-                        grpc_status.map(|s| String::from_utf8_lossy(&s).into_owned())
-                    ));
+                if *grpc {
+                    check_grpc_status(grpc_status)?;
                 }
                 Ok(bytes)
             }
