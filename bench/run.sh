@@ -254,7 +254,7 @@ section "2. serving"
   echo
   echo "Central answers GetProbe (gRPC) and GET /kernel-objects/<module>/<file> (its HTTPS route, HTTP/2), nginx GET of"
   echo "the same files; one harness (probe-bench) drives all three. GetProbe is asked through tonic (G) and as plain"
-  echo "HTTP/2 requests (P: h2 itself, the request's HEADERS and DATA in one write; hyper's client, under tonic,"
+  echo "HTTP/2 requests (P: h2 itself, the request's HEADERS and DATA in one write but in ~1% of calls; hyper's client, under tonic,"
   echo "writes the DATA in a second flush in about a quarter of one-client calls), decoding no protobuf. Both servers"
   echo "have read every probe once before; rows at one client are the medians of four runs of each, in the orders"
   echo "G P route nginx, nginx route P G, P G nginx route and route nginx G P (every run, with the steal during it,"
@@ -279,7 +279,8 @@ sync
   --concurrency 16 --seconds 1 --each-once >/dev/null 2>>"$WORK/load.err"
 # serve_once WHICH CONCURRENCY PATHS ROUTE_PATHS [FLAGS...]: one run of G
 # (g), P (p), the route (r) or nginx (h); prints probe-bench's "req/s MB/s
-# p50 p99 errors" and the server's CPU seconds.
+# p50 p99 errors" and the server's CPU seconds, and appends the same with
+# the row and the steal during the run to serve-runs.txt.
 serve_once() {
   local which=$1 c=$2 paths=$3 route_paths=$4 protocol address cpu0 steal0 out
   shift 4
@@ -338,7 +339,7 @@ for mode in long-lived new-per-request hot-16-probes new-full-handshake; do
     g="$g_rps $g_mbs $g_p50 $g_p99 $g_err"; p="$p_rps - $p_p50 $p_p99 $p_err"
     r="$r_rps - $r_p50 $r_p99 $r_err"; h="$h_rps $h_mbs $h_p50 $h_p99 $h_err"
     echo "| $mode | $c | $g_rps / $p_rps | $r_rps | $h_rps | $(ratio "$g_rps" "$h_rps") / $(ratio "$p_rps" "$h_rps") | $(ratio "$r_rps" "$h_rps") | $g_mbs | $h_mbs | $g_p50 / $g_p99, $p_p50 / $p_p99 | $r_p50 / $r_p99 | $h_p50 / $h_p99 | $g_cpu / $p_cpu / $r_cpu / $h_cpu | $g_err / $p_err / $r_err / $h_err |" >>"$RESULTS"
-    echo "$mode c=$c grpc: $g | grpc-plain: $p | route: $r | nginx: $h"
+    echo "$mode c=$c grpc: $g | grpc-h2: $p | route: $r | nginx: $h"
   done
 done
 
