@@ -7,8 +7,8 @@
 //! `<dir>/<module version>/collector-ebpf-<kernel>.o.gz`, with its SHA-256
 //! in hex beside it (`.sha256`) and its signature when it had one
 //! (`.minisig`), so that the signature policy checks a cached probe as it
-//! checks a fetched one; each is written to a temporary file and renamed,
-//! the file last. It is used only when no remote source could be reached
+//! checks a fetched one; each is replaced whole through [`Dir`] (never
+//! through a planted symlink), the file last. It is used only when no remote source could be reached
 //! for the whole retry budget, and only if it still hashes to its digest;
 //! one that does not (a torn write, a damaged disk) is deleted.
 
@@ -17,7 +17,12 @@ use std::path::{Path, PathBuf};
 
 use probe_api::digest::Sha256Digest;
 use probe_api::names::{ModuleVersion, ProbeFileName, ProbePath};
-use probe_api::signing::SIGNATURE_SUFFIX;
+use probe_api::signing::{MAX_SIGNATURE_LEN, SIGNATURE_SUFFIX};
+
+use crate::chain::{self, NotServed, Served, Tried};
+use crate::files::Dir;
+use crate::limits::MAX_PROBE_FILE;
+use crate::signatures::SignaturePolicy;
 
 pub struct ProbeCache {
     dir: PathBuf,
@@ -30,20 +35,27 @@ pub struct Kept {
     pub signature: Option<Vec<u8>>,
 }
 
+/// The names of a probe's file, digest and signature in its module
+/// version's directory.
+struct Names {
+    file: String,
+    digest: String,
+    signature: String,
+}
+
 impl ProbeCache {
     pub fn new(dir: &Path) -> Self {
         ProbeCache { dir: dir.to_owned() }
     }
 
-    /// Where the probe of `kernel` lives: its file, digest and signature.
-    fn paths(&self, module_version: &ModuleVersion, kernel: &str) -> Option<(ProbePath, [PathBuf; 3])> {
+    /// The probe path of `kernel` and the names of its files.
+    fn names(module_version: &ModuleVersion, kernel: &str) -> Option<(ProbePath, Names)> {
         // Kernel names come from the host or the environment: one that is
         // not a valid probe name is never a path here.
         let name = ProbeFileName::ebpf(kernel).ok()?;
-        let file = self.dir.join(module_version.as_str()).join(name.as_str());
-        let digest = file.with_extension("gz.sha256");
-        let signature = PathBuf::from(format!("{}{SIGNATURE_SUFFIX}", file.display()));
-        Some((ProbePath::new(module_version.clone(), name), [file, digest, signature]))
+        let file = name.as_str().to_owned();
+        let names = Names { digest: format!("{file}.sha256"), signature: format!("{file}{SIGNATURE_SUFFIX}"), file };
+        Some((ProbePath::new(module_version.clone(), name), names))
     }
 
     /// Keeps the probe file for `kernel` and its signature.
@@ -54,47 +66,80 @@ impl ProbeCache {
         file: &[u8],
         signature: Option<&[u8]>,
     ) -> io::Result<()> {
-        let Some((_, [path, digest_path, signature_path])) = self.paths(module_version, kernel) else { return Ok(()) };
-        let dir = path.parent().expect("a module directory");
-        std::fs::create_dir_all(dir)?;
+        let Some((_, names)) = Self::names(module_version, kernel) else { return Ok(()) };
+        let dir = Dir::open(&self.dir, true)?.subdir(module_version.as_str(), true)?;
+        let locked = dir.lock()?;
         match signature {
-            Some(signature) => write_atomically(&signature_path, signature)?,
-            None => match std::fs::remove_file(&signature_path) {
-                Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
-                _ => {}
-            },
+            Some(signature) => locked.replace(&names.signature, signature, 0o644)?,
+            None => locked.remove(&names.signature)?,
         }
-        write_atomically(&digest_path, Sha256Digest::of(file).to_hex().as_bytes())?;
-        write_atomically(&path, file)
+        locked.replace(&names.digest, Sha256Digest::of(file).to_hex().as_bytes(), 0o644)?;
+        locked.replace(&names.file, file, 0o644)
     }
 
     /// The kept probe for `kernel`, if there is one that hashes to its
     /// digest; one that does not is deleted (with its digest).
     pub fn verified(&self, module_version: &ModuleVersion, kernel: &str) -> Option<Kept> {
-        let (probe_path, [path, digest_path, signature_path]) = self.paths(module_version, kernel)?;
-        let file = std::fs::read(&path).ok()?;
-        let expected = std::fs::read_to_string(&digest_path).ok().and_then(|hex| Sha256Digest::from_hex(hex.trim()));
+        let (probe_path, names) = Self::names(module_version, kernel)?;
+        let dir = Dir::open(&self.dir, false).and_then(|dir| dir.subdir(module_version.as_str(), false)).ok()?;
+        let read = |name: &str, max: u64| {
+            dir.read(name, max).inspect_err(|error| tracing::warn!(%error, "a cached probe's file is unusable")).ok()?
+        };
+        let file = read(&names.file, MAX_PROBE_FILE)?;
+        let expected =
+            read(&names.digest, 128).and_then(|hex| Sha256Digest::from_hex(String::from_utf8_lossy(&hex).trim()));
         if expected == Some(Sha256Digest::of(&file)) {
-            let signature = std::fs::read(&signature_path).ok();
+            let signature = read(&names.signature, MAX_SIGNATURE_LEN as u64 + 1);
             return Some(Kept { path: probe_path, file, signature });
         }
-        tracing::warn!(path = %path.display(), "a cached probe does not match its digest: deleted, not used");
-        let _ = std::fs::remove_file(&path);
-        let _ = std::fs::remove_file(&digest_path);
+        tracing::warn!(path = %dir.path().join(&names.file).display(), "a cached probe does not match its digest: deleted, not used");
+        if let Ok(locked) = dir.lock() {
+            let _ = locked.remove(&names.file);
+            let _ = locked.remove(&names.digest);
+        }
         None
     }
-}
 
-/// Writes `bytes` to `<path>.part`, fsyncs it and renames it to `path`.
-pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    // The whole name with ".part" after it: a probe's digest and signature,
-    // `<file>.sha256` and `<file>.minisig`, never share a temporary file.
-    let mut temp = path.as_os_str().to_owned();
-    temp.push(".part");
-    let temp = PathBuf::from(temp);
-    std::fs::write(&temp, bytes)?;
-    std::fs::File::open(&temp)?.sync_all()?;
-    std::fs::rename(&temp, path)
+    /// The first candidate's probe kept here that hashes to its digest and
+    /// passes the signature policy, as a fetched one must; a kept probe the
+    /// policy refuses is reported in `not_served`.
+    pub fn serve(
+        &self,
+        module_version: &ModuleVersion,
+        candidates: &[String],
+        signatures: &SignaturePolicy,
+        not_served: &mut NotServed,
+    ) -> Option<Served> {
+        let source = format!("the node-local cache {}", self.dir.display());
+        candidates.iter().find_map(|kernel| {
+            let kept = self.verified(module_version, kernel)?;
+            let checked = match signatures.check(&kept.path, &kept.file, kept.signature.as_deref()) {
+                Ok(checked) => checked,
+                Err(why) => {
+                    not_served.tried.push(Tried {
+                        file_name: kept.path.file_name().to_string(),
+                        source: source.clone(),
+                        outcome: format!("signature refused: {why}"),
+                        attempts: 1,
+                    });
+                    return None;
+                }
+            };
+            let probe = chain::decompress(&kept.file, true)
+                .inspect_err(|why| tracing::warn!(path = %kept.path, "a cached probe is unusable: {why}"))
+                .ok()?;
+            Some(Served {
+                probe,
+                candidate: kernel.clone(),
+                source: source.clone(),
+                detail: String::new(),
+                remote: false,
+                file: kept.file,
+                signature: kept.signature,
+                checked,
+            })
+        })
+    }
 }
 
 #[cfg(test)]

@@ -3,12 +3,13 @@
 use std::time::Duration;
 
 use probe_api::digest::{Sha256Digest, Sha256Hasher};
-use probe_api::limits::MAX_FILE_SIZE;
 use probe_api::probe_stream::ProbeReply;
 use probe_api::transport::{self, ClientTls};
 use probe_api::v1::probe_service_client::ProbeServiceClient;
 use probe_api::v1::{GetProbeRequest, ProbeSource};
 use tonic::transport::Channel;
+
+use crate::limits::MAX_PROBE_FILE;
 
 /// A probe received and verified.
 #[derive(Debug)]
@@ -53,7 +54,7 @@ impl CentralClient {
     pub async fn fetch(&self, module_version: &str, file_name: &str) -> Result<FetchedProbe, FetchError> {
         let request = GetProbeRequest { module_version: module_version.to_owned(), file_name: file_name.to_owned() };
         let stream = self.client.clone().get_probe(request).await.map_err(FetchError::Status)?.into_inner();
-        let mut reply = ProbeReply::start(stream, MAX_FILE_SIZE).await?;
+        let mut reply = ProbeReply::start(stream, MAX_PROBE_FILE).await?;
         // The header's size is only a claim: grow as bytes arrive rather
         // than reserving what it says.
         let mut bytes = Vec::with_capacity(reply.size().min(16 << 20) as usize);

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use probe_api::names::{ModuleVersion, ProbeFileName, ProbePath};
 use tracing::{info, warn};
 
+use crate::limits::MAX_PROBE_SIZE;
 use crate::signatures::{Checked, SignaturePolicy};
 use crate::sources::{Lookup, ProbeSource};
 
@@ -22,9 +23,6 @@ pub struct RetryPolicy {
     /// Give up once this much time has passed.
     pub budget: Duration,
 }
-
-/// Largest probe accepted after decompression: a gzip bomb stops here.
-const MAX_PROBE_SIZE: u64 = 256 << 20;
 
 /// A probe that was found and decompressed.
 #[derive(Debug)]

@@ -203,7 +203,9 @@ pub async fn get_probe(args: GetProbeArgs) -> Result<(), CliError> {
         sources.push(Box::new(BuiltinDir { dir: dir.clone(), uncompressed: true }));
     }
     let request_timeout = args.request_timeout;
-    let signatures = signature_policy(&args)?;
+    let kernel =
+        candidates.iter().filter_map(|c| Some(ProbePath::new(module_version.clone(), ProbeFileName::ebpf(c).ok()?)));
+    let signatures = signature_policy(&args, kernel.collect())?;
     // A probe's signature is fetched only when something checks it.
     let with_signatures = signatures.wants_signatures();
     if let Some(address) = args.central.as_deref().filter(|address| !address.is_empty()) {
@@ -250,10 +252,9 @@ pub async fn get_probe(args: GetProbeArgs) -> Result<(), CliError> {
         // Only when nothing remote answered: a Central that says "not
         // found" is not overruled by an old copy.
         Err(mut not_served) if !not_served.remote_answered => {
-            let cache_dir = args.cache_dir.as_deref();
-            let cached = cache.as_ref().zip(cache_dir).and_then(|(cache, dir)| {
-                from_cache(cache, dir, &module_version, &candidates, &signatures, &mut not_served)
-            });
+            let cached = cache
+                .as_ref()
+                .and_then(|cache| cache.serve(&module_version, &candidates, &signatures, &mut not_served));
             let Some(mut served) = cached else {
                 return Err(not_served_error(not_served, args.output, &signatures));
             };
@@ -262,15 +263,17 @@ pub async fn get_probe(args: GetProbeArgs) -> Result<(), CliError> {
         }
         Err(not_served) => return Err(not_served_error(not_served, args.output, &signatures)),
     };
-    output::write_read_only(out, &served.probe).map_err(Context::of(format!("writing {}", out.display())))?;
     let verified = match served.checked {
         Checked::Verified(verified) => Some(verified),
         Checked::Unchecked => None,
     };
+    // The serial is on disk before the probe is where the Collector loads
+    // it: a crash in between cannot make the node forget it.
     if let Some(verified) = verified {
         let path = ProbePath::new(module_version.clone(), ProbeFileName::ebpf(&served.candidate)?);
-        signatures.accepted(&path, verified.serial).map_err(Context::of("recording the accepted signature serial"))?;
+        signatures.accept(&path, verified.serial)?;
     }
+    output::write_read_only(out, &served.probe).map_err(Context::of(format!("writing {}", out.display())))?;
     let signature_json = verified.map(|v| serde_json::json!({"key_id": v.key_id.to_string(), "serial": v.serial}));
     match args.output {
         OutputFormat::Json => println!(
@@ -302,54 +305,12 @@ pub async fn get_probe(args: GetProbeArgs) -> Result<(), CliError> {
     Ok(())
 }
 
-/// The first candidate's probe kept in the node-local cache that hashes to
-/// its digest and passes the signature policy, as a fetched one must; a
-/// kept probe the policy refuses is reported in `not_served`.
-fn from_cache(
-    cache: &ProbeCache,
-    cache_dir: &std::path::Path,
-    module_version: &ModuleVersion,
-    candidates: &[String],
-    signatures: &SignaturePolicy,
-    not_served: &mut chain::NotServed,
-) -> Option<chain::Served> {
-    let source = format!("the node-local cache {}", cache_dir.display());
-    candidates.iter().find_map(|kernel| {
-        let kept = cache.verified(module_version, kernel)?;
-        let checked = match signatures.check(&kept.path, &kept.file, kept.signature.as_deref()) {
-            Ok(checked) => checked,
-            Err(why) => {
-                not_served.tried.push(chain::Tried {
-                    file_name: kept.path.file_name().to_string(),
-                    source: source.clone(),
-                    outcome: format!("signature refused: {why}"),
-                    attempts: 1,
-                });
-                return None;
-            }
-        };
-        let probe = chain::decompress(&kept.file, true)
-            .inspect_err(|why| tracing::warn!(path = %kept.path, "a cached probe is unusable: {why}"))
-            .ok()?;
-        Some(chain::Served {
-            probe,
-            candidate: kernel.clone(),
-            source: source.clone(),
-            detail: String::new(),
-            remote: false,
-            file: kept.file,
-            signature: kept.signature,
-            checked,
-        })
-    })
-}
-
 /// The signature policy the flags ask for.
-fn signature_policy(args: &GetProbeArgs) -> Result<SignaturePolicy, CliError> {
+fn signature_policy(args: &GetProbeArgs, kernel: Vec<ProbePath>) -> Result<SignaturePolicy, CliError> {
     let keys = args.trusted_keys.as_deref().map(TrustedKeys::load).transpose()?;
     let mode = args.signature_policy.unwrap_or(if keys.is_some() { Mode::Required } else { Mode::Off });
     let state_dir = args.state_dir.clone().or_else(|| args.cache_dir.as_ref().map(|dir| dir.join("state")));
-    Ok(SignaturePolicy::new(mode, keys, args.min_serial, state_dir.as_deref())?)
+    Ok(SignaturePolicy::new(mode, keys, args.min_serial, state_dir.as_deref(), kernel)?)
 }
 
 /// The report of a probe not served: also on stdout as JSON when asked.

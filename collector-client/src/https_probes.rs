@@ -11,9 +11,10 @@ use base64::Engine;
 use http_body_util::BodyExt;
 use probe_api::digest::{Sha256Digest, Sha256Hasher};
 use probe_api::https::{HttpsClient, HttpsError, HttpsUrl, ProxySettings};
-use probe_api::limits::MAX_FILE_SIZE;
 use probe_api::signing::{MAX_SIGNATURE_LEN, SIGNATURE_SUFFIX};
 use probe_api::transport::ClientTls;
+
+use crate::limits::MAX_PROBE_FILE;
 
 /// Why a fetch over HTTPS gave no probe.
 #[derive(Debug)]
@@ -106,9 +107,9 @@ impl HttpsProbeClient {
         // Without a Content-Length (a chunked answer), the size limit bounds it.
         let declared =
             response.headers().get(http::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
-        let size = declared.unwrap_or(MAX_FILE_SIZE);
-        if size > MAX_FILE_SIZE {
-            return Err(failed(format!("{size} bytes, over the limit of {MAX_FILE_SIZE}")));
+        let size = declared.unwrap_or(MAX_PROBE_FILE);
+        if size > MAX_PROBE_FILE {
+            return Err(failed(format!("{size} bytes, over the limit of {MAX_PROBE_FILE}")));
         }
         let published = match response.headers().get("digest") {
             None => None,
