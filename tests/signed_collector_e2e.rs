@@ -263,3 +263,91 @@ async fn a_bucket_and_the_node_local_cache_are_checked_like_central() {
     std::fs::write(&cached_signature, stranger.sign(PATH, 1, &file)).unwrap();
     collector.refuses("cached-foreign.o", &unreachable, "unknown_key").await;
 }
+
+/// The kernel of an Ubuntu node and its backport name: two candidates of
+/// one kernel.
+const UBUNTU: &str = "5.4.0-42-generic";
+const UBUNTU_BACKPORT: &str = "5.4.0-42-generic~20.04";
+
+fn ubuntu_path(kernel: &str) -> String {
+    format!("{MODULE}/collector-ebpf-{kernel}.o.gz")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_candidate_name_cannot_roll_a_node_back() {
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let trusted = MinisignKey::generate(dir.path(), "site");
+    let central = Central::start(&pki, &dir.path().join("central")).await;
+    let (file, _) = probe(1);
+    let first = ubuntu_path(UBUNTU);
+    upload(&central, &pki, &first, &file, Some(&trusted.sign(&first, 5, &file))).await;
+    let mut collector = Collector::new(&pki, dir.path(), &trusted);
+    let at = collector.args.iter().position(|arg| arg == "--kernel-candidates").unwrap() + 1;
+    collector.args[at] = format!("{UBUNTU} {UBUNTU_BACKPORT}");
+    let (code, report, stderr) = collector.run("first.o", &["--central", &central.address]).await;
+    assert_eq!(code, 0, "{report}\n{stderr}");
+    assert_eq!(report["signature"]["serial"], 5, "{report}");
+    central.stop().await;
+
+    // A compromised Central: the first name "not found", an older probe,
+    // validly signed, under the backport name.
+    let compromised = Central::start(&pki, &dir.path().join("compromised")).await;
+    let (old, _) = probe(2);
+    let backport = ubuntu_path(UBUNTU_BACKPORT);
+    upload(&compromised, &pki, &backport, &old, Some(&trusted.sign(&backport, 4, &old))).await;
+    collector.refuses("rolled-back.o", &["--central", &compromised.address], "rollback").await;
+    // At the serial the node accepted, the other name is taken.
+    upload(&compromised, &pki, &backport, &old, Some(&trusted.sign(&backport, 5, &old))).await;
+    let (code, report, stderr) = collector.run("backport.o", &["--central", &compromised.address]).await;
+    assert_eq!(code, 0, "{report}\n{stderr}");
+    assert_eq!(report["kernel"], UBUNTU_BACKPORT, "{report}");
+    compromised.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn get_probe_runs_at_once_lose_no_serial() {
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let trusted = MinisignKey::generate(dir.path(), "site");
+    // Two Centrals: one with serial 3 of a probe, one with serial 7 of it;
+    // both with another kernel's probe.
+    let (low, high) =
+        (Central::start(&pki, &dir.path().join("low")).await, Central::start(&pki, &dir.path().join("high")).await);
+    let (file, _) = probe(1);
+    let (a, b) = (ubuntu_path(UBUNTU), ubuntu_path("6.1.0-1-amd64"));
+    for (central, serial) in [(&low, 3), (&high, 7)] {
+        upload(central, &pki, &a, &file, Some(&trusted.sign(&a, serial, &file))).await;
+        upload(central, &pki, &b, &file, Some(&trusted.sign(&b, 10 + serial, &file))).await;
+    }
+    let collector = Collector::new(&pki, dir.path(), &trusted);
+    let runs = (0..8).map(|i| {
+        let mut run = Collector { dir: collector.dir.clone(), args: collector.args.clone(), env: Vec::new() };
+        let at = run.args.iter().position(|arg| arg == "--kernel-candidates").unwrap() + 1;
+        run.args[at] = if i % 2 == 0 { UBUNTU } else { "6.1.0-1-amd64" }.to_owned();
+        let central = if i % 4 < 2 { low.address.clone() } else { high.address.clone() };
+        async move { run.run(&format!("run-{i}.o"), &["--central", &central]).await }
+    });
+    for (code, report, stderr) in futures_join_all(runs).await {
+        // A run that read serial 3 after another recorded 7 is refused.
+        assert!(code == 0 || report["signature_refusals"]["rollback"] == 1, "{report}\n{stderr}");
+    }
+    let state = std::fs::read_to_string(dir.path().join("state/accepted-serials")).unwrap();
+    assert!(state.contains(&format!("{a} 7\n")), "{state}");
+    assert!(state.contains(&format!("{b} 17\n")), "{state}");
+    low.stop().await;
+    high.stop().await;
+}
+
+/// Runs the futures at once and returns their outputs in order.
+async fn futures_join_all<F: std::future::Future + Send + 'static>(futures: impl Iterator<Item = F>) -> Vec<F::Output>
+where
+    F::Output: Send + 'static,
+{
+    let tasks: Vec<_> = futures.map(tokio::spawn).collect();
+    let mut outputs = Vec::new();
+    for task in tasks {
+        outputs.push(task.await.unwrap());
+    }
+    outputs
+}

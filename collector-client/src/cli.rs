@@ -175,6 +175,7 @@ fn read(path: &PathBuf, what: &str) -> Result<Vec<u8>, Context> {
 }
 
 pub async fn get_probe(args: GetProbeArgs) -> Result<(), CliError> {
+    let started = std::time::Instant::now();
     let module_version = match (&args.module_version, &args.module_version_file) {
         (Some(version), _) => version.clone(),
         (None, file) => {
@@ -271,7 +272,23 @@ pub async fn get_probe(args: GetProbeArgs) -> Result<(), CliError> {
     // it: a crash in between cannot make the node forget it.
     if let Some(verified) = verified {
         let path = ProbePath::new(module_version.clone(), ProbeFileName::ebpf(&served.candidate)?);
-        signatures.accept(&path, verified.serial)?;
+        if let Err(why) = signatures.accept(&path, verified.serial) {
+            // Another run on the node accepted a higher serial meanwhile.
+            let tried = chain::Tried {
+                file_name: path.file_name().to_string(),
+                source: served.source,
+                outcome: why,
+                attempts: 1,
+            };
+            let not_served = chain::NotServed {
+                module_version: module_version.to_string(),
+                candidates,
+                tried: vec![tried],
+                elapsed: started.elapsed(),
+                remote_answered: true,
+            };
+            return Err(not_served_error(not_served, args.output, &signatures));
+        }
     }
     output::write_read_only(out, &served.probe).map_err(Context::of(format!("writing {}", out.display())))?;
     let signature_json = verified.map(|v| serde_json::json!({"key_id": v.key_id.to_string(), "serial": v.serial}));
