@@ -351,3 +351,65 @@ where
     }
     outputs
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_symlink_planted_where_the_collector_writes_is_followed() {
+    use std::os::unix::fs::symlink;
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let trusted = MinisignKey::generate(dir.path(), "site");
+    let central = Central::start(&pki, &dir.path().join("central")).await;
+    let (file, object) = probe(1);
+    upload(&central, &pki, PATH, &file, Some(&trusted.sign(PATH, 1, &file))).await;
+    let mut collector = Collector::new(&pki, dir.path(), &trusted);
+    let cache = dir.path().join("cache");
+    collector.args.extend(["--cache-dir".into(), cache.display().to_string()]);
+    let precious = dir.path().join("precious");
+    std::fs::write(&precious, b"precious").unwrap();
+    let (module_dir, state) = (cache.join(MODULE), dir.path().join("state"));
+    std::fs::create_dir_all(&module_dir).unwrap();
+    std::fs::create_dir_all(&state).unwrap();
+    let cached = format!("collector-ebpf-{KERNEL}.o.gz");
+    let mut planted = vec![dir.path().join("planted.o"), dir.path().join(".planted.o.tmp")];
+    for name in [cached.clone(), format!("{cached}.sha256"), format!("{cached}.minisig")] {
+        planted.extend([module_dir.join(&name), module_dir.join(format!(".{name}.tmp"))]);
+    }
+    planted.push(state.join(".accepted-serials.tmp"));
+    for path in &planted {
+        symlink(&precious, path).unwrap();
+    }
+    let grpc = ["--central", &central.address];
+    // The state itself a symlink: its serials cannot be trusted, so the run
+    // fails closed, saying what to do.
+    let state_file = state.join("accepted-serials");
+    symlink(&precious, &state_file).unwrap();
+    let (code, _, stderr) = collector.run("planted.o", &grpc).await;
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("is a symlink, which is never followed: remove it"), "{stderr}");
+    std::fs::remove_file(&state_file).unwrap();
+    let (code, report, stderr) = collector.run("planted.o", &grpc).await;
+    assert_eq!(code, 0, "{report}\n{stderr}");
+    assert_eq!(std::fs::read(&precious).unwrap(), b"precious", "no write went through a symlink");
+    assert_eq!(std::fs::read(dir.path().join("planted.o")).unwrap(), object);
+    for path in &planted {
+        let kept = std::fs::symlink_metadata(path).map(|m| m.is_symlink());
+        assert!(!matches!(kept, Ok(true)), "{} is still a symlink", path.display());
+    }
+    assert!(std::fs::read_to_string(state.join("accepted-serials")).unwrap().contains(&format!("{PATH} 1")));
+
+    // Symlinks in place of the directories: refused, nothing written there.
+    let elsewhere = dir.path().join("elsewhere");
+    std::fs::create_dir(&elsewhere).unwrap();
+    std::fs::remove_dir_all(&module_dir).unwrap();
+    symlink(&elsewhere, &module_dir).unwrap();
+    let (code, report, stderr) = collector.run("module-dir.o", &grpc).await;
+    assert_eq!(code, 0, "the cache is only a fallback: {report}\n{stderr}");
+    assert!(stderr.contains("could not keep the probe") && stderr.contains("not a directory"), "{stderr}");
+    std::fs::remove_dir_all(&state).unwrap();
+    symlink(&elsewhere, &state).unwrap();
+    let (code, _, stderr) = collector.run("state-dir.o", &grpc).await;
+    assert_eq!(code, 1, "the serials cannot be kept: {stderr}");
+    assert!(stderr.contains("not a directory"), "{stderr}");
+    assert_eq!(std::fs::read_dir(&elsewhere).unwrap().count(), 0);
+    central.stop().await;
+}

@@ -19,9 +19,10 @@ use probe_api::digest::Sha256Digest;
 use probe_api::names::{ModuleVersion, ProbeFileName, ProbePath};
 use probe_api::signing::{MAX_SIGNATURE_LEN, SIGNATURE_SUFFIX};
 
-use crate::chain::{self, NotServed, Served, Tried};
+use crate::chain::{self, Served};
 use crate::files::Dir;
 use crate::limits::MAX_PROBE_FILE;
+use crate::report::{NotServed, Outcome, Tried};
 use crate::signatures::SignaturePolicy;
 
 pub struct ProbeCache {
@@ -120,6 +121,7 @@ impl ProbeCache {
                         file_name: kept.path.file_name().to_string(),
                         source: source.clone(),
                         outcome: format!("signature refused: {why}"),
+                        kind: Outcome::Refused,
                         attempts: 1,
                     });
                     return None;

@@ -3,7 +3,6 @@
 //! then a report that says what was tried and what to do.
 
 use std::collections::hash_map::RandomState;
-use std::fmt;
 use std::hash::{BuildHasher, Hasher};
 use std::io::Read;
 use std::time::{Duration, Instant};
@@ -12,6 +11,7 @@ use probe_api::names::{ModuleVersion, ProbeFileName, ProbePath};
 use tracing::{info, warn};
 
 use crate::limits::MAX_PROBE_SIZE;
+use crate::report::{NotServed, Outcome, Tried};
 use crate::signatures::{Checked, SignaturePolicy};
 use crate::sources::{Lookup, ProbeSource};
 
@@ -41,27 +41,6 @@ pub struct Served {
     pub checked: Checked,
 }
 
-/// The last outcome of one candidate in one source.
-#[derive(Clone, Debug)]
-pub struct Tried {
-    pub file_name: String,
-    pub source: String,
-    pub outcome: String,
-    pub attempts: u32,
-}
-
-/// Why no probe was found, as a report for the operator.
-#[derive(Debug)]
-pub struct NotServed {
-    pub module_version: String,
-    pub candidates: Vec<String>,
-    pub tried: Vec<Tried>,
-    pub elapsed: Duration,
-    /// Whether any remote source answered at all (said it does not have a
-    /// probe, or sent a bad one), rather than none being reachable.
-    pub remote_answered: bool,
-}
-
 /// Looks for the probe of the first candidate any source has. A probe from
 /// a source over the network is used only if `signatures` accepts it;
 /// otherwise that source counts as not having it and the search goes on.
@@ -78,7 +57,7 @@ pub async fn get_probe(
         candidates.iter().map(|c| (c.clone(), ProbeFileName::ebpf(c).map_err(|e| e.to_string()))).collect();
     for (candidate, name) in &file_names {
         if let Err(why) = name {
-            record(&mut tried, format!("collector-ebpf-{candidate}.o.gz"), "-".into(), why.clone());
+            record(&mut tried, format!("collector-ebpf-{candidate}.o.gz"), "-".into(), (Outcome::Invalid, why.clone()));
         }
     }
     let mut round = 0u32;
@@ -88,7 +67,7 @@ pub async fn get_probe(
             let Ok(file_name) = name else { continue };
             for source in sources.iter().filter(|s| round == 0 || s.worth_retrying()) {
                 let lookup = source.lookup(module_version, file_name).await;
-                remote_answered |= source.worth_retrying() && !matches!(lookup, Lookup::Failed(_));
+                remote_answered |= source.worth_retrying() && !matches!(lookup, Lookup::Failed(..));
                 let outcome = match lookup {
                     Lookup::Found { bytes, gzipped, detail, signature } => {
                         let remote = source.worth_retrying();
@@ -116,18 +95,18 @@ pub async fn get_probe(
                                     checked,
                                 });
                             }
-                            Err(why) => why,
+                            Err(why) => (Outcome::Refused, why),
                         }
                     }
                     Lookup::NotFound(why) => {
                         if round == 0 {
                             info!(%file_name, source = %source.name(), "not found: {why}");
                         }
-                        why
+                        (Outcome::NotFound, why)
                     }
-                    Lookup::Failed(why) => {
+                    Lookup::Failed(kind, why) => {
                         warn!(%file_name, source = %source.name(), "try {} failed: {why}", round + 1);
-                        why
+                        (kind, why)
                     }
                 };
                 record(&mut tried, file_name.to_string(), source.name(), outcome);
@@ -156,13 +135,13 @@ pub async fn get_probe(
     })
 }
 
-fn record(tried: &mut Vec<Tried>, file_name: String, source: String, outcome: String) {
+fn record(tried: &mut Vec<Tried>, file_name: String, source: String, (kind, outcome): (Outcome, String)) {
     match tried.iter_mut().find(|t| t.file_name == file_name && t.source == source) {
         Some(entry) => {
-            entry.outcome = outcome;
+            (entry.kind, entry.outcome) = (kind, outcome);
             entry.attempts += 1;
         }
-        None => tried.push(Tried { file_name, source, outcome, attempts: 1 }),
+        None => tried.push(Tried { file_name, source, outcome, kind, attempts: 1 }),
     }
 }
 
@@ -188,47 +167,6 @@ pub fn decompress(bytes: &[u8], gzipped: bool) -> Result<Vec<u8>, String> {
     }
     Ok(probe)
 }
-
-impl fmt::Display for NotServed {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let kernel = self.candidates.last().map(String::as_str).unwrap_or("?");
-        writeln!(
-            f,
-            "no probe for kernel {} (module version {}) after {:.0?}.",
-            self.candidates.join(" / "),
-            self.module_version,
-            self.elapsed
-        )?;
-        writeln!(f, "Tried (last outcome of each):")?;
-        for t in &self.tried {
-            let times = if t.attempts > 1 { format!(" ({} tries)", t.attempts) } else { String::new() };
-            writeln!(f, "  {} from {}: {}{times}", t.file_name, t.source, t.outcome)?;
-        }
-        writeln!(
-            f,
-            "The Collector exits with status 1; Kubernetes restarts it, and its pod shows CrashLoopBackOff \
-             until a probe is available."
-        )?;
-        writeln!(f, "What an admin can do:")?;
-        if self.tried.iter().any(|t| t.outcome.starts_with("signature refused")) {
-            writeln!(
-                f,
-                "  - a probe was found but its signature was refused (above): upload the package signed \
-                 (central-probes package sign) by a key this node trusts, at a serial not below the last one"
-            )?;
-        }
-        writeln!(
-            f,
-            "  - upload a kernel support package for module version {} that covers kernel {kernel}:\n    \
-             central-probes collector support-packages upload <support-pkg-{}-*.zip> -e <central address>",
-            self.module_version, self.module_version
-        )?;
-        write!(f, "  - or switch the collection method to CORE_BPF, which needs no kernel-specific probe.")
-    }
-}
-
-/// The report is the error: `get-probe` prints it and exits 1.
-impl std::error::Error for NotServed {}
 
 #[cfg(test)]
 mod tests {

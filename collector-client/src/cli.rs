@@ -10,6 +10,7 @@ use collector_client::chain::{self, RetryPolicy};
 use collector_client::host::{self, HostSettings};
 use collector_client::https_probes::HttpsProbeClient;
 use collector_client::output;
+use collector_client::report::{NotServed, Outcome, Tried};
 use collector_client::signatures::{Checked, Mode, SignaturePolicy};
 use collector_client::sources::{BuiltinDir, CentralSource, HttpsSource, ProbeSource};
 use probe_api::errors::Context;
@@ -274,13 +275,9 @@ pub async fn get_probe(args: GetProbeArgs) -> Result<(), CliError> {
         let path = ProbePath::new(module_version.clone(), ProbeFileName::ebpf(&served.candidate)?);
         if let Err(why) = signatures.accept(&path, verified.serial) {
             // Another run on the node accepted a higher serial meanwhile.
-            let tried = chain::Tried {
-                file_name: path.file_name().to_string(),
-                source: served.source,
-                outcome: why,
-                attempts: 1,
-            };
-            let not_served = chain::NotServed {
+            let (file_name, source) = (path.file_name().to_string(), served.source);
+            let tried = Tried { file_name, source, outcome: why, kind: Outcome::Refused, attempts: 1 };
+            let not_served = NotServed {
                 module_version: module_version.to_string(),
                 candidates,
                 tried: vec![tried],
@@ -331,7 +328,7 @@ fn signature_policy(args: &GetProbeArgs, kernel: Vec<ProbePath>) -> Result<Signa
 }
 
 /// The report of a probe not served: also on stdout as JSON when asked.
-fn not_served_error(not_served: chain::NotServed, output: OutputFormat, signatures: &SignaturePolicy) -> CliError {
+fn not_served_error(not_served: NotServed, output: OutputFormat, signatures: &SignaturePolicy) -> CliError {
     if output == OutputFormat::Json {
         let tried: Vec<serde_json::Value> = not_served
             .tried

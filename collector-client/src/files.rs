@@ -79,8 +79,12 @@ impl Dir {
         let fd = unsafe { libc::openat(self.fd.as_raw_fd(), c.as_ptr(), flags) };
         if fd < 0 {
             let error = io::Error::last_os_error();
-            return match error.kind() {
-                io::ErrorKind::NotFound => Ok(None),
+            return match error.raw_os_error() {
+                Some(libc::ENOENT) => Ok(None),
+                Some(libc::ELOOP) => Err(io::Error::other(format!(
+                    "{} is a symlink, which is never followed: remove it, and find out who put it there",
+                    self.path.join(name).display()
+                ))),
                 _ => Err(in_dir(error, &self.path.join(name))),
             };
         }

@@ -10,27 +10,50 @@ use std::time::Duration;
 use base64::Engine;
 use http_body_util::BodyExt;
 use probe_api::digest::{Sha256Digest, Sha256Hasher};
-use probe_api::https::{HttpsClient, HttpsError, HttpsUrl, ProxySettings};
+use probe_api::errors::remote_text;
+use probe_api::https::{HttpsClient, HttpsError, HttpsUrl, ProxySettings, Step};
 use probe_api::signing::{MAX_SIGNATURE_LEN, SIGNATURE_SUFFIX};
 use probe_api::transport::ClientTls;
 
 use crate::limits::MAX_PROBE_FILE;
+use crate::report::Outcome;
 
 /// Why a fetch over HTTPS gave no probe.
 #[derive(Debug)]
 pub enum HttpsFetchError {
     /// 404: no source of Central has it.
     NotFound(String),
-    /// Anything else: unreachable, refused, a bad or short answer.
-    Failed(String),
+    /// Anything else: unreachable, refused, a bad or short answer; what
+    /// kind of trouble it was.
+    Failed(Outcome, String),
+}
+
+impl HttpsFetchError {
+    /// What kind of trouble it was, for the report's advice.
+    pub fn outcome(&self) -> Outcome {
+        match self {
+            HttpsFetchError::NotFound(_) => Outcome::NotFound,
+            HttpsFetchError::Failed(outcome, _) => *outcome,
+        }
+    }
 }
 
 impl std::fmt::Display for HttpsFetchError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            HttpsFetchError::NotFound(why) | HttpsFetchError::Failed(why) => f.write_str(why),
+            HttpsFetchError::NotFound(why) | HttpsFetchError::Failed(_, why) => f.write_str(why),
         }
     }
+}
+
+/// A request that got no HTTP answer, as a failure of its kind.
+fn unanswered(url: &impl std::fmt::Display, error: HttpsError) -> HttpsFetchError {
+    let outcome = match error.step() {
+        Step::Connect => Outcome::Unreachable,
+        Step::Tls => Outcome::Tls,
+        Step::Other => Outcome::Failed,
+    };
+    HttpsFetchError::Failed(outcome, format!("{url}: {error}"))
 }
 
 impl std::error::Error for HttpsFetchError {}
@@ -83,8 +106,8 @@ impl HttpsProbeClient {
 
     pub async fn fetch(&self, module_version: &str, file_name: &str) -> Result<HttpsProbe, HttpsFetchError> {
         let url = self.base.join(&format!("{module_version}/{file_name}"));
-        let failed = |why: String| HttpsFetchError::Failed(format!("{url}: {why}"));
-        let mut response = self.client.request(http::Method::GET, &url).await.map_err(|e| failed(e.to_string()))?;
+        let failed = |why: String| HttpsFetchError::Failed(Outcome::Failed, format!("{url}: {why}"));
+        let mut response = self.client.request(http::Method::GET, &url).await.map_err(|e| unanswered(&url, e))?;
         let status = response.status();
         if status != http::StatusCode::OK {
             // The start of an error body says why; the rest is left unread,
@@ -97,7 +120,7 @@ impl HttpsProbeClient {
                 }
             }
             body.truncate(ERROR_TEXT);
-            let why = format!("HTTP {status}: {}", String::from_utf8_lossy(&body).trim());
+            let why = format!("HTTP {status}: {}", remote_text(String::from_utf8_lossy(&body).trim()));
             return Err(if status == http::StatusCode::NOT_FOUND {
                 HttpsFetchError::NotFound(why)
             } else {
@@ -152,8 +175,8 @@ impl HttpsProbeClient {
         file_name: &str,
     ) -> Result<Option<Vec<u8>>, HttpsFetchError> {
         let url = self.base.join(&format!("{module_version}/{file_name}{SIGNATURE_SUFFIX}"));
-        let failed = |why: String| HttpsFetchError::Failed(format!("{url}: {why}"));
-        let mut response = self.client.request(http::Method::GET, &url).await.map_err(|e| failed(e.to_string()))?;
+        let failed = |why: String| HttpsFetchError::Failed(Outcome::Failed, format!("{url}: {why}"));
+        let mut response = self.client.request(http::Method::GET, &url).await.map_err(|e| unanswered(&url, e))?;
         match response.status() {
             http::StatusCode::OK => {}
             http::StatusCode::NOT_FOUND | http::StatusCode::FORBIDDEN | http::StatusCode::GONE => return Ok(None),

@@ -13,5 +13,6 @@ pub mod host;
 pub mod https_probes;
 pub mod limits;
 pub mod output;
+pub mod report;
 pub mod signatures;
 pub mod sources;

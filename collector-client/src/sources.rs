@@ -5,11 +5,13 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use probe_api::errors::remote_text;
 use probe_api::names::{ModuleVersion, ProbeFileName};
 use tonic::Code;
 
 use crate::central::{CentralClient, FetchError};
 use crate::https_probes::{HttpsFetchError, HttpsProbeClient};
+use crate::report::Outcome;
 
 /// What one look-up in one source gave.
 #[derive(Debug)]
@@ -21,7 +23,7 @@ pub enum Lookup {
     /// The source answered that it does not have it.
     NotFound(String),
     /// The source could not answer (unreachable, refused, a bad reply).
-    Failed(String),
+    Failed(Outcome, String),
 }
 
 #[tonic::async_trait]
@@ -66,14 +68,16 @@ impl ProbeSource for BuiltinDir {
                 signature: None,
             },
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Lookup::NotFound(format!("no {}", path.display())),
-            Err(e) => Lookup::Failed(format!("reading {}: {e}", path.display())),
+            Err(e) => Lookup::Failed(Outcome::Failed, format!("reading {}: {e}", path.display())),
         }
     }
 }
 
 /// `fetch`'s answer, or a failed look-up once it takes over `timeout`.
 async fn bounded<T>(timeout: Duration, fetch: impl Future<Output = T>) -> Result<T, Lookup> {
-    tokio::time::timeout(timeout, fetch).await.map_err(|_| Lookup::Failed(format!("no answer within {timeout:?}")))
+    tokio::time::timeout(timeout, fetch)
+        .await
+        .map_err(|_| Lookup::Failed(Outcome::Failed, format!("no answer within {timeout:?}")))
 }
 
 /// Central, over mutual TLS. Each try is bounded by `request_timeout`.
@@ -104,9 +108,12 @@ impl ProbeSource for CentralSource {
                 signature: probe.signature,
             },
             Ok(Err(FetchError::Status(status))) if status.code() == Code::NotFound => {
-                Lookup::NotFound(format!("NotFound: {}", status.message()))
+                Lookup::NotFound(format!("NotFound: {}", remote_text(status.message())))
             }
-            Ok(Err(error)) => Lookup::Failed(error.to_string()),
+            Ok(Err(error)) => {
+                let (outcome, why) = crate::central::failure(&self.address, &error);
+                Lookup::Failed(outcome, why)
+            }
         }
     }
 }
@@ -143,7 +150,7 @@ impl ProbeSource for HttpsSource {
         };
         match bounded(self.request_timeout, fetch).await {
             Err(timed_out) => timed_out,
-            Ok((Ok(_), Err(error))) => Lookup::Failed(format!("fetching the signature: {error}")),
+            Ok((Ok(_), Err(error))) => Lookup::Failed(error.outcome(), format!("fetching the signature: {error}")),
             Ok((Ok(probe), Ok(signature))) => {
                 let checked = if probe.digest_checked { "matches the Digest header" } else { "no Digest header" };
                 Lookup::Found {
@@ -154,7 +161,7 @@ impl ProbeSource for HttpsSource {
                 }
             }
             Ok((Err(HttpsFetchError::NotFound(why)), _)) => Lookup::NotFound(why),
-            Ok((Err(HttpsFetchError::Failed(why)), _)) => Lookup::Failed(why),
+            Ok((Err(error), _)) => Lookup::Failed(error.outcome(), error.to_string()),
         }
     }
 }

@@ -26,8 +26,8 @@ pub mod error;
 pub mod proxy;
 mod url;
 
-pub use error::HttpsError;
-use error::error;
+pub use error::{HttpsError, Step};
+use error::{error, tls_failed, unreachable};
 pub use proxy::{Proxy, ProxySettings};
 pub use url::HttpsUrl;
 
@@ -104,14 +104,14 @@ impl HttpsClient {
     pub async fn request(&self, method: http::Method, url: &HttpsUrl) -> Result<Response<Incoming>, HttpsError> {
         let tcp = tokio::time::timeout(self.connect_timeout, self.connect(url))
             .await
-            .map_err(|_| error(format!("connecting to {url} took over {:?}", self.connect_timeout)))??;
+            .map_err(|_| unreachable(format!("connecting to {url} took over {:?}", self.connect_timeout)))??;
         let name = self.server_name.clone().unwrap_or_else(|| url.host.clone());
         let server_name = rustls::pki_types::ServerName::try_from(name.clone())
             .map_err(|e| error(format!("{name}: not a TLS server name: {e}")))?;
         let tls = tokio::time::timeout(self.connect_timeout, self.tls.connect(server_name, tcp))
             .await
-            .map_err(|_| error(format!("the TLS handshake with {url} took over {:?}", self.connect_timeout)))?
-            .map_err(|e| error(format!("the TLS handshake with {url}: {e}")))?;
+            .map_err(|_| tls_failed(format!("the TLS handshake with {url} took over {:?}", self.connect_timeout)))?
+            .map_err(|e| tls_failed(format!("the TLS handshake with {url}: {e}")))?;
         let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
             .await
             .map_err(|e| error(format!("HTTP with {url}: {e}")))?;
@@ -133,7 +133,7 @@ impl HttpsClient {
             None => {
                 let tcp = TcpStream::connect((url.host.as_str(), url.port))
                     .await
-                    .map_err(|e| error(format!("connecting to {}: {e}", url.authority())))?;
+                    .map_err(|e| unreachable(format!("connecting to {}: {e}", url.authority())))?;
                 let _ = tcp.set_nodelay(true);
                 Ok(tcp)
             }

@@ -8,7 +8,7 @@ use http::StatusCode;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use super::error::{HttpsError, error};
+use super::error::{HttpsError, error, unreachable};
 use super::url::split_host_port;
 
 /// An HTTP CONNECT proxy.
@@ -131,7 +131,7 @@ impl Proxy {
     pub async fn tunnel_to(&self, host: &str, port: u16) -> Result<TcpStream, HttpsError> {
         let mut tcp = TcpStream::connect((self.host.as_str(), self.port))
             .await
-            .map_err(|e| error(format!("connecting to the proxy {self}: {e}")))?;
+            .map_err(|e| unreachable(format!("connecting to the proxy {self}: {e}")))?;
         let _ = tcp.set_nodelay(true);
         let authority = if host.contains(':') { format!("[{host}]:{port}") } else { format!("{host}:{port}") };
         tunnel(&mut tcp, self, &authority).await?;
@@ -165,7 +165,10 @@ async fn tunnel<S: AsyncRead + AsyncWrite + Unpin>(
     let status = status_line.split_whitespace().nth(1).and_then(|code| code.parse::<u16>().ok());
     match status.and_then(|code| StatusCode::from_u16(code).ok()) {
         Some(status) if status.is_success() => Ok(()),
-        _ => Err(error(format!("the proxy {proxy} refused a tunnel to {authority}: {status_line}"))),
+        _ => Err(unreachable(format!(
+            "the proxy {proxy} refused a tunnel to {authority}: {}",
+            crate::errors::remote_text(&status_line)
+        ))),
     }
 }
 

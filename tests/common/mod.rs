@@ -235,6 +235,11 @@ impl Drop for HttpsBucket {
 
 /// Starts an `HttpsBucket` of `files`, its certificate written to `dir`.
 pub fn https_bucket(pki: &TestPki, dir: &Path, files: &Path) -> HttpsBucket {
+    https_bucket_with(pki, dir, files, &[])
+}
+
+/// `https_bucket` with more arguments for the script (`--endless BYTES`).
+pub fn https_bucket_with(pki: &TestPki, dir: &Path, files: &Path, extra: &[&str]) -> HttpsBucket {
     let (cert, key) = (dir.join("server.pem"), dir.join("server-key.pem"));
     std::fs::write(&cert, &pki.server.cert_pem).unwrap();
     std::fs::write(&key, &pki.server.key_pem).unwrap();
@@ -242,6 +247,7 @@ pub fn https_bucket(pki: &TestPki, dir: &Path, files: &Path) -> HttpsBucket {
     let mut child = std::process::Command::new("python3")
         .arg(script)
         .args([files, &cert, &key])
+        .args(extra)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
         .spawn()

@@ -1,0 +1,110 @@
+//! The report of a probe not served: what was tried, where, and what each
+//! try came to, and advice that fits what went wrong (a source out of
+//! reach, TLS, a probe not found or refused). `get-probe` prints it and
+//! exits 1, which Kubernetes shows as CrashLoopBackOff. Text from the
+//! other end reaches it only through `probe_api::errors::remote_text`.
+
+use std::fmt;
+use std::time::Duration;
+
+/// What one try in one source came to, for the report's advice.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// The source answered that it does not have the probe.
+    NotFound,
+    /// A probe came but was refused: its signature, or bytes that do not
+    /// decompress.
+    Refused,
+    /// No connection: refused, no route, a name that does not resolve.
+    Unreachable,
+    /// The TLS handshake failed, or the peer refused this node's
+    /// certificate.
+    Tls,
+    /// Anything else: a bad reply, an error status, no answer in time.
+    Failed,
+    /// The candidate is no valid probe name; nothing was asked.
+    Invalid,
+}
+
+/// The last outcome of one candidate in one source.
+#[derive(Clone, Debug)]
+pub struct Tried {
+    pub file_name: String,
+    pub source: String,
+    pub outcome: String,
+    pub kind: Outcome,
+    pub attempts: u32,
+}
+
+/// Why no probe was found, as a report for the operator.
+#[derive(Debug)]
+pub struct NotServed {
+    pub module_version: String,
+    pub candidates: Vec<String>,
+    pub tried: Vec<Tried>,
+    pub elapsed: Duration,
+    /// Whether any remote source answered at all (said it does not have a
+    /// probe, or sent a bad one), rather than none being reachable.
+    pub remote_answered: bool,
+}
+
+impl fmt::Display for NotServed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let kernel = self.candidates.last().map(String::as_str).unwrap_or("?");
+        writeln!(
+            f,
+            "no probe for kernel {} (module version {}) after {:.0?}.",
+            self.candidates.join(" / "),
+            self.module_version,
+            self.elapsed
+        )?;
+        writeln!(f, "Tried (last outcome of each):")?;
+        for t in &self.tried {
+            let times = if t.attempts > 1 { format!(" ({} tries)", t.attempts) } else { String::new() };
+            writeln!(f, "  {} from {}: {}{times}", t.file_name, t.source, t.outcome)?;
+        }
+        writeln!(
+            f,
+            "The Collector exits with status 1; Kubernetes restarts it, and its pod shows CrashLoopBackOff \
+             until a probe is available."
+        )?;
+        writeln!(f, "What an admin can do:")?;
+        let saw = |kind: Outcome| self.tried.iter().any(|t| t.kind == kind);
+        if saw(Outcome::Unreachable) {
+            writeln!(
+                f,
+                "  - a source could not be reached (above): check that it runs, that this node is given its \
+                 address and port (GRPC_SERVER / --central, MODULE_DOWNLOAD_BASE_URL), and that the node can \
+                 reach it (DNS, network policies, https_proxy)"
+            )?;
+        }
+        if saw(Outcome::Tls) {
+            writeln!(
+                f,
+                "  - TLS failed (above): check that --ca is the CA that signed Central's certificate, that \
+                 SNI_HOSTNAME (else the address's host) is a name in that certificate, and that --cert and --key \
+                 are a client identity issued by Central's cluster CA and still valid"
+            )?;
+        }
+        if saw(Outcome::Refused) {
+            writeln!(
+                f,
+                "  - a probe was found but refused (above): if its signature was refused, upload the package \
+                 signed (central-probes package sign) by a key this node trusts, at a serial not below the \
+                 last one this node accepted"
+            )?;
+        }
+        if saw(Outcome::NotFound) || saw(Outcome::Failed) {
+            writeln!(
+                f,
+                "  - upload a kernel support package for module version {} that covers kernel {kernel}:\n    \
+                 central-probes collector support-packages upload <support-pkg-{}-*.zip> -e <central address>",
+                self.module_version, self.module_version
+            )?;
+        }
+        write!(f, "  - or switch the collection method to CORE_BPF, which needs no kernel-specific probe.")
+    }
+}
+
+/// The report is the error: `get-probe` prints it and exits 1.
+impl std::error::Error for NotServed {}

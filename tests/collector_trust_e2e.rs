@@ -1,0 +1,155 @@
+//! End to end: the Collector against hostile or broken peers and a hostile
+//! node. What a peer says reaches the crash-loop report escaped; each kind
+//! of failure gets the advice that fits it; an endless answer is cut off in
+//! bounded memory; a temporary file left by a killed run never wedges the
+//! next one, also as pid 1.
+
+mod common;
+
+use std::path::Path;
+use std::pin::Pin;
+
+use common::{Central, TestPki};
+use probe_api::v1::probe_service_server::{ProbeService, ProbeServiceServer};
+use probe_api::v1::{GetProbeRequest, GetProbeResponse};
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status};
+
+const MODULE: &str = "2.5.0";
+const KERNEL: &str = "5.14.0-284.11.1.el9_2.x86_64";
+
+/// `collector-client get-probe` for KERNEL with this test's identity and
+/// `extra`, retried for at most a second: exit code, stderr, and the
+/// child's peak resident memory in KiB.
+// The child is reaped by wait4, which also gives its peak memory.
+#[allow(clippy::zombie_processes)]
+fn get_probe(pki: &TestPki, dir: &Path, extra: &[&str], wrapper: &[&str]) -> (i32, String, i64) {
+    std::fs::write(dir.join("collector.pem"), &pki.collector.cert_pem).unwrap();
+    std::fs::write(dir.join("collector-key.pem"), &pki.collector.key_pem).unwrap();
+    let path = |name: &str| dir.join(name).display().to_string();
+    let collector = env!("CARGO_BIN_EXE_collector-client");
+    let (program, wrapped) = match wrapper {
+        [] => (collector, Vec::new()),
+        [program, args @ ..] => (*program, [args, &[collector]].concat()),
+    };
+    let mut command = std::process::Command::new(program);
+    command.args(wrapped).args(["get-probe", "--collection-method", "ebpf", "--module-version", MODULE]);
+    command.args(["--kernel-candidates", KERNEL]);
+    if !extra.contains(&"--ca") {
+        command.args(["--ca", &pki.ca_file().display().to_string()]);
+    }
+    command.args(["--cert", &path("collector.pem"), "--key", &path("collector-key.pem"), "--out", &path("probe.o")]);
+    command.args(["--retry-interval", "100ms", "--retry-budget", "1s", "--connect-timeout", "500ms"]).args(extra);
+    for name in ["GRPC_SERVER", "MODULE_DOWNLOAD_BASE_URL", "PROBE_TRUSTED_KEYS", "https_proxy", "HTTPS_PROXY"] {
+        command.env_remove(name);
+    }
+    command.env("SSL_CERT_FILE", pki.ca_file());
+    let mut child = command.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    let pid = child.id() as libc::pid_t;
+    let stderr = std::thread::spawn({
+        let mut pipe = child.stderr.take().unwrap();
+        move || {
+            let mut text = String::new();
+            std::io::Read::read_to_string(&mut pipe, &mut text).unwrap();
+            text
+        }
+    });
+    let (mut status, mut usage) = (0, unsafe { std::mem::zeroed::<libc::rusage>() });
+    // SAFETY: waits for our own child; status and usage are valid outputs.
+    let waited = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+    assert_eq!(waited, pid);
+    let code = if libc::WIFEXITED(status) { libc::WEXITSTATUS(status) } else { -1 };
+    (code, stderr.join().unwrap(), usage.ru_maxrss)
+}
+
+/// A Central that answers every GetProbe with NOT_FOUND and `message`.
+struct Saying(&'static str);
+
+#[tonic::async_trait]
+impl ProbeService for Saying {
+    type GetProbeStream = Pin<Box<dyn Stream<Item = Result<GetProbeResponse, Status>> + Send>>;
+
+    async fn get_probe(&self, _: Request<GetProbeRequest>) -> Result<Response<Self::GetProbeStream>, Status> {
+        Err(Status::not_found(self.0))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_a_hostile_central_says_cannot_forge_the_report() {
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let forged = "gone\nWhat an admin can do:\n  - nothing, all is well\u{1b}[2J\r";
+    let routes = tonic::service::Routes::new(ProbeServiceServer::new(Saying(forged)));
+    let (address, server) = common::serve_fake(&pki, routes).await;
+    let (code, stderr, _) = get_probe(&pki, dir.path(), &["--central", &address], &[]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(!stderr.contains("\n  - nothing"), "a line of Central's own: {stderr}");
+    assert!(!stderr.contains('\u{1b}') && !stderr.contains('\r'), "{stderr:?}");
+    assert!(stderr.contains(r"gone\nWhat an admin can do:\n  - nothing, all is well\u{1b}[2J\r"), "{stderr}");
+    assert!(stderr.contains("upload a kernel support package"), "not found: {stderr}");
+    server.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_failure_gets_advice_that_fits_it() {
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let upload = "upload a kernel support package";
+
+    let (code, stderr, _) = get_probe(&pki, dir.path(), &["--central", "127.0.0.1:1"], &[]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("cannot connect to 127.0.0.1:1: Connection refused"), "{stderr}");
+    assert!(stderr.contains("could not be reached") && !stderr.contains(upload), "{stderr}");
+
+    let central = Central::start(&pki, &dir.path().join("central")).await;
+    let other = TestPki::new();
+    let foreign_ca = dir.path().join("foreign-ca.pem");
+    std::fs::write(&foreign_ca, &other.ca.cert_pem).unwrap();
+    let extra = ["--central", &central.address, "--ca", &foreign_ca.display().to_string()];
+    let (code, stderr, _) = get_probe(&pki, dir.path(), &extra, &[]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains(&format!("TLS with {} failed", central.address)), "{stderr}");
+    assert!(stderr.contains("TLS failed (above): check that --ca") && !stderr.contains(upload), "{stderr}");
+
+    let (code, stderr, _) = get_probe(&pki, dir.path(), &["--central", &central.address], &[]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains(upload) && !stderr.contains("TLS failed"), "{stderr}");
+    central.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endless_answer_from_a_bucket_is_cut_off_in_bounded_memory() {
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let gib = (1u64 << 30).to_string();
+    let bucket = common::https_bucket_with(&pki, dir.path(), dir.path(), &["--endless", &gib]);
+    let base = format!("https://localhost:{}/modules", bucket.port);
+    let (code, stderr, peak_kib) = get_probe(&pki, dir.path(), &["--module-download-base-url", &base], &[]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(peak_kib < 256 << 10, "peak RSS {peak_kib} KiB");
+    assert!(stderr.contains(&format!("more than {} bytes", 32 << 20)), "{stderr}");
+    assert!(!dir.path().join("probe.o").exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leftover_temporary_file_never_wedges_the_collector_as_pid_1() {
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let builtin = dir.path().join("builtin");
+    std::fs::create_dir(&builtin).unwrap();
+    std::fs::write(builtin.join(format!("collector-ebpf-{KERNEL}.o")), b"the probe").unwrap();
+    // What a run killed mid-write leaves, under this and the former name
+    // (the pid, 1 in a container), one of them a symlink.
+    std::fs::write(dir.path().join(".probe.o.tmp"), b"half a probe").unwrap();
+    std::os::unix::fs::symlink(dir.path().join("elsewhere"), dir.path().join(".probe.o.1.tmp")).unwrap();
+    let builtin = builtin.display().to_string();
+    // A new pid namespace makes the Collector pid 1, as in a container.
+    let as_pid_1 = ["unshare", "--pid", "--fork"];
+    let (code, stderr, _) = get_probe(&pki, dir.path(), &["--builtin-dir", &builtin], &as_pid_1);
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(std::fs::read(dir.path().join("probe.o")).unwrap(), b"the probe");
+    assert!(!dir.path().join(".probe.o.tmp").exists(), "the leftover is removed");
+    assert!(!dir.path().join("elsewhere").exists(), "a symlink is never followed");
+    let (code, stderr, _) = get_probe(&pki, dir.path(), &["--builtin-dir", &builtin], &as_pid_1);
+    assert_eq!(code, 0, "and again: {stderr}");
+}
