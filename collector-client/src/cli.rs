@@ -30,8 +30,19 @@ pub struct Cli {
 #[derive(Subcommand)]
 pub enum Command {
     /// Find the probe for this node's kernel and write it, decompressed.
+    #[command(after_help = ENVIRONMENT)]
     GetProbe(GetProbeArgs),
 }
+
+/// What `get-probe` reads from its environment besides the flags' own
+/// variables (shown with each flag).
+const ENVIRONMENT: &str = "Also read from the environment:
+  https_proxy, HTTPS_PROXY   a CONNECT proxy for the download site (http://HOST:PORT)
+  no_proxy, NO_PROXY         hosts reached without the proxy
+  SSL_CERT_FILE              the CA bundle that the download site's certificate is checked against
+  RUST_LOG                   what is logged to stderr (default: info)
+
+Exit status: 0 when the probe was written (or CORE_BPF needs none), 1 when no probe could be had.";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CollectionMethod {
@@ -360,9 +371,38 @@ fn not_served_error(not_served: NotServed, output: OutputFormat, signatures: &Si
 
 #[cfg(test)]
 mod tests {
+    use clap::CommandFactory;
+
     #[test]
     fn the_cli_definition_is_consistent() {
-        use clap::CommandFactory;
         super::Cli::command().debug_assert();
+    }
+
+    /// Every variable the Collector side reads is named in `--help`.
+    #[test]
+    fn help_names_every_environment_variable_read() {
+        let mut command = super::Cli::command();
+        let help = command.find_subcommand_mut("get-probe").unwrap().render_long_help().to_string();
+        let read = [
+            "COLLECTION_METHOD",
+            "MODULE_VERSION",
+            "KERNEL_VERSION",
+            "KERNEL_CANDIDATES",
+            "COLLECTOR_HOST_ROOT",
+            "NODE_HOSTNAME",
+            "GRPC_SERVER",
+            "SNI_HOSTNAME",
+            "MODULE_DOWNLOAD_BASE_URL",
+            "PROBE_TRUSTED_KEYS",
+            "https_proxy",
+            "HTTPS_PROXY",
+            "no_proxy",
+            "NO_PROXY",
+            "SSL_CERT_FILE",
+            "RUST_LOG",
+        ];
+        for name in read {
+            assert!(help.contains(name), "{name} is not in --help");
+        }
     }
 }
