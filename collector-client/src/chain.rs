@@ -126,13 +126,9 @@ pub async fn get_probe(
         }
         tokio::time::sleep(pause).await;
     }
-    Err(NotServed {
-        module_version: module_version.to_string(),
-        candidates: candidates.to_vec(),
-        tried,
-        elapsed: started.elapsed(),
-        remote_answered,
-    })
+    let mut report = NotServed::new(module_version, candidates, tried, started.elapsed());
+    report.remote_answered = remote_answered;
+    Err(report)
 }
 
 fn record(tried: &mut Vec<Tried>, file_name: String, source: String, (kind, outcome): (Outcome, String)) {

@@ -3,18 +3,14 @@
 //! read-only output).
 
 use clap::{Parser, Subcommand};
-use collector_client::cache::ProbeCache;
 use collector_client::candidates;
-use collector_client::central::CentralClient;
-use collector_client::chain::{self, RetryPolicy};
+use collector_client::chain::RetryPolicy;
+use collector_client::fetch::{CentralSettings, FetchError, Settings, SignatureSettings, fetch};
 use collector_client::host::{self, HostSettings};
-use collector_client::https_probes::HttpsProbeClient;
-use collector_client::output;
-use collector_client::report::{NotServed, Outcome, Tried};
-use collector_client::signatures::{Checked, Mode, SignaturePolicy};
-use collector_client::sources::{BuiltinDir, CentralSource, HttpsSource, ProbeSource};
+use collector_client::report::NotServed;
+use collector_client::signatures::Mode;
 use probe_api::errors::Context;
-use probe_api::names::{ModuleVersion, ProbeFileName, ProbePath};
+use probe_api::names::ModuleVersion;
 use probe_api::signing::TrustedKeys;
 use probe_api::transport::ClientTls;
 use std::path::PathBuf;
@@ -187,7 +183,6 @@ fn read(path: &PathBuf, what: &str) -> Result<Vec<u8>, Context> {
 }
 
 pub async fn get_probe(args: GetProbeArgs) -> Result<(), CliError> {
-    let started = std::time::Instant::now();
     let module_version = match (&args.module_version, &args.module_version_file) {
         (Some(version), _) => version.clone(),
         (None, file) => {
@@ -210,95 +205,51 @@ pub async fn get_probe(args: GetProbeArgs) -> Result<(), CliError> {
         given
     };
     tracing::info!(candidates = %candidates.join(" "), "kernel candidates");
-    let mut sources: Vec<Box<dyn ProbeSource>> = Vec::new();
-    if let Some(dir) = &args.builtin_dir {
-        sources.push(Box::new(BuiltinDir { dir: dir.clone(), uncompressed: false }));
-        sources.push(Box::new(BuiltinDir { dir: dir.clone(), uncompressed: true }));
-    }
-    let request_timeout = args.request_timeout;
-    let kernel =
-        candidates.iter().filter_map(|c| Some(ProbePath::new(module_version.clone(), ProbeFileName::ebpf(c).ok()?)));
-    let signatures = signature_policy(&args, kernel.collect())?;
-    // A probe's signature is fetched only when something checks it.
-    let with_signatures = signatures.wants_signatures();
-    if let Some(address) = args.central.as_deref().filter(|address| !address.is_empty()) {
-        let tls = ClientTls {
-            ca_pem: read(&args.ca, "the CA certificate")?,
-            identity: Some((read(&args.cert, "the client certificate")?, read(&args.key, "the client key")?)),
-        };
-        let sni = args.sni_hostname.as_deref().filter(|name| !name.is_empty());
-        if args.central_http {
-            let client = HttpsProbeClient::central(address, &tls, args.connect_timeout, sni)?;
-            let name = format!("Central {}", client.base());
-            sources.push(Box::new(HttpsSource { name, client, request_timeout, with_signatures }));
-        } else {
-            let client = CentralClient::named(address, &tls, args.connect_timeout, sni)?;
-            sources.push(Box::new(CentralSource { address: address.to_owned(), client, request_timeout }));
-        }
-    }
-    if let Some(base_url) = args.module_download_base_url.as_deref().filter(|url| !url.is_empty()) {
-        let tls = ClientTls { ca_pem: probe_api::https::system_ca_bundle()?, identity: None };
-        let client = HttpsProbeClient::bucket(base_url, &tls, args.connect_timeout)?;
-        let name = format!("download site {}", client.base());
-        sources.push(Box::new(HttpsSource { name, client, request_timeout, with_signatures }));
-    }
-    if sources.is_empty() {
-        return Err("no source to look in: give --builtin-dir, --central (GRPC_SERVER), \
-                    or --module-download-base-url (MODULE_DOWNLOAD_BASE_URL)"
-            .into());
-    }
-    let out = args.out.as_ref().ok_or("the ebpf collection method needs --out")?;
-
-    let policy = RetryPolicy { interval: args.retry_interval, budget: args.retry_budget };
-    let cache = args.cache_dir.as_deref().map(ProbeCache::new);
-    let served = match chain::get_probe(&sources, &module_version, &candidates, policy, &signatures).await {
-        Ok(served) => {
-            if let Some(cache) = &cache
-                && served.remote
-                && let Err(error) =
-                    cache.keep(&module_version, &served.candidate, &served.file, served.signature.as_deref())
-            {
-                tracing::warn!(%error, "could not keep the probe in the node-local cache");
+    let central = match args.central.as_deref().filter(|address| !address.is_empty()) {
+        None => None,
+        Some(address) => Some(CentralSettings {
+            address: address.to_owned(),
+            tls: ClientTls {
+                ca_pem: read(&args.ca, "the CA certificate")?,
+                identity: Some((read(&args.cert, "the client certificate")?, read(&args.key, "the client key")?)),
+            },
+            server_name: args.sni_hostname.clone().filter(|name| !name.is_empty()),
+            https_route: args.central_http,
+        }),
+    };
+    let keys = args.trusted_keys.as_deref().map(TrustedKeys::load).transpose()?;
+    let signatures = SignatureSettings {
+        mode: args.signature_policy.unwrap_or(if keys.is_some() { Mode::Required } else { Mode::Off }),
+        keys,
+        min_serial: args.min_serial,
+        state_dir: args.state_dir.clone().or_else(|| args.cache_dir.as_ref().map(|dir| dir.join("state"))),
+    };
+    let settings = Settings {
+        module_version,
+        candidates,
+        builtin_dir: args.builtin_dir.clone(),
+        central,
+        download_base_url: args.module_download_base_url.clone().filter(|url| !url.is_empty()),
+        cache_dir: args.cache_dir.clone(),
+        signatures,
+        connect_timeout: args.connect_timeout,
+        request_timeout: args.request_timeout,
+        retry: RetryPolicy { interval: args.retry_interval, budget: args.retry_budget },
+        out: args.out.clone().ok_or("the ebpf collection method needs --out")?,
+    };
+    let (module_version, candidates, out) =
+        (settings.module_version.clone(), settings.candidates.clone(), settings.out.clone());
+    let fetched = match fetch(settings).await {
+        Ok(fetched) => fetched,
+        Err(FetchError::NotServed(report)) => {
+            if args.output == OutputFormat::Json {
+                println!("{}", not_served_json(&report));
             }
-            served
+            return Err(report);
         }
-        // Only when nothing remote answered: a Central that says "not
-        // found" is not overruled by an old copy.
-        Err(mut not_served) if !not_served.remote_answered => {
-            let cached = cache
-                .as_ref()
-                .and_then(|cache| cache.serve(&module_version, &candidates, &signatures, &mut not_served));
-            let Some(mut served) = cached else {
-                return Err(not_served_error(not_served, args.output, &signatures));
-            };
-            served.detail = format!("no remote source reachable for {:.0?}; SHA-256 verified", not_served.elapsed);
-            served
-        }
-        Err(not_served) => return Err(not_served_error(not_served, args.output, &signatures)),
+        Err(FetchError::Setup(error)) => return Err(error),
     };
-    let verified = match served.checked {
-        Checked::Verified(verified) => Some(verified),
-        Checked::Unchecked => None,
-    };
-    // The serial is on disk before the probe is where the Collector loads
-    // it: a crash in between cannot make the node forget it.
-    if let Some(verified) = verified {
-        let path = ProbePath::new(module_version.clone(), ProbeFileName::ebpf(&served.candidate)?);
-        if let Err(why) = signatures.accept(&path, verified.serial) {
-            // Another run on the node accepted a higher serial meanwhile.
-            let (file_name, source) = (path.file_name().to_string(), served.source);
-            let tried = Tried { file_name, source, outcome: why, kind: Outcome::Refused, attempts: 1 };
-            let not_served = NotServed {
-                module_version: module_version.to_string(),
-                candidates,
-                tried: vec![tried],
-                elapsed: started.elapsed(),
-                remote_answered: true,
-            };
-            return Err(not_served_error(not_served, args.output, &signatures));
-        }
-    }
-    output::write_read_only(out, &served.probe).map_err(Context::of(format!("writing {}", out.display())))?;
+    let (served, verified) = (&fetched.served, fetched.verified);
     let signature_json = verified.map(|v| serde_json::json!({"key_id": v.key_id.to_string(), "serial": v.serial}));
     match args.output {
         OutputFormat::Json => println!(
@@ -312,9 +263,9 @@ pub async fn get_probe(args: GetProbeArgs) -> Result<(), CliError> {
                 "detail": served.detail,
                 "out": out.display().to_string(),
                 "bytes": served.probe.len(),
-                "signature_policy": signatures.mode().name(),
+                "signature_policy": fetched.signature_policy.name(),
                 "signature": signature_json,
-                "signature_refusals": signatures.refusals(),
+                "signature_refusals": fetched.signature_refusals,
             })
         ),
         OutputFormat::Text => println!(
@@ -330,43 +281,29 @@ pub async fn get_probe(args: GetProbeArgs) -> Result<(), CliError> {
     Ok(())
 }
 
-/// The signature policy the flags ask for.
-fn signature_policy(args: &GetProbeArgs, kernel: Vec<ProbePath>) -> Result<SignaturePolicy, CliError> {
-    let keys = args.trusted_keys.as_deref().map(TrustedKeys::load).transpose()?;
-    let mode = args.signature_policy.unwrap_or(if keys.is_some() { Mode::Required } else { Mode::Off });
-    let state_dir = args.state_dir.clone().or_else(|| args.cache_dir.as_ref().map(|dir| dir.join("state")));
-    Ok(SignaturePolicy::new(mode, keys, args.min_serial, state_dir.as_deref(), kernel)?)
-}
-
-/// The report of a probe not served: also on stdout as JSON when asked.
-fn not_served_error(not_served: NotServed, output: OutputFormat, signatures: &SignaturePolicy) -> CliError {
-    if output == OutputFormat::Json {
-        let tried: Vec<serde_json::Value> = not_served
-            .tried
-            .iter()
-            .map(|t| {
-                serde_json::json!({
-                    "file_name": t.file_name,
-                    "source": t.source,
-                    "outcome": t.outcome,
-                    "attempts": t.attempts,
-                })
-            })
-            .collect();
-        println!(
-            "{}",
+/// The report of a probe not served, as `-o json` prints it.
+fn not_served_json(report: &NotServed) -> serde_json::Value {
+    let tried: Vec<serde_json::Value> = report
+        .tried
+        .iter()
+        .map(|t| {
             serde_json::json!({
-                "result": "not_served",
-                "module_version": not_served.module_version,
-                "candidates": not_served.candidates,
-                "tried": tried,
-                "elapsed_ms": not_served.elapsed.as_millis() as u64,
-                "signature_policy": signatures.mode().name(),
-                "signature_refusals": signatures.refusals(),
+                "file_name": t.file_name,
+                "source": t.source,
+                "outcome": t.outcome,
+                "attempts": t.attempts,
             })
-        );
-    }
-    not_served.into()
+        })
+        .collect();
+    serde_json::json!({
+        "result": "not_served",
+        "module_version": report.module_version,
+        "candidates": report.candidates,
+        "tried": tried,
+        "elapsed_ms": report.elapsed.as_millis() as u64,
+        "signature_policy": report.signature_policy.name(),
+        "signature_refusals": report.signature_refusals,
+    })
 }
 
 #[cfg(test)]

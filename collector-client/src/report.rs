@@ -4,8 +4,13 @@
 //! exits 1, which Kubernetes shows as CrashLoopBackOff. Text from the
 //! other end reaches it only through `probe_api::errors::remote_text`.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::time::Duration;
+
+use probe_api::names::ModuleVersion;
+
+use crate::signatures::Mode;
 
 /// What one try in one source came to, for the report's advice.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -46,6 +51,24 @@ pub struct NotServed {
     /// Whether any remote source answered at all (said it does not have a
     /// probe, or sent a bad one), rather than none being reachable.
     pub remote_answered: bool,
+    /// The signature policy in force, and its refusals by reason.
+    pub signature_policy: Mode,
+    pub signature_refusals: BTreeMap<&'static str, u64>,
+}
+
+impl NotServed {
+    /// A report of `tried`; no remote source answered, no signature policy.
+    pub fn new(module_version: &ModuleVersion, candidates: &[String], tried: Vec<Tried>, elapsed: Duration) -> Self {
+        NotServed {
+            module_version: module_version.to_string(),
+            candidates: candidates.to_vec(),
+            tried,
+            elapsed,
+            remote_answered: false,
+            signature_policy: Mode::Off,
+            signature_refusals: BTreeMap::new(),
+        }
+    }
 }
 
 impl fmt::Display for NotServed {
