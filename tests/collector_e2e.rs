@@ -623,3 +623,53 @@ async fn get_probe_reports_as_json_what_served_the_probe_or_what_was_tried() {
     central.stop().await;
     empty.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn facts_are_what_get_probe_would_use_on_each_distribution() {
+    let hosts = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/data/hosts");
+    let mut checked = 0;
+    for host in std::fs::read_dir(&hosts).unwrap() {
+        let host = host.unwrap().path();
+        if !host.is_dir() {
+            continue;
+        }
+        let expected: Vec<String> =
+            std::fs::read_to_string(host.join("candidates")).unwrap().lines().map(str::to_owned).collect();
+        let env = product_env("unused:1", &host.join("root"), &[]);
+        let (code, stdout, stderr) =
+            run_collector_with_env(vec!["facts".into(), "-o".into(), "json".into()], env).await;
+        assert_eq!(code, 0, "{}: {stderr}", host.display());
+        let facts: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+        assert_eq!(facts["candidates"], serde_json::json!(expected), "{}", host.display());
+        assert_eq!(facts["module_version"], MODULE);
+        assert_eq!(facts["collection_method"], "EBPF");
+        assert_eq!(facts["candidates_given"], false);
+        let release = std::fs::read_to_string(host.join("root/proc/sys/kernel/osrelease")).unwrap();
+        assert_eq!(facts["kernel"], release.trim(), "{}", host.display());
+        checked += 1;
+    }
+    assert!(checked >= 11);
+
+    // An image's root, without booting it: the kernel and os-release given.
+    let cos = hosts.join("cos/root");
+    let args = ["facts", "--host-root", "/nonexistent", "--kernel", "5.10.123+", "--node-hostname", "node-a"];
+    let mut args: Vec<String> = args.map(String::from).to_vec();
+    args.extend(["--os-release".into(), cos.join("etc/os-release").display().to_string(), "-o".into(), "json".into()]);
+    let (code, stdout, stderr) = run_collector(args).await;
+    assert_eq!(code, 0, "{stderr}");
+    let facts: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    let build_id = facts["os_release"]["BUILD_ID"].as_str().unwrap();
+    assert_eq!(facts["candidates"], serde_json::json!([format!("5.10.123-{build_id}-cos")]), "{facts}");
+    assert_eq!(facts["hostname"], "node-a");
+    assert_eq!(facts["collection_method"], "CORE_BPF", "the product's default");
+    assert_eq!(facts["module_version"], serde_json::Value::Null, "no MODULE_VERSION.txt here: {stderr}");
+
+    // Given candidates replace the host's facts; text for people.
+    let args = ["facts", "--kernel-candidates", "6.1.0-1 5.4.0-2", "--module-version", "2.5.0"];
+    let (code, stdout, stderr) = run_collector(args.map(String::from).to_vec()).await;
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("candidates, given (KERNEL_CANDIDATES): 6.1.0-1 5.4.0-2"), "{stdout}");
+    assert!(stdout.contains("module version      2.5.0"), "{stdout}");
+    let (code, _, stderr) = run_collector(["facts", "--module-version", "latest"].map(String::from).to_vec()).await;
+    assert_eq!(code, 1, "an invalid module version is an error: {stderr}");
+}

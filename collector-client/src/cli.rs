@@ -4,10 +4,10 @@
 
 use clap::{Parser, Subcommand};
 use collector_client::candidates;
+use collector_client::candidates::HostFacts;
 use collector_client::chain::RetryPolicy;
 use collector_client::fetch::{CentralSettings, FetchError, Settings, SignatureSettings, fetch};
 use collector_client::host::{self, HostSettings};
-use collector_client::report::NotServed;
 use collector_client::signatures::Mode;
 use probe_api::errors::Context;
 use probe_api::names::ModuleVersion;
@@ -28,6 +28,11 @@ pub enum Command {
     /// Find the probe for this node's kernel and write it, decompressed.
     #[command(after_help = ENVIRONMENT)]
     GetProbe(GetProbeArgs),
+    /// Print what get-probe would use on this node: the kernel release, the
+    /// os-release values and host name it reads, the collection method, the
+    /// module version and the kernel name candidates in order. Against an
+    /// image's root (--host-root, --os-release, --kernel) it needs no boot.
+    Facts(FactsArgs),
 }
 
 /// What `get-probe` reads from its environment besides the flags' own
@@ -76,8 +81,10 @@ pub enum OutputFormat {
 /// Where the Collector image keeps its module version.
 const MODULE_VERSION_FILE: &str = "/kernel-modules/MODULE_VERSION.txt";
 
+/// What the Collector derives its kernel names from: the same flags for
+/// `get-probe` and `facts`.
 #[derive(clap::Args)]
-pub struct GetProbeArgs {
+pub struct NodeArgs {
     /// EBPF (a kernel-specific probe) or CORE_BPF (built in, nothing to
     /// fetch); as the product: case-insensitive, anything else is CORE_BPF.
     #[arg(long, env = "COLLECTION_METHOD", default_value = "CORE_BPF")]
@@ -107,6 +114,12 @@ pub struct GetProbeArgs {
     /// etc/os-release (or usr/lib/os-release).
     #[arg(long)]
     os_release: Option<PathBuf>,
+}
+
+#[derive(clap::Args)]
+pub struct GetProbeArgs {
+    #[command(flatten)]
+    pub node: NodeArgs,
     /// Directory of probes built into the Collector image.
     #[arg(long)]
     builtin_dir: Option<PathBuf>,
@@ -175,6 +188,16 @@ pub struct GetProbeArgs {
     retry_budget: Duration,
 }
 
+#[derive(clap::Args)]
+pub struct FactsArgs {
+    #[command(flatten)]
+    pub node: NodeArgs,
+    /// `text`, or `json`: one JSON object on one line (what `central-probes
+    /// coverage --nodes` reads).
+    #[arg(short = 'o', long, value_enum, default_value = "text")]
+    pub output: OutputFormat,
+}
+
 /// What stopped `get-probe`, with its causes.
 pub type CliError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -182,28 +205,76 @@ fn read(path: &PathBuf, what: &str) -> Result<Vec<u8>, Context> {
     std::fs::read(path).map_err(Context::of(format!("reading {what} {}", path.display())))
 }
 
-pub async fn get_probe(args: GetProbeArgs) -> Result<(), CliError> {
-    let module_version = match (&args.module_version, &args.module_version_file) {
-        (Some(version), _) => version.clone(),
-        (None, file) => {
-            let file = file.clone().unwrap_or_else(|| PathBuf::from(MODULE_VERSION_FILE));
-            let text = String::from_utf8_lossy(&read(&file, "the module version file")?).into_owned();
-            text.lines().next().unwrap_or_default().trim().to_owned()
+impl NodeArgs {
+    /// The module version as given, else the first line of its file.
+    fn module_version(&self) -> Result<String, Context> {
+        if let Some(version) = &self.module_version {
+            return Ok(version.clone());
+        }
+        let file = self.module_version_file.clone().unwrap_or_else(|| PathBuf::from(MODULE_VERSION_FILE));
+        let text = String::from_utf8_lossy(&read(&file, "the module version file")?).into_owned();
+        Ok(text.lines().next().unwrap_or_default().trim().to_owned())
+    }
+
+    /// The host's facts (unless candidates were given, which replace them)
+    /// and the kernel name candidates in order.
+    fn candidates(&self) -> Result<(Option<HostFacts>, Vec<String>), String> {
+        let given = self.kernel_candidates.as_deref().map(candidates::split_candidates).unwrap_or_default();
+        if !given.is_empty() {
+            return Ok((None, given));
+        }
+        let settings = HostSettings {
+            host_root: self.host_root.clone(),
+            kernel_release: self.kernel.clone(),
+            node_hostname: self.node_hostname.clone(),
+            os_release: self.os_release.clone(),
+        };
+        let facts = host::read(&settings)?;
+        let candidates = candidates::candidates(&facts);
+        Ok((Some(facts), candidates))
+    }
+}
+
+/// `facts`: what `get-probe` would use on this node.
+pub fn facts(args: FactsArgs) -> Result<(), CliError> {
+    let method = CollectionMethod::parse(&args.node.collection_method);
+    // An image pipeline may ask before the image has its module version.
+    let module_version = match args.node.module_version() {
+        Ok(version) => Some(ModuleVersion::parse(&version)?.to_string()),
+        Err(error) => {
+            tracing::warn!("module version unknown: {}", probe_api::errors::chain(&error));
+            None
         }
     };
-    let module_version = ModuleVersion::parse(&module_version)?;
-    let given = args.kernel_candidates.as_deref().map(candidates::split_candidates).unwrap_or_default();
-    let candidates = if given.is_empty() {
-        let settings = HostSettings {
-            host_root: args.host_root.clone(),
-            kernel_release: args.kernel.clone(),
-            node_hostname: args.node_hostname.clone(),
-            os_release: args.os_release.clone(),
-        };
-        candidates::candidates(&host::read(&settings)?)
-    } else {
-        given
+    let (host, candidates) = args.node.candidates()?;
+    let method = match method {
+        CollectionMethod::Ebpf => "EBPF",
+        CollectionMethod::CoreBpf => "CORE_BPF",
     };
+    let facts = collector_client::facts::to_json(host.as_ref(), method, module_version.as_deref(), &candidates);
+    let given = host.is_none();
+    match args.output {
+        OutputFormat::Json => println!("{facts}"),
+        OutputFormat::Text => {
+            let show = |value: &serde_json::Value| value.as_str().map(str::to_owned).unwrap_or_else(|| "-".into());
+            println!("kernel release      {}", show(&facts["kernel"]));
+            println!("uname -v            {}", show(&facts["uname_v"]));
+            for (key, value) in facts["os_release"].as_object().into_iter().flatten() {
+                println!("os-release {key:<8} {}", show(value));
+            }
+            println!("host name           {}", show(&facts["hostname"]));
+            println!("collection method   {method}");
+            println!("module version      {}", show(&facts["module_version"]));
+            let from = if given { "given (KERNEL_CANDIDATES)" } else { "derived" };
+            println!("candidates, {from}: {}", candidates.join(" "));
+        }
+    }
+    Ok(())
+}
+
+pub async fn get_probe(args: GetProbeArgs) -> Result<(), CliError> {
+    let module_version = ModuleVersion::parse(&args.node.module_version()?)?;
+    let (_, candidates) = args.node.candidates()?;
     tracing::info!(candidates = %candidates.join(" "), "kernel candidates");
     let central = match args.central.as_deref().filter(|address| !address.is_empty()) {
         None => None,
@@ -243,7 +314,7 @@ pub async fn get_probe(args: GetProbeArgs) -> Result<(), CliError> {
         Ok(fetched) => fetched,
         Err(FetchError::NotServed(report)) => {
             if args.output == OutputFormat::Json {
-                println!("{}", not_served_json(&report));
+                println!("{}", report.to_json());
             }
             return Err(report);
         }
@@ -279,31 +350,6 @@ pub async fn get_probe(args: GetProbeArgs) -> Result<(), CliError> {
         ),
     }
     Ok(())
-}
-
-/// The report of a probe not served, as `-o json` prints it.
-fn not_served_json(report: &NotServed) -> serde_json::Value {
-    let tried: Vec<serde_json::Value> = report
-        .tried
-        .iter()
-        .map(|t| {
-            serde_json::json!({
-                "file_name": t.file_name,
-                "source": t.source,
-                "outcome": t.outcome,
-                "attempts": t.attempts,
-            })
-        })
-        .collect();
-    serde_json::json!({
-        "result": "not_served",
-        "module_version": report.module_version,
-        "candidates": report.candidates,
-        "tried": tried,
-        "elapsed_ms": report.elapsed.as_millis() as u64,
-        "signature_policy": report.signature_policy.name(),
-        "signature_refusals": report.signature_refusals,
-    })
 }
 
 #[cfg(test)]

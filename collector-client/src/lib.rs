@@ -8,6 +8,7 @@ pub mod cache;
 pub mod candidates;
 pub mod central;
 pub mod chain;
+pub mod facts;
 pub mod fetch;
 pub mod files;
 pub mod host;

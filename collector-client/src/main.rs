@@ -10,13 +10,17 @@ use clap::Parser;
 use cli::{Cli, CollectionMethod, Command, OutputFormat};
 
 fn main() -> ExitCode {
-    let Command::GetProbe(args) = Cli::parse().command;
+    let command = Cli::parse().command;
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .init();
-    if CollectionMethod::parse(&args.collection_method) == CollectionMethod::CoreBpf {
+    let args = match command {
+        Command::GetProbe(args) => args,
+        Command::Facts(args) => return exit_with(cli::facts(args)),
+    };
+    if CollectionMethod::parse(&args.node.collection_method) == CollectionMethod::CoreBpf {
         if args.output == OutputFormat::Json {
             println!("{}", serde_json::json!({"result": "core_bpf"}));
             return ExitCode::SUCCESS;
@@ -28,7 +32,11 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     let runtime = tokio::runtime::Runtime::new().expect("a tokio runtime");
-    match runtime.block_on(cli::get_probe(args)) {
+    exit_with(runtime.block_on(cli::get_probe(args)))
+}
+
+fn exit_with(result: Result<(), cli::CliError>) -> ExitCode {
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             // One line: the error and every cause.

@@ -69,6 +69,31 @@ impl NotServed {
             signature_refusals: BTreeMap::new(),
         }
     }
+
+    /// The report as `get-probe -o json` prints it.
+    pub fn to_json(&self) -> serde_json::Value {
+        let tried: Vec<serde_json::Value> = self
+            .tried
+            .iter()
+            .map(|t| {
+                serde_json::json!({
+                    "file_name": t.file_name,
+                    "source": t.source,
+                    "outcome": t.outcome,
+                    "attempts": t.attempts,
+                })
+            })
+            .collect();
+        serde_json::json!({
+            "result": "not_served",
+            "module_version": self.module_version,
+            "candidates": self.candidates,
+            "tried": tried,
+            "elapsed_ms": self.elapsed.as_millis() as u64,
+            "signature_policy": self.signature_policy.name(),
+            "signature_refusals": self.signature_refusals,
+        })
+    }
 }
 
 impl fmt::Display for NotServed {
