@@ -27,7 +27,7 @@ pub struct Cli {
 pub enum Command {
     /// Find the probe for this node's kernel and write it, decompressed.
     #[command(after_help = ENVIRONMENT)]
-    GetProbe(GetProbeArgs),
+    GetProbe(Box<GetProbeArgs>),
     /// Print what get-probe would use on this node: the kernel release, the
     /// os-release values and host name it reads, the collection method, the
     /// module version and the kernel name candidates in order. Against an

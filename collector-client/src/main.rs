@@ -17,7 +17,7 @@ fn main() -> ExitCode {
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .init();
     let args = match command {
-        Command::GetProbe(args) => args,
+        Command::GetProbe(args) => *args,
         Command::Facts(args) => return exit_with(cli::facts(args)),
     };
     if CollectionMethod::parse(&args.node.collection_method) == CollectionMethod::CoreBpf {
