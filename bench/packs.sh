@@ -131,7 +131,7 @@ echo "| layout | export s | MB/s |"
 echo "|---|---|---|"
 for layout in files packs; do
   t0=$(now)
-  ROX_API_TOKEN=$(cat "$WORK/token-$layout") "$BIN/central-probes" export -o "$WORK/export-$layout.zip" \
+  ROX_API_TOKEN=$(cat "$WORK/token-$layout") "$BIN/central-probes" export --out "$WORK/export-$layout.zip" \
     -e "${ADDR[$layout]}" --ca "$PKI/ca.pem" >/dev/null 2>&1
   e_s=$(secs "$t0" "$(now)")
   echo "| $layout | $e_s | $(mbps "$(stat -c %s "$WORK/export-$layout.zip")" "$e_s") |"

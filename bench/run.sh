@@ -364,7 +364,7 @@ for round in 1 2; do
   rss0=$(awk '/VmRSS/ { printf "%d", $2 / 1024 }' "/proc/$MAIN_PID/status")
   t0=$(now)
   out=$(ROX_API_TOKEN=$view_token /usr/bin/time -f "%M" -o "$WORK/time-export.txt" "$BIN/central-probes" export \
-    -o "$WORK/export.zip" -e "$MAIN_ADDR" --ca "$PKI/ca.pem")
+    --out "$WORK/export.zip" -e "$MAIN_ADDR" --ca "$PKI/ca.pem")
   export_s=$(secs "$t0" "$(now)")
   rss1=$(awk '/VmRSS/ { printf "%d", $2 / 1024 }' "/proc/$MAIN_PID/status")
   exported=$(sed -n 's/.*probes (\([0-9]*\) bytes).*/\1/p' <<<"$out")

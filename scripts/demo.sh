@@ -17,7 +17,8 @@ mkdir -p "$WORK"
 trap 'kill $(jobs -p) 2>/dev/null; wait 2>/dev/null || true' EXIT
 
 echo "== certificates (development CA, servers, a Collector) in $WORK/pki"
-"$BIN/central-probes" pki init --out "$WORK/pki"
+# A rerun in the same DEMO_DIR keeps the CA (pki init refuses to replace it).
+[ -f "$WORK/pki/ca.pem" ] || "$BIN/central-probes" pki init --out "$WORK/pki"
 kernel_list "$WORK/kernels.txt"
 kernel() { sed -n "${1}p" "$WORK/kernels.txt"; }
 
@@ -61,7 +62,7 @@ if RETRY_BUDGET=1s collector_get_probe "$(kernel 99)" "$CENTRAL_ADDR" "$WORK/pro
 fi
 echo "== signed probes: a site key, the package signed (as on the clean side of an air gap) and checked"
 "$BIN/central-probes" package keygen --public-key "$WORK/site.pub" --secret-key "$WORK/site.key"
-"$BIN/central-probes" package sign "$PACKAGE" --secret-key "$WORK/site.key" --serial 1 -o "$WORK/signed.zip"
+"$BIN/central-probes" package sign "$PACKAGE" --secret-key "$WORK/site.key" --serial 1 --out "$WORK/signed.zip"
 "$BIN/central-probes" package verify "$WORK/signed.zip" --trusted-keys "$WORK/site.pub"
 "$BIN/central-probes" upload --overwrite "$WORK/signed.zip" -e "$ROX_CENTRAL_ADDRESS" --ca "$WORK/pki/ca.pem"
 echo "== a Collector on kernel $(kernel 60) that loads only what the site key signed"
@@ -78,6 +79,6 @@ grep "signature refused" "$WORK/refused.txt"
 echo "== what an admin sees: the misses, a line per module version, and an export for another Central"
 "$BIN/central-probes" misses -e "$ROX_CENTRAL_ADDRESS" --ca "$WORK/pki/ca.pem"
 "$BIN/central-probes" ls --summary -e "$ROX_CENTRAL_ADDRESS" --ca "$WORK/pki/ca.pem"
-"$BIN/central-probes" export --module-version 2.5.0 -o "$WORK/support-pkg-2.5.0-export.zip" \
+"$BIN/central-probes" export --module-version 2.5.0 --out "$WORK/support-pkg-2.5.0-export.zip" \
   -e "$ROX_CENTRAL_ADDRESS" --ca "$WORK/pki/ca.pem"
 echo "== demo finished; files in $WORK"

@@ -23,7 +23,8 @@ start_postgres "$WORK/pg"
 echo "database: $PG_URL"
 
 echo "== certificates in $WORK/pki; an admin token, kept in the database"
-"$BIN/central-probes" pki init --out "$WORK/pki"
+# A rerun in the same DEMO_DIR keeps the CA (pki init refuses to replace it).
+[ -f "$WORK/pki/ca.pem" ] || "$BIN/central-probes" pki init --out "$WORK/pki"
 export ROX_API_TOKEN
 ROX_API_TOKEN=$("$BIN/central-probes" token create --database-url "$PG_URL" --role admin --name demo-admin 2>/dev/null)
 

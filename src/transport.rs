@@ -8,6 +8,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 pub use crate::client_tls::ClientTls;
+use crate::client_tls::{CaPemError, check_ca_pem};
 use crate::https::error::HttpsError;
 use crate::https::proxy::{Proxy, ProxySettings};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
@@ -26,6 +27,12 @@ pub enum TransportError {
     NotHostPort {
         address: String,
     },
+    /// The CA certificates to trust hold none (callers that read them from
+    /// a file name it first: `client_tls::read_ca_file`).
+    Ca {
+        address: String,
+        why: CaPemError,
+    },
     /// The address or the TLS material is not usable.
     Invalid {
         address: String,
@@ -40,6 +47,7 @@ impl std::fmt::Display for TransportError {
                 write!(f, "{address}: Central speaks TLS only; use https:// or plain host:port")
             }
             TransportError::NotHostPort { address } => write!(f, "{address:?} is not HOST:PORT"),
+            TransportError::Ca { address, why } => write!(f, "the CA certificate (--ca) given for {address} {why}"),
             TransportError::Invalid { address, .. } => write!(f, "cannot reach {address} with these settings"),
         }
     }
@@ -118,6 +126,7 @@ pub fn endpoint_named(
     }
     let host = host_of(authority).ok_or_else(|| TransportError::NotHostPort { address: address.to_owned() })?;
     let host = server_name.map(str::to_owned).unwrap_or(host);
+    check_ca_pem(&tls.ca_pem).map_err(|why| TransportError::Ca { address: address.to_owned(), why })?;
     let invalid = |source| TransportError::Invalid { address: address.to_owned(), source };
     let mut config = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&tls.ca_pem)).domain_name(host);
     if let Some((cert, key)) = &tls.identity {
@@ -185,5 +194,15 @@ mod tests {
         assert_eq!(host_of("localhost"), None);
         assert_eq!(host_of(":8443"), None);
         assert_eq!(host_of("host:port"), None);
+    }
+
+    #[test]
+    fn a_ca_without_a_certificate_is_refused_before_any_connection() {
+        let tls = ClientTls {
+            ca_pem: b"-----BEGIN PRIVATE KEY-----\nAA==\n-----END PRIVATE KEY-----\n".to_vec(),
+            identity: None,
+        };
+        let error = endpoint("127.0.0.1:8443", &tls, Duration::from_secs(1)).unwrap_err();
+        assert_eq!(error.to_string(), "the CA certificate (--ca) given for 127.0.0.1:8443 holds no PEM certificate");
     }
 }

@@ -26,12 +26,17 @@ fn spec(module_version: &str, kernels: usize, deflate: bool) -> PackageSpec {
     PackageSpec { kernel_modules: true, size_divisor: 20, deflate, ..PackageSpec::new(module_version, &kernels) }
 }
 
-/// Runs the CLI against `central` and insists that it succeeds.
-async fn cli_ok(central: &Central, pki: &TestPki, token: &str, args: &[&str]) -> String {
+/// Runs the CLI against `central`: (success, stdout, stderr).
+async fn cli_run(central: &Central, pki: &TestPki, token: &str, args: &[&str]) -> (bool, String, String) {
     let ca = pki.ca_file();
     let mut args = args.to_vec();
     args.extend(["-e", &central.address, "--ca", ca.to_str().unwrap()]);
-    let (ok, stdout, stderr) = central_cli(&args, token).await;
+    central_cli(&args, token).await
+}
+
+/// Runs the CLI against `central` and insists that it succeeds.
+async fn cli_ok(central: &Central, pki: &TestPki, token: &str, args: &[&str]) -> String {
+    let (ok, stdout, stderr) = cli_run(central, pki, token, args).await;
     assert!(ok, "{args:?}: {stdout}\n{stderr}");
     stdout
 }
@@ -83,7 +88,7 @@ async fn an_export_uploaded_to_a_fresh_central_gives_identical_sha256s_for_every
     assert!(table.starts_with("MODULE VERSION") && table.lines().count() == 3, "{table}");
 
     let package = dir.path().join("support-pkg-export.zip");
-    let out = cli_ok(&source, &pki, &source.view_token, &["export", "-o", package.to_str().unwrap()]).await;
+    let out = cli_ok(&source, &pki, &source.view_token, &["export", "--out", package.to_str().unwrap()]).await;
     assert!(out.contains("Exported 48 probes"), "{out}");
     assert!(out.contains("2.5.0, 2.6.0"), "{out}");
     let mut names = zip_names(&package);
@@ -102,25 +107,44 @@ async fn an_export_uploaded_to_a_fresh_central_gives_identical_sha256s_for_every
     let report: serde_json::Value = serde_json::from_str(&report).unwrap();
     assert_eq!(report["identical"].as_u64(), Some(48), "{report}");
 
-    // One module version only.
+    // One module version only; -o is the output format, as in ls.
     let one = dir.path().join("one.zip");
     let out = cli_ok(
         &source,
         &pki,
         &source.view_token,
-        &["export", "--module-version", "2.6.0", "-o", one.to_str().unwrap()],
+        &["export", "--module-version", "2.6.0", "-o", "json", "--out", one.to_str().unwrap()],
     )
     .await;
-    assert!(out.contains("Exported 8 probes"), "{out}");
+    let out: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!((out["probes"].as_u64(), &out["module_versions"]), (Some(8), &serde_json::json!(["2.6.0"])), "{out}");
     assert!(zip_names(&one).iter().all(|name| name.starts_with("kernel-modules/2.6.0/")));
+    // `-o json` once wrote a zip named `json`: now it asks for --out.
+    let (ok, _, stderr) = cli_run(&source, &pki, &source.view_token, &["export", "-o", "json"]).await;
+    assert!(!ok && stderr.contains("export needs --out FILE"), "{stderr}");
+    // The old `-o FILE` still writes the file, with a warning.
+    let old = dir.path().join("old.zip");
+    let args = ["export", "--module-version", "2.6.0", "-o", old.to_str().unwrap()];
+    let (ok, stdout, stderr) = cli_run(&source, &pki, &source.view_token, &args).await;
+    assert!(ok && stdout.contains("Exported 8 probes"), "{stdout}\n{stderr}");
+    assert!(stderr.contains("warning: `export -o FILE` is deprecated") && stderr.contains("--out"), "{stderr}");
+    assert_eq!(zip_names(&old).len(), 8);
 
-    // Nothing to export: an error, and the file already there is untouched.
-    let ca = pki.ca_file();
-    let args = ["export", "--module-version", "9.9.9", "-o", one.to_str().unwrap(), "-e", &source.address];
-    let (ok, _, stderr) = central_cli(&[&args[..], &["--ca", ca.to_str().unwrap()]].concat(), &source.view_token).await;
-    assert!(!ok && stderr.contains("no probes to export"), "{stderr}");
-    assert_eq!(zip_names(&one).len(), 8);
-    assert!(!dir.path().join("one.zip.partial").exists());
+    // A module version Central has none of: a plain error naming it, and
+    // the file already there is untouched; also when another has probes.
+    for asked in [&["9.9.9"][..], &["2.6.0", "9.9.9"]] {
+        let mut args = vec!["export", "--out", one.to_str().unwrap()];
+        args.extend(asked.iter().flat_map(|version| ["--module-version", version]));
+        let (ok, _, stderr) = cli_run(&source, &pki, &source.view_token, &args).await;
+        assert!(!ok, "{stderr}");
+        assert!(
+            stderr.contains("Central has no probes for module version 9.9.9; `central-probes ls` lists what it has"),
+            "{stderr}"
+        );
+        assert!(!stderr.contains("breaks the API"), "{stderr}");
+        assert_eq!(zip_names(&one).len(), 8);
+        assert!(!dir.path().join("one.zip.partial").exists());
+    }
     target.stop().await;
     source.stop().await;
 }

@@ -84,8 +84,11 @@ async fn a_signed_package_verifies_with_minisign_uploads_to_a_checking_central_a
     spec().write(&package).unwrap();
     let sign = ["package", "sign", package.to_str().unwrap(), "--secret-key", key.secret.to_str().unwrap()];
     let (ok, out, err) =
-        cli(None, &pki, &[&sign[..], &["--serial", "5", "-o", signed.to_str().unwrap()]].concat()).await;
-    assert!(ok && out.contains("Signed 6 probes at serial 5"), "{out}\n{err}");
+        cli(None, &pki, &[&sign[..], &["--serial", "5", "-o", "json", "--out", signed.to_str().unwrap()]].concat())
+            .await;
+    assert!(ok, "{out}\n{err}");
+    let report: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!((report["signed"].as_u64(), report["serial"].as_u64()), (Some(6), Some(5)), "{report}");
 
     // The stock tool checks what we signed.
     let signed_entries = entries(&signed);
@@ -154,7 +157,7 @@ async fn a_signed_package_verifies_with_minisign_uploads_to_a_checking_central_a
 
     // Export, then import into a fresh checking Central: all verified.
     let exported = dir.path().join("exported.zip");
-    let (ok, _, err) = cli(Some(&central), &pki, &["export", "-o", exported.to_str().unwrap()]).await;
+    let (ok, _, err) = cli(Some(&central), &pki, &["export", "--out", exported.to_str().unwrap()]).await;
     assert!(ok, "{err}");
     let (ok, out, _) = verify(&key, &exported).await;
     assert!(ok && out.contains("6 of 6 probes verified"), "{out}");
@@ -272,6 +275,8 @@ async fn package_sign_takes_a_password_protected_key_and_refuses_the_wrong_passw
     assert!(!signed.exists(), "nothing is written");
     let (ok, out, err) = sign("correct horse\n").await;
     assert!(ok && out.contains("Signed 6 probes"), "{out}\n{err}");
+    // `-o FILE` named the file before -o meant the output format everywhere.
+    assert!(err.contains("warning: `package sign -o FILE` is deprecated"), "{err}");
     let (ok, out, _) =
         central_cli(&["package", "verify", signed.to_str().unwrap(), "--trusted-keys", public.to_str().unwrap()], "")
             .await;

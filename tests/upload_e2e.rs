@@ -805,3 +805,80 @@ async fn upload_reports_each_file_as_json() {
     }
     central.stop().await;
 }
+
+/// Runs the CLI with the admin token: (exit status, stdout, stderr).
+async fn cli_status(central: &Central, pki: &TestPki, args: &[&str]) -> (Option<i32>, String, String) {
+    let ca = pki.ca_file();
+    let mut args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    args.extend(["-e".into(), central.address.clone(), "--ca".into(), ca.display().to_string()]);
+    let token = central.admin_token.clone();
+    tokio::task::spawn_blocking(move || {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_central-probes"))
+            .args(&args)
+            .env("ROX_API_TOKEN", token)
+            .output()
+            .unwrap();
+        let text = |bytes: Vec<u8>| String::from_utf8_lossy(&bytes).into_owned();
+        (output.status.code(), text(output.stdout), text(output.stderr))
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_that_skipped_invalid_entries_says_so_in_its_summary_and_exits_3() {
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let central = Central::start(&pki, &dir.path().join("data")).await;
+    let spec = spec(2, 0);
+    let package = dir.path().join("support-pkg-2.5.0-mixed.zip");
+    let invalid = [
+        "kernel-modules/latest/collector-ebpf-5.4.0-1-generic.o.gz",
+        "kernel-modules/2.5.0/notes.txt",
+        "kernel-modules/2.5.0/collector-ebpf-5.4.0-1-generic.o",
+        "kernel-modules/collector-5.4.0-1-generic.ko.gz",
+    ];
+    {
+        use std::io::Write;
+        let mut zip = zip::ZipWriter::new(std::fs::File::create(&package).unwrap());
+        let options = zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
+        for path in spec.probe_paths() {
+            zip.start_file(format!("kernel-modules/{path}"), options).unwrap();
+            zip.write_all(&spec.probe_bytes(&path)).unwrap();
+        }
+        for name in invalid {
+            zip.start_file(name, options).unwrap();
+            zip.write_all(b"not a probe").unwrap();
+        }
+        zip.finish().unwrap();
+    }
+    let package = package.to_str().unwrap();
+
+    let (status, stdout, stderr) = cli_status(&central, &pki, &["upload", package]).await;
+    assert_eq!(status, Some(3), "{stdout}\n{stderr}");
+    // The summary is the last thing said, and names the first few.
+    let summary = stdout.lines().last().unwrap();
+    assert!(summary.starts_with("Skipped 4 entries under kernel-modules/"), "{stdout}");
+    assert!(summary.contains(invalid[0]) && summary.ends_with("and 1 more"), "{summary}");
+    assert!(stdout.contains("Uploaded 4 files"), "{stdout}");
+    assert!(stderr.contains("4 entries of") && stderr.contains("--allow-skipped"), "{stderr}");
+    for path in spec.probe_paths() {
+        assert_eq!(fetch(&central, &pki, &path).await, spec.probe_bytes(&path), "the valid ones are stored");
+    }
+
+    // The documented spelling, as JSON: the same count and status.
+    let (status, stdout, stderr) =
+        cli_status(&central, &pki, &["collector", "support-packages", "upload", package, "-o", "json"]).await;
+    assert_eq!(status, Some(3), "{stdout}\n{stderr}");
+    let report: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!((report["skipped"].as_u64(), report["identical"].as_u64()), (Some(4), Some(4)), "{report}");
+
+    // --allow-skipped accepts them, in both spellings; the summary still says so.
+    for spelling in [&["upload"][..], &["collector", "support-packages", "upload"]] {
+        let args = [spelling, &[package, "--allow-skipped"]].concat();
+        let (status, stdout, stderr) = cli_status(&central, &pki, &args).await;
+        assert_eq!(status, Some(0), "{args:?}: {stdout}\n{stderr}");
+        assert!(stdout.contains("Skipped 4 entries"), "{stdout}");
+    }
+    central.stop().await;
+}

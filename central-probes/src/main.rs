@@ -5,10 +5,10 @@ mod cli;
 
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::FromArgMatches;
 
 fn main() -> ExitCode {
-    let cli = cli::Cli::parse();
+    let cli = cli::Cli::from_arg_matches(&cli::command().get_matches()).unwrap_or_else(|e| e.exit());
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
@@ -24,7 +24,13 @@ fn main() -> ExitCode {
     };
     match runtime.block_on(cli::run(cli.command)) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(error) => fail(&central_probes::admin::error::chain(error.as_ref())),
+        Err(error) => match error.downcast_ref::<cli::Incomplete>() {
+            Some(incomplete) => {
+                eprintln!("error: {incomplete}");
+                ExitCode::from(incomplete.status)
+            }
+            None => fail(&central_probes::admin::error::chain(error.as_ref())),
+        },
     }
 }
 

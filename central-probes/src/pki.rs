@@ -92,11 +92,30 @@ impl CertificateAuthority {
 pub const SERVER_NAMES: &[&str] =
     &["central.stackrox", "central.stackrox.svc", "sensor.stackrox.svc", "localhost", "127.0.0.1"];
 
+/// The files `init` writes, private keys after their certificates.
+pub const FILES: [&str; 6] =
+    ["ca.pem", "ca-key.pem", "server.pem", "server-key.pem", "collector.pem", "collector-key.pem"];
+
 /// Writes a development PKI into `out`, the server certificate valid for
-/// `SERVER_NAMES` and `extra_names`: `ca.pem`, `ca-key.pem`,
-/// `server.pem`, `server-key.pem`, `collector.pem`, `collector-key.pem`.
-/// Private keys are readable by their owner only.
-pub fn init(out: &Path, extra_names: &[String]) -> std::io::Result<()> {
+/// `SERVER_NAMES` and `extra_names`: the six `FILES`. Private keys are
+/// readable by their owner only. Files already there are replaced only
+/// with `replace`: a new CA invalidates every certificate the old one
+/// issued, so a second run must not make one by accident.
+pub fn init(out: &Path, extra_names: &[String], replace: bool) -> std::io::Result<()> {
+    if !replace {
+        let existing: Vec<&str> =
+            FILES.iter().copied().filter(|name| out.join(name).symlink_metadata().is_ok()).collect();
+        if !existing.is_empty() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                format!(
+                    "it already holds {}; a new CA would invalidate every certificate the one there issued. \
+                     Keep them, or give --force to replace them",
+                    existing.join(", ")
+                ),
+            ));
+        }
+    }
     let error = |e: rcgen::Error| std::io::Error::other(format!("making certificates: {e}"));
     let ca = CertificateAuthority::new("central-probes development CA").map_err(error)?;
     let mut names: Vec<&str> = SERVER_NAMES.to_vec();
@@ -104,17 +123,31 @@ pub fn init(out: &Path, extra_names: &[String]) -> std::io::Result<()> {
     let server = ca.issue_server(&names).map_err(error)?;
     let collector = ca.issue_client("collector").map_err(error)?;
     fs::create_dir_all(out)?;
-    write_file(&out.join("ca.pem"), &ca.cert_pem, 0o644)?;
-    write_file(&out.join("ca-key.pem"), &ca.key_pem(), 0o600)?;
-    write_file(&out.join("server.pem"), &server.cert_pem, 0o644)?;
-    write_file(&out.join("server-key.pem"), &server.key_pem, 0o600)?;
-    write_file(&out.join("collector.pem"), &collector.cert_pem, 0o644)?;
-    write_file(&out.join("collector-key.pem"), &collector.key_pem, 0o600)?;
+    let contents = [
+        (&ca.cert_pem, 0o644),
+        (&ca.key_pem(), 0o600),
+        (&server.cert_pem, 0o644),
+        (&server.key_pem, 0o600),
+        (&collector.cert_pem, 0o644),
+        (&collector.key_pem, 0o600),
+    ];
+    for (name, (content, mode)) in FILES.iter().zip(contents) {
+        write_file(&out.join(name), content, mode, replace)?;
+    }
     Ok(())
 }
 
-fn write_file(path: &Path, content: &str, mode: u32) -> std::io::Result<()> {
-    let mut file = fs::OpenOptions::new().write(true).create(true).truncate(true).mode(mode).open(path)?;
+/// Writes `path`; without `replace`, only if nothing is there (`O_EXCL`:
+/// not even a file made since `init` looked).
+fn write_file(path: &Path, content: &str, mode: u32, replace: bool) -> std::io::Result<()> {
+    let mut options = fs::OpenOptions::new();
+    options.write(true).mode(mode);
+    if replace {
+        options.create(true).truncate(true);
+    } else {
+        options.create_new(true);
+    }
+    let mut file = options.open(path).map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
     file.write_all(content.as_bytes())
 }
 
@@ -126,7 +159,7 @@ mod tests {
     fn init_writes_all_six_files_with_private_keys_kept_private() {
         use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
-        init(dir.path(), &[]).unwrap();
+        init(dir.path(), &[], false).unwrap();
         for name in ["ca.pem", "server.pem", "collector.pem"] {
             let text = fs::read_to_string(dir.path().join(name)).unwrap();
             assert!(text.starts_with("-----BEGIN CERTIFICATE-----"), "{name}");
@@ -139,13 +172,33 @@ mod tests {
     }
 
     #[test]
+    fn a_second_init_keeps_the_ca_unless_forced_and_names_the_files_and_the_flag() {
+        let dir = tempfile::tempdir().unwrap();
+        init(dir.path(), &[], false).unwrap();
+        let read = |name: &str| fs::read(dir.path().join(name)).unwrap();
+        let (ca, ca_key) = (read("ca.pem"), read("ca-key.pem"));
+        let error = init(dir.path(), &[], false).unwrap_err().to_string();
+        assert!(error.contains("ca.pem, ca-key.pem, server.pem") && error.contains("--force"), "{error}");
+        assert_eq!((read("ca.pem"), read("ca-key.pem")), (ca.clone(), ca_key.clone()), "the CA is kept");
+        // One file left of an earlier run is enough to refuse.
+        let other = tempfile::tempdir().unwrap();
+        fs::write(other.path().join("collector-key.pem"), "mine").unwrap();
+        let error = init(other.path(), &[], false).unwrap_err().to_string();
+        assert!(error.contains("collector-key.pem") && !error.contains("ca.pem"), "{error}");
+        assert!(!other.path().join("ca.pem").exists(), "nothing written");
+        init(dir.path(), &[], true).unwrap();
+        assert_ne!(read("ca.pem"), ca, "--force makes a new CA");
+        assert_ne!(read("ca-key.pem"), ca_key);
+    }
+
+    #[test]
     fn the_server_certificate_holds_the_names_unmodified_clients_check_and_a_sites_own() {
         use rustls::client::danger::ServerCertVerifier;
         use rustls::pki_types::pem::PemObject;
         use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
         crate::server::install_crypto_provider();
         let dir = tempfile::tempdir().unwrap();
-        init(dir.path(), &["probes.example.com".to_owned(), "10.1.2.3".to_owned()]).unwrap();
+        init(dir.path(), &["probes.example.com".to_owned(), "10.1.2.3".to_owned()], false).unwrap();
         let read = |name: &str| fs::read(dir.path().join(name)).unwrap();
         let mut roots = rustls::RootCertStore::empty();
         roots.add(CertificateDer::from_pem_slice(&read("ca.pem")).unwrap()).unwrap();

@@ -121,6 +121,12 @@ pub enum AdminError {
     },
     /// Central answered something that breaks the API.
     BadReply(String),
+    /// An export of every probe found none.
+    NothingStored,
+    /// An export of these module versions found no probes of them.
+    NoProbesFor {
+        module_versions: Vec<String>,
+    },
     /// The upload call ended before the package was sent.
     CallEnded,
     /// A worker thread of this process failed.
@@ -171,6 +177,13 @@ impl fmt::Display for AdminError {
             ),
             AdminError::Rpc { what, .. } => f.write_str(what),
             AdminError::BadReply(why) => write!(f, "Central's reply breaks the API: {why}"),
+            AdminError::NothingStored => f.write_str("Central has no probes to export"),
+            AdminError::NoProbesFor { module_versions } => write!(
+                f,
+                "Central has no probes for module version{} {}; `central-probes ls` lists what it has",
+                if module_versions.len() == 1 { "" } else { "s" },
+                module_versions.join(", ")
+            ),
             AdminError::CallEnded => f.write_str("upload failed: the call ended early"),
             AdminError::Internal(why) => f.write_str(why),
             AdminError::Output { path, .. } => write!(f, "cannot write {}", path.display()),

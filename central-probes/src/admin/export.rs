@@ -42,7 +42,8 @@ pub struct ExportReport {
 
 /// Exports the probes of `module_versions` (all when empty) into a support
 /// package at `out`, replacing any file there only once the package is
-/// complete.
+/// complete. A module version Central has no probes of fails the export,
+/// and nothing is written.
 pub async fn export(
     client: &mut AdminClient,
     module_versions: Vec<String>,
@@ -53,16 +54,25 @@ pub async fn export(
     let (sender, receiver) = mpsc::channel(QUEUE);
     let writer_partial = partial.clone();
     let writer = tokio::task::spawn_blocking(move || write_package(file, receiver, &writer_partial));
+    let mut asked = module_versions.clone();
+    asked.sort();
+    asked.dedup();
     let received = receive(client, module_versions, sender).await;
     // The writer ends once the sender is gone: with what was received, or
     // early with its own error.
     let written = writer.await.map_err(|e| AdminError::Internal(format!("the package writer failed: {e}")))?;
-    let report = received.and(written);
-    match report {
-        Ok(report) if report.probes == 0 => {
-            let _ = std::fs::remove_file(&partial);
-            Err(AdminError::BadReply("Central has no probes to export (of these module versions)".into()))
+    // An empty stream that ends OK is Central's answer for module versions
+    // it has no probes of (they are not an error of the API).
+    let report = received.and(written).and_then(|report| {
+        let missing: Vec<String> =
+            asked.iter().filter(|version| !report.module_versions.contains(version)).cloned().collect();
+        match (report.probes, missing.is_empty()) {
+            (0, true) => Err(AdminError::NothingStored),
+            (_, false) => Err(AdminError::NoProbesFor { module_versions: missing }),
+            _ => Ok(report),
         }
+    });
+    match report {
         Ok(report) => {
             std::fs::rename(&partial, out).map_err(|source| AdminError::Output { path: out.to_owned(), source })?;
             sync_parent(out);

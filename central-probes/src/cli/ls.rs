@@ -7,6 +7,7 @@ use super::upload::Endpoint;
 use super::{CliError, OutputFormat, rfc3339};
 
 #[derive(Args)]
+#[command(after_help = super::ENDPOINT_ENV)]
 pub struct LsArgs {
     #[command(flatten)]
     endpoint: Endpoint,

@@ -8,6 +8,7 @@ use super::upload::Endpoint;
 use super::{CliError, OutputFormat, rfc3339 as time};
 
 #[derive(Args)]
+#[command(after_help = super::ENDPOINT_ENV)]
 pub struct MissesArgs {
     #[command(flatten)]
     endpoint: Endpoint,

@@ -12,9 +12,9 @@ mod serve;
 mod token;
 mod upload;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
 use probe_api::errors::Context;
 
 #[derive(Parser)]
@@ -29,6 +29,7 @@ pub enum Command {
     /// Run Central's probe server.
     Serve(Box<serve::ServeArgs>),
     /// Upload a kernel support package (zip) to Central.
+    #[command(long_about = long_about_of_upload())]
     Upload(upload::UploadArgs),
     /// The documented spelling: `collector support-packages upload`.
     Collector {
@@ -72,20 +73,101 @@ pub enum CollectorCommand {
 #[derive(Subcommand)]
 pub enum SupportPackagesCommand {
     /// Upload a kernel support package (zip) to Central.
+    #[command(long_about = long_about_of_upload())]
     Upload(upload::UploadArgs),
 }
 
-/// A subcommand's failure, with its causes (printed as one line by
-/// `central_probes::admin::error::chain`).
 /// `-o`: a report for people, or one JSON object on stdout (README,
 /// "Machine-readable output").
-#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum OutputFormat {
     Text,
     Json,
 }
 
+/// The "Environment:" section of every command's --help: the variables
+/// read without a flag of their own (those with one show as `[env: NAME=]`
+/// beside it). Every command logs, so every section names `RUST_LOG`.
+const LOG_ENV: &str = "Environment:\n  RUST_LOG       what is logged on stderr (default: info)";
+
+/// The token of the commands that call Central's admin API (`Endpoint`),
+/// their `after_help`: `command` puts it in their "Environment:" section.
+pub(crate) const ENDPOINT_ENV: &str =
+    "  ROX_API_TOKEN  the API token sent to Central (required; `central-probes token create` makes one)";
+
+/// The command line, with an "Environment:" section at the end of every
+/// command's --help: the lines of the command's own `after_help` (the
+/// variables only it reads), then `LOG_ENV`'s.
+pub fn command() -> clap::Command {
+    fn with_environment(command: clap::Command) -> clap::Command {
+        let names: Vec<String> = command.get_subcommands().map(|c| c.get_name().to_owned()).collect();
+        let own = command.get_after_help().map(|text| format!("{}\n", text.to_string().trim_end()));
+        let command = names.into_iter().fold(command, |command, name| command.mut_subcommand(name, with_environment));
+        let section = LOG_ENV.replacen('\n', &format!("\n{}", own.unwrap_or_default()), 1);
+        command.after_help(section)
+    }
+    with_environment(<Cli as clap::CommandFactory>::command())
+}
+
+fn long_about_of_upload() -> String {
+    format!("Upload a kernel support package (zip) to Central.\n\n{}", upload::EXIT_STATUS)
+}
+
+/// A command that did its work but not all of it (an upload that skipped
+/// entries): `main` prints `message` as the error and exits with `status`.
+#[derive(Debug)]
+pub struct Incomplete {
+    pub status: u8,
+    pub message: String,
+}
+
+impl std::fmt::Display for Incomplete {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for Incomplete {}
+
+/// A subcommand's failure, with its causes (printed as one line by
+/// `central_probes::admin::error::chain`).
 pub type CliError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The output format and the file to write of a command that writes one
+/// (`export`, `package sign`). `-o` named that file before it meant the
+/// output format everywhere: a value of `-o` that is not a format is still
+/// taken as the file, with a warning, until the next release.
+pub(crate) fn format_and_file(
+    command: &str,
+    output: Option<&str>,
+    out: Option<PathBuf>,
+) -> Result<(OutputFormat, PathBuf), CliError> {
+    let format = output.and_then(|value| OutputFormat::from_str(value, false).ok());
+    let old_file = match (output, format) {
+        (Some(value), None) => Some(PathBuf::from(value)),
+        _ => None,
+    };
+    let file = match (out, old_file) {
+        (Some(_), Some(old)) => {
+            return Err(format!(
+                "-o {} is not an output format (text, json), and --out names the file already",
+                old.display()
+            )
+            .into());
+        }
+        (Some(file), None) => file,
+        (None, Some(old)) => {
+            eprintln!(
+                "warning: `{command} -o FILE` is deprecated and goes in the next release: -o names the output \
+                 format (text or json); name the file with --out {}",
+                old.display()
+            );
+            old
+        }
+        (None, None) => return Err(format!("{command} needs --out FILE, the zip to write").into()),
+    };
+    Ok((format.unwrap_or(OutputFormat::Text), file))
+}
 
 /// Runs one subcommand; the error is the one line the user sees.
 pub async fn run(command: Command) -> Result<(), CliError> {
@@ -156,8 +238,21 @@ mod tests {
     }
 
     #[test]
+    fn o_is_the_output_format_and_an_old_o_file_still_names_the_file() {
+        let file = |path: &str| Some(PathBuf::from(path));
+        let ok = |output: Option<&str>, out| format_and_file("export", output, out).unwrap();
+        assert_eq!(ok(Some("json"), file("a.zip")), (OutputFormat::Json, PathBuf::from("a.zip")));
+        assert_eq!(ok(None, file("a.zip")), (OutputFormat::Text, PathBuf::from("a.zip")));
+        assert_eq!(ok(Some("old.zip"), None), (OutputFormat::Text, PathBuf::from("old.zip")));
+        // `export -o json` once wrote a zip named `json`; now it asks for --out.
+        let error = format_and_file("export", Some("json"), None).unwrap_err().to_string();
+        assert!(error.contains("--out FILE"), "{error}");
+        let error = format_and_file("export", Some("old.zip"), file("new.zip")).unwrap_err().to_string();
+        assert!(error.contains("old.zip") && error.contains("--out"), "{error}");
+    }
+
+    #[test]
     fn the_cli_definition_is_consistent() {
-        use clap::CommandFactory;
-        Cli::command().debug_assert();
+        command().debug_assert();
     }
 }

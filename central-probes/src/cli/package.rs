@@ -8,7 +8,7 @@ use central_probes::admin::signatures::{self, Checked};
 use clap::{Args, Subcommand};
 use probe_api::signing::TrustedKeys;
 
-use super::{CliError, OutputFormat};
+use super::{CliError, OutputFormat, format_and_file};
 
 #[derive(Subcommand)]
 pub enum PackageCommand {
@@ -47,8 +47,13 @@ pub struct SignArgs {
     #[arg(long, default_value_t = 1)]
     serial: u64,
     /// The signed package to write (replaced only once it is complete).
-    #[arg(short = 'o', long = "output", value_name = "OUT.zip")]
-    output: PathBuf,
+    #[arg(long, value_name = "FILE")]
+    out: Option<PathBuf>,
+    /// `text`, or `json`: what was signed as one object. Deprecated: any
+    /// other value is taken as the file to write, as --out, with a warning
+    /// (until the next release).
+    #[arg(short = 'o', long = "output", value_name = "FORMAT")]
+    output: Option<String>,
 }
 
 #[derive(Args)]
@@ -82,18 +87,31 @@ fn keygen(args: &KeygenArgs) -> Result<(), CliError> {
 }
 
 async fn sign(args: SignArgs) -> Result<(), CliError> {
+    let (format, out) = format_and_file("package sign", args.output.as_deref(), args.out)?;
     let key = signatures::load_secret_key(&args.secret_key, args.password_file.as_deref())?;
-    let (package, output, serial) = (args.package.clone(), args.output.clone(), args.serial);
+    let (package, output, serial) = (args.package.clone(), out.clone(), args.serial);
     let report = tokio::task::spawn_blocking(move || signatures::sign_package(&package, &output, &key, serial))
         .await
         .map_err(|e| format!("signing: {e}"))??;
-    println!(
-        "Signed {} probes at serial {serial} into {} ({} earlier signatures replaced, {} other entries copied).",
-        report.signed,
-        args.output.display(),
-        report.replaced,
-        report.other_entries
-    );
+    match format {
+        OutputFormat::Json => println!(
+            "{}",
+            serde_json::json!({
+                "out": out.display().to_string(),
+                "signed": report.signed,
+                "serial": serial,
+                "replaced": report.replaced,
+                "other_entries": report.other_entries,
+            })
+        ),
+        OutputFormat::Text => println!(
+            "Signed {} probes at serial {serial} into {} ({} earlier signatures replaced, {} other entries copied).",
+            report.signed,
+            out.display(),
+            report.replaced,
+            report.other_entries
+        ),
+    }
     Ok(())
 }
 

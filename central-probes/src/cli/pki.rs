@@ -11,9 +11,17 @@ pub enum PkiCommand {
     /// central.stackrox.svc, sensor.stackrox.svc (the names the product's
     /// roxctl and Collectors check), localhost and 127.0.0.1, and a
     /// Collector client certificate.
+    ///
+    /// Files already in --out are kept, and the command fails: a new CA
+    /// invalidates every certificate the old one issued.
     Init {
-        #[arg(long)]
+        /// The directory to write them to (made if missing).
+        #[arg(long, value_name = "DIR")]
         out: PathBuf,
+        /// Replace the files of an earlier run (a new CA: certificates it
+        /// issued are no longer trusted).
+        #[arg(long)]
+        force: bool,
         /// Another DNS name or IP address for the server certificate
         /// (repeatable): the name a site reaches Central by.
         #[arg(long = "san", value_name = "NAME")]
@@ -22,11 +30,9 @@ pub enum PkiCommand {
 }
 
 pub fn pki(command: PkiCommand) -> Result<(), CliError> {
-    let PkiCommand::Init { out, sans } = command;
-    central_probes::pki::init(&out, &sans).map_err(|e| format!("writing certificates to {}: {e}", out.display()))?;
-    println!(
-        "wrote ca.pem, ca-key.pem, server.pem, server-key.pem, collector.pem, collector-key.pem to {}",
-        out.display()
-    );
+    let PkiCommand::Init { out, force, sans } = command;
+    central_probes::pki::init(&out, &sans, force)
+        .map_err(|e| format!("writing certificates to {}: {e}", out.display()))?;
+    println!("wrote {} to {}", central_probes::pki::FILES.join(", "), out.display());
     Ok(())
 }

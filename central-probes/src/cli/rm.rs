@@ -7,6 +7,7 @@ use super::CliError;
 use super::upload::Endpoint;
 
 #[derive(Args)]
+#[command(after_help = super::ENDPOINT_ENV)]
 pub struct RmArgs {
     /// Probe paths to delete (<module version>/<file name>).
     paths: Vec<String>,

@@ -17,6 +17,11 @@ use tracing::{info, warn};
 use super::{CliError, parse_size, read};
 
 #[derive(Args)]
+#[command(
+    after_help = "  https_proxy    the HTTP CONNECT proxy to the upstream, else HTTPS_PROXY (--upstream-proxy overrides both)
+  no_proxy       upstream hosts reached without the proxy, else NO_PROXY
+  SSL_CERT_FILE  the CA bundle for --upstream-url without --upstream-ca"
+)]
 pub struct ServeArgs {
     /// Address to listen on; port 0 picks a free port (the log says which).
     #[arg(long, env = "CENTRAL_LISTEN", default_value = "127.0.0.1:8443")]

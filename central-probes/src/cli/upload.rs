@@ -10,7 +10,7 @@ use central_probes::admin::upload::{self as admin_upload, UploadReport, UploadRe
 use clap::Args;
 use probe_api::v1::FileOutcome;
 
-use super::{CliError, OutputFormat, read};
+use super::{CliError, OutputFormat};
 
 #[derive(Args)]
 pub struct Endpoint {
@@ -26,6 +26,7 @@ pub struct Endpoint {
 }
 
 #[derive(Args)]
+#[command(after_help = super::ENDPOINT_ENV)]
 pub struct UploadArgs {
     /// The support package, a zip file.
     package: PathBuf,
@@ -48,12 +49,23 @@ pub struct UploadArgs {
     /// `text`, or `json`: per-file outcomes and totals as one object.
     #[arg(short = 'o', long, value_enum, default_value = "text")]
     output: OutputFormat,
+    /// Exit with status 0, not 3, when entries under kernel-modules/ that
+    /// are not probes (invalid paths) were skipped; the valid ones are
+    /// uploaded either way.
+    #[arg(long)]
+    allow_skipped: bool,
 }
+
+/// What the docs of both spellings of `upload` say of its exit status.
+pub const EXIT_STATUS: &str = "Exit status: 0 when the upload is complete (files that differ from Central's \
+    and were kept, without --overwrite, are named in a warning); 1 on an error (files stored before it are whole); \
+    3 when the valid probes were uploaded but entries under kernel-modules/ that are not probes were skipped \
+    (the summary names them; --allow-skipped makes this 0).";
 
 impl Endpoint {
     /// A client of Central's admin API with the token of `ROX_API_TOKEN`.
     pub(crate) fn connect(&self) -> Result<admin_client::AdminClient, CliError> {
-        let ca = read(&self.ca, "the CA certificate")?;
+        let ca = probe_api::client_tls::read_ca_file(&self.ca)?;
         Ok(admin_client::connect(&self.endpoint, ca, &api_token()?, Duration::from_secs(10))?)
     }
 
@@ -125,7 +137,18 @@ pub async fn upload(args: UploadArgs) -> Result<(), CliError> {
         OutputFormat::Json => println!("{}", json_report(&request.package, &report)),
     }
     eprintln!("Read {} bytes of the package.", report.package_bytes_read);
-    Ok(())
+    match report.unrecognised.len() {
+        0 => Ok(()),
+        _ if args.allow_skipped => Ok(()),
+        skipped => Err(super::Incomplete {
+            status: 3,
+            message: format!(
+                "{skipped} entries of {} were skipped, not uploaded (exit status 3; --allow-skipped accepts them)",
+                request.package.display()
+            ),
+        }
+        .into()),
+    }
 }
 
 /// The upload as one JSON object: what Central did with each file sent,
@@ -163,6 +186,7 @@ fn json_report(package: &std::path::Path, report: &UploadReport) -> serde_json::
         "identical": report.identical + response.identical_count as usize,
         "conflicts": response.conflict_count as usize + report.conflicts.len(),
         "kept_as_they_were": report.conflicts,
+        "skipped": report.unrecognised.len(),
         "unrecognised": report.unrecognised,
         "files": files,
         "elapsed_ms": report.elapsed.as_millis() as u64,
@@ -170,13 +194,6 @@ fn json_report(package: &std::path::Path, report: &UploadReport) -> serde_json::
 }
 
 fn print_report(report: &UploadReport) {
-    if !report.unrecognised.is_empty() {
-        eprintln!(
-            "warning: {} unrecognised entries under kernel-modules/ were skipped (is the package corrupt?): {}",
-            report.unrecognised.len(),
-            first_few(&report.unrecognised)
-        );
-    }
     match &report.response {
         None if report.conflicts.is_empty() => {
             println!("Nothing to do: all {} probe files are already in Central.", report.probes_in_package)
@@ -210,10 +227,23 @@ fn print_report(report: &UploadReport) {
             first_few(&report.conflicts)
         );
     }
+    // Last, where it is seen: the valid probes were stored, but not all of
+    // the package.
+    if !report.unrecognised.is_empty() {
+        println!(
+            "Skipped {} entries under kernel-modules/ that are not probes at valid paths (is the package corrupt?): {}",
+            report.unrecognised.len(),
+            first_few_of(&report.unrecognised, 3)
+        );
+    }
 }
 
 fn first_few(items: &[String]) -> String {
-    let shown: Vec<&str> = items.iter().take(10).map(String::as_str).collect();
+    first_few_of(items, 10)
+}
+
+fn first_few_of(items: &[String], count: usize) -> String {
+    let shown: Vec<&str> = items.iter().take(count).map(String::as_str).collect();
     match items.len() - shown.len() {
         0 => shown.join(", "),
         more => format!("{} and {more} more", shown.join(", ")),
