@@ -102,6 +102,13 @@ async fn each_failure_gets_advice_that_fits_it() {
     assert!(stderr.contains("could not be reached") && !stderr.contains(upload), "{stderr}");
 
     let central = Central::start(&pki, &dir.path().join("central")).await;
+    let not_a_ca = dir.path().join("not-a-ca.pem");
+    std::fs::write(&not_a_ca, &pki.collector.key_pem).unwrap();
+    let extra = ["--central", &central.address, "--ca", &not_a_ca.display().to_string()];
+    let (code, stderr, _) = get_probe(&pki, dir.path(), &extra, &[]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains(&format!("{} holds no PEM certificate", not_a_ca.display())), "{stderr}");
+
     let other = TestPki::new();
     let foreign_ca = dir.path().join("foreign-ca.pem");
     std::fs::write(&foreign_ca, &other.ca.cert_pem).unwrap();

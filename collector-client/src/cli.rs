@@ -281,7 +281,7 @@ pub async fn get_probe(args: GetProbeArgs) -> Result<(), CliError> {
         Some(address) => Some(CentralSettings {
             address: address.to_owned(),
             tls: ClientTls {
-                ca_pem: read(&args.ca, "the CA certificate")?,
+                ca_pem: probe_api::client_tls::read_ca_file(&args.ca)?,
                 identity: Some((read(&args.cert, "the client certificate")?, read(&args.key, "the client key")?)),
             },
             server_name: args.sni_hostname.clone().filter(|name| !name.is_empty()),
