@@ -74,7 +74,7 @@ impl CollectionMethod {
 pub enum OutputFormat {
     /// A line for people.
     Text,
-    /// One JSON object on stdout (README: "Machine-readable output").
+    /// One JSON object on stdout (docs/operations.md, "Machine-readable output").
     Json,
 }
 
@@ -152,7 +152,7 @@ pub struct GetProbeArgs {
     #[arg(long)]
     cache_dir: Option<PathBuf>,
     /// A file of one or more minisign public keys that probes must be
-    /// signed by (README, "Signed probes").
+    /// signed by (docs/security.md, "Signed probes").
     #[arg(long, env = "PROBE_TRUSTED_KEYS")]
     trusted_keys: Option<PathBuf>,
     /// required: use only probes whose signature verifies; warn: log and

@@ -14,7 +14,7 @@ pub struct LsArgs {
     /// Only probes of this module version.
     #[arg(long)]
     module_version: Option<String>,
-    /// `text` (a line per probe), or `json` (one object: README,
+    /// `text` (a line per probe), or `json` (one object: docs/operations.md,
     /// "Machine-readable output").
     #[arg(short = 'o', long, value_enum, default_value = "text")]
     output: OutputFormat,

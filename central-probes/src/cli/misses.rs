@@ -15,8 +15,8 @@ pub struct MissesArgs {
     /// Also the misses an upload or the upstream has resolved since.
     #[arg(long)]
     all: bool,
-    /// `text` (a table), or `json` (one object: README, "Machine-readable
-    /// output").
+    /// `text` (a table), or `json` (one object: docs/operations.md,
+    /// "Machine-readable output").
     #[arg(short = 'o', long, value_enum, default_value = "text")]
     output: OutputFormat,
 }

@@ -77,8 +77,8 @@ pub enum SupportPackagesCommand {
     Upload(upload::UploadArgs),
 }
 
-/// `-o`: a report for people, or one JSON object on stdout (README,
-/// "Machine-readable output").
+/// `-o`: a report for people, or one JSON object on stdout
+/// (docs/operations.md, "Machine-readable output").
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum OutputFormat {
     Text,

@@ -1,6 +1,6 @@
 //! `central-probes package sign` and `package verify`: signatures of a
 //! support package's probes, made and checked on the clean side of an air
-//! gap (README, "Signed probes").
+//! gap (docs/security.md, "Signed probes").
 
 use std::path::PathBuf;
 
