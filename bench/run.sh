@@ -26,7 +26,9 @@
 #   8. the pack store against the per-file store (bench/packs.sh): upload,
 #      re-upload, start-up, GetProbe at 1-256 clients, export.
 # Sections 1-6 run Central with its default store, the pack store.
-# Results: bench/work/results.md. Settings: SECONDS_PER_RUN (default 5),
+# Results: bench/work/results.md; section 2's rows also go to
+# bench/work/serving.tsv, which bench/plot.py draws as bench/serving.svg.
+# Settings: SECONDS_PER_RUN (default 5),
 # SCALE_PROBES (default 100000).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -37,6 +39,7 @@ SECONDS_PER_RUN=${SECONDS_PER_RUN:-5}
 SCALE_PROBES=${SCALE_PROBES:-100000}
 mkdir -p "$WORK"
 RESULTS="$WORK/results.md"
+SERVING_TSV="$WORK/serving.tsv"
 
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need_install=1
 for tool in nginx curl /usr/bin/time; do
@@ -84,11 +87,11 @@ section() {
   echo "$(date +%s.%N) $(steal_cs) $1" >>"$SECTIONS"
 }
 
-
+RUN_DATE=$(date -u +%Y-%m-%dT%H:%MZ)
 {
   echo "# Benchmark results"
   echo
-  echo "$(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores, $(awk '/MemTotal/ {printf "%d GiB", $2/1048576}' /proc/meminfo),"
+  echo "$RUN_DATE, $(nproc) cores, $(awk '/MemTotal/ {printf "%d GiB", $2/1048576}' /proc/meminfo),"
   echo "$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), SHA-NI: $(grep -qw sha_ni /proc/cpuinfo && echo yes || echo no),"
   echo "package $((SIZE / 1048576)) MiB with 16,256 probes; ${SECONDS_PER_RUN} s per serving run."
 } >"$RESULTS"
@@ -265,6 +268,7 @@ section "2. serving"
 } >>"$RESULTS"
 sed 's|^|kernel-objects/|' "$WORK/paths.txt" >"$WORK/route-paths.txt"
 : >"$WORK/serve-runs.txt"
+printf 'workload\tserver\tclients\trequests_per_s\tp99_ms\n' >"$SERVING_TSV"
 # A cluster's nodes run a handful of kernels: 16 probes take every request.
 shuf -n 16 --random-source=<(yes) "$WORK/paths.txt" >"$WORK/hot-paths.txt"
 sed 's|^|kernel-objects/|' "$WORK/hot-paths.txt" >"$WORK/hot-route-paths.txt"
@@ -339,6 +343,8 @@ for mode in long-lived new-per-request hot-16-probes new-full-handshake; do
     g="$g_rps $g_mbs $g_p50 $g_p99 $g_err"; p="$p_rps - $p_p50 $p_p99 $p_err"
     r="$r_rps - $r_p50 $r_p99 $r_err"; h="$h_rps $h_mbs $h_p50 $h_p99 $h_err"
     echo "| $mode | $c | $g_rps / $p_rps | $r_rps | $h_rps | $(ratio "$g_rps" "$h_rps") / $(ratio "$p_rps" "$h_rps") | $(ratio "$r_rps" "$h_rps") | $g_mbs | $h_mbs | $g_p50 / $g_p99, $p_p50 / $p_p99 | $r_p50 / $r_p99 | $h_p50 / $h_p99 | $g_cpu / $p_cpu / $r_cpu / $h_cpu | $g_err / $p_err / $r_err / $h_err |" >>"$RESULTS"
+    printf '%s\t%s\t%s\t%s\t%s\n' "$mode" G "$c" "$g_rps" "$g_p99" "$mode" P "$c" "$p_rps" "$p_p99" \
+      "$mode" route "$c" "$r_rps" "$r_p99" "$mode" nginx "$c" "$h_rps" "$h_p99" >>"$SERVING_TSV"
     echo "$mode c=$c grpc: $g | grpc-h2: $p | route: $r | nginx: $h"
   done
 done
@@ -569,5 +575,6 @@ echo "$(date +%s.%N) $(steal_cs) end" >>"$SECTIONS"
   awk 'NR > 1 { printf "| %s | %.0f | %.1f | %.2f |\n", name, $1 - t, ($2 - st) / 100, ($2 - st) / 100 / ($1 - t) }
        { t = $1; st = $2; name = $3; for (i = 4; i <= NF; i++) name = name " " $i }' "$SECTIONS"
 } >>"$RESULTS"
-echo "results in $RESULTS"
+python3 bench/plot.py --date "$RUN_DATE" "$SERVING_TSV" bench/serving.svg
+echo "results in $RESULTS; section 2 plotted in bench/serving.svg"
 cat "$RESULTS"
