@@ -12,6 +12,7 @@
 //! holds more than its budget.
 
 mod bucket;
+mod checked_by;
 mod single_flight;
 
 use std::collections::HashMap;
@@ -22,7 +23,7 @@ use bucket::Bucket;
 use probe_api::https::{HttpsClient, HttpsUrl, ProxySettings};
 use probe_api::names::ProbePath;
 use probe_api::probe_stream::{ProbeReply, ReplyError};
-use probe_api::signing::{MAX_SIGNATURE_LEN, TrustedKeys};
+use probe_api::signing::MAX_SIGNATURE_LEN;
 use probe_api::transport::{self, ClientTls};
 use probe_api::v1::probe_service_client::ProbeServiceClient;
 use probe_api::v1::{GetProbeRequest, ProbeSource as ApiSource};
@@ -34,10 +35,11 @@ use crate::error::{Error, Result};
 use crate::server::metrics::{Metrics, ResultLabels};
 use crate::server::sources::{Found, ProbeSource};
 use crate::store::ProbeStore;
-use crate::store::filesystem::FilesystemStore;
 use crate::store::lru::Lru;
 use probe_api::limits::MAX_FILE_SIZE;
 use single_flight::SingleFlight;
+
+pub use checked_by::forget_cache_checked_otherwise;
 
 /// Which kind of server the upstream is.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -230,31 +232,6 @@ impl UpstreamSource {
 enum Client {
     Grpc(ProbeServiceClient<Channel>),
     Bucket(Bucket),
-}
-
-/// Where the upstream cache records the keys its probes were checked by.
-const CHECKED_BY: &str = "checked-by";
-
-/// Empties the upstream cache in `cache_dir` unless what it holds was
-/// checked by exactly `keys` (or, without keys, not checked at all): a
-/// cache kept by an earlier run under other keys, or none, may hold probes
-/// these keys would refuse. Then records `keys`. Before the cache opens.
-pub fn forget_cache_checked_otherwise(cache_dir: &std::path::Path, keys: Option<&TrustedKeys>) -> Result<()> {
-    let mut ids: Vec<String> = keys.map(|k| k.key_ids().map(|id| id.to_string()).collect()).unwrap_or_default();
-    ids.sort();
-    let wanted = format!("kprobes upstream cache checked by: {}\n", ids.join(" "));
-    let marker = cache_dir.join(CHECKED_BY);
-    let io = |what: &'static str| move |e| Error::io(format!("{what} the upstream cache"), e);
-    match std::fs::read_to_string(&marker) {
-        Ok(recorded) if recorded == wanted => return Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound && keys.is_none() => {}
-        _ => {
-            FilesystemStore::empty(cache_dir)?;
-            info!("emptied the upstream cache: its probes were not checked by the trusted keys given now");
-        }
-    }
-    std::fs::create_dir_all(cache_dir).map_err(io("creating"))?;
-    crate::private_file::replace(&marker, wanted.as_bytes()).map_err(io("marking"))
 }
 
 /// An upstream probe the cache refused for its signature (a Central with
