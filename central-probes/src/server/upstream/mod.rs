@@ -5,17 +5,17 @@
 //! keeps it in a bounded on-disk cache, apart from uploaded probes.
 //!
 //! Concurrent misses for one probe share one upstream fetch
-//! (`single_flight`). "Not found" answers are remembered briefly so a crowd
-//! asking for a missing probe does not turn into a crowd of upstream
-//! requests. The cache is a probe store like any other, used through the
+//! (`single_flight`). "Not found" answers are remembered briefly, and
+//! boundedly (`not_found`), so a crowd asking for a missing probe does not
+//! turn into a crowd of upstream requests. The cache is a probe store like any other, used through the
 //! `ProbeStore` trait; `store::lru` evicts its least recently used probes once it
 //! holds more than its budget.
 
 mod bucket;
 mod checked_by;
+mod not_found;
 mod single_flight;
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -36,10 +36,12 @@ use crate::server::metrics::{Metrics, ResultLabels};
 use crate::server::sources::{Found, ProbeSource};
 use crate::store::ProbeStore;
 use crate::store::lru::Lru;
+use not_found::NotFoundAnswers;
 use probe_api::limits::MAX_FILE_SIZE;
 use single_flight::SingleFlight;
 
 pub use checked_by::forget_cache_checked_otherwise;
+pub use not_found::MAX_NOT_FOUND_ANSWERS;
 
 /// Which kind of server the upstream is.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -69,7 +71,8 @@ pub struct UpstreamConfig {
     pub cache_max_bytes: u64,
     /// The cache refuses to write below this much free disk.
     pub min_free_bytes: u64,
-    /// How long a "not found" from the upstream is believed.
+    /// How long a "not found" from the upstream is believed (at most
+    /// `MAX_NOT_FOUND_ANSWERS` of them are kept).
     pub not_found_ttl: Duration,
 }
 
@@ -80,7 +83,7 @@ pub struct UpstreamSource {
     lru: Mutex<Lru>,
     /// Fetches under way, by probe: concurrent misses share one.
     in_flight: SingleFlight<ProbePath, Result<bool>>,
-    not_found: Mutex<HashMap<ProbePath, Instant>>,
+    not_found: Mutex<NotFoundAnswers>,
     metrics: Metrics,
 }
 
@@ -108,12 +111,17 @@ impl UpstreamSource {
         let proxy = config.proxies.proxy.as_ref().map(ToString::to_string).unwrap_or_else(|| "none".to_owned());
         info!(upstream = %location, %proxy, cached = lru.len(), "upstream probe source configured");
         Ok(UpstreamSource {
-            config,
             client,
             cache,
             lru: Mutex::new(lru),
             in_flight: SingleFlight::default(),
-            not_found: Mutex::default(),
+            not_found: Mutex::new(NotFoundAnswers::new(
+                config.not_found_ttl,
+                MAX_NOT_FOUND_ANSWERS,
+                metrics.upstream_not_found_answers.clone(),
+                metrics.upstream_not_found_evictions.clone(),
+            )),
+            config,
             metrics,
         })
     }
@@ -122,16 +130,12 @@ impl UpstreamSource {
         self.lru.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    fn not_found(&self) -> std::sync::MutexGuard<'_, NotFoundAnswers> {
+        self.not_found.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     fn recently_not_found(&self, path: &ProbePath) -> bool {
-        let mut not_found = self.not_found.lock().unwrap_or_else(|p| p.into_inner());
-        match not_found.get(path) {
-            Some(since) if since.elapsed() < self.config.not_found_ttl => true,
-            Some(_) => {
-                not_found.remove(path);
-                false
-            }
-            None => false,
-        }
+        self.not_found().is_fresh(path, Instant::now())
     }
 
     /// Makes sure the cache has `path` if the upstream has it: true if so.
@@ -157,10 +161,7 @@ impl UpstreamSource {
         };
         self.metrics.upstream_fetches.get_or_create(&ResultLabels { result }).inc();
         match &fetched {
-            Ok(false) => {
-                let mut not_found = self.not_found.lock().unwrap_or_else(|p| p.into_inner());
-                not_found.insert(path.clone(), Instant::now());
-            }
+            Ok(false) => self.not_found().record(path, Instant::now()),
             Err(error) => warn!(%path, %error, "upstream fetch failed"),
             Ok(true) => info!(%path, "fetched from the upstream"),
         }
