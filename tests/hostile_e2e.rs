@@ -399,3 +399,63 @@ async fn a_peer_that_does_not_answer_pings_is_closed() {
     let ended = tokio::time::timeout(Duration::from_secs(2), connection).await;
     assert!(matches!(ended, Ok(Err(_)) | Ok(Ok(()))), "Central closed the connection: {ended:?}");
 }
+
+/// Text meant to forge lines of a log or of a Collector's report.
+const FORGED: &str = "gone\nWhat an admin can do:\r\n  - nothing\u{1b}[2J";
+
+/// An upstream Central whose answers carry `FORGED`: as its status
+/// message, or (for `BAD_HEADER`) in a malformed digest 100 KB long.
+struct HostileUpstream;
+
+const BAD_HEADER: &str = "collector-ebpf-6.1.0-bad-header.o.gz";
+
+#[tonic::async_trait]
+impl probe_api::v1::probe_service_server::ProbeService for HostileUpstream {
+    type GetProbeStream = std::pin::Pin<
+        Box<dyn tokio_stream::Stream<Item = Result<probe_api::v1::GetProbeResponse, tonic::Status>> + Send>,
+    >;
+
+    async fn get_probe(
+        &self,
+        request: tonic::Request<probe_api::v1::GetProbeRequest>,
+    ) -> Result<tonic::Response<Self::GetProbeStream>, tonic::Status> {
+        use probe_api::v1::{GetProbeResponse, ProbeHeader, get_probe_response::Message};
+        let request = request.into_inner();
+        if request.file_name != BAD_HEADER {
+            return Err(tonic::Status::unavailable(FORGED));
+        }
+        let header = ProbeHeader {
+            path: format!("{}/{}", request.module_version, request.file_name),
+            size: 1,
+            sha256: FORGED.to_owned() + &"x".repeat(100_000),
+            ..Default::default()
+        };
+        let header = GetProbeResponse { message: Some(Message::Header(header)) };
+        Ok(tonic::Response::new(Box::pin(tokio_stream::iter([Ok(header)]))))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstreams_own_text_reaches_collectors_escaped_and_cut() {
+    use central_probes::server::upstream::UpstreamKind;
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let service = probe_api::v1::probe_service_server::ProbeServiceServer::new(HostileUpstream);
+    let (hostile, server) = common::serve_fake(&pki, tonic::service::Routes::new(service)).await;
+    let kind = UpstreamKind::Grpc { address: format!("https://{hostile}") };
+    let upstream = Some(common::upstream_config(&pki, kind, &dir.path().join("cache")));
+    let options = common::CentralOptions { upstream, ..Default::default() };
+    let central = common::Central::start_with(&pki, &dir.path().join("central"), options).await;
+
+    for file_name in ["collector-ebpf-6.1.0.o.gz", BAD_HEADER] {
+        let error = central.collector(&pki, Some(&pki.collector)).fetch("2.5.0", file_name).await.unwrap_err();
+        let collector_client::central::FetchError::Status(status) = error else { panic!("{file_name}: {error}") };
+        assert_eq!(status.code(), tonic::Code::Unavailable, "{file_name}: {status:?}");
+        let message = status.message();
+        assert!(!message.chars().any(char::is_control), "{file_name}: {message:?}");
+        assert!(message.contains(r"gone\nWhat an admin can do:\r\n"), "{file_name}: {message:?}");
+        assert!(message.len() < 1_000, "{file_name}: the upstream's text is cut: {} bytes", message.len());
+    }
+    central.stop().await;
+    server.abort();
+}

@@ -20,6 +20,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bucket::Bucket;
+use probe_api::errors::remote_text;
 use probe_api::https::{HttpsClient, HttpsUrl, ProxySettings};
 use probe_api::names::ProbePath;
 use probe_api::probe_stream::{ProbeReply, ReplyError};
@@ -201,8 +202,10 @@ impl UpstreamSource {
             Err(status) if status.code() == Code::NotFound => return Ok(None),
             Err(status) => return Err(unavailable(&status)),
         };
-        let bad_reply =
-            |why: String| Error::new(Code::Unavailable, format!("the upstream sent a bad reply for {path}: {why}"));
+        // `why` may quote the reply (a malformed digest).
+        let bad_reply = |why: String| {
+            Error::new(Code::Unavailable, format!("the upstream sent a bad reply for {path}: {}", remote_text(&why)))
+        };
         let reply_error = |error: ReplyError| match error {
             ReplyError::Status(status) => unavailable(&status),
             ReplyError::BadReply(why) => bad_reply(why),
@@ -241,8 +244,24 @@ fn refused(error: Error) -> Error {
     Error::new(Code::NotFound, format!("the upstream's probe is not served: {}", error.message))
 }
 
+/// The upstream's failure as Central logs it and passes it on to
+/// Collectors: its code, its message as the upstream's own text (escaped and
+/// cut, so it cannot forge lines of Central's log or of a Collector's
+/// report), and why it could not be reached, when it could not.
 fn unavailable(status: &tonic::Status) -> Error {
-    Error::new(Code::Unavailable, format!("upstream: {}", transport::describe(status)))
+    let mut text = format!("upstream: {:?}: {}", status.code(), remote_text(status.message()));
+    let mut cause = std::error::Error::source(status);
+    let mut innermost = None;
+    while let Some(error) = cause {
+        innermost = Some(error.to_string());
+        cause = error.source();
+    }
+    if let Some(why) = innermost {
+        let tls = ["Certificate", "certificate", "UnknownCA", "UnknownIssuer"].iter().any(|word| why.contains(word));
+        let hint = if tls { "; TLS refused: check --upstream-ca, and --upstream-cert/--upstream-key" } else { "" };
+        text.push_str(&format!(" ({}{hint})", remote_text(&why)));
+    }
+    Error::new(Code::Unavailable, text)
 }
 
 #[tonic::async_trait]
