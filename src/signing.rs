@@ -257,49 +257,85 @@ pub struct Verified {
 /// The public keys a probe may be signed by, looked up by key id.
 #[derive(Clone, Default)]
 pub struct TrustedKeys {
-    keys: Vec<(KeyId, minisign_verify::PublicKey)>,
+    keys: Vec<TrustedKey>,
+}
+
+#[derive(Clone)]
+struct TrustedKey {
+    id: KeyId,
+    key: minisign_verify::PublicKey,
+    /// The key as its file holds it (`Ed`, key id, Ed25519 key): what
+    /// `fingerprint` covers, since two keys may share an id.
+    binary: [u8; 42],
 }
 
 impl fmt::Debug for TrustedKeys {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_list().entries(self.keys.iter().map(|(id, _)| id)).finish()
+        f.debug_list().entries(self.keys.iter().map(|key| key.id)).finish()
     }
 }
 
 impl TrustedKeys {
     /// Reads a file of one or more minisign public keys: `minisign.pub`
     /// files put one after the other, or one base64 key a line. Empty lines
-    /// and lines starting with "untrusted comment:" or "#" are skipped.
+    /// and lines starting with "untrusted comment:" or "#" are skipped. A
+    /// key given twice counts once; two different keys with the same key id
+    /// are an error, since a signature names its key by id only and one of
+    /// them would silently shadow the other.
     pub fn load(path: &std::path::Path) -> Result<TrustedKeys, String> {
         let text = std::fs::read_to_string(path).map_err(|e| format!("reading {}: {e}", path.display()))?;
         TrustedKeys::parse(&text).map_err(|e| format!("{}: {e}", path.display()))
     }
 
     pub fn parse(text: &str) -> Result<TrustedKeys, String> {
-        let mut keys: Vec<(KeyId, minisign_verify::PublicKey)> = Vec::new();
+        // Each key with the line it came from, for the error of a shared id.
+        let mut keys: Vec<(TrustedKey, usize)> = Vec::new();
         for (number, line) in text.lines().enumerate().map(|(i, line)| (i + 1, line.trim())) {
             if line.is_empty() || line.starts_with('#') || line.starts_with("untrusted comment:") {
                 continue;
             }
             let bad = || format!("line {number} is not a minisign public key");
             let binary = STANDARD.decode(line).map_err(|_| bad())?;
-            if binary.len() != 42 || &binary[..2] != b"Ed" {
+            let Ok::<[u8; 42], _>(binary) = binary.try_into() else { return Err(bad()) };
+            if &binary[..2] != b"Ed" {
                 return Err(bad());
             }
             let key = minisign_verify::PublicKey::from_base64(line).map_err(|_| bad())?;
             let id = KeyId(binary[2..10].try_into().expect("8 bytes"));
-            if !keys.iter().any(|(known, _)| *known == id) {
-                keys.push((id, key));
+            match keys.iter().find(|(known, _)| known.id == id) {
+                None => keys.push((TrustedKey { id, key, binary }, number)),
+                Some((known, _)) if known.binary == binary => {}
+                Some((_, first)) => {
+                    return Err(format!(
+                        "line {first} and line {number} hold two different keys with the same key id {id}: a \
+                         signature names its key by id only, so one would shadow the other; remove the one you \
+                         did not make (anyone can give a new key any id)"
+                    ));
+                }
             }
         }
         if keys.is_empty() {
             return Err("no minisign public key in it".to_owned());
         }
-        Ok(TrustedKeys { keys })
+        Ok(TrustedKeys { keys: keys.into_iter().map(|(key, _)| key).collect() })
     }
 
     pub fn key_ids(&self) -> impl Iterator<Item = KeyId> + '_ {
-        self.keys.iter().map(|(id, _)| *id)
+        self.keys.iter().map(|key| key.id)
+    }
+
+    /// The SHA-256, in hex, of the whole set of keys (the keys themselves,
+    /// not only their ids), in no particular order of the file: what a
+    /// cache of probes checked by these keys is tied to, so that replacing
+    /// a key by another with the same id is seen.
+    pub fn fingerprint(&self) -> String {
+        let mut binaries: Vec<&[u8; 42]> = self.keys.iter().map(|key| &key.binary).collect();
+        binaries.sort();
+        let mut hasher = crate::digest::Sha256Hasher::new();
+        for binary in binaries {
+            hasher.update(binary);
+        }
+        hasher.finish().to_hex()
     }
 
     /// Checks `signature` (a `.minisig` file's bytes, if the probe came
@@ -327,8 +363,8 @@ impl TrustedKeys {
     ) -> Result<Verified, SignatureError> {
         let parsed = ProbeSignature::parse(signature.ok_or(SignatureError::Missing)?)?;
         let key_id = parsed.key_id;
-        let (_, key) = self.keys.iter().find(|(id, _)| *id == key_id).ok_or(SignatureError::UnknownKey(key_id))?;
-        verify(key, &parsed).map_err(|_| SignatureError::Invalid(key_id))?;
+        let trusted = self.keys.iter().find(|key| key.id == key_id).ok_or(SignatureError::UnknownKey(key_id))?;
+        verify(&trusted.key, &parsed).map_err(|_| SignatureError::Invalid(key_id))?;
         // Only a verified comment is believed.
         if parsed.signed_path != path.to_string() {
             return Err(SignatureError::OtherProbe { signed_for: parsed.signed_path });

@@ -1,9 +1,12 @@
 //! Central under hostile clients, through the `central-probes serve` binary
 //! so that its memory, threads, CPU time and descriptors can be read from
 //! /proc: streams opened and never read, silent TCP connections,
-//! half-sent ClientHellos, a process out of descriptors. Meanwhile a
-//! well-behaved Collector must still get its probe.
+//! half-sent ClientHellos, a process out of descriptors, uploads that
+//! stall or whose client goes away. Meanwhile a well-behaved Collector must
+//! still get its probe. And an upstream whose text tries to forge lines.
 
+#[path = "common/cli.rs"]
+mod cli;
 mod common;
 #[path = "common/raw_grpc.rs"]
 mod raw_grpc;
@@ -21,7 +24,10 @@ use collector_client::central::CentralClient;
 use common::TestPki;
 use probe_api::digest::Sha256Digest;
 use probe_api::names::ProbePath;
-use raw_grpc::{grpc_frame, raw_http2, raw_http2_undriven, raw_http2_zero_window};
+use raw_grpc::{
+    grpc_frame, grpc_status, raw_grpc_call, raw_http2, raw_http2_undriven, raw_http2_zero_window,
+    send_as_window_allows, start_grpc_call,
+};
 use served::{Served, serve, serve_with_descriptor_limit};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
@@ -398,4 +404,146 @@ async fn a_peer_that_does_not_answer_pings_is_closed() {
     tokio::time::sleep(Duration::from_secs(4)).await;
     let ended = tokio::time::timeout(Duration::from_secs(2), connection).await;
     assert!(matches!(ended, Ok(Err(_)) | Ok(Ok(()))), "Central closed the connection: {ended:?}");
+}
+
+/// Text meant to forge lines of a log or of a Collector's report.
+const FORGED: &str = "gone\nWhat an admin can do:\r\n  - nothing\u{1b}[2J";
+
+/// An upstream Central whose answers carry `FORGED`: as its status
+/// message, or (for `BAD_HEADER`) in a malformed digest 100 KB long.
+struct HostileUpstream;
+
+const BAD_HEADER: &str = "collector-ebpf-6.1.0-bad-header.o.gz";
+
+#[tonic::async_trait]
+impl probe_api::v1::probe_service_server::ProbeService for HostileUpstream {
+    type GetProbeStream = std::pin::Pin<
+        Box<dyn tokio_stream::Stream<Item = Result<probe_api::v1::GetProbeResponse, tonic::Status>> + Send>,
+    >;
+
+    async fn get_probe(
+        &self,
+        request: tonic::Request<probe_api::v1::GetProbeRequest>,
+    ) -> Result<tonic::Response<Self::GetProbeStream>, tonic::Status> {
+        use probe_api::v1::{GetProbeResponse, ProbeHeader, get_probe_response::Message};
+        let request = request.into_inner();
+        if request.file_name != BAD_HEADER {
+            return Err(tonic::Status::unavailable(FORGED));
+        }
+        let header = ProbeHeader {
+            path: format!("{}/{}", request.module_version, request.file_name),
+            size: 1,
+            sha256: FORGED.to_owned() + &"x".repeat(100_000),
+            ..Default::default()
+        };
+        let header = GetProbeResponse { message: Some(Message::Header(header)) };
+        Ok(tonic::Response::new(Box::pin(tokio_stream::iter([Ok(header)]))))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstreams_own_text_reaches_collectors_escaped_and_cut() {
+    use central_probes::server::upstream::UpstreamKind;
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let service = probe_api::v1::probe_service_server::ProbeServiceServer::new(HostileUpstream);
+    let (hostile, server) = common::serve_fake(&pki, tonic::service::Routes::new(service)).await;
+    let kind = UpstreamKind::Grpc { address: format!("https://{hostile}") };
+    let upstream = Some(common::upstream_config(&pki, kind, &dir.path().join("cache")));
+    let options = common::CentralOptions { upstream, ..Default::default() };
+    let central = common::Central::start_with(&pki, &dir.path().join("central"), options).await;
+
+    for file_name in ["collector-ebpf-6.1.0.o.gz", BAD_HEADER] {
+        let error = central.collector(&pki, Some(&pki.collector)).fetch("2.5.0", file_name).await.unwrap_err();
+        let collector_client::central::FetchError::Status(status) = error else { panic!("{file_name}: {error}") };
+        assert_eq!(status.code(), tonic::Code::Unavailable, "{file_name}: {status:?}");
+        let message = status.message();
+        assert!(!message.chars().any(char::is_control), "{file_name}: {message:?}");
+        assert!(message.contains(r"gone\nWhat an admin can do:\r\n"), "{file_name}: {message:?}");
+        assert!(message.len() < 1_000, "{file_name}: the upstream's text is cut: {} bytes", message.len());
+    }
+    central.stop().await;
+    server.abort();
+}
+
+const UPLOAD: &str = "/kprobes.v1.ProbeUploadService/UploadProbes";
+const FIRST: &str = "2.5.0/collector-ebpf-6.1.0-first.o.gz";
+const SECOND: &str = "2.5.0/collector-ebpf-6.1.0-second.o.gz";
+
+/// An UploadProbes body of `messages` after the options.
+fn upload_body(messages: Vec<probe_api::v1::UploadProbesRequest>) -> Bytes {
+    use probe_api::v1::upload_probes_request::Message;
+    use probe_api::v1::{UploadOptions, UploadProbesRequest};
+    let options = UploadProbesRequest { message: Some(Message::Options(UploadOptions::default())) };
+    std::iter::once(options).chain(messages).map(|message| grpc_frame(&message)).collect::<Vec<_>>().concat().into()
+}
+
+/// All of `FIRST`, then `SECOND`'s header and 10 of its 100 bytes.
+fn upload_broken_inside_second() -> Bytes {
+    use central_probes::server::upload_session::file_messages;
+    let mut messages = file_messages(FIRST, &bytes_of(5000, 7), 1000);
+    messages.extend(file_messages(SECOND, &bytes_of(100, 8), 10).into_iter().take(2));
+    upload_body(messages)
+}
+
+/// An admin token for the Central about to start on `data_dir`.
+fn admin_token(data_dir: &Path) -> String {
+    use central_probes::server::auth::{Role, TokenFile};
+    TokenFile::in_data_dir(data_dir).create(Role::Admin, "uploader").unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_upload_is_ended_keeping_the_files_before_it_and_the_next_upload_works() {
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let token = admin_token(dir.path());
+    let served = serve(&pki, dir.path(), &["--upload-idle-timeout", "1s"]);
+    let sender = raw_http2(&served.address, &pki, false).await;
+    // The client sends part of the second file, then nothing, and stays.
+    let (response, _stalled) = start_grpc_call(&sender, UPLOAD, Some(&token), upload_broken_inside_second()).await;
+    let guard = Duration::from_secs(60);
+    let status = tokio::time::timeout(guard, grpc_status(response)).await.expect("the stalled upload was ended");
+    assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{status:?}");
+    let message = status.message();
+    assert!(message.contains("received nothing for 1s") && message.contains("after 1 finished files"), "{message}");
+    let line = served.log_line("upload interrupted");
+    assert!(line.contains("stored=1") && line.contains("DeadlineExceeded"), "{line}");
+    let listed = cli::listed(&served.address, &pki.ca_file(), &token).await;
+    assert_eq!(listed, [FIRST], "the file before the stall is kept");
+
+    let next = upload_body(central_probes::server::upload_session::file_messages(SECOND, &bytes_of(100, 8), 10));
+    let status = raw_grpc_call(&sender, UPLOAD, Some(&token), next).await;
+    assert_eq!(status.code(), tonic::Code::Ok, "the next upload works: {status:?}");
+    assert_eq!(cli::listed(&served.address, &pki.ca_file(), &token).await, [FIRST, SECOND]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_whose_client_goes_away_is_logged_and_audited_with_what_it_committed() {
+    use central_probes::server::upload_session::file_messages;
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let token = admin_token(dir.path());
+    // Commits wait, so the client goes away while the first file's is under way.
+    let served = serve(&pki, dir.path(), &["--metrics-listen", "127.0.0.1:0", "--commit-wait", "3s"]);
+    let (sender, connection) = raw_http2_undriven(&served.address, &pki).await;
+    let driver = tokio::spawn(connection);
+    let first = upload_body(file_messages(FIRST, &bytes_of(5000, 7), 1000));
+    let (_response, mut stream) = start_grpc_call(&sender, UPLOAD, Some(&token), first).await;
+    // 5 of the second file's 8 MiB: more than Central's window, so once all
+    // is sent, Central has read past the first file's trailer.
+    let second = file_messages(SECOND, &bytes_of(8 << 20, 8), 1 << 20);
+    let second: Vec<Bytes> = second.iter().take(6).map(grpc_frame).collect();
+    send_as_window_allows(&mut stream, second.concat().into()).await;
+    // As a killed client: the connection closes with nothing more said.
+    driver.abort();
+
+    let line = served.log_line("upload interrupted");
+    assert!(line.contains("stored=1") && line.contains("token=uploader"), "{line}");
+    let listed = cli::listed(&served.address, &pki.ca_file(), &token).await;
+    assert_eq!(listed, [FIRST], "the file before the break is kept");
+    let metrics = served.metrics().await;
+    let changes = "central_probes_changes_by_token_total";
+    assert_eq!(served::metric(&metrics, changes, r#"action="upload_interrupted""#), Some(1), "{metrics}");
+    let stored = served::metric(&metrics, "central_probes_upload_files_total", r#"outcome="stored""#);
+    assert_eq!(stored, Some(1), "{metrics}");
 }

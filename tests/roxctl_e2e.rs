@@ -6,6 +6,8 @@
 //! to send, and `POST /api/extensions/probeupload` over HTTP/2 and
 //! HTTP/1.1; then what Collectors get of it.
 
+#[path = "common/cli.rs"]
+mod cli;
 mod common;
 #[path = "common/raw_grpc.rs"]
 mod raw_grpc;
@@ -400,4 +402,61 @@ async fn a_checking_central_refuses_roxctls_unsigned_files_and_stores_none() {
         assert!(served_by_get_probe(&central, &pki, &file.name).await.is_none(), "{} is not stored", file.name);
     }
     central.stop().await;
+}
+
+/// An admin token for the Central about to start on `data_dir`.
+fn admin_token(data_dir: &std::path::Path) -> String {
+    use central_probes::server::auth::{Role, TokenFile};
+    TokenFile::in_data_dir(data_dir).create(Role::Admin, "roxctl").unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_upload_is_answered_408_keeping_the_files_before_it_and_the_next_upload_works() {
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let token = admin_token(dir.path());
+    let served = served::serve(&pki, dir.path(), &["--upload-idle-timeout", "1s"]);
+    let files = package();
+    let sender = roxctl::http2(&served.address, &pki).await;
+    // All of the first file and part of the second, then nothing; the
+    // client stays.
+    let sent = [files[0].bytes.clone(), files[1].bytes.slice(..1000)].concat().into();
+    let (response, _stalled) = roxctl::start_upload_http2(&sender, &token, &files, sent).await;
+    let guard = Duration::from_secs(60);
+    let (status, text) = tokio::time::timeout(guard, roxctl::answer(response)).await.expect("the upload was ended");
+    assert_eq!(status, 408, "{text}");
+    assert!(text.contains("received nothing for 1s"), "{text}");
+    let line = served.log_line("upload interrupted");
+    assert!(line.contains("stored=1") && line.contains(r#"via="/api/extensions/probeupload""#), "{line}");
+    assert_eq!(cli::listed(&served.address, &pki.ca_file(), &token).await, names(&files[..1]), "kept");
+
+    let (status, text) = roxctl::upload_http2(&sender, Upload::of(&token, &files[1..])).await;
+    assert_eq!(status, 200, "the next upload works: {text}");
+    assert_eq!(cli::listed(&served.address, &pki.ca_file(), &token).await, names(&files));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_whose_client_goes_away_is_logged_and_audited_with_what_it_committed() {
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let token = admin_token(dir.path());
+    // Commits wait, so the client goes away while the first file's is under way.
+    let served = served::serve(&pki, dir.path(), &["--metrics-listen", "127.0.0.1:0", "--commit-wait", "3s"]);
+    let files = [probe("6.1.0-1", 1, 70_000), probe("6.1.0-2", 2, 8 << 20)];
+    let (sender, connection) = raw_grpc::raw_http2_undriven(&served.address, &pki).await;
+    let driver = tokio::spawn(connection);
+    let (_response, mut stream) = roxctl::start_upload_http2(&sender, &token, &files, files[0].bytes.clone()).await;
+    // 5 of the second file's 8 MiB: more than Central's window, so once all
+    // is sent, Central has read past the first file.
+    raw_grpc::send_as_window_allows(&mut stream, files[1].bytes.slice(..5 << 20)).await;
+    // As a killed client: the connection closes with nothing more said.
+    driver.abort();
+
+    let line = served.log_line("upload interrupted");
+    assert!(line.contains("stored=1") && line.contains(r#"via="/api/extensions/probeupload""#), "{line}");
+    assert_eq!(cli::listed(&served.address, &pki.ca_file(), &token).await, names(&files[..1]), "kept");
+    let metrics = served.metrics().await;
+    let changes = "central_probes_changes_by_token_total";
+    assert_eq!(served::metric(&metrics, changes, r#"action="upload_interrupted""#), Some(1), "{metrics}");
+    assert_eq!(served::metric(&metrics, "central_probes_upload_files_total", r#"outcome="stored""#), Some(1));
 }

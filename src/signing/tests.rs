@@ -156,3 +156,44 @@ fn a_key_file_holds_several_keys_and_refuses_junk() {
     let junk = TrustedKeys::parse(&format!("{}\nRWQnot-a-key\n", a.public_key_file().trim_end())).unwrap_err();
     assert!(junk.contains("line 3"), "{junk}");
 }
+
+/// `signer`'s public key file with its key id replaced by `id`'s: another
+/// key under the same id, as anyone can make one.
+fn key_file_with_id_of(signer: &Signer, id: &Signer) -> String {
+    let key_line = |s: &Signer| s.public_key_file().lines().nth(1).unwrap().to_owned();
+    let mut binary = STANDARD.decode(key_line(signer)).unwrap();
+    binary[2..10].copy_from_slice(&STANDARD.decode(key_line(id)).unwrap()[2..10]);
+    format!("untrusted comment: same id\n{}\n", STANDARD.encode(binary))
+}
+
+#[test]
+fn two_keys_with_one_key_id_are_refused_naming_both() {
+    let (a, b) = (Signer::new(), Signer::new());
+    let shadow = key_file_with_id_of(&b, &a);
+    let id = a.trusted().key_ids().next().unwrap();
+    for (text, lines) in [
+        (format!("{}{shadow}", a.public_key_file()), ("line 2", "line 4")),
+        (format!("{shadow}# rotated\n{}", a.public_key_file()), ("line 2", "line 5")),
+    ] {
+        let error = TrustedKeys::parse(&text).unwrap_err();
+        assert!(error.contains(lines.0) && error.contains(lines.1), "{error}");
+        assert!(error.contains(&id.to_string()), "{error}");
+    }
+    // The same key twice is one key, not a conflict.
+    let twice = TrustedKeys::parse(&format!("{}{}", a.public_key_file(), a.public_key_file())).unwrap();
+    assert_eq!(twice.key_ids().count(), 1);
+}
+
+#[test]
+fn the_fingerprint_covers_the_keys_not_only_their_ids() {
+    let (a, b) = (Signer::new(), Signer::new());
+    let original = a.trusted();
+    let same_id = TrustedKeys::parse(&key_file_with_id_of(&b, &a)).unwrap();
+    assert_eq!(original.key_ids().collect::<Vec<_>>(), same_id.key_ids().collect::<Vec<_>>());
+    assert_ne!(original.fingerprint(), same_id.fingerprint());
+    let both = |first: &Signer, second: &Signer| {
+        TrustedKeys::parse(&format!("{}{}", first.public_key_file(), second.public_key_file())).unwrap()
+    };
+    assert_eq!(both(&a, &b).fingerprint(), both(&b, &a).fingerprint(), "the order of the file does not matter");
+    assert_eq!(original.fingerprint(), a.trusted().fingerprint());
+}

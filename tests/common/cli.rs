@@ -1,6 +1,8 @@
 //! The `central-probes` binary run as an admin runs it (only for the tests
 //! of the package that builds it).
 
+#![allow(dead_code)] // each test file uses a different part of it
+
 /// Runs the `central-probes` binary and returns (success, stdout, stderr).
 pub async fn central_cli(args: &[&str], token: &str) -> (bool, String, String) {
     let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
@@ -21,4 +23,13 @@ pub async fn central_cli(args: &[&str], token: &str) -> (bool, String, String) {
     })
     .await
     .unwrap()
+}
+
+/// The probe paths `central-probes ls` lists, in its order.
+pub async fn listed(address: &str, ca: &std::path::Path, token: &str) -> Vec<String> {
+    let (ok, stdout, stderr) = central_cli(&["ls", "-e", address, "--ca", ca.to_str().unwrap()], token).await;
+    assert!(ok, "{stderr}");
+    // A line per probe, its path a word with a slash.
+    let paths = stdout.lines().filter_map(|line| line.split_whitespace().find(|word| word.contains('/')));
+    paths.map(str::to_owned).collect()
 }

@@ -132,3 +132,50 @@ pub async fn raw_grpc_call(
     let trailers = body.trailers().await.unwrap().unwrap_or_default();
     tonic::Status::from_header_map(&trailers).expect("a grpc-status in the trailers")
 }
+
+/// Starts a gRPC call by hand and sends `body` without ending the request:
+/// the answer to come, and the request stream, to send more on, reset, or
+/// leave silent.
+pub async fn start_grpc_call(
+    sender: &h2::client::SendRequest<Bytes>,
+    method: &str,
+    token: Option<&str>,
+    body: Bytes,
+) -> (h2::client::ResponseFuture, h2::SendStream<Bytes>) {
+    let mut request = http::Request::post(format!("https://localhost{method}"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers");
+    if let Some(token) = token {
+        request = request.header("authorization", format!("Bearer {token}"));
+    }
+    let mut sender = sender.clone().ready().await.unwrap();
+    let (response, mut stream) = sender.send_request(request.body(()).unwrap(), false).unwrap();
+    stream.send_data(body, false).unwrap();
+    (response, stream)
+}
+
+/// The status a call started by `start_grpc_call` ends with.
+pub async fn grpc_status(response: h2::client::ResponseFuture) -> tonic::Status {
+    let response = response.await.unwrap();
+    if let Some(status) = tonic::Status::from_header_map(response.headers()) {
+        return status;
+    }
+    let mut body = response.into_body();
+    while let Some(data) = body.data().await {
+        let data = data.unwrap();
+        let _ = body.flow_control().release_capacity(data.len());
+    }
+    let trailers = body.trailers().await.unwrap().unwrap_or_default();
+    tonic::Status::from_header_map(&trailers).expect("a grpc-status in the trailers")
+}
+
+/// Sends `body` on `stream` as the server's flow-control window allows:
+/// once the last byte is granted a window, the server has taken in all of
+/// it but at most its receive window.
+pub async fn send_as_window_allows(stream: &mut h2::SendStream<Bytes>, mut body: Bytes) {
+    while !body.is_empty() {
+        stream.reserve_capacity(body.len());
+        let capacity = std::future::poll_fn(|cx| stream.poll_capacity(cx)).await.unwrap().unwrap();
+        stream.send_data(body.split_to(capacity.min(body.len())), false).unwrap();
+    }
+}

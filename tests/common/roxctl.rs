@@ -395,3 +395,37 @@ fn dechunk(mut body: &[u8]) -> Vec<u8> {
     }
     out
 }
+
+/// Starts roxctl's upload of `files` over HTTP/2, as `upload_http2` does,
+/// but sends only the manifest and `sent` of the files' bytes and leaves the
+/// request open: the answer to come, and the stream, to send more on or to
+/// leave silent.
+pub async fn start_upload_http2(
+    sender: &h2::client::SendRequest<Bytes>,
+    token: &str,
+    files: &[PackageFile],
+    sent: Bytes,
+) -> (h2::client::ResponseFuture, h2::SendStream<Bytes>) {
+    let upload = Upload::of(token, files);
+    let request = http::Request::post(format!("https://localhost{}", upload.path()))
+        .header("authorization", format!("Bearer {token}"))
+        .header("content-length", upload.content_length().expect("roxctl's length"));
+    let mut sender = sender.clone().ready().await.unwrap();
+    let (response, mut stream) = sender.send_request(request.body(()).unwrap(), false).unwrap();
+    stream.send_data([Bytes::from(upload.manifest), sent].concat().into(), false).unwrap();
+    (response, stream)
+}
+
+/// The HTTP status and text of an answer of the upload route.
+pub async fn answer(response: h2::client::ResponseFuture) -> (u16, String) {
+    let response = response.await.unwrap();
+    let status = response.status().as_u16();
+    let mut body = response.into_body();
+    let mut text = Vec::new();
+    while let Some(data) = body.data().await {
+        let data = data.unwrap();
+        let _ = body.flow_control().release_capacity(data.len());
+        text.extend_from_slice(&data);
+    }
+    (status, String::from_utf8_lossy(&text).into_owned())
+}

@@ -102,6 +102,32 @@ impl Drop for Served {
 }
 
 impl Served {
+    /// The next line of Central's log that contains `wanted` (within 20 s
+    /// of the one before).
+    pub fn log_line(&self, wanted: &str) -> String {
+        let mut seen = Vec::new();
+        loop {
+            match self.log.recv_timeout(Duration::from_secs(20)) {
+                Ok(line) if line.contains(wanted) => return line,
+                Ok(line) => seen.push(line),
+                Err(e) => panic!("no line with {wanted:?} in Central's log ({e}):\n{}", seen.join("\n")),
+            }
+        }
+    }
+
+    /// Central's metrics, from its `--metrics-listen` endpoint.
+    pub async fn metrics(&self) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let known = self.startup_log.iter().find(|line| line.contains("metrics on http://")).cloned();
+        let line = known.unwrap_or_else(|| self.log_line("metrics on http://"));
+        let address = line.split("metrics on http://").nth(1).unwrap().split('/').next().unwrap().to_owned();
+        let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
+        stream.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").await.unwrap();
+        let mut text = String::new();
+        stream.read_to_string(&mut text).await.unwrap();
+        text
+    }
+
     /// kill -9: no chance to clean up.
     pub fn kill(mut self) {
         self.child.kill().unwrap();
@@ -122,4 +148,11 @@ impl Served {
         };
         (status, self.log.try_iter().collect())
     }
+}
+
+/// The value of the line of Prometheus text `metrics` that starts with
+/// `name{` and holds `label`.
+pub fn metric(metrics: &str, name: &str, label: &str) -> Option<u64> {
+    let line = metrics.lines().find(|line| line.starts_with(&format!("{name}{{")) && line.contains(label))?;
+    line.rsplit(' ').next()?.parse().ok()
 }

@@ -188,6 +188,11 @@ pub struct LimitArgs {
     /// this long.
     #[arg(long, env = "CENTRAL_SEND_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     send_timeout: Duration,
+    /// End an upload (UploadProbes, or the product's upload route) that
+    /// receives nothing for this long, as an interrupted one: the files
+    /// committed before it stay, and the log and audit record it.
+    #[arg(long, env = "CENTRAL_UPLOAD_IDLE_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
+    upload_idle_timeout: Duration,
 }
 
 impl LimitArgs {
@@ -202,6 +207,7 @@ impl LimitArgs {
             max_probe_streams: self.max_probe_streams,
             probe_stream_wait: self.probe_stream_wait,
             send_timeout: self.send_timeout,
+            upload_idle_timeout: self.upload_idle_timeout,
         }
     }
 }

@@ -65,6 +65,10 @@ pub struct Metrics {
     pub probe_bytes_served: Counter,
     pub upstream_fetches: Family<ResultLabels, Counter>,
     pub upstream_cache_hits: Counter,
+    /// The upstream's "not found" answers remembered now, and those
+    /// forgotten before their time to keep within the bound.
+    pub upstream_not_found_answers: Gauge,
+    pub upstream_not_found_evictions: Counter,
     pub upload_bytes: Counter,
     pub upload_files: Family<OutcomeLabels, Counter>,
     pub changes_by_token: Family<AuditLabels, Counter>,
@@ -107,6 +111,17 @@ impl Metrics {
             "upstream_cache_hits",
             "GetProbe calls served from the cache of upstream probes",
             upstream_cache_hits.clone(),
+        );
+        let (upstream_not_found_answers, upstream_not_found_evictions) = (Gauge::default(), Counter::default());
+        registry.register(
+            "upstream_not_found_answers",
+            "The upstream's recent not-found answers that Central remembers, so as not to ask again at once",
+            upstream_not_found_answers.clone(),
+        );
+        registry.register(
+            "upstream_not_found_evictions",
+            "Not-found answers of the upstream forgotten before their time because the map was full",
+            upstream_not_found_evictions.clone(),
         );
         let upload_bytes = Counter::default();
         registry.register("upload_bytes", "Probe bytes received by UploadProbes", upload_bytes.clone());
@@ -151,6 +166,8 @@ impl Metrics {
             probe_bytes_served,
             upstream_fetches,
             upstream_cache_hits,
+            upstream_not_found_answers,
+            upstream_not_found_evictions,
             upload_bytes,
             upload_files,
             changes_by_token,

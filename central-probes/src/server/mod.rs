@@ -22,6 +22,7 @@ pub mod product_upload;
 pub mod sources;
 mod stores;
 pub mod upload_direct;
+mod upload_record;
 pub mod upload_service;
 pub mod upload_session;
 pub mod upstream;
@@ -287,6 +288,7 @@ async fn serve(central: Central, listener: TcpListener, shutdown: impl Future<Ou
         auth: auth.clone(),
         metrics: metrics.clone(),
         misses: misses.clone(),
+        upload_idle_timeout: limits.upload_idle_timeout,
     });
     let product_grpc = ProductServer::new(ProductUploadService(product.clone()))
         .max_decoding_message_size(MAX_REQUEST_MESSAGE)
@@ -296,8 +298,15 @@ async fn serve(central: Central, listener: TcpListener, shutdown: impl Future<Ou
         product_auth.authorize(request.metadata(), Role::View).map_err(tonic::Status::from)?;
         Ok(request)
     });
-    let uploads =
-        Arc::new(UploadService::new(store, record, misses.clone(), auth.clone(), metrics.clone(), limits.send_timeout));
+    let uploads = Arc::new(UploadService::new(
+        store,
+        record,
+        misses.clone(),
+        auth.clone(),
+        metrics.clone(),
+        limits.send_timeout,
+        limits.upload_idle_timeout,
+    ));
     let upload = ProbeUploadServiceServer::from_arc(uploads.clone())
         .max_decoding_message_size(MAX_REQUEST_MESSAGE)
         .max_encoding_message_size(MAX_REQUEST_MESSAGE);

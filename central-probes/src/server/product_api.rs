@@ -37,6 +37,8 @@ pub struct ProductUploads {
     pub auth: TokenAuth,
     pub metrics: Metrics,
     pub misses: Arc<MissRecorder>,
+    /// An upload whose body brings nothing for this long is ended.
+    pub upload_idle_timeout: std::time::Duration,
 }
 
 impl ProductUploads {

@@ -11,7 +11,13 @@
 //! manifest's CRC-32) and fed to the very `UploadSession` that UploadProbes
 //! runs, so files commit by the same durable, in-order rule. A task reads
 //! the body into a small bounded channel: the body is read only as fast as
-//! the store takes it.
+//! the store takes it. A body that brings nothing for
+//! `--upload-idle-timeout` ends the upload (408), and the whole upload runs
+//! in a task of its own, so that one whose client went away is still
+//! logged and audited with what it committed (`upload_record`).
+
+use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::{Method, Request, Response, StatusCode};
@@ -27,15 +33,13 @@ use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Code;
 use tonic::metadata::MetadataMap;
-use tracing::info;
 
 use crate::error::{Error, Result};
 use crate::server::auth::Role;
 use crate::server::kernel_objects::text;
 use crate::server::product_api::ProductUploads;
-use crate::server::upload_service::record_upload;
-use crate::server::upload_session::{Part, UploadSession};
-use crate::store::misses::Resolver;
+use crate::server::upload_record::{Uploader, record_upload_end};
+use crate::server::upload_session::{Part, UploadEnd, UploadSession, idle_error};
 
 /// The route's path.
 pub const PATH: &str = "/api/extensions/probeupload";
@@ -54,14 +58,19 @@ struct Planned {
 
 /// Answers one request of the route; `client` names the peer in the audit
 /// log.
-pub async fn handle<B>(uploads: &ProductUploads, request: Request<B>, client: String) -> Response<tonic::body::Body>
+pub async fn handle<B>(uploads: Arc<ProductUploads>, request: Request<B>, client: String) -> Response<tonic::body::Body>
 where
     B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
     B::Error: std::fmt::Display,
 {
-    let result = upload(uploads, request, &client).await;
-    let code = result.as_ref().map_or_else(|e| e.code, |_| Code::Ok);
-    uploads.metrics.count_request("probeupload", code, "");
+    // When the client goes away this call is dropped; the task is not.
+    let upload = tokio::spawn(async move {
+        let result = upload(&uploads, request, &client).await;
+        let code = result.as_ref().map_or_else(|e| e.code, |_| Code::Ok);
+        uploads.metrics.count_request("probeupload", code, "");
+        result
+    });
+    let result = upload.await.unwrap_or_else(|e| Err(Error::internal(format!("the upload's task failed: {e}"))));
     match result {
         Ok(response) => text(
             StatusCode::OK,
@@ -86,6 +95,54 @@ where
         return Err(Error::invalid_argument(format!("{PATH} takes POST only, not {}", request.method())));
     }
     let caller = uploads.auth.caller(&MetadataMap::from_headers(request.headers().clone()), Role::Admin)?;
+    let end = receive(uploads, request).await;
+    let uploader = Uploader { caller: &caller, client, via: PATH };
+    record_upload_end(&uploads.metrics, &uploads.misses, &uploader, &end).await;
+    end.into_result()
+}
+
+/// Receives an authorized upload to its end: what it committed, and the
+/// error that stopped it, if any.
+async fn receive<B>(uploads: &ProductUploads, request: Request<B>) -> UploadEnd
+where
+    B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
+    B::Error: std::fmt::Display,
+{
+    let idle = uploads.upload_idle_timeout;
+    let (body, rest, files) = match planned(request, idle).await {
+        Ok(planned) => planned,
+        Err(error) => return UploadEnd { response: UploadProbesResponse::default(), error: Some(error) },
+    };
+    let (messages, received) = mpsc::channel(FEED_DEPTH);
+    let feeder = tokio::spawn(async move {
+        let fed = feed(body, rest, files, &messages, idle).await;
+        if fed.is_err() {
+            // The session stops at this, after the files before it commit.
+            let _ = messages.send(Err(tonic::Status::cancelled("the body was refused"))).await;
+        }
+        fed
+    });
+    let parts = ReceiverStream::new(received).map(|message| message.map(Part::from));
+    let mut end = UploadSession::new(uploads.store.clone()).run_to_end(parts).await;
+    let fed = feeder.await.unwrap_or_else(|e| Err(Error::internal(format!("reading the upload: {e}"))));
+    end.error = match (fed, end.error.take()) {
+        // The session stopped because of the body: the body's error says why.
+        (Err(error), Some(stopped)) if stopped.code == Code::Cancelled => {
+            Some(error.context("the upload stopped; the files before it are stored"))
+        }
+        (_, Some(error)) | (Err(error), None) => Some(error),
+        (Ok(()), None) => None,
+    };
+    end
+}
+
+/// The body after its manifest, what of it came with the manifest, and
+/// the manifest's files, each checked, before any byte is stored.
+async fn planned<B>(request: Request<B>, idle: Duration) -> Result<(B, Bytes, Vec<Planned>)>
+where
+    B: http_body::Body<Data = Bytes> + Unpin,
+    B::Error: std::fmt::Display,
+{
     let manifest_len = manifest_len(request.uri().query().unwrap_or_default())?;
     let content_length = match request.headers().get(http::header::CONTENT_LENGTH) {
         None => None,
@@ -98,7 +155,7 @@ where
         ),
     };
     let mut body = request.into_body();
-    let (manifest, rest) = read_manifest(&mut body, manifest_len).await?;
+    let (manifest, rest) = read_manifest(&mut body, manifest_len, idle).await?;
     let files = plan(&manifest)?;
     let declared = manifest_len as u64 + files.iter().map(|file| file.size).sum::<u64>();
     if let Some(length) = content_length
@@ -109,38 +166,7 @@ where
              its files)"
         )));
     }
-
-    let (messages, received) = mpsc::channel(FEED_DEPTH);
-    let feeder = tokio::spawn(async move {
-        let fed = feed(body, rest, files, &messages).await;
-        if fed.is_err() {
-            // The session stops at this, after the files before it commit.
-            let _ = messages.send(Err(tonic::Status::cancelled("the body was refused"))).await;
-        }
-        fed
-    });
-    let parts = ReceiverStream::new(received).map(|message| message.map(Part::from));
-    let session = UploadSession::new(uploads.store.clone()).run(parts).await;
-    let fed = feeder.await.map_err(|e| Error::internal(format!("reading the upload: {e}")))?;
-    let response = match (fed, session) {
-        // The session stopped because of the body: the body's error says why.
-        (Err(error), Err(stopped)) if stopped.code == Code::Cancelled => {
-            Err(error.context("the upload stopped; the files before it are stored"))
-        }
-        (_, Err(error)) => Err(error),
-        (Err(error), Ok(_)) => Err(error),
-        (Ok(()), Ok(response)) => Ok(response),
-    }
-    .inspect_err(|error| {
-        // Files committed before the error stay: the log says who sent them.
-        info!(token = %caller.name, role = %caller.role, client, via = PATH, code = ?error.code, %error, "upload failed")
-    })?;
-    record_upload(&uploads.metrics, &response, &caller, client, PATH);
-    let paths: Vec<ProbePath> = response.results.iter().filter_map(|r| ProbePath::parse(&r.path).ok()).collect();
-    if let Err(error) = uploads.misses.resolve(&paths, Resolver::Upload).await {
-        tracing::warn!(%error, "could not mark misses resolved by an upload");
-    }
-    Ok(response)
+    Ok((body, rest, files))
 }
 
 /// `manifestLen=N` of the query string.
@@ -161,7 +187,7 @@ fn manifest_len(query: &str) -> Result<usize> {
 }
 
 /// The manifest, and what of the body came with it.
-async fn read_manifest<B>(body: &mut B, len: usize) -> Result<(ProbeUploadManifest, Bytes)>
+async fn read_manifest<B>(body: &mut B, len: usize, idle: Duration) -> Result<(ProbeUploadManifest, Bytes)>
 where
     B: http_body::Body<Data = Bytes> + Unpin,
     B::Error: std::fmt::Display,
@@ -169,7 +195,7 @@ where
     let mut manifest = BytesMut::new();
     let mut rest = Bytes::new();
     while manifest.len() < len {
-        let Some(mut data) = next_data(body).await? else {
+        let Some(mut data) = next_data(body, idle).await? else {
             return Err(Error::invalid_argument(format!(
                 "the body ended after {} bytes, inside its manifest of {len}",
                 manifest.len()
@@ -221,6 +247,7 @@ async fn feed<B>(
     mut rest: Bytes,
     files: Vec<Planned>,
     messages: &mpsc::Sender<Result<UploadProbesRequest, tonic::Status>>,
+    idle: Duration,
 ) -> Result<()>
 where
     B: http_body::Body<Data = Bytes> + Unpin,
@@ -242,7 +269,7 @@ where
         let mut left = file.size;
         while left > 0 {
             if rest.is_empty() {
-                match next_data(&mut body).await? {
+                match next_data(&mut body, idle).await? {
                     Some(data) => rest = data,
                     None => {
                         return Err(Error::invalid_argument(format!(
@@ -262,24 +289,24 @@ where
         }
         // The last file commits only once the body is known to end there.
         if index == last {
-            ends_here(&mut body, &mut rest).await?;
+            ends_here(&mut body, &mut rest, idle).await?;
         }
         let trailer = FileTrailer { sha256: String::new(), crc32: Some(file.crc32), signature: Bytes::new() };
         if !send(Message::FileTrailer(trailer)).await {
             return Ok(());
         }
     }
-    ends_here(&mut body, &mut rest).await
+    ends_here(&mut body, &mut rest, idle).await
 }
 
 /// INVALID_ARGUMENT when the body goes on past what the manifest declares.
-async fn ends_here<B>(body: &mut B, rest: &mut Bytes) -> Result<()>
+async fn ends_here<B>(body: &mut B, rest: &mut Bytes, idle: Duration) -> Result<()>
 where
     B: http_body::Body<Data = Bytes> + Unpin,
     B::Error: std::fmt::Display,
 {
     while rest.is_empty() {
-        match next_data(body).await? {
+        match next_data(body, idle).await? {
             Some(data) => *rest = data,
             None => return Ok(()),
         }
@@ -289,13 +316,14 @@ where
     ))
 }
 
-/// The next data of the body; `None` at its end.
-async fn next_data<B>(body: &mut B) -> Result<Option<Bytes>>
+/// The next data of the body; `None` at its end. DEADLINE_EXCEEDED when
+/// the body brings nothing for `idle`.
+async fn next_data<B>(body: &mut B, idle: Duration) -> Result<Option<Bytes>>
 where
     B: http_body::Body<Data = Bytes> + Unpin,
     B::Error: std::fmt::Display,
 {
-    while let Some(frame) = body.frame().await {
+    while let Some(frame) = tokio::time::timeout(idle, body.frame()).await.map_err(|_| idle_error(idle))? {
         let frame = frame.map_err(|e| Error::new(Code::Cancelled, format!("the body broke off: {e}")))?;
         if let Ok(mut data) = frame.into_data()
             && data.has_remaining()
@@ -308,14 +336,17 @@ where
 
 /// The HTTP status of an error, as the product's clients read it: roxctl
 /// retries 429 and 5xx other than 501, so a client's mistake is never one.
+/// A body that stalled gets 408: the files before it are stored, and
+/// running the upload again sends only the rest.
 fn http_status(code: Code) -> StatusCode {
     match code {
+        Code::DeadlineExceeded => StatusCode::REQUEST_TIMEOUT,
         Code::Unauthenticated => StatusCode::UNAUTHORIZED,
         Code::PermissionDenied => StatusCode::FORBIDDEN,
         Code::ResourceExhausted => StatusCode::PAYLOAD_TOO_LARGE,
         Code::DataLoss => StatusCode::UNPROCESSABLE_ENTITY,
         Code::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
-        Code::Internal | Code::Unknown | Code::DeadlineExceeded => StatusCode::INTERNAL_SERVER_ERROR,
+        Code::Internal | Code::Unknown => StatusCode::INTERNAL_SERVER_ERROR,
         _ => StatusCode::BAD_REQUEST,
     }
 }
@@ -341,5 +372,6 @@ mod tests {
         }
         assert_eq!(http_status(Code::DataLoss), StatusCode::UNPROCESSABLE_ENTITY);
         assert_eq!(http_status(Code::ResourceExhausted), StatusCode::PAYLOAD_TOO_LARGE);
+        assert_eq!(http_status(Code::DeadlineExceeded), StatusCode::REQUEST_TIMEOUT, "a stalled body");
     }
 }

@@ -13,11 +13,17 @@
 //! accepts none), a message over `MAX_REQUEST_MESSAGE` (RESOURCE_EXHAUSTED,
 //! on its length alone, before its bytes are read), a message that is not
 //! valid protobuf or a body that ends inside a message (INVALID_ARGUMENT);
-//! a broken body ends the stream as the transport reports it.
+//! a broken body (the client went away) ends the stream as CANCELLED, and
+//! a body that brings nothing for `--upload-idle-timeout` as
+//! DEADLINE_EXCEEDED (`upload_session::idle_error`). Time the store takes
+//! does not count as idle: the body is not waited on meanwhile.
 
 use std::collections::VecDeque;
+use std::future::Future;
 use std::pin::Pin;
-use std::task::{Context, Poll, ready};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Request, Response};
@@ -31,7 +37,7 @@ use tonic::metadata::MetadataMap;
 
 use crate::server::get_probe_direct::{frame_of, status_trailers, trailers_only};
 use crate::server::upload_service::UploadService;
-use crate::server::upload_session::Part;
+use crate::server::upload_session::{Part, idle_error};
 
 /// The HTTP/2 path of UploadProbes.
 pub const PATH: &str = "/kprobes.v1.ProbeUploadService/UploadProbes";
@@ -43,9 +49,9 @@ const CHUNK_TAG: u8 = (3 << 3) | 2;
 const PREFIX: usize = 5;
 
 /// Answers one UploadProbes call.
-pub async fn handle<B>(uploads: &UploadService, request: Request<B>, client: String) -> Response<tonic::body::Body>
+pub async fn handle<B>(uploads: Arc<UploadService>, request: Request<B>, client: String) -> Response<tonic::body::Body>
 where
-    B: Body<Data = Bytes> + Unpin,
+    B: Body<Data = Bytes> + Send + Unpin + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     if request.headers().get("grpc-encoding").is_some_and(|encoding| encoding != "identity") {
@@ -53,7 +59,8 @@ where
     }
     let (head, body) = request.into_parts();
     let metadata = MetadataMap::from_headers(head.headers);
-    match uploads.upload(&metadata, client, UploadParts::new(body)).await {
+    let parts = UploadParts::new(body).ending_after_idle(uploads.upload_idle_timeout());
+    match uploads.upload(&metadata, client, parts).await {
         Ok(response) => {
             let frames: [Result<_, Status>; 2] =
                 [Ok(Frame::data(frame_of(&response))), Ok(Frame::trailers(status_trailers(Status::ok(""))))];
@@ -78,11 +85,29 @@ pub struct UploadParts<B> {
     body_ended: bool,
     /// The stream ended, at the body's end or at an error.
     done: bool,
+    /// The stream ends when the body brings nothing for this long.
+    idle_timeout: Option<Duration>,
+    /// Armed while the body is waited on; whatever arrives disarms it.
+    idle: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl<B> UploadParts<B> {
     pub fn new(body: B) -> Self {
-        UploadParts { body, received: VecDeque::new(), buffered: 0, body_ended: false, done: false }
+        UploadParts {
+            body,
+            received: VecDeque::new(),
+            buffered: 0,
+            body_ended: false,
+            done: false,
+            idle_timeout: None,
+            idle: None,
+        }
+    }
+
+    /// Ends the stream with `idle_error` once the body brings nothing for
+    /// `timeout`.
+    pub fn ending_after_idle(self, timeout: Duration) -> Self {
+        UploadParts { idle_timeout: Some(timeout), ..self }
     }
 
     /// The next part, once all of its bytes are buffered.
@@ -198,7 +223,18 @@ where
                 let inside = this.buffered > 0;
                 return Poll::Ready(inside.then(|| Err(Status::invalid_argument("the body ended inside a message"))));
             }
-            match ready!(Pin::new(&mut this.body).poll_frame(cx)) {
+            let polled = Pin::new(&mut this.body).poll_frame(cx);
+            let Poll::Ready(polled) = polled else {
+                let Some(timeout) = this.idle_timeout else { return Poll::Pending };
+                let idle = this.idle.get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+                if idle.as_mut().poll(cx).is_pending() {
+                    return Poll::Pending;
+                }
+                this.done = true;
+                return Poll::Ready(Some(Err(Status::from(idle_error(timeout)))));
+            };
+            this.idle = None;
+            match polled {
                 Some(Ok(frame)) => {
                     if let Ok(data) = frame.into_data()
                         && !data.is_empty()
@@ -209,7 +245,8 @@ where
                 }
                 Some(Err(error)) => {
                     this.done = true;
-                    return Poll::Ready(Some(Err(Status::from_error(error.into()))));
+                    let error: Box<dyn std::error::Error + Send + Sync> = error.into();
+                    return Poll::Ready(Some(Err(Status::cancelled(error.to_string()))));
                 }
                 None => this.body_ended = true,
             }

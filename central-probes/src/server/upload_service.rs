@@ -11,7 +11,7 @@ use probe_api::limits::{
 use probe_api::names::{ModuleVersion, ProbePath};
 use probe_api::v1::probe_upload_service_server::ProbeUploadService;
 use probe_api::v1::{
-    DeleteProbesRequest, DeleteProbesResponse, ExportProbesRequest, FileOutcome, GetExistingProbesRequest,
+    DeleteProbesRequest, DeleteProbesResponse, ExportProbesRequest, GetExistingProbesRequest,
     GetExistingProbesResponse, ListMissesRequest, ListMissesResponse, ListModuleVersionsRequest,
     ListModuleVersionsResponse, ListProbesRequest, ListProbesResponse, ModuleVersionSummary, ProbeInfo, ProbeMiss,
     StoreSpace, UploadProbesRequest, UploadProbesResponse,
@@ -19,14 +19,15 @@ use probe_api::v1::{
 use tokio_stream::{Stream, StreamExt};
 use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status, Streaming};
-use tracing::{info, instrument, warn};
+use tracing::{info, instrument};
 
 use crate::error::{Error, Result};
-use crate::misses::{Miss, MissRecorder, Resolver};
+use crate::misses::{Miss, MissRecorder};
 use crate::server::auth::{Caller, Role, TokenAuth};
 use crate::server::export::{ExportStream, Exports};
-use crate::server::metrics::{AuditLabels, Metrics, OutcomeLabels};
+use crate::server::metrics::{AuditLabels, Metrics};
 use crate::server::page_token::PageTokens;
+use crate::server::upload_record::{Uploader, record_upload_end};
 use crate::server::upload_session::{Part, UploadSession};
 use crate::store::{ModuleSummary, ProbeStore, StoredProbe, probe_info};
 
@@ -40,11 +41,14 @@ pub struct UploadService {
     /// ListModuleVersions reads the whole store: one at a time, so that
     /// callers cannot make Central read it many times at once.
     summarizing: tokio::sync::Mutex<()>,
+    /// An upload whose body brings nothing for this long is ended.
+    upload_idle_timeout: Duration,
 }
 
 impl UploadService {
     /// `send_timeout`: an export whose client takes nothing for this long
-    /// is ended.
+    /// is ended; `upload_idle_timeout`: the same for an upload whose client
+    /// sends nothing.
     /// `record` is `store` without its caches, for exports.
     pub fn new(
         store: Arc<dyn ProbeStore>,
@@ -53,10 +57,17 @@ impl UploadService {
         auth: TokenAuth,
         metrics: Metrics,
         send_timeout: Duration,
+        upload_idle_timeout: Duration,
     ) -> Self {
         let page_tokens = PageTokens::new(store.page_token_key());
         let exports = Exports::new(record, send_timeout);
-        UploadService { store, misses, auth, metrics, page_tokens, exports, summarizing: Default::default() }
+        let summarizing = Default::default();
+        UploadService { store, misses, auth, metrics, page_tokens, exports, summarizing, upload_idle_timeout }
+    }
+
+    /// How long an upload's body may bring nothing before it is ended.
+    pub fn upload_idle_timeout(&self) -> Duration {
+        self.upload_idle_timeout
     }
 
     /// Counts the call under its final status code.
@@ -123,8 +134,9 @@ impl UploadService {
 
 impl UploadService {
     /// UploadProbes, for tonic's request stream and for Central's own
-    /// (`upload_direct`): the caller must be an admin; `client` is its
-    /// address, for the log.
+    /// (`upload_direct`, which answers every UploadProbes call Central
+    /// serves): the caller must be an admin; `client` is its address, for
+    /// the log.
     #[instrument(name = "upload_probes", skip_all)]
     pub async fn upload<S>(
         &self,
@@ -133,26 +145,26 @@ impl UploadService {
         parts: S,
     ) -> Result<UploadProbesResponse, Status>
     where
-        S: Stream<Item = Result<Part, Status>> + Unpin,
+        S: Stream<Item = Result<Part, Status>> + Send + Unpin + 'static,
     {
         let caller = match self.auth.caller(metadata, Role::Admin) {
             Ok(caller) => caller,
             Err(error) => return self.counted("UploadProbes", Err(error)).map(Response::into_inner),
         };
-        let result = UploadSession::new(self.store.clone()).run(parts).await.inspect_err(|error| {
-            // Files committed before the error stay: the log says who sent them.
-            info!(token = %caller.name, role = %caller.role, client, code = ?error.code, %error, "upload failed")
+        // The upload runs to its end in a task of its own: when its client
+        // goes away, this call is dropped, and the upload is still logged
+        // and audited with what it committed.
+        let (store, metrics, misses) = (self.store.clone(), self.metrics.clone(), self.misses.clone());
+        let upload = tokio::spawn(async move {
+            let end = UploadSession::new(store).run_to_end(parts).await;
+            let uploader = Uploader { caller: &caller, client: &client, via: "UploadProbes" };
+            record_upload_end(&metrics, &misses, &uploader, &end).await;
+            let code = end.error.as_ref().map_or(tonic::Code::Ok, |error| error.code);
+            metrics.count_request("UploadProbes", code, "");
+            end.into_result()
         });
-        if let Ok(response) = &result {
-            record_upload(&self.metrics, response, &caller, &client, "UploadProbes");
-            // Every path of the response is stored now, whatever its outcome.
-            let paths: Vec<ProbePath> =
-                response.results.iter().filter_map(|r| ProbePath::parse(&r.path).ok()).collect();
-            if let Err(error) = self.misses.resolve(&paths, Resolver::Upload).await {
-                warn!(%error, "could not mark misses resolved by an upload");
-            }
-        }
-        self.counted("UploadProbes", result).map(Response::into_inner)
+        let result = upload.await.unwrap_or_else(|e| Err(Error::internal(format!("the upload's task failed: {e}"))));
+        Ok(result?)
     }
 
     /// What DeleteProbes would delete, in path order.
@@ -261,50 +273,6 @@ fn miss_of(miss: &Miss) -> ProbeMiss {
         last_seen_unix: miss.last_seen as i64,
         resolved_unix: miss.resolved.map_or(0, |r| r.at as i64),
         resolved_by: miss.resolved.map(|r| r.by.as_str().to_owned()).unwrap_or_default(),
-    }
-}
-
-/// The audit record of a finished upload, whichever API it came through
-/// (`via`): who (token name and role, client address), what (counts, and
-/// each overwritten file).
-pub(crate) fn record_upload(
-    metrics: &Metrics,
-    response: &UploadProbesResponse,
-    caller: &Caller,
-    client: &str,
-    via: &str,
-) {
-    info!(
-        token = %caller.name,
-        role = %caller.role,
-        client,
-        via,
-        stored = response.stored_count,
-        identical = response.identical_count,
-        conflicts = response.conflict_count,
-        overwritten = response.overwritten_count,
-        bytes = response.bytes_received,
-        "upload finished"
-    );
-    for result in &response.results {
-        if result.outcome() == FileOutcome::Overwritten {
-            info!(token = %caller.name, role = %caller.role, client, via, path = %result.path, "probe overwritten");
-        }
-    }
-    let audit = |action| AuditLabels { token: caller.name.clone(), action };
-    metrics.changes_by_token.get_or_create(&audit("upload")).inc();
-    if response.overwritten_count > 0 {
-        metrics.changes_by_token.get_or_create(&audit("overwrite")).inc_by(u64::from(response.overwritten_count));
-    }
-    metrics.upload_bytes.inc_by(response.bytes_received);
-    for (outcome, count) in [
-        ("stored", response.stored_count),
-        ("identical", response.identical_count),
-        ("conflict", response.conflict_count),
-        ("overwritten", response.overwritten_count),
-    ] {
-        let labels = OutcomeLabels { outcome };
-        metrics.upload_files.get_or_create(&labels).inc_by(u64::from(count));
     }
 }
 

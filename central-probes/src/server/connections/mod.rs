@@ -76,6 +76,10 @@ pub struct ConnectionLimits {
     /// A client that reads nothing of a probe stream for this long loses
     /// its connection.
     pub send_timeout: Duration,
+    /// An upload (UploadProbes, the product's route) that receives nothing
+    /// for this long is ended as interrupted; the files committed before
+    /// stay.
+    pub upload_idle_timeout: Duration,
 }
 
 impl Default for ConnectionLimits {
@@ -90,6 +94,7 @@ impl Default for ConnectionLimits {
             max_probe_streams: 128,
             probe_stream_wait: Duration::from_secs(10),
             send_timeout: Duration::from_secs(30),
+            upload_idle_timeout: Duration::from_secs(60),
         }
     }
 }

@@ -132,7 +132,7 @@ impl hyper::service::Service<Request<Incoming>> for ConnectionService {
         if path == upload_direct::PATH {
             let uploads = self.direct.uploads.clone();
             let client = self.client();
-            return Box::pin(async move { Ok(track(upload_direct::handle(&uploads, request, client).await)) });
+            return Box::pin(async move { Ok(track(upload_direct::handle(uploads, request, client).await)) });
         }
         let grpc_web = product_api::wants_grpc_web(&request);
         if grpc_web || path == product_upload::PATH {
@@ -142,7 +142,7 @@ impl hyper::service::Service<Request<Incoming>> for ConnectionService {
                 let response = if grpc_web {
                     product_api::grpc_web(&product, request).await
                 } else {
-                    product_upload::handle(&product, request, client).await
+                    product_upload::handle(product, request, client).await
                 };
                 Ok(track(response))
             });

@@ -8,11 +8,18 @@
 //! it, so files take effect in stream order and none after a file that
 //! failed: the stream ends at its first error, as the proto promises. At
 //! the end, or at the first error, every started commit is awaited, so the
-//! response (or the error) speaks of durable files only.
+//! response (or the error) speaks of durable files only; `UploadEnd` keeps
+//! what was committed before an error, for the log and the audit.
+//!
+//! An upload whose client stops sending is ended by its reader
+//! (`upload_direct`, `product_upload`) after `--upload-idle-timeout` with
+//! `idle_error`; one whose client went away ends with CANCELLED. Both are
+//! interrupted uploads (`UploadEnd::interrupted`).
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use bytes::Bytes;
 
@@ -68,6 +75,40 @@ struct Pending {
     commit: JoinHandle<Result<Committed>>,
 }
 
+/// How an upload stream ended.
+pub struct UploadEnd {
+    /// The files committed: every file of the stream when `error` is
+    /// `None`, else those committed before it.
+    pub response: UploadProbesResponse,
+    pub error: Option<Error>,
+}
+
+impl UploadEnd {
+    /// The client stopped sending or went away (rather than sending
+    /// something wrong, or the store failing).
+    pub fn interrupted(&self) -> bool {
+        self.error.as_ref().is_some_and(|error| matches!(error.code, Code::Cancelled | Code::DeadlineExceeded))
+    }
+
+    pub fn into_result(self) -> Result<UploadProbesResponse> {
+        match self.error {
+            None => Ok(self.response),
+            Some(error) => Err(error),
+        }
+    }
+}
+
+/// The error that ends an upload that received nothing for `idle`.
+pub fn idle_error(idle: Duration) -> Error {
+    Error::new(
+        Code::DeadlineExceeded,
+        format!(
+            "the upload received nothing for {} (Central's --upload-idle-timeout) and was ended",
+            humantime::format_duration(idle)
+        ),
+    )
+}
+
 pub struct UploadSession {
     store: Arc<dyn ProbeStore>,
     state: State,
@@ -103,7 +144,15 @@ impl UploadSession {
 
     /// Runs a whole stream. On an error, the files committed before it stay
     /// and the message says how many there were.
-    pub async fn run<S>(mut self, mut requests: S) -> Result<UploadProbesResponse>
+    pub async fn run<S>(self, requests: S) -> Result<UploadProbesResponse>
+    where
+        S: Stream<Item = Result<Part, tonic::Status>> + Unpin,
+    {
+        self.run_to_end(requests).await.into_result()
+    }
+
+    /// `run`, keeping what was committed before an error.
+    pub async fn run_to_end<S>(mut self, mut requests: S) -> UploadEnd
     where
         S: Stream<Item = Result<Part, tonic::Status>> + Unpin,
     {
@@ -129,13 +178,14 @@ impl UploadSession {
         let committed = self.drain().await;
         // A failed commit is of a file before whatever ended the stream, so
         // it is the first error in stream order.
-        match (committed, outcome) {
-            (Ok(()), Ok(())) => Ok(self.response),
+        let error = match (committed, outcome) {
+            (Ok(()), Ok(())) => None,
             (Err(error), _) | (Ok(()), Err(error)) => {
                 let committed = self.response.results.len();
-                Err(error.context(format!("upload stopped after {committed} finished files")))
+                Some(error.context(format!("upload stopped after {committed} finished files")))
             }
-        }
+        };
+        UploadEnd { response: self.response, error }
     }
 
     async fn handle(&mut self, message: Incoming) -> Result<()> {
@@ -288,10 +338,11 @@ fn expected_digests(path: &ProbePath, trailer: &FileTrailer) -> Result<ExpectedD
 /// reports an over-limit message as OUT_OF_RANGE and an undecodable one as
 /// INTERNAL; both are the client's mistake and retrying cannot help, so
 /// they become RESOURCE_EXHAUSTED and INVALID_ARGUMENT (as which
-/// `upload_direct` reports them itself). Anything else is a broken
-/// transport.
+/// `upload_direct` reports them itself). DEADLINE_EXCEEDED is a reader's
+/// `idle_error`. Anything else is a broken transport.
 fn stream_error(status: tonic::Status) -> Error {
     match status.code() {
+        Code::DeadlineExceeded => Error::new(Code::DeadlineExceeded, status.message()),
         Code::OutOfRange | Code::ResourceExhausted => Error::new(
             Code::ResourceExhausted,
             format!("an upload message over the limit of {MAX_REQUEST_MESSAGE} bytes: {}", status.message()),

@@ -18,6 +18,7 @@ use http::{Method, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use probe_api::digest::{Sha256Digest, Sha256Hasher};
+use probe_api::errors::remote_text;
 use probe_api::https::{HttpsClient, HttpsUrl};
 use probe_api::limits::MAX_FILE_SIZE;
 use probe_api::names::ProbePath;
@@ -98,7 +99,8 @@ impl Bucket {
     }
 
     async fn get(&self, url: &HttpsUrl) -> Result<hyper::Response<Incoming>> {
-        self.client.request(Method::GET, url).await.map_err(|e| unavailable(e.to_string()))
+        // The error may quote a proxy's answer to CONNECT.
+        self.client.request(Method::GET, url).await.map_err(|e| unavailable(remote_text(&e.to_string())))
     }
 
     /// The SHA-256 in `url` (`sha256sum` format, or the hex digest alone),

@@ -5,24 +5,26 @@
 //! keeps it in a bounded on-disk cache, apart from uploaded probes.
 //!
 //! Concurrent misses for one probe share one upstream fetch
-//! (`single_flight`). "Not found" answers are remembered briefly so a crowd
-//! asking for a missing probe does not turn into a crowd of upstream
-//! requests. The cache is a probe store like any other, used through the
+//! (`single_flight`). "Not found" answers are remembered briefly, and
+//! boundedly (`not_found`), so a crowd asking for a missing probe does not
+//! turn into a crowd of upstream requests. The cache is a probe store like any other, used through the
 //! `ProbeStore` trait; `store::lru` evicts its least recently used probes once it
 //! holds more than its budget.
 
 mod bucket;
+mod checked_by;
+mod not_found;
 mod single_flight;
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bucket::Bucket;
+use probe_api::errors::remote_text;
 use probe_api::https::{HttpsClient, HttpsUrl, ProxySettings};
 use probe_api::names::ProbePath;
 use probe_api::probe_stream::{ProbeReply, ReplyError};
-use probe_api::signing::{MAX_SIGNATURE_LEN, TrustedKeys};
+use probe_api::signing::MAX_SIGNATURE_LEN;
 use probe_api::transport::{self, ClientTls};
 use probe_api::v1::probe_service_client::ProbeServiceClient;
 use probe_api::v1::{GetProbeRequest, ProbeSource as ApiSource};
@@ -34,10 +36,13 @@ use crate::error::{Error, Result};
 use crate::server::metrics::{Metrics, ResultLabels};
 use crate::server::sources::{Found, ProbeSource};
 use crate::store::ProbeStore;
-use crate::store::filesystem::FilesystemStore;
 use crate::store::lru::Lru;
+use not_found::NotFoundAnswers;
 use probe_api::limits::MAX_FILE_SIZE;
 use single_flight::SingleFlight;
+
+pub use checked_by::forget_cache_checked_otherwise;
+pub use not_found::MAX_NOT_FOUND_ANSWERS;
 
 /// Which kind of server the upstream is.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -67,7 +72,8 @@ pub struct UpstreamConfig {
     pub cache_max_bytes: u64,
     /// The cache refuses to write below this much free disk.
     pub min_free_bytes: u64,
-    /// How long a "not found" from the upstream is believed.
+    /// How long a "not found" from the upstream is believed (at most
+    /// `MAX_NOT_FOUND_ANSWERS` of them are kept).
     pub not_found_ttl: Duration,
 }
 
@@ -78,7 +84,7 @@ pub struct UpstreamSource {
     lru: Mutex<Lru>,
     /// Fetches under way, by probe: concurrent misses share one.
     in_flight: SingleFlight<ProbePath, Result<bool>>,
-    not_found: Mutex<HashMap<ProbePath, Instant>>,
+    not_found: Mutex<NotFoundAnswers>,
     metrics: Metrics,
 }
 
@@ -106,12 +112,17 @@ impl UpstreamSource {
         let proxy = config.proxies.proxy.as_ref().map(ToString::to_string).unwrap_or_else(|| "none".to_owned());
         info!(upstream = %location, %proxy, cached = lru.len(), "upstream probe source configured");
         Ok(UpstreamSource {
-            config,
             client,
             cache,
             lru: Mutex::new(lru),
             in_flight: SingleFlight::default(),
-            not_found: Mutex::default(),
+            not_found: Mutex::new(NotFoundAnswers::new(
+                config.not_found_ttl,
+                MAX_NOT_FOUND_ANSWERS,
+                metrics.upstream_not_found_answers.clone(),
+                metrics.upstream_not_found_evictions.clone(),
+            )),
+            config,
             metrics,
         })
     }
@@ -120,16 +131,12 @@ impl UpstreamSource {
         self.lru.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    fn not_found(&self) -> std::sync::MutexGuard<'_, NotFoundAnswers> {
+        self.not_found.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     fn recently_not_found(&self, path: &ProbePath) -> bool {
-        let mut not_found = self.not_found.lock().unwrap_or_else(|p| p.into_inner());
-        match not_found.get(path) {
-            Some(since) if since.elapsed() < self.config.not_found_ttl => true,
-            Some(_) => {
-                not_found.remove(path);
-                false
-            }
-            None => false,
-        }
+        self.not_found().is_fresh(path, Instant::now())
     }
 
     /// Makes sure the cache has `path` if the upstream has it: true if so.
@@ -155,10 +162,7 @@ impl UpstreamSource {
         };
         self.metrics.upstream_fetches.get_or_create(&ResultLabels { result }).inc();
         match &fetched {
-            Ok(false) => {
-                let mut not_found = self.not_found.lock().unwrap_or_else(|p| p.into_inner());
-                not_found.insert(path.clone(), Instant::now());
-            }
+            Ok(false) => self.not_found().record(path, Instant::now()),
             Err(error) => warn!(%path, %error, "upstream fetch failed"),
             Ok(true) => info!(%path, "fetched from the upstream"),
         }
@@ -198,8 +202,10 @@ impl UpstreamSource {
             Err(status) if status.code() == Code::NotFound => return Ok(None),
             Err(status) => return Err(unavailable(&status)),
         };
-        let bad_reply =
-            |why: String| Error::new(Code::Unavailable, format!("the upstream sent a bad reply for {path}: {why}"));
+        // `why` may quote the reply (a malformed digest).
+        let bad_reply = |why: String| {
+            Error::new(Code::Unavailable, format!("the upstream sent a bad reply for {path}: {}", remote_text(&why)))
+        };
         let reply_error = |error: ReplyError| match error {
             ReplyError::Status(status) => unavailable(&status),
             ReplyError::BadReply(why) => bad_reply(why),
@@ -232,39 +238,30 @@ enum Client {
     Bucket(Bucket),
 }
 
-/// Where the upstream cache records the keys its probes were checked by.
-const CHECKED_BY: &str = "checked-by";
-
-/// Empties the upstream cache in `cache_dir` unless what it holds was
-/// checked by exactly `keys` (or, without keys, not checked at all): a
-/// cache kept by an earlier run under other keys, or none, may hold probes
-/// these keys would refuse. Then records `keys`. Before the cache opens.
-pub fn forget_cache_checked_otherwise(cache_dir: &std::path::Path, keys: Option<&TrustedKeys>) -> Result<()> {
-    let mut ids: Vec<String> = keys.map(|k| k.key_ids().map(|id| id.to_string()).collect()).unwrap_or_default();
-    ids.sort();
-    let wanted = format!("kprobes upstream cache checked by: {}\n", ids.join(" "));
-    let marker = cache_dir.join(CHECKED_BY);
-    let io = |what: &'static str| move |e| Error::io(format!("{what} the upstream cache"), e);
-    match std::fs::read_to_string(&marker) {
-        Ok(recorded) if recorded == wanted => return Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound && keys.is_none() => {}
-        _ => {
-            FilesystemStore::empty(cache_dir)?;
-            info!("emptied the upstream cache: its probes were not checked by the trusted keys given now");
-        }
-    }
-    std::fs::create_dir_all(cache_dir).map_err(io("creating"))?;
-    crate::private_file::replace(&marker, wanted.as_bytes()).map_err(io("marking"))
-}
-
 /// An upstream probe the cache refused for its signature (a Central with
 /// trusted keys): not served, and NOT_FOUND says why.
 fn refused(error: Error) -> Error {
     Error::new(Code::NotFound, format!("the upstream's probe is not served: {}", error.message))
 }
 
+/// The upstream's failure as Central logs it and passes it on to
+/// Collectors: its code, its message as the upstream's own text (escaped and
+/// cut, so it cannot forge lines of Central's log or of a Collector's
+/// report), and why it could not be reached, when it could not.
 fn unavailable(status: &tonic::Status) -> Error {
-    Error::new(Code::Unavailable, format!("upstream: {}", transport::describe(status)))
+    let mut text = format!("upstream: {:?}: {}", status.code(), remote_text(status.message()));
+    let mut cause = std::error::Error::source(status);
+    let mut innermost = None;
+    while let Some(error) = cause {
+        innermost = Some(error.to_string());
+        cause = error.source();
+    }
+    if let Some(why) = innermost {
+        let tls = ["Certificate", "certificate", "UnknownCA", "UnknownIssuer"].iter().any(|word| why.contains(word));
+        let hint = if tls { "; TLS refused: check --upstream-ca, and --upstream-cert/--upstream-key" } else { "" };
+        text.push_str(&format!(" ({}{hint})", remote_text(&why)));
+    }
+    Error::new(Code::Unavailable, text)
 }
 
 #[tonic::async_trait]
