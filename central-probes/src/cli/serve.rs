@@ -216,7 +216,7 @@ pub async fn serve(args: ServeArgs) -> Result<(), CliError> {
     let tls = TlsMaterial {
         cert_pem: read(&args.tls_cert, "the TLS certificate")?,
         key_pem: read(&args.tls_key, "the TLS key")?,
-        client_ca_pem: read(&args.client_ca, "the client CA")?,
+        client_ca_pem: probe_api::client_tls::read_ca_file(&args.client_ca)?,
     };
     let config = CentralConfig {
         data_dir: args.data_dir.clone(),
@@ -290,7 +290,7 @@ fn upstream_config(args: &ServeArgs) -> Result<Option<UpstreamConfig>, CliError>
         return Ok(None);
     }
     let ca_pem = match (&args.upstream_ca, &kind) {
-        (Some(ca), _) => read(ca, "the upstream CA")?,
+        (Some(ca), _) => probe_api::client_tls::read_ca_file(ca)?,
         (None, UpstreamKind::Grpc { .. }) => return Err("--upstream needs --upstream-ca".into()),
         (None, UpstreamKind::Bucket { .. }) => {
             probe_api::https::system_ca_bundle().map_err(|e| format!("--upstream-url without --upstream-ca: {e}"))?
