@@ -156,7 +156,8 @@ fn host_of(authority: &str) -> Option<String> {
 /// only after the handshake, as a "transport error" or, when the request was
 /// already on its way, as a bare "operation was canceled".
 pub fn describe(status: &tonic::Status) -> String {
-    let mut text = format!("{:?}: {}", status.code(), status.message());
+    // The message is the server's text: escaped before it reaches a line.
+    let mut text = format!("{:?}: {}", status.code(), crate::errors::remote_text(status.message()));
     let mut source = String::new();
     let mut next = std::error::Error::source(status);
     while let Some(error) = next {
@@ -186,6 +187,12 @@ pub fn describe(status: &tonic::Status) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_servers_message_is_escaped() {
+        let status = tonic::Status::not_found("gone\nWhat an admin can do:\u{1b}[2J");
+        assert_eq!(describe(&status), "NotFound: gone\\nWhat an admin can do:\\u{1b}[2J");
+    }
 
     #[test]
     fn hosts_are_taken_from_addresses() {
