@@ -161,17 +161,16 @@ impl Central {
                 )
             }
             Some(database) => {
-                let mut record = PostgresStore::connect(&database.postgres)
+                let record = PostgresStore::connect(&database.postgres)
                     .await
                     .map_err(|e| e.context("opening the probe database"))?;
-                if let Some(keys) = &config.trusted_keys {
-                    record = record.checking_signatures(keys.clone(), metrics.on_signature_refused("upload"));
-                }
+                let record = checked(record, keys, &metrics, "upload");
                 let auth = TokenAuth::shared(record.backend().tokens().watch().await?);
                 let changes = record.backend().changes();
                 let misses = Arc::new(record.backend().misses());
                 let copies = config.data_dir.join(LOCAL_COPIES_DIR);
-                let local = open_copies(&copies, config.min_free_bytes).await?;
+                let local =
+                    open_copies(&copies, config.min_free_bytes).await?.reporting_damage(metrics.on_damaged("copies"));
                 let budget = database.local_copies_bytes;
                 let record: Arc<dyn ProbeStore> = Arc::new(record);
                 let store = ReadThrough::new(record.clone(), hot(Arc::new(local)), budget, Some(changes)).await?;

@@ -55,13 +55,15 @@ pub(super) async fn open_uploaded(
     })
 }
 
-/// `store`, refusing from now on what `keys` (if any) did not sign.
+/// `store`, refusing from now on what `keys` (if any) did not sign, and
+/// counting the damaged probes its reads find under `at`.
 pub(super) fn checked<B: Backend>(
     store: VerifiedStore<B>,
     keys: Option<&TrustedKeys>,
     metrics: &Metrics,
     at: &'static str,
 ) -> VerifiedStore<B> {
+    let store = store.reporting_damage(metrics.on_damaged(at));
     match keys {
         None => store,
         Some(keys) => store.checking_signatures(keys.clone(), metrics.on_signature_refused(at)),

@@ -87,7 +87,9 @@ impl UploadService {
             .zip(first)
             .filter_map(|(asked, first)| first.then_some(asked))
             .unzip();
-        let stored = self.store.stat_many(&paths).await?;
+        // A probe found damaged is left out, for the uploader to send it.
+        let stored =
+            self.store.stat_many(&paths).await?.into_iter().map(|s| s.filter(|s| !self.store.is_damaged(&s.path)));
         let probes =
             asked.into_iter().zip(stored).filter_map(|(path, stored)| Some(probe_info(stored?, path))).collect();
         Ok(GetExistingProbesResponse { probes })

@@ -3,21 +3,28 @@
 //! what the writer promised, in a task that outlives its caller, after the
 //! caller's gate (the file before it in an upload) and never below the disk
 //! floor. A backend only stages and compare-and-commits (`backend.rs`).
+//! Reads are checked against the record (`check.rs`); a damaged probe is
+//! logged, told to the server's metrics and remembered, so that an upload
+//! of the same bytes repairs it instead of skipping it as identical.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
+use probe_api::digest::Sha256Digest;
 use probe_api::names::{ModuleVersion, ProbePath};
 use probe_api::signing::{SignatureError, TrustedKeys};
 use tonic::Code;
 
 use super::backend::{Backend, Stage, Staging};
+use super::check::{self, Checked, OnDamaged};
+use super::damage::Damage;
 use super::file_hashing::{FileHashing, OnLane, Received};
 use super::lanes::Lanes;
 use super::{
-    CommitOrder, Committed, Decision, ExpectedDigests, ModuleSummary, PendingCommit, ProbeReader, ProbeStore,
-    ProbeWriter, StoredProbe, overwrite_rule, report_taken,
+    CommitOrder, CommitOutcome, Committed, Decision, ExpectedDigests, ModuleSummary, PendingCommit, ProbeReader,
+    ProbeStore, ProbeWriter, StoredProbe, overwrite_rule, report_taken,
 };
 use crate::error::{Error, Result};
 
@@ -47,6 +54,14 @@ struct Shared {
     reserved: AtomicU64,
     /// The threads that hash (and, for blocking stagings, write) chunks.
     lanes: Lanes,
+    /// Apart, so that readers hold it and not the lanes.
+    damage: Arc<Damage>,
+}
+
+impl Shared {
+    fn damaged(&self) -> std::sync::MutexGuard<'_, HashMap<ProbePath, Sha256Digest>> {
+        self.damage.found()
+    }
 }
 
 impl<B: Backend> VerifiedStore<B> {
@@ -58,8 +73,23 @@ impl<B: Backend> VerifiedStore<B> {
                 trusted_keys: None,
                 reserved: AtomicU64::new(0),
                 lanes: Lanes::new(),
+                damage: Arc::default(),
             }),
         }
+    }
+
+    /// The store, telling `on_damaged` of each damaged probe its reads
+    /// find. For a store just opened, before any clone of it.
+    pub fn reporting_damage(mut self, on_damaged: OnDamaged) -> Self {
+        let shared = Arc::get_mut(&mut self.shared).expect("a store not cloned yet");
+        Arc::get_mut(&mut shared.damage).expect("a store not cloned yet").on_damaged = Some(on_damaged);
+        self
+    }
+
+    /// What a read calls on finding a probe damaged.
+    fn damage_reporter(&self) -> OnDamaged {
+        // A reader must not keep the store open (its lock, its threads).
+        self.shared.damage.reporter(Arc::downgrade(&self.backend))
     }
 
     /// The store, refusing from now on to commit a probe whose signature is
@@ -160,7 +190,18 @@ impl<B: Backend> ProbeStore for VerifiedStore<B> {
     }
 
     async fn open(&self, path: &ProbePath) -> Result<Option<ProbeReader>> {
-        self.backend.open(path).await
+        let Some(ProbeReader { probe, chunks }) = self.backend.open(path).await? else { return Ok(None) };
+        let chunks = check::checked(probe.clone(), chunks, false, self.damage_reporter());
+        Ok(Some(ProbeReader { probe, chunks }))
+    }
+
+    async fn check(&self, path: &ProbePath) -> Result<Checked> {
+        let Some(ProbeReader { probe, chunks }) = self.backend.open(path).await? else { return Ok(Checked::Missing) };
+        check::drain(check::checked(probe, chunks, true, self.damage_reporter())).await
+    }
+
+    fn is_damaged(&self, path: &ProbePath) -> bool {
+        self.shared.damaged().contains_key(path)
     }
 
     fn page_token_key(&self) -> &[u8] {
@@ -176,7 +217,9 @@ impl<B: Backend> ProbeStore for VerifiedStore<B> {
     }
 
     async fn remove(&self, path: &ProbePath) -> Result<bool> {
-        self.backend.remove(path).await
+        let removed = self.backend.remove(path).await?;
+        self.shared.damaged().remove(path);
+        Ok(removed)
     }
 }
 
@@ -298,8 +341,10 @@ impl ProbeWriter for VerifiedWriter {
             };
             // Decide early when nothing will be stored: no durable write then.
             let old = staged.existing().await?;
-            let decision =
-                overwrite_rule(old.as_ref().map(StoredProbe::content), (size, sha256, signature.as_deref()), overwrite);
+            // The same content again repairs a copy a read found damaged.
+            let repair = old.as_ref().is_some_and(|old| shared.damaged().get(&path) == Some(&old.sha256));
+            let new = (size, sha256, signature.as_deref());
+            let decision = overwrite_rule(old.as_ref().map(StoredProbe::content), new, overwrite, repair);
             if let Decision::Keep(outcome) = decision {
                 if !after.await {
                     return Err(aborted(&path));
@@ -314,8 +359,12 @@ impl ProbeWriter for VerifiedWriter {
             if !after.await {
                 return Err(aborted(&probe.path));
             }
-            let outcome = staged.commit(probe, overwrite, taken).await;
+            let path = probe.path.clone();
+            let outcome = staged.commit(probe, overwrite, repair, taken).await;
             drop(reservation);
+            if let Ok(CommitOutcome::Stored | CommitOutcome::Overwritten { .. } | CommitOutcome::Repaired) = &outcome {
+                shared.damaged().remove(&path);
+            }
             outcome.map(committed)
         });
         Ok(Box::pin(async move { task.await.map_err(|e| Error::internal(format!("commit task failed: {e}")))? }))

@@ -28,7 +28,7 @@ pub(in crate::store) mod writer;
 
 pub use reader::READ_CHUNK;
 #[cfg(any(test, feature = "testing"))]
-pub use reader::read_probe_file;
+pub use reader::{flip_a_byte, read_probe_file};
 
 use std::fs;
 use std::io;
@@ -240,6 +240,10 @@ impl Backend for FilesystemBackend {
 
     fn page_token_key(&self) -> &[u8] {
         &self.inner.page_token_key
+    }
+
+    async fn location(&self, path: &ProbePath) -> String {
+        self.inner.final_path(path).display().to_string()
     }
 
     async fn remove(&self, path: &ProbePath) -> Result<bool> {
