@@ -51,6 +51,11 @@ pub struct UploadArgs {
 }
 
 impl Endpoint {
+    /// An endpoint named by other flags than these (`verify -e`).
+    pub(crate) fn new(endpoint: String, ca: PathBuf, timeout: Duration) -> Self {
+        Endpoint { endpoint, ca, timeout }
+    }
+
     /// A client of Central's admin API with the token of `ROX_API_TOKEN`.
     pub(crate) fn connect(&self) -> Result<admin_client::AdminClient, CliError> {
         let ca = read(&self.ca, "the CA certificate")?;

@@ -25,6 +25,7 @@ pub mod upload_direct;
 pub mod upload_service;
 pub mod upload_session;
 pub mod upstream;
+pub mod verify_probes;
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -61,7 +62,7 @@ pub use crate::store::postgres::PostgresConfig;
 pub use auth::{Role, TokenFile};
 pub use connections::ConnectionLimits;
 pub use metrics::serve as serve_metrics;
-pub use stores::StoreLayout;
+pub use stores::{StoreLayout, open_to_verify};
 pub use upstream::{UpstreamConfig, UpstreamKind};
 
 /// PEM-encoded TLS material of the server.

@@ -170,6 +170,22 @@ pub async fn drain(mut chunks: ChunkStream) -> Result<Checked> {
     Ok(Checked::Intact)
 }
 
+/// Reads `chunks` of `probe` to their end through a thorough check,
+/// telling `on_damaged` if it fails.
+pub async fn check_whole(probe: &StoredProbe, mut chunks: ChunkStream, on_damaged: OnDamaged) -> Result<Checked> {
+    let mut check = ReadCheck::new(probe, true);
+    while let Some(chunk) = chunks.next().await {
+        check.update(&chunk?);
+    }
+    match check.finish() {
+        Ok(()) => Ok(Checked::Intact),
+        Err(why) => {
+            on_damaged(probe, &why);
+            Ok(Checked::Damaged(why))
+        }
+    }
+}
+
 /// One damaged probe `verify_all` found.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DamagedProbe {

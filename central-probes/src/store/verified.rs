@@ -197,7 +197,7 @@ impl<B: Backend> ProbeStore for VerifiedStore<B> {
 
     async fn check(&self, path: &ProbePath) -> Result<Checked> {
         let Some(ProbeReader { probe, chunks }) = self.backend.open(path).await? else { return Ok(Checked::Missing) };
-        check::drain(check::checked(probe, chunks, true, self.damage_reporter())).await
+        check::check_whole(&probe, chunks, self.damage_reporter()).await
     }
 
     fn is_damaged(&self, path: &ProbePath) -> bool {

@@ -42,7 +42,8 @@ pub fn probes_on_disk(data_dir: &Path) -> io::Result<Vec<(ProbePath, Sha256Diges
 
 /// Flips one bit of byte `at` of the probe `path`'s bytes in its newest
 /// committed record, as rot on the disk would: what the tests of damaged
-/// probes do to a store (running or not).
+/// probes do to a store (running or not). The scan stops at a damaged
+/// record: damage later records first.
 pub fn flip_a_byte(data_dir: &Path, path: &ProbePath, at: u64) -> io::Result<()> {
     let mut newest: Option<(u64, std::path::PathBuf, u64)> = None;
     for pack in packs(data_dir)? {
