@@ -64,6 +64,12 @@ pub trait Backend: Send + Sync + 'static {
     /// Where the probe under `path` is kept (a file, a pack and offset, a
     /// database blob), for the log line about a damaged probe.
     async fn location(&self, path: &ProbePath) -> String;
+
+    /// The file that keeps the damaged probes reads found across restarts
+    /// (`damage.rs`); `None` to keep them in memory only.
+    fn damage_file(&self) -> Option<std::path::PathBuf> {
+        None
+    }
 }
 
 /// How a backend stages a probe's bytes.

@@ -21,6 +21,13 @@ pub trait DamageFixture: StoreFixture {
     /// Flips a bit of byte `at` of the stored bytes of `path`, behind the
     /// store's back (rot on the disk, a damaged row).
     async fn flip_a_byte(&self, path: &ProbePath, at: u64);
+
+    /// Whether what reads found damaged is still known after a restart (a
+    /// store with a data directory keeps it there; a database replica
+    /// keeps it in memory).
+    fn remembers_damage(&self) -> bool {
+        true
+    }
 }
 
 /// Generates the damage cases for the fixture `$make`.
@@ -34,6 +41,10 @@ macro_rules! store_damage_tests {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn a_damaged_probe_is_never_served_whole_and_an_upload_repairs_it() {
                 suite::a_damaged_probe_is_never_served_whole_and_an_upload_repairs_it(&$make).await;
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn what_a_check_found_damaged_is_repaired_by_an_upload_after_a_restart() {
+                suite::what_a_check_found_damaged_is_repaired_by_an_upload_after_a_restart(&$make).await;
             }
         }
     };
@@ -114,4 +125,31 @@ pub async fn a_damaged_probe_is_never_served_whole_and_an_upload_repairs_it(fixt
     assert_eq!(put(store.as_ref(), &p_intact, &small).await, CommitOutcome::Identical);
     let summary = verify_all(store.as_ref(), &[], |damaged| panic!("{damaged:?}")).await.unwrap();
     assert_eq!((summary.checked, summary.damaged), (3, 0));
+}
+
+/// What `verify` does offline: a check finds the damage, the store closes;
+/// the Central started next still knows, and an upload repairs it.
+pub async fn what_a_check_found_damaged_is_repaired_by_an_upload_after_a_restart(fixture: &dyn DamageFixture) {
+    let bytes: Vec<u8> = (0..20_000u32).map(|i| (i * 31) as u8).collect();
+    let p = kernel(4);
+    {
+        let store = fixture.open().await;
+        assert_eq!(put(store.as_ref(), &p, &bytes).await, CommitOutcome::Stored);
+        fixture.flip_a_byte(&p, 0).await;
+        assert!(matches!(store.check(&p).await.unwrap(), Checked::Damaged(_)));
+    }
+    let store = fixture.open().await;
+    if fixture.remembers_damage() {
+        assert!(store.is_damaged(&p), "known after the restart");
+    } else {
+        assert!(!store.is_damaged(&p), "forgotten with the process");
+        assert_eq!(read(store.as_ref(), &p).await.1, Some(Code::DataLoss), "found again by the next read");
+    }
+    assert_eq!(put(store.as_ref(), &p, &bytes).await, CommitOutcome::Repaired);
+    assert!(!store.is_damaged(&p));
+    assert_eq!(read(store.as_ref(), &p).await, (bytes.clone(), None));
+    drop(store);
+    let store = fixture.open().await;
+    assert!(!store.is_damaged(&p), "the repair is kept too");
+    assert_eq!(put(store.as_ref(), &p, &bytes).await, CommitOutcome::Identical);
 }

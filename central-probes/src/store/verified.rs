@@ -7,12 +7,10 @@
 //! logged, told to the server's metrics and remembered, so that an upload
 //! of the same bytes repairs it instead of skipping it as identical.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
-use probe_api::digest::Sha256Digest;
 use probe_api::names::{ModuleVersion, ProbePath};
 use probe_api::signing::{SignatureError, TrustedKeys};
 use tonic::Code;
@@ -58,14 +56,9 @@ struct Shared {
     damage: Arc<Damage>,
 }
 
-impl Shared {
-    fn damaged(&self) -> std::sync::MutexGuard<'_, HashMap<ProbePath, Sha256Digest>> {
-        self.damage.found()
-    }
-}
-
 impl<B: Backend> VerifiedStore<B> {
     pub fn new(backend: B, min_free_bytes: u64) -> Self {
+        let damage = Arc::new(Damage::open(backend.damage_file()));
         VerifiedStore {
             backend: Arc::new(backend),
             shared: Arc::new(Shared {
@@ -73,7 +66,7 @@ impl<B: Backend> VerifiedStore<B> {
                 trusted_keys: None,
                 reserved: AtomicU64::new(0),
                 lanes: Lanes::new(),
-                damage: Arc::default(),
+                damage,
             }),
         }
     }
@@ -201,7 +194,7 @@ impl<B: Backend> ProbeStore for VerifiedStore<B> {
     }
 
     fn is_damaged(&self, path: &ProbePath) -> bool {
-        self.shared.damaged().contains_key(path)
+        self.shared.damage.get(path).is_some()
     }
 
     fn page_token_key(&self) -> &[u8] {
@@ -218,7 +211,7 @@ impl<B: Backend> ProbeStore for VerifiedStore<B> {
 
     async fn remove(&self, path: &ProbePath) -> Result<bool> {
         let removed = self.backend.remove(path).await?;
-        self.shared.damaged().remove(path);
+        self.shared.damage.clear(path);
         Ok(removed)
     }
 }
@@ -341,8 +334,13 @@ impl ProbeWriter for VerifiedWriter {
             };
             // Decide early when nothing will be stored: no durable write then.
             let old = staged.existing().await?;
-            // The same content again repairs a copy a read found damaged.
-            let repair = old.as_ref().is_some_and(|old| shared.damaged().get(&path) == Some(&old.sha256));
+            // The same content again repairs a copy a read found damaged; a
+            // mark of other content than is stored now is stale.
+            let marked = shared.damage.get(&path);
+            let repair = old.as_ref().is_some_and(|old| marked == Some(old.sha256));
+            if marked.is_some() && !repair {
+                shared.damage.clear(&path);
+            }
             let new = (size, sha256, signature.as_deref());
             let decision = overwrite_rule(old.as_ref().map(StoredProbe::content), new, overwrite, repair);
             if let Decision::Keep(outcome) = decision {
@@ -363,7 +361,7 @@ impl ProbeWriter for VerifiedWriter {
             let outcome = staged.commit(probe, overwrite, repair, taken).await;
             drop(reservation);
             if let Ok(CommitOutcome::Stored | CommitOutcome::Overwritten { .. } | CommitOutcome::Repaired) = &outcome {
-                shared.damaged().remove(&path);
+                shared.damage.clear(&path);
             }
             outcome.map(committed)
         });

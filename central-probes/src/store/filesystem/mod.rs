@@ -51,6 +51,9 @@ use reader::open_probe;
 use state::Inner;
 use writer::{FsStaging, available_bytes};
 
+/// Where the damaged probes reads found are kept (`store::damage`).
+pub(in crate::store) const DAMAGE_FILE: &str = "damaged-probes";
+
 /// Settings of the embedded store.
 #[derive(Clone, Debug)]
 pub struct FilesystemStoreConfig {
@@ -87,7 +90,7 @@ impl FilesystemStore {
     /// Removes every probe of the (closed) store in `data_dir`, and its
     /// index snapshot.
     pub fn empty(data_dir: &Path) -> Result<()> {
-        for old in ["probes", "index.snapshot"] {
+        for old in ["probes", "index.snapshot", DAMAGE_FILE] {
             let path = data_dir.join(old);
             let removed = if path.is_dir() { fs::remove_dir_all(&path) } else { fs::remove_file(&path) };
             match removed {
@@ -244,6 +247,12 @@ impl Backend for FilesystemBackend {
 
     async fn location(&self, path: &ProbePath) -> String {
         self.inner.final_path(path).display().to_string()
+    }
+
+    /// None for a cache of copies: it starts empty, and a damaged copy is
+    /// fetched again.
+    fn damage_file(&self) -> Option<PathBuf> {
+        self.inner.durable.then(|| self.inner.data_dir.join(DAMAGE_FILE))
     }
 
     async fn remove(&self, path: &ProbePath) -> Result<bool> {

@@ -322,6 +322,10 @@ impl Backend for PackBackend {
         &self.inner.page_token_key
     }
 
+    fn damage_file(&self) -> Option<PathBuf> {
+        Some(self.inner.data_dir.join(crate::store::filesystem::DAMAGE_FILE))
+    }
+
     /// The newest record of the path: the one a read that just failed read,
     /// unless the path was written since.
     async fn location(&self, path: &ProbePath) -> String {

@@ -97,6 +97,10 @@ impl crate::store::damage_suite::DamageFixture for PgFixture {
             .unwrap();
         assert_eq!(flipped, 1);
     }
+
+    fn remembers_damage(&self) -> bool {
+        false
+    }
 }
 
 crate::store_damage_tests!(pg_fixture());
