@@ -6,6 +6,10 @@
 #[path = "common/cli.rs"]
 mod cli;
 mod common;
+#[path = "common/raw_grpc.rs"]
+mod raw_grpc;
+#[path = "common/roxctl.rs"]
+mod roxctl;
 
 use std::path::Path;
 use std::process::Command;
@@ -231,6 +235,23 @@ async fn a_flipped_byte_is_refused_named_by_verify_and_repaired_by_a_reupload(ki
     assert!(!ok, "{kind:?}: {stdout}\n{stderr}");
     let named: Vec<&str> = stdout.lines().filter_map(|line| line.strip_prefix("damaged  ")).collect();
     assert!(named.len() == 2 && named[0].starts_with(small) && named[1].starts_with(LARGE), "{kind:?}: {stdout}");
+
+    // Both GetExistingProbes leave it out, so that uploaders send it again.
+    let asked = [small, paths[1].as_str()];
+    let request = probe_api::v1::GetExistingProbesRequest { paths: asked.iter().map(|p| p.to_string()).collect() };
+    let view = central.view_token.as_str();
+    let ours = central.admin(&setup.pki, view).get_existing_probes(request).await.unwrap().into_inner().probes;
+    assert_eq!(ours.iter().map(|p| p.path.as_str()).collect::<Vec<_>>(), [asked[1]], "{kind:?}");
+    let sender = roxctl::http2(&central.address, &setup.pki).await;
+    let product = roxctl::get_existing(&sender, Some(view), &asked).await.unwrap();
+    assert_eq!(product.iter().map(|f| f.name.as_str()).collect::<Vec<_>>(), [asked[1]], "{kind:?}");
+
+    // An export ends with DATA_LOSS and leaves no package.
+    let (exported, ca) = (setup.dir.path().join("export.zip"), setup.pki.ca_file());
+    let args = ["export", "-o", exported.to_str().unwrap(), "-e", &central.address, "--ca", ca.to_str().unwrap()];
+    let (ok, stdout, stderr) = central_cli(&args, view).await;
+    assert!(!ok && stderr.contains("damaged"), "{kind:?}: {stdout}\n{stderr}");
+    assert!(!exported.exists(), "{kind:?}");
 
     central.stop().await;
 
