@@ -633,6 +633,15 @@ impl probe_api::v1::probe_upload_service_server::ProbeUploadService for GarbledC
     ) -> Result<tonic::Response<Self::ExportProbesStream>, tonic::Status> {
         Err(tonic::Status::unimplemented("not in this test"))
     }
+
+    type VerifyProbesStream = tokio_stream::Empty<Result<probe_api::v1::VerifyProbesResponse, tonic::Status>>;
+
+    async fn verify_probes(
+        &self,
+        _: tonic::Request<probe_api::v1::VerifyProbesRequest>,
+    ) -> Result<tonic::Response<Self::VerifyProbesStream>, tonic::Status> {
+        Err(tonic::Status::unimplemented("not in this test"))
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -11,6 +11,7 @@ mod rm;
 mod serve;
 mod token;
 mod upload;
+mod verify;
 
 use std::path::{Path, PathBuf};
 
@@ -44,6 +45,8 @@ pub enum Command {
     Misses(misses::MissesArgs),
     /// Write stored probes into a support package (zip) for another Central.
     Export(export::ExportArgs),
+    /// Read every stored probe and name those whose bytes no longer match their upload (exit 1 if any).
+    Verify(verify::VerifyArgs),
     /// Create, revoke and list API tokens (in the data directory, or in the shared database).
     Token {
         #[command(subcommand)]
@@ -180,6 +183,7 @@ pub async fn run(command: Command) -> Result<(), CliError> {
         Command::Ls(args) => ls::ls(args).await,
         Command::Rm(args) => rm::rm(args).await,
         Command::Export(args) => export::export(args).await,
+        Command::Verify(args) => verify::verify(args).await,
         Command::Misses(args) => misses::misses(args).await,
         Command::Token { command } => token::token(command).await,
         Command::Package { command } => package::run(command).await,

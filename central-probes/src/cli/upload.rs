@@ -63,6 +63,11 @@ pub const EXIT_STATUS: &str = "Exit status: 0 when the upload is complete (files
     (the summary names them; --allow-skipped makes this 0).";
 
 impl Endpoint {
+    /// An endpoint named by other flags than these (`verify -e`).
+    pub(crate) fn new(endpoint: String, ca: PathBuf, timeout: Duration) -> Self {
+        Endpoint { endpoint, ca, timeout }
+    }
+
     /// A client of Central's admin API with the token of `ROX_API_TOKEN`.
     pub(crate) fn connect(&self) -> Result<admin_client::AdminClient, CliError> {
         let ca = probe_api::client_tls::read_ca_file(&self.ca)?;

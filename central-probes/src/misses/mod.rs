@@ -222,6 +222,23 @@ impl MissRecorder {
     }
 }
 
+/// A miss as ListMisses answers it.
+impl From<&Miss> for probe_api::v1::ProbeMiss {
+    fn from(miss: &Miss) -> Self {
+        probe_api::v1::ProbeMiss {
+            path: miss.path.to_string(),
+            module_version: miss.path.module_version().to_string(),
+            file_name: miss.path.file_name().to_string(),
+            requests: miss.requests,
+            distinct_clients: miss.clients.len() as u32,
+            first_seen_unix: miss.first_seen as i64,
+            last_seen_unix: miss.last_seen as i64,
+            resolved_unix: miss.resolved.map_or(0, |r| r.at as i64),
+            resolved_by: miss.resolved.map(|r| r.by.as_str().to_owned()).unwrap_or_default(),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use probe_api::limits::MAX_MISS_CLIENTS;

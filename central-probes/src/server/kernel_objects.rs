@@ -16,6 +16,12 @@
 //! other methods, 503 with `Retry-After` when a source is unreachable or
 //! every probe stream slot is taken, 500 otherwise. Error bodies are one
 //! line of text.
+//!
+//! A stored probe found damaged (its bytes no longer match its record) is
+//! never sent whole: 500 when the damage shows in its first chunk (a probe
+//! of up to 256 KiB is read in one), else the body is cut short before its
+//! last chunk (HTTP/2 resets the stream, HTTP/1.1 closes the connection),
+//! which clients see as an error.
 
 use std::convert::Infallible;
 
@@ -65,7 +71,7 @@ pub async fn handle<B>(
         };
     }
     match serving.serve(METRICS_NAME, module_version, file_name, asker, connection).await {
-        Ok(serving) => found(serving, head),
+        Ok(serving) => found(serving, head).await,
         Err(error) => refused(&error),
     }
 }
@@ -91,14 +97,22 @@ fn signature(Serving { probe, chunks, .. }: Serving, head: bool) -> Response<ton
     response
 }
 
-fn found(Serving { probe, chunks, .. }: Serving, head: bool) -> Response<tonic::body::Body> {
+async fn found(Serving { probe, mut chunks, .. }: Serving, head: bool) -> Response<tonic::body::Body> {
     let digest = BASE64.encode(probe.sha256.0);
     let body = if head {
         // Ends the stream and frees its slot now.
         drop(chunks);
         tonic::body::Body::empty()
     } else {
-        let frames = chunks.map(|chunk| chunk.map(http_body::Frame::data).map_err(tonic::Status::from));
+        // The first chunk is read before the status goes out, so that a
+        // failure to read it (a damaged probe) is still a plain error.
+        let first = match chunks.next().await {
+            Some(Err(error)) => return refused(&error),
+            first => first,
+        };
+        let frames = tokio_stream::iter(first)
+            .chain(chunks)
+            .map(|chunk| chunk.map(http_body::Frame::data).map_err(tonic::Status::from));
         tonic::body::Body::new(StreamBody::new(frames))
     };
     let mut response = Response::new(body);

@@ -47,6 +47,14 @@ pub struct SignatureLabels {
     pub at: &'static str,
 }
 
+/// Which store a damaged probe was found in.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StoreLabels {
+    /// "upload" (the uploaded probes), "upstream" (the cache of upstream
+    /// probes) or "copies" (the local copies of a database's probes).
+    pub store: &'static str,
+}
+
 /// Who changed the store, and how (the audit counters).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct AuditLabels {
@@ -80,6 +88,8 @@ pub struct Metrics {
     pub store_dead_bytes: Gauge,
     /// Probes refused under `--trusted-keys`, by reason and where.
     pub signature_refusals: Family<SignatureLabels, Counter>,
+    /// Reads that found a stored probe damaged, by store.
+    pub damaged_reads: Family<StoreLabels, Counter>,
     /// GetProbe calls of any outcome, for tests and benchmarks; not
     /// exported (`requests` has them by code and source).
     get_probe_calls: Counter,
@@ -156,8 +166,15 @@ impl Metrics {
             "Uploaded and upstream probes refused because their signature is missing or does not verify",
             signature_refusals.clone(),
         );
+        let damaged_reads = Family::<StoreLabels, Counter>::default();
+        registry.register(
+            "damaged_reads",
+            "Reads that found a stored probe's bytes damaged (not matching its record) and did not serve them",
+            damaged_reads.clone(),
+        );
         Metrics {
             registry: Arc::new(registry),
+            damaged_reads,
             signature_refusals,
             open_misses,
             store_live_bytes,
@@ -182,6 +199,19 @@ impl Metrics {
         Arc::new(move |why: &probe_api::signing::SignatureError| {
             refusals.get_or_create(&SignatureLabels { reason: why.reason(), at }).inc();
         })
+    }
+
+    /// What a store calls for each damaged probe its reads find.
+    pub fn on_damaged(&self, store: &'static str) -> crate::store::check::OnDamaged {
+        let damaged = self.damaged_reads.clone();
+        Arc::new(move |_: &crate::store::StoredProbe, _: &str| {
+            damaged.get_or_create(&StoreLabels { store }).inc();
+        })
+    }
+
+    /// Reads that found a damaged probe in `store` so far.
+    pub fn damaged_read_count(&self, store: &'static str) -> u64 {
+        self.damaged_reads.get_or_create(&StoreLabels { store }).get()
     }
 
     /// Central starts or stops accepting requests.

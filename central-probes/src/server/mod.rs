@@ -26,6 +26,7 @@ mod upload_record;
 pub mod upload_service;
 pub mod upload_session;
 pub mod upstream;
+pub mod verify_probes;
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -62,7 +63,7 @@ pub use crate::store::postgres::PostgresConfig;
 pub use auth::{Role, TokenFile};
 pub use connections::ConnectionLimits;
 pub use metrics::serve as serve_metrics;
-pub use stores::StoreLayout;
+pub use stores::{StoreLayout, open_to_verify};
 pub use upstream::{UpstreamConfig, UpstreamKind};
 
 /// PEM-encoded TLS material of the server.
@@ -162,17 +163,16 @@ impl Central {
                 )
             }
             Some(database) => {
-                let mut record = PostgresStore::connect(&database.postgres)
+                let record = PostgresStore::connect(&database.postgres)
                     .await
                     .map_err(|e| e.context("opening the probe database"))?;
-                if let Some(keys) = &config.trusted_keys {
-                    record = record.checking_signatures(keys.clone(), metrics.on_signature_refused("upload"));
-                }
+                let record = checked(record, keys, &metrics, "upload");
                 let auth = TokenAuth::shared(record.backend().tokens().watch().await?);
                 let changes = record.backend().changes();
                 let misses = Arc::new(record.backend().misses());
                 let copies = config.data_dir.join(LOCAL_COPIES_DIR);
-                let local = open_copies(&copies, config.min_free_bytes).await?;
+                let local =
+                    open_copies(&copies, config.min_free_bytes).await?.reporting_damage(metrics.on_damaged("copies"));
                 let budget = database.local_copies_bytes;
                 let record: Arc<dyn ProbeStore> = Arc::new(record);
                 let store = ReadThrough::new(record.clone(), hot(Arc::new(local)), budget, Some(changes)).await?;

@@ -42,8 +42,10 @@ pub struct ProductUploads {
 }
 
 impl ProductUploads {
-    /// The stored files among `names`: an invalid or unknown name, and a
-    /// probe stored before CRC-32s were recorded, are left out.
+    /// The stored files among `names`: an invalid or unknown name, a
+    /// probe stored before CRC-32s were recorded, and one a read found
+    /// damaged (so that roxctl sends it again, which repairs it) are left
+    /// out.
     async fn existing(&self, names: &[String]) -> Result<GetExistingProbesResponse> {
         if names.len() > MAX_EXISTING_PATHS {
             return Err(Error::invalid_argument(format!(
@@ -56,6 +58,7 @@ impl ProductUploads {
         let existing_files = found
             .into_iter()
             .flatten()
+            .filter(|probe| !self.store.is_damaged(&probe.path))
             .filter_map(|probe| {
                 Some(File { name: probe.path.to_string(), size: i64::try_from(probe.size).ok()?, crc32: probe.crc32? })
             })

@@ -1,6 +1,7 @@
 //! Opening the stores Central keeps on its disk: the uploaded probes (in
 //! packs or a file each), the upstream cache and the local copies of
-//! database probes, off the runtime's threads.
+//! database probes, off the runtime's threads; and a stopped Central's
+//! store, to verify it (`open_to_verify`).
 
 use std::sync::Arc;
 
@@ -55,13 +56,15 @@ pub(super) async fn open_uploaded(
     })
 }
 
-/// `store`, refusing from now on what `keys` (if any) did not sign.
+/// `store`, refusing from now on what `keys` (if any) did not sign, and
+/// counting the damaged probes its reads find under `at`.
 pub(super) fn checked<B: Backend>(
     store: VerifiedStore<B>,
     keys: Option<&TrustedKeys>,
     metrics: &Metrics,
     at: &'static str,
 ) -> VerifiedStore<B> {
+    let store = store.reporting_damage(metrics.on_damaged(at));
     match keys {
         None => store,
         Some(keys) => store.checking_signatures(keys.clone(), metrics.on_signature_refused(at)),
@@ -97,4 +100,35 @@ async fn open_blocking<T: Send + 'static>(what: &str, open: impl FnOnce() -> Res
         .await
         .map_err(|e| Error::internal(format!("opening {what}: {e}")))?
         .map_err(|e| e.context(format!("opening {what}")))
+}
+
+/// The store of uploaded probes in the data directory of a stopped Central,
+/// in the layout it holds (packs, or a file per probe), opened to be read:
+/// no compaction, no conversion between layouts.
+pub async fn open_to_verify(data_dir: &std::path::Path) -> Result<Arc<dyn ProbeStore>> {
+    let holds = |name: &str| std::fs::read_dir(data_dir.join(name)).is_ok_and(|mut dir| dir.next().is_some());
+    let what = format!("the probe store in {}", data_dir.display());
+    let in_use = |e: Error| match e.code {
+        tonic::Code::FailedPrecondition => Error::new(
+            e.code,
+            format!("{e}; verify a running Central over its API: central-probes verify -e HOST:PORT --ca FILE"),
+        ),
+        _ => e,
+    };
+    if holds("packs") || holds("index") {
+        let compaction = CompactionLimits { below_live_fraction: 0.0, ..CompactionLimits::default() };
+        let config = PackStoreConfig { compaction, ..PackStoreConfig::new(data_dir) };
+        let store = open_blocking(&what, move || PackStore::open(&config)).await.map_err(in_use)?;
+        return Ok(Arc::new(store));
+    }
+    if holds("probes") {
+        return Ok(Arc::new(open_store(data_dir, 0, &what).await.map_err(in_use)?));
+    }
+    Err(Error::new(
+        tonic::Code::NotFound,
+        format!(
+            "{} holds no probe store (neither packs/ nor probes/): is it Central's --data-dir?",
+            data_dir.display()
+        ),
+    ))
 }

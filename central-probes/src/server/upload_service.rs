@@ -14,7 +14,7 @@ use probe_api::v1::{
     DeleteProbesRequest, DeleteProbesResponse, ExportProbesRequest, GetExistingProbesRequest,
     GetExistingProbesResponse, ListMissesRequest, ListMissesResponse, ListModuleVersionsRequest,
     ListModuleVersionsResponse, ListProbesRequest, ListProbesResponse, ModuleVersionSummary, ProbeInfo, ProbeMiss,
-    StoreSpace, UploadProbesRequest, UploadProbesResponse,
+    StoreSpace, UploadProbesRequest, UploadProbesResponse, VerifyProbesRequest,
 };
 use tokio_stream::{Stream, StreamExt};
 use tonic::metadata::MetadataMap;
@@ -29,6 +29,7 @@ use crate::server::metrics::{AuditLabels, Metrics};
 use crate::server::page_token::PageTokens;
 use crate::server::upload_record::{Uploader, record_upload_end};
 use crate::server::upload_session::{Part, UploadSession};
+use crate::server::verify_probes::{Verifications, VerifyStream};
 use crate::store::{ModuleSummary, ProbeStore, StoredProbe, probe_info};
 
 pub struct UploadService {
@@ -38,6 +39,7 @@ pub struct UploadService {
     metrics: Metrics,
     page_tokens: PageTokens,
     exports: Exports,
+    verifications: Verifications,
     /// ListModuleVersions reads the whole store: one at a time, so that
     /// callers cannot make Central read it many times at once.
     summarizing: tokio::sync::Mutex<()>,
@@ -46,10 +48,10 @@ pub struct UploadService {
 }
 
 impl UploadService {
-    /// `send_timeout`: an export whose client takes nothing for this long
-    /// is ended; `upload_idle_timeout`: the same for an upload whose client
-    /// sends nothing.
-    /// `record` is `store` without its caches, for exports.
+    /// `send_timeout`: an export or verification whose client takes
+    /// nothing for this long is ended; `upload_idle_timeout`: the same for
+    /// an upload whose client sends nothing.
+    /// `record` is `store` without its caches, for exports and verifications.
     pub fn new(
         store: Arc<dyn ProbeStore>,
         record: Arc<dyn ProbeStore>,
@@ -60,9 +62,20 @@ impl UploadService {
         upload_idle_timeout: Duration,
     ) -> Self {
         let page_tokens = PageTokens::new(store.page_token_key());
-        let exports = Exports::new(record, send_timeout);
+        let (exports, verifications) =
+            (Exports::new(record.clone(), send_timeout), Verifications::new(record, send_timeout));
         let summarizing = Default::default();
-        UploadService { store, misses, auth, metrics, page_tokens, exports, summarizing, upload_idle_timeout }
+        UploadService {
+            store,
+            misses,
+            auth,
+            metrics,
+            page_tokens,
+            exports,
+            verifications,
+            summarizing,
+            upload_idle_timeout,
+        }
     }
 
     /// How long an upload's body may bring nothing before it is ended.
@@ -98,7 +111,9 @@ impl UploadService {
             .zip(first)
             .filter_map(|(asked, first)| first.then_some(asked))
             .unzip();
-        let stored = self.store.stat_many(&paths).await?;
+        // A probe found damaged is left out, for the uploader to send it.
+        let stored =
+            self.store.stat_many(&paths).await?.into_iter().map(|s| s.filter(|s| !self.store.is_damaged(&s.path)));
         let probes =
             asked.into_iter().zip(stored).filter_map(|(path, stored)| Some(probe_info(stored?, path))).collect();
         Ok(GetExistingProbesResponse { probes })
@@ -257,22 +272,8 @@ impl UploadService {
         Ok(ListMissesResponse {
             open_count: open.len() as u32,
             module_versions_to_upload,
-            misses: listed.map(miss_of).collect(),
+            misses: listed.map(ProbeMiss::from).collect(),
         })
-    }
-}
-
-fn miss_of(miss: &Miss) -> ProbeMiss {
-    ProbeMiss {
-        path: miss.path.to_string(),
-        module_version: miss.path.module_version().to_string(),
-        file_name: miss.path.file_name().to_string(),
-        requests: miss.requests,
-        distinct_clients: miss.clients.len() as u32,
-        first_seen_unix: miss.first_seen as i64,
-        last_seen_unix: miss.last_seen as i64,
-        resolved_unix: miss.resolved.map_or(0, |r| r.at as i64),
-        resolved_by: miss.resolved.map(|r| r.by.as_str().to_owned()).unwrap_or_default(),
     }
 }
 
@@ -360,5 +361,16 @@ impl ProbeUploadService for UploadService {
             Err(error) => Err(error),
         };
         self.counted("ExportProbes", result)
+    }
+
+    type VerifyProbesStream = VerifyStream;
+
+    #[instrument(skip_all)]
+    async fn verify_probes(&self, request: Request<VerifyProbesRequest>) -> Result<Response<VerifyStream>, Status> {
+        let result = self.auth.caller(request.metadata(), Role::View).and_then(|caller| {
+            info!(token = %caller.name, module_versions = ?request.get_ref().module_versions, "verification started");
+            self.verifications.start(request.into_inner())
+        });
+        self.counted("VerifyProbes", result)
     }
 }

@@ -60,6 +60,16 @@ pub trait Backend: Send + Sync + 'static {
     fn max_pending_commits(&self) -> usize {
         32
     }
+
+    /// Where the probe under `path` is kept (a file, a pack and offset, a
+    /// database blob), for the log line about a damaged probe.
+    async fn location(&self, path: &ProbePath) -> String;
+
+    /// The file that keeps the damaged probes reads found across restarts
+    /// (`damage.rs`); `None` to keep them in memory only.
+    fn damage_file(&self) -> Option<std::path::PathBuf> {
+        None
+    }
 }
 
 /// How a backend stages a probe's bytes.
@@ -116,14 +126,16 @@ pub trait Staged: Send {
     async fn prepare(&mut self, probe: &StoredProbe) -> Result<()>;
 
     /// Makes the prepared bytes the probe `probe` if the overwrite rule
-    /// (`store::overwrite_rule` with `overwrite`) says so, deciding and
-    /// committing atomically with respect to other commits of the path.
+    /// (`store::overwrite_rule` with `overwrite` and `repair`) says so,
+    /// deciding and committing atomically with respect to other commits of
+    /// the path.
     /// Sends true on `taken` as soon as the outcome is visible or decided
     /// (before any last fsync); dropping it unsent means it did not.
     async fn commit(
         self: Box<Self>,
         probe: StoredProbe,
         overwrite: bool,
+        repair: bool,
         taken: Option<oneshot::Sender<bool>>,
     ) -> Result<CommitOutcome>;
 }

@@ -191,6 +191,11 @@ impl ProbeStore for HotProbes {
         }
     }
 
+    /// The cache holds only what a checked read handed out whole.
+    fn is_damaged(&self, path: &ProbePath) -> bool {
+        self.store.is_damaged(path)
+    }
+
     fn page_token_key(&self) -> &[u8] {
         self.store.page_token_key()
     }
@@ -244,7 +249,10 @@ impl ProbeWriter for HotWriter {
         Ok(Box::pin(async move {
             let committed = commit.await;
             if let Ok(done) = &committed
-                && matches!(done.outcome, CommitOutcome::Stored | CommitOutcome::Overwritten { .. })
+                && matches!(
+                    done.outcome,
+                    CommitOutcome::Stored | CommitOutcome::Overwritten { .. } | CommitOutcome::Repaired
+                )
             {
                 cache.invalidate(&path);
             }
@@ -379,4 +387,13 @@ mod tests {
     }
 
     crate::store_conformance_tests!(hot_fixture());
+
+    #[tonic::async_trait]
+    impl crate::store::damage_suite::DamageFixture for HotFixture {
+        async fn flip_a_byte(&self, p: &ProbePath, at: u64) {
+            crate::store::filesystem::flip_a_byte(&self.dir.path().join("probes").join(p.to_string()), at).unwrap();
+        }
+    }
+
+    crate::store_damage_tests!(hot_fixture());
 }

@@ -13,13 +13,18 @@
 //!
 //! The store is the authority on the overwrite rule (`overwrite_rule`): it
 //! decides, atomically with the commit, whether the new bytes are stored,
-//! identical to what is there, a conflict, or an overwrite.
+//! identical to what is there, a conflict, or an overwrite. Reads are
+//! checked against the record (`check`); an upload repairs what fails.
 
 pub mod backend;
+pub mod check;
 mod chunk_writer;
 pub mod client_id;
 #[cfg(any(test, feature = "testing"))]
 pub mod conformance;
+mod damage;
+#[cfg(any(test, feature = "testing"))]
+pub mod damage_suite;
 mod file_hashing;
 pub mod filesystem;
 pub mod hot;
@@ -130,6 +135,9 @@ pub enum CommitOutcome {
     Conflict { existing: Sha256Digest },
     /// Other bytes were stored under this path and have been replaced.
     Overwritten { previous: Sha256Digest },
+    /// The same bytes were recorded, but the stored copy was found
+    /// damaged: it has been replaced by the new one.
+    Repaired,
 }
 
 /// What the overwrite rule decides for one commit.
@@ -150,16 +158,20 @@ pub type Content<'a> = (u64, Sha256Digest, Option<&'a [u8]>);
 /// other bytes: replacing what Collectors check needs `overwrite` too. A
 /// backend applies the rule atomically with its commit (under its lock, or
 /// in its transaction), so racing uploads of one path agree.
-pub fn overwrite_rule(old: Option<Content<'_>>, new: Content<'_>, overwrite: bool) -> Decision {
+///
+/// `repair`: the stored copy of `new`'s content was found damaged, so the
+/// same content is written again rather than skipped as identical. It
+/// changes nothing when another content is stored by then.
+pub fn overwrite_rule(old: Option<Content<'_>>, new: Content<'_>, overwrite: bool, repair: bool) -> Decision {
     match old {
         None => Decision::Write(CommitOutcome::Stored),
+        Some(old) if old == new && repair => Decision::Write(CommitOutcome::Repaired),
         Some(old) if old == new => Decision::Keep(CommitOutcome::Identical),
         Some((_, previous, _)) if overwrite => Decision::Write(CommitOutcome::Overwritten { previous }),
         Some((_, existing, _)) => Decision::Keep(CommitOutcome::Conflict { existing }),
     }
 }
 
-/// A probe's bytes, in order, as chunks of bounded size.
 /// The probes of an in-memory index in path order (the byte order of the
 /// path strings), after `after` when given, only of `module_version` when
 /// given: what `Backend::list` returns of a map.
@@ -261,8 +273,25 @@ pub trait ProbeStore: Send + Sync + 'static {
     /// leaves nothing behind.
     async fn create(&self, path: ProbePath, size: u64) -> Result<Box<dyn ProbeWriter>>;
 
-    /// Opens the probe stored under `path`, if any.
+    /// Opens the probe stored under `path`, if any. Its chunks are checked
+    /// against its record as they are read (`check`): a damaged probe ends
+    /// with DATA_LOSS before its last chunk.
     async fn open(&self, path: &ProbePath) -> Result<Option<ProbeReader>>;
+
+    /// Reads the probe under `path` whole and says whether its bytes match
+    /// its record; a store that can check both of its digests does.
+    async fn check(&self, path: &ProbePath) -> Result<check::Checked> {
+        match self.open(path).await? {
+            None => Ok(check::Checked::Missing),
+            Some(reader) => check::drain(reader.chunks).await,
+        }
+    }
+
+    /// Whether a read found the probe under `path` damaged: an uploader is
+    /// told it is not there, and its upload repairs it.
+    fn is_damaged(&self, _path: &ProbePath) -> bool {
+        false
+    }
 
     /// The secret that authenticates ListProbes page tokens. Every Central
     /// on one store must see the same one.
@@ -335,33 +364,36 @@ mod tests {
     #[test]
     fn the_overwrite_rule_stores_skips_keeps_or_replaces() {
         let (a, b) = (Sha256Digest::of(b"a"), Sha256Digest::of(b"b"));
-        assert_eq!(overwrite_rule(None, (1, a, None), false), Decision::Write(CommitOutcome::Stored));
-        assert_eq!(overwrite_rule(Some((1, a, None)), (1, a, None), true), Decision::Keep(CommitOutcome::Identical));
+        assert_eq!(overwrite_rule(None, (1, a, None), false, false), Decision::Write(CommitOutcome::Stored));
         assert_eq!(
-            overwrite_rule(Some((1, a, None)), (1, b, None), false),
+            overwrite_rule(Some((1, a, None)), (1, a, None), true, false),
+            Decision::Keep(CommitOutcome::Identical)
+        );
+        assert_eq!(
+            overwrite_rule(Some((1, a, None)), (1, b, None), false, false),
             Decision::Keep(CommitOutcome::Conflict { existing: a })
         );
         assert_eq!(
-            overwrite_rule(Some((1, a, None)), (1, b, None), true),
+            overwrite_rule(Some((1, a, None)), (1, b, None), true, false),
             Decision::Write(CommitOutcome::Overwritten { previous: a })
         );
         // Same digest, other size: not the same probe.
         assert_eq!(
-            overwrite_rule(Some((2, a, None)), (1, a, None), false),
+            overwrite_rule(Some((2, a, None)), (1, a, None), false, false),
             Decision::Keep(CommitOutcome::Conflict { existing: a })
         );
         // Same bytes, another signature (or none): a change.
         let signed = Some(&b"sig"[..]);
         assert_eq!(
-            overwrite_rule(Some((1, a, signed)), (1, a, signed), false),
+            overwrite_rule(Some((1, a, signed)), (1, a, signed), false, false),
             Decision::Keep(CommitOutcome::Identical)
         );
         assert_eq!(
-            overwrite_rule(Some((1, a, signed)), (1, a, None), false),
+            overwrite_rule(Some((1, a, signed)), (1, a, None), false, false),
             Decision::Keep(CommitOutcome::Conflict { existing: a })
         );
         assert_eq!(
-            overwrite_rule(Some((1, a, None)), (1, a, signed), true),
+            overwrite_rule(Some((1, a, None)), (1, a, signed), true, false),
             Decision::Write(CommitOutcome::Overwritten { previous: a })
         );
     }

@@ -160,6 +160,10 @@ impl ProbeStore for ReadThrough {
     }
 
     async fn open(&self, path: &ProbePath) -> Result<Option<ProbeReader>> {
+        // A local copy a read found damaged is copied again from the record.
+        if self.local.is_damaged(path) {
+            self.forget(path).await;
+        }
         let (trusted, generation) = {
             let trust = self.trust();
             (trust.live && trust.current.contains(path), trust.generation)
@@ -189,6 +193,15 @@ impl ProbeStore for ReadThrough {
         }
         // The record changed under us twice: serve from the record itself.
         self.record.open(path).await
+    }
+
+    /// The record's copy: the local ones are copied again when damaged.
+    async fn check(&self, path: &ProbePath) -> Result<super::check::Checked> {
+        self.record.check(path).await
+    }
+
+    fn is_damaged(&self, path: &ProbePath) -> bool {
+        self.record.is_damaged(path)
     }
 
     fn page_token_key(&self) -> &[u8] {
@@ -343,4 +356,15 @@ mod tests {
     }
 
     crate::store_conformance_tests!(fixture());
+
+    /// The record's copy damaged: never served, nor copied.
+    #[tonic::async_trait]
+    impl crate::store::damage_suite::DamageFixture for Fixture {
+        async fn flip_a_byte(&self, path: &ProbePath, at: u64) {
+            let file = self.record.path().join("probes").join(path.to_string());
+            crate::store::filesystem::flip_a_byte(&file, at).unwrap();
+        }
+    }
+
+    crate::store_damage_tests!(fixture());
 }

@@ -3,6 +3,9 @@
 //! what the writer promised, in a task that outlives its caller, after the
 //! caller's gate (the file before it in an upload) and never below the disk
 //! floor. A backend only stages and compare-and-commits (`backend.rs`).
+//! Reads are checked against the record (`check.rs`); a damaged probe is
+//! logged, told to the server's metrics and remembered, so that an upload
+//! of the same bytes repairs it instead of skipping it as identical.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -13,11 +16,13 @@ use probe_api::signing::{SignatureError, TrustedKeys};
 use tonic::Code;
 
 use super::backend::{Backend, Stage, Staging};
+use super::check::{self, Checked, OnDamaged};
+use super::damage::Damage;
 use super::file_hashing::{FileHashing, OnLane, Received};
 use super::lanes::Lanes;
 use super::{
-    CommitOrder, Committed, Decision, ExpectedDigests, ModuleSummary, PendingCommit, ProbeReader, ProbeStore,
-    ProbeWriter, StoredProbe, overwrite_rule, report_taken,
+    CommitOrder, CommitOutcome, Committed, Decision, ExpectedDigests, ModuleSummary, PendingCommit, ProbeReader,
+    ProbeStore, ProbeWriter, StoredProbe, overwrite_rule, report_taken,
 };
 use crate::error::{Error, Result};
 
@@ -47,10 +52,13 @@ struct Shared {
     reserved: AtomicU64,
     /// The threads that hash (and, for blocking stagings, write) chunks.
     lanes: Lanes,
+    /// Apart, so that readers hold it and not the lanes.
+    damage: Arc<Damage>,
 }
 
 impl<B: Backend> VerifiedStore<B> {
     pub fn new(backend: B, min_free_bytes: u64) -> Self {
+        let damage = Arc::new(Damage::open(backend.damage_file()));
         VerifiedStore {
             backend: Arc::new(backend),
             shared: Arc::new(Shared {
@@ -58,8 +66,23 @@ impl<B: Backend> VerifiedStore<B> {
                 trusted_keys: None,
                 reserved: AtomicU64::new(0),
                 lanes: Lanes::new(),
+                damage,
             }),
         }
+    }
+
+    /// The store, telling `on_damaged` of each damaged probe its reads
+    /// find. For a store just opened, before any clone of it.
+    pub fn reporting_damage(mut self, on_damaged: OnDamaged) -> Self {
+        let shared = Arc::get_mut(&mut self.shared).expect("a store not cloned yet");
+        Arc::get_mut(&mut shared.damage).expect("a store not cloned yet").on_damaged = Some(on_damaged);
+        self
+    }
+
+    /// What a read calls on finding a probe damaged.
+    fn damage_reporter(&self) -> OnDamaged {
+        // A reader must not keep the store open (its lock, its threads).
+        self.shared.damage.reporter(Arc::downgrade(&self.backend))
     }
 
     /// The store, refusing from now on to commit a probe whose signature is
@@ -160,7 +183,18 @@ impl<B: Backend> ProbeStore for VerifiedStore<B> {
     }
 
     async fn open(&self, path: &ProbePath) -> Result<Option<ProbeReader>> {
-        self.backend.open(path).await
+        let Some(ProbeReader { probe, chunks }) = self.backend.open(path).await? else { return Ok(None) };
+        let chunks = check::checked(probe.clone(), chunks, false, self.damage_reporter());
+        Ok(Some(ProbeReader { probe, chunks }))
+    }
+
+    async fn check(&self, path: &ProbePath) -> Result<Checked> {
+        let Some(ProbeReader { probe, chunks }) = self.backend.open(path).await? else { return Ok(Checked::Missing) };
+        check::check_whole(&probe, chunks, self.damage_reporter()).await
+    }
+
+    fn is_damaged(&self, path: &ProbePath) -> bool {
+        self.shared.damage.get(path).is_some()
     }
 
     fn page_token_key(&self) -> &[u8] {
@@ -176,7 +210,9 @@ impl<B: Backend> ProbeStore for VerifiedStore<B> {
     }
 
     async fn remove(&self, path: &ProbePath) -> Result<bool> {
-        self.backend.remove(path).await
+        let removed = self.backend.remove(path).await?;
+        self.shared.damage.clear(path);
+        Ok(removed)
     }
 }
 
@@ -298,8 +334,15 @@ impl ProbeWriter for VerifiedWriter {
             };
             // Decide early when nothing will be stored: no durable write then.
             let old = staged.existing().await?;
-            let decision =
-                overwrite_rule(old.as_ref().map(StoredProbe::content), (size, sha256, signature.as_deref()), overwrite);
+            // The same content again repairs a copy a read found damaged; a
+            // mark of other content than is stored now is stale.
+            let marked = shared.damage.get(&path);
+            let repair = old.as_ref().is_some_and(|old| marked == Some(old.sha256));
+            if marked.is_some() && !repair {
+                shared.damage.clear(&path);
+            }
+            let new = (size, sha256, signature.as_deref());
+            let decision = overwrite_rule(old.as_ref().map(StoredProbe::content), new, overwrite, repair);
             if let Decision::Keep(outcome) = decision {
                 if !after.await {
                     return Err(aborted(&path));
@@ -314,8 +357,12 @@ impl ProbeWriter for VerifiedWriter {
             if !after.await {
                 return Err(aborted(&probe.path));
             }
-            let outcome = staged.commit(probe, overwrite, taken).await;
+            let path = probe.path.clone();
+            let outcome = staged.commit(probe, overwrite, repair, taken).await;
             drop(reservation);
+            if let Ok(CommitOutcome::Stored | CommitOutcome::Overwritten { .. } | CommitOutcome::Repaired) = &outcome {
+                shared.damage.clear(&path);
+            }
             outcome.map(committed)
         });
         Ok(Box::pin(async move { task.await.map_err(|e| Error::internal(format!("commit task failed: {e}")))? }))

@@ -289,6 +289,11 @@ impl UploadSession {
             .map_err(|e| e.context(format!("committing {path}")))?;
         let (outcome, existing) = match outcome {
             CommitOutcome::Stored => (FileOutcome::Stored, None),
+            // Written again over a damaged copy: stored, for the uploader.
+            CommitOutcome::Repaired => {
+                tracing::info!(%path, "a damaged probe was repaired by this upload");
+                (FileOutcome::Stored, None)
+            }
             CommitOutcome::Identical => (FileOutcome::Identical, None),
             CommitOutcome::Conflict { existing } => (FileOutcome::Conflict, Some(existing)),
             CommitOutcome::Overwritten { previous } => (FileOutcome::Overwritten, Some(previous)),

@@ -267,6 +267,10 @@ fn unavailable(status: &tonic::Status) -> Error {
 #[tonic::async_trait]
 impl ProbeSource for UpstreamSource {
     async fn find(&self, path: &ProbePath) -> Result<Option<Found>> {
+        // A cached copy a read found damaged is fetched again.
+        if self.cache.is_damaged(path) && self.cache.remove(path).await? {
+            self.lru().remove(path);
+        }
         if let Some(reader) = self.cache.open(path).await? {
             self.lru().touch(path);
             self.metrics.upstream_cache_hits.inc();

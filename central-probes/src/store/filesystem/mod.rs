@@ -28,7 +28,7 @@ pub(in crate::store) mod writer;
 
 pub use reader::READ_CHUNK;
 #[cfg(any(test, feature = "testing"))]
-pub use reader::read_probe_file;
+pub use reader::{flip_a_byte, read_probe_file};
 
 use std::fs;
 use std::io;
@@ -50,6 +50,9 @@ use index::load_index;
 use reader::open_probe;
 use state::Inner;
 use writer::{FsStaging, available_bytes};
+
+/// Where the damaged probes reads found are kept (`store::damage`).
+pub(in crate::store) const DAMAGE_FILE: &str = "damaged-probes";
 
 /// Settings of the embedded store.
 #[derive(Clone, Debug)]
@@ -87,7 +90,7 @@ impl FilesystemStore {
     /// Removes every probe of the (closed) store in `data_dir`, and its
     /// index snapshot.
     pub fn empty(data_dir: &Path) -> Result<()> {
-        for old in ["probes", "index.snapshot"] {
+        for old in ["probes", "index.snapshot", DAMAGE_FILE] {
             let path = data_dir.join(old);
             let removed = if path.is_dir() { fs::remove_dir_all(&path) } else { fs::remove_file(&path) };
             match removed {
@@ -240,6 +243,16 @@ impl Backend for FilesystemBackend {
 
     fn page_token_key(&self) -> &[u8] {
         &self.inner.page_token_key
+    }
+
+    async fn location(&self, path: &ProbePath) -> String {
+        self.inner.final_path(path).display().to_string()
+    }
+
+    /// None for a cache of copies: it starts empty, and a damaged copy is
+    /// fetched again.
+    fn damage_file(&self) -> Option<PathBuf> {
+        self.inner.durable.then(|| self.inner.data_dir.join(DAMAGE_FILE))
     }
 
     async fn remove(&self, path: &ProbePath) -> Result<bool> {

@@ -134,3 +134,14 @@ pub fn read_probe_file(file_path: &Path) -> io::Result<(probe_api::digest::Sha25
     file.read_exact_at(&mut content, offset)?;
     Ok((entry.sha256, content))
 }
+
+/// Flips one bit of byte `at` of the bytes of the stored probe file
+/// `file_path`, as rot on the disk would (tests of damaged probes).
+#[cfg(any(test, feature = "testing"))]
+pub fn flip_a_byte(file_path: &Path, at: u64) -> io::Result<()> {
+    let file = std::fs::OpenOptions::new().read(true).write(true).open(file_path)?;
+    let (_, offset) = read_header(&file)?;
+    let mut byte = [0u8];
+    file.read_exact_at(&mut byte, offset + at)?;
+    file.write_all_at(&[byte[0] ^ 0x10], offset + at)
+}

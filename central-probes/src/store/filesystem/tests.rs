@@ -196,6 +196,15 @@ impl crate::store::conformance::StoreFixture for FsFixture {
 
 crate::store_conformance_tests!(fs_fixture());
 
+#[tonic::async_trait]
+impl crate::store::damage_suite::DamageFixture for FsFixture {
+    async fn flip_a_byte(&self, path: &ProbePath, at: u64) {
+        super::flip_a_byte(&self.dir.path().join("probes").join(path.to_string()), at).unwrap();
+    }
+}
+
+crate::store_damage_tests!(fs_fixture());
+
 /// Moves a directory's modification time an hour back, as if it had been
 /// quiet since.
 fn age(dir: &Path) {

@@ -132,23 +132,25 @@ impl Staged for FsStaged {
         self: Box<Self>,
         probe: StoredProbe,
         overwrite: bool,
+        repair: bool,
         taken: Option<oneshot::Sender<bool>>,
     ) -> Result<CommitOutcome> {
         let FsStaged { inner, path, temp } = *self;
         let temp = temp.expect("prepared before the commit");
         let new = Entry::of(&probe);
-        tokio::task::spawn_blocking(move || commit(&inner, &path, temp, new, overwrite, taken))
+        tokio::task::spawn_blocking(move || commit(&inner, &path, temp, new, (overwrite, repair), taken))
             .await
             .map_err(|e| Error::internal(format!("commit task failed: {e}")))?
     }
 }
 
-/// The store's overwrite rule on this store's index entries.
-fn decide(old: Option<&Entry>, new: &Entry, overwrite: bool) -> Decision {
+/// The store's overwrite rule (with `overwrite` and `repair`) on this
+/// store's index entries.
+fn decide(old: Option<&Entry>, new: &Entry, (overwrite, repair): (bool, bool)) -> Decision {
     fn content(entry: &Entry) -> Content<'_> {
         (entry.size, entry.sha256, entry.signature.as_deref())
     }
-    overwrite_rule(old.map(content), content(new), overwrite)
+    overwrite_rule(old.map(content), content(new), overwrite, repair)
 }
 
 /// Under the index lock, decides by the overwrite rule and renames the
@@ -158,7 +160,7 @@ fn commit(
     path: &ProbePath,
     mut temp: TempFile,
     new: Entry,
-    overwrite: bool,
+    rule: (bool, bool),
     taken: Option<oneshot::Sender<bool>>,
 ) -> Result<CommitOutcome> {
     let io_error = |what: &str| {
@@ -171,7 +173,7 @@ fn commit(
         // The check and the rename happen under one lock: concurrent uploads
         // of one path cannot both think they stored it first.
         let mut index = inner.index();
-        let outcome = match decide(index.get(path), &new, overwrite) {
+        let outcome = match decide(index.get(path), &new, rule) {
             Decision::Keep(nothing_to_write) => {
                 report_taken(taken);
                 return Ok(nothing_to_write);

@@ -40,6 +40,30 @@ pub fn probes_on_disk(data_dir: &Path) -> io::Result<Vec<(ProbePath, Sha256Diges
     Ok(newest.into_iter().filter_map(|(path, (_, probe))| probe.map(|(sha256, bytes)| (path, sha256, bytes))).collect())
 }
 
+/// Flips one bit of byte `at` of the probe `path`'s bytes in its newest
+/// committed record, as rot on the disk would: what the tests of damaged
+/// probes do to a store (running or not). The scan stops at a damaged
+/// record: damage later records first.
+pub fn flip_a_byte(data_dir: &Path, path: &ProbePath, at: u64) -> io::Result<()> {
+    let mut newest: Option<(u64, std::path::PathBuf, u64)> = None;
+    for pack in packs(data_dir)? {
+        for found in whole_records(&File::open(&pack)?)?.0 {
+            if let (Some(seq), Kind::Probe) = (found.seq, found.header.kind)
+                && found.path == *path
+                && newest.as_ref().is_none_or(|(newer, _, _)| *newer < seq)
+            {
+                newest = Some((seq, pack.clone(), found.offset + found.header.bytes_at() + at));
+            }
+        }
+    }
+    let (_, pack, offset) =
+        newest.ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("no record of {path}")))?;
+    let file = fs::OpenOptions::new().read(true).write(true).open(pack)?;
+    let mut byte = [0u8];
+    file.read_exact_at(&mut byte, offset)?;
+    file.write_all_at(&[byte[0] ^ 0x10], offset)
+}
+
 /// Packs whose bytes do not end with a whole record: a write under way, or
 /// what a crash left.
 pub fn unfinished_packs(data_dir: &Path) -> io::Result<usize> {

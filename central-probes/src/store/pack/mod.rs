@@ -322,6 +322,25 @@ impl Backend for PackBackend {
         &self.inner.page_token_key
     }
 
+    fn damage_file(&self) -> Option<PathBuf> {
+        Some(self.inner.data_dir.join(crate::store::filesystem::DAMAGE_FILE))
+    }
+
+    /// The newest record of the path: the one a read that just failed read,
+    /// unless the path was written since.
+    async fn location(&self, path: &ProbePath) -> String {
+        let dir = self.inner.data_dir.join("packs");
+        match self.inner.index().visible.get(path) {
+            Some(loc) => format!(
+                "{}, the record at offset {} (its bytes from offset {})",
+                packs::pack_path(&dir, loc.pack).display(),
+                loc.offset,
+                loc.bytes_at(path)
+            ),
+            None => format!("{} (no record of it any more)", dir.display()),
+        }
+    }
+
     fn available_bytes(&self) -> Result<u64> {
         available_bytes(&self.inner.data_dir)
     }

@@ -161,12 +161,13 @@ impl Staged for PackStaged {
         self: Box<Self>,
         _probe: StoredProbe,
         overwrite: bool,
+        repair: bool,
         taken: Option<oneshot::Sender<bool>>,
     ) -> Result<CommitOutcome> {
         let PackStaged { inner, path, loc, end, appended, in_flight } = *self;
         // A decision under the lock and a stamp into memory or a cached
         // page: no blocking thread needed.
-        let decided = decide_and_submit(&inner, path, loc, end, overwrite)?;
+        let decided = decide_and_submit(&inner, path, loc, end, (overwrite, repair))?;
         if let Some(appended) = appended {
             // Decided: stamped and staying, or dead (cut off if last).
             match decided.1 {
@@ -195,14 +196,14 @@ fn decide_and_submit(
     path: ProbePath,
     mut loc: Loc,
     end: u64,
-    overwrite: bool,
+    (overwrite, repair): (bool, bool),
 ) -> Result<(CommitOutcome, Option<Submitted>)> {
     inner.failed()?;
     fn content(loc: &Loc) -> crate::store::Content<'_> {
         (loc.size, loc.sha256, loc.signature.as_deref())
     }
     let mut index = inner.index();
-    let outcome = match overwrite_rule(index.decided(&path).map(content), content(&loc), overwrite) {
+    let outcome = match overwrite_rule(index.decided(&path).map(content), content(&loc), overwrite, repair) {
         // The record stays unstamped: dead, skipped by any scan.
         Decision::Keep(outcome) => return Ok((outcome, None)),
         Decision::Write(outcome) => outcome,

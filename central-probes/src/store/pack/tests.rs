@@ -74,6 +74,15 @@ impl crate::store::conformance::StoreFixture for PackFixture {
 
 crate::store_conformance_tests!(pack_fixture());
 
+#[tonic::async_trait]
+impl crate::store::damage_suite::DamageFixture for PackFixture {
+    async fn flip_a_byte(&self, path: &ProbePath, at: u64) {
+        inspect::flip_a_byte(self.dir.path(), path, at).unwrap();
+    }
+}
+
+crate::store_damage_tests!(pack_fixture());
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn probes_survive_a_clean_close_and_a_crash_and_the_index_is_rebuilt_from_the_packs() {
     let dir = tempfile::tempdir().unwrap();

@@ -242,6 +242,21 @@ impl Backend for PostgresBackend {
         &self.page_token_key
     }
 
+    async fn location(&self, path: &ProbePath) -> String {
+        let blob = async {
+            let client = get(&self.pool).await?;
+            let row = query_opt(&client, "SELECT blob FROM probes WHERE path = $1", &[&path.to_string()])
+                .await
+                .map_err(|e| db_error("looking a probe up", e))?;
+            Ok::<_, Error>(row.map(|row| row.get::<_, i64>(0)))
+        };
+        match blob.await {
+            Ok(Some(blob)) => format!("the database's table probe_chunks, the rows of blob {blob}"),
+            Ok(None) => "the database (no row of it any more)".to_owned(),
+            Err(error) => format!("the database (its blob could not be looked up: {error})"),
+        }
+    }
+
     fn available_bytes(&self) -> Result<u64> {
         Ok(u64::MAX)
     }

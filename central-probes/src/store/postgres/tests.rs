@@ -81,6 +81,30 @@ impl crate::store::conformance::StoreFixture for PgFixture {
 
 crate::store_conformance_tests!(pg_fixture());
 
+#[tonic::async_trait]
+impl crate::store::damage_suite::DamageFixture for PgFixture {
+    /// Flips a bit in the chunk row that holds byte `at`.
+    async fn flip_a_byte(&self, path: &ProbePath, at: u64) {
+        let client = raw_client(&self.url).await;
+        let (seq, offset) = ((at / CHUNK_ROW as u64) as i32, (at % CHUNK_ROW as u64) as i32);
+        let flipped = client
+            .execute(
+                "UPDATE probe_chunks SET data = set_byte(data, $3, get_byte(data, $3) # 16)
+                 WHERE blob = (SELECT blob FROM probes WHERE path = $1) AND seq = $2",
+                &[&path.to_string(), &seq, &offset],
+            )
+            .await
+            .unwrap();
+        assert_eq!(flipped, 1);
+    }
+
+    fn remembers_damage(&self) -> bool {
+        false
+    }
+}
+
+crate::store_damage_tests!(pg_fixture());
+
 async fn put(
     store: &dyn ProbeStore,
     p: &ProbePath,

@@ -86,6 +86,7 @@ impl Staged for PgStaged {
         self: Box<Self>,
         probe: StoredProbe,
         overwrite: bool,
+        repair: bool,
         taken: Option<oneshot::Sender<bool>>,
     ) -> Result<CommitOutcome> {
         let PgStaging { writing, flush, path, blob, .. } = self.staging;
@@ -110,7 +111,7 @@ impl Staged for PgStaged {
         let old = old.map_err(db("looking up"))?;
         let old_blob: Option<i64> = old.as_ref().map(|row| row.get("blob"));
         let old = old.as_ref().map(stored).transpose()?;
-        let decision = overwrite_rule(old.as_ref().map(StoredProbe::content), probe.content(), overwrite);
+        let decision = overwrite_rule(old.as_ref().map(StoredProbe::content), probe.content(), overwrite, repair);
         let (outcome, client) = match decision {
             Decision::Keep(outcome) => (outcome, writing.end_keeping("ROLLBACK").await?),
             Decision::Write(outcome) => {
