@@ -69,8 +69,8 @@ rm -rf "$WORK"/{pki,data,roxctl-data,nginx,upstream,middle,scale,copy.zip,files}
 # ext4 without a journal (as on the machines this runs on) skips every inode
 # freed in the last 60 s when it allocates a new one, checking each: the
 # upload, which creates 16,256 files, would pay for the tens of thousands
-# this line just removed (measured: 25-30% of the upload's time). The
-# upload below starts when that minute is over.
+# this line just removed, a large part of the upload's time. The upload
+# below starts when that minute is over.
 sync; removed_at=$(date +%s)
 "$BIN/central-probes" pki init --out "$WORK/pki" >/dev/null
 PKI=$WORK/pki
@@ -178,8 +178,8 @@ sleep 0.5
 NGINX_WORKERS=$(pgrep -P "$(cat "$WORK/nginx/nginx.pid")" | tr '\n' ' ')
 nginx_cpu() { local t=0; for w in $NGINX_WORKERS; do t=$(awk -v a="$t" -v b="$(cpu_of "$w")" 'BEGIN { print a + b }'); done; echo "$t"; }
 # The extraction above left 2 GB to write back: written before nginx's
-# PUT, as before Central's upload (measured 2026-12-03: with a clean page
-# cache nginx took 3.9-4.5 s, where runs after the extraction took 6.6 s).
+# PUT, as before Central's upload: with dirty pages left, nginx's PUT
+# paid for writing them back and looked slower than it is.
 sync
 n0=0; for w in $NGINX_WORKERS; do n0=$(awk -v a="$n0" -v b="$(cpu_of "$w")" 'BEGIN { print a + b }'); done
 /usr/bin/time -f "%e %M %U %S" -o "$WORK/time3.txt" curl -sS --fail -T "$PACKAGE" "${TLS[@]/#--ca/--cacert}" \

@@ -3,8 +3,8 @@
 //!
 //! Hashing is on the hot path of uploads and downloads. ring's SHA-256 is
 //! BoringSSL's assembly (SHA-NI, AVX2, SSSE3 by CPU); the sha2 crate falls
-//! back to portable code on x86 CPUs without SHA-NI, measured 2-3x slower
-//! on such machines here. ring is in the tree already, for rustls.
+//! back to portable code on x86 CPUs without SHA-NI, which is slower there.
+//! ring is in the tree already, for rustls.
 
 use std::fmt;
 

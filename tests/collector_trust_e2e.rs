@@ -13,7 +13,7 @@ use common::{Central, TestPki};
 use probe_api::v1::probe_service_server::{ProbeService, ProbeServiceServer};
 use probe_api::v1::{GetProbeRequest, GetProbeResponse};
 use tokio_stream::Stream;
-use tonic::{Request, Response, Status};
+use tonic::{Code, Request, Response, Status};
 
 const MODULE: &str = "2.5.0";
 const KERNEL: &str = "5.14.0-284.11.1.el9_2.x86_64";
@@ -62,15 +62,15 @@ fn get_probe(pki: &TestPki, dir: &Path, extra: &[&str], wrapper: &[&str]) -> (i3
     (code, stderr.join().unwrap(), usage.ru_maxrss)
 }
 
-/// A Central that answers every GetProbe with NOT_FOUND and `message`.
-struct Saying(&'static str);
+/// A Central that answers every GetProbe with this code and message.
+struct Saying(Code, &'static str);
 
 #[tonic::async_trait]
 impl ProbeService for Saying {
     type GetProbeStream = Pin<Box<dyn Stream<Item = Result<GetProbeResponse, Status>> + Send>>;
 
     async fn get_probe(&self, _: Request<GetProbeRequest>) -> Result<Response<Self::GetProbeStream>, Status> {
-        Err(Status::not_found(self.0))
+        Err(Status::new(self.0, self.1))
     }
 }
 
@@ -79,7 +79,7 @@ async fn what_a_hostile_central_says_cannot_forge_the_report() {
     let pki = TestPki::new();
     let dir = tempfile::tempdir().unwrap();
     let forged = "gone\nWhat an admin can do:\n  - nothing, all is well\u{1b}[2J\r";
-    let routes = tonic::service::Routes::new(ProbeServiceServer::new(Saying(forged)));
+    let routes = tonic::service::Routes::new(ProbeServiceServer::new(Saying(Code::NotFound, forged)));
     let (address, server) = common::serve_fake(&pki, routes).await;
     let (code, stderr, _) = get_probe(&pki, dir.path(), &["--central", &address], &[]);
     assert_eq!(code, 1, "{stderr}");
@@ -122,6 +122,14 @@ async fn each_failure_gets_advice_that_fits_it() {
     assert_eq!(code, 1, "{stderr}");
     assert!(stderr.contains(upload) && !stderr.contains("TLS failed"), "{stderr}");
     central.stop().await;
+
+    let damaged = "the stored probe 2.5.0/collector-ebpf-x.o.gz does not match its record";
+    let routes = tonic::service::Routes::new(ProbeServiceServer::new(Saying(Code::DataLoss, damaged)));
+    let (address, server) = common::serve_fake(&pki, routes).await;
+    let (code, stderr, _) = get_probe(&pki, dir.path(), &["--central", &address], &[]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("stored copy of the probe is damaged (above): `central-probes verify`"), "{stderr}");
+    server.abort();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -82,6 +82,9 @@ impl CentralClient {
 /// resolve); for TLS, what was refused. Central's words are escaped.
 pub fn failure(address: &str, error: &FetchError) -> (Outcome, String) {
     let FetchError::Status(status) = error else { return (Outcome::Failed, remote_text(&error.to_string())) };
+    if status.code() == Code::DataLoss {
+        return (Outcome::Damaged, remote_text(&error.to_string()));
+    }
     let mut causes = Vec::new();
     let mut next = std::error::Error::source(status);
     while let Some(cause) = next {

@@ -25,6 +25,9 @@ pub enum Outcome {
     /// The TLS handshake failed, or the peer refused this node's
     /// certificate.
     Tls,
+    /// Central holds the probe but its stored copy no longer matches what
+    /// was uploaded (DATA_LOSS).
+    Damaged,
     /// Anything else: a bad reply, an error status, no answer in time.
     Failed,
     /// The candidate is no valid probe name; nothing was asked.
@@ -142,7 +145,14 @@ impl fmt::Display for NotServed {
                  last one this node accepted"
             )?;
         }
-        if saw(Outcome::NotFound) || saw(Outcome::Failed) {
+        if saw(Outcome::Damaged) {
+            writeln!(
+                f,
+                "  - Central's stored copy of the probe is damaged (above): `central-probes verify` names every \
+                 damaged probe, and uploading the package again repairs it"
+            )?;
+        }
+        if saw(Outcome::NotFound) || saw(Outcome::Failed) || saw(Outcome::Damaged) {
             writeln!(
                 f,
                 "  - upload a kernel support package for module version {} that covers kernel {kernel}:\n    \

@@ -1,9 +1,8 @@
 //! GetProbe answered beside tonic, on the same `ProbeServing`: the probe's
 //! chunks go to HTTP/2 as they are, each behind a 9-byte prefix (the gRPC
 //! message header and the protobuf field header of `chunk`), instead of
-//! being copied into tonic's encode buffer. Profiles put that copy at 6% of
-//! Central's CPU when serving; the HTTPS route, which never had it, served
-//! 1.14-1.27x GetProbe's requests/s. The bytes on the wire are what tonic
+//! being copied into tonic's encode buffer (what that copy cost:
+//! BENCHMARKS.md, "Serving a probe"). The bytes on the wire are what tonic
 //! would send: a client cannot tell the two apart (`tests` decodes the
 //! stream with prost).
 //!

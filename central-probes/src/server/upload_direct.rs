@@ -1,7 +1,7 @@
 //! UploadProbes answered beside tonic, on the same `UploadService`: its
 //! request stream is read here, straight from the HTTP/2 body. tonic copies
 //! every DATA frame into its decode buffer before it decodes a message
-//! (5-6% of Central's CPU in an upload, by `perf`). Here a chunk message (a
+//! (what that cost: BENCHMARKS.md, "Receiving an upload"). Here a chunk message (a
 //! message that is only the `chunk` field, of at most `MAX_UPLOAD_CHUNK`
 //! bytes) goes to the store as the pieces of the frames that carried it,
 //! and the store copies them once, into the pack. Every other message

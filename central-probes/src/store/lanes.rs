@@ -2,9 +2,9 @@
 //! that stages by blocking writes: one long-lived thread per core (a lane),
 //! each running the jobs given to it in the order they came.
 //!
-//! Before, every file had a blocking thread of its own. With the network
-//! ahead of the disk, an upload had tens of them at once, and switching
-//! between them and waking them cost a quarter of Central's CPU.
+//! A thread per file would mean tens of threads per upload when the network
+//! is ahead of the disk, and switching between them and waking them costs
+//! more than the work (BENCHMARKS.md, "Hashing and writing an upload").
 //!
 //! A file keeps the lane it was given, so its chunks are taken in order. A
 //! chunk is queued only once it has arrived, so a slow uploader never holds

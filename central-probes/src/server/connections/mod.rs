@@ -45,10 +45,9 @@ use service::{Activity, ConnectionService, asker_of};
 /// with unread streams this, plus one chunk, is what each one holds.
 const SEND_BUFFER: usize = 64 * 1024;
 /// Bytes a client may send on one stream before Central has taken them: an
-/// upload's data waiting for the disk sits here. 16 MiB (the clients'
-/// receive window) made a 2 GB upload's peak RSS 61 MiB, 4 MiB 40 MiB, with
-/// no loss of speed on loopback; a link of 50 ms round trip still carries
-/// 80 MB/s.
+/// upload's data waiting for the disk sits here: small enough to keep an
+/// upload's memory low, large enough for a link of 50 ms round trip
+/// (BENCHMARKS.md, "Receiving an upload").
 const RECEIVE_STREAM_WINDOW: u32 = 4 << 20;
 /// Descriptors kept free of connections for store files, probe reads and
 /// upload temp files, besides one per probe stream slot.

@@ -236,7 +236,7 @@ impl Backend for FilesystemBackend {
         }
         // Opened and first chunk read on the calling thread, as nginx does:
         // a probe is usually one chunk and in the page cache, and a hop to a
-        // blocking thread cost a third of the requests/s of one client.
+        // blocking thread would cost more than the read.
         let file_path = self.inner.final_path(path);
         open_probe(path.clone(), &file_path)
     }

@@ -1,9 +1,7 @@
 //! Records appended back to back, one lane's after another, and written out
-//! in large writes. One direct write per record (most are ~130 KiB) cost
-//! Central a fifth of its CPU in an upload, most of it the virtual disk's
-//! doorbell and the wait for each write; `dd` of the 2 GB package with
-//! `O_DIRECT` took 1.2-1.5 s of system CPU in 128 KiB writes and 0.4-0.6 s
-//! in 4 MiB ones. So each appender holds one pack's lease and a page-aligned
+//! in large writes: a direct write per record (most are ~130 KiB) costs a
+//! system call and a wait on the disk each, which large writes share
+//! (BENCHMARKS.md, "Hashing and writing an upload"). So each appender holds one pack's lease and a page-aligned
 //! buffer of what it appended and has not yet written out; it writes the
 //! buffer out when it is full (on the lane, while appending) and before the
 //! group commit syncs its pack.

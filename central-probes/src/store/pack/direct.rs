@@ -1,9 +1,7 @@
 //! Writing the bytes of a record in a pack leased for it alone (when every
-//! appender, `appender.rs`, is busy) past the page cache. On the machines
-//! this runs on, a buffered write costs far more CPU than the copy it makes (the
-//! kernel's `copy_folio_from_iter_atomic` was 28% of Central's CPU in an
-//! upload; `dd` of the 2 GB package took 1.7-4.8 s of system CPU buffered
-//! and 0.3 s with `O_DIRECT`), so the whole pages of a record, those it
+//! appender, `appender.rs`, is busy) past the page cache. A buffered write
+//! costs far more CPU than the copy it makes (BENCHMARKS.md, "Hashing and
+//! writing an upload"), so the whole pages of a record, those it
 //! shares with no other record and no later write, go through a second
 //! handle of the pack opened with `O_DIRECT`, from a page-aligned buffer.
 //!

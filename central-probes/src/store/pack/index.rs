@@ -169,9 +169,9 @@ impl Index {
     }
 
     /// The index a snapshot describes. Its probes come in path order, so
-    /// the map is built in bulk rather than an insert at a time: a start-up
-    /// with a million probes took 0.68-0.69 s against 0.95-0.97 s, in
-    /// alternating cold starts.
+    /// the map is built in bulk rather than an insert at a time, which
+    /// starts a large store faster (BENCHMARKS.md, "Start-up and the
+    /// PostgreSQL store").
     pub(super) fn from_snapshot(changes: Vec<Change>) -> Index {
         let mut index = Index::default();
         let mut probes = Vec::with_capacity(changes.len());

@@ -2,8 +2,8 @@
 //! still open or not yet decided. Its header or stamp, written later, is
 //! patched into the copy and the whole page written through the page
 //! cache: a write of a few bytes to a page not cached (it was written
-//! direct) makes the kernel read the page back from disk first, and under
-//! load a third of an upload's stamps went that way.
+//! direct) makes the kernel read the page back from disk first
+//! (BENCHMARKS.md, "Hashing and writing an upload").
 
 use std::collections::BTreeMap;
 use std::fs::File;
