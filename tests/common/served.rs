@@ -18,6 +18,8 @@ pub struct Served {
     /// What Central logged up to its address.
     pub startup_log: Vec<String>,
     pub log: std::sync::mpsc::Receiver<String>,
+    /// Lines `log_line` read past on its way to the one it wanted.
+    passed: std::sync::Mutex<Vec<String>>,
 }
 
 pub fn serve(pki: &TestPki, data_dir: &Path, extra: &[&str]) -> Served {
@@ -90,7 +92,7 @@ fn spawn(pki: &TestPki, data_dir: &Path, extra: &[&str], descriptors: Option<u64
             break rest.split_whitespace().next().unwrap().to_owned();
         }
     };
-    Served { child, address, startup_log: seen, log }
+    Served { child, address, startup_log: seen, log, passed: Default::default() }
 }
 
 /// A Central a failed test left running would hold its data directory.
@@ -108,7 +110,10 @@ impl Served {
         let mut seen = Vec::new();
         loop {
             match self.log.recv_timeout(Duration::from_secs(20)) {
-                Ok(line) if line.contains(wanted) => return line,
+                Ok(line) if line.contains(wanted) => {
+                    self.passed.lock().unwrap().extend(seen);
+                    return line;
+                }
                 Ok(line) => seen.push(line),
                 Err(e) => panic!("no line with {wanted:?} in Central's log ({e}):\n{}", seen.join("\n")),
             }
@@ -118,7 +123,9 @@ impl Served {
     /// Central's metrics, from its `--metrics-listen` endpoint.
     pub async fn metrics(&self) -> String {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let known = self.startup_log.iter().find(|line| line.contains("metrics on http://")).cloned();
+        // Logged at start, maybe after the address, so maybe read past since.
+        let passed = self.passed.lock().unwrap().clone();
+        let known = self.startup_log.iter().chain(&passed).find(|line| line.contains("metrics on http://")).cloned();
         let line = known.unwrap_or_else(|| self.log_line("metrics on http://"));
         let address = line.split("metrics on http://").nth(1).unwrap().split('/').next().unwrap().to_owned();
         let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
