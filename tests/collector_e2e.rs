@@ -423,6 +423,15 @@ fn identity_args(pki: &TestPki, dir: &Path) -> Vec<String> {
     .into()
 }
 
+/// Each directory of `tests/data/hosts` and the candidates expected of it.
+fn distribution_hosts() -> Vec<(PathBuf, Vec<String>)> {
+    let hosts = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/data/hosts");
+    let dirs = std::fs::read_dir(&hosts).unwrap().map(|entry| entry.unwrap().path()).filter(|path| path.is_dir());
+    let expected =
+        |host: &Path| std::fs::read_to_string(host.join("candidates")).unwrap().lines().map(str::to_owned).collect();
+    dirs.map(|host| (host.clone(), expected(&host))).collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_the_products_environment_each_distribution_gets_the_products_candidates() {
     let pki = TestPki::new();
@@ -430,13 +439,7 @@ async fn with_the_products_environment_each_distribution_gets_the_products_candi
     let central = central_with(&pki, dir.path(), None).await;
     let hosts = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/data/hosts");
     let mut checked = 0;
-    for host in std::fs::read_dir(&hosts).unwrap() {
-        let host = host.unwrap().path();
-        if !host.is_dir() {
-            continue;
-        }
-        let expected: Vec<String> =
-            std::fs::read_to_string(host.join("candidates")).unwrap().lines().map(str::to_owned).collect();
+    for (host, expected) in distribution_hosts() {
         let env = product_env(&central.address, &host.join("root"), &[]);
         let (code, stdout, stderr) = run_collector_with_env(identity_args(&pki, dir.path()), env).await;
         assert_eq!(code, 1, "{}: {stdout}\n{stderr}", host.display());
@@ -628,13 +631,7 @@ async fn get_probe_reports_as_json_what_served_the_probe_or_what_was_tried() {
 async fn facts_are_what_get_probe_would_use_on_each_distribution() {
     let hosts = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/data/hosts");
     let mut checked = 0;
-    for host in std::fs::read_dir(&hosts).unwrap() {
-        let host = host.unwrap().path();
-        if !host.is_dir() {
-            continue;
-        }
-        let expected: Vec<String> =
-            std::fs::read_to_string(host.join("candidates")).unwrap().lines().map(str::to_owned).collect();
+    for (host, expected) in distribution_hosts() {
         let env = product_env("unused:1", &host.join("root"), &[]);
         let (code, stdout, stderr) =
             run_collector_with_env(vec!["facts".into(), "-o".into(), "json".into()], env).await;

@@ -328,7 +328,10 @@ async fn get_probe_runs_at_once_lose_no_serial() {
         let central = if i % 4 < 2 { low.address.clone() } else { high.address.clone() };
         async move { run.run(&format!("run-{i}.o"), &["--central", &central]).await }
     });
-    for (code, report, stderr) in futures_join_all(runs).await {
+    // All at once, then each awaited.
+    let runs: Vec<_> = runs.map(tokio::spawn).collect();
+    for run in runs {
+        let (code, report, stderr) = run.await.unwrap();
         // A run that read serial 3 after another recorded 7 is refused.
         assert!(code == 0 || report["signature_refusals"]["rollback"] == 1, "{report}\n{stderr}");
     }
@@ -337,19 +340,6 @@ async fn get_probe_runs_at_once_lose_no_serial() {
     assert!(state.contains(&format!("{b} 17\n")), "{state}");
     low.stop().await;
     high.stop().await;
-}
-
-/// Runs the futures at once and returns their outputs in order.
-async fn futures_join_all<F: std::future::Future + Send + 'static>(futures: impl Iterator<Item = F>) -> Vec<F::Output>
-where
-    F::Output: Send + 'static,
-{
-    let tasks: Vec<_> = futures.map(tokio::spawn).collect();
-    let mut outputs = Vec::new();
-    for task in tasks {
-        outputs.push(task.await.unwrap());
-    }
-    outputs
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

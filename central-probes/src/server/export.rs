@@ -58,6 +58,22 @@ pub struct Exports {
     send_timeout: Duration,
 }
 
+/// The module versions a call (`what`: "export", "verification") asks
+/// for: at most `MAX_EXPORT_MODULE_VERSIONS`, each valid, in path order
+/// (`ModuleVersion`'s), each once.
+pub(crate) fn module_versions_asked(asked: &[String], what: &str) -> Result<Vec<ModuleVersion>> {
+    if asked.len() > MAX_EXPORT_MODULE_VERSIONS {
+        return Err(Error::invalid_argument(format!(
+            "{} module versions asked for; at most {MAX_EXPORT_MODULE_VERSIONS} per {what}",
+            asked.len()
+        )));
+    }
+    let mut versions = asked.iter().map(|v| ModuleVersion::parse(v)).collect::<Result<Vec<_>, _>>()?;
+    versions.sort();
+    versions.dedup();
+    Ok(versions)
+}
+
 impl Exports {
     pub fn new(store: Arc<dyn ProbeStore>, send_timeout: Duration) -> Self {
         Exports { store, running: Arc::new(Semaphore::new(MAX_EXPORTS)), send_timeout }
@@ -65,17 +81,7 @@ impl Exports {
 
     /// Checks the request and starts streaming what it asks for.
     pub fn start(&self, request: ExportProbesRequest) -> Result<ExportStream> {
-        if request.module_versions.len() > MAX_EXPORT_MODULE_VERSIONS {
-            return Err(Error::invalid_argument(format!(
-                "{} module versions asked for; at most {MAX_EXPORT_MODULE_VERSIONS} per export",
-                request.module_versions.len()
-            )));
-        }
-        let mut versions =
-            request.module_versions.iter().map(|v| ModuleVersion::parse(v)).collect::<Result<Vec<_>, _>>()?;
-        // Path order (`ModuleVersion`'s).
-        versions.sort();
-        versions.dedup();
+        let versions = module_versions_asked(&request.module_versions, "export")?;
         let Ok(permit) = self.running.clone().try_acquire_owned() else {
             return Err(Error::new(
                 tonic::Code::ResourceExhausted,

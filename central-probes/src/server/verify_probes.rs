@@ -6,8 +6,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use probe_api::limits::MAX_EXPORT_MODULE_VERSIONS;
-use probe_api::names::ModuleVersion;
 use probe_api::v1::verify_probes_response::Message;
 use probe_api::v1::{DamagedProbe, VerifyProbesRequest, VerifyProbesResponse, VerifySummary};
 use tokio::sync::{Semaphore, mpsc};
@@ -16,6 +14,7 @@ use tonic::{Code, Status};
 use tracing::{info, warn};
 
 use crate::error::{Error, Result};
+use crate::server::export::module_versions_asked;
 use crate::store::ProbeStore;
 use crate::store::check::verify_all;
 
@@ -39,16 +38,7 @@ impl Verifications {
 
     /// Checks the request and starts the verification it asks for.
     pub fn start(&self, request: VerifyProbesRequest) -> Result<VerifyStream> {
-        if request.module_versions.len() > MAX_EXPORT_MODULE_VERSIONS {
-            return Err(Error::invalid_argument(format!(
-                "{} module versions asked for; at most {MAX_EXPORT_MODULE_VERSIONS} per verification",
-                request.module_versions.len()
-            )));
-        }
-        let mut versions =
-            request.module_versions.iter().map(|v| ModuleVersion::parse(v)).collect::<Result<Vec<_>, _>>()?;
-        versions.sort();
-        versions.dedup();
+        let versions = module_versions_asked(&request.module_versions, "verification")?;
         let Ok(permit) = self.running.clone().try_acquire_owned() else {
             return Err(Error::new(
                 Code::ResourceExhausted,
