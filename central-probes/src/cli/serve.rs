@@ -191,7 +191,7 @@ pub struct LimitArgs {
     /// End an upload (UploadProbes, or the product's upload route) that
     /// receives nothing for this long, as an interrupted one: the files
     /// committed before it stay, and the log and audit record it.
-    #[arg(long, env = "CENTRAL_UPLOAD_IDLE_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "CENTRAL_UPLOAD_IDLE_TIMEOUT", default_value = "60s", value_parser = positive_duration)]
     upload_idle_timeout: Duration,
 }
 
@@ -209,6 +209,15 @@ impl LimitArgs {
             send_timeout: self.send_timeout,
             upload_idle_timeout: self.upload_idle_timeout,
         }
+    }
+}
+
+/// A duration above zero (`--upload-idle-timeout 0s` would end every
+/// upload before its first byte).
+fn positive_duration(text: &str) -> Result<Duration, String> {
+    match humantime::parse_duration(text) {
+        Ok(duration) if duration.is_zero() => Err("must be more than 0, e.g. 60s".into()),
+        parsed => parsed.map_err(|e| e.to_string()),
     }
 }
 

@@ -71,6 +71,12 @@ impl Verifications {
                 loop {
                     tokio::select! {
                         verified = &mut run => break verified,
+                        // A client gone (Ctrl-C, its deadline) frees the
+                        // one verification at once, not after every byte.
+                        () = sender.closed() => {
+                            info!("the client of a verification went away: stopped");
+                            return;
+                        }
                         Some(message) = messages.recv() => {
                             if let Err(error) = send(Ok(VerifyProbesResponse { message: Some(message) })).await {
                                 break Err(error);

@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 use probe_api::digest::Sha256Digest;
 use probe_api::names::ProbePath;
-use tracing::{error, warn};
+use tracing::{debug, error, warn};
 
 use super::StoredProbe;
 use super::backend::Backend;
@@ -53,12 +53,15 @@ impl Damage {
         self.found().get(path).copied()
     }
 
-    /// Remembers that the probe recorded as `sha256` under `path` is damaged.
-    pub(super) fn mark(&self, path: &ProbePath, sha256: Sha256Digest) {
+    /// Remembers that the probe recorded as `sha256` under `path` is
+    /// damaged; whether that is news.
+    pub(super) fn mark(&self, path: &ProbePath, sha256: Sha256Digest) -> bool {
         let mut found = self.found();
-        if found.insert(path.clone(), sha256) != Some(sha256) {
+        let news = found.insert(path.clone(), sha256) != Some(sha256);
+        if news {
             self.keep(&found);
         }
+        news
     }
 
     /// Forgets `path`: written again, or removed.
@@ -85,9 +88,15 @@ impl Damage {
     pub(super) fn reporter<B: Backend>(self: &Arc<Self>, backend: Weak<B>) -> OnDamaged {
         let damage = self.clone();
         Arc::new(move |probe: &StoredProbe, why: &str| {
-            damage.mark(&probe.path, probe.sha256);
+            let news = damage.mark(&probe.path, probe.sha256);
             if let Some(on_damaged) = &damage.on_damaged {
                 on_damaged(probe, why);
+            }
+            // Logged once with where it is kept; a crowd of Collectors
+            // asking again is counted (the metric), not logged line by line.
+            if !news {
+                debug!(path = %probe.path, why, "a probe known to be damaged was asked for again");
+                return;
             }
             let (backend, path, logged_why) = (backend.clone(), probe.path.clone(), why.to_owned());
             let log = async move {

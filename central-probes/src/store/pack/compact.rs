@@ -114,6 +114,13 @@ fn rewrite(inner: &Arc<Inner>, victim: u32, bytes_per_second: u64) -> io::Result
             std::thread::sleep(lead);
         }
     }
+    // A record that does not parse before the durable end is damage in a
+    // header: what follows it cannot be found, so the pack is kept whole.
+    if offset < len {
+        return Err(io::Error::other(format!(
+            "pack {victim}: no whole record at offset {offset} of its {len} durable bytes; not compacted"
+        )));
+    }
     let (new_pack, end) = (lease.id(), at);
     let _in_flight = inner.packs.record_in_flight(new_pack);
     lease.keep(end);

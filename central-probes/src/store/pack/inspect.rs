@@ -21,7 +21,7 @@ pub fn probes_on_disk(data_dir: &Path) -> io::Result<Vec<(ProbePath, Sha256Diges
     let mut newest: std::collections::BTreeMap<ProbePath, (u64, Version)> = Default::default();
     for pack in packs(data_dir)? {
         let file = File::open(&pack)?;
-        for found in whole_records(&file)?.0 {
+        for found in whole_records(&file)?.0.into_iter().filter(|found| found.bytes_intact) {
             let Some(seq) = found.seq else { continue };
             if newest.get(&found.path).is_some_and(|(newer, _)| *newer > seq) {
                 continue;
@@ -42,8 +42,7 @@ pub fn probes_on_disk(data_dir: &Path) -> io::Result<Vec<(ProbePath, Sha256Diges
 
 /// Flips one bit of byte `at` of the probe `path`'s bytes in its newest
 /// committed record, as rot on the disk would: what the tests of damaged
-/// probes do to a store (running or not). The scan stops at a damaged
-/// record: damage later records first.
+/// probes do to a store (running or not).
 pub fn flip_a_byte(data_dir: &Path, path: &ProbePath, at: u64) -> io::Result<()> {
     let mut newest: Option<(u64, std::path::PathBuf, u64)> = None;
     for pack in packs(data_dir)? {

@@ -139,6 +139,12 @@ fn rebuild(faults: &Faults, packs: &mut HashMap<u32, (File, u64)>) -> io::Result
         while let Some(found) = read_record(file, offset, *len)? {
             offset += found.header.record_len();
             let Some(seq) = found.seq else { continue };
+            if !found.bytes_intact {
+                // Indexed all the same: the newest version of its path is
+                // this one, and a read refuses it (DATA_LOSS) where an older
+                // version would be served as if nothing were wrong.
+                warn!(pack = id, offset = found.offset, path = %found.path, "a committed probe's bytes do not match its CRC-32: damaged");
+            }
             index.next_seq = index.next_seq.max(seq + 1);
             if newest.get(&found.path).is_some_and(|(newer, _)| *newer >= seq) {
                 continue;

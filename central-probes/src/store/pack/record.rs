@@ -178,6 +178,13 @@ pub(super) struct Found {
     pub(super) signature: Option<Bytes>,
     /// `None` for a record never committed.
     pub(super) seq: Option<u64>,
+    /// Whether the probe's bytes match the record's CRC-32. A record whose
+    /// header holds but whose bytes do not, and that is committed or has
+    /// more of the pack after it, is one the disk damaged later (a torn
+    /// record is the pack's last, never committed): it is still a record,
+    /// so that a scan neither stops at it nor drops what follows, and a
+    /// read of it refuses the bytes.
+    pub(super) bytes_intact: bool,
 }
 
 /// Reads the record at `offset` of a pack of `len` bytes: `Ok(None)` where
@@ -201,8 +208,9 @@ pub(super) fn read_record(file: &std::fs::File, offset: u64, len: u64) -> std::i
     let Some(path) = std::str::from_utf8(&path).ok().and_then(|p| ProbePath::parse(p).ok()) else {
         return Ok(None);
     };
-    // The bytes must be whole too: a record is the pack's last only when
-    // the process died writing it, and then its CRC-32 tells.
+    // The bytes must be whole too: a record is torn only when the process
+    // died writing it, as the pack's last, and then its CRC-32 tells.
+    let mut bytes_intact = true;
     if header.kind == Kind::Probe {
         let mut crc = crc32fast::Hasher::new();
         let mut at = offset + header.bytes_at();
@@ -215,11 +223,16 @@ pub(super) fn read_record(file: &std::fs::File, offset: u64, len: u64) -> std::i
             at += n as u64;
             left -= n as u64;
         }
+        // A torn record was never committed: a stamped one whose bytes do
+        // not match was damaged after its commit, wherever it stands.
         if crc.finalize() != header.crc32 {
-            return Ok(None);
+            if end == len && committed_seq(&head, offset).is_none() {
+                return Ok(None);
+            }
+            bytes_intact = false;
         }
     }
     let seq = committed_seq(&head, offset);
     let signature = (!signature.is_empty()).then(|| Bytes::from(signature));
-    Ok(Some(Found { offset, header, path, signature, seq }))
+    Ok(Some(Found { offset, header, path, signature, seq, bytes_intact }))
 }
