@@ -98,12 +98,14 @@ echo 'unqualified-search-registries = []' >"$CONTAINERS_REGISTRIES_CONF"
 
 cleanup() {
   local status=$?
+  [ -n "${PLAY_PID:-}" ] && kill "$PLAY_PID" 2>/dev/null
   podman pod rm --all --force >/dev/null 2>&1 || true
   podman rm --all --force >/dev/null 2>&1 || true
   podman network rm --force deploytest >/dev/null 2>&1 || true
   podman volume rm --all --force >/dev/null 2>&1 || true
   umount /var/cache 2>/dev/null || true
   if [ "$status" = 0 ] && [ -z "${DEPLOY_TEST_KEEP:-}" ]; then
+    umount "$WORK/podman/storage/overlay" 2>/dev/null || true
     rm -rf "$WORK" 2>/dev/null || true
   else
     echo "deploy-test: files and logs in $WORK" >&2
@@ -275,7 +277,7 @@ echo "== Collector pods from deploy/k8s/collector.yaml's pod template, trusted k
 # remove it; OnFailure is what the kubelet does with init containers (rerun
 # on failure only), and the Collector container here never exits.
 collector_pod() {
-  python3 - deploy/k8s/collector.yaml "$1" "$(hostname)" >"$WORK/pod-$1.json" <<'EOF'
+  python3 - deploy/k8s/collector.yaml "$1" "$(uname -n)" >"$WORK/pod-$1.json" <<'EOF'
 import json, sys, yaml
 manifest, name, node = sys.argv[1:]
 (daemonset,) = [d for d in yaml.safe_load_all(open(manifest)) if d and d.get("kind") == "DaemonSet"]
@@ -322,11 +324,20 @@ play_collector() {
 # emptyDir and ConfigMaps (named after them, and kept): each pod starts with
 # a new emptyDir, as on a node.
 remove_collector() {
-  podman pod rm --force --ignore collector >/dev/null
+  # kube play still waiting for a failing init container holds the pod: it
+  # would wait for ever (podman runs the init container again and again).
   if [ -n "${PLAY_PID:-}" ]; then
+    kill "$PLAY_PID" 2>/dev/null || true
     wait "$PLAY_PID" || true
     PLAY_PID=
   fi
+  # An init container that fails at once is restarted at once (podman has no
+  # back-off): removing the pod can catch it between states; try again.
+  for _ in $(seq 1 10); do
+    podman pod rm --force --ignore collector >/dev/null 2>&1 && break
+    sleep 1
+  done
+  podman pod rm --force --ignore collector >/dev/null
   podman volume rm --force module collector-module-version probe-trusted-keys >/dev/null 2>&1 || true
 }
 probe_read_in() { # the SHA-256 the Collector container printed in run $1
