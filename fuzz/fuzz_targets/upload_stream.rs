@@ -1,16 +1,25 @@
-//! Any sequence of upload messages into the upload state machine and a real
-//! store: it must end with a response or a clear error, never panic, and
-//! never leave a file in tmp/ behind.
+//! Any sequence of upload messages, as a gRPC request body, through the
+//! reader UploadProbes uses (`upload_direct::UploadParts`) into the upload
+//! state machine and a real store: it must end with a response or a clear
+//! error, never panic, and never leave a file in tmp/ behind.
 //!
 //! Input format: repeated [u16 little-endian length][encoded UploadProbesRequest];
-//! undecodable messages end the sequence.
+//! each message that decodes is framed as gRPC frames it, and whatever
+//! follows the last one goes into the body as it is, so the reader's own
+//! parsing of lengths and chunk fields meets arbitrary bytes too. Each
+//! message is split across two HTTP/2 frames at a point its length
+//! chooses, as a client's frames may split it.
 #![no_main]
 
+use std::convert::Infallible;
 use std::sync::{Arc, OnceLock};
 
+use bytes::Bytes;
+use central_probes::server::upload_direct::UploadParts;
+use central_probes::server::upload_session::UploadSession;
 use central_probes::store::ProbeStore;
 use central_probes::store::filesystem::{FilesystemStore, FilesystemStoreConfig};
-use central_probes::server::upload_session::UploadSession;
+use http_body::Frame;
 use libfuzzer_sys::fuzz_target;
 use probe_api::v1::UploadProbesRequest;
 use prost::Message;
@@ -21,29 +30,48 @@ struct World {
     dir: tempfile::TempDir,
 }
 
-fn messages(mut data: &[u8]) -> Vec<UploadProbesRequest> {
-    let mut messages = Vec::new();
+/// The request body: the messages that decode, gRPC-framed, then the rest.
+fn body(mut data: &[u8]) -> Vec<Bytes> {
+    let mut frames = Vec::new();
     while data.len() >= 2 {
         let len = u16::from_le_bytes([data[0], data[1]]) as usize;
         let Some(body) = data.get(2..2 + len) else { break };
         let Ok(message) = UploadProbesRequest::decode(body) else { break };
-        messages.push(message);
+        let encoded = message.encode_to_vec();
+        let mut framed = Vec::with_capacity(5 + encoded.len());
+        framed.push(0);
+        framed.extend_from_slice(&(encoded.len() as u32).to_be_bytes());
+        framed.extend_from_slice(&encoded);
+        let mut framed = Bytes::from(framed);
+        let cut = (3 + encoded.len() % 7).min(framed.len());
+        frames.push(framed.split_to(cut));
+        frames.push(framed);
         data = &data[2 + len..];
     }
-    messages
+    frames.push(Bytes::copy_from_slice(data));
+    frames.retain(|frame| !frame.is_empty());
+    frames
+}
+
+/// A scratch directory in RAM when there is one: the store syncs every
+/// commit, which on a disk would make most of a run's time.
+fn scratch_dir() -> tempfile::TempDir {
+    tempfile::tempdir_in("/dev/shm").or_else(|_| tempfile::tempdir()).unwrap()
 }
 
 fuzz_target!(|data: &[u8]| {
     static WORLD: OnceLock<World> = OnceLock::new();
     let world = WORLD.get_or_init(|| {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = scratch_dir();
         let config = FilesystemStoreConfig { data_dir: dir.path().to_owned(), min_free_bytes: 0 };
         let store: Arc<dyn ProbeStore> = Arc::new(FilesystemStore::open(&config).unwrap());
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         World { runtime, store, dir }
     });
-    let requests = tokio_stream::iter(messages(data).into_iter().map(Ok));
-    let _ = world.runtime.block_on(UploadSession::new(world.store.clone()).run(requests));
+    let frames = body(data).into_iter().map(|frame| Ok::<_, Infallible>(Frame::data(frame)));
+    let body = http_body_util::StreamBody::new(tokio_stream::iter(frames));
+    let parts = UploadParts::new(body);
+    let _ = world.runtime.block_on(UploadSession::new(world.store.clone()).run(parts));
     // Writers dropped mid-file remove their file from their own thread.
     for _ in 0..200 {
         if std::fs::read_dir(world.dir.path().join("tmp")).unwrap().count() == 0 {

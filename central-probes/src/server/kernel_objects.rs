@@ -60,20 +60,40 @@ pub async fn handle<B>(
             return response;
         }
     };
-    let name = request.uri().path().strip_prefix(PREFIX).unwrap_or_default();
-    let Some((module_version, file_name)) = name.split_once('/') else {
+    let Some(route) = route_path(request.uri().path()) else {
         return text(StatusCode::BAD_REQUEST, "the path must be /kernel-objects/<module version>/<file name>");
     };
-    if let Some(probe_file) = file_name.strip_suffix(SIGNATURE_SUFFIX) {
-        return match serving.serve(METRICS_NAME, module_version, probe_file, asker, connection).await {
-            Ok(serving) => signature(serving, head),
-            Err(error) => refused(&error),
-        };
-    }
-    match serving.serve(METRICS_NAME, module_version, file_name, asker, connection).await {
+    match serving.serve(METRICS_NAME, route.module_version, route.file_name, asker, connection).await {
+        Ok(serving) if route.signature => signature(serving, head),
         Ok(serving) => found(serving, head).await,
         Err(error) => refused(&error),
     }
+}
+
+/// What a path under `PREFIX` asks for. The names are not checked here:
+/// `ProbeServing::serve` parses them, so that a bad name is counted in
+/// the request metrics like any other refusal.
+#[derive(Debug, PartialEq, Eq)]
+pub struct RoutePath<'a> {
+    pub module_version: &'a str,
+    /// The probe's file name, without `.minisig`.
+    pub file_name: &'a str,
+    /// `<file name>.minisig`: the probe's signature rather than the probe.
+    pub signature: bool,
+}
+
+/// Splits a request's path (the query string is not part of it, and no
+/// percent-decoding happens: `%2F` is three characters of a name, which
+/// the naming rules then refuse or keep as they are). `None` when the path
+/// is not `PREFIX<module version>/<file name>`. Public for the fuzz target
+/// `route_path`.
+pub fn route_path(path: &str) -> Option<RoutePath<'_>> {
+    let (module_version, file_name) = path.strip_prefix(PREFIX)?.split_once('/')?;
+    let (file_name, signature) = match file_name.strip_suffix(SIGNATURE_SUFFIX) {
+        Some(probe_file) => (probe_file, true),
+        None => (file_name, false),
+    };
+    Some(RoutePath { module_version, file_name, signature })
 }
 
 /// `<file name>.minisig`: the probe's signature as it was uploaded, 404
@@ -160,6 +180,19 @@ pub(crate) fn text(status: StatusCode, message: &str) -> Response<tonic::body::B
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_route_path_splits_into_module_version_file_name_and_signature() {
+        let probe = RoutePath { module_version: "2.5.0", file_name: "collector-6.1.ko.gz", signature: false };
+        assert_eq!(route_path("/kernel-objects/2.5.0/collector-6.1.ko.gz"), Some(probe));
+        let signature = RoutePath { module_version: "2.5.0", file_name: "collector-6.1.ko.gz", signature: true };
+        assert_eq!(route_path("/kernel-objects/2.5.0/collector-6.1.ko.gz.minisig"), Some(signature));
+        // Further slashes stay in the file name, for the naming rules to refuse.
+        assert_eq!(route_path("/kernel-objects/2.5.0/../x").map(|r| r.file_name), Some("../x"));
+        assert_eq!(route_path("/kernel-objects/2.5.0"), None);
+        assert_eq!(route_path("/kernel-objectsX/2.5.0/a"), None);
+        assert_eq!(route_path("/other/2.5.0/a"), None);
+    }
 
     #[test]
     fn each_refusal_has_its_http_status_and_unavailable_says_when_to_retry() {

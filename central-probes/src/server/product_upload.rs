@@ -40,6 +40,7 @@ use crate::server::kernel_objects::text;
 use crate::server::product_api::ProductUploads;
 use crate::server::upload_record::{Uploader, record_upload_end};
 use crate::server::upload_session::{Part, UploadEnd, UploadSession, idle_error};
+use crate::store::ProbeStore;
 
 /// The route's path.
 pub const PATH: &str = "/api/extensions/probeupload";
@@ -95,20 +96,22 @@ where
         return Err(Error::invalid_argument(format!("{PATH} takes POST only, not {}", request.method())));
     }
     let caller = uploads.auth.caller(&MetadataMap::from_headers(request.headers().clone()), Role::Admin)?;
-    let end = receive(uploads, request).await;
+    let end = receive(uploads.store.clone(), uploads.upload_idle_timeout, request).await;
     let uploader = Uploader { caller: &caller, client, via: PATH };
     record_upload_end(&uploads.metrics, &uploads.misses, &uploader, &end).await;
     end.into_result()
 }
 
-/// Receives an authorized upload to its end: what it committed, and the
-/// error that stopped it, if any.
-async fn receive<B>(uploads: &ProductUploads, request: Request<B>) -> UploadEnd
+/// Receives an authorized upload into `store` to its end: what it
+/// committed, and the error that stopped it, if any. Public (and hidden)
+/// for the fuzz target `roxctl_body`, which drives the body's parser
+/// through it.
+#[doc(hidden)]
+pub async fn receive<B>(store: Arc<dyn ProbeStore>, idle: Duration, request: Request<B>) -> UploadEnd
 where
     B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
     B::Error: std::fmt::Display,
 {
-    let idle = uploads.upload_idle_timeout;
     let (body, rest, files) = match planned(request, idle).await {
         Ok(planned) => planned,
         Err(error) => return UploadEnd { response: UploadProbesResponse::default(), error: Some(error) },
@@ -123,7 +126,7 @@ where
         fed
     });
     let parts = ReceiverStream::new(received).map(|message| message.map(Part::from));
-    let mut end = UploadSession::new(uploads.store.clone()).run_to_end(parts).await;
+    let mut end = UploadSession::new(store).run_to_end(parts).await;
     let fed = feeder.await.unwrap_or_else(|e| Err(Error::internal(format!("reading the upload: {e}"))));
     end.error = match (fed, end.error.take()) {
         // The session stopped because of the body: the body's error says why.

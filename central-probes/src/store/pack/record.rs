@@ -53,9 +53,11 @@ pub(super) struct Header {
 }
 
 impl Header {
-    /// Length of the whole record.
+    /// Length of the whole record. A damaged header's lengths can add up
+    /// past `u64::MAX`: the sum then stays there, so that no pack holds
+    /// the record, rather than wrapping to one that seems to fit.
     pub(super) fn record_len(&self) -> u64 {
-        HEADER_LEN + u64::from(self.path_len) + self.size + u64::from(self.signature_len)
+        (HEADER_LEN + u64::from(self.path_len) + u64::from(self.signature_len)).saturating_add(self.size)
     }
 
     /// Offset of the probe's first byte from the record's start.

@@ -168,6 +168,29 @@ async fn a_torn_last_record_is_dropped_at_start() {
     assert_eq!(fs::read(&pack).unwrap(), whole, "cut back to the last whole record");
 }
 
+#[tokio::test]
+async fn a_header_whose_lengths_overflow_is_a_torn_end_not_a_huge_read() {
+    // A header whose probe size and signature length add up past 2^64 to
+    // a record that would seem to fit in the pack (the fuzz target
+    // pack_store found it: a 4 GiB signature buffer).
+    let dir = tempfile::tempdir().unwrap();
+    fs::create_dir(dir.path().join("packs")).unwrap();
+    let pack = dir.path().join("packs").join("0000000001.pack");
+    let (path_len, fits) = (41u16, 300u64);
+    let size = fits.wrapping_sub(record::HEADER_LEN + u64::from(path_len) + u64::from(u32::MAX));
+    let mut damaged = vec![0u8; fits as usize];
+    damaged[..4].copy_from_slice(b"KPK1");
+    damaged[4] = 1;
+    damaged[6..8].copy_from_slice(&path_len.to_le_bytes());
+    damaged[8..16].copy_from_slice(&size.to_le_bytes());
+    damaged[16..20].copy_from_slice(&u32::MAX.to_le_bytes());
+    fs::write(&pack, &damaged).unwrap();
+    let store = PackStore::open(&config(dir.path())).unwrap();
+    assert!(store.is_empty());
+    drop(store);
+    assert_eq!(fs::read(&pack).unwrap(), b"", "cut back to the last whole record");
+}
+
 /// An upload's files as the upload session commits them: each after the
 /// one before it took effect, the next streaming in meanwhile.
 pub(super) async fn upload_in_order(store: &PackStore, files: &[(ProbePath, Vec<u8>)]) -> Vec<Result<CommitOutcome>> {
