@@ -249,7 +249,7 @@ uname -r >"$WORK/kernel.txt"
 "$DEBUG/make-package" --out "$WORK/pkg-2.6.0.zip" --module-version 2.6.0 --kernels "$WORK/kernel.txt" \
   --size-divisor 10 >/dev/null
 "$RELEASE/central-probes" package sign "$WORK/pkg-2.5.0.zip" --secret-key "$WORK/site.key" --serial 1 \
-  -o "$WORK/signed-2.5.0.zip" >/dev/null
+  --out "$WORK/signed-2.5.0.zip" >/dev/null
 # The token as the manifest's header says: token create in Central's container.
 ROX_API_TOKEN=$(podman exec "$CENTRAL_POD-central-probes" central-probes token create --data-dir /data \
   --role admin --name deploy-test 2>/dev/null)
