@@ -111,26 +111,8 @@ pub async fn raw_grpc_call(
     token: Option<&str>,
     body: Bytes,
 ) -> tonic::Status {
-    let mut request = http::Request::post(format!("https://localhost{method}"))
-        .header("content-type", "application/grpc")
-        .header("te", "trailers");
-    if let Some(token) = token {
-        request = request.header("authorization", format!("Bearer {token}"));
-    }
-    let mut sender = sender.clone().ready().await.unwrap();
-    let (response, mut stream) = sender.send_request(request.body(()).unwrap(), false).unwrap();
-    stream.send_data(body, true).unwrap();
-    let response = response.await.unwrap();
-    if let Some(status) = tonic::Status::from_header_map(response.headers()) {
-        return status;
-    }
-    let mut body = response.into_body();
-    while let Some(data) = body.data().await {
-        let data = data.unwrap();
-        let _ = body.flow_control().release_capacity(data.len());
-    }
-    let trailers = body.trailers().await.unwrap().unwrap_or_default();
-    tonic::Status::from_header_map(&trailers).expect("a grpc-status in the trailers")
+    let (response, _stream) = send_grpc_request(sender, method, token, body, true).await;
+    grpc_status(response).await
 }
 
 /// Starts a gRPC call by hand and sends `body` without ending the request:
@@ -142,6 +124,16 @@ pub async fn start_grpc_call(
     token: Option<&str>,
     body: Bytes,
 ) -> (h2::client::ResponseFuture, h2::SendStream<Bytes>) {
+    send_grpc_request(sender, method, token, body, false).await
+}
+
+async fn send_grpc_request(
+    sender: &h2::client::SendRequest<Bytes>,
+    method: &str,
+    token: Option<&str>,
+    body: Bytes,
+    end_of_stream: bool,
+) -> (h2::client::ResponseFuture, h2::SendStream<Bytes>) {
     let mut request = http::Request::post(format!("https://localhost{method}"))
         .header("content-type", "application/grpc")
         .header("te", "trailers");
@@ -150,7 +142,7 @@ pub async fn start_grpc_call(
     }
     let mut sender = sender.clone().ready().await.unwrap();
     let (response, mut stream) = sender.send_request(request.body(()).unwrap(), false).unwrap();
-    stream.send_data(body, false).unwrap();
+    stream.send_data(body, end_of_stream).unwrap();
     (response, stream)
 }
 

@@ -281,17 +281,9 @@ pub async fn upload_http2(sender: &h2::client::SendRequest<Bytes>, upload: Uploa
         let _ = stream.send_data(Bytes::new(), true);
     };
     let sender_task = tokio::spawn(sending);
-    let response = response.await.unwrap();
-    let status = response.status().as_u16();
-    let mut body = response.into_body();
-    let mut text = Vec::new();
-    while let Some(data) = body.data().await {
-        let data = data.unwrap();
-        let _ = body.flow_control().release_capacity(data.len());
-        text.extend_from_slice(&data);
-    }
+    let answered = answer(response).await;
     sender_task.abort();
-    (status, String::from_utf8_lossy(&text).into_owned())
+    answered
 }
 
 /// The upload over HTTP/1.1 (roxctl's HTTP client when Central selects
