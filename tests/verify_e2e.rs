@@ -225,6 +225,10 @@ async fn a_flipped_byte_is_refused_named_by_verify_and_repaired_by_a_reupload(ki
                 assert!(matches!(answer, Ok((500, _))), "{kind:?} {path} {flag}: {answer:?}");
             }
         }
+        if path == small {
+            let head = tokio::task::block_in_place(|| curl(&setup, &central, path, "--head"));
+            assert!(matches!(head, Ok((500, _))), "{kind:?} HEAD {path}: {head:?}");
+        }
     }
     assert!(central.metrics.damaged_read_count("upload") >= 2, "{kind:?}: counted");
     let (module_version, file_name) = paths[1].split_once('/').unwrap();

@@ -63,10 +63,16 @@ pub async fn handle<B>(
     let Some(route) = route_path(request.uri().path()) else {
         return text(StatusCode::BAD_REQUEST, "the path must be /kernel-objects/<module version>/<file name>");
     };
-    match serving.serve(METRICS_NAME, route.module_version, route.file_name, asker, connection).await {
+    let response = match serving.serve(METRICS_NAME, route.module_version, route.file_name, asker, connection).await {
         Ok(serving) if route.signature => signature(serving, head),
         Ok(serving) => found(serving, head).await,
         Err(error) => refused(&error),
+    };
+    // A HEAD answer carries no body, an error's text included: over HTTP/2
+    // a client takes DATA on a HEAD answer for a protocol error.
+    match head {
+        true => response.map(|_| tonic::body::Body::empty()),
+        false => response,
     }
 }
 
@@ -120,7 +126,12 @@ fn signature(Serving { probe, chunks, .. }: Serving, head: bool) -> Response<ton
 async fn found(Serving { probe, mut chunks, .. }: Serving, head: bool) -> Response<tonic::body::Body> {
     let digest = BASE64.encode(probe.sha256.0);
     let body = if head {
-        // Ends the stream and frees its slot now.
+        // The first chunk is read as for GET, so that a probe found damaged
+        // there (most probes are one chunk) is a 500 here too; then the
+        // stream ends and frees its slot.
+        if let Some(Err(error)) = chunks.next().await {
+            return refused(&error);
+        }
         drop(chunks);
         tonic::body::Body::empty()
     } else {
