@@ -16,6 +16,8 @@
 //! this format, and truncated and bit-flipped variants of them, then exits.
 #![no_main]
 
+mod common;
+
 use std::path::Path;
 use std::sync::OnceLock;
 
@@ -80,12 +82,6 @@ async fn serve(dir: &Path) -> Option<Served> {
     Some(served)
 }
 
-/// A scratch directory in RAM when there is one: the store syncs every
-/// commit, which on a disk would make most of a run's time.
-fn scratch_dir() -> tempfile::TempDir {
-    tempfile::tempdir_in("/dev/shm").or_else(|_| tempfile::tempdir()).unwrap()
-}
-
 fuzz_target!(|data: &[u8]| {
     static RUNTIME: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
     let runtime = RUNTIME.get_or_init(|| {
@@ -97,7 +93,7 @@ fuzz_target!(|data: &[u8]| {
         }
         runtime
     });
-    let dir = scratch_dir();
+    let dir = common::scratch_dir();
     for sub in ["packs", "index"] {
         std::fs::create_dir(dir.path().join(sub)).unwrap();
     }
@@ -154,7 +150,7 @@ async fn real_store(dir: &Path, clean: bool) -> (Vec<u8>, Vec<u8>) {
 async fn write_seeds(out: &Path) {
     std::fs::create_dir_all(out).unwrap();
     let write = |name: &str, bytes: &[u8]| std::fs::write(out.join(name), bytes).unwrap();
-    let (clean, unclean) = (scratch_dir(), scratch_dir());
+    let (clean, unclean) = (common::scratch_dir(), common::scratch_dir());
     let (packs, index) = real_store(clean.path(), true).await;
     let whole = [packs.as_slice(), &index].concat();
     write("store", &whole);

@@ -11,14 +11,16 @@
 //! less; bits 2-4: the size of the body's frames (1 byte to 64 KiB).
 #![no_main]
 
+mod common;
+
 use std::convert::Infallible;
-use std::sync::{Arc, OnceLock};
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use bytes::Bytes;
 use central_probes::server::product_upload::{PATH, receive};
 use central_probes::store::ProbeStore;
-use central_probes::store::filesystem::{FilesystemStore, FilesystemStoreConfig};
+use common::World;
 use http_body::Frame;
 use libfuzzer_sys::fuzz_target;
 use probe_api::names::ProbePath;
@@ -27,12 +29,6 @@ use prost::Message;
 use tokio_stream::StreamExt;
 
 const FRAME_SIZES: [usize; 8] = [1, 3, 64, 1000, 4096, 16384, 65536, 7];
-
-struct World {
-    runtime: tokio::runtime::Runtime,
-    store: Arc<dyn ProbeStore>,
-    dir: tempfile::TempDir,
-}
 
 struct Input<'a> {
     content_length: Option<u64>,
@@ -80,21 +76,9 @@ async fn check_stored(store: &dyn ProbeStore, query: &str, body: &[u8]) {
     assert_eq!(at, body.len(), "the body went on past its manifest's files");
 }
 
-/// A scratch directory in RAM when there is one: the store syncs every
-/// commit, which on a disk would make most of a run's time.
-fn scratch_dir() -> tempfile::TempDir {
-    tempfile::tempdir_in("/dev/shm").or_else(|_| tempfile::tempdir()).unwrap()
-}
-
 fuzz_target!(|data: &[u8]| {
     static WORLD: OnceLock<World> = OnceLock::new();
-    let world = WORLD.get_or_init(|| {
-        let dir = scratch_dir();
-        let config = FilesystemStoreConfig { data_dir: dir.path().to_owned(), min_free_bytes: 0 };
-        let store: Arc<dyn ProbeStore> = Arc::new(FilesystemStore::open(&config).unwrap());
-        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-        World { runtime, store, dir }
-    });
+    let world = WORLD.get_or_init(World::new);
     let Some(input) = input(data) else { return };
     let Ok(query) = std::str::from_utf8(input.query) else { return };
     let Ok(uri) = http::Uri::try_from(format!("{PATH}?{query}")) else { return };
@@ -116,12 +100,5 @@ fuzz_target!(|data: &[u8]| {
             check_stored(&*world.store, &query, input.body).await;
         }
     });
-    // Writers dropped mid-file remove their file from their own thread.
-    for _ in 0..200 {
-        if std::fs::read_dir(world.dir.path().join("tmp")).unwrap().count() == 0 {
-            return;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(1));
-    }
-    panic!("a temporary file stayed behind");
+    world.assert_no_temporary_file();
 });

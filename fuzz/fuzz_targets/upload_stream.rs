@@ -11,24 +11,19 @@
 //! chooses, as a client's frames may split it.
 #![no_main]
 
+mod common;
+
 use std::convert::Infallible;
-use std::sync::{Arc, OnceLock};
+use std::sync::OnceLock;
 
 use bytes::Bytes;
 use central_probes::server::upload_direct::UploadParts;
 use central_probes::server::upload_session::UploadSession;
-use central_probes::store::ProbeStore;
-use central_probes::store::filesystem::{FilesystemStore, FilesystemStoreConfig};
+use common::World;
 use http_body::Frame;
 use libfuzzer_sys::fuzz_target;
 use probe_api::v1::UploadProbesRequest;
 use prost::Message;
-
-struct World {
-    runtime: tokio::runtime::Runtime,
-    store: Arc<dyn ProbeStore>,
-    dir: tempfile::TempDir,
-}
 
 /// The request body: the messages that decode, gRPC-framed, then the rest.
 fn body(mut data: &[u8]) -> Vec<Bytes> {
@@ -53,31 +48,12 @@ fn body(mut data: &[u8]) -> Vec<Bytes> {
     frames
 }
 
-/// A scratch directory in RAM when there is one: the store syncs every
-/// commit, which on a disk would make most of a run's time.
-fn scratch_dir() -> tempfile::TempDir {
-    tempfile::tempdir_in("/dev/shm").or_else(|_| tempfile::tempdir()).unwrap()
-}
-
 fuzz_target!(|data: &[u8]| {
     static WORLD: OnceLock<World> = OnceLock::new();
-    let world = WORLD.get_or_init(|| {
-        let dir = scratch_dir();
-        let config = FilesystemStoreConfig { data_dir: dir.path().to_owned(), min_free_bytes: 0 };
-        let store: Arc<dyn ProbeStore> = Arc::new(FilesystemStore::open(&config).unwrap());
-        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-        World { runtime, store, dir }
-    });
+    let world = WORLD.get_or_init(World::new);
     let frames = body(data).into_iter().map(|frame| Ok::<_, Infallible>(Frame::data(frame)));
     let body = http_body_util::StreamBody::new(tokio_stream::iter(frames));
     let parts = UploadParts::new(body);
     let _ = world.runtime.block_on(UploadSession::new(world.store.clone()).run(parts));
-    // Writers dropped mid-file remove their file from their own thread.
-    for _ in 0..200 {
-        if std::fs::read_dir(world.dir.path().join("tmp")).unwrap().count() == 0 {
-            return;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(1));
-    }
-    panic!("a temporary file stayed behind");
+    world.assert_no_temporary_file();
 });
