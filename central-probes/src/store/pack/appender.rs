@@ -158,9 +158,15 @@ impl Appenders {
 }
 
 impl Drop for Appenders {
+    /// The store is closing: a record still being appended (its upload
+    /// abandoned at shutdown, its `Appending` not yet dropped) is cut off
+    /// first, so the pack is given back ending with its last whole record.
     fn drop(&mut self) {
         for slot in &self.slots {
             let mut appender = lock(slot);
+            if let Some(open) = appender.open {
+                appender.cut_back(&self.packs, open);
+            }
             if appender.give_back(&self.packs).is_err() {
                 // What was not written out belongs to no commit made
                 // durable; what was written is kept.

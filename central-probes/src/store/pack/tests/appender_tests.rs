@@ -138,3 +138,18 @@ fn a_full_pack_is_written_out_and_ends_at_its_last_record_and_the_next_starts_an
     assert_eq!(first_pack, f.model, "pack 1 holds its records and nothing after");
     drop(next);
 }
+
+#[test]
+fn a_record_still_open_when_the_store_closes_is_cut_off() {
+    let mut f = fixture();
+    f.record(3_000, 1_000, 1).committed();
+    // Past the buffer, so part of it is written out already.
+    let appending = f.appenders.begin(&bytes(100, 2)).unwrap().unwrap();
+    appending.write(&bytes(5 * MIB, 2)).unwrap();
+    let Fixture { _dir, packs, appenders, model } = f;
+    drop(appenders);
+    assert_eq!(std::fs::read(pack_path(&packs.dir, 1)).unwrap(), model, "the pack ends at its last whole record");
+    // The upload's end comes later, and finds the pack given back.
+    drop(appending);
+    assert_eq!(std::fs::read(pack_path(&packs.dir, 1)).unwrap(), model);
+}
