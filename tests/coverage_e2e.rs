@@ -387,3 +387,52 @@ async fn an_upstream_central_without_a_token_is_a_clear_failed_precondition() {
     assert_eq!(code, 1);
     assert!(stderr.contains("--upstream-token-file"), "{stderr}");
 }
+
+#[tokio::test]
+async fn an_uploaded_probe_found_damaged_does_not_count() {
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let options = CentralOptions { allow_anonymous_reads: true, ..CentralOptions::default() };
+    let upstream = Central::start_with(&pki, &dir.path().join("upstream"), options).await;
+    let kernel = "5.14.0-284.11.1.el9_2.x86_64";
+    upload(&upstream, &pki, kernel).await;
+    let data_dir = dir.path().join("central");
+    let start = || async {
+        let kind = UpstreamKind::Grpc { address: format!("https://{}", upstream.address) };
+        let mut config = common::upstream_config(&pki, kind, &dir.path().join("cache"));
+        config.view_token = Some(upstream.view_token.clone());
+        Central::start_with(&pki, &data_dir, CentralOptions { upstream: Some(config), ..CentralOptions::default() })
+            .await
+    };
+    let central = start().await;
+    upload(&central, &pki, kernel).await;
+    let (code, report) = check(&central, &pki, dir.path(), &[kernel.to_owned()], &[]).await;
+    assert_eq!((code, report["nodes"][0]["source"].as_str()), (0, Some("uploaded")));
+    central.stop().await;
+    wait_unlocked(&data_dir.join("lock")).await;
+    let path = probe_api::names::ProbePath::parse(&format!("{MODULE}/{}", file(kernel))).unwrap();
+    central_probes::store::pack::inspect::flip_a_byte(&data_dir, &path, 10).unwrap();
+
+    // A Collector's read finds the damage; from then on the probe is not
+    // served, and coverage looks further: the upstream has it.
+    let central = start().await;
+    let read = central.collector(&pki, Some(&pki.collector)).fetch(MODULE, &file(kernel)).await;
+    assert!(read.is_err(), "a damaged probe is not served");
+    let (code, report) = check(&central, &pki, dir.path(), &[kernel.to_owned()], &[]).await;
+    assert_eq!((code, report["nodes"][0]["source"].as_str()), (0, Some("upstream")), "{report}");
+}
+
+/// Waits until nobody holds the lock file `lock` (a stopped Central's
+/// connections may hold it a moment longer).
+async fn wait_unlocked(lock: &Path) {
+    use std::os::fd::AsRawFd;
+    let Ok(file) = std::fs::File::open(lock) else { return };
+    for _ in 0..100 {
+        // SAFETY: flock on a descriptor this function owns.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    panic!("{} is still locked", lock.display());
+}
