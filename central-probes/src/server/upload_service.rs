@@ -358,8 +358,8 @@ impl ProbeUploadService for UploadService {
         request: Request<CheckCoverageRequest>,
     ) -> Result<Response<CheckCoverageResponse>, Status> {
         let needed = if request.get_ref().prefetch { Role::Admin } else { Role::View };
-        let result = match self.auth.authorize(request.metadata(), needed) {
-            Ok(_) => self.coverage.check(request.into_inner()).await,
+        let result = match self.auth.caller(request.metadata(), needed) {
+            Ok(caller) => self.coverage.check(request.into_inner(), &caller).await,
             Err(error) => Err(error),
         };
         self.counted("CheckCoverage", result)

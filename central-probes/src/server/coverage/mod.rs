@@ -24,8 +24,10 @@ use probe_api::v1::{
     CheckCoverageRequest, CheckCoverageResponse, CoverageNode, CoverageSource, NodeCoverage, ProbeInfo,
 };
 use tonic::Code;
+use tracing::info;
 
 use crate::error::{Error, Result};
+use crate::server::auth::Caller;
 use crate::server::upstream::UpstreamSource;
 use crate::store::{ProbeStore, StoredProbe};
 use prefetch::PrefetchMarks;
@@ -58,9 +60,10 @@ impl Coverage {
         ProbeInfo { prefetched, ..ProbeInfo::from(probe) }
     }
 
-    /// The answer for every node of `request`. The caller has checked the
-    /// role (`prefetch` needs an admin).
-    pub async fn check(&self, request: CheckCoverageRequest) -> Result<CheckCoverageResponse> {
+    /// The answer for every node of `request`. The caller's role has been
+    /// checked (`prefetch` needs an admin); its token names it in the audit
+    /// line of a prefetch.
+    pub async fn check(&self, request: CheckCoverageRequest, caller: &Caller) -> Result<CheckCoverageResponse> {
         let module_version = ModuleVersion::parse(&request.module_version)?;
         let builtin = builtin_names(&request.builtin_files)?;
         if request.nodes.is_empty() || request.nodes.len() > MAX_COVERAGE_NODES {
@@ -118,6 +121,7 @@ impl Coverage {
                 .collect();
             if let Some(upstream) = &self.upstream {
                 let (prefetched, failures) = prefetch::fetch(&self.store, upstream, &self.marks, wanted).await;
+                info!(token = %caller.name, prefetched = prefetched.len(), failed = failures.len(), "probes prefetched");
                 (response.prefetched, response.prefetch_failures) = (prefetched, failures);
             }
         }

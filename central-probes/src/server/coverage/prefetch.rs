@@ -17,7 +17,7 @@ use probe_api::digest::Sha256Digest;
 use probe_api::names::ProbePath;
 use probe_api::v1::PrefetchFailure;
 use tokio_stream::StreamExt;
-use tracing::{info, warn};
+use tracing::warn;
 
 use crate::error::{Error, Result};
 use crate::server::sources::ProbeSource;
@@ -98,7 +98,6 @@ pub(super) async fn fetch(
         // The probes are stored all the same; only `ls` loses the label.
         warn!(%error, "could not record which probes were prefetched");
     }
-    info!(prefetched = stored.len(), failed = failures.len(), "prefetch done");
     (stored.into_iter().map(|(path, _)| path.to_string()).collect(), failures)
 }
 
