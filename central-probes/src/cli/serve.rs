@@ -106,6 +106,9 @@ pub struct ServeArgs {
     upstream_cert: Option<PathBuf>,
     #[arg(long, env = "CENTRAL_UPSTREAM_KEY", requires = "upstream_cert")]
     upstream_key: Option<PathBuf>,
+    /// A file holding a view token of the upstream Central's admin API, for coverage checks.
+    #[arg(long, env = "CENTRAL_UPSTREAM_TOKEN_FILE")]
+    upstream_token_file: Option<PathBuf>,
     /// Time allowed to connect to the upstream.
     #[arg(long, env = "CENTRAL_UPSTREAM_CONNECT_TIMEOUT", default_value = "2s", value_parser = humantime::parse_duration)]
     upstream_connect_timeout: Duration,
@@ -328,6 +331,9 @@ fn upstream_config(args: &ServeArgs) -> Result<Option<UpstreamConfig>, CliError>
         cache_max_bytes: args.upstream_cache_size,
         min_free_bytes: args.min_free_space,
         not_found_ttl: Duration::from_secs(30),
+        view_token: (args.upstream_token_file.as_deref().map(|file| read(file, "the upstream token file")))
+            .transpose()?
+            .map(|token| String::from_utf8_lossy(&token).trim().to_owned()),
     }))
 }
 

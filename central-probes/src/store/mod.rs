@@ -88,7 +88,7 @@ pub fn probe_info(probe: StoredProbe, path: String) -> probe_api::v1::ProbeInfo 
         crc32: probe.crc32,
         signature_key_id: signed.as_ref().map(|s| s.key_id().to_string()).unwrap_or_default(),
         signature_serial: signed.as_ref().map_or(0, |s| s.serial()),
-        signature: Bytes::new(),
+        ..Default::default() // no signature bytes (exports add them), not prefetched
     }
 }
 
