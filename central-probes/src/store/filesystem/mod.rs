@@ -19,14 +19,13 @@
 pub(in crate::store) mod entry;
 pub(in crate::store) mod format;
 mod index;
-pub(in crate::store) mod reader;
+mod reader;
 mod snapshot;
 mod state;
 #[cfg(test)]
 mod tests;
-pub(in crate::store) mod writer;
+mod writer;
 
-pub use reader::READ_CHUNK;
 #[cfg(any(test, feature = "testing"))]
 pub use reader::{flip_a_byte, read_probe_file};
 
@@ -41,18 +40,16 @@ use tracing::{info, warn};
 
 use crate::error::{Error, Result};
 use crate::store::backend::{Backend, Stage};
+use crate::store::disk::{DAMAGE_FILE, available_bytes, load_or_create_key, lock_data_dir, sync_dir};
 use crate::store::verified::VerifiedStore;
 use crate::store::{ModuleSummary, ProbeReader, StoredProbe, list_range};
 
 use entry::stored;
-use format::{load_or_create_key, lock_data_dir, remove_leftovers, sync_dir};
+use format::remove_leftovers;
 use index::load_index;
 use reader::open_probe;
 use state::Inner;
-use writer::{FsStaging, available_bytes};
-
-/// Where the damaged probes reads found are kept (`store::damage`).
-pub(in crate::store) const DAMAGE_FILE: &str = "damaged-probes";
+use writer::FsStaging;
 
 /// Settings of the embedded store.
 #[derive(Clone, Debug)]

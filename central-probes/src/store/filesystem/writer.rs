@@ -5,7 +5,7 @@
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
@@ -17,10 +17,11 @@ use tracing::warn;
 use crate::error::{Error, Result};
 use crate::store::backend::{Staged, Staging};
 use crate::store::chunk_writer::ChunkWriter;
+use crate::store::disk::sync_dir;
 use crate::store::{CommitOutcome, Content, Decision, StoredProbe, overwrite_rule, report_taken};
 
 use super::entry::{Entry, stored};
-use super::format::{HEADER_LEN, header, sync_dir};
+use super::format::{HEADER_LEN, header};
 use super::state::Inner;
 
 /// A file in `tmp/`, removed on drop unless it was renamed into place.
@@ -198,19 +199,4 @@ fn commit(
         }
         Ok(outcome)
     }
-}
-
-/// Free bytes on the file system holding `dir`, as an unprivileged user sees it.
-pub(in crate::store) fn available_bytes(dir: &Path) -> Result<u64> {
-    use std::os::unix::ffi::OsStrExt;
-    let c_path = std::ffi::CString::new(dir.as_os_str().as_bytes())
-        .map_err(|_| Error::internal("data directory path holds a NUL byte"))?;
-    let mut stats: libc::statvfs = unsafe { std::mem::zeroed() };
-    // SAFETY: `c_path` is a valid C string and `stats` a writable statvfs.
-    if unsafe { libc::statvfs(c_path.as_ptr(), &mut stats) } != 0 {
-        return Err(Error::io("checking free disk space", io::Error::last_os_error()));
-    }
-    // The field types differ between platforms; u64 holds all of them.
-    #[allow(clippy::useless_conversion)]
-    Ok(u64::from(stats.f_bavail).saturating_mul(u64::from(stats.f_frsize)))
 }
