@@ -17,7 +17,6 @@
 
 pub mod backend;
 pub mod check;
-mod chunk_writer;
 pub mod client_id;
 #[cfg(any(test, feature = "testing"))]
 pub mod conformance;

@@ -11,8 +11,8 @@
 //!
 //! The index of all probes (path, size, digests) is kept in memory, built at
 //! start-up from the headers, so existence checks and listings never touch
-//! the disk. This is a `Backend`: it stages bytes on a blocking thread fed
-//! through a bounded channel and commits under its index lock;
+//! the disk. This is a `Backend`: it stages bytes by blocking writes on the
+//! lane that hashes them (`store::lanes`) and commits under its index lock;
 //! `FilesystemStore` is it behind `VerifiedStore`, which hashes, verifies
 //! and keeps the disk floor.
 
@@ -220,7 +220,7 @@ impl Backend for FilesystemBackend {
     }
 
     async fn stage(&self, path: &ProbePath, _size: u64) -> Result<Stage> {
-        Ok(Stage::Async(Box::new(FsStaging::start(&self.inner, path)?)))
+        Ok(Stage::Blocking(Box::new(FsStaging::start(&self.inner, path)?)))
     }
 
     fn available_bytes(&self) -> Result<u64> {
