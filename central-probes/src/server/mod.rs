@@ -42,8 +42,6 @@ use tonic::service::Routes;
 use tracing::{info, warn};
 
 use crate::error::{Error, Result};
-use crate::misses::file::FileMissLog;
-use crate::misses::{MissLog, MissRecorder};
 use crate::server::auth::TokenAuth;
 use crate::server::metrics::Metrics;
 use crate::server::probe_service::ProbeServing;
@@ -54,6 +52,9 @@ use crate::server::upload_service::UploadService;
 use crate::server::upstream::UpstreamSource;
 use crate::store::ProbeStore;
 use crate::store::hot::HotProbes;
+use crate::store::misses::MissLog;
+use crate::store::misses::file::FileMissLog;
+use crate::store::misses::recorder::MissRecorder;
 use crate::store::postgres::PostgresStore;
 use crate::store::read_through::ReadThrough;
 use probe_api::signing::TrustedKeys;

@@ -22,7 +22,6 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::{info, instrument};
 
 use crate::error::{Error, Result};
-use crate::misses::{Miss, MissRecorder};
 use crate::server::auth::{Caller, Role, TokenAuth};
 use crate::server::coverage::Coverage;
 use crate::server::export::{ExportStream, Exports};
@@ -31,6 +30,8 @@ use crate::server::page_token::PageTokens;
 use crate::server::upload_record::{Uploader, record_upload_end};
 use crate::server::upload_session::{Part, UploadSession};
 use crate::server::verify_probes::{Verifications, VerifyStream};
+use crate::store::misses::Miss;
+use crate::store::misses::recorder::MissRecorder;
 use crate::store::{ModuleSummary, ProbeStore, StoredProbe, probe_info};
 
 pub struct UploadService {
