@@ -1,5 +1,5 @@
 //! Any sequence of upload messages, as a gRPC request body, through the
-//! reader UploadProbes uses (`upload_direct::UploadParts`) into the upload
+//! reader UploadProbes uses (`upload_probes::UploadParts`) into the upload
 //! state machine and a real store: it must end with a response or a clear
 //! error, never panic, and never leave a file in tmp/ behind.
 //!
@@ -17,8 +17,8 @@ use std::convert::Infallible;
 use std::sync::OnceLock;
 
 use bytes::Bytes;
-use central_probes::server::upload_direct::UploadParts;
-use central_probes::server::upload_session::UploadSession;
+use central_probes::server::handlers::upload_probes::UploadParts;
+use central_probes::server::uploads::UploadSession;
 use common::World;
 use http_body::Frame;
 use libfuzzer_sys::fuzz_target;

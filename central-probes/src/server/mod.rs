@@ -11,20 +11,13 @@
 pub mod auth;
 pub mod connections;
 pub mod export;
-pub mod get_probe_direct;
-pub mod kernel_objects;
+pub mod handlers;
 pub mod metrics;
 pub mod page_token;
-pub mod probe_service;
-pub mod probe_slots;
-pub mod product_api;
-pub mod product_upload;
+pub mod serving;
 pub mod sources;
 mod stores;
-pub mod upload_direct;
-mod upload_record;
-pub mod upload_service;
-pub mod upload_session;
+pub mod uploads;
 pub mod upstream;
 pub mod verify_probes;
 
@@ -44,12 +37,12 @@ use crate::error::{Error, Result};
 use crate::misses::file::FileMissLog;
 use crate::misses::{MissLog, MissRecorder};
 use crate::server::auth::TokenAuth;
+use crate::server::handlers::admin_service::AdminService;
+use crate::server::handlers::roxctl_existing::{ProductUploadService, ProductUploads};
 use crate::server::metrics::Metrics;
-use crate::server::probe_service::ProbeServing;
-use crate::server::probe_slots::ProbeSlots;
-use crate::server::product_api::{ProductUploadService, ProductUploads};
+use crate::server::serving::ProbeServing;
+use crate::server::serving::slots::ProbeSlots;
 use crate::server::sources::{ProbeSource, SourceChain, UploadedProbes};
-use crate::server::upload_service::UploadService;
 use crate::server::upstream::UpstreamSource;
 use crate::store::ProbeStore;
 use crate::store::hot::HotProbes;
@@ -254,10 +247,10 @@ async fn serve(central: Central, listener: TcpListener, shutdown: impl Future<Ou
     let tls = tls_config(&tls)?;
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
-    // GetProbe is answered beside tonic (`get_probe_direct`), so its
+    // GetProbe is answered beside tonic (`handlers::get_probe`), so its
     // service is named here rather than through a tonic server type.
     health_reporter.set_service_status("kprobes.v1.ProbeService", tonic_health::ServingStatus::Serving).await;
-    health_reporter.set_serving::<ProbeUploadServiceServer<UploadService>>().await;
+    health_reporter.set_serving::<ProbeUploadServiceServer<AdminService>>().await;
     // Both reflection versions: grpcurl before 1.9 and other older tools
     // speak only v1alpha.
     let reflection = || {
@@ -298,7 +291,7 @@ async fn serve(central: Central, listener: TcpListener, shutdown: impl Future<Ou
         product_auth.authorize(request.metadata(), Role::View).map_err(tonic::Status::from)?;
         Ok(request)
     });
-    let uploads = Arc::new(UploadService::new(
+    let uploads = Arc::new(AdminService::new(
         store,
         record,
         misses.clone(),

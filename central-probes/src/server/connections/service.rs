@@ -1,7 +1,7 @@
-//! The HTTP service of one connection: GetProbe (`get_probe_direct`),
-//! UploadProbes (`upload_direct`), the HTTPS probe route (`kernel_objects`),
-//! the product's upload route (`product_upload`) and gRPC-web
-//! (`product_api`), else tonic's routes
+//! The HTTP service of one connection: GetProbe (`handlers::get_probe`),
+//! UploadProbes (`handlers::upload_probes`), the HTTPS probe route (`kernel_objects`),
+//! the product's upload route (`handlers::roxctl_upload`) and gRPC-web
+//! (`handlers::roxctl_existing`), else tonic's routes
 //! with the connection's TLS facts
 //! and handle in every request, requests in flight counted for
 //! the idle timeout, and tonic's pre-handler errors recoded as the API
@@ -24,10 +24,10 @@ use tonic::service::Routes;
 use tonic::transport::server::Connected;
 
 use super::handle::ConnectionHandle;
-use crate::server::probe_service::{Asker, ProbeServing};
-use crate::server::product_api::{self, ProductUploads};
-use crate::server::upload_service::UploadService;
-use crate::server::{get_probe_direct, kernel_objects, product_upload, upload_direct};
+use crate::server::handlers::admin_service::AdminService;
+use crate::server::handlers::roxctl_existing::{self, ProductUploads};
+use crate::server::handlers::{get_probe, kernel_objects, roxctl_upload, upload_probes};
+use crate::server::serving::{Asker, ProbeServing};
 use crate::store::client_id::ClientId;
 
 /// Requests in flight on a connection and when the last one ended.
@@ -85,7 +85,7 @@ pub(super) fn asker_of(connect_info: &ConnectInfo) -> Asker {
 pub struct Direct {
     pub probes: Arc<ProbeServing>,
     pub product: Arc<ProductUploads>,
-    pub uploads: Arc<UploadService>,
+    pub uploads: Arc<AdminService>,
 }
 
 /// The HTTP service of one connection: tonic's routes, with the connection's
@@ -115,34 +115,34 @@ impl hyper::service::Service<Request<Incoming>> for ConnectionService {
             response.map(|body| tonic::body::Body::new(TrackedBody { body, _in_flight: in_flight }))
         };
         let path = request.uri().path();
-        let direct = path == get_probe_direct::PATH;
+        let direct = path == get_probe::PATH;
         if direct || path.starts_with(kernel_objects::PREFIX) {
             let probes = self.direct.probes.clone();
             let asker = self.asker;
             let handle = self.handle.clone();
             return Box::pin(async move {
                 let response = if direct {
-                    get_probe_direct::handle(&probes, request, asker, &handle).await
+                    get_probe::handle(&probes, request, asker, &handle).await
                 } else {
                     kernel_objects::handle(&probes, &request, asker, &handle).await
                 };
                 Ok(track(response))
             });
         }
-        if path == upload_direct::PATH {
+        if path == upload_probes::PATH {
             let uploads = self.direct.uploads.clone();
             let client = self.client();
-            return Box::pin(async move { Ok(track(upload_direct::handle(uploads, request, client).await)) });
+            return Box::pin(async move { Ok(track(upload_probes::handle(uploads, request, client).await)) });
         }
-        let grpc_web = product_api::wants_grpc_web(&request);
-        if grpc_web || path == product_upload::PATH {
+        let grpc_web = roxctl_existing::wants_grpc_web(&request);
+        if grpc_web || path == roxctl_upload::PATH {
             let product = self.direct.product.clone();
             let client = self.client();
             return Box::pin(async move {
                 let response = if grpc_web {
-                    product_api::grpc_web(&product, request).await
+                    roxctl_existing::grpc_web(&product, request).await
                 } else {
-                    product_upload::handle(product, request, client).await
+                    roxctl_upload::handle(product, request, client).await
                 };
                 Ok(track(response))
             });

@@ -12,7 +12,7 @@
 //! what was committed before an error, for the log and the audit.
 //!
 //! An upload whose client stops sending is ended by its reader
-//! (`upload_direct`, `product_upload`) after `--upload-idle-timeout` with
+//! (`handlers::upload_probes`, `handlers::roxctl_upload`) after `--upload-idle-timeout` with
 //! `idle_error`; one whose client went away ends with CANCELLED. Both are
 //! interrupted uploads (`UploadEnd::interrupted`).
 
@@ -60,7 +60,7 @@ pub enum Part {
     /// A decoded message; `None` for one without content.
     Message(Option<Message>),
     /// The bytes of a chunk message, in the pieces the HTTP/2 frames
-    /// carried them (`upload_direct` reads chunks so, without a copy).
+    /// carried them (`handlers::upload_probes` reads chunks so, without a copy).
     Chunk(Vec<Bytes>),
 }
 
@@ -343,7 +343,7 @@ fn expected_digests(path: &ProbePath, trailer: &FileTrailer) -> Result<ExpectedD
 /// reports an over-limit message as OUT_OF_RANGE and an undecodable one as
 /// INTERNAL; both are the client's mistake and retrying cannot help, so
 /// they become RESOURCE_EXHAUSTED and INVALID_ARGUMENT (as which
-/// `upload_direct` reports them itself). DEADLINE_EXCEEDED is a reader's
+/// `handlers::upload_probes` reports them itself). DEADLINE_EXCEEDED is a reader's
 /// `idle_error`. Anything else is a broken transport.
 fn stream_error(status: tonic::Status) -> Error {
     match status.code() {

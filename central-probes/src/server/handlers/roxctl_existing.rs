@@ -2,7 +2,7 @@
 //! unmodified `roxctl` uploads to this Central: `v1.ProbeUploadService`'s
 //! GetExistingProbes over gRPC, the same over gRPC-web for
 //! `roxctl --force-http1` (HTTP/1.1, trailers as the body's last frame),
-//! and what the upload route (`product_upload`) needs. Names are the
+//! and what the upload route (`handlers::roxctl_upload`) needs. Names are the
 //! product's `<module version>/<probe file>`, and files carry the size and
 //! CRC-32 that roxctl compares with its package's zip directory.
 
@@ -23,7 +23,7 @@ use tonic::{Code, Status};
 use crate::error::{Error, Result};
 use crate::misses::MissRecorder;
 use crate::server::auth::{Role, TokenAuth};
-use crate::server::get_probe_direct::read_message;
+use crate::server::handlers::get_probe::read_message;
 use crate::server::metrics::Metrics;
 use crate::store::ProbeStore;
 

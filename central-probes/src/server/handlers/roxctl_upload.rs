@@ -14,7 +14,7 @@
 //! the store takes it. A body that brings nothing for
 //! `--upload-idle-timeout` ends the upload (408), and the whole upload runs
 //! in a task of its own, so that one whose client went away is still
-//! logged and audited with what it committed (`upload_record`).
+//! logged and audited with what it committed (`uploads::record`).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -36,10 +36,10 @@ use tonic::metadata::MetadataMap;
 
 use crate::error::{Error, Result};
 use crate::server::auth::Role;
-use crate::server::kernel_objects::text;
-use crate::server::product_api::ProductUploads;
-use crate::server::upload_record::{Uploader, record_upload_end};
-use crate::server::upload_session::{Part, UploadEnd, UploadSession, idle_error};
+use crate::server::handlers::kernel_objects::text;
+use crate::server::handlers::roxctl_existing::ProductUploads;
+use crate::server::uploads::record::{Uploader, record_upload_end};
+use crate::server::uploads::{Part, UploadEnd, UploadSession, idle_error};
 use crate::store::ProbeStore;
 
 /// The route's path.

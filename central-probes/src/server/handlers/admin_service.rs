@@ -27,12 +27,12 @@ use crate::server::auth::{Caller, Role, TokenAuth};
 use crate::server::export::{ExportStream, Exports};
 use crate::server::metrics::{AuditLabels, Metrics};
 use crate::server::page_token::PageTokens;
-use crate::server::upload_record::{Uploader, record_upload_end};
-use crate::server::upload_session::{Part, UploadSession};
+use crate::server::uploads::record::{Uploader, record_upload_end};
+use crate::server::uploads::{Part, UploadSession};
 use crate::server::verify_probes::{Verifications, VerifyStream};
 use crate::store::{ModuleSummary, ProbeStore, StoredProbe, probe_info};
 
-pub struct UploadService {
+pub struct AdminService {
     store: Arc<dyn ProbeStore>,
     misses: Arc<MissRecorder>,
     auth: TokenAuth,
@@ -47,7 +47,7 @@ pub struct UploadService {
     upload_idle_timeout: Duration,
 }
 
-impl UploadService {
+impl AdminService {
     /// `send_timeout`: an export or verification whose client takes
     /// nothing for this long is ended; `upload_idle_timeout`: the same for
     /// an upload whose client sends nothing.
@@ -65,7 +65,7 @@ impl UploadService {
         let (exports, verifications) =
             (Exports::new(record.clone(), send_timeout), Verifications::new(record, send_timeout));
         let summarizing = Default::default();
-        UploadService {
+        AdminService {
             store,
             misses,
             auth,
@@ -147,9 +147,9 @@ impl UploadService {
     }
 }
 
-impl UploadService {
+impl AdminService {
     /// UploadProbes, for tonic's request stream and for Central's own
-    /// (`upload_direct`, which answers every UploadProbes call Central
+    /// (`handlers::upload_probes`, which answers every UploadProbes call Central
     /// serves): the caller must be an admin; `client` is its address, for
     /// the log.
     #[instrument(name = "upload_probes", skip_all)]
@@ -246,7 +246,7 @@ impl UploadService {
     }
 }
 
-impl UploadService {
+impl AdminService {
     async fn module_versions(&self) -> Result<ListModuleVersionsResponse> {
         let summaries = {
             let _one_at_a_time = self.summarizing.lock().await;
@@ -278,7 +278,7 @@ impl UploadService {
 }
 
 #[tonic::async_trait]
-impl ProbeUploadService for UploadService {
+impl ProbeUploadService for AdminService {
     #[instrument(skip_all, fields(paths = request.get_ref().paths.len()))]
     async fn get_existing_probes(
         &self,

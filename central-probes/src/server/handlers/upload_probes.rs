@@ -1,4 +1,4 @@
-//! UploadProbes answered beside tonic, on the same `UploadService`: its
+//! UploadProbes answered beside tonic, on the same `AdminService`: its
 //! request stream is read here, straight from the HTTP/2 body. tonic copies
 //! every DATA frame into its decode buffer before it decodes a message
 //! (what that cost: BENCHMARKS.md, "Receiving an upload"). Here a chunk message (a
@@ -15,7 +15,7 @@
 //! valid protobuf or a body that ends inside a message (INVALID_ARGUMENT);
 //! a broken body (the client went away) ends the stream as CANCELLED, and
 //! a body that brings nothing for `--upload-idle-timeout` as
-//! DEADLINE_EXCEEDED (`upload_session::idle_error`). Time the store takes
+//! DEADLINE_EXCEEDED (`uploads::idle_error`). Time the store takes
 //! does not count as idle: the body is not waited on meanwhile.
 
 use std::collections::VecDeque;
@@ -35,9 +35,9 @@ use tokio_stream::Stream;
 use tonic::Status;
 use tonic::metadata::MetadataMap;
 
-use crate::server::get_probe_direct::{frame_of, status_trailers, trailers_only};
-use crate::server::upload_service::UploadService;
-use crate::server::upload_session::{Part, idle_error};
+use crate::server::handlers::admin_service::AdminService;
+use crate::server::handlers::get_probe::{frame_of, status_trailers, trailers_only};
+use crate::server::uploads::{Part, idle_error};
 
 /// The HTTP/2 path of UploadProbes.
 pub const PATH: &str = "/kprobes.v1.ProbeUploadService/UploadProbes";
@@ -49,7 +49,7 @@ const CHUNK_TAG: u8 = (3 << 3) | 2;
 const PREFIX: usize = 5;
 
 /// Answers one UploadProbes call.
-pub async fn handle<B>(uploads: Arc<UploadService>, request: Request<B>, client: String) -> Response<tonic::body::Body>
+pub async fn handle<B>(uploads: Arc<AdminService>, request: Request<B>, client: String) -> Response<tonic::body::Body>
 where
     B: Body<Data = Bytes> + Send + Unpin + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,

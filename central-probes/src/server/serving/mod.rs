@@ -2,8 +2,10 @@
 //! the chain that has it (uploaded packages, then the upstream), with its
 //! bytes to come as the source reads them (never the whole file in
 //! memory). Each stream holds one of the global probe stream slots, and
-//! tells it whether its client is reading. GetProbe (`get_probe_direct`)
+//! tells it whether its client is reading. GetProbe (`handlers::get_probe`)
 //! and the HTTPS route (`kernel_objects`) both serve through it.
+
+pub mod slots;
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -20,7 +22,7 @@ use crate::error::{Error, Result};
 use crate::misses::{MissRecorder, Resolver};
 use crate::server::connections::handle::ConnectionHandle;
 use crate::server::metrics::Metrics;
-use crate::server::probe_slots::{ProbeSlots, Slot};
+use crate::server::serving::slots::{ProbeSlots, Slot};
 use crate::server::sources::{SourceChain, source_label};
 use crate::store::StoredProbe;
 use crate::store::client_id::ClientId;

@@ -13,7 +13,7 @@ use tracing::{info, warn};
 use crate::misses::{MissRecorder, Resolver};
 use crate::server::auth::Caller;
 use crate::server::metrics::{AuditLabels, Metrics, OutcomeLabels};
-use crate::server::upload_session::UploadEnd;
+use crate::server::uploads::UploadEnd;
 
 /// Who sent an upload, and through which API.
 pub(crate) struct Uploader<'a> {

@@ -28,7 +28,7 @@ use tokio_stream::Stream;
 use tonic::{Code, Status};
 
 use crate::server::connections::handle::ConnectionHandle;
-use crate::server::probe_service::{Asker, ProbeChunks, ProbeServing, Serving};
+use crate::server::serving::{Asker, ProbeChunks, ProbeServing, Serving};
 
 /// The HTTP/2 path of GetProbe.
 pub const PATH: &str = "/kprobes.v1.ProbeService/GetProbe";

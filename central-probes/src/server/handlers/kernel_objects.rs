@@ -36,7 +36,7 @@ use tonic::Code;
 
 use crate::error::Error;
 use crate::server::connections::handle::ConnectionHandle;
-use crate::server::probe_service::{Asker, ProbeServing, Serving};
+use crate::server::serving::{Asker, ProbeServing, Serving};
 
 /// Where the route starts.
 pub const PREFIX: &str = "/kernel-objects/";
