@@ -10,6 +10,7 @@
 
 pub mod auth;
 pub mod connections;
+pub mod edge;
 pub mod export;
 pub mod handlers;
 pub mod metrics;

@@ -134,7 +134,7 @@ impl hyper::service::Service<Request<Incoming>> for ConnectionService {
             let client = self.client();
             return Box::pin(async move { Ok(track(upload_probes::handle(uploads, request, client).await)) });
         }
-        let grpc_web = roxctl_existing::wants_grpc_web(&request);
+        let grpc_web = crate::server::edge::grpc_web::wants_grpc_web(&request);
         if grpc_web || path == roxctl_upload::PATH {
             let product = self.direct.product.clone();
             let client = self.client();

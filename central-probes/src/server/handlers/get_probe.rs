@@ -6,26 +6,24 @@
 //! would send: a client cannot tell the two apart (`tests` decodes the
 //! stream with prost).
 //!
-//! The request is read here too: one message frame of at most
-//! `MAX_GET_PROBE_REQUEST` bytes (RESOURCE_EXHAUSTED beyond), valid
-//! protobuf (INVALID_ARGUMENT otherwise), uncompressed (Central accepts no
-//! compressed requests: INVALID_ARGUMENT). Errors before the first message
-//! are trailers-only responses, as tonic sends them; an error while the
-//! probe streams ends the stream with its status in the trailers.
+//! The request is one message of at most `MAX_GET_PROBE_REQUEST` bytes
+//! (`edge::grpc::read_unary` says what else it must be). Errors before the
+//! first message are trailers-only responses, as tonic sends them; an error
+//! while the probe streams ends the stream with its status in the trailers.
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use bytes::{BufMut, Bytes, BytesMut};
-use http::{HeaderMap, HeaderValue, Request, Response};
+use bytes::Bytes;
+use http::{Request, Response};
 use http_body::Frame;
-use http_body_util::BodyExt;
 use probe_api::limits::MAX_GET_PROBE_REQUEST;
 use probe_api::v1::get_probe_response::Message;
 use probe_api::v1::{GetProbeRequest, GetProbeResponse, ProbeHeader};
-use prost::Message as _;
 use tokio_stream::Stream;
 use tonic::{Code, Status};
+
+use crate::server::edge::grpc::{field_frame_prefix, frame_of, read_unary, response, status_trailers, trailers_only};
 
 use crate::server::connections::handle::ConnectionHandle;
 use crate::server::serving::{Asker, ProbeChunks, ProbeServing, Serving};
@@ -48,9 +46,9 @@ where
     B: http_body::Body<Data = Bytes> + Unpin,
     B::Error: std::fmt::Display,
 {
-    let request = match read_request(request).await {
+    let request: GetProbeRequest = match read_unary(request, MAX_GET_PROBE_REQUEST).await {
         Ok(request) => request,
-        Err(status) => return trailers_only(status),
+        Err(error) => return trailers_only(Status::from(error)),
     };
     let served = serving.serve("GetProbe", &request.module_version, &request.file_name, asker, connection);
     let Serving { probe, source, chunks } = match served.await {
@@ -67,9 +65,7 @@ where
         })),
     };
     let body = ProbeBody { header: Some(frame_of(&header)), pending: None, chunks, done: false };
-    let mut response = Response::new(tonic::body::Body::new(body));
-    response.headers_mut().insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
-    response
+    response(tonic::body::Body::new(body))
 }
 
 /// The response stream: the header message, then each chunk behind its
@@ -96,7 +92,7 @@ impl http_body::Body for ProbeBody {
         }
         let status = match std::task::ready!(Pin::new(&mut self.chunks).poll_next(cx)) {
             Some(Ok(chunk)) => {
-                let prefix = chunk_prefix(chunk.len());
+                let prefix = field_frame_prefix(CHUNK_TAG, chunk.len());
                 self.pending = Some(chunk);
                 return Poll::Ready(Some(Ok(Frame::data(prefix))));
             }
@@ -112,100 +108,6 @@ impl http_body::Body for ProbeBody {
     }
 }
 
-/// The one request message of the call.
-async fn read_request<B>(request: Request<B>) -> Result<GetProbeRequest, Status>
-where
-    B: http_body::Body<Data = Bytes> + Unpin,
-    B::Error: std::fmt::Display,
-{
-    let message = read_message(request, MAX_GET_PROBE_REQUEST).await?;
-    GetProbeRequest::decode(message)
-        .map_err(|e| Status::invalid_argument(format!("the request message was refused: not valid protobuf: {e}")))
-}
-
-/// The bytes of the one message of a gRPC (or gRPC-web) request, read by
-/// hand as Central does beside tonic: uncompressed, at most `limit` bytes
-/// (RESOURCE_EXHAUSTED beyond, on the length alone), exactly one frame
-/// (INVALID_ARGUMENT otherwise).
-pub(crate) async fn read_message<B>(request: Request<B>, limit: usize) -> Result<Bytes, Status>
-where
-    B: http_body::Body<Data = Bytes> + Unpin,
-    B::Error: std::fmt::Display,
-{
-    if request.headers().get("grpc-encoding").is_some_and(|encoding| encoding != "identity") {
-        return Err(Status::invalid_argument("Central accepts no compressed requests"));
-    }
-    let mut body = request.into_body();
-    let mut received = BytesMut::new();
-    while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(|e| Status::invalid_argument(format!("reading the request: {e}")))?;
-        let Ok(data) = frame.into_data() else { continue };
-        received.extend_from_slice(&data);
-        if received.len() >= 5 {
-            let length = u32::from_be_bytes([received[1], received[2], received[3], received[4]]) as usize;
-            if length > limit {
-                return Err(Status::resource_exhausted(format!(
-                    "the request message was refused: {length} bytes, over the limit of {limit}"
-                )));
-            }
-            if received.len() > 5 + length {
-                return Err(Status::invalid_argument("more than one request message"));
-            }
-        }
-    }
-    let malformed = || Status::invalid_argument("the request is not one gRPC message frame");
-    if received.len() < 5 {
-        return Err(malformed());
-    }
-    let length = u32::from_be_bytes([received[1], received[2], received[3], received[4]]) as usize;
-    if received[0] != 0 {
-        return Err(Status::invalid_argument("Central accepts no compressed requests"));
-    }
-    if received.len() != 5 + length {
-        return Err(malformed());
-    }
-    Ok(received.freeze().slice(5..))
-}
-
-/// `message` as one gRPC message frame.
-pub(crate) fn frame_of(message: &impl prost::Message) -> Bytes {
-    let mut frame = BytesMut::with_capacity(5 + message.encoded_len());
-    frame.put_u8(0);
-    frame.put_u32(message.encoded_len() as u32);
-    message.encode(&mut frame).expect("the buffer has room");
-    frame.freeze()
-}
-
-/// What goes before a chunk of `len` bytes: the gRPC message header and
-/// the protobuf tag and length of `GetProbeResponse.chunk`.
-fn chunk_prefix(len: usize) -> Bytes {
-    let mut field = BytesMut::with_capacity(16);
-    field.put_u8(CHUNK_TAG);
-    prost::encoding::encode_varint(len as u64, &mut field);
-    let mut prefix = BytesMut::with_capacity(5 + field.len());
-    prefix.put_u8(0);
-    prefix.put_u32((field.len() + len) as u32);
-    prefix.extend_from_slice(&field);
-    prefix.freeze()
-}
-
-pub(crate) fn status_trailers(status: Status) -> HeaderMap {
-    let mut trailers = HeaderMap::new();
-    // Only fails for a status whose details cannot be encoded; ours have none.
-    let _ = status.add_header(&mut trailers);
-    trailers
-}
-
-/// A response that is only headers: how gRPC ends a call that failed
-/// before its first message.
-pub(crate) fn trailers_only(status: Status) -> Response<tonic::body::Body> {
-    let mut response = Response::new(tonic::body::Body::empty());
-    let headers = response.headers_mut();
-    headers.insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
-    let _ = status.add_header(headers);
-    response
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -214,7 +116,7 @@ mod tests {
     fn a_prefixed_chunk_decodes_as_the_message_tonic_would_send() {
         for len in [0usize, 1, 127, 128, 65_536, 1 << 20] {
             let chunk = Bytes::from(vec![7u8; len]);
-            let mut wire = chunk_prefix(len).to_vec();
+            let mut wire = field_frame_prefix(CHUNK_TAG, len).to_vec();
             wire.extend_from_slice(&chunk);
             let expected = frame_of(&GetProbeResponse { message: Some(Message::Chunk(chunk.clone())) });
             assert_eq!(wire, expected.to_vec(), "a chunk of {len} bytes");

@@ -27,7 +27,6 @@ use std::convert::Infallible;
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
-use bytes::Bytes;
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full, StreamBody};
 use probe_api::signing::SIGNATURE_SUFFIX;
@@ -36,6 +35,7 @@ use tonic::Code;
 
 use crate::error::Error;
 use crate::server::connections::handle::ConnectionHandle;
+use crate::server::edge::http::text;
 use crate::server::serving::{Asker, ProbeServing, Serving};
 
 /// Where the route starts.
@@ -176,15 +176,6 @@ fn refused(error: &Error) -> Response<tonic::body::Body> {
     if status == StatusCode::SERVICE_UNAVAILABLE {
         response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
     }
-    response
-}
-
-/// A plain-text answer: `message` and a newline.
-pub(crate) fn text(status: StatusCode, message: &str) -> Response<tonic::body::Body> {
-    let body = Full::new(Bytes::from(format!("{message}\n"))).map_err(|never: Infallible| match never {});
-    let mut response = Response::new(tonic::body::Body::new(body));
-    *response.status_mut() = status;
-    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
     response
 }
 

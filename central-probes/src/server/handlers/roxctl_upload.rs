@@ -19,9 +19,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use http::{Method, Request, Response, StatusCode};
-use http_body_util::BodyExt;
 use probe_api::limits::{MAX_FILE_SIZE, MAX_MANIFEST_BYTES, MAX_MANIFEST_FILES, MAX_UPLOAD_CHUNK};
 use probe_api::names::ProbePath;
 use probe_api::product::v1::ProbeUploadManifest;
@@ -36,10 +35,10 @@ use tonic::metadata::MetadataMap;
 
 use crate::error::{Error, Result};
 use crate::server::auth::Role;
-use crate::server::handlers::kernel_objects::text;
+use crate::server::edge::http::{next_data, text};
 use crate::server::handlers::roxctl_existing::ProductUploads;
 use crate::server::uploads::record::{Uploader, record_upload_end};
-use crate::server::uploads::{Part, UploadEnd, UploadSession, idle_error};
+use crate::server::uploads::{Part, UploadEnd, UploadSession};
 use crate::store::ProbeStore;
 
 /// The route's path.
@@ -317,24 +316,6 @@ where
     Err(Error::invalid_argument(
         "the body goes on past the files its manifest declares; its last file was not committed",
     ))
-}
-
-/// The next data of the body; `None` at its end. DEADLINE_EXCEEDED when
-/// the body brings nothing for `idle`.
-async fn next_data<B>(body: &mut B, idle: Duration) -> Result<Option<Bytes>>
-where
-    B: http_body::Body<Data = Bytes> + Unpin,
-    B::Error: std::fmt::Display,
-{
-    while let Some(frame) = tokio::time::timeout(idle, body.frame()).await.map_err(|_| idle_error(idle))? {
-        let frame = frame.map_err(|e| Error::new(Code::Cancelled, format!("the body broke off: {e}")))?;
-        if let Ok(mut data) = frame.into_data()
-            && data.has_remaining()
-        {
-            return Ok(Some(data.copy_to_bytes(data.remaining())));
-        }
-    }
-    Ok(None)
 }
 
 /// The HTTP status of an error, as the product's clients read it: roxctl

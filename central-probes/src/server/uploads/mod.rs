@@ -6,4 +6,4 @@ pub mod session;
 
 #[cfg(any(test, feature = "testing"))]
 pub use session::file_messages;
-pub use session::{Part, UploadEnd, UploadSession, idle_error};
+pub use session::{Part, UploadEnd, UploadSession};

@@ -13,13 +13,12 @@
 //!
 //! An upload whose client stops sending is ended by its reader
 //! (`handlers::upload_probes`, `handlers::roxctl_upload`) after `--upload-idle-timeout` with
-//! `idle_error`; one whose client went away ends with CANCELLED. Both are
+//! `edge::http::idle_error`; one whose client went away ends with CANCELLED. Both are
 //! interrupted uploads (`UploadEnd::interrupted`).
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
 
 use bytes::Bytes;
 
@@ -96,17 +95,6 @@ impl UploadEnd {
             Some(error) => Err(error),
         }
     }
-}
-
-/// The error that ends an upload that received nothing for `idle`.
-pub fn idle_error(idle: Duration) -> Error {
-    Error::new(
-        Code::DeadlineExceeded,
-        format!(
-            "the upload received nothing for {} (Central's --upload-idle-timeout) and was ended",
-            humantime::format_duration(idle)
-        ),
-    )
 }
 
 pub struct UploadSession {
