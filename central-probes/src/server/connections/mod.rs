@@ -13,8 +13,9 @@
 //! - HTTP/2 advertises a stream limit, pings idle peers, and buffers at most
 //!   `SEND_BUFFER` per stream beyond what is on the wire;
 //! - a connection with no request for the idle timeout is closed gracefully;
-//! - each request carries the `ConnectionHandle` of its connection, through
-//!   which `ProbeSlots` closes connections whose client stopped reading.
+//! - each request carries its connection (`ConnectionHandle`, as the
+//!   slots' `Connection`), through which `ProbeSlots` closes connections
+//!   whose client stopped reading.
 
 mod accept;
 pub mod handle;
@@ -216,7 +217,7 @@ impl ConnectionContext {
             direct: self.direct.clone(),
             asker: asker_of(&connect_info),
             connect_info,
-            handle: handle.clone(),
+            connection: Arc::new(handle.clone()),
             activity: activity.clone(),
         };
         let connection = self.builder.serve_connection(TokioIo::new(tls), service);

@@ -23,10 +23,10 @@ use tonic::codegen::Service;
 use tonic::service::Routes;
 use tonic::transport::server::Connected;
 
-use super::handle::ConnectionHandle;
 use crate::server::handlers::admin_service::AdminService;
 use crate::server::handlers::roxctl_existing::{self, ProductUploads};
 use crate::server::handlers::{get_probe, kernel_objects, roxctl_upload, upload_probes};
+use crate::server::serving::slots::Connection;
 use crate::server::serving::{Asker, ProbeServing};
 use crate::store::client_id::ClientId;
 
@@ -98,7 +98,8 @@ pub(super) struct ConnectionService {
     pub(super) connect_info: ConnectInfo,
     /// Who is asking, for GetProbe and the HTTPS route.
     pub(super) asker: Asker,
-    pub(super) handle: ConnectionHandle,
+    /// The connection, for the probe stream slots.
+    pub(super) connection: Arc<dyn Connection>,
     pub(super) activity: Arc<Activity>,
 }
 
@@ -109,7 +110,6 @@ impl hyper::service::Service<Request<Incoming>> for ConnectionService {
 
     fn call(&self, mut request: Request<Incoming>) -> Self::Future {
         request.extensions_mut().insert(self.connect_info.clone());
-        request.extensions_mut().insert(self.handle.clone());
         let in_flight = self.activity.start();
         let track = |response: Response<tonic::body::Body>| {
             response.map(|body| tonic::body::Body::new(TrackedBody { body, _in_flight: in_flight }))
@@ -119,12 +119,12 @@ impl hyper::service::Service<Request<Incoming>> for ConnectionService {
         if direct || path.starts_with(kernel_objects::PREFIX) {
             let probes = self.direct.probes.clone();
             let asker = self.asker;
-            let handle = self.handle.clone();
+            let connection = self.connection.clone();
             return Box::pin(async move {
                 let response = if direct {
-                    get_probe::handle(&probes, request, asker, &handle).await
+                    get_probe::handle(&probes, request, asker, &connection).await
                 } else {
-                    kernel_objects::handle(&probes, &request, asker, &handle).await
+                    kernel_objects::handle(&probes, &request, asker, &connection).await
                 };
                 Ok(track(response))
             });

@@ -12,6 +12,7 @@
 //! while the probe streams ends the stream with its status in the trailers.
 
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
@@ -25,7 +26,7 @@ use tonic::{Code, Status};
 
 use crate::server::edge::grpc::{field_frame_prefix, frame_of, read_unary, response, status_trailers, trailers_only};
 
-use crate::server::connections::handle::ConnectionHandle;
+use crate::server::serving::slots::Connection;
 use crate::server::serving::{Asker, ProbeChunks, ProbeServing, Serving};
 
 /// The HTTP/2 path of GetProbe.
@@ -40,7 +41,7 @@ pub async fn handle<B>(
     serving: &ProbeServing,
     request: Request<B>,
     asker: Asker,
-    connection: &ConnectionHandle,
+    connection: &Arc<dyn Connection>,
 ) -> Response<tonic::body::Body>
 where
     B: http_body::Body<Data = Bytes> + Unpin,

@@ -24,6 +24,7 @@
 //! which clients see as an error.
 
 use std::convert::Infallible;
+use std::sync::Arc;
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
@@ -34,8 +35,8 @@ use tokio_stream::StreamExt;
 use tonic::Code;
 
 use crate::error::Error;
-use crate::server::connections::handle::ConnectionHandle;
 use crate::server::edge::http::text;
+use crate::server::serving::slots::Connection;
 use crate::server::serving::{Asker, ProbeServing, Serving};
 
 /// Where the route starts.
@@ -49,7 +50,7 @@ pub async fn handle<B>(
     serving: &ProbeServing,
     request: &Request<B>,
     asker: Asker,
-    connection: &ConnectionHandle,
+    connection: &Arc<dyn Connection>,
 ) -> Response<tonic::body::Body> {
     let head = match *request.method() {
         Method::GET => false,

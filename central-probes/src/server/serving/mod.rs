@@ -20,9 +20,8 @@ use tonic::Code;
 
 use crate::error::{Error, Result};
 use crate::misses::{MissRecorder, Resolver};
-use crate::server::connections::handle::ConnectionHandle;
 use crate::server::metrics::Metrics;
-use crate::server::serving::slots::{ProbeSlots, Slot};
+use crate::server::serving::slots::{Connection, ProbeSlots, Slot};
 use crate::server::sources::{SourceChain, source_label};
 use crate::store::StoredProbe;
 use crate::store::client_id::ClientId;
@@ -82,7 +81,7 @@ impl ProbeServing {
         module_version: &str,
         file_name: &str,
         asker: Asker,
-        connection: &ConnectionHandle,
+        connection: &Arc<dyn Connection>,
     ) -> Result<Serving> {
         // rustls has verified any certificate against the cluster CA; here
         // it only remains to insist that there was one.
@@ -104,11 +103,11 @@ impl ProbeServing {
         module_version: &str,
         file_name: &str,
         client: ClientId,
-        connection: &ConnectionHandle,
+        connection: &Arc<dyn Connection>,
     ) -> Result<Serving> {
         let path = ProbePath::new(ModuleVersion::parse(module_version)?, ProbeFileName::parse(file_name)?);
         // Taken before the probe is opened: slots bound open files too.
-        let Some(slot) = self.slots.acquire(connection, self.slot_wait).await else {
+        let Some(slot) = self.slots.acquire(connection.clone(), self.slot_wait).await else {
             return Err(Error::new(
                 Code::Unavailable,
                 format!("Central is serving its limit of {} probe streams; retry", self.slots.capacity()),
