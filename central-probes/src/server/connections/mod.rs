@@ -4,8 +4,8 @@
 //! tonic's own server cannot bound what a hostile client holds: it has no
 //! handshake deadline by default, spins on EMFILE, and does not expose the
 //! per-stream send buffer. So Central runs its own accept loop and serves
-//! each connection with hyper directly, the gRPC services being tonic
-//! `Routes`:
+//! each connection with hyper directly, every request going to one
+//! `edge::Handler`, the route table:
 //! - a connection cap (and EMFILE/ENFILE) evicts connections still in
 //!   their TLS handshake first, oldest first, since a silent client sits
 //!   there; when none is, the new connection is closed at once;
@@ -31,7 +31,6 @@ use hyper_util::server::conn::auto;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 use tokio_rustls::TlsAcceptor;
-use tonic::service::Routes;
 use tonic::transport::server::Connected;
 use tracing::{debug, info};
 
@@ -39,8 +38,10 @@ pub use accept::raise_descriptor_limit;
 pub use handle::ConnectionHandle;
 
 use accept::{AcceptBackoff, Registration, Registry};
-pub use service::Direct;
-use service::{Activity, ConnectionService, asker_of};
+use service::{ConnectionService, asker_of};
+
+use crate::server::edge::Handler;
+use crate::server::edge::layers::Activity;
 
 /// Bytes HTTP/2 may buffer for one stream beyond its flow-control window:
 /// with unread streams this, plus one chunk, is what each one holds.
@@ -99,14 +100,13 @@ impl Default for ConnectionLimits {
     }
 }
 
-/// Serves `routes` over TLS on `listener` until `shutdown` completes, then
+/// Serves `table` over TLS on `listener` until `shutdown` completes, then
 /// stops accepting, lets requests in flight finish and returns when every
 /// connection has closed.
 pub async fn serve(
     listener: TcpListener,
     tls: Arc<rustls::ServerConfig>,
-    routes: Routes,
-    direct: Direct,
+    table: Arc<dyn Handler>,
     limits: ConnectionLimits,
     shutdown: impl Future<Output = ()>,
 ) {
@@ -131,8 +131,7 @@ pub async fn serve(
     let context = Arc::new(ConnectionContext {
         builder,
         acceptor: TlsAcceptor::from(tls),
-        routes: routes.prepare(),
-        direct,
+        table,
         limits,
         registry: Arc::new(Registry::default()),
     });
@@ -177,8 +176,7 @@ pub async fn serve(
 struct ConnectionContext {
     builder: auto::Builder<TokioExecutor>,
     acceptor: TlsAcceptor,
-    routes: Routes,
-    direct: Direct,
+    table: Arc<dyn Handler>,
     limits: ConnectionLimits,
     registry: Arc<Registry>,
 }
@@ -213,8 +211,7 @@ impl ConnectionContext {
         let activity = Arc::new(Activity::default());
         let connect_info = tls.connect_info();
         let service = ConnectionService {
-            routes: self.routes.clone(),
-            direct: self.direct.clone(),
+            table: self.table.clone(),
             asker: asker_of(&connect_info),
             connect_info,
             connection: Arc::new(handle.clone()),

@@ -25,6 +25,7 @@ use tokio_stream::Stream;
 use tonic::{Code, Status};
 
 use crate::server::edge::grpc::{field_frame_prefix, frame_of, read_unary, response, status_trailers, trailers_only};
+use crate::server::edge::{Answer, Call, Handler};
 
 use crate::server::serving::slots::Connection;
 use crate::server::serving::{Asker, ProbeChunks, ProbeServing, Serving};
@@ -36,8 +37,20 @@ pub const PATH: &str = "/kprobes.v1.ProbeService/GetProbe";
 /// checks it against prost's own encoding).
 const CHUNK_TAG: u8 = (2 << 3) | 2;
 
+/// GetProbe, served by `serving`.
+pub struct GetProbe {
+    pub serving: Arc<ProbeServing>,
+}
+
+impl Handler for GetProbe {
+    fn call(&self, call: Call) -> Answer {
+        let serving = self.serving.clone();
+        Box::pin(async move { answer(&serving, call.request, call.asker, &call.connection).await })
+    }
+}
+
 /// Answers one GetProbe call.
-pub async fn handle<B>(
+async fn answer<B>(
     serving: &ProbeServing,
     request: Request<B>,
     asker: Asker,

@@ -36,6 +36,7 @@ use tonic::Code;
 
 use crate::error::Error;
 use crate::server::edge::http::text;
+use crate::server::edge::{Answer, Call, Handler};
 use crate::server::serving::slots::Connection;
 use crate::server::serving::{Asker, ProbeServing, Serving};
 
@@ -45,8 +46,20 @@ pub const PREFIX: &str = "/kernel-objects/";
 /// What the request metrics call this route.
 const METRICS_NAME: &str = "kernel-objects";
 
+/// `GET` and `HEAD` under `PREFIX`, served by `serving`.
+pub struct KernelObjects {
+    pub serving: Arc<ProbeServing>,
+}
+
+impl Handler for KernelObjects {
+    fn call(&self, call: Call) -> Answer {
+        let serving = self.serving.clone();
+        Box::pin(async move { answer(&serving, &call.request, call.asker, &call.connection).await })
+    }
+}
+
 /// Answers one request whose path starts with `PREFIX`.
-pub async fn handle<B>(
+async fn answer<B>(
     serving: &ProbeServing,
     request: &Request<B>,
     asker: Asker,

@@ -24,6 +24,7 @@ use crate::misses::MissRecorder;
 use crate::server::auth::{Role, TokenAuth};
 use crate::server::edge::grpc::read_message;
 use crate::server::edge::grpc_web;
+use crate::server::edge::{Answer, Call, Handler};
 use crate::server::metrics::Metrics;
 use crate::store::ProbeStore;
 
@@ -95,7 +96,16 @@ impl ProbeUploadService for ProductUploadService {
 /// other method. Every answer is HTTP 200 with the status in the trailer
 /// frame, as gRPC-web clients expect (roxctl reads an HTTP error as
 /// UNAVAILABLE and retries it).
-pub async fn grpc_web<B>(uploads: &ProductUploads, request: Request<B>) -> Response<tonic::body::Body>
+pub struct ExistingOverGrpcWeb(pub Arc<ProductUploads>);
+
+impl Handler for ExistingOverGrpcWeb {
+    fn call(&self, call: Call) -> Answer {
+        let uploads = self.0.clone();
+        Box::pin(async move { grpc_web(&uploads, call.request).await })
+    }
+}
+
+async fn grpc_web<B>(uploads: &ProductUploads, request: Request<B>) -> Response<tonic::body::Body>
 where
     B: http_body::Body<Data = Bytes> + Unpin,
     B::Error: std::fmt::Display,

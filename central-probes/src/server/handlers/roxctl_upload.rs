@@ -36,6 +36,7 @@ use tonic::metadata::MetadataMap;
 use crate::error::{Error, Result};
 use crate::server::auth::Role;
 use crate::server::edge::http::{next_data, text};
+use crate::server::edge::{Answer, Call, Handler};
 use crate::server::handlers::roxctl_existing::ProductUploads;
 use crate::server::uploads::record::{Uploader, record_upload_end};
 use crate::server::uploads::{Part, UploadEnd, UploadSession};
@@ -56,9 +57,19 @@ struct Planned {
     crc32: u32,
 }
 
+/// The route, uploading through `ProductUploads`.
+pub struct RoxctlUpload(pub Arc<ProductUploads>);
+
+impl Handler for RoxctlUpload {
+    fn call(&self, call: Call) -> Answer {
+        let (uploads, client) = (self.0.clone(), call.client());
+        Box::pin(answer(uploads, call.request, client))
+    }
+}
+
 /// Answers one request of the route; `client` names the peer in the audit
 /// log.
-pub async fn handle<B>(uploads: Arc<ProductUploads>, request: Request<B>, client: String) -> Response<tonic::body::Body>
+async fn answer<B>(uploads: Arc<ProductUploads>, request: Request<B>, client: String) -> Response<tonic::body::Body>
 where
     B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
     B::Error: std::fmt::Display,

@@ -22,6 +22,7 @@ use tonic::metadata::MetadataMap;
 
 use crate::server::edge::grpc::{refuse_compressed, trailers_only, unary_ok};
 use crate::server::edge::grpc_stream::{MessagePieces, Piece, StreamLimits};
+use crate::server::edge::{Answer, Call, Handler};
 use crate::server::handlers::admin_service::AdminService;
 use crate::server::uploads::Part;
 
@@ -38,8 +39,18 @@ const CHUNK_TAG: u8 = (3 << 3) | 2;
 pub const LIMITS: StreamLimits =
     StreamLimits { max_message: MAX_REQUEST_MESSAGE, field_in_pieces: Some((CHUNK_TAG, MAX_UPLOAD_CHUNK)) };
 
+/// UploadProbes, into the admin service's uploads.
+pub struct UploadProbes(pub Arc<AdminService>);
+
+impl Handler for UploadProbes {
+    fn call(&self, call: Call) -> Answer {
+        let (uploads, client) = (self.0.clone(), call.client());
+        Box::pin(answer(uploads, call.request, client))
+    }
+}
+
 /// Answers one UploadProbes call.
-pub async fn handle<B>(uploads: Arc<AdminService>, request: Request<B>, client: String) -> Response<tonic::body::Body>
+async fn answer<B>(uploads: Arc<AdminService>, request: Request<B>, client: String) -> Response<tonic::body::Body>
 where
     B: Body<Data = Bytes> + Send + Unpin + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
