@@ -18,9 +18,9 @@ use std::convert::Infallible;
 use std::sync::OnceLock;
 
 use bytes::Bytes;
-use central_probes::server::edge::grpc_stream::{MessagePieces, Piece};
-use central_probes::server::handlers::upload_probes::LIMITS;
-use central_probes::server::uploads::{Part, UploadSession};
+use central_probes::server::edge::grpc_stream::MessagePieces;
+use central_probes::server::handlers::upload_probes::{LIMITS, event_of};
+use central_probes::server::uploads::UploadSession;
 use common::World;
 use http_body::Frame;
 use libfuzzer_sys::fuzz_target;
@@ -56,11 +56,7 @@ fuzz_target!(|data: &[u8]| {
     let world = WORLD.get_or_init(World::new);
     let frames = body(data).into_iter().map(|frame| Ok::<_, Infallible>(Frame::data(frame)));
     let body = http_body_util::StreamBody::new(tokio_stream::iter(frames));
-    let parts = MessagePieces::<_, UploadProbesRequest>::new(body, LIMITS).map(|piece| match piece {
-        Ok(Piece::Field(chunk)) => Ok(Part::Chunk(chunk)),
-        Ok(Piece::Message(message)) => Ok(Part::from(message)),
-        Err(error) => Err(tonic::Status::from(error)),
-    });
-    let _ = world.runtime.block_on(UploadSession::new(world.store.clone()).run(parts));
+    let events = MessagePieces::new(body, LIMITS).map(event_of);
+    let _ = world.runtime.block_on(UploadSession::new(world.store.clone()).run(events));
     world.assert_no_temporary_file();
 });

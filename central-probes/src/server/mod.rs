@@ -41,6 +41,7 @@ use crate::server::routes::RouteParts;
 use crate::server::serving::ProbeServing;
 use crate::server::serving::slots::ProbeSlots;
 use crate::server::sources::{ProbeSource, SourceChain, UploadedProbes};
+use crate::server::uploads::Uploads;
 use crate::server::upstream::UpstreamSource;
 use crate::store::ProbeStore;
 use crate::store::hot::HotProbes;
@@ -265,16 +266,16 @@ async fn serve(central: Central, listener: TcpListener, shutdown: impl Future<Ou
         misses: misses.clone(),
         upload_idle_timeout: limits.upload_idle_timeout,
     });
-    let admin = Arc::new(AdminService::new(
-        store,
-        record,
-        misses.clone(),
+    let uploads = Arc::new(Uploads::new(
+        store.clone(),
         auth.clone(),
         metrics.clone(),
-        limits.send_timeout,
+        misses.clone(),
         limits.upload_idle_timeout,
     ));
-    let table = routes::build(RouteParts { serving, admin, product, auth }).await?;
+    let admin =
+        Arc::new(AdminService::new(store, record, misses.clone(), auth.clone(), metrics.clone(), limits.send_timeout));
+    let table = routes::build(RouteParts { serving, admin, uploads, product, auth }).await?;
     info!(%address, "listening on {address}");
     metrics.set_ready(true);
     let shutdown = async {

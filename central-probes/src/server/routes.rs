@@ -26,6 +26,7 @@ use crate::server::handlers::roxctl_existing::{ExistingOverGrpcWeb, ProductUploa
 use crate::server::handlers::roxctl_upload::{self, RoxctlUpload};
 use crate::server::handlers::upload_probes::{self, UploadProbes};
 use crate::server::serving::ProbeServing;
+use crate::server::uploads::Uploads;
 
 /// What a route matches.
 enum Match {
@@ -67,18 +68,19 @@ impl Handler for RouteTable {
 pub(crate) struct RouteParts {
     pub serving: Arc<ProbeServing>,
     pub admin: Arc<AdminService>,
+    pub uploads: Arc<Uploads>,
     pub product: Arc<ProductUploads>,
     pub auth: TokenAuth,
 }
 
 pub(crate) async fn build(parts: RouteParts) -> Result<RouteTable> {
-    let RouteParts { serving, admin, product, auth } = parts;
+    let RouteParts { serving, admin, uploads, product, auth } = parts;
     let table: Vec<(Match, Box<dyn Handler>)> = vec![
         (Match::Path(get_probe::PATH), Box::new(GetProbe { serving: serving.clone() })),
         (Match::Prefix(kernel_objects::PREFIX), Box::new(KernelObjects { serving })),
-        (Match::Path(upload_probes::PATH), Box::new(UploadProbes(admin.clone()))),
+        (Match::Path(upload_probes::PATH), Box::new(UploadProbes(uploads.clone()))),
         (Match::GrpcWeb, Box::new(ExistingOverGrpcWeb(product.clone()))),
-        (Match::Path(roxctl_upload::PATH), Box::new(RoxctlUpload(product.clone()))),
+        (Match::Path(roxctl_upload::PATH), Box::new(RoxctlUpload(uploads))),
         (Match::Any, Box::new(RecodeClientErrors(TonicRoutes(tonic_routes(admin, product, auth).await?)))),
     ];
     Ok(RouteTable(table))

@@ -8,14 +8,15 @@
 //! prost, as tonic would. A client cannot tell the two apart (`tests` feeds
 //! both the same bytes in every split).
 //!
-//! Errors: a compressed message (INVALID_ARGUMENT: Central accepts none), a
-//! message over `StreamLimits::max_message` (RESOURCE_EXHAUSTED, on its
-//! length alone, before its bytes are read), a message that is not valid
-//! protobuf or a body that ends inside a message (INVALID_ARGUMENT); a
-//! broken body (the client went away) ends the stream as CANCELLED, and a
-//! body that brings nothing for the idle timeout as DEADLINE_EXCEEDED
-//! (`http::idle_error`). Time the consumer takes does not count as idle:
-//! the body is not waited on meanwhile.
+//! Errors, each ending the stream as the client is told of it: a compressed
+//! message (INVALID_ARGUMENT: Central accepts none), a message over
+//! `StreamLimits::max_message` (RESOURCE_EXHAUSTED, on its length alone,
+//! before its bytes are read), a message that is not valid protobuf or a
+//! body that ends inside a message (INVALID_ARGUMENT); a broken body (the
+//! client went away) ends the stream as CANCELLED, and a body that brings
+//! nothing for the idle timeout as DEADLINE_EXCEEDED (`http::idle_error`).
+//! Time the consumer takes does not count as idle: the body is not waited
+//! on meanwhile.
 
 use std::collections::VecDeque;
 use std::future::Future;
@@ -41,6 +42,15 @@ pub struct StreamLimits {
     /// The tag of the field whose messages come in pieces, and the largest
     /// such field that does (a larger one is decoded whole).
     pub field_in_pieces: Option<(u8, usize)>,
+    /// What the messages are, for errors ("upload": "a malformed upload
+    /// message").
+    pub what: &'static str,
+}
+
+impl StreamLimits {
+    fn malformed(&self, why: &str) -> Error {
+        Error::invalid_argument(format!("a malformed {} message: {why}", self.what))
+    }
 }
 
 /// One message of the stream.
@@ -103,11 +113,16 @@ impl<B, M> MessagePieces<B, M> {
         let mut prefix = [0u8; PREFIX];
         self.peek(0, &mut prefix);
         if prefix[0] != 0 {
-            return Err(Error::invalid_argument("a compressed message: Central accepts no compressed requests"));
+            return Err(self.limits.malformed("a compressed message: Central accepts no compressed requests"));
         }
         let len = u32::from_be_bytes([prefix[1], prefix[2], prefix[3], prefix[4]]) as usize;
         if len > self.limits.max_message {
-            return Err(Error::new(Code::ResourceExhausted, format!("a message of {len} bytes")));
+            let StreamLimits { max_message, what, .. } = self.limits;
+            let article = if what.starts_with(['a', 'e', 'i', 'o', 'u']) { "an" } else { "a" };
+            return Err(Error::new(
+                Code::ResourceExhausted,
+                format!("{article} {what} message over the limit of {max_message} bytes: a message of {len} bytes"),
+            ));
         }
         if self.buffered < PREFIX + len {
             return Ok(None);
@@ -122,7 +137,7 @@ impl<B, M> MessagePieces<B, M> {
             [one] => one.clone(),
             pieces => pieces.concat().into(),
         };
-        let message = M::decode(message).map_err(|e| Error::invalid_argument(format!("not valid protobuf: {e}")))?;
+        let message = M::decode(message).map_err(|e| self.limits.malformed(&format!("not valid protobuf: {e}")))?;
         Ok(Some(Piece::Message(message)))
     }
 
@@ -206,7 +221,7 @@ where
             if this.body_ended {
                 this.done = true;
                 let inside = this.buffered > 0;
-                return Poll::Ready(inside.then(|| Err(Error::invalid_argument("the body ended inside a message"))));
+                return Poll::Ready(inside.then(|| Err(this.limits.malformed("the body ended inside a message"))));
             }
             let polled = Pin::new(&mut this.body).poll_frame(cx);
             let Poll::Ready(polled) = polled else {
@@ -231,7 +246,11 @@ where
                 Some(Err(error)) => {
                     this.done = true;
                     let error: Box<dyn std::error::Error + Send + Sync> = error.into();
-                    return Poll::Ready(Some(Err(Error::new(Code::Cancelled, error.to_string()))));
+                    let what = this.limits.what;
+                    return Poll::Ready(Some(Err(Error::new(
+                        Code::Cancelled,
+                        format!("the {what} stream broke off: {error}"),
+                    ))));
                 }
                 None => this.body_ended = true,
             }

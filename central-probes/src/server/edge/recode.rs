@@ -39,3 +39,27 @@ pub fn recode_client_errors(headers: &mut http::HeaderMap) {
     let recoded = tonic::Status::new(code, format!("the request message was refused: {}", status.message()));
     let _ = recoded.add_header(headers);
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn undeliverable_messages_get_codes_that_do_not_say_retry() {
+        for (status, code) in [
+            (tonic::Status::out_of_range("decoded message length too large"), Some(Code::ResourceExhausted)),
+            (
+                tonic::Status::internal("failed to decode Protobuf message: invalid wire type"),
+                Some(Code::InvalidArgument),
+            ),
+            (tonic::Status::internal("the store failed"), Some(Code::Internal)),
+            (tonic::Status::unknown("connection reset"), Some(Code::Unknown)),
+        ] {
+            let mut headers = http::HeaderMap::new();
+            status.add_header(&mut headers).unwrap();
+            recode_client_errors(&mut headers);
+            let recoded = tonic::Status::from_header_map(&headers).map(|status| status.code());
+            assert_eq!(recoded, code, "{status:?}");
+        }
+    }
+}

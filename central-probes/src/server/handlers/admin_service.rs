@@ -16,8 +16,6 @@ use probe_api::v1::{
     ListModuleVersionsResponse, ListProbesRequest, ListProbesResponse, ModuleVersionSummary, ProbeInfo, ProbeMiss,
     StoreSpace, UploadProbesRequest, UploadProbesResponse, VerifyProbesRequest,
 };
-use tokio_stream::{Stream, StreamExt};
-use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{info, instrument};
 
@@ -27,8 +25,6 @@ use crate::server::auth::{Caller, Role, TokenAuth};
 use crate::server::export::{ExportStream, Exports};
 use crate::server::metrics::{AuditLabels, Metrics};
 use crate::server::page_token::PageTokens;
-use crate::server::uploads::record::{Uploader, record_upload_end};
-use crate::server::uploads::{Part, UploadSession};
 use crate::server::verify_probes::{Verifications, VerifyStream};
 use crate::store::{ModuleSummary, ProbeStore, StoredProbe, probe_info};
 
@@ -43,14 +39,11 @@ pub struct AdminService {
     /// ListModuleVersions reads the whole store: one at a time, so that
     /// callers cannot make Central read it many times at once.
     summarizing: tokio::sync::Mutex<()>,
-    /// An upload whose body brings nothing for this long is ended.
-    upload_idle_timeout: Duration,
 }
 
 impl AdminService {
     /// `send_timeout`: an export or verification whose client takes
-    /// nothing for this long is ended; `upload_idle_timeout`: the same for
-    /// an upload whose client sends nothing.
+    /// nothing for this long is ended.
     /// `record` is `store` without its caches, for exports and verifications.
     pub fn new(
         store: Arc<dyn ProbeStore>,
@@ -59,28 +52,12 @@ impl AdminService {
         auth: TokenAuth,
         metrics: Metrics,
         send_timeout: Duration,
-        upload_idle_timeout: Duration,
     ) -> Self {
         let page_tokens = PageTokens::new(store.page_token_key());
         let (exports, verifications) =
             (Exports::new(record.clone(), send_timeout), Verifications::new(record, send_timeout));
         let summarizing = Default::default();
-        AdminService {
-            store,
-            misses,
-            auth,
-            metrics,
-            page_tokens,
-            exports,
-            verifications,
-            summarizing,
-            upload_idle_timeout,
-        }
-    }
-
-    /// How long an upload's body may bring nothing before it is ended.
-    pub fn upload_idle_timeout(&self) -> Duration {
-        self.upload_idle_timeout
+        AdminService { store, misses, auth, metrics, page_tokens, exports, verifications, summarizing }
     }
 
     /// Counts the call under its final status code.
@@ -148,40 +125,6 @@ impl AdminService {
 }
 
 impl AdminService {
-    /// UploadProbes, for tonic's request stream and for Central's own
-    /// (`handlers::upload_probes`, which answers every UploadProbes call Central
-    /// serves): the caller must be an admin; `client` is its address, for
-    /// the log.
-    #[instrument(name = "upload_probes", skip_all)]
-    pub async fn upload<S>(
-        &self,
-        metadata: &MetadataMap,
-        client: String,
-        parts: S,
-    ) -> Result<UploadProbesResponse, Status>
-    where
-        S: Stream<Item = Result<Part, Status>> + Send + Unpin + 'static,
-    {
-        let caller = match self.auth.caller(metadata, Role::Admin) {
-            Ok(caller) => caller,
-            Err(error) => return self.counted("UploadProbes", Err(error)).map(Response::into_inner),
-        };
-        // The upload runs to its end in a task of its own: when its client
-        // goes away, this call is dropped, and the upload is still logged
-        // and audited with what it committed.
-        let (store, metrics, misses) = (self.store.clone(), self.metrics.clone(), self.misses.clone());
-        let upload = tokio::spawn(async move {
-            let end = UploadSession::new(store).run_to_end(parts).await;
-            let uploader = Uploader { caller: &caller, client: &client, via: "UploadProbes" };
-            record_upload_end(&metrics, &misses, &uploader, &end).await;
-            let code = end.error.as_ref().map_or(tonic::Code::Ok, |error| error.code);
-            metrics.count_request("UploadProbes", code, "");
-            end.into_result()
-        });
-        let result = upload.await.unwrap_or_else(|e| Err(Error::internal(format!("the upload's task failed: {e}"))));
-        Ok(result?)
-    }
-
     /// What DeleteProbes would delete, in path order.
     async fn delete_targets(&self, request: &DeleteProbesRequest) -> Result<BTreeMap<String, StoredProbe>> {
         if request.paths.is_empty() && request.module_versions.is_empty() {
@@ -293,12 +236,13 @@ impl ProbeUploadService for AdminService {
 
     async fn upload_probes(
         &self,
-        request: Request<Streaming<UploadProbesRequest>>,
+        _: Request<Streaming<UploadProbesRequest>>,
     ) -> Result<Response<UploadProbesResponse>, Status> {
-        let client = request.remote_addr().map(|address| address.to_string()).unwrap_or_else(|| "unknown".to_owned());
-        let (metadata, _, messages) = request.into_parts();
-        let parts = messages.map(|message| message.map(Part::from));
-        self.upload(&metadata, client, parts).await.map(Response::new)
+        // Never called: the route table answers this path with
+        // `handlers::upload_probes` before tonic's router, which reads the
+        // chunks without tonic's copy. The generated trait still needs the
+        // method.
+        Err(Status::unimplemented("UploadProbes is served by Central's own reader"))
     }
 
     #[instrument(skip_all)]

@@ -16,8 +16,11 @@ const CHUNK_TAG: u8 = (3 << 3) | 2;
 
 /// An UploadProbes stream, as its handler reads it.
 fn upload_parts<B>(body: B) -> MessagePieces<B, UploadProbesRequest> {
-    let limits =
-        StreamLimits { max_message: MAX_REQUEST_MESSAGE, field_in_pieces: Some((CHUNK_TAG, MAX_UPLOAD_CHUNK)) };
+    let limits = StreamLimits {
+        max_message: MAX_REQUEST_MESSAGE,
+        field_in_pieces: Some((CHUNK_TAG, MAX_UPLOAD_CHUNK)),
+        what: "upload",
+    };
     MessagePieces::new(body, limits)
 }
 
@@ -185,4 +188,5 @@ async fn bad_bodies_get_the_codes_the_proto_names() {
     let decoded = decode(upload_parts(body(&good[..4], &[], broken))).await;
     assert_eq!(decoded.len(), 1);
     assert!(decoded[0].0.is_err());
+    assert_eq!(decoded[0].0, Err(Code::Cancelled), "a broken body is the client gone");
 }
