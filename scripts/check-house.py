@@ -3,8 +3,10 @@ no source file outside the tests over 400 lines, no import cycle between
 files of a crate, nothing under central-probes/src/store/ importing
 from the server or the misses modules (the store is the lower layer),
 and the server's request edge kept in its layers: one file at most with
-`pub async fn handle` (handlers answer through `edge::Handler`), and no
-handler or use case importing the connection code.
+`pub async fn handle` (handlers answer through `edge::Handler`), no
+handler or use case importing the connection code, no handler importing
+another handler, no use case importing a handler or the edge (the wire),
+and the edge importing no handler.
 
     python3 scripts/check-house.py
 
@@ -102,6 +104,11 @@ def under(file: pathlib.Path, place: pathlib.Path) -> bool:
     return file == place or place in file.parents
 
 
+def handler_unit(file: pathlib.Path) -> str:
+    """The handler a file belongs to: x.rs and x/tests.rs are one."""
+    return file.relative_to(HANDLERS).parts[0].removesuffix(".rs")
+
+
 def edge_problems(files: list, graph: dict) -> list[str]:
     """The request edge's layering in central-probes' server."""
     problems = []
@@ -111,11 +118,17 @@ def edge_problems(files: list, graph: dict) -> list[str]:
         problems.append(f"`pub async fn handle` in {len(handles)} files ({names}): a handler answers through "
                         "`edge::Handler`, and the route table in server/routes.rs names it")
     for file in files:
-        knows_the_wire = under(file, HANDLERS) or any(under(file, place) for place in USE_CASES)
+        use_case = any(under(file, place) for place in USE_CASES)
         for target in graph[file]:
             rel = f"{file.relative_to(ROOT)} imports {target.relative_to(ROOT)}"
-            if knows_the_wire and under(target, CONNECTIONS):
+            if (under(file, HANDLERS) or use_case) and under(target, CONNECTIONS):
                 problems.append(f"{rel}: handlers and use cases do not know the connection")
+            if under(file, HANDLERS) and under(target, HANDLERS) and handler_unit(file) != handler_unit(target):
+                problems.append(f"{rel}: a handler imports another handler (shared code belongs in server/edge/)")
+            if use_case and (under(target, HANDLERS) or under(target, EDGE)):
+                problems.append(f"{rel}: a use case knows nothing of the wire")
+            if under(file, EDGE) and under(target, HANDLERS):
+                problems.append(f"{rel}: the edge is below the handlers")
     return problems
 
 

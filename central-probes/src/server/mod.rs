@@ -9,6 +9,7 @@
 //! benches start the very same server. `connections` serves the connections.
 
 pub mod auth;
+pub mod catalog;
 pub mod connections;
 pub mod edge;
 pub mod export;
@@ -34,8 +35,9 @@ use crate::error::{Error, Result};
 use crate::misses::file::FileMissLog;
 use crate::misses::{MissLog, MissRecorder};
 use crate::server::auth::TokenAuth;
+use crate::server::catalog::Catalog;
 use crate::server::handlers::admin_service::AdminService;
-use crate::server::handlers::roxctl_existing::ProductUploads;
+use crate::server::handlers::roxctl_existing::RoxctlExisting;
 use crate::server::metrics::Metrics;
 use crate::server::routes::RouteParts;
 use crate::server::serving::ProbeServing;
@@ -259,13 +261,6 @@ async fn serve(central: Central, listener: TcpListener, shutdown: impl Future<Ou
         limits.probe_stream_wait,
         misses.clone(),
     ));
-    let product = Arc::new(ProductUploads {
-        store: store.clone(),
-        auth: auth.clone(),
-        metrics: metrics.clone(),
-        misses: misses.clone(),
-        upload_idle_timeout: limits.upload_idle_timeout,
-    });
     let uploads = Arc::new(Uploads::new(
         store.clone(),
         auth.clone(),
@@ -273,9 +268,11 @@ async fn serve(central: Central, listener: TcpListener, shutdown: impl Future<Ou
         misses.clone(),
         limits.upload_idle_timeout,
     ));
+    let catalog = Arc::new(Catalog::new(store, misses.clone(), metrics.clone()));
     let admin =
-        Arc::new(AdminService::new(store, record, misses.clone(), auth.clone(), metrics.clone(), limits.send_timeout));
-    let table = routes::build(RouteParts { serving, admin, uploads, product, auth }).await?;
+        Arc::new(AdminService::new(catalog.clone(), record, auth.clone(), metrics.clone(), limits.send_timeout));
+    let roxctl = Arc::new(RoxctlExisting { catalog, auth: auth.clone(), metrics: metrics.clone() });
+    let table = routes::build(RouteParts { serving, admin, uploads, roxctl, auth }).await?;
     info!(%address, "listening on {address}");
     metrics.set_ready(true);
     let shutdown = async {

@@ -22,7 +22,7 @@ use crate::server::edge::{Answer, Call, Handler};
 use crate::server::handlers::admin_service::AdminService;
 use crate::server::handlers::get_probe::{self, GetProbe};
 use crate::server::handlers::kernel_objects::{self, KernelObjects};
-use crate::server::handlers::roxctl_existing::{ExistingOverGrpcWeb, ProductUploadService, ProductUploads};
+use crate::server::handlers::roxctl_existing::{ExistingOverGrpcWeb, ProductUploadService, RoxctlExisting};
 use crate::server::handlers::roxctl_upload::{self, RoxctlUpload};
 use crate::server::handlers::upload_probes::{self, UploadProbes};
 use crate::server::serving::ProbeServing;
@@ -69,26 +69,26 @@ pub(crate) struct RouteParts {
     pub serving: Arc<ProbeServing>,
     pub admin: Arc<AdminService>,
     pub uploads: Arc<Uploads>,
-    pub product: Arc<ProductUploads>,
+    pub roxctl: Arc<RoxctlExisting>,
     pub auth: TokenAuth,
 }
 
 pub(crate) async fn build(parts: RouteParts) -> Result<RouteTable> {
-    let RouteParts { serving, admin, uploads, product, auth } = parts;
+    let RouteParts { serving, admin, uploads, roxctl, auth } = parts;
     let table: Vec<(Match, Box<dyn Handler>)> = vec![
         (Match::Path(get_probe::PATH), Box::new(GetProbe { serving: serving.clone() })),
         (Match::Prefix(kernel_objects::PREFIX), Box::new(KernelObjects { serving })),
         (Match::Path(upload_probes::PATH), Box::new(UploadProbes(uploads.clone()))),
-        (Match::GrpcWeb, Box::new(ExistingOverGrpcWeb(product.clone()))),
+        (Match::GrpcWeb, Box::new(ExistingOverGrpcWeb(roxctl.clone()))),
         (Match::Path(roxctl_upload::PATH), Box::new(RoxctlUpload(uploads))),
-        (Match::Any, Box::new(RecodeClientErrors(TonicRoutes(tonic_routes(admin, product, auth).await?)))),
+        (Match::Any, Box::new(RecodeClientErrors(TonicRoutes(tonic_routes(admin, roxctl, auth).await?)))),
     ];
     Ok(RouteTable(table))
 }
 
 /// tonic's services: health, reflection, and both `ProbeUploadService`s,
 /// each behind a token check.
-async fn tonic_routes(admin: Arc<AdminService>, product: Arc<ProductUploads>, auth: TokenAuth) -> Result<Routes> {
+async fn tonic_routes(admin: Arc<AdminService>, roxctl: Arc<RoxctlExisting>, auth: TokenAuth) -> Result<Routes> {
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     // GetProbe is answered beside tonic (`handlers::get_probe`), so its
     // service is named here rather than through a tonic server type.
@@ -105,7 +105,7 @@ async fn tonic_routes(admin: Arc<AdminService>, product: Arc<ProductUploads>, au
     let reflection_v1 = reflection().build_v1().map_err(reflection_error)?;
     let reflection_v1alpha = reflection().build_v1alpha().map_err(reflection_error)?;
 
-    let product_grpc = ProductServer::new(ProductUploadService(product))
+    let product_grpc = ProductServer::new(ProductUploadService(roxctl))
         .max_decoding_message_size(MAX_REQUEST_MESSAGE)
         .max_encoding_message_size(MAX_REQUEST_MESSAGE);
     let product_auth = auth.clone();

@@ -1,17 +1,16 @@
 //! The product's own upload API beside ours (`proto/v1`), so that its
 //! unmodified `roxctl` uploads to this Central: `v1.ProbeUploadService`'s
 //! GetExistingProbes over gRPC, the same over gRPC-web for
-//! `roxctl --force-http1` (HTTP/1.1, trailers as the body's last frame),
-//! and what the upload route (`handlers::roxctl_upload`) needs. Names are the
-//! product's `<module version>/<probe file>`, and files carry the size and
-//! CRC-32 that roxctl compares with its package's zip directory.
+//! `roxctl --force-http1` (HTTP/1.1, trailers as the body's last frame).
+//! Names are the product's `<module version>/<probe file>`, and files carry
+//! the size and CRC-32 that roxctl compares with its package's zip
+//! directory. The answer is the catalog's, as for our own API.
 
 use std::sync::Arc;
 
 use bytes::Bytes;
 use http::{Request, Response};
-use probe_api::limits::{MAX_EXISTING_PATHS, MAX_REQUEST_MESSAGE};
-use probe_api::names::ProbePath;
+use probe_api::limits::MAX_REQUEST_MESSAGE;
 use probe_api::product::v1::probe_upload_manifest::File;
 use probe_api::product::v1::probe_upload_service_server::ProbeUploadService;
 use probe_api::product::v1::{GetExistingProbesRequest, GetExistingProbesResponse};
@@ -20,49 +19,34 @@ use tonic::metadata::MetadataMap;
 use tonic::{Code, Status};
 
 use crate::error::{Error, Result};
-use crate::misses::MissRecorder;
 use crate::server::auth::{Role, TokenAuth};
+use crate::server::catalog::{Catalog, InvalidPaths};
 use crate::server::edge::grpc::read_message;
 use crate::server::edge::grpc_web;
 use crate::server::edge::{Answer, Call, Handler};
 use crate::server::metrics::Metrics;
-use crate::store::ProbeStore;
 
 /// The gRPC-web path of GetExistingProbes, the one method roxctl calls.
 pub const GET_EXISTING_PATH: &str = "/v1.ProbeUploadService/GetExistingProbes";
 
-/// What the product's API works with: the store the services use, the
-/// tokens, the metrics and audit, the misses an upload resolves.
-pub struct ProductUploads {
-    pub store: Arc<dyn ProbeStore>,
+/// GetExistingProbes as the product's API answers it: the tokens, the
+/// catalog and the metrics.
+pub struct RoxctlExisting {
+    pub catalog: Arc<Catalog>,
     pub auth: TokenAuth,
     pub metrics: Metrics,
-    pub misses: Arc<MissRecorder>,
-    /// An upload whose body brings nothing for this long is ended.
-    pub upload_idle_timeout: std::time::Duration,
 }
 
-impl ProductUploads {
+impl RoxctlExisting {
     /// The stored files among `names`: an invalid or unknown name, a
     /// probe stored before CRC-32s were recorded, and one a read found
     /// damaged (so that roxctl sends it again, which repairs it) are left
     /// out.
-    async fn existing(&self, names: &[String]) -> Result<GetExistingProbesResponse> {
-        if names.len() > MAX_EXISTING_PATHS {
-            return Err(Error::invalid_argument(format!(
-                "{} names asked for; at most {MAX_EXISTING_PATHS} per call",
-                names.len()
-            )));
-        }
-        let paths: Vec<ProbePath> = names.iter().filter_map(|name| ProbePath::parse(name).ok()).collect();
-        let found = self.store.stat_many(&paths).await?;
+    async fn existing(&self, names: Vec<String>) -> Result<GetExistingProbesResponse> {
+        let found = self.catalog.existing(names, InvalidPaths::Skip).await?;
         let existing_files = found
             .into_iter()
-            .flatten()
-            .filter(|probe| !self.store.is_damaged(&probe.path))
-            .filter_map(|probe| {
-                Some(File { name: probe.path.to_string(), size: i64::try_from(probe.size).ok()?, crc32: probe.crc32? })
-            })
+            .filter_map(|(name, probe)| Some(File { name, size: i64::try_from(probe.size).ok()?, crc32: probe.crc32? }))
             .collect();
         Ok(GetExistingProbesResponse { existing_files })
     }
@@ -75,7 +59,7 @@ impl ProductUploads {
 }
 
 /// `v1.ProbeUploadService` over gRPC.
-pub struct ProductUploadService(pub Arc<ProductUploads>);
+pub struct ProductUploadService(pub Arc<RoxctlExisting>);
 
 #[tonic::async_trait]
 impl ProbeUploadService for ProductUploadService {
@@ -85,7 +69,7 @@ impl ProbeUploadService for ProductUploadService {
     ) -> Result<tonic::Response<GetExistingProbesResponse>, Status> {
         let uploads = &self.0;
         let result = match uploads.auth.authorize(request.metadata(), Role::View) {
-            Ok(_) => uploads.existing(&request.get_ref().files_to_check).await,
+            Ok(_) => uploads.existing(request.into_inner().files_to_check).await,
             Err(error) => Err(error),
         };
         Ok(tonic::Response::new(uploads.counted(result)?))
@@ -96,7 +80,7 @@ impl ProbeUploadService for ProductUploadService {
 /// other method. Every answer is HTTP 200 with the status in the trailer
 /// frame, as gRPC-web clients expect (roxctl reads an HTTP error as
 /// UNAVAILABLE and retries it).
-pub struct ExistingOverGrpcWeb(pub Arc<ProductUploads>);
+pub struct ExistingOverGrpcWeb(pub Arc<RoxctlExisting>);
 
 impl Handler for ExistingOverGrpcWeb {
     fn call(&self, call: Call) -> Answer {
@@ -105,7 +89,7 @@ impl Handler for ExistingOverGrpcWeb {
     }
 }
 
-async fn grpc_web<B>(uploads: &ProductUploads, request: Request<B>) -> Response<tonic::body::Body>
+async fn grpc_web<B>(uploads: &RoxctlExisting, request: Request<B>) -> Response<tonic::body::Body>
 where
     B: http_body::Body<Data = Bytes> + Unpin,
     B::Error: std::fmt::Display,
@@ -124,7 +108,7 @@ where
         let message = read_message(request, MAX_REQUEST_MESSAGE).await?;
         let asked = GetExistingProbesRequest::decode(message)
             .map_err(|e| Error::invalid_argument(format!("the request message was refused: {e}")))?;
-        uploads.existing(&asked.files_to_check).await
+        uploads.existing(asked.files_to_check).await
     }
     .await;
     match uploads.counted(result) {
