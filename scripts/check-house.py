@@ -1,7 +1,12 @@
 """Checks the house rules a reviewer would otherwise check by hand:
 no source file outside the tests over 400 lines, no import cycle between
-files of a crate, and nothing under central-probes/src/store/ importing
-from the server (the store is the lower layer).
+files of a crate, nothing under central-probes/src/store/ importing
+from the server (the store is the lower layer),
+and the server's request edge kept in its layers: one file at most with
+`pub async fn handle` (handlers answer through `edge::Handler`), no
+handler or use case importing the connection code, no handler importing
+another handler, no use case importing a handler or the edge (the wire),
+and the edge importing no handler.
 
     python3 scripts/check-house.py
 
@@ -19,6 +24,14 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 CRATES = {"probe_api": ROOT / "src", "central_probes": ROOT / "central-probes/src",
           "collector_client": ROOT / "collector-client/src"}
 MAX_LINES = 400
+SERVER = ROOT / "central-probes/src/server"
+HANDLERS = SERVER / "handlers"
+CONNECTIONS = SERVER / "connections"
+EDGE = SERVER / "edge"
+# The use cases: what the server does, whatever the wire.
+USE_CASES = [SERVER / "uploads", SERVER / "serving", SERVER / "catalog.rs", SERVER / "export.rs",
+             SERVER / "verify_probes.rs"]
+HANDLE = re.compile(r"^\s*pub(?:\([^)]*\))?\s+async\s+fn\s+handle\b", re.M)
 # A path starting at the crate root, its parent or this module, up to the
 # first item that is not a module (in braces, a glob or an identifier).
 PATH = re.compile(r"\b(crate|super|self)((?:::[A-Za-z_][A-Za-z0-9_]*)+)(?![A-Za-z0-9_])(?!::)")
@@ -87,6 +100,38 @@ def edges(src: pathlib.Path, file: pathlib.Path) -> set[pathlib.Path]:
     return found
 
 
+def under(file: pathlib.Path, place: pathlib.Path) -> bool:
+    return file == place or place in file.parents
+
+
+def handler_unit(file: pathlib.Path) -> str:
+    """The handler a file belongs to: x.rs and x/tests.rs are one."""
+    return file.relative_to(HANDLERS).parts[0].removesuffix(".rs")
+
+
+def edge_problems(files: list, graph: dict) -> list[str]:
+    """The request edge's layering in central-probes' server."""
+    problems = []
+    handles = [f for f in files if HANDLE.search(strip_tests(f.read_text()))]
+    if len(handles) > 1:
+        names = ", ".join(str(f.relative_to(ROOT)) for f in handles)
+        problems.append(f"`pub async fn handle` in {len(handles)} files ({names}): a handler answers through "
+                        "`edge::Handler`, and the route table in server/routes.rs names it")
+    for file in files:
+        use_case = any(under(file, place) for place in USE_CASES)
+        for target in graph[file]:
+            rel = f"{file.relative_to(ROOT)} imports {target.relative_to(ROOT)}"
+            if (under(file, HANDLERS) or use_case) and under(target, CONNECTIONS):
+                problems.append(f"{rel}: handlers and use cases do not know the connection")
+            if under(file, HANDLERS) and under(target, HANDLERS) and handler_unit(file) != handler_unit(target):
+                problems.append(f"{rel}: a handler imports another handler (shared code belongs in server/edge/)")
+            if use_case and (under(target, HANDLERS) or under(target, EDGE)):
+                problems.append(f"{rel}: a use case knows nothing of the wire")
+            if under(file, EDGE) and under(target, HANDLERS):
+                problems.append(f"{rel}: the edge is below the handlers")
+    return problems
+
+
 def cycles(graph: dict) -> list[list]:
     """Strongly connected components of more than one file (Tarjan)."""
     index, low, stack, on_stack, out = {}, {}, [], set(), []
@@ -136,6 +181,7 @@ def main() -> None:
             names = ", ".join(str(f.relative_to(ROOT)) for f in component)
             problems.append(f"{crate}: an import cycle between {names}")
         if crate == "central_probes":
+            problems.extend(edge_problems(files, graph))
             store = src / "store"
             for file in files:
                 if store in file.parents:
@@ -147,7 +193,8 @@ def main() -> None:
         print(problem)
     if problems:
         sys.exit(1)
-    print("house rules hold: no file over 400 lines, no import cycle, the store imports nothing above it")
+    print("house rules hold: no file over 400 lines, no import cycle, the store imports nothing above it, "
+          "the request edge keeps its layers")
 
 
 if __name__ == "__main__":

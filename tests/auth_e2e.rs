@@ -14,11 +14,7 @@ const PROBE: (&str, &str) = ("2.5.0", "collector-ebpf-5.4.0-42-generic.o.gz");
 async fn store_probe(central: &Central, pki: &TestPki) {
     let mut admin = central.admin(pki, &central.admin_token);
     let mut messages = vec![UploadProbesRequest { message: Some(Message::Options(UploadOptions::default())) }];
-    messages.extend(central_probes::server::upload_session::file_messages(
-        &format!("{}/{}", PROBE.0, PROBE.1),
-        b"probe",
-        2,
-    ));
+    messages.extend(central_probes::server::uploads::file_messages(&format!("{}/{}", PROBE.0, PROBE.1), b"probe", 2));
     admin.upload_probes(tokio_stream::iter(messages)).await.unwrap();
 }
 
@@ -227,11 +223,7 @@ async fn call_all(channel: tonic::transport::Channel, authorization: Option<&str
         .await
         .map(drop);
     let mut messages = vec![UploadProbesRequest { message: Some(Message::Options(UploadOptions::default())) }];
-    messages.extend(central_probes::server::upload_session::file_messages(
-        &format!("{}/{}", PROBE.0, PROBE.1),
-        b"probe",
-        2,
-    ));
+    messages.extend(central_probes::server::uploads::file_messages(&format!("{}/{}", PROBE.0, PROBE.1), b"probe", 2));
     let upload = admin.upload_probes(tokio_stream::iter(messages)).await.map(drop);
     let list = admin.list_probes(ListProbesRequest::default()).await.map(drop);
     [classify(get_probe), classify(existing), classify(upload), classify(list)]
@@ -285,7 +277,7 @@ async fn uploads_and_overwrites_are_counted_by_token_name_and_the_tokens_file_is
     let path = "2.5.0/collector-ebpf-5.4.0.o.gz";
     for (bytes, overwrite) in [(&b"first"[..], false), (&b"second"[..], true)] {
         let mut messages = vec![UploadProbesRequest { message: Some(Message::Options(UploadOptions { overwrite })) }];
-        messages.extend(central_probes::server::upload_session::file_messages(path, bytes, 4));
+        messages.extend(central_probes::server::uploads::file_messages(path, bytes, 4));
         central.admin(&pki, &central.admin_token).upload_probes(tokio_stream::iter(messages)).await.unwrap();
     }
     let metrics = central.metrics.render();

@@ -245,7 +245,7 @@ async fn a_grpc_upstream_is_reached_through_the_proxy_too() {
     let mut messages = vec![probe_api::v1::UploadProbesRequest {
         message: Some(probe_api::v1::upload_probes_request::Message::Options(Default::default())),
     }];
-    messages.extend(central_probes::server::upload_session::file_messages(
+    messages.extend(central_probes::server::uploads::file_messages(
         &format!("{MODULE}/{}", file("7.1.0")),
         &bytes,
         64 << 10,

@@ -43,7 +43,7 @@ async fn upload(central: &Central, pki: &TestPki, kernel: &str) {
     let mut admin = central.admin(pki, &central.admin_token);
     let mut messages = vec![UploadProbesRequest { message: Some(Message::Options(UploadOptions::default())) }];
     let path = format!("{MODULE}/{}", file_name(kernel));
-    messages.extend(central_probes::server::upload_session::file_messages(&path, &probe_for(kernel).1, 1000));
+    messages.extend(central_probes::server::uploads::file_messages(&path, &probe_for(kernel).1, 1000));
     admin.upload_probes(tokio_stream::iter(messages)).await.unwrap();
 }
 

@@ -7,7 +7,7 @@ mod common;
 mod raw_grpc;
 
 use bytes::Bytes;
-use central_probes::server::upload_session::file_messages;
+use central_probes::server::uploads::file_messages;
 use common::{Central, TestPki};
 use probe_api::limits::{MAX_REQUEST_MESSAGE, MAX_UPLOAD_CHUNK};
 use probe_api::v1::upload_probes_request::Message;

@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
-use central_probes::server::upload_session::file_messages;
+use central_probes::server::uploads::file_messages;
 use central_probes::synthetic::PackageSpec;
 use cli::central_cli;
 use common::{Central, CentralOptions, TestPki};

@@ -480,7 +480,7 @@ fn upload_body(messages: Vec<probe_api::v1::UploadProbesRequest>) -> Bytes {
 
 /// All of `FIRST`, then `SECOND`'s header and 10 of its 100 bytes.
 fn upload_broken_inside_second() -> Bytes {
-    use central_probes::server::upload_session::file_messages;
+    use central_probes::server::uploads::file_messages;
     let mut messages = file_messages(FIRST, &bytes_of(5000, 7), 1000);
     messages.extend(file_messages(SECOND, &bytes_of(100, 8), 10).into_iter().take(2));
     upload_body(messages)
@@ -511,7 +511,7 @@ async fn a_stalled_upload_is_ended_keeping_the_files_before_it_and_the_next_uplo
     let listed = cli::listed(&served.address, &pki.ca_file(), &token).await;
     assert_eq!(listed, [FIRST], "the file before the stall is kept");
 
-    let next = upload_body(central_probes::server::upload_session::file_messages(SECOND, &bytes_of(100, 8), 10));
+    let next = upload_body(central_probes::server::uploads::file_messages(SECOND, &bytes_of(100, 8), 10));
     let status = raw_grpc_call(&sender, UPLOAD, Some(&token), next).await;
     assert_eq!(status.code(), tonic::Code::Ok, "the next upload works: {status:?}");
     assert_eq!(cli::listed(&served.address, &pki.ca_file(), &token).await, [FIRST, SECOND]);
@@ -519,7 +519,7 @@ async fn a_stalled_upload_is_ended_keeping_the_files_before_it_and_the_next_uplo
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upload_whose_client_goes_away_is_logged_and_audited_with_what_it_committed() {
-    use central_probes::server::upload_session::file_messages;
+    use central_probes::server::uploads::file_messages;
     let pki = TestPki::new();
     let dir = tempfile::tempdir().unwrap();
     let token = admin_token(dir.path());

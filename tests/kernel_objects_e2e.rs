@@ -30,11 +30,7 @@ async fn central_with_probe(pki: &TestPki, dir: &Path, options: CentralOptions) 
     let file = probe_file();
     let mut admin = central.admin(pki, &central.admin_token);
     let mut messages = vec![UploadProbesRequest { message: Some(Message::Options(UploadOptions::default())) }];
-    messages.extend(central_probes::server::upload_session::file_messages(
-        &format!("{MODULE}/{FILE}"),
-        &file,
-        64 << 10,
-    ));
+    messages.extend(central_probes::server::uploads::file_messages(&format!("{MODULE}/{FILE}"), &file, 64 << 10));
     admin.upload_probes(tokio_stream::iter(messages)).await.unwrap();
     (central, file)
 }

@@ -206,12 +206,11 @@ async fn an_interrupted_upload_keeps_finished_files_and_the_rerun_sends_only_the
     let options = UploadProbesRequest { message: Some(Message::Options(UploadOptions { overwrite: false })) };
     sender.send(options).await.unwrap();
     for path in &paths[..3] {
-        for message in central_probes::server::upload_session::file_messages(path, &spec.probe_bytes(path), 4096) {
+        for message in central_probes::server::uploads::file_messages(path, &spec.probe_bytes(path), 4096) {
             sender.send(message).await.unwrap();
         }
     }
-    let mut fourth =
-        central_probes::server::upload_session::file_messages(&paths[3], &spec.probe_bytes(&paths[3]), 1024);
+    let mut fourth = central_probes::server::uploads::file_messages(&paths[3], &spec.probe_bytes(&paths[3]), 1024);
     fourth.truncate(3);
     for message in fourth {
         sender.send(message).await.unwrap();

@@ -161,7 +161,7 @@ async fn upload(setup: &Setup, central: &Central, package: &Path) -> String {
 async fn upload_large(setup: &Setup, central: &Central) {
     let mut admin = central.admin(&setup.pki, &central.admin_token);
     let mut messages = vec![UploadProbesRequest { message: Some(Message::Options(UploadOptions::default())) }];
-    messages.extend(central_probes::server::upload_session::file_messages(LARGE, &large_bytes(), 64 << 10));
+    messages.extend(central_probes::server::uploads::file_messages(LARGE, &large_bytes(), 64 << 10));
     admin.upload_probes(tokio_stream::iter(messages)).await.unwrap();
 }
 

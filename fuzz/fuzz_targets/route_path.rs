@@ -7,7 +7,7 @@
 //! non-ASCII byte in its file name.
 #![no_main]
 
-use central_probes::server::kernel_objects::{PREFIX, route_path};
+use central_probes::server::handlers::kernel_objects::{PREFIX, route_path};
 use libfuzzer_sys::fuzz_target;
 use probe_api::names::{MAX_PATH_LEN, ModuleVersion, ProbeFileName, ProbePath};
 

@@ -1,7 +1,7 @@
 //! Any request of roxctl's upload route (`POST
 //! /api/extensions/probeupload?manifestLen=N`: a manifest, then its files'
 //! bytes) through the route's body parser into the upload state machine
-//! and a real store (`product_upload::receive`). It must end with a
+//! and a real store (`roxctl_upload::receive`). It must end with a
 //! response or a clear error, never panic, leave no file in tmp/, and when
 //! it succeeds every file of the manifest must be stored with exactly the
 //! body's bytes for it.
@@ -18,7 +18,7 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use bytes::Bytes;
-use central_probes::server::product_upload::{PATH, receive};
+use central_probes::server::handlers::roxctl_upload::{PATH, receive};
 use central_probes::store::ProbeStore;
 use common::World;
 use http_body::Frame;

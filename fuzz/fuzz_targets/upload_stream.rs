@@ -1,5 +1,6 @@
 //! Any sequence of upload messages, as a gRPC request body, through the
-//! reader UploadProbes uses (`upload_direct::UploadParts`) into the upload
+//! reader UploadProbes uses (`edge::grpc_stream::MessagePieces` with
+//! `upload_probes::LIMITS`) into the upload
 //! state machine and a real store: it must end with a response or a clear
 //! error, never panic, and never leave a file in tmp/ behind.
 //!
@@ -17,13 +18,15 @@ use std::convert::Infallible;
 use std::sync::OnceLock;
 
 use bytes::Bytes;
-use central_probes::server::upload_direct::UploadParts;
-use central_probes::server::upload_session::UploadSession;
+use central_probes::server::edge::grpc_stream::MessagePieces;
+use central_probes::server::handlers::upload_probes::{LIMITS, event_of};
+use central_probes::server::uploads::UploadSession;
 use common::World;
 use http_body::Frame;
 use libfuzzer_sys::fuzz_target;
 use probe_api::v1::UploadProbesRequest;
 use prost::Message;
+use tokio_stream::StreamExt;
 
 /// The request body: the messages that decode, gRPC-framed, then the rest.
 fn body(mut data: &[u8]) -> Vec<Bytes> {
@@ -53,7 +56,7 @@ fuzz_target!(|data: &[u8]| {
     let world = WORLD.get_or_init(World::new);
     let frames = body(data).into_iter().map(|frame| Ok::<_, Infallible>(Frame::data(frame)));
     let body = http_body_util::StreamBody::new(tokio_stream::iter(frames));
-    let parts = UploadParts::new(body);
-    let _ = world.runtime.block_on(UploadSession::new(world.store.clone()).run(parts));
+    let events = MessagePieces::new(body, LIMITS).map(event_of);
+    let _ = world.runtime.block_on(UploadSession::new(world.store.clone()).run(events));
     world.assert_no_temporary_file();
 });

@@ -271,7 +271,7 @@ pub async fn upload_signed(
     use probe_api::v1::{UploadOptions, UploadProbesRequest};
     let options = UploadOptions { overwrite: true };
     let mut messages = vec![UploadProbesRequest { message: Some(Message::Options(options)) }];
-    messages.extend(central_probes::server::upload_session::file_messages(path, bytes, 1 << 20));
+    messages.extend(central_probes::server::uploads::file_messages(path, bytes, 1 << 20));
     if let Some(Message::FileTrailer(trailer)) = &mut messages.last_mut().unwrap().message {
         trailer.signature = signature.unwrap_or_default().to_vec().into();
     }

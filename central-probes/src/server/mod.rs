@@ -9,23 +9,19 @@
 //! benches start the very same server. `connections` serves the connections.
 
 pub mod auth;
+pub mod catalog;
 pub mod connections;
 pub mod coverage;
+pub mod edge;
 pub mod export;
-pub mod get_probe_direct;
-pub mod kernel_objects;
+pub mod handlers;
 pub mod metrics;
 pub mod page_token;
-pub mod probe_service;
-pub mod probe_slots;
-pub mod product_api;
-pub mod product_upload;
+mod routes;
+pub mod serving;
 pub mod sources;
 mod stores;
-pub mod upload_direct;
-mod upload_record;
-pub mod upload_service;
-pub mod upload_session;
+pub mod uploads;
 pub mod upstream;
 pub mod verify_probes;
 
@@ -33,22 +29,20 @@ use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use probe_api::limits::MAX_REQUEST_MESSAGE;
-use probe_api::product::v1::probe_upload_service_server::ProbeUploadServiceServer as ProductServer;
-use probe_api::v1::probe_upload_service_server::ProbeUploadServiceServer;
 use tokio::net::TcpListener;
-use tonic::codegen::InterceptedService;
-use tonic::service::Routes;
 use tracing::{info, warn};
 
 use crate::error::{Error, Result};
 use crate::server::auth::TokenAuth;
+use crate::server::catalog::Catalog;
+use crate::server::handlers::admin_service::AdminService;
+use crate::server::handlers::roxctl_existing::RoxctlExisting;
 use crate::server::metrics::Metrics;
-use crate::server::probe_service::ProbeServing;
-use crate::server::probe_slots::ProbeSlots;
-use crate::server::product_api::{ProductUploadService, ProductUploads};
+use crate::server::routes::RouteParts;
+use crate::server::serving::ProbeServing;
+use crate::server::serving::slots::ProbeSlots;
 use crate::server::sources::{ProbeSource, SourceChain, UploadedProbes};
-use crate::server::upload_service::UploadService;
+use crate::server::uploads::Uploads;
 use crate::server::upstream::UpstreamSource;
 use crate::store::ProbeStore;
 use crate::store::hot::HotProbes;
@@ -259,22 +253,6 @@ async fn serve(central: Central, listener: TcpListener, shutdown: impl Future<Ou
     let address = listener.local_addr().map_err(|e| Error::io("reading the listening address", e))?;
     let tls = tls_config(&tls)?;
 
-    let (health_reporter, health_service) = tonic_health::server::health_reporter();
-    // GetProbe is answered beside tonic (`get_probe_direct`), so its
-    // service is named here rather than through a tonic server type.
-    health_reporter.set_service_status("kprobes.v1.ProbeService", tonic_health::ServingStatus::Serving).await;
-    health_reporter.set_serving::<ProbeUploadServiceServer<UploadService>>().await;
-    // Both reflection versions: grpcurl before 1.9 and other older tools
-    // speak only v1alpha.
-    let reflection = || {
-        tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(probe_api::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-    };
-    let reflection_error = |e| Error::internal(format!("building reflection: {e}"));
-    let reflection_v1 = reflection().build_v1().map_err(reflection_error)?;
-    let reflection_v1alpha = reflection().build_v1alpha().map_err(reflection_error)?;
-
     // Uploaded probes always win over the upstream's.
     let mut sources: Vec<Arc<dyn ProbeSource>> = vec![Arc::new(UploadedProbes(store.clone()))];
     if let Some(upstream) = upstream {
@@ -289,55 +267,31 @@ async fn serve(central: Central, listener: TcpListener, shutdown: impl Future<Ou
         limits.probe_stream_wait,
         misses.clone(),
     ));
-    let product = Arc::new(ProductUploads {
-        store: store.clone(),
-        auth: auth.clone(),
-        metrics: metrics.clone(),
-        misses: misses.clone(),
-        upload_idle_timeout: limits.upload_idle_timeout,
-    });
-    let product_grpc = ProductServer::new(ProductUploadService(product.clone()))
-        .max_decoding_message_size(MAX_REQUEST_MESSAGE)
-        .max_encoding_message_size(MAX_REQUEST_MESSAGE);
-    let product_auth = auth.clone();
-    let product_grpc = InterceptedService::new(product_grpc, move |request: tonic::Request<()>| {
-        product_auth.authorize(request.metadata(), Role::View).map_err(tonic::Status::from)?;
-        Ok(request)
-    });
-    let uploads = Arc::new(UploadService::new(
-        store,
-        record,
+    let uploads = Arc::new(Uploads::new(
+        store.clone(),
+        auth.clone(),
+        metrics.clone(),
         misses.clone(),
+        limits.upload_idle_timeout,
+    ));
+    let catalog = Arc::new(Catalog::new(store, misses.clone(), metrics.clone(), coverage.clone()));
+    let admin = Arc::new(AdminService::new(
+        catalog.clone(),
+        record,
         auth.clone(),
         metrics.clone(),
         limits.send_timeout,
-        limits.upload_idle_timeout,
         coverage,
     ));
-    let upload = ProbeUploadServiceServer::from_arc(uploads.clone())
-        .max_decoding_message_size(MAX_REQUEST_MESSAGE)
-        .max_encoding_message_size(MAX_REQUEST_MESSAGE);
-    // The token is checked before tonic reads the request body: a caller
-    // without one cannot make Central buffer a 64 MiB message. Each RPC
-    // checks the role it needs on top.
-    let upload = InterceptedService::new(upload, move |request: tonic::Request<()>| {
-        auth.authorize(request.metadata(), Role::View).map_err(tonic::Status::from)?;
-        Ok(request)
-    });
-
-    let routes = Routes::new(health_service)
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
-        .add_service(upload)
-        .add_service(product_grpc);
+    let roxctl = Arc::new(RoxctlExisting { catalog, auth: auth.clone(), metrics: metrics.clone() });
+    let table = routes::build(RouteParts { serving, admin, uploads, roxctl, auth }).await?;
     info!(%address, "listening on {address}");
     metrics.set_ready(true);
     let shutdown = async {
         shutdown.await;
         metrics.set_ready(false);
     };
-    let direct = connections::Direct { probes: serving, product, uploads };
-    connections::serve(listener, tls, routes, direct, limits, shutdown).await;
+    connections::serve(listener, tls, Arc::new(table), limits, shutdown).await;
     if let Err(error) = misses.flush().await {
         warn!(%error, "could not record the last misses");
     }

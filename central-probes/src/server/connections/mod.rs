@@ -4,8 +4,8 @@
 //! tonic's own server cannot bound what a hostile client holds: it has no
 //! handshake deadline by default, spins on EMFILE, and does not expose the
 //! per-stream send buffer. So Central runs its own accept loop and serves
-//! each connection with hyper directly, the gRPC services being tonic
-//! `Routes`:
+//! each connection with hyper directly, every request going to one
+//! `edge::Handler`, the route table:
 //! - a connection cap (and EMFILE/ENFILE) evicts connections still in
 //!   their TLS handshake first, oldest first, since a silent client sits
 //!   there; when none is, the new connection is closed at once;
@@ -13,8 +13,9 @@
 //! - HTTP/2 advertises a stream limit, pings idle peers, and buffers at most
 //!   `SEND_BUFFER` per stream beyond what is on the wire;
 //! - a connection with no request for the idle timeout is closed gracefully;
-//! - each request carries the `ConnectionHandle` of its connection, through
-//!   which `ProbeSlots` closes connections whose client stopped reading.
+//! - each request carries its connection (`ConnectionHandle`, as the
+//!   slots' `Connection`), through which `ProbeSlots` closes connections
+//!   whose client stopped reading.
 
 mod accept;
 pub mod handle;
@@ -30,7 +31,6 @@ use hyper_util::server::conn::auto;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 use tokio_rustls::TlsAcceptor;
-use tonic::service::Routes;
 use tonic::transport::server::Connected;
 use tracing::{debug, info};
 
@@ -38,8 +38,10 @@ pub use accept::raise_descriptor_limit;
 pub use handle::ConnectionHandle;
 
 use accept::{AcceptBackoff, Registration, Registry};
-pub use service::Direct;
-use service::{Activity, ConnectionService, asker_of};
+use service::{ConnectionService, asker_of};
+
+use crate::server::edge::Handler;
+use crate::server::edge::layers::Activity;
 
 /// Bytes HTTP/2 may buffer for one stream beyond its flow-control window:
 /// with unread streams this, plus one chunk, is what each one holds.
@@ -98,14 +100,13 @@ impl Default for ConnectionLimits {
     }
 }
 
-/// Serves `routes` over TLS on `listener` until `shutdown` completes, then
+/// Serves `table` over TLS on `listener` until `shutdown` completes, then
 /// stops accepting, lets requests in flight finish and returns when every
 /// connection has closed.
 pub async fn serve(
     listener: TcpListener,
     tls: Arc<rustls::ServerConfig>,
-    routes: Routes,
-    direct: Direct,
+    table: Arc<dyn Handler>,
     limits: ConnectionLimits,
     shutdown: impl Future<Output = ()>,
 ) {
@@ -130,8 +131,7 @@ pub async fn serve(
     let context = Arc::new(ConnectionContext {
         builder,
         acceptor: TlsAcceptor::from(tls),
-        routes: routes.prepare(),
-        direct,
+        table,
         limits,
         registry: Arc::new(Registry::default()),
     });
@@ -176,8 +176,7 @@ pub async fn serve(
 struct ConnectionContext {
     builder: auto::Builder<TokioExecutor>,
     acceptor: TlsAcceptor,
-    routes: Routes,
-    direct: Direct,
+    table: Arc<dyn Handler>,
     limits: ConnectionLimits,
     registry: Arc<Registry>,
 }
@@ -212,11 +211,10 @@ impl ConnectionContext {
         let activity = Arc::new(Activity::default());
         let connect_info = tls.connect_info();
         let service = ConnectionService {
-            routes: self.routes.clone(),
-            direct: self.direct.clone(),
+            table: self.table.clone(),
             asker: asker_of(&connect_info),
             connect_info,
-            handle: handle.clone(),
+            connection: Arc::new(handle.clone()),
             activity: activity.clone(),
         };
         let connection = self.builder.serve_connection(TokioIo::new(tls), service);

@@ -1,70 +1,20 @@
-//! The HTTP service of one connection: GetProbe (`get_probe_direct`),
-//! UploadProbes (`upload_direct`), the HTTPS probe route (`kernel_objects`),
-//! the product's upload route (`product_upload`) and gRPC-web
-//! (`product_api`), else tonic's routes
-//! with the connection's TLS facts
-//! and handle in every request, requests in flight counted for
-//! the idle timeout, and tonic's pre-handler errors recoded as the API
-//! documents them.
+//! The HTTP service of one connection: each request, with the connection's
+//! TLS facts in its extensions (tonic's `peer_certs`, `remote_addr`),
+//! becomes a `Call` to the route table, counted in flight for the idle
+//! timeout (`edge::layers`).
 
-use std::convert::Infallible;
-use std::future::Future;
-use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
 
-use http::{HeaderValue, Request, Response};
+use http::{Request, Response};
 use hyper::body::Incoming;
 use tokio::net::TcpStream;
-use tonic::Code;
-use tonic::codegen::Service;
-use tonic::service::Routes;
 use tonic::transport::server::Connected;
 
-use super::handle::ConnectionHandle;
-use crate::server::probe_service::{Asker, ProbeServing};
-use crate::server::product_api::{self, ProductUploads};
-use crate::server::upload_service::UploadService;
-use crate::server::{get_probe_direct, kernel_objects, product_upload, upload_direct};
+use crate::server::edge::layers::{Activity, Tracked};
+use crate::server::edge::{Call, Handler};
+use crate::server::serving::Asker;
+use crate::server::serving::slots::Connection;
 use crate::store::client_id::ClientId;
-
-/// Requests in flight on a connection and when the last one ended.
-pub(super) struct Activity {
-    in_flight: AtomicUsize,
-    since: Mutex<Instant>,
-}
-
-impl Default for Activity {
-    fn default() -> Self {
-        Activity { in_flight: AtomicUsize::new(0), since: Mutex::new(Instant::now()) }
-    }
-}
-
-impl Activity {
-    pub(super) fn idle_for(&self) -> Duration {
-        if self.in_flight.load(Ordering::SeqCst) > 0 {
-            return Duration::ZERO;
-        }
-        self.since.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).elapsed()
-    }
-
-    pub(super) fn start(self: &Arc<Self>) -> InFlight {
-        self.in_flight.fetch_add(1, Ordering::SeqCst);
-        InFlight(self.clone())
-    }
-}
-
-/// One request in flight, until its response body is done or dropped.
-pub(super) struct InFlight(Arc<Activity>);
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        *self.0.since.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = Instant::now();
-        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
-    }
-}
 
 pub type ConnectInfo = <tokio_rustls::server::TlsStream<TcpStream> as Connected>::ConnectInfo;
 
@@ -79,132 +29,33 @@ pub(super) fn asker_of(connect_info: &ConnectInfo) -> Asker {
     }
 }
 
-/// The requests Central reads itself, beside tonic's `Routes`: the hot
-/// paths whose bytes tonic would copy, and the product's routes.
-#[derive(Clone)]
-pub struct Direct {
-    pub probes: Arc<ProbeServing>,
-    pub product: Arc<ProductUploads>,
-    pub uploads: Arc<UploadService>,
-}
-
-/// The HTTP service of one connection: tonic's routes, with the connection's
-/// TLS facts (for `peer_certs`) and handle in every request.
+/// The HTTP service of one connection.
 #[derive(Clone)]
 pub(super) struct ConnectionService {
-    pub(super) routes: Routes,
-    /// What is answered beside tonic.
-    pub(super) direct: Direct,
+    /// What answers every request: the route table.
+    pub(super) table: Arc<dyn Handler>,
     pub(super) connect_info: ConnectInfo,
     /// Who is asking, for GetProbe and the HTTPS route.
     pub(super) asker: Asker,
-    pub(super) handle: ConnectionHandle,
+    /// The connection, for the probe stream slots.
+    pub(super) connection: Arc<dyn Connection>,
     pub(super) activity: Arc<Activity>,
 }
 
 impl hyper::service::Service<Request<Incoming>> for ConnectionService {
     type Response = Response<tonic::body::Body>;
-    type Error = Infallible;
-    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
+    type Error = std::convert::Infallible;
+    type Future = Tracked;
 
     fn call(&self, mut request: Request<Incoming>) -> Self::Future {
         request.extensions_mut().insert(self.connect_info.clone());
-        request.extensions_mut().insert(self.handle.clone());
         let in_flight = self.activity.start();
-        let track = |response: Response<tonic::body::Body>| {
-            response.map(|body| tonic::body::Body::new(TrackedBody { body, _in_flight: in_flight }))
+        let call = Call {
+            request,
+            asker: self.asker,
+            remote: self.connect_info.get_ref().remote_addr(),
+            connection: self.connection.clone(),
         };
-        let path = request.uri().path();
-        let direct = path == get_probe_direct::PATH;
-        if direct || path.starts_with(kernel_objects::PREFIX) {
-            let probes = self.direct.probes.clone();
-            let asker = self.asker;
-            let handle = self.handle.clone();
-            return Box::pin(async move {
-                let response = if direct {
-                    get_probe_direct::handle(&probes, request, asker, &handle).await
-                } else {
-                    kernel_objects::handle(&probes, &request, asker, &handle).await
-                };
-                Ok(track(response))
-            });
-        }
-        if path == upload_direct::PATH {
-            let uploads = self.direct.uploads.clone();
-            let client = self.client();
-            return Box::pin(async move { Ok(track(upload_direct::handle(uploads, request, client).await)) });
-        }
-        let grpc_web = product_api::wants_grpc_web(&request);
-        if grpc_web || path == product_upload::PATH {
-            let product = self.direct.product.clone();
-            let client = self.client();
-            return Box::pin(async move {
-                let response = if grpc_web {
-                    product_api::grpc_web(&product, request).await
-                } else {
-                    product_upload::handle(product, request, client).await
-                };
-                Ok(track(response))
-            });
-        }
-        let mut routes = self.routes.clone();
-        Box::pin(async move {
-            let mut response = routes.call(request).await?;
-            recode_client_errors(response.headers_mut());
-            Ok(track(response))
-        })
+        Tracked::new(self.table.call(call), in_flight)
     }
-}
-
-impl ConnectionService {
-    /// The client's address, for the log.
-    fn client(&self) -> String {
-        self.connect_info.get_ref().remote_addr().map_or_else(|| "unknown".into(), |a| a.to_string())
-    }
-}
-
-/// A response body that marks its request finished when it is dropped.
-pub(super) struct TrackedBody {
-    body: tonic::body::Body,
-    _in_flight: InFlight,
-}
-
-impl http_body::Body for TrackedBody {
-    type Data = bytes::Bytes;
-    type Error = tonic::Status;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
-        Pin::new(&mut self.body).poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        self.body.size_hint()
-    }
-}
-
-/// tonic answers a request message over the size limit with OUT_OF_RANGE
-/// and one that does not decode with INTERNAL, before any handler runs.
-/// Both are the client's mistake, and INTERNAL would read as "retry": the
-/// API documents RESOURCE_EXHAUSTED and INVALID_ARGUMENT. Central's own
-/// handlers never answer OUT_OF_RANGE, and their INTERNAL messages never
-/// start like prost's decode error.
-pub(super) fn recode_client_errors(headers: &mut http::HeaderMap) {
-    let code = match headers.get("grpc-status").map(HeaderValue::as_bytes) {
-        Some(b"11") => Code::ResourceExhausted,
-        Some(b"13") => Code::InvalidArgument,
-        _ => return,
-    };
-    let Some(status) = tonic::Status::from_header_map(headers) else { return };
-    if code == Code::InvalidArgument && !status.message().starts_with("failed to decode Protobuf message") {
-        return;
-    }
-    let recoded = tonic::Status::new(code, format!("the request message was refused: {}", status.message()));
-    let _ = recoded.add_header(headers);
 }

@@ -12,22 +12,48 @@ use tracing::{info, warn};
 
 use crate::server::auth::Caller;
 use crate::server::metrics::{AuditLabels, Metrics, OutcomeLabels};
-use crate::server::upload_session::UploadEnd;
+use crate::server::uploads::session::UploadEnd;
 use crate::store::misses::Resolver;
 use crate::store::misses::recorder::MissRecorder;
 
+/// The API an upload came through.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Via {
+    /// `ProbeUploadService.UploadProbes`.
+    UploadProbes,
+    /// roxctl's `POST /api/extensions/probeupload`.
+    RoxctlRoute,
+}
+
+impl Via {
+    /// How the log names it.
+    fn log_name(self) -> &'static str {
+        match self {
+            Via::UploadProbes => "UploadProbes",
+            Via::RoxctlRoute => "/api/extensions/probeupload",
+        }
+    }
+
+    /// How the request metrics name it.
+    pub fn metric(self) -> &'static str {
+        match self {
+            Via::UploadProbes => "UploadProbes",
+            Via::RoxctlRoute => "probeupload",
+        }
+    }
+}
+
 /// Who sent an upload, and through which API.
-pub(crate) struct Uploader<'a> {
-    pub caller: &'a Caller,
+pub struct Uploader {
+    pub caller: Caller,
     /// The client's address.
-    pub client: &'a str,
-    /// "UploadProbes", or the product's route.
-    pub via: &'a str,
+    pub client: String,
+    pub via: Via,
 }
 
 /// Logs and audits the end of an upload, and marks the misses it resolved.
-pub(crate) async fn record_upload_end(metrics: &Metrics, misses: &MissRecorder, who: &Uploader<'_>, end: &UploadEnd) {
-    let Uploader { caller, client, via } = *who;
+pub(crate) async fn record_upload_end(metrics: &Metrics, misses: &MissRecorder, who: &Uploader, end: &UploadEnd) {
+    let (caller, client, via) = (&who.caller, who.client.as_str(), who.via.log_name());
     let response = &end.response;
     let (stored, identical, conflicts, overwritten, bytes) = (
         response.stored_count,

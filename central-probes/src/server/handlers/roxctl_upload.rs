@@ -5,50 +5,37 @@
 //! in `proto/v1/probe_upload_service.proto`).
 //!
 //! The body is never held whole: the manifest is read and checked first,
-//! then the rest of the body is cut at file boundaries into the messages of
-//! an UploadProbes stream (options with overwrite, since the client decided
-//! that; per file a header, its bytes as they arrive, a trailer with the
-//! manifest's CRC-32) and fed to the very `UploadSession` that UploadProbes
-//! runs, so files commit by the same durable, in-order rule. A task reads
-//! the body into a small bounded channel: the body is read only as fast as
-//! the store takes it. A body that brings nothing for
-//! `--upload-idle-timeout` ends the upload (408), and the whole upload runs
-//! in a task of its own, so that one whose client went away is still
-//! logged and audited with what it committed (`upload_record`).
+//! then the rest of the body is cut at file boundaries into the events of
+//! the upload use case (`uploads`): options with overwrite, since the
+//! client decided that; per file a start, its bytes as they arrive, an end
+//! with the manifest's CRC-32. The upload takes them as UploadProbes' are
+//! taken, so files commit by the same durable, in-order rule, and the body
+//! is read only as fast as the store takes it. A body that brings nothing
+//! for `--upload-idle-timeout` ends the upload (408); an upload whose
+//! client went away is still recorded with what it committed.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use http::{Method, Request, Response, StatusCode};
-use http_body_util::BodyExt;
 use probe_api::limits::{MAX_FILE_SIZE, MAX_MANIFEST_BYTES, MAX_MANIFEST_FILES, MAX_UPLOAD_CHUNK};
 use probe_api::names::ProbePath;
 use probe_api::product::v1::ProbeUploadManifest;
-use probe_api::v1::upload_probes_request::Message;
-use probe_api::v1::{FileHeader, FileTrailer, UploadOptions, UploadProbesRequest, UploadProbesResponse};
+use probe_api::v1::UploadProbesResponse;
 use prost::Message as _;
-use tokio::sync::mpsc;
-use tokio_stream::StreamExt;
-use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::Stream;
 use tonic::Code;
 use tonic::metadata::MetadataMap;
 
 use crate::error::{Error, Result};
-use crate::server::auth::Role;
-use crate::server::kernel_objects::text;
-use crate::server::product_api::ProductUploads;
-use crate::server::upload_record::{Uploader, record_upload_end};
-use crate::server::upload_session::{Part, UploadEnd, UploadSession, idle_error};
+use crate::server::edge::http::{next_data, text};
+use crate::server::edge::{Answer, Call, Handler};
+use crate::server::uploads::{UploadEnd, UploadEvent, UploadSession, Uploader, Uploads, Via};
 use crate::store::ProbeStore;
 
 /// The route's path.
 pub const PATH: &str = "/api/extensions/probeupload";
-
-/// Messages between the task reading the body and the upload session:
-/// with chunks of at most one HTTP/2 frame or HTTP/1.1 read, a few hundred
-/// KiB at most.
-const FEED_DEPTH: usize = 8;
 
 /// One file of the manifest, checked.
 struct Planned {
@@ -57,22 +44,24 @@ struct Planned {
     crc32: u32,
 }
 
+/// The route, into the upload use case.
+pub struct RoxctlUpload(pub Arc<Uploads>);
+
+impl Handler for RoxctlUpload {
+    fn call(&self, call: Call) -> Answer {
+        let (uploads, client) = (self.0.clone(), call.client());
+        Box::pin(answer(uploads, call.request, client))
+    }
+}
+
 /// Answers one request of the route; `client` names the peer in the audit
 /// log.
-pub async fn handle<B>(uploads: Arc<ProductUploads>, request: Request<B>, client: String) -> Response<tonic::body::Body>
+async fn answer<B>(uploads: Arc<Uploads>, request: Request<B>, client: String) -> Response<tonic::body::Body>
 where
     B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
     B::Error: std::fmt::Display,
 {
-    // When the client goes away this call is dropped; the task is not.
-    let upload = tokio::spawn(async move {
-        let result = upload(&uploads, request, &client).await;
-        let code = result.as_ref().map_or_else(|e| e.code, |_| Code::Ok);
-        uploads.metrics.count_request("probeupload", code, "");
-        result
-    });
-    let result = upload.await.unwrap_or_else(|e| Err(Error::internal(format!("the upload's task failed: {e}"))));
-    match result {
+    match upload(&uploads, request, client).await {
         Ok(response) => text(
             StatusCode::OK,
             &format!(
@@ -87,19 +76,19 @@ where
     }
 }
 
-async fn upload<B>(uploads: &ProductUploads, request: Request<B>, client: &str) -> Result<UploadProbesResponse>
+async fn upload<B>(uploads: &Arc<Uploads>, request: Request<B>, client: String) -> Result<UploadProbesResponse>
 where
     B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
     B::Error: std::fmt::Display,
 {
+    let via = Via::RoxctlRoute;
     if request.method() != Method::POST {
-        return Err(Error::invalid_argument(format!("{PATH} takes POST only, not {}", request.method())));
+        let refused = Error::invalid_argument(format!("{PATH} takes POST only, not {}", request.method()));
+        return Err(uploads.refuse(via, refused));
     }
-    let caller = uploads.auth.caller(&MetadataMap::from_headers(request.headers().clone()), Role::Admin)?;
-    let end = receive(uploads.store.clone(), uploads.upload_idle_timeout, request).await;
-    let uploader = Uploader { caller: &caller, client, via: PATH };
-    record_upload_end(&uploads.metrics, &uploads.misses, &uploader, &end).await;
-    end.into_result()
+    let caller = uploads.authorize(&MetadataMap::from_headers(request.headers().clone()), via)?;
+    let idle = uploads.idle_timeout();
+    uploads.run(Uploader { caller, client, via }, events(request, idle)).await
 }
 
 /// Receives an authorized upload into `store` to its end: what it
@@ -112,31 +101,26 @@ where
     B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
     B::Error: std::fmt::Display,
 {
-    let (body, rest, files) = match planned(request, idle).await {
-        Ok(planned) => planned,
-        Err(error) => return UploadEnd { response: UploadProbesResponse::default(), error: Some(error) },
-    };
-    let (messages, received) = mpsc::channel(FEED_DEPTH);
-    let feeder = tokio::spawn(async move {
-        let fed = feed(body, rest, files, &messages, idle).await;
-        if fed.is_err() {
-            // The session stops at this, after the files before it commit.
-            let _ = messages.send(Err(tonic::Status::cancelled("the body was refused"))).await;
-        }
-        fed
-    });
-    let parts = ReceiverStream::new(received).map(|message| message.map(Part::from));
-    let mut end = UploadSession::new(store).run_to_end(parts).await;
-    let fed = feeder.await.unwrap_or_else(|e| Err(Error::internal(format!("reading the upload: {e}"))));
-    end.error = match (fed, end.error.take()) {
-        // The session stopped because of the body: the body's error says why.
-        (Err(error), Some(stopped)) if stopped.code == Code::Cancelled => {
-            Some(error.context("the upload stopped; the files before it are stored"))
-        }
-        (_, Some(error)) | (Err(error), None) => Some(error),
-        (Ok(()), None) => None,
-    };
-    end
+    match events(request, idle).await {
+        Ok(events) => UploadSession::new(store).run_to_end(events).await,
+        Err(error) => UploadEnd::refused(error),
+    }
+}
+
+/// The upload's events, once the manifest is read and checked; an error
+/// refuses the upload before any byte is stored.
+async fn events<B>(
+    request: Request<B>,
+    idle: Duration,
+) -> Result<impl Stream<Item = Result<UploadEvent>> + Send + Unpin + 'static>
+where
+    B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
+    B::Error: std::fmt::Display,
+{
+    let (body, rest, files) = planned(request, idle).await?;
+    let body = RoxctlBody { body, rest, files: files.into_iter(), idle, step: Step::Options };
+    let events = futures_util::stream::unfold(body, |mut body| async move { body.next().await.map(|e| (e, body)) });
+    Ok(Box::pin(events))
 }
 
 /// The body after its manifest, what of it came with the manifest, and
@@ -242,64 +226,90 @@ fn plan(manifest: &ProbeUploadManifest) -> Result<Vec<Planned>> {
     Ok(files)
 }
 
-/// Cuts the body after the manifest into the messages of an upload stream.
-/// Returns what was wrong with the body, if anything; a session that went
-/// away (it failed on a file) is not the body's fault.
-async fn feed<B>(
-    mut body: B,
-    mut rest: Bytes,
-    files: Vec<Planned>,
-    messages: &mpsc::Sender<Result<UploadProbesRequest, tonic::Status>>,
+/// The body after its manifest, cut into upload events.
+struct RoxctlBody<B> {
+    body: B,
+    /// Bytes received and not handed on yet.
+    rest: Bytes,
+    files: std::vec::IntoIter<Planned>,
     idle: Duration,
-) -> Result<()>
+    step: Step,
+}
+
+/// What comes next.
+enum Step {
+    Options,
+    FileStart,
+    /// `left` bytes of `file`, then its end.
+    File {
+        file: Planned,
+        left: u64,
+    },
+    /// The events ended, at the body's end or at an error.
+    Done,
+}
+
+impl<B> RoxctlBody<B>
 where
     B: http_body::Body<Data = Bytes> + Unpin,
     B::Error: std::fmt::Display,
 {
-    let send = |message| {
-        let messages = messages.clone();
-        async move { messages.send(Ok(UploadProbesRequest { message: Some(message) })).await.is_ok() }
-    };
-    if !send(Message::Options(UploadOptions { overwrite: true })).await {
-        return Ok(());
+    /// The next event; an error is the last.
+    async fn next(&mut self) -> Option<Result<UploadEvent>> {
+        self.step().await.transpose()
     }
-    let last = files.len().saturating_sub(1);
-    for (index, file) in files.into_iter().enumerate() {
-        let header = FileHeader { path: file.path.to_string(), size: file.size };
-        if !send(Message::FileHeader(header)).await {
-            return Ok(());
-        }
-        let mut left = file.size;
-        while left > 0 {
-            if rest.is_empty() {
-                match next_data(&mut body, idle).await? {
-                    Some(data) => rest = data,
-                    None => {
-                        return Err(Error::invalid_argument(format!(
-                            "the body ended inside {}: {} of its {} bytes came",
-                            file.path,
-                            file.size - left,
-                            file.size
-                        )));
+
+    async fn step(&mut self) -> Result<Option<UploadEvent>> {
+        // An error leaves `Done` behind.
+        match std::mem::replace(&mut self.step, Step::Done) {
+            Step::Options => {
+                self.step = Step::FileStart;
+                Ok(Some(UploadEvent::Options { overwrite: true }))
+            }
+            Step::FileStart => match self.files.next() {
+                Some(file) => {
+                    let start = UploadEvent::FileStart { path: file.path.to_string(), size: file.size };
+                    self.step = Step::File { left: file.size, file };
+                    Ok(Some(start))
+                }
+                None => {
+                    ends_here(&mut self.body, &mut self.rest, self.idle).await?;
+                    Ok(None)
+                }
+            },
+            Step::File { file, left } if left > 0 => {
+                if self.rest.is_empty() {
+                    match next_data(&mut self.body, self.idle).await? {
+                        Some(data) => self.rest = data,
+                        None => {
+                            return Err(Error::invalid_argument(format!(
+                                "the body ended inside {}: {} of its {} bytes came",
+                                file.path,
+                                file.size - left,
+                                file.size
+                            )));
+                        }
                     }
                 }
+                let take = (left.min(self.rest.len() as u64) as usize).min(MAX_UPLOAD_CHUNK);
+                self.step = Step::File { file, left: left - take as u64 };
+                Ok(Some(UploadEvent::Chunk(vec![self.rest.split_to(take)])))
             }
-            let take = (left.min(rest.len() as u64) as usize).min(MAX_UPLOAD_CHUNK);
-            left -= take as u64;
-            if !send(Message::Chunk(rest.split_to(take))).await {
-                return Ok(());
+            Step::File { file, .. } => {
+                // The last file commits only once the body is known to end there.
+                if self.files.len() == 0 {
+                    ends_here(&mut self.body, &mut self.rest, self.idle).await?;
+                }
+                self.step = Step::FileStart;
+                Ok(Some(UploadEvent::FileEnd {
+                    sha256: String::new(),
+                    crc32: Some(file.crc32),
+                    signature: Bytes::new(),
+                }))
             }
-        }
-        // The last file commits only once the body is known to end there.
-        if index == last {
-            ends_here(&mut body, &mut rest, idle).await?;
-        }
-        let trailer = FileTrailer { sha256: String::new(), crc32: Some(file.crc32), signature: Bytes::new() };
-        if !send(Message::FileTrailer(trailer)).await {
-            return Ok(());
+            Step::Done => Ok(None),
         }
     }
-    ends_here(&mut body, &mut rest, idle).await
 }
 
 /// INVALID_ARGUMENT when the body goes on past what the manifest declares.
@@ -317,24 +327,6 @@ where
     Err(Error::invalid_argument(
         "the body goes on past the files its manifest declares; its last file was not committed",
     ))
-}
-
-/// The next data of the body; `None` at its end. DEADLINE_EXCEEDED when
-/// the body brings nothing for `idle`.
-async fn next_data<B>(body: &mut B, idle: Duration) -> Result<Option<Bytes>>
-where
-    B: http_body::Body<Data = Bytes> + Unpin,
-    B::Error: std::fmt::Display,
-{
-    while let Some(frame) = tokio::time::timeout(idle, body.frame()).await.map_err(|_| idle_error(idle))? {
-        let frame = frame.map_err(|e| Error::new(Code::Cancelled, format!("the body broke off: {e}")))?;
-        if let Ok(mut data) = frame.into_data()
-            && data.has_remaining()
-        {
-            return Ok(Some(data.copy_to_bytes(data.remaining())));
-        }
-    }
-    Ok(None)
 }
 
 /// The HTTP status of an error, as the product's clients read it: roxctl

@@ -1,8 +1,10 @@
-//! The state machine of one `UploadProbes` stream.
+//! The state machine of one upload, whichever API it came through: it
+//! takes `UploadEvent`s, which every API's reader makes of its own wire
+//! format without re-encoding (UploadProbes' messages, roxctl's body).
 //!
-//! Messages must come as: options, then per file a header, its chunks and a
-//! trailer. Each file's bytes go straight into a store writer; once its
-//! trailer arrives, its verification and commit run in the background while
+//! Events must come as: options, then per file a start, its chunks and an
+//! end. Each file's bytes go straight into a store writer; once its
+//! end arrives, its verification and commit run in the background while
 //! the next file streams in (at most the store's `max_pending_commits` at once).
 //! Verification runs in parallel, but each commit waits for the one before
 //! it, so files take effect in stream order and none after a file that
@@ -11,20 +13,20 @@
 //! response (or the error) speaks of durable files only; `UploadEnd` keeps
 //! what was committed before an error, for the log and the audit.
 //!
-//! An upload whose client stops sending is ended by its reader
-//! (`upload_direct`, `product_upload`) after `--upload-idle-timeout` with
-//! `idle_error`; one whose client went away ends with CANCELLED. Both are
-//! interrupted uploads (`UploadEnd::interrupted`).
+//! An upload whose client stops sending is ended by its reader after
+//! `--upload-idle-timeout` with DEADLINE_EXCEEDED; one whose client went
+//! away ends with CANCELLED. Both are interrupted uploads
+//! (`UploadEnd::interrupted`). A reader's error ends the stream as it is:
+//! the reader says what was wrong with the client's bytes.
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
 
 use bytes::Bytes;
 
 use probe_api::digest::Sha256Digest;
-use probe_api::limits::{MAX_FILE_SIZE, MAX_REQUEST_MESSAGE, MAX_UPLOAD_CHUNK};
+use probe_api::limits::{MAX_FILE_SIZE, MAX_UPLOAD_CHUNK};
 use probe_api::names::ProbePath;
 use probe_api::signing::MAX_SIGNATURE_LEN;
 use probe_api::v1::upload_probes_request::Message;
@@ -41,33 +43,40 @@ use crate::store::{
     CommitGate, CommitOrder, CommitOutcome, Committed, ExpectedDigests, ProbeStore, ProbeWriter, open_gate,
 };
 
-/// A message, with a chunk in pieces.
-enum Incoming {
-    Options(UploadOptions),
-    Header(FileHeader),
+/// One event of an upload.
+#[derive(Debug)]
+pub enum UploadEvent {
+    /// How the upload treats files that are stored already.
+    Options { overwrite: bool },
+    /// A file's path (checked by the session) and size.
+    FileStart { path: String, size: u64 },
+    /// Bytes of the file, in the pieces the reader received them.
     Chunk(Vec<Bytes>),
-    Trailer(FileTrailer),
+    /// The file's digests (a SHA-256 in hex, empty for none; a CRC-32) and
+    /// its signature, if any.
+    FileEnd { sha256: String, crc32: Option<u32>, signature: Bytes },
+}
+
+impl TryFrom<UploadProbesRequest> for UploadEvent {
+    type Error = Error;
+
+    fn try_from(request: UploadProbesRequest) -> Result<UploadEvent> {
+        Ok(match request.message {
+            Some(Message::Options(UploadOptions { overwrite })) => UploadEvent::Options { overwrite },
+            Some(Message::FileHeader(FileHeader { path, size })) => UploadEvent::FileStart { path, size },
+            Some(Message::Chunk(chunk)) => UploadEvent::Chunk(vec![chunk]),
+            Some(Message::FileTrailer(FileTrailer { sha256, crc32, signature })) => {
+                UploadEvent::FileEnd { sha256, crc32, signature }
+            }
+            None => return Err(Error::invalid_argument("an upload message without content")),
+        })
+    }
 }
 
 enum State {
     AwaitingOptions,
     BetweenFiles,
     InFile { path: ProbePath, writer: Box<dyn ProbeWriter> },
-}
-
-/// One message of an upload stream as the session takes it.
-pub enum Part {
-    /// A decoded message; `None` for one without content.
-    Message(Option<Message>),
-    /// The bytes of a chunk message, in the pieces the HTTP/2 frames
-    /// carried them (`upload_direct` reads chunks so, without a copy).
-    Chunk(Vec<Bytes>),
-}
-
-impl From<UploadProbesRequest> for Part {
-    fn from(request: UploadProbesRequest) -> Part {
-        Part::Message(request.message)
-    }
 }
 
 struct Pending {
@@ -84,6 +93,11 @@ pub struct UploadEnd {
 }
 
 impl UploadEnd {
+    /// An upload refused before its first file (roxctl's manifest).
+    pub fn refused(error: Error) -> UploadEnd {
+        UploadEnd { response: UploadProbesResponse::default(), error: Some(error) }
+    }
+
     /// The client stopped sending or went away (rather than sending
     /// something wrong, or the store failing).
     pub fn interrupted(&self) -> bool {
@@ -96,17 +110,6 @@ impl UploadEnd {
             Some(error) => Err(error),
         }
     }
-}
-
-/// The error that ends an upload that received nothing for `idle`.
-pub fn idle_error(idle: Duration) -> Error {
-    Error::new(
-        Code::DeadlineExceeded,
-        format!(
-            "the upload received nothing for {} (Central's --upload-idle-timeout) and was ended",
-            humantime::format_duration(idle)
-        ),
-    )
 }
 
 pub struct UploadSession {
@@ -144,33 +147,25 @@ impl UploadSession {
 
     /// Runs a whole stream. On an error, the files committed before it stay
     /// and the message says how many there were.
-    pub async fn run<S>(self, requests: S) -> Result<UploadProbesResponse>
+    pub async fn run<S>(self, events: S) -> Result<UploadProbesResponse>
     where
-        S: Stream<Item = Result<Part, tonic::Status>> + Unpin,
+        S: Stream<Item = Result<UploadEvent>> + Unpin,
     {
-        self.run_to_end(requests).await.into_result()
+        self.run_to_end(events).await.into_result()
     }
 
     /// `run`, keeping what was committed before an error.
-    pub async fn run_to_end<S>(mut self, mut requests: S) -> UploadEnd
+    pub async fn run_to_end<S>(mut self, mut events: S) -> UploadEnd
     where
-        S: Stream<Item = Result<Part, tonic::Status>> + Unpin,
+        S: Stream<Item = Result<UploadEvent>> + Unpin,
     {
         let outcome = async {
-            while let Some(request) = requests.next().await {
+            while let Some(event) = events.next().await {
                 if self.commit_failed.load(Ordering::SeqCst) {
                     // `drain` reports the failing file.
                     return Ok(());
                 }
-                let message = match request.map_err(stream_error)? {
-                    Part::Message(Some(Message::Chunk(chunk))) => Incoming::Chunk(vec![chunk]),
-                    Part::Message(Some(Message::Options(options))) => Incoming::Options(options),
-                    Part::Message(Some(Message::FileHeader(header))) => Incoming::Header(header),
-                    Part::Message(Some(Message::FileTrailer(trailer))) => Incoming::Trailer(trailer),
-                    Part::Chunk(pieces) => Incoming::Chunk(pieces),
-                    Part::Message(None) => return Err(Error::invalid_argument("an upload message without content")),
-                };
-                self.handle(message).await?;
+                self.take(event?).await?;
             }
             self.end_of_stream()
         }
@@ -188,22 +183,22 @@ impl UploadSession {
         UploadEnd { response: self.response, error }
     }
 
-    async fn handle(&mut self, message: Incoming) -> Result<()> {
-        match (std::mem::replace(&mut self.state, State::BetweenFiles), message) {
-            (State::AwaitingOptions, Incoming::Options(options)) => {
-                self.overwrite = options.overwrite;
+    async fn take(&mut self, event: UploadEvent) -> Result<()> {
+        match (std::mem::replace(&mut self.state, State::BetweenFiles), event) {
+            (State::AwaitingOptions, UploadEvent::Options { overwrite }) => {
+                self.overwrite = overwrite;
                 Ok(())
             }
             (State::AwaitingOptions, _) => {
                 Err(Error::invalid_argument("the upload stream must start with an options message"))
             }
-            (_, Incoming::Options(_)) => Err(Error::invalid_argument("a second options message")),
-            (State::BetweenFiles, Incoming::Header(header)) => self.start_file(header).await,
+            (_, UploadEvent::Options { .. }) => Err(Error::invalid_argument("a second options message")),
+            (State::BetweenFiles, UploadEvent::FileStart { path, size }) => self.start_file(&path, size).await,
             (State::BetweenFiles, _) => Err(Error::invalid_argument("file content or trailer without a file header")),
-            (State::InFile { path, .. }, Incoming::Header(header)) => {
-                Err(Error::invalid_argument(format!("header of {:?} before the trailer of {path}", header.path)))
+            (State::InFile { path, .. }, UploadEvent::FileStart { path: next, .. }) => {
+                Err(Error::invalid_argument(format!("header of {next:?} before the trailer of {path}")))
             }
-            (State::InFile { path, mut writer }, Incoming::Chunk(pieces)) => {
+            (State::InFile { path, mut writer }, UploadEvent::Chunk(pieces)) => {
                 let len: usize = pieces.iter().map(Bytes::len).sum();
                 if len > MAX_UPLOAD_CHUNK {
                     return Err(Error::new(
@@ -216,16 +211,16 @@ impl UploadSession {
                 self.state = State::InFile { path, writer };
                 Ok(())
             }
-            (State::InFile { path, mut writer }, Incoming::Trailer(trailer)) => {
-                let expected = expected_digests(&path, &trailer)?;
-                if trailer.signature.len() > MAX_SIGNATURE_LEN {
+            (State::InFile { path, mut writer }, UploadEvent::FileEnd { sha256, crc32, signature }) => {
+                let expected = expected_digests(&path, &sha256, crc32)?;
+                if signature.len() > MAX_SIGNATURE_LEN {
                     return Err(Error::invalid_argument(format!(
                         "{path}: a signature of {} bytes is over the limit of {MAX_SIGNATURE_LEN}",
-                        trailer.signature.len()
+                        signature.len()
                     )));
                 }
-                if !trailer.signature.is_empty() {
-                    writer.set_signature(trailer.signature);
+                if !signature.is_empty() {
+                    writer.set_signature(signature);
                 }
                 let gate: CommitGate = match self.last_committed.take() {
                     None => open_gate(),
@@ -255,18 +250,15 @@ impl UploadSession {
         }
     }
 
-    async fn start_file(&mut self, header: FileHeader) -> Result<()> {
-        let path = ProbePath::parse(&header.path)?;
-        if header.size > MAX_FILE_SIZE {
-            return Err(Error::invalid_argument(format!(
-                "{path}: {} bytes is over the limit of {MAX_FILE_SIZE}",
-                header.size
-            )));
+    async fn start_file(&mut self, path: &str, size: u64) -> Result<()> {
+        let path = ProbePath::parse(path)?;
+        if size > MAX_FILE_SIZE {
+            return Err(Error::invalid_argument(format!("{path}: {size} bytes is over the limit of {MAX_FILE_SIZE}")));
         }
         if !self.seen.insert(path.clone()) {
             return Err(Error::invalid_argument(format!("{path} comes twice in one upload")));
         }
-        let writer = self.store.create(path.clone(), header.size).await?;
+        let writer = self.store.create(path.clone(), size).await?;
         self.state = State::InFile { path, writer };
         Ok(())
     }
@@ -327,36 +319,16 @@ impl UploadSession {
     }
 }
 
-/// The digests a trailer promises: a SHA-256 (empty when absent), a CRC-32,
-/// or both; neither is refused when the writer finishes.
-fn expected_digests(path: &ProbePath, trailer: &FileTrailer) -> Result<ExpectedDigests> {
-    let sha256 = match trailer.sha256.as_str() {
+/// The digests a file's end promises: a SHA-256 (empty when absent), a
+/// CRC-32, or both; neither is refused when the writer finishes.
+fn expected_digests(path: &ProbePath, sha256: &str, crc32: Option<u32>) -> Result<ExpectedDigests> {
+    let sha256 = match sha256 {
         "" => None,
         hex => Some(Sha256Digest::from_hex(hex).ok_or_else(|| {
             Error::invalid_argument(format!("{path}: the trailer's SHA-256 is not 64 lowercase hex characters"))
         })?),
     };
-    Ok(ExpectedDigests { sha256, crc32: trailer.crc32 })
-}
-
-/// The error for a message the request stream could not deliver. tonic
-/// reports an over-limit message as OUT_OF_RANGE and an undecodable one as
-/// INTERNAL; both are the client's mistake and retrying cannot help, so
-/// they become RESOURCE_EXHAUSTED and INVALID_ARGUMENT (as which
-/// `upload_direct` reports them itself). DEADLINE_EXCEEDED is a reader's
-/// `idle_error`. Anything else is a broken transport.
-fn stream_error(status: tonic::Status) -> Error {
-    match status.code() {
-        Code::DeadlineExceeded => Error::new(Code::DeadlineExceeded, status.message()),
-        Code::OutOfRange | Code::ResourceExhausted => Error::new(
-            Code::ResourceExhausted,
-            format!("an upload message over the limit of {MAX_REQUEST_MESSAGE} bytes: {}", status.message()),
-        ),
-        Code::Internal | Code::InvalidArgument => {
-            Error::invalid_argument(format!("a malformed upload message: {}", status.message()))
-        }
-        _ => Error::new(Code::Cancelled, format!("the upload stream broke off: {}", status.message())),
-    }
+    Ok(ExpectedDigests { sha256, crc32 })
 }
 
 /// Helper for tests: the messages that upload one file.

@@ -28,14 +28,22 @@ use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 use tracing::{info, warn};
 
-use crate::server::connections::handle::ConnectionHandle;
-
 /// When every slot is taken, streams stalled at least this long lose their
 /// connection to make room.
 const STALL_UNDER_PRESSURE: Duration = Duration::from_secs(1);
 /// How often stalls are checked: a request waiting for a slot waits at
 /// most `STALL_UNDER_PRESSURE` plus this for a stalled holder to go.
 const SWEEP_INTERVAL: Duration = Duration::from_millis(100);
+
+/// The connection a probe stream goes out on: slots are shared fairly
+/// between connections (`id`), and one whose client stopped reading is
+/// closed (`close`). The connection code implements it; the slots know
+/// nothing else of connections.
+pub trait Connection: Send + Sync + 'static {
+    fn id(&self) -> u64;
+    /// Closes the connection at once, streams in flight included.
+    fn close(&self);
+}
 
 #[derive(Clone)]
 pub struct ProbeSlots {
@@ -62,13 +70,13 @@ struct State {
 }
 
 struct Holder {
-    connection: ConnectionHandle,
+    connection: Arc<dyn Connection>,
     stall: Arc<StallClock>,
 }
 
 struct Waiter {
     id: u64,
-    connection: ConnectionHandle,
+    connection: Arc<dyn Connection>,
     grant: oneshot::Sender<Slot>,
 }
 
@@ -118,17 +126,17 @@ impl ProbeSlots {
 
     /// A slot for a stream of `connection`, waiting at most `wait`. `None`
     /// when none came free in time.
-    pub async fn acquire(&self, connection: &ConnectionHandle, wait: Duration) -> Option<Slot> {
+    pub async fn acquire(&self, connection: Arc<dyn Connection>, wait: Duration) -> Option<Slot> {
         let receiver = {
             let mut state = self.shared.state();
             if state.free > 0 {
                 state.free -= 1;
-                return Some(self.shared.grant(&mut state, connection.clone()));
+                return Some(self.shared.grant(&mut state, connection));
             }
             let (grant, receiver) = oneshot::channel();
             state.next_id += 1;
             let id = state.next_id;
-            state.waiters.push(Waiter { id, connection: connection.clone(), grant });
+            state.waiters.push(Waiter { id, connection, grant });
             receiver
         };
         self.shared.close_stalled_under_pressure();
@@ -151,7 +159,7 @@ impl Shared {
         self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    fn grant(self: &Arc<Self>, state: &mut State, connection: ConnectionHandle) -> Slot {
+    fn grant(self: &Arc<Self>, state: &mut State, connection: Arc<dyn Connection>) -> Slot {
         state.next_id += 1;
         let id = state.next_id;
         let stall = Arc::new(StallClock::default());
@@ -267,25 +275,53 @@ impl Drop for Slot {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::AtomicBool;
+
+    /// A connection that only remembers being closed.
+    struct TestConnection {
+        id: u64,
+        closed: AtomicBool,
+    }
+
+    impl TestConnection {
+        fn new() -> Arc<TestConnection> {
+            static NEXT: AtomicU64 = AtomicU64::new(0);
+            Arc::new(TestConnection { id: NEXT.fetch_add(1, Ordering::Relaxed), closed: AtomicBool::new(false) })
+        }
+
+        fn is_closed(&self) -> bool {
+            self.closed.load(Ordering::SeqCst)
+        }
+    }
+
+    impl Connection for TestConnection {
+        fn id(&self) -> u64 {
+            self.id
+        }
+
+        fn close(&self) {
+            self.closed.store(true, Ordering::SeqCst);
+        }
+    }
 
     #[tokio::test]
     async fn a_freed_slot_goes_to_the_connection_holding_fewest() {
         let slots = ProbeSlots::new(2, Duration::from_secs(60));
-        let greedy = ConnectionHandle::detached();
-        let modest = ConnectionHandle::detached();
-        let first = slots.acquire(&greedy, Duration::ZERO).await.unwrap();
-        let _second = slots.acquire(&greedy, Duration::ZERO).await.unwrap();
-        assert!(slots.acquire(&greedy, Duration::ZERO).await.is_none(), "no slot free");
+        let greedy = TestConnection::new();
+        let modest = TestConnection::new();
+        let first = slots.acquire(greedy.clone(), Duration::ZERO).await.unwrap();
+        let _second = slots.acquire(greedy.clone(), Duration::ZERO).await.unwrap();
+        assert!(slots.acquire(greedy.clone(), Duration::ZERO).await.is_none(), "no slot free");
 
         // The greedy connection queues first, the modest one after it.
         let queued_greedy = tokio::spawn({
             let (slots, greedy) = (slots.clone(), greedy.clone());
-            async move { slots.acquire(&greedy, Duration::from_secs(5)).await.is_some() }
+            async move { slots.acquire(greedy.clone(), Duration::from_secs(5)).await.is_some() }
         });
         tokio::time::sleep(Duration::from_millis(50)).await;
         let queued_modest = tokio::spawn({
             let slots = slots.clone();
-            async move { slots.acquire(&modest, Duration::from_secs(5)).await }
+            async move { slots.acquire(modest.clone(), Duration::from_secs(5)).await }
         });
         tokio::time::sleep(Duration::from_millis(50)).await;
         drop(first);
@@ -300,31 +336,31 @@ mod tests {
     #[tokio::test]
     async fn a_stalled_stream_loses_its_connection_when_slots_run_out() {
         let slots = ProbeSlots::new(1, Duration::from_secs(60));
-        let reader = ConnectionHandle::detached();
-        let slot = slots.acquire(&reader, Duration::ZERO).await.unwrap();
+        let reader = TestConnection::new();
+        let slot = slots.acquire(reader.clone(), Duration::ZERO).await.unwrap();
         slot.waiting_on_client();
-        let other = ConnectionHandle::detached();
-        assert!(slots.acquire(&other, Duration::from_millis(10)).await.is_none());
+        let other = TestConnection::new();
+        assert!(slots.acquire(other.clone(), Duration::from_millis(10)).await.is_none());
         assert!(!reader.is_closed(), "stalled for less than a second: kept");
 
         tokio::time::sleep(STALL_UNDER_PRESSURE + Duration::from_millis(50)).await;
-        assert!(slots.acquire(&other, Duration::from_millis(10)).await.is_none());
+        assert!(slots.acquire(other.clone(), Duration::from_millis(10)).await.is_none());
         assert!(reader.is_closed(), "stalled for over a second while others wait: closed");
 
         slot.client_reads();
         drop(slot);
-        assert!(slots.acquire(&other, Duration::ZERO).await.is_some());
+        assert!(slots.acquire(other.clone(), Duration::ZERO).await.is_some());
     }
 
     #[tokio::test]
     async fn a_waiting_request_closes_a_holder_that_stalls_after_it_arrived() {
         let slots = ProbeSlots::new(1, Duration::from_secs(60));
-        let holder = ConnectionHandle::detached();
-        let slot = slots.acquire(&holder, Duration::ZERO).await.unwrap();
+        let holder = TestConnection::new();
+        let slot = slots.acquire(holder.clone(), Duration::ZERO).await.unwrap();
         slot.waiting_on_client();
         let waiting = tokio::spawn({
             let slots = slots.clone();
-            async move { slots.acquire(&ConnectionHandle::detached(), Duration::from_secs(5)).await.is_some() }
+            async move { slots.acquire(TestConnection::new(), Duration::from_secs(5)).await.is_some() }
         });
         tokio::time::sleep(Duration::from_millis(300)).await;
         assert!(!holder.is_closed(), "stalled for less than a second when the request came");
@@ -337,8 +373,8 @@ mod tests {
     #[tokio::test]
     async fn the_send_timeout_closes_a_stalled_connection_without_pressure() {
         let slots = ProbeSlots::new(4, Duration::from_millis(200));
-        let connection = ConnectionHandle::detached();
-        let slot = slots.acquire(&connection, Duration::ZERO).await.unwrap();
+        let connection = TestConnection::new();
+        let slot = slots.acquire(connection.clone(), Duration::ZERO).await.unwrap();
         slot.waiting_on_client();
         tokio::time::sleep(Duration::from_millis(1500)).await;
         assert!(connection.is_closed());

@@ -22,13 +22,11 @@ fn chunk(bytes: &'static [u8]) -> UploadProbesRequest {
 }
 
 async fn run(store: &Arc<dyn ProbeStore>, messages: Vec<UploadProbesRequest>) -> Result<UploadProbesResponse> {
-    UploadSession::new(store.clone()).run(tokio_stream::iter(messages.into_iter().map(|m| Ok(Part::from(m))))).await
+    UploadSession::new(store.clone()).run(tokio_stream::iter(messages.into_iter().map(UploadEvent::try_from))).await
 }
 
-fn parts(
-    messages: Vec<Result<UploadProbesRequest, tonic::Status>>,
-) -> impl tokio_stream::Stream<Item = Result<Part, tonic::Status>> + Unpin {
-    tokio_stream::iter(messages.into_iter().map(|m| m.map(Part::from)))
+fn events(messages: Vec<Result<UploadProbesRequest>>) -> impl tokio_stream::Stream<Item = Result<UploadEvent>> + Unpin {
+    tokio_stream::iter(messages.into_iter().map(|m| m.and_then(UploadEvent::try_from)))
 }
 
 async fn stored(store: &Arc<dyn ProbeStore>, path: &str) -> bool {
@@ -98,11 +96,11 @@ async fn a_truncated_stream_keeps_the_finished_files_only() {
 async fn a_broken_client_stream_keeps_the_finished_files_only() {
     let dir = tempfile::tempdir().unwrap();
     let store = store(dir.path());
-    let mut messages: Vec<Result<_, tonic::Status>> = vec![Ok(options(false))];
+    let mut messages: Vec<Result<_>> = vec![Ok(options(false))];
     messages.extend(file_messages(A, b"complete", 4).into_iter().map(Ok));
     messages.push(Ok(file_messages(B, b"x", 4).remove(0)));
-    messages.push(Err(tonic::Status::cancelled("client went away")));
-    let error = UploadSession::new(store.clone()).run(parts(messages)).await.unwrap_err();
+    messages.push(Err(Error::new(Code::Cancelled, "client went away")));
+    let error = UploadSession::new(store.clone()).run(events(messages)).await.unwrap_err();
     assert_eq!(error.code, Code::Cancelled);
     assert!(stored(&store, A).await);
     assert!(!stored(&store, B).await);
@@ -215,21 +213,6 @@ async fn an_oversized_chunk_is_resource_exhausted_and_stores_nothing() {
     let mut at_limit = vec![options(false)];
     at_limit.extend(file_messages(A, &big[..MAX_UPLOAD_CHUNK], MAX_UPLOAD_CHUNK));
     assert_eq!(run(&store, at_limit).await.unwrap().stored_count, 1);
-}
-
-#[tokio::test]
-async fn undeliverable_messages_get_codes_that_do_not_say_retry() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = store(dir.path());
-    for (status, code) in [
-        (tonic::Status::out_of_range("decoded message length too large"), Code::ResourceExhausted),
-        (tonic::Status::internal("failed to decode Protobuf message: invalid wire type"), Code::InvalidArgument),
-        (tonic::Status::unknown("connection reset"), Code::Cancelled),
-    ] {
-        let messages = vec![Ok(options(false)), Err(status)];
-        let error = UploadSession::new(store.clone()).run(parts(messages)).await.unwrap_err();
-        assert_eq!(error.code, code, "{error}");
-    }
 }
 
 #[tokio::test]

@@ -2,8 +2,10 @@
 //! the chain that has it (uploaded packages, then the upstream), with its
 //! bytes to come as the source reads them (never the whole file in
 //! memory). Each stream holds one of the global probe stream slots, and
-//! tells it whether its client is reading. GetProbe (`get_probe_direct`)
+//! tells it whether its client is reading. GetProbe (`handlers::get_probe`)
 //! and the HTTPS route (`kernel_objects`) both serve through it.
+
+pub mod slots;
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -17,9 +19,8 @@ use tokio_stream::{Stream, StreamExt};
 use tonic::Code;
 
 use crate::error::{Error, Result};
-use crate::server::connections::handle::ConnectionHandle;
 use crate::server::metrics::Metrics;
-use crate::server::probe_slots::{ProbeSlots, Slot};
+use crate::server::serving::slots::{Connection, ProbeSlots, Slot};
 use crate::server::sources::{SourceChain, source_label};
 use crate::store::StoredProbe;
 use crate::store::client_id::ClientId;
@@ -81,7 +82,7 @@ impl ProbeServing {
         module_version: &str,
         file_name: &str,
         asker: Asker,
-        connection: &ConnectionHandle,
+        connection: &Arc<dyn Connection>,
     ) -> Result<Serving> {
         // rustls has verified any certificate against the cluster CA; here
         // it only remains to insist that there was one.
@@ -103,11 +104,11 @@ impl ProbeServing {
         module_version: &str,
         file_name: &str,
         client: ClientId,
-        connection: &ConnectionHandle,
+        connection: &Arc<dyn Connection>,
     ) -> Result<Serving> {
         let path = ProbePath::new(ModuleVersion::parse(module_version)?, ProbeFileName::parse(file_name)?);
         // Taken before the probe is opened: slots bound open files too.
-        let Some(slot) = self.slots.acquire(connection, self.slot_wait).await else {
+        let Some(slot) = self.slots.acquire(connection.clone(), self.slot_wait).await else {
             return Err(Error::new(
                 Code::Unavailable,
                 format!("Central is serving its limit of {} probe streams; retry", self.slots.capacity()),

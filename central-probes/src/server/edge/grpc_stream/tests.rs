@@ -1,13 +1,28 @@
-//! `UploadParts` against prost: every message back as it was sent, however
-//! the body's frames split the bytes, chunks without a copy, and the
-//! errors the proto names.
+//! `MessagePieces` against prost, on UploadProbes' messages: every message
+//! back as it was sent, however the body's frames split the bytes, chunks
+//! without a copy, and the errors the proto names.
 
 use super::*;
+use http_body::Frame;
 use http_body_util::StreamBody;
+use probe_api::limits::{MAX_REQUEST_MESSAGE, MAX_UPLOAD_CHUNK};
 use probe_api::v1::upload_probes_request::Message;
-use probe_api::v1::{FileHeader, FileTrailer, UploadOptions};
+use probe_api::v1::{FileHeader, FileTrailer, UploadOptions, UploadProbesRequest};
+use prost::Message as _;
 use tokio_stream::StreamExt;
-use tonic::Code;
+
+/// Tag of `UploadProbesRequest.chunk`: field 3, length-delimited.
+const CHUNK_TAG: u8 = (3 << 3) | 2;
+
+/// An UploadProbes stream, as its handler reads it.
+fn upload_parts<B>(body: B) -> MessagePieces<B, UploadProbesRequest> {
+    let limits = StreamLimits {
+        max_message: MAX_REQUEST_MESSAGE,
+        field_in_pieces: Some((CHUNK_TAG, MAX_UPLOAD_CHUNK)),
+        what: "upload",
+    };
+    MessagePieces::new(body, limits)
+}
 
 fn request(message: Message) -> UploadProbesRequest {
     UploadProbesRequest { message: Some(message) }
@@ -40,16 +55,16 @@ fn body(
 }
 
 /// Every part, a chunk's pieces joined again, and whether it came in pieces.
-async fn decode<B>(parts: UploadParts<B>) -> Vec<(Result<UploadProbesRequest, Code>, bool)>
+async fn decode<B>(parts: MessagePieces<B, UploadProbesRequest>) -> Vec<(Result<UploadProbesRequest, Code>, bool)>
 where
     B: Body<Data = Bytes> + Unpin,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     parts
         .map(|part| match part {
-            Ok(Part::Message(message)) => (Ok(UploadProbesRequest { message }), false),
-            Ok(Part::Chunk(pieces)) => (Ok(request(Message::Chunk(pieces.concat().into()))), true),
-            Err(status) => (Err(status.code()), false),
+            Ok(Piece::Message(message)) => (Ok(message), false),
+            Ok(Piece::Field(pieces)) => (Ok(request(Message::Chunk(pieces.concat().into()))), true),
+            Err(error) => (Err(error.code), false),
         })
         .collect()
         .await
@@ -127,7 +142,7 @@ async fn every_message_comes_back_whatever_the_frames_and_chunks_come_in_pieces(
                 cuts
             }
         };
-        let decoded = decode(UploadParts::new(body(&bytes, &cuts, None))).await;
+        let decoded = decode(upload_parts(body(&bytes, &cuts, None))).await;
         assert_eq!(decoded.len(), messages.len(), "round {round}");
         for (i, ((got, pieces), sent)) in decoded.into_iter().zip(&messages).enumerate() {
             assert_eq!(got.as_ref(), Ok(sent), "round {round}, message {i}");
@@ -140,9 +155,9 @@ async fn every_message_comes_back_whatever_the_frames_and_chunks_come_in_pieces(
 async fn a_stream_of_whole_messages_ends_cleanly_and_trailers_are_no_data() {
     let bytes = wire(&request(Message::Options(UploadOptions::default())));
     let trailers = Some(Ok(Frame::trailers(http::HeaderMap::new())));
-    let decoded = decode(UploadParts::new(body(&bytes, &[2], trailers))).await;
+    let decoded = decode(upload_parts(body(&bytes, &[2], trailers))).await;
     assert_eq!(decoded, vec![(Ok(request(Message::Options(UploadOptions::default()))), false)]);
-    assert!(decode(UploadParts::new(body(&[], &[], None))).await.is_empty());
+    assert!(decode(upload_parts(body(&[], &[], None))).await.is_empty());
 }
 
 #[tokio::test]
@@ -164,13 +179,14 @@ async fn bad_bodies_get_the_codes_the_proto_names() {
     ] {
         let mut all = good.clone();
         all.extend(bytes);
-        let decoded = decode(UploadParts::new(body(&all, &[3], None))).await;
+        let decoded = decode(upload_parts(body(&all, &[3], None))).await;
         assert_eq!(decoded.len(), 2, "{name}: one good message, then the error, then nothing");
         assert!(decoded[0].0.is_ok(), "{name}");
         assert_eq!(decoded[1].0, Err(code), "{name}");
     }
     let broken = Some(Err(std::io::Error::other("connection reset")));
-    let decoded = decode(UploadParts::new(body(&good[..4], &[], broken))).await;
+    let decoded = decode(upload_parts(body(&good[..4], &[], broken))).await;
     assert_eq!(decoded.len(), 1);
     assert!(decoded[0].0.is_err());
+    assert_eq!(decoded[0].0, Err(Code::Cancelled), "a broken body is the client gone");
 }

@@ -24,10 +24,10 @@
 //! which clients see as an error.
 
 use std::convert::Infallible;
+use std::sync::Arc;
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
-use bytes::Bytes;
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full, StreamBody};
 use probe_api::signing::SIGNATURE_SUFFIX;
@@ -35,8 +35,10 @@ use tokio_stream::StreamExt;
 use tonic::Code;
 
 use crate::error::Error;
-use crate::server::connections::handle::ConnectionHandle;
-use crate::server::probe_service::{Asker, ProbeServing, Serving};
+use crate::server::edge::http::text;
+use crate::server::edge::{Answer, Call, Handler};
+use crate::server::serving::slots::Connection;
+use crate::server::serving::{Asker, ProbeServing, Serving};
 
 /// Where the route starts.
 pub const PREFIX: &str = "/kernel-objects/";
@@ -44,12 +46,24 @@ pub const PREFIX: &str = "/kernel-objects/";
 /// What the request metrics call this route.
 const METRICS_NAME: &str = "kernel-objects";
 
+/// `GET` and `HEAD` under `PREFIX`, served by `serving`.
+pub struct KernelObjects {
+    pub serving: Arc<ProbeServing>,
+}
+
+impl Handler for KernelObjects {
+    fn call(&self, call: Call) -> Answer {
+        let serving = self.serving.clone();
+        Box::pin(async move { answer(&serving, &call.request, call.asker, &call.connection).await })
+    }
+}
+
 /// Answers one request whose path starts with `PREFIX`.
-pub async fn handle<B>(
+async fn answer<B>(
     serving: &ProbeServing,
     request: &Request<B>,
     asker: Asker,
-    connection: &ConnectionHandle,
+    connection: &Arc<dyn Connection>,
 ) -> Response<tonic::body::Body> {
     let head = match *request.method() {
         Method::GET => false,
@@ -176,15 +190,6 @@ fn refused(error: &Error) -> Response<tonic::body::Body> {
     if status == StatusCode::SERVICE_UNAVAILABLE {
         response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
     }
-    response
-}
-
-/// A plain-text answer: `message` and a newline.
-pub(crate) fn text(status: StatusCode, message: &str) -> Response<tonic::body::Body> {
-    let body = Full::new(Bytes::from(format!("{message}\n"))).map_err(|never: Infallible| match never {});
-    let mut response = Response::new(tonic::body::Body::new(body));
-    *response.status_mut() = status;
-    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
     response
 }
 
