@@ -9,6 +9,7 @@
 pub mod admin;
 pub mod error;
 pub mod misses;
+pub mod oci;
 pub mod pki;
 pub mod private_file;
 pub mod server;
