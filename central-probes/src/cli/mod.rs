@@ -7,6 +7,7 @@ mod ls;
 mod misses;
 mod package;
 mod pki;
+mod registry;
 mod rm;
 mod serve;
 mod token;
@@ -52,7 +53,7 @@ pub enum Command {
         #[command(subcommand)]
         command: token::TokenCommand,
     },
-    /// Sign a support package's probes, or check their signatures (minisign).
+    /// Sign a support package's probes, check their signatures (minisign), push or pull it through a registry.
     Package {
         #[command(subcommand)]
         command: package::PackageCommand,
