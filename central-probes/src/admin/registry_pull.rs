@@ -25,6 +25,7 @@ use zip::write::SimpleFileOptions;
 use super::progress::Progress;
 use super::registry_target::WHOLE_BLOB_MAX;
 use crate::oci::Registry;
+use crate::oci::checked::{fetch_blob, mismatch, read_manifest};
 use crate::oci::error::{OciError, OciErrorKind, OciResult, invalid};
 use crate::oci::layout::{self, PackageIndex, ProbeLayer, digest_text};
 
@@ -62,45 +63,6 @@ pub async fn read_artifact(registry: &Registry, tag: &str) -> OciResult<(Package
     }
     probes.sort_by(|a, b| a.file_name.as_str().cmp(b.file_name.as_str()));
     Ok((index, digest_text(&Sha256Digest::of(&bytes)), probes))
-}
-
-/// A manifest by digest, checked against it.
-pub async fn read_manifest(registry: &Registry, digest: &Sha256Digest) -> OciResult<Vec<u8>> {
-    let text = digest_text(digest);
-    let (bytes, _) = registry.get_manifest(&text).await?.ok_or_else(|| {
-        OciError::new(
-            OciErrorKind::NotFound,
-            format!("{} lacks the manifest {text} its index names: push the package again", registry.name()),
-        )
-    })?;
-    if Sha256Digest::of(&bytes) != *digest {
-        return Err(mismatch(registry, &text));
-    }
-    Ok(bytes)
-}
-
-fn mismatch(registry: &Registry, digest: &str) -> OciError {
-    OciError::new(
-        OciErrorKind::DataLoss,
-        format!(
-            "{}: {digest} does not match its digest: the registry's copy is damaged; push the package again",
-            registry.name()
-        ),
-    )
-}
-
-/// A blob whole, at most `size` bytes, checked against its digest.
-pub async fn fetch_blob(registry: &Registry, digest: &Sha256Digest, size: u64) -> OciResult<Bytes> {
-    let text = digest_text(digest);
-    let answer = registry.get_blob(&text).await?;
-    let bytes = answer
-        .bytes(size as usize, &format!("{}: blob {text}", registry.name()))
-        .await
-        .map_err(|e| OciError::new(OciErrorKind::DataLoss, format!("{e}, more than its manifest says")))?;
-    if Sha256Digest::of(&bytes) != *digest {
-        return Err(mismatch(registry, &text));
-    }
-    Ok(Bytes::from(bytes))
 }
 
 /// A probe fetched, or to be streamed when large (`bytes` is `None`).

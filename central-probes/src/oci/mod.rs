@@ -7,9 +7,11 @@
 //! - `auth`: the auth file and the Basic and Bearer flows;
 //! - `http`: pooled HTTPS/1.1 connections, through a proxy if set;
 //! - `registry`: blobs and manifests of one repository;
+//! - `checked`: reads checked against their digest;
 //! - `layout`: the index, its shard manifests and their media types.
 
 pub mod auth;
+pub mod checked;
 pub mod error;
 mod http;
 pub mod layout;
