@@ -12,6 +12,12 @@
 //! the tag, so every copy that follows the index carries them. The JSON is
 //! compact, its fields and layers in a fixed order: the same package
 //! always makes the same digests.
+//!
+//! Copiers may rewrite the index: `skopeo copy --all` (1.9) re-encodes it
+//! without its `artifactType` and its own annotations, keeping each entry's
+//! media type, digest, size and annotations, and the shard manifests byte
+//! for byte. So each entry says its shard and the module version, and a
+//! reader needs nothing else of the index.
 
 use probe_api::digest::Sha256Digest;
 use probe_api::limits::MAX_FILE_SIZE;
@@ -126,7 +132,7 @@ pub fn index(module_version: &ModuleVersion, shards: &[(Sha256Digest, u64)]) -> 
         .enumerate()
         .map(|(i, (digest, size))| {
             json!({"mediaType": MANIFEST_MEDIA_TYPE, "artifactType": SHARD_TYPE, "digest": digest_text(digest),
-                   "size": size, "annotations": {SHARD: i.to_string()}})
+                   "size": size, "annotations": {SHARD: i.to_string(), MODULE_VERSION: module_version.as_str()}})
         })
         .collect();
     let index = json!({
@@ -153,33 +159,39 @@ pub fn parse_index(bytes: &[u8], content_type: &str) -> OciResult<PackageIndex> 
     let text = |value: &Value, key: &str| value.get(key).and_then(Value::as_str).unwrap_or_default().to_owned();
     let media_type = Some(text(&json, "mediaType")).filter(|t| !t.is_empty()).unwrap_or(content_type.to_owned());
     let artifact_type = text(&json, "artifactType");
-    if media_type != INDEX_MEDIA_TYPE || artifact_type != SUPPORT_PACKAGE_TYPE {
+    let manifests = json.get("manifests").and_then(Value::as_array).cloned().unwrap_or_default();
+    let annotation = |value: &Value, key: &str| value.get("annotations").map(|a| text(a, key)).unwrap_or_default();
+    // The index's own artifact type may have been dropped by a copy; its
+    // entries' annotations are not.
+    let shards_named = !manifests.is_empty()
+        && manifests
+            .iter()
+            .enumerate()
+            .all(|(i, m)| text(m, "mediaType") == MANIFEST_MEDIA_TYPE && annotation(m, SHARD) == i.to_string());
+    let kind_ok = artifact_type.is_empty() || artifact_type == SUPPORT_PACKAGE_TYPE;
+    if media_type != INDEX_MEDIA_TYPE || !kind_ok || !shards_named {
+        let shown = |t: &str| format!("{:?}", probe_api::errors::remote_text(t));
+        let artifact =
+            if artifact_type.is_empty() { String::new() } else { format!(", artifact type {}", shown(&artifact_type)) };
         return Err(invalid(format!(
-            "not a support package: its media type is {:?}{} (a support package is an index of artifact type {SUPPORT_PACKAGE_TYPE})",
-            probe_api::errors::remote_text(&media_type),
-            if artifact_type.is_empty() {
-                String::new()
-            } else {
-                format!(", artifact type {:?}", probe_api::errors::remote_text(&artifact_type))
-            }
+            "not a support package: its media type is {}{artifact} (a support package is an index of \
+             artifact type {SUPPORT_PACKAGE_TYPE} whose entries are its shards)",
+            shown(&media_type)
         )));
     }
-    let annotations = json.get("annotations").cloned().unwrap_or_default();
-    let module_version = ModuleVersion::parse(&text(&annotations, MODULE_VERSION))
-        .map_err(|e| invalid(format!("the index's module version: {e}")))?;
-    let manifests = json.get("manifests").and_then(Value::as_array).cloned().unwrap_or_default();
-    let declared: usize =
-        text(&annotations, SHARDS).parse().map_err(|_| invalid("the index does not say its shard count"))?;
-    if declared != manifests.len() || !declared.is_power_of_two() || declared > MAX_SHARDS {
-        return Err(invalid(format!("the index names {} shards but declares {declared}", manifests.len())));
+    let module_version = Some(annotation(&json, MODULE_VERSION))
+        .filter(|v| !v.is_empty())
+        .unwrap_or_else(|| annotation(&manifests[0], MODULE_VERSION));
+    let module_version =
+        ModuleVersion::parse(&module_version).map_err(|e| invalid(format!("the index's module version: {e}")))?;
+    if !manifests.len().is_power_of_two() || manifests.len() > MAX_SHARDS {
+        return Err(invalid(format!(
+            "the index names {} shards, not a power of two up to {MAX_SHARDS}",
+            manifests.len()
+        )));
     }
     let mut shards = Vec::with_capacity(manifests.len());
-    for (i, manifest) in manifests.iter().enumerate() {
-        if text(manifest, "mediaType") != MANIFEST_MEDIA_TYPE
-            || manifest.get("annotations").map(|a| text(a, SHARD)) != Some(i.to_string())
-        {
-            return Err(invalid(format!("the index's entry {i} is not shard {i} of a support package")));
-        }
+    for manifest in &manifests {
         let size = manifest.get("size").and_then(Value::as_u64).ok_or_else(|| invalid("a shard without its size"))?;
         shards.push((parse_digest(&text(manifest, "digest"))?, size));
     }
@@ -263,6 +275,17 @@ mod tests {
         assert_eq!(read, expected);
         let bytes = index(&module, &shards);
         let parsed = parse_index(&bytes, "").unwrap();
+        assert_eq!((parsed.module_version.as_str(), &parsed.shards), ("2.5.0", &shards));
+        // As `skopeo copy --all` re-encodes it: no artifact type, no
+        // annotations of the index itself.
+        let mut copied: Value = serde_json::from_slice(&bytes).unwrap();
+        let copied = copied.as_object_mut().unwrap();
+        copied.remove("artifactType");
+        copied.remove("annotations");
+        for entry in copied["manifests"].as_array_mut().unwrap() {
+            entry.as_object_mut().unwrap().remove("artifactType");
+        }
+        let parsed = parse_index(&serde_json::to_vec(&copied).unwrap(), "").unwrap();
         assert_eq!((parsed.module_version.as_str(), parsed.shards), ("2.5.0", shards));
     }
 

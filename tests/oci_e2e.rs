@@ -1,0 +1,408 @@
+//! End to end through real registries (Debian's `docker-registry` with TLS
+//! and htpasswd, `common/registry.rs`): `package push` to registry A,
+//! `skopeo copy --all` to registry B as a mirror across an air gap would,
+//! a Central with `--upstream-oci` on B serving what a Collector in
+//! `required` signature mode accepts, `package pull` into a zip that
+//! `upload` and the roxctl route take, re-pushes and interrupted pushes,
+//! an independent client (the `oras` Python SDK), and each failure with
+//! its message.
+
+#[path = "common/cli.rs"]
+mod cli;
+mod common;
+#[path = "common/raw_grpc.rs"]
+mod raw_grpc;
+#[path = "common/registry.rs"]
+mod registry;
+#[path = "common/roxctl.rs"]
+mod roxctl;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use central_probes::server::upstream::UpstreamKind;
+use central_probes::synthetic::PackageSpec;
+use cli::central_cli;
+use common::{Central, CentralOptions, TestPki};
+use registry::{TestRegistry, skopeo_copy};
+
+const MODULE: &str = "2.5.0";
+const REPOSITORY: &str = "kprobes/support";
+
+fn kernels(count: usize) -> Vec<String> {
+    let text = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/data/kernel-versions.txt"));
+    text.unwrap().lines().take(count).map(str::to_owned).collect()
+}
+
+/// A package of `count` kernels (two probes each), small probes.
+fn spec(count: usize, variant: u64) -> PackageSpec {
+    let kernels = kernels(count);
+    let names: Vec<&str> = kernels.iter().map(String::as_str).collect();
+    let mut spec = PackageSpec::new(MODULE, &names);
+    spec.kernel_modules = true;
+    spec.size_divisor = 40;
+    spec.variant = variant;
+    spec
+}
+
+/// The key pair a site signs with, made by `package keygen`.
+struct Keys {
+    public: PathBuf,
+    secret: PathBuf,
+}
+
+async fn cli(args: &[&str]) -> (bool, String, String) {
+    central_cli(args, "").await
+}
+
+async fn cli_ok(args: &[&str]) -> String {
+    let (ok, stdout, stderr) = cli(args).await;
+    assert!(ok, "{args:?}: {stdout}\n{stderr}");
+    stdout
+}
+
+async fn keys(dir: &Path) -> Keys {
+    let keys = Keys { public: dir.join("site.pub"), secret: dir.join("site.key") };
+    cli_ok(&["package", "keygen", "--public-key", path(&keys.public), "--secret-key", path(&keys.secret)]).await;
+    keys
+}
+
+fn path(path: &Path) -> &str {
+    path.to_str().unwrap()
+}
+
+/// Writes `spec`'s package, signed with `keys` if given.
+async fn package(dir: &Path, name: &str, spec: &PackageSpec, keys: Option<&Keys>) -> PathBuf {
+    let unsigned = dir.join(format!("{name}-unsigned.zip"));
+    spec.write(&unsigned).unwrap();
+    let Some(keys) = keys else { return unsigned };
+    let signed = dir.join(format!("{name}.zip"));
+    let args = ["package", "sign", path(&unsigned), "--secret-key", path(&keys.secret), "--out", path(&signed)];
+    cli_ok(&args).await;
+    signed
+}
+
+fn repository(registry: &TestRegistry) -> String {
+    format!("{}/{REPOSITORY}", registry.address)
+}
+
+/// `package push` to `registry`: its JSON report.
+async fn push(package: &Path, registry: &TestRegistry, extra: &[&str]) -> serde_json::Value {
+    let repository = repository(registry);
+    let mut args = vec!["package", "push", path(package), "--repository", &repository, "-o", "json"];
+    let ca = registry.ca_file();
+    args.extend(["--registry-ca", path(&ca)]);
+    args.extend(["--registry-auth-file", path(&registry.auth_file)]);
+    args.extend(extra);
+    serde_json::from_str(&cli_ok(&args).await).unwrap()
+}
+
+/// `package pull` of `tag` from `registry`: success, stdout, stderr.
+async fn pull(registry: &TestRegistry, tag: &str, out: &Path, auth_file: &Path) -> (bool, String, String) {
+    let reference = format!("{}:{tag}", repository(registry));
+    let args = ["package", "pull", "--repository", &reference, "--out", path(out)];
+    let ca = registry.cert_dir.join("ca.crt");
+    cli(&[&args[..], &["--registry-ca", path(&ca), "--registry-auth-file", path(auth_file)]].concat()).await
+}
+
+/// The probe entries of a zip (signatures and all), name -> bytes.
+fn zip_entries(path: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
+    let mut archive = zip::ZipArchive::new(std::fs::File::open(path).unwrap()).unwrap();
+    let mut entries = std::collections::BTreeMap::new();
+    for i in 0..archive.len() {
+        let mut entry = archive.by_index(i).unwrap();
+        let name = entry.name().unwrap().into_owned();
+        if entry.is_dir() || !name.starts_with("kernel-modules/") || name.ends_with("LICENSE") {
+            continue;
+        }
+        let mut bytes = Vec::new();
+        std::io::Read::read_to_end(&mut entry, &mut bytes).unwrap();
+        entries.insert(name, bytes);
+    }
+    entries
+}
+
+/// Central with registry `registry` as its upstream.
+async fn central_on(pki: &TestPki, dir: &Path, registry: &TestRegistry, trusted: Option<&Keys>) -> Central {
+    let kind = UpstreamKind::Registry {
+        repository: repository(registry),
+        auth_file: Some(registry.auth_file.clone()),
+        index_ttl: Duration::from_secs(60),
+    };
+    let mut upstream = common::upstream_config(pki, kind, &dir.join("cache"));
+    upstream.connect_timeout = Duration::from_secs(5);
+    upstream.fetch_timeout = Duration::from_secs(30);
+    let trusted_keys = trusted.map(|keys| probe_api::signing::TrustedKeys::load(&keys.public).unwrap());
+    let options = CentralOptions { upstream: Some(upstream), trusted_keys, ..CentralOptions::default() };
+    Central::start_with(pki, &dir.join("central"), options).await
+}
+
+fn split(path: &str) -> (&str, &str) {
+    path.split_once('/').unwrap()
+}
+
+#[tokio::test]
+async fn a_signed_package_mirrored_by_skopeo_is_served_from_the_mirror_and_verified() {
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (TestRegistry::start(&pki), TestRegistry::start(&pki));
+    let keys = keys(dir.path()).await;
+    let spec = spec(30, 0);
+    let package = package(dir.path(), "pkg", &spec, Some(&keys)).await;
+    let pushed = push(&package, &a, &[]).await;
+    assert_eq!((pushed["probes"].as_u64(), pushed["signatures"].as_u64()), (Some(60), Some(60)), "{pushed}");
+    let (source, destination) =
+        (format!("docker://{}:{MODULE}", repository(&a)), format!("docker://{}:{MODULE}", repository(&b)));
+    skopeo_copy((&source, Some(&a)), (&destination, Some(&b)));
+
+    let central = central_on(&pki, dir.path(), &b, Some(&keys)).await;
+    let collector = central.collector(&pki, Some(&pki.collector));
+    let trusted = probe_api::signing::TrustedKeys::load(&keys.public).unwrap();
+    let wanted = &spec.probe_paths()[7];
+    let probe_path = probe_api::names::ProbePath::parse(wanted).unwrap();
+    let policy = collector_client::signatures::SignaturePolicy::new(
+        collector_client::signatures::Mode::Required,
+        Some(trusted),
+        0,
+        None,
+        vec![probe_path.clone()],
+    )
+    .unwrap();
+    let (module_version, file_name) = split(wanted);
+    let fetched = collector.fetch(module_version, file_name).await.unwrap();
+    assert_eq!(fetched.bytes, spec.probe_bytes(wanted));
+    assert_eq!(fetched.sha256, probe_api::digest::Sha256Digest::of(&spec.probe_bytes(wanted)));
+    assert_eq!(fetched.source, probe_api::v1::ProbeSource::Upstream);
+    let checked = policy.check(&probe_path, &fetched.bytes, fetched.signature.as_deref());
+    assert!(checked.is_ok(), "a Collector in required mode accepts it: {checked:?}");
+
+    // Again: from Central's cache, the registry not asked.
+    let asked = b.request_count();
+    let again = collector.fetch(module_version, file_name).await.unwrap();
+    assert_eq!((again.bytes, again.source), (fetched.bytes, probe_api::v1::ProbeSource::UpstreamCache));
+    assert_eq!(b.request_count(), asked, "no registry request for a cached probe");
+
+    // An independent client finds the probe on B by its title.
+    let out = dir.path().join("by-oras");
+    let oras = std::process::Command::new(registry::oras_python())
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/python/oras_pull.py"))
+        .args([&b.address, REPOSITORY, MODULE, file_name, path(&b.ca_file()), &b.user, &b.password, path(&out)])
+        .output()
+        .unwrap();
+    assert!(oras.status.success(), "{}", String::from_utf8_lossy(&oras.stderr));
+    assert_eq!(std::fs::read(&out).unwrap(), spec.probe_bytes(wanted));
+
+    // A probe the package lacks: NOT_FOUND naming the registry.
+    let status = collector.fetch(MODULE, "collector-ebpf-9.9.9-none.o.gz").await.unwrap_err();
+    let text = format!("{status:?}");
+    assert!(text.contains("NotFound") && text.contains(&b.address), "{text}");
+    central.stop().await;
+}
+
+#[tokio::test]
+async fn a_pulled_package_is_taken_by_upload_and_the_roxctl_route_unchanged() {
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let a = TestRegistry::start(&pki);
+    let keys = keys(dir.path()).await;
+    let spec = spec(20, 0);
+    let package = package(dir.path(), "pkg", &spec, Some(&keys)).await;
+    push(&package, &a, &[]).await;
+    let pulled = dir.path().join("pulled.zip");
+    let (ok, stdout, stderr) = pull(&a, MODULE, &pulled, &a.auth_file).await;
+    assert!(ok, "{stdout}\n{stderr}");
+    let entries = zip_entries(&pulled);
+    assert_eq!(entries, zip_entries(&package), "every probe and signature identical");
+
+    // `central-probes upload` of the pulled zip.
+    let first = Central::start(&pki, &dir.path().join("first")).await;
+    let ca = pki.ca_file();
+    let args = ["upload", path(&pulled), "-e", &first.address, "--ca", path(&ca)];
+    let (ok, stdout, stderr) = central_cli(&args, &first.admin_token).await;
+    assert!(ok, "{stdout}\n{stderr}");
+    // The roxctl route, with the probes of the pulled zip.
+    let second = Central::start(&pki, &dir.path().join("second")).await;
+    let files: Vec<roxctl::PackageFile> = entries
+        .iter()
+        .filter(|(name, _)| !name.ends_with(".minisig"))
+        .map(|(name, bytes)| roxctl::PackageFile::new(name.strip_prefix("kernel-modules/").unwrap(), bytes.clone()))
+        .collect();
+    let sender = roxctl::http2(&second.address, &pki).await;
+    let (status, text) = roxctl::upload_http2(&sender, roxctl::Upload::of(&second.admin_token, &files)).await;
+    assert_eq!(status, 200, "{text}");
+    for central in [&first, &second] {
+        let collector = central.collector(&pki, Some(&pki.collector));
+        for wanted in spec.probe_paths() {
+            let (module_version, file_name) = split(&wanted);
+            let fetched = collector.fetch(module_version, file_name).await.unwrap();
+            assert_eq!(fetched.bytes, spec.probe_bytes(&wanted), "{wanted}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_re_push_sends_no_blob_and_gives_the_same_index() {
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let a = TestRegistry::start(&pki);
+    let package = package(dir.path(), "pkg", &spec(20, 0), None).await;
+    let first = push(&package, &a, &[]).await;
+    assert_eq!(first["blobs_sent"].as_u64(), Some(40), "{first}");
+    let uploads = a.requests("blobs/uploads");
+    let second = push(&package, &a, &[]).await;
+    assert_eq!(second["blobs_sent"].as_u64(), Some(0), "{second}");
+    assert_eq!(a.requests("blobs/uploads"), uploads, "the registry saw no upload");
+    assert_eq!(second["index_digest"], first["index_digest"]);
+}
+
+#[tokio::test]
+async fn a_push_killed_midway_completes_when_run_again_and_no_tag_pointed_at_a_missing_blob() {
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let a = TestRegistry::start(&pki);
+    let spec = spec(150, 0);
+    let package = package(dir.path(), "pkg", &spec, None).await;
+    let repository = repository(&a);
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_central-probes"))
+        .args(["package", "push", path(&package), "--repository", &repository])
+        .args(["--registry-ca", path(&a.ca_file()), "--registry-auth-file", path(&a.auth_file)])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // kill -9 once some blobs are in.
+    while a.blob_files().len() < 40 {
+        assert!(child.try_wait().unwrap().is_none(), "the push ended before it could be interrupted");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let reader = dir.path().join("reader.zip");
+    let (ok, _, stderr) = pull(&a, MODULE, &reader, &a.auth_file).await;
+    assert!(!ok && stderr.contains("has no tag 2.5.0"), "no index before every blob is in: {stderr}");
+    assert!(!reader.exists() && !dir.path().join("reader.zip.partial").exists(), "nothing half-written");
+
+    let report = push(&package, &a, &[]).await;
+    let sent = report["blobs_sent"].as_u64().unwrap();
+    assert!(sent > 0 && sent < 300, "only what the first push did not send: {report}");
+    let (ok, stdout, stderr) = pull(&a, MODULE, &reader, &a.auth_file).await;
+    assert!(ok, "{stdout}\n{stderr}");
+    assert_eq!(zip_entries(&reader), zip_entries(&package));
+}
+
+fn options_for(registry: &TestRegistry) -> central_probes::oci::RegistryOptions {
+    central_probes::oci::RegistryOptions {
+        ca_pem: std::fs::read(registry.ca_file()).unwrap(),
+        proxies: Default::default(),
+        auth_file: Some(registry.auth_file.clone()),
+        connect_timeout: Duration::from_secs(5),
+        answer_timeout: Duration::from_secs(30),
+    }
+}
+
+#[tokio::test]
+async fn registry_failures_are_one_line_that_says_what_to_do_and_write_nothing() {
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let a = TestRegistry::start(&pki);
+    let spec = spec(10, 0);
+    let package = package(dir.path(), "pkg", &spec, None).await;
+    let pushed = push(&package, &a, &[]).await;
+    let out = dir.path().join("out.zip");
+    let nothing_written = || !out.exists() && !dir.path().join("out.zip.partial").exists();
+
+    // Wrong credentials, and none: the password never shown.
+    let wrong = dir.path().join("wrong.json");
+    use base64::Engine;
+    let auth = base64::engine::general_purpose::STANDARD.encode(format!("{}:not-the-password", a.user));
+    std::fs::write(&wrong, format!(r#"{{"auths": {{"{}": {{"auth": "{auth}"}}}}}}"#, a.address)).unwrap();
+    let (ok, _, stderr) = pull(&a, MODULE, &out, &wrong).await;
+    assert!(!ok && stderr.contains("refused the credentials") && stderr.contains(&a.address), "{stderr}");
+    assert!(!stderr.contains("not-the-password") && !stderr.contains(&auth), "{stderr}");
+    let empty = dir.path().join("empty.json");
+    std::fs::write(&empty, r#"{"auths": {}}"#).unwrap();
+    let (ok, _, stderr) = pull(&a, MODULE, &out, &empty).await;
+    assert!(!ok && stderr.contains(&format!("add \"{}\" to the auth file", a.address)), "{stderr}");
+
+    // A tag, or a repository, that does not exist.
+    let (ok, _, stderr) = pull(&a, "9.9.9", &out, &a.auth_file).await;
+    assert!(!ok && stderr.contains("has no tag 9.9.9") && stderr.contains("skopeo list-tags"), "{stderr}");
+    let reference = format!("{}/no/such:{MODULE}", a.address);
+    let args = ["package", "pull", "--repository", &reference, "--out", path(&out)];
+    let (ok, _, stderr) =
+        cli(&[&args[..], &["--registry-ca", path(&a.ca_file()), "--registry-auth-file", path(&a.auth_file)]].concat())
+            .await;
+    assert!(!ok && stderr.contains("has no tag 2.5.0 (or no such repository)"), "{stderr}");
+
+    // An artifact that is not a support package: an ordinary image manifest.
+    let reference = central_probes::oci::Reference::parse(&repository(&a), false).unwrap();
+    let client = options_for(&a).open(&reference, true).unwrap();
+    let image = br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"application/vnd.oci.empty.v1+json","digest":"sha256:44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a","size":2},"layers":[]}"#;
+    client
+        .put_manifest("image", "application/vnd.oci.image.manifest.v1+json", bytes::Bytes::from_static(image))
+        .await
+        .unwrap();
+    let (ok, _, stderr) = pull(&a, "image", &out, &a.auth_file).await;
+    assert!(
+        !ok && stderr
+            .contains("not a support package: its media type is \"application/vnd.oci.image.manifest.v1+json\""),
+        "{stderr}"
+    );
+
+    // A manifest over what registries accept is refused, saying the limit.
+    let huge = bytes::Bytes::from(vec![b' '; 5 << 20]);
+    let error = client.put_manifest("huge", "application/vnd.oci.image.manifest.v1+json", huge).await.unwrap_err();
+    assert!(error.message.contains("over the 4194304 bytes registries accept"), "{error}");
+
+    // A registry that accepts connections and never answers.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let reference = format!("{}/{REPOSITORY}:{MODULE}", silent.local_addr().unwrap());
+    let args = ["package", "pull", "--repository", &reference, "--out", path(&out), "--registry-timeout", "1s"];
+    let (ok, _, stderr) = cli(&[&args[..], &["--registry-ca", path(&a.ca_file())]].concat()).await;
+    assert!(
+        !ok && stderr.contains("took over 1s") && stderr.contains(&silent.local_addr().unwrap().to_string()),
+        "{stderr}"
+    );
+    assert!(nothing_written());
+
+    // A blob damaged in the registry's storage: DATA_LOSS, nothing kept.
+    let wanted = &spec.probe_paths()[3];
+    let digest = format!("sha256:{}", probe_api::digest::Sha256Digest::of(&spec.probe_bytes(wanted)).to_hex());
+    let mut damaged = spec.probe_bytes(wanted);
+    let middle = damaged.len() / 2;
+    damaged[middle] ^= 0xff;
+    std::fs::write(a.blob_file(&digest), &damaged).unwrap();
+    let (ok, _, stderr) = pull(&a, MODULE, &out, &a.auth_file).await;
+    assert!(!ok && stderr.contains(&digest) && stderr.contains("does not match its digest"), "{stderr}");
+    assert!(nothing_written());
+    let central = central_on(&pki, dir.path(), &a, None).await;
+    let collector = central.collector(&pki, Some(&pki.collector));
+    let (module_version, file_name) = split(wanted);
+    for _ in 0..2 {
+        let status = collector.fetch(module_version, file_name).await.unwrap_err();
+        let text = format!("{status:?}");
+        assert!(text.contains("DataLoss") || text.contains("DATA_LOSS"), "{text}");
+    }
+    assert_eq!(pushed["probes"].as_u64(), Some(20));
+    central.stop().await;
+}
+
+#[tokio::test]
+async fn a_tag_overwritten_with_an_unsigned_package_is_refused_by_a_central_with_trusted_keys() {
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let b = TestRegistry::start(&pki);
+    let keys = keys(dir.path()).await;
+    let spec = spec(10, 0);
+    let signed = package(dir.path(), "signed", &spec, Some(&keys)).await;
+    let unsigned = package(dir.path(), "unsigned", &spec, None).await;
+    push(&signed, &b, &[]).await;
+    push(&unsigned, &b, &[]).await;
+    let central = central_on(&pki, dir.path(), &b, Some(&keys)).await;
+    let collector = central.collector(&pki, Some(&pki.collector));
+    let wanted = spec.probe_paths()[0].clone();
+    let (module_version, file_name) = split(&wanted);
+    let status = collector.fetch(module_version, file_name).await.unwrap_err();
+    let text = format!("{status:?}");
+    assert!(text.contains("NotFound") && text.contains("not served"), "{text}");
+    central.stop().await;
+}
