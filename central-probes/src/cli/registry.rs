@@ -15,6 +15,11 @@ use probe_api::https::ProxySettings;
 
 use super::{CliError, OutputFormat, read};
 
+/// The variables push and pull read without a flag of their own.
+const REGISTRY_ENV: &str = "  https_proxy    the HTTP CONNECT proxy to the registry, else HTTPS_PROXY
+  no_proxy       registry hosts reached without the proxy, else NO_PROXY
+  SSL_CERT_FILE  the CA bundle without --registry-ca";
+
 /// How to reach the registry (shared by push and pull).
 #[derive(Args)]
 pub struct RegistryArgs {
@@ -49,6 +54,7 @@ impl RegistryArgs {
 
 #[derive(Args)]
 #[command(group = clap::ArgGroup::new("destination").required(true).args(["repository", "oci_layout"]))]
+#[command(after_help = REGISTRY_ENV)]
 pub struct PushArgs {
     /// The support package (zip) to push.
     package: PathBuf,
@@ -69,6 +75,7 @@ pub struct PushArgs {
 }
 
 #[derive(Args)]
+#[command(after_help = REGISTRY_ENV)]
 pub struct PullArgs {
     /// What to pull: HOST[:PORT]/PATH:TAG (the tag is the module version the package was pushed under).
     #[arg(long, value_name = "HOST[:PORT]/PATH:TAG")]
