@@ -248,10 +248,12 @@ async fn a_re_push_sends_no_blob_and_gives_the_same_index() {
     let package = package(dir.path(), "pkg", &spec(20, 0), None).await;
     let first = push(&package, &a, &[]).await;
     assert_eq!(first["blobs_sent"].as_u64(), Some(40), "{first}");
-    let uploads = a.requests("blobs/uploads");
+    let (uploads, heads) = (a.requests("blobs/uploads"), a.requests("\"HEAD /v2/kprobes/support/blobs/"));
     let second = push(&package, &a, &[]).await;
     assert_eq!(second["blobs_sent"].as_u64(), Some(0), "{second}");
     assert_eq!(a.requests("blobs/uploads"), uploads, "the registry saw no upload");
+    // The blobs the tag's artifact names are known without a HEAD each.
+    assert_eq!(a.requests("\"HEAD /v2/kprobes/support/blobs/"), heads, "no blob asked about");
     assert_eq!(second["index_digest"], first["index_digest"]);
 }
 

@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use bytes::Bytes;
-use probe_api::digest::{Sha256Digest, Sha256Hasher};
+use probe_api::digest::Sha256Hasher;
 use probe_api::signing::SIGNATURE_SUFFIX;
 use tokio::sync::{Semaphore, mpsc};
 use tokio::task::JoinHandle;
@@ -25,9 +25,9 @@ use zip::write::SimpleFileOptions;
 use super::progress::Progress;
 use super::registry_target::WHOLE_BLOB_MAX;
 use crate::oci::Registry;
-use crate::oci::checked::{fetch_blob, mismatch, read_manifest};
-use crate::oci::error::{OciError, OciErrorKind, OciResult, invalid};
-use crate::oci::layout::{self, PackageIndex, ProbeLayer, digest_text};
+use crate::oci::checked::{fetch_blob, mismatch, read_artifact};
+use crate::oci::error::{OciResult, invalid};
+use crate::oci::layout::{ProbeLayer, digest_text};
 
 /// Blob fetches at once.
 const CONCURRENCY: usize = 8;
@@ -40,29 +40,6 @@ pub struct PullReport {
     pub bytes: u64,
     pub module_version: String,
     pub index_digest: String,
-}
-
-/// The index `tag` names and its probes, read and checked.
-pub async fn read_artifact(registry: &Registry, tag: &str) -> OciResult<(PackageIndex, String, Vec<ProbeLayer>)> {
-    let Some((bytes, media_type)) = registry.get_manifest(tag).await? else {
-        return Err(OciError::new(
-            OciErrorKind::NotFound,
-            format!(
-                "{} has no tag {tag} (or no such repository): `skopeo list-tags docker://{}` lists the tags there",
-                registry.name(),
-                registry.name()
-            ),
-        ));
-    };
-    let index =
-        layout::parse_index(&bytes, &media_type).map_err(|e| e.context(format!("{}:{tag}", registry.name())))?;
-    let mut probes = Vec::new();
-    for (digest, _) in &index.shards {
-        let shard = read_manifest(registry, digest).await?;
-        probes.extend(layout::parse_shard(&shard).map_err(|e| e.context(registry.name()))?);
-    }
-    probes.sort_by(|a, b| a.file_name.as_str().cmp(b.file_name.as_str()));
-    Ok((index, digest_text(&Sha256Digest::of(&bytes)), probes))
 }
 
 /// A probe fetched, or to be streamed when large (`bytes` is `None`).

@@ -9,7 +9,14 @@
 //! by the queue and the uploads in flight, whatever the package's size.
 //! Shard manifests go up once every blob they name is there, and the tagged
 //! index last: a reader never sees an index naming what is missing.
+//!
+//! What the tag names already (an earlier push of the same module version)
+//! is read first: a registry accepts a manifest only once it has every blob
+//! it names, so those blobs need no HEAD. Registries check credentials on
+//! every request (bcrypt, for htpasswd), so a re-push of an unchanged
+//! package then makes a few dozen requests instead of one per blob.
 
+use std::collections::HashSet;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -78,8 +85,9 @@ pub async fn push(
     let mut uploads = JoinSet::new();
     let mut layers = Vec::new();
     let mut report = PushReport { module_version: module_version.to_string(), ..PushReport::default() };
+    let known = Arc::new(target.known_blobs(&tag).await?);
     let empty = Sha256Digest::of(layout::EMPTY_CONFIG);
-    if !target.has_blob(&empty).await? {
+    if !known.contains(&empty) && !target.has_blob(&empty).await? {
         target.put_blob(&empty, Bytes::from_static(layout::EMPTY_CONFIG)).await?;
     }
     let mut collect = |result: Result<OciResult<(ProbeLayer, usize, u64)>, _>, report: &mut PushReport| {
@@ -92,10 +100,10 @@ pub async fn push(
     };
     while let Some(read) = receiver.recv().await {
         let permit = limit.clone().acquire_owned().await.expect("never closed");
-        let (target, package) = (target.clone(), package.to_owned());
+        let (target, package, known) = (target.clone(), package.to_owned(), known.clone());
         uploads.spawn(async move {
             let _permit = permit;
-            upload(&target, &package, read).await
+            upload(&target, &package, read, &known).await
         });
         while let Some(result) = uploads.try_join_next() {
             collect(result, &mut report)?;
@@ -108,7 +116,7 @@ pub async fn push(
     progress.finish();
     report.probes = layers.len();
     report.signatures = layers.iter().filter(|l| l.signature.is_some()).count();
-    let (index_digest, shards) = put_manifests(&target, &module_version, &tag, &layers).await?;
+    let (index_digest, shards) = put_manifests(&target, &module_version, &tag, &layers, &known).await?;
     report.index_digest = index_digest;
     report.shards = shards;
     Ok(report)
@@ -162,9 +170,14 @@ fn read_probes(path: &Path, sender: mpsc::Sender<ReadProbe>) -> OciResult<()> {
 
 /// Sends a probe and its signature unless the target has them: its layer,
 /// the blobs sent and their bytes.
-async fn upload(target: &Target, package: &Path, read: ReadProbe) -> OciResult<(ProbeLayer, usize, u64)> {
+async fn upload(
+    target: &Target,
+    package: &Path,
+    read: ReadProbe,
+    known: &HashSet<Sha256Digest>,
+) -> OciResult<(ProbeLayer, usize, u64)> {
     let (mut sent, mut bytes) = (0, 0);
-    if !target.has_blob(&read.digest).await? {
+    if !known.contains(&read.digest) && !target.has_blob(&read.digest).await? {
         match read.bytes {
             Some(whole) => target.put_blob(&read.digest, whole).await?,
             None => target.put_blob_from_package(&read.digest, package, &read.probe).await?,
@@ -176,7 +189,7 @@ async fn upload(target: &Target, package: &Path, read: ReadProbe) -> OciResult<(
         None => None,
         Some(signature) => {
             let digest = Sha256Digest::of(signature);
-            if !target.has_blob(&digest).await? {
+            if !known.contains(&digest) && !target.has_blob(&digest).await? {
                 target.put_blob(&digest, signature.clone()).await?;
                 sent += 1;
                 bytes += signature.len() as u64;
@@ -200,6 +213,7 @@ async fn put_manifests(
     module_version: &ModuleVersion,
     tag: &str,
     layers: &[ProbeLayer],
+    known: &HashSet<Sha256Digest>,
 ) -> OciResult<(String, usize)> {
     let count = layout::shard_count(layers)?;
     let mut by_shard: Vec<Vec<&ProbeLayer>> = vec![Vec::new(); count];
@@ -211,7 +225,7 @@ async fn put_manifests(
         let manifest = layout::shard_manifest(module_version, shard, members);
         let digest = Sha256Digest::of(&manifest);
         shards.push((digest, manifest.len() as u64));
-        if !target.has_manifest(&digest).await? {
+        if !known.contains(&digest) && !target.has_manifest(&digest).await? {
             target.put_manifest(&layout::digest_text(&digest), layout::MANIFEST_MEDIA_TYPE, manifest.into()).await?;
         }
     }

@@ -2,6 +2,7 @@
 //! directory (`--oci-layout`, what `skopeo copy oci:DIR:TAG` reads). Both
 //! take blobs and manifests by digest and the index by tag.
 
+use std::collections::HashSet;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -13,7 +14,8 @@ use tokio::sync::mpsc;
 use super::chunk_pool::ChunkPool;
 use super::package::{Package, PackageProbe, PackageReads};
 use crate::oci::Registry;
-use crate::oci::error::{OciResult, invalid};
+use crate::oci::checked::read_artifact;
+use crate::oci::error::{OciErrorKind, OciResult, invalid};
 use crate::oci::layout::{self, digest_text};
 
 /// Probes up to this size are held whole; larger ones are sent (and
@@ -39,6 +41,25 @@ impl Target {
         match self {
             Target::Registry(registry) => registry.name(),
             Target::Layout(dir) => format!("oci:{}", dir.display()),
+        }
+    }
+
+    /// The blobs and shard manifests the support package `tag` names
+    /// already: none when there is no such tag, or it names something else.
+    pub async fn known_blobs(&self, tag: &str) -> OciResult<HashSet<Sha256Digest>> {
+        let Target::Registry(registry) = self else { return Ok(HashSet::new()) };
+        match read_artifact(registry, tag).await {
+            Ok((index, _, probes)) => {
+                let mut known: HashSet<Sha256Digest> = index.shards.iter().map(|(digest, _)| *digest).collect();
+                known.insert(Sha256Digest::of(layout::EMPTY_CONFIG));
+                for probe in probes {
+                    known.insert(probe.digest);
+                    known.extend(probe.signature.map(|(digest, _)| digest));
+                }
+                Ok(known)
+            }
+            Err(e) if matches!(e.kind, OciErrorKind::NotFound | OciErrorKind::Invalid) => Ok(HashSet::new()),
+            Err(e) => Err(e),
         }
     }
 
