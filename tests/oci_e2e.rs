@@ -408,3 +408,81 @@ async fn a_tag_overwritten_with_an_unsigned_package_is_refused_by_a_central_with
     assert!(text.contains("NotFound") && text.contains("not served"), "{text}");
     central.stop().await;
 }
+
+/// A JWT for the registry's token auth (ES256, the signer's certificate in
+/// `x5c`), granting pull and push on the test repository for an hour.
+fn registry_token(signer: &rcgen::KeyPair, signer_der: &[u8]) -> String {
+    use base64::Engine;
+    use ring::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair};
+    let url = |bytes: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
+    let x5c = base64::engine::general_purpose::STANDARD.encode(signer_der);
+    let header = serde_json::json!({"typ": "JWT", "alg": "ES256", "x5c": [x5c]});
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    let claims = serde_json::json!({
+        "iss": "test-issuer", "sub": "mirror", "aud": "test-registry", "exp": now + 3600, "nbf": now - 60,
+        "iat": now - 60, "jti": "test",
+        "access": [{"type": "repository", "name": REPOSITORY, "actions": ["pull", "push"]}],
+    });
+    let signing_input = format!("{}.{}", url(header.to_string().as_bytes()), url(claims.to_string().as_bytes()));
+    let rng = ring::rand::SystemRandom::new();
+    let key = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &signer.serialize_der(), &rng).unwrap();
+    let signature = key.sign(&rng, signing_input.as_bytes()).unwrap();
+    format!("{signing_input}.{}", url(signature.as_ref()))
+}
+
+/// The token server of `tests/python/token_server.py`; stopped when dropped.
+struct TokenServer(std::process::Child);
+
+impl Drop for TokenServer {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test]
+async fn a_registry_that_wants_bearer_tokens_gets_one_from_its_realm_with_the_credentials() {
+    use base64::Engine;
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let signer = rcgen::KeyPair::generate().unwrap();
+    let signer_cert =
+        rcgen::CertificateParams::new(vec!["token-signer".to_owned()]).unwrap().self_signed(&signer).unwrap();
+    std::fs::write(dir.path().join("token"), registry_token(&signer, signer_cert.der())).unwrap();
+    std::fs::write(dir.path().join("server.pem"), &pki.server.cert_pem).unwrap();
+    std::fs::write(dir.path().join("server-key.pem"), &pki.server.key_pem).unwrap();
+    let (user, password) = ("mirror", "token-pw");
+    let expected = format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}")));
+    let mut child = std::process::Command::new("python3")
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/python/token_server.py"))
+        .args([dir.path().join("server.pem"), dir.path().join("server-key.pem"), dir.path().join("token")])
+        .arg(&expected)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.take().unwrap()), &mut line).unwrap();
+    let _tokens = TokenServer(child);
+    let realm = format!("https://127.0.0.1:{}/token", line.trim().strip_prefix("listening on ").unwrap());
+    let registry = TestRegistry::start_with(&pki, Some((&realm, &signer_cert.pem())));
+    let auth = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
+    std::fs::write(&registry.auth_file, format!(r#"{{"auths": {{"{}": {{"auth": "{auth}"}}}}}}"#, registry.address))
+        .unwrap();
+
+    let spec = spec(5, 0);
+    let package = package(dir.path(), "pkg", &spec, None).await;
+    let pushed = push(&package, &registry, &[]).await;
+    assert_eq!(pushed["probes"].as_u64(), Some(10), "{pushed}");
+    let out = dir.path().join("pulled.zip");
+    let (ok, stdout, stderr) = pull(&registry, MODULE, &out, &registry.auth_file).await;
+    assert!(ok, "{stdout}\n{stderr}");
+    assert_eq!(zip_entries(&out), zip_entries(&package));
+
+    // Credentials the token server refuses: said so, and not shown.
+    let wrong = dir.path().join("wrong.json");
+    let bad = base64::engine::general_purpose::STANDARD.encode(format!("{user}:wrong-pw"));
+    std::fs::write(&wrong, format!(r#"{{"auths": {{"{}": {{"auth": "{bad}"}}}}}}"#, registry.address)).unwrap();
+    let (ok, _, stderr) = pull(&registry, MODULE, &dir.path().join("x.zip"), &wrong).await;
+    assert!(!ok && stderr.contains("token server refused the credentials"), "{stderr}");
+    assert!(!stderr.contains("wrong-pw") && !stderr.contains(&bad), "{stderr}");
+}

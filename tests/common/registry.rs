@@ -50,6 +50,13 @@ pub struct TestRegistry {
 impl TestRegistry {
     /// Starts a registry trusting nobody without the test credentials.
     pub fn start(pki: &TestPki) -> TestRegistry {
+        Self::start_with(pki, None)
+    }
+
+    /// With `token` (a realm URL and the PEM certificate whose key signs
+    /// the tokens), a registry that wants Bearer tokens from that realm
+    /// instead of passwords.
+    pub fn start_with(pki: &TestPki, token: Option<(&str, &str)>) -> TestRegistry {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path();
         let (user, password) = ("mirror".to_owned(), format!("pw-{}", std::process::id()));
@@ -69,10 +76,19 @@ impl TestRegistry {
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let address = format!("127.0.0.1:{port}");
         let r = root.display();
+        let auth = match token {
+            None => format!("auth:\n  htpasswd:\n    realm: test-registry\n    path: {r}/htpasswd\n"),
+            Some((realm, signer)) => {
+                std::fs::write(root.join("token-signer.pem"), signer).unwrap();
+                format!(
+                    "auth:\n  token:\n    realm: {realm}\n    service: test-registry\n    issuer: test-issuer\n    \
+                     rootcertbundle: {r}/token-signer.pem\n"
+                )
+            }
+        };
         let config = format!(
             "version: 0.1\nlog:\n  level: warn\n  accesslog:\n    disabled: false\nstorage:\n  filesystem:\n    rootdirectory: {r}/data\n  delete:\n    enabled: true\n\
-             http:\n  addr: {address}\n  secret: test-secret\n  tls:\n    certificate: {r}/server.pem\n    key: {r}/server-key.pem\n\
-             auth:\n  htpasswd:\n    realm: test-registry\n    path: {r}/htpasswd\n"
+             http:\n  addr: {address}\n  secret: test-secret\n  tls:\n    certificate: {r}/server.pem\n    key: {r}/server-key.pem\n{auth}"
         );
         std::fs::write(root.join("config.yml"), config).unwrap();
         let log = std::fs::File::create(root.join("registry.log")).unwrap();
