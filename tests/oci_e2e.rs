@@ -203,13 +203,17 @@ async fn a_signed_package_mirrored_by_skopeo_is_served_from_the_mirror_and_verif
 async fn a_pulled_package_is_taken_by_upload_and_the_roxctl_route_unchanged() {
     let pki = TestPki::new();
     let dir = tempfile::tempdir().unwrap();
-    let a = TestRegistry::start(&pki);
+    let (a, b) = (TestRegistry::start(&pki), TestRegistry::start(&pki));
     let keys = keys(dir.path()).await;
     let spec = spec(20, 0);
     let package = package(dir.path(), "pkg", &spec, Some(&keys)).await;
     push(&package, &a, &[]).await;
+    // From the mirror, whose index skopeo re-encoded.
+    let (source, destination) =
+        (format!("docker://{}:{MODULE}", repository(&a)), format!("docker://{}:{MODULE}", repository(&b)));
+    skopeo_copy((&source, Some(&a)), (&destination, Some(&b)));
     let pulled = dir.path().join("pulled.zip");
-    let (ok, stdout, stderr) = pull(&a, MODULE, &pulled, &a.auth_file).await;
+    let (ok, stdout, stderr) = pull(&b, MODULE, &pulled, &b.auth_file).await;
     assert!(ok, "{stdout}\n{stderr}");
     let entries = zip_entries(&pulled);
     assert_eq!(entries, zip_entries(&package), "every probe and signature identical");
@@ -385,6 +389,17 @@ async fn registry_failures_are_one_line_that_says_what_to_do_and_write_nothing()
         assert!(text.contains("DataLoss") || text.contains("DATA_LOSS"), "{text}");
     }
     assert_eq!(pushed["probes"].as_u64(), Some(20));
+    central.stop().await;
+
+    // A registry that is down: UNAVAILABLE, naming it.
+    let down = TestRegistry::start(&pki);
+    let address = down.address.clone();
+    let central = central_on(&pki, &dir.path().join("down"), &down, None).await;
+    drop(down);
+    let collector = central.collector(&pki, Some(&pki.collector));
+    let status = collector.fetch(module_version, file_name).await.unwrap_err();
+    let text = format!("{status:?}");
+    assert!(text.contains("Unavailable") && text.contains(&address), "{text}");
     central.stop().await;
 }
 
