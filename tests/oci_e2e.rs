@@ -501,3 +501,42 @@ async fn a_registry_that_wants_bearer_tokens_gets_one_from_its_realm_with_the_cr
     assert!(!ok && stderr.contains("token server refused the credentials"), "{stderr}");
     assert!(!stderr.contains("wrong-pw") && !stderr.contains(&bad), "{stderr}");
 }
+
+#[tokio::test]
+async fn a_probe_over_4_mib_goes_up_in_pieces_and_comes_back_whole() {
+    use std::io::Write;
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let a = TestRegistry::start(&pki);
+    // A gzip file of 9 MiB that does not compress (stored blocks).
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    let object: Vec<u8> = (0..9 << 20)
+        .map(|_| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed as u8
+        })
+        .collect();
+    let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::none());
+    encoder.write_all(&object).unwrap();
+    let large = encoder.finish().unwrap();
+    let name = "collector-6.1.0-big.x86_64.ko.gz";
+    let package = dir.path().join("large.zip");
+    let mut zip = zip::ZipWriter::new(std::fs::File::create(&package).unwrap());
+    let stored = zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
+    zip.start_file(format!("kernel-modules/{MODULE}/{name}"), stored).unwrap();
+    zip.write_all(&large).unwrap();
+    zip.finish().unwrap();
+
+    push(&package, &a, &[]).await;
+    assert!(a.requests("\"PATCH /v2/kprobes/support/blobs/uploads/") >= 3, "sent in pieces of at most 4 MiB");
+    let out = dir.path().join("pulled.zip");
+    let (ok, stdout, stderr) = pull(&a, MODULE, &out, &a.auth_file).await;
+    assert!(ok, "{stdout}\n{stderr}");
+    assert_eq!(zip_entries(&out), zip_entries(&package));
+    let central = central_on(&pki, dir.path(), &a, None).await;
+    let fetched = central.collector(&pki, Some(&pki.collector)).fetch(MODULE, name).await.unwrap();
+    assert!(fetched.bytes == large, "Central streams it whole from the registry");
+    central.stop().await;
+}

@@ -94,6 +94,7 @@ impl Connections {
             status: head.status,
             headers: head.headers,
             body,
+            idle_timeout: self.answer_timeout,
             lease: Lease { sender: Some(sender), key, idle: self.idle.clone(), ended: false },
         })
     }
@@ -168,13 +169,19 @@ pub struct Answer {
     pub status: StatusCode,
     pub headers: HeaderMap,
     body: Incoming,
+    /// The longest wait for the next piece of the body: a registry that
+    /// stalls mid-blob fails the read instead of holding it forever.
+    idle_timeout: Duration,
     lease: Lease,
 }
 
 impl Answer {
     /// The next piece of the body; `None` at its end.
     pub async fn chunk(&mut self) -> OciResult<Option<Bytes>> {
-        while let Some(frame) = self.body.frame().await {
+        let stalled = || unavailable(format!("an answer stalled for over {:?}", self.idle_timeout));
+        while let Some(frame) =
+            tokio::time::timeout(self.idle_timeout, self.body.frame()).await.map_err(|_| stalled())?
+        {
             let frame = frame.map_err(|e| unavailable(format!("reading an answer: {e}")))?;
             if let Ok(data) = frame.into_data()
                 && !data.is_empty()
