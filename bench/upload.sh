@@ -6,6 +6,11 @@
 # of Central and of the uploader, and CPU seconds.
 #
 #   bench/upload.sh            # release build; work files in bench/work
+#
+# STORE_LAYOUT=files|packs picks Central's store (default: packs, Central's
+# default); SKIP_BUILD=1 runs the binaries already in
+# ${CARGO_TARGET_DIR:-target}/release, e.g. an older build kept for a
+# before-and-after comparison.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/common.sh
@@ -13,7 +18,7 @@ BIN=${CARGO_TARGET_DIR:-target}/release
 WORK=${BENCH_DIR:-bench/work}
 
 command -v /usr/bin/time >/dev/null || apt-get install -y time >/dev/null
-build_bins --release
+[ -n "${SKIP_BUILD:-}" ] || build_bins --release
 mkdir -p "$WORK"
 PACKAGE="$WORK/support-pkg-2.5.0-bench.zip"
 if [ ! -f "$PACKAGE" ]; then
@@ -40,7 +45,7 @@ sync
 start=$(now); cp "$PACKAGE" "$WORK/copy.zip" && sync; cp_s=$(awk -v a="$start" -v b="$(now)" 'BEGIN { print b - a }')
 rm -f "$WORK/copy.zip"; sync
 
-start_central "$WORK/data" "$WORK/pki" --min-free-space 1GiB
+start_central "$WORK/data" "$WORK/pki" --min-free-space 1GiB --store-layout "${STORE_LAYOUT:-packs}"
 sleep $((removed_at + 61 - $(date +%s))) 2>/dev/null || true
 trap 'kill $(jobs -p) 2>/dev/null; wait 2>/dev/null || true' EXIT
 cpu_before=$(cpu_seconds "$CENTRAL_PID")
@@ -57,7 +62,8 @@ upload
 second_s=$elapsed; second_rss=$rss_kb
 central_rss=$(awk '/VmHWM/ { print $2 }' "/proc/$CENTRAL_PID/status")
 central_cpu=$(awk -v a="$cpu_before" -v b="$cpu_mid" 'BEGIN { printf "%.2f", b - a }')
-probes=$(find "$WORK/data/probes" -type f | wc -l)
+# (The pack store keeps no file per probe: the count is the per-file store's.)
+probes=$(find "$WORK/data/probes" -type f 2>/dev/null | wc -l || true)
 
 echo
 echo "package: $PACKAGE, $((SIZE / 1048576)) MiB, $probes probes stored"

@@ -3,6 +3,7 @@
 //! files that Central, the uploader and the Collector all enforce; and the
 //! transports both sides share (gRPC channels, an HTTPS GET client).
 
+pub mod candidates;
 pub mod client_tls;
 pub mod digest;
 pub mod errors;

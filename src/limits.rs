@@ -50,3 +50,16 @@ pub const MAX_MANIFEST_BYTES: usize = 16 << 20;
 /// Files one product-style upload may list: a real package has about
 /// 16,500 entries.
 pub const MAX_MANIFEST_FILES: usize = 65_536;
+
+/// Most nodes one CheckCoverage call may check: a fleet's distinct kernels
+/// several times over (a support package covers about 8,000).
+pub const MAX_COVERAGE_NODES: usize = 20_000;
+/// Most candidates of one node; the Collector derives at most three.
+pub const MAX_NODE_CANDIDATES: usize = 16;
+/// Most `builtin_files` of one CheckCoverage call.
+pub const MAX_BUILTIN_FILES: usize = 100_000;
+/// Paths per GetExistingProbes call that CheckCoverage makes to an
+/// upstream Central.
+pub const COVERAGE_UPSTREAM_BATCH: usize = 10_000;
+/// HEAD requests CheckCoverage has under way at once on a bucket upstream.
+pub const COVERAGE_BUCKET_REQUESTS: usize = 16;

@@ -27,6 +27,7 @@ const MODULE_VERSIONS: &str = "/kprobes.v1.ProbeUploadService/ListModuleVersions
 const DELETE: &str = "/kprobes.v1.ProbeUploadService/DeleteProbes";
 const EXPORT: &str = "/kprobes.v1.ProbeUploadService/ExportProbes";
 const MISSES: &str = "/kprobes.v1.ProbeUploadService/ListMisses";
+const COVERAGE: &str = "/kprobes.v1.ProbeUploadService/CheckCoverage";
 /// The product's GetExistingProbes (proto/v1), which its roxctl calls.
 const PRODUCT_EXISTING: &str = "/v1.ProbeUploadService/GetExistingProbes";
 
@@ -104,7 +105,7 @@ async fn over_limit_and_undecodable_messages_get_codes_that_do_not_say_retry() {
         ("get probe, no protobuf", GET_PROBE, garbage.clone(), Code::InvalidArgument),
     ];
     // Every unary or server-streaming admin RPC reads its request the same way.
-    for method in [EXISTING, LIST, MODULE_VERSIONS, DELETE, EXPORT, MISSES, PRODUCT_EXISTING] {
+    for method in [EXISTING, LIST, MODULE_VERSIONS, DELETE, EXPORT, MISSES, COVERAGE, PRODUCT_EXISTING] {
         cases.push(("a 65 MiB message", method, over_limit.clone(), Code::ResourceExhausted));
         cases.push(("no protobuf", method, garbage.clone(), Code::InvalidArgument));
     }

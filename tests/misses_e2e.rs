@@ -139,6 +139,7 @@ async fn a_miss_is_resolved_when_the_upstream_later_has_the_probe() {
         min_free_bytes: 0,
         // Ask the upstream again at once.
         not_found_ttl: Duration::ZERO,
+        view_token: None,
     };
     let options = CentralOptions { upstream: Some(config), ..Default::default() };
     let central = Central::start_with(&pki, &dir.path().join("central"), options).await;

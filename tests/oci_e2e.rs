@@ -540,3 +540,28 @@ async fn a_probe_over_4_mib_goes_up_in_pieces_and_comes_back_whole() {
     assert!(fetched.bytes == large, "Central streams it whole from the registry");
     central.stop().await;
 }
+
+#[tokio::test]
+async fn coverage_asks_a_registry_upstream_through_its_manifests_without_downloading_a_probe() {
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let a = TestRegistry::start(&pki);
+    let spec = spec(12, 0);
+    let package = package(dir.path(), "pkg", &spec, None).await;
+    push(&package, &a, &[]).await;
+    let central = central_on(&pki, dir.path(), &a, None).await;
+    let kernels = kernels(12);
+    let nodes = dir.path().join("nodes.txt");
+    std::fs::write(&nodes, format!("{}\n{}\n9.9.9-not-packaged\n", kernels[2], kernels[9])).unwrap();
+    let ca = pki.ca_file();
+    let args = ["coverage", "-e", &central.address, "--ca", path(&ca), "--module-version", MODULE];
+    let args = [&args[..], &["--nodes", path(&nodes), "-o", "json"]].concat();
+    let (_, stdout, stderr) = central_cli(&args, &central.view_token).await;
+    let report: serde_json::Value = serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("{e}: {stdout}\n{stderr}"));
+    let sources: Vec<&str> =
+        report["nodes"].as_array().unwrap().iter().map(|n| n["source"].as_str().unwrap()).collect();
+    assert_eq!(sources, ["upstream", "upstream", "none"], "{report}");
+    assert_eq!(a.requests("\"GET /v2/kprobes/support/blobs/"), 0, "no probe downloaded");
+    assert!(report["upstream_requests"].as_u64().unwrap() >= 1, "{report}");
+    central.stop().await;
+}

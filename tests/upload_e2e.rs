@@ -625,6 +625,13 @@ impl probe_api::v1::probe_upload_service_server::ProbeUploadService for GarbledC
         Err(tonic::Status::unimplemented("not in this test"))
     }
 
+    async fn check_coverage(
+        &self,
+        _: tonic::Request<probe_api::v1::CheckCoverageRequest>,
+    ) -> Result<tonic::Response<probe_api::v1::CheckCoverageResponse>, tonic::Status> {
+        Err(tonic::Status::unimplemented("not in this test"))
+    }
+
     type ExportProbesStream = tokio_stream::Empty<Result<probe_api::v1::ExportProbesResponse, tonic::Status>>;
 
     async fn export_probes(

@@ -8,7 +8,6 @@
 
 pub mod admin;
 pub mod error;
-pub mod misses;
 pub mod oci;
 pub mod pki;
 pub mod private_file;

@@ -172,6 +172,7 @@ async fn main() {
         cache_max_bytes: 1 << 30,
         min_free_bytes: 0,
         not_found_ttl: Duration::from_secs(30),
+        view_token: None,
     };
     let (middle, _, _) = start(&pki, &dir.path().join("middle"), Some(config), false).await;
     let clients: Vec<CentralClient> =

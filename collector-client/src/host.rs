@@ -74,3 +74,34 @@ pub fn read(settings: &HostSettings) -> Result<HostFacts, String> {
         version_file: std::fs::read_to_string(root.join("etc/VERSION")).ok(),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::candidates::candidates;
+
+    /// Every host of `tests/data/hosts`: its root holds the files the product
+    /// reads (os-release, `uname -r`/`-v` as `proc/sys/kernel/osrelease` and
+    /// `version`, the host name, `/etc/VERSION`), and `candidates` the names
+    /// the product derives from them, in order.
+    #[test]
+    fn each_distribution_gets_the_products_candidates_in_its_order() {
+        let hosts = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/data/hosts");
+        let mut checked = 0;
+        for host in std::fs::read_dir(&hosts).unwrap() {
+            let host = host.unwrap().path();
+            if !host.is_dir() {
+                continue;
+            }
+            let settings = HostSettings { host_root: host.join("root"), ..HostSettings::default() };
+            let facts = read(&settings).unwrap();
+            let expected: Vec<String> =
+                std::fs::read_to_string(host.join("candidates")).unwrap().lines().map(str::to_owned).collect();
+            assert_eq!(candidates(&facts), expected, "{}", host.display());
+            checked += 1;
+        }
+        assert!(checked >= 11, "the host data is there: {checked} hosts");
+    }
+}

@@ -5,7 +5,9 @@
 //! says what was tried and what to do.
 
 pub mod cache;
-pub mod candidates;
+// The kernel names, derived as the product's Collector derives them; they
+// live in `probe-api`, which Central shares.
+pub use probe_api::candidates;
 pub mod central;
 pub mod chain;
 pub mod facts;

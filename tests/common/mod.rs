@@ -295,5 +295,6 @@ pub fn upstream_config(
         cache_max_bytes: 1 << 30,
         min_free_bytes: 0,
         not_found_ttl: Duration::from_secs(30),
+        view_token: None,
     }
 }

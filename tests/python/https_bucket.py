@@ -2,10 +2,12 @@
 the end-to-end tests: serves DIR over TLS on a free loopback port and
 prints "listening on PORT" once it accepts connections.
 
-    python3 https_bucket.py DIR CERT KEY [--endless BYTES]
+    python3 https_bucket.py DIR CERT KEY [--endless BYTES] [--log FILE]
 
 With --endless, a hostile bucket: every GET of a probe (`*.o.gz`) is
 answered 200 with BYTES zero bytes, chunked, without a Content-Length.
+With --log, each request's method and path is appended to FILE, a line
+each, so that a test can count what was asked.
 """
 
 import functools
@@ -14,7 +16,16 @@ import ssl
 import sys
 
 
-class Endless(http.server.SimpleHTTPRequestHandler):
+class Logged(http.server.SimpleHTTPRequestHandler):
+    log_file = ""
+
+    def log_request(self, code="-", size="-") -> None:
+        if self.log_file:
+            with open(self.log_file, "a") as log:
+                log.write(f"{self.command} {self.path}\n")
+
+
+class Endless(Logged):
     protocol_version = "HTTP/1.1"
     size = 0
 
@@ -36,9 +47,11 @@ class Endless(http.server.SimpleHTTPRequestHandler):
 
 def main() -> None:
     directory, cert, key = sys.argv[1:4]
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=directory)
-    if sys.argv[4:5] == ["--endless"]:
-        Endless.size = int(sys.argv[5])
+    options = dict(zip(sys.argv[4::2], sys.argv[5::2]))
+    Logged.log_file = options.get("--log", "")
+    handler = functools.partial(Logged, directory=directory)
+    if "--endless" in options:
+        Endless.size = int(options["--endless"])
         handler = functools.partial(Endless, directory=directory)
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)

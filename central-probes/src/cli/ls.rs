@@ -91,6 +91,7 @@ pub async fn ls(args: LsArgs) -> Result<(), CliError> {
                     "sha256": p.sha256,
                     "crc32": p.crc32,
                     "signature": signature,
+                    "prefetched": p.prefetched,
                 })
             })
             .collect();
@@ -105,6 +106,9 @@ pub async fn ls(args: LsArgs) -> Result<(), CliError> {
             write!(out, "{}  {:>10}  {}", probe.sha256, probe.size, probe.path)?;
             if !probe.signature_key_id.is_empty() {
                 write!(out, "  signed-by {} serial {}", probe.signature_key_id, probe.signature_serial)?;
+            }
+            if probe.prefetched {
+                write!(out, "  prefetched")?;
             }
             writeln!(out)
         })

@@ -2,6 +2,7 @@
 //! subcommand parses its flags here and calls into the library; nothing
 //! here serves or stores anything itself.
 
+mod coverage;
 mod export;
 mod ls;
 mod misses;
@@ -44,6 +45,8 @@ pub enum Command {
     Rm(rm::RmArgs),
     /// The probes Collectors asked for that no source had, and the support packages to upload.
     Misses(misses::MissesArgs),
+    /// Before a kernel rollout: the probe each node would be served and its source (exit 1 if a node would crash-loop).
+    Coverage(coverage::CoverageArgs),
     /// Write stored probes into a support package (zip) for another Central.
     Export(export::ExportArgs),
     /// Read every stored probe and name those whose bytes no longer match their upload (exit 1 if any).
@@ -186,6 +189,7 @@ pub async fn run(command: Command) -> Result<(), CliError> {
         Command::Export(args) => export::export(args).await,
         Command::Verify(args) => verify::verify(args).await,
         Command::Misses(args) => misses::misses(args).await,
+        Command::Coverage(args) => coverage::coverage(args).await,
         Command::Token { command } => token::token(command).await,
         Command::Package { command } => package::run(command).await,
         Command::Pki { command } => pki::pki(command),

@@ -10,6 +10,7 @@ use central_probes::admin::registry_pull;
 use central_probes::admin::registry_push;
 use central_probes::admin::registry_target::Target;
 use central_probes::oci::{Reference, RegistryOptions};
+use central_probes::server::UpstreamKind;
 use clap::Args;
 use probe_api::https::ProxySettings;
 
@@ -19,6 +20,31 @@ use super::{CliError, OutputFormat, read};
 const REGISTRY_ENV: &str = "  https_proxy    the HTTP CONNECT proxy to the registry, else HTTPS_PROXY
   no_proxy       registry hosts reached without the proxy, else NO_PROXY
   SSL_CERT_FILE  the CA bundle without --registry-ca";
+
+/// `serve`'s flags of a registry upstream (flattened into `ServeArgs`).
+#[derive(Args)]
+pub struct OciUpstreamArgs {
+    /// Instead of --upstream: a registry repository of pushed support packages (docs/registry.md).
+    #[arg(long, env = "CENTRAL_UPSTREAM_OCI", value_name = "HOST[:PORT]/PATH")]
+    upstream_oci: Option<String>,
+    /// Credentials for --upstream-oci: containers-auth.json or Docker's config.json.
+    #[arg(long, env = "REGISTRY_AUTH_FILE", value_name = "FILE")]
+    registry_auth_file: Option<PathBuf>,
+    /// With --upstream-oci: how long an index is used before its tag is checked again.
+    #[arg(long, env = "CENTRAL_UPSTREAM_INDEX_TTL", default_value = "60s", value_parser = humantime::parse_duration)]
+    upstream_index_ttl: Duration,
+}
+
+impl OciUpstreamArgs {
+    /// The registry upstream, if --upstream-oci names one.
+    pub fn kind(&self) -> Option<UpstreamKind> {
+        Some(UpstreamKind::Registry {
+            repository: self.upstream_oci.clone()?,
+            auth_file: self.registry_auth_file.clone(),
+            index_ttl: self.upstream_index_ttl,
+        })
+    }
+}
 
 /// How to reach the registry (shared by push and pull).
 #[derive(Args)]

@@ -92,15 +92,8 @@ pub struct ServeArgs {
     /// (the product's ROX_COLLECTOR_MODULES_BASE_URL layout).
     #[arg(long, env = "CENTRAL_UPSTREAM_URL", conflicts_with = "upstream_oci")]
     upstream_url: Option<String>,
-    /// Instead of --upstream: a registry repository of pushed support packages (docs/registry.md).
-    #[arg(long, env = "CENTRAL_UPSTREAM_OCI", value_name = "HOST[:PORT]/PATH")]
-    upstream_oci: Option<String>,
-    /// Credentials for --upstream-oci: containers-auth.json or Docker's config.json.
-    #[arg(long, env = "REGISTRY_AUTH_FILE", value_name = "FILE")]
-    registry_auth_file: Option<PathBuf>,
-    /// With --upstream-oci: how long an index is used before its tag is checked again.
-    #[arg(long, env = "CENTRAL_UPSTREAM_INDEX_TTL", default_value = "60s", value_parser = humantime::parse_duration)]
-    upstream_index_ttl: Duration,
+    #[command(flatten)]
+    oci: super::registry::OciUpstreamArgs,
     /// The CA certificates (PEM) trusted for the upstream. Needed with --upstream; for the others
     /// the system's bundle is used when absent (SSL_CERT_FILE, else the usual paths).
     #[arg(long, env = "CENTRAL_UPSTREAM_CA")]
@@ -114,6 +107,9 @@ pub struct ServeArgs {
     upstream_cert: Option<PathBuf>,
     #[arg(long, env = "CENTRAL_UPSTREAM_KEY", requires = "upstream_cert")]
     upstream_key: Option<PathBuf>,
+    /// A file holding a view token of the upstream Central's admin API, for coverage checks.
+    #[arg(long, env = "CENTRAL_UPSTREAM_TOKEN_FILE")]
+    upstream_token_file: Option<PathBuf>,
     /// Time allowed to connect to the upstream.
     #[arg(long, env = "CENTRAL_UPSTREAM_CONNECT_TIMEOUT", default_value = "2s", value_parser = humantime::parse_duration)]
     upstream_connect_timeout: Duration,
@@ -294,14 +290,10 @@ pub async fn serve(args: ServeArgs) -> Result<(), CliError> {
 
 /// The upstream's settings, unless offline or none is configured.
 fn upstream_config(args: &ServeArgs) -> Result<Option<UpstreamConfig>, CliError> {
-    let kind = match (&args.upstream, &args.upstream_url, &args.upstream_oci) {
+    let kind = match (&args.upstream, &args.upstream_url, args.oci.kind()) {
         (Some(address), _, _) => UpstreamKind::Grpc { address: address.clone() },
         (None, Some(base_url), _) => UpstreamKind::Bucket { base_url: base_url.clone() },
-        (None, None, Some(oci)) => UpstreamKind::Registry {
-            repository: oci.clone(),
-            auth_file: args.registry_auth_file.clone(),
-            index_ttl: args.upstream_index_ttl,
-        },
+        (None, None, Some(kind)) => kind,
         (None, None, None) => {
             info!("no upstream configured: only uploaded probes are served");
             return Ok(None);
@@ -339,6 +331,9 @@ fn upstream_config(args: &ServeArgs) -> Result<Option<UpstreamConfig>, CliError>
         cache_max_bytes: args.upstream_cache_size,
         min_free_bytes: args.min_free_space,
         not_found_ttl: Duration::from_secs(30),
+        view_token: (args.upstream_token_file.as_deref().map(|file| read(file, "the upstream token file")))
+            .transpose()?
+            .map(|token| String::from_utf8_lossy(&token).trim().to_owned()),
     }))
 }
 

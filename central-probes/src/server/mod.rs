@@ -10,6 +10,7 @@
 
 pub mod auth;
 pub mod connections;
+pub mod coverage;
 pub mod export;
 pub mod get_probe_direct;
 pub mod kernel_objects;
@@ -41,8 +42,6 @@ use tonic::service::Routes;
 use tracing::{info, warn};
 
 use crate::error::{Error, Result};
-use crate::misses::file::FileMissLog;
-use crate::misses::{MissLog, MissRecorder};
 use crate::server::auth::TokenAuth;
 use crate::server::metrics::Metrics;
 use crate::server::probe_service::ProbeServing;
@@ -53,6 +52,9 @@ use crate::server::upload_service::UploadService;
 use crate::server::upstream::UpstreamSource;
 use crate::store::ProbeStore;
 use crate::store::hot::HotProbes;
+use crate::store::misses::MissLog;
+use crate::store::misses::file::FileMissLog;
+use crate::store::misses::recorder::MissRecorder;
 use crate::store::postgres::PostgresStore;
 use crate::store::read_through::ReadThrough;
 use probe_api::signing::TrustedKeys;
@@ -125,6 +127,7 @@ pub struct Central {
     misses: Arc<MissRecorder>,
     auth: TokenAuth,
     upstream: Option<Arc<UpstreamSource>>,
+    coverage: Arc<coverage::Coverage>,
     metrics: Metrics,
     tls: TlsMaterial,
     allow_anonymous_reads: bool,
@@ -193,12 +196,14 @@ impl Central {
                 Some(Arc::new(source))
             }
         };
+        let coverage = Arc::new(coverage::Coverage::new(store.clone(), upstream.clone(), &config.data_dir)?);
         Ok(Central {
             store,
             record,
             misses,
             auth,
             upstream,
+            coverage,
             metrics,
             tls: config.tls,
             allow_anonymous_reads: config.allow_anonymous_reads,
@@ -246,7 +251,8 @@ fn report_space(store: Arc<dyn ProbeStore>, metrics: Metrics) {
 }
 
 async fn serve(central: Central, listener: TcpListener, shutdown: impl Future<Output = ()>) -> Result<()> {
-    let Central { store, record, misses, auth, upstream, metrics, tls, allow_anonymous_reads, limits } = central;
+    let Central { store, record, misses, auth, upstream, coverage, metrics, tls, allow_anonymous_reads, limits } =
+        central;
     misses.merge_every(MISSES_MERGED_EVERY);
     report_space(record.clone(), metrics.clone());
     install_crypto_provider();
@@ -306,6 +312,7 @@ async fn serve(central: Central, listener: TcpListener, shutdown: impl Future<Ou
         metrics.clone(),
         limits.send_timeout,
         limits.upload_idle_timeout,
+        coverage,
     ));
     let upload = ProbeUploadServiceServer::from_arc(uploads.clone())
         .max_decoding_message_size(MAX_REQUEST_MESSAGE)

@@ -17,13 +17,14 @@ use tokio_stream::{Stream, StreamExt};
 use tonic::Code;
 
 use crate::error::{Error, Result};
-use crate::misses::{MissRecorder, Resolver};
 use crate::server::connections::handle::ConnectionHandle;
 use crate::server::metrics::Metrics;
 use crate::server::probe_slots::{ProbeSlots, Slot};
 use crate::server::sources::{SourceChain, source_label};
 use crate::store::StoredProbe;
 use crate::store::client_id::ClientId;
+use crate::store::misses::Resolver;
+use crate::store::misses::recorder::MissRecorder;
 
 /// A probe's bytes as its source reads them, holding a stream slot.
 pub type ProbeChunks = SlottedStream<Pin<Box<dyn Stream<Item = Result<Bytes>> + Send>>>;

@@ -21,11 +21,11 @@ use tonic::metadata::MetadataMap;
 use tonic::{Code, Status};
 
 use crate::error::{Error, Result};
-use crate::misses::MissRecorder;
 use crate::server::auth::{Role, TokenAuth};
 use crate::server::get_probe_direct::read_message;
 use crate::server::metrics::Metrics;
 use crate::store::ProbeStore;
+use crate::store::misses::recorder::MissRecorder;
 
 /// The gRPC-web path of GetExistingProbes, the one method roxctl calls.
 pub const GET_EXISTING_PATH: &str = "/v1.ProbeUploadService/GetExistingProbes";

@@ -10,10 +10,11 @@ use probe_api::names::ProbePath;
 use probe_api::v1::FileOutcome;
 use tracing::{info, warn};
 
-use crate::misses::{MissRecorder, Resolver};
 use crate::server::auth::Caller;
 use crate::server::metrics::{AuditLabels, Metrics, OutcomeLabels};
 use crate::server::upload_session::UploadEnd;
+use crate::store::misses::Resolver;
+use crate::store::misses::recorder::MissRecorder;
 
 /// Who sent an upload, and through which API.
 pub(crate) struct Uploader<'a> {

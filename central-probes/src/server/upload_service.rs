@@ -11,10 +11,10 @@ use probe_api::limits::{
 use probe_api::names::{ModuleVersion, ProbePath};
 use probe_api::v1::probe_upload_service_server::ProbeUploadService;
 use probe_api::v1::{
-    DeleteProbesRequest, DeleteProbesResponse, ExportProbesRequest, GetExistingProbesRequest,
-    GetExistingProbesResponse, ListMissesRequest, ListMissesResponse, ListModuleVersionsRequest,
-    ListModuleVersionsResponse, ListProbesRequest, ListProbesResponse, ModuleVersionSummary, ProbeInfo, ProbeMiss,
-    StoreSpace, UploadProbesRequest, UploadProbesResponse, VerifyProbesRequest,
+    CheckCoverageRequest, CheckCoverageResponse, DeleteProbesRequest, DeleteProbesResponse, ExportProbesRequest,
+    GetExistingProbesRequest, GetExistingProbesResponse, ListMissesRequest, ListMissesResponse,
+    ListModuleVersionsRequest, ListModuleVersionsResponse, ListProbesRequest, ListProbesResponse, ModuleVersionSummary,
+    ProbeMiss, StoreSpace, UploadProbesRequest, UploadProbesResponse, VerifyProbesRequest,
 };
 use tokio_stream::{Stream, StreamExt};
 use tonic::metadata::MetadataMap;
@@ -22,14 +22,16 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::{info, instrument};
 
 use crate::error::{Error, Result};
-use crate::misses::{Miss, MissRecorder};
 use crate::server::auth::{Caller, Role, TokenAuth};
+use crate::server::coverage::Coverage;
 use crate::server::export::{ExportStream, Exports};
 use crate::server::metrics::{AuditLabels, Metrics};
 use crate::server::page_token::PageTokens;
 use crate::server::upload_record::{Uploader, record_upload_end};
 use crate::server::upload_session::{Part, UploadSession};
 use crate::server::verify_probes::{Verifications, VerifyStream};
+use crate::store::misses::Miss;
+use crate::store::misses::recorder::MissRecorder;
 use crate::store::{ModuleSummary, ProbeStore, StoredProbe, probe_info};
 
 pub struct UploadService {
@@ -45,6 +47,8 @@ pub struct UploadService {
     summarizing: tokio::sync::Mutex<()>,
     /// An upload whose body brings nothing for this long is ended.
     upload_idle_timeout: Duration,
+    /// CheckCoverage, and the prefetch marks of ListProbes.
+    coverage: Arc<Coverage>,
 }
 
 impl UploadService {
@@ -52,6 +56,8 @@ impl UploadService {
     /// nothing for this long is ended; `upload_idle_timeout`: the same for
     /// an upload whose client sends nothing.
     /// `record` is `store` without its caches, for exports and verifications.
+    // The service's parts, each built once by `Central::open`.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         store: Arc<dyn ProbeStore>,
         record: Arc<dyn ProbeStore>,
@@ -60,6 +66,7 @@ impl UploadService {
         metrics: Metrics,
         send_timeout: Duration,
         upload_idle_timeout: Duration,
+        coverage: Arc<Coverage>,
     ) -> Self {
         let page_tokens = PageTokens::new(store.page_token_key());
         let (exports, verifications) =
@@ -75,6 +82,7 @@ impl UploadService {
             verifications,
             summarizing,
             upload_idle_timeout,
+            coverage,
         }
     }
 
@@ -143,7 +151,8 @@ impl UploadService {
         } else {
             String::new()
         };
-        Ok(ListProbesResponse { probes: probes.into_iter().map(ProbeInfo::from).collect(), next_page_token })
+        let probes = probes.into_iter().map(|probe| self.coverage.describe(probe)).collect();
+        Ok(ListProbesResponse { probes, next_page_token })
     }
 }
 
@@ -342,6 +351,19 @@ impl ProbeUploadService for UploadService {
             Err(error) => Err(error),
         };
         self.counted("ListMisses", result)
+    }
+
+    #[instrument(skip_all, fields(nodes = request.get_ref().nodes.len()))]
+    async fn check_coverage(
+        &self,
+        request: Request<CheckCoverageRequest>,
+    ) -> Result<Response<CheckCoverageResponse>, Status> {
+        let needed = if request.get_ref().prefetch { Role::Admin } else { Role::View };
+        let result = match self.auth.caller(request.metadata(), needed) {
+            Ok(caller) => self.coverage.check(request.into_inner(), &caller).await,
+            Err(error) => Err(error),
+        };
+        self.counted("CheckCoverage", result)
     }
 
     type ExportProbesStream = ExportStream;

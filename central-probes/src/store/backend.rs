@@ -74,7 +74,7 @@ pub trait Backend: Send + Sync + 'static {
 
 /// How a backend stages a probe's bytes.
 pub enum Stage {
-    /// By async writes (a database, or a blocking thread of its own).
+    /// By async writes (a database's rows).
     Async(Box<dyn Staging>),
     /// By plain file writes that never wait long: `VerifiedStore` makes
     /// them on the thread that hashes the bytes, which saves a thread and a

@@ -1,6 +1,7 @@
 //! The threads that hash what uploads write, and write it for a backend
-//! that stages by blocking writes: one long-lived thread per core (a lane),
-//! each running the jobs given to it in the order they came.
+//! that stages by blocking writes (the pack store and the per-file store):
+//! one long-lived thread per core (a lane), each running the jobs given to
+//! it in the order they came.
 //!
 //! A thread per file would mean tens of threads per upload when the network
 //! is ahead of the disk, and switching between them and waking them costs

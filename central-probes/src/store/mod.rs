@@ -2,14 +2,13 @@
 //! `ProbeStore`. A store is composed: `VerifiedStore` (verified.rs: hashing
 //! on a thread per core, `lanes` and `file_hashing`; size and digest checks,
 //! the disk floor, commits that outlive their caller and wait for their
-//! gate) over a `Backend` (backend.rs: batch lookup,
-//! listing, reading, staging, and a compare-and-commit that applies the
-//! overwrite rule atomically): `filesystem/` and `postgres/`, both passing
-//! `conformance`. `read_through` keeps local copies of a shared record, and
-//! `hot` keeps the most asked-for probes in memory. Beside the probes, the
-//! store keeps what the server and the misses record: API tokens
-//! (`tokens`), the misses' records (`misses`) and the identities of the
-//! clients they count (`client_id`).
+//! gate) over a `Backend` (backend.rs: batch lookup, listing, reading,
+//! staging, and a compare-and-commit that applies the overwrite rule
+//! atomically): `pack/`, `filesystem/` (both on `disk`) and `postgres/`,
+//! all passing `conformance`. `read_through` keeps local copies of a shared
+//! record, and `hot` keeps the most asked-for probes in memory. Beside the
+//! probes, the store keeps what the server records: API tokens (`tokens`),
+//! the misses (`misses`) and the clients they count (`client_id`).
 //!
 //! The store is the authority on the overwrite rule (`overwrite_rule`): it
 //! decides, atomically with the commit, whether the new bytes are stored,
@@ -18,13 +17,13 @@
 
 pub mod backend;
 pub mod check;
-mod chunk_writer;
 pub mod client_id;
 #[cfg(any(test, feature = "testing"))]
 pub mod conformance;
 mod damage;
 #[cfg(any(test, feature = "testing"))]
 pub mod damage_suite;
+mod disk;
 mod file_hashing;
 pub mod filesystem;
 pub mod hot;
@@ -88,7 +87,7 @@ pub fn probe_info(probe: StoredProbe, path: String) -> probe_api::v1::ProbeInfo 
         crc32: probe.crc32,
         signature_key_id: signed.as_ref().map(|s| s.key_id().to_string()).unwrap_or_default(),
         signature_serial: signed.as_ref().map_or(0, |s| s.serial()),
-        signature: Bytes::new(),
+        ..Default::default() // no signature bytes (exports add them), not prefetched
     }
 }
 

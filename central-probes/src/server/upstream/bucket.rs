@@ -36,6 +36,7 @@ const MAX_INFLATED: u64 = 1 << 30;
 const MAX_DIGEST_FILE: usize = 4096;
 
 /// A bucket of probe files over HTTPS.
+#[derive(Clone)]
 pub struct Bucket {
     client: HttpsClient,
     base: HttpsUrl,
@@ -96,6 +97,19 @@ impl Bucket {
             _ => e,
         })?;
         Ok(Some(size))
+    }
+
+    /// Whether the bucket has `path`, asked with HEAD: nothing is
+    /// downloaded. 404 and 410 are "no"; another status is UNAVAILABLE.
+    pub async fn has(&self, path: &ProbePath) -> Result<bool> {
+        let url = self.base.join(&path.to_string());
+        let response =
+            self.client.request(Method::HEAD, &url).await.map_err(|e| unavailable(remote_text(&e.to_string())))?;
+        match response.status() {
+            StatusCode::OK => Ok(true),
+            StatusCode::NOT_FOUND | StatusCode::GONE => Ok(false),
+            status => Err(unavailable(format!("HEAD {url} answered {status}"))),
+        }
     }
 
     async fn get(&self, url: &HttpsUrl) -> Result<hyper::Response<Incoming>> {

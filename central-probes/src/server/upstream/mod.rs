@@ -14,6 +14,7 @@
 
 mod bucket;
 mod checked_by;
+mod has_probes;
 mod not_found;
 mod registry;
 mod single_flight;
@@ -88,6 +89,9 @@ pub struct UpstreamConfig {
     /// How long a "not found" from the upstream is believed (at most
     /// `MAX_NOT_FOUND_ANSWERS` of them are kept).
     pub not_found_ttl: Duration,
+    /// A view token of an upstream Central's admin API: coverage checks ask
+    /// it which probes it has (`has_probes`) without downloading them.
+    pub view_token: Option<String>,
 }
 
 pub struct UpstreamSource {
@@ -111,7 +115,7 @@ impl UpstreamSource {
             UpstreamKind::Grpc { address } => {
                 let channel = transport::channel_through(address, &config.tls, config.connect_timeout, &config.proxies)
                     .map_err(|e| invalid(&e))?;
-                (Client::Grpc(ProbeServiceClient::new(channel)), address.clone())
+                (Client::Grpc(ProbeServiceClient::new(channel.clone()), channel), address.clone())
             }
             UpstreamKind::Bucket { base_url } => {
                 let base = HttpsUrl::parse(base_url).map_err(|e| invalid(&e))?;
@@ -196,7 +200,7 @@ impl UpstreamSource {
 
     async fn download(&self, path: &ProbePath) -> Result<bool> {
         let fetched = match &self.client {
-            Client::Grpc(client) => self.download_grpc(client, path).await,
+            Client::Grpc(client, _) => self.download_grpc(client, path).await,
             Client::Bucket(bucket) => bucket.fetch(path, self.cache.as_ref()).await,
             Client::Registry(registry) => registry.fetch(path, self.cache.as_ref()).await,
         };
@@ -260,7 +264,8 @@ impl UpstreamSource {
 
 /// The upstream's client, by kind.
 enum Client {
-    Grpc(ProbeServiceClient<Channel>),
+    /// GetProbe's client, and its channel for the admin API's lookups.
+    Grpc(ProbeServiceClient<Channel>, Channel),
     Bucket(Bucket),
     Registry(Box<RegistryUpstream>),
 }

@@ -9,10 +9,13 @@
 //! cache, which checks it against the digest the manifest gives (DATA_LOSS
 //! and nothing cached when it differs) and, with trusted keys, its
 //! signature. A missing tag or probe is NOT_FOUND naming the registry; a
-//! registry that cannot be reached is UNAVAILABLE. Every read is bounded:
+//! registry that cannot be reached is UNAVAILABLE. Whether it has probes
+//! (`has`, for coverage checks) is read from the same index and shard
+//! manifests, never by downloading a probe. Every read is bounded:
 //! manifests by the 4 MiB registries accept, blobs by their manifest's size.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -42,11 +45,19 @@ pub struct RegistryUpstream {
     index_ttl: Duration,
     indexes: Mutex<HashMap<String, CachedIndex>>,
     shards: Mutex<HashMap<Sha256Digest, Arc<Vec<ProbeLayer>>>>,
+    /// Manifest requests made so far (what a coverage check reports).
+    requests: AtomicU32,
 }
 
 impl RegistryUpstream {
     pub fn new(registry: Registry, index_ttl: Duration) -> Self {
-        RegistryUpstream { registry, index_ttl, indexes: Default::default(), shards: Default::default() }
+        RegistryUpstream {
+            registry,
+            index_ttl,
+            indexes: Default::default(),
+            shards: Default::default(),
+            requests: AtomicU32::new(0),
+        }
     }
 
     /// Fetches `path` into `cache`: its size.
@@ -91,6 +102,30 @@ impl RegistryUpstream {
         )
     }
 
+    /// Which of `paths` the registry has, from the indexes of their module
+    /// versions and the shard manifests they fall in (a tag that does not
+    /// exist has none of them); and the registry requests it took.
+    pub async fn has(&self, paths: &[ProbePath]) -> Result<(Vec<bool>, u32)> {
+        let before = self.requests.load(Ordering::Relaxed);
+        let mut has = vec![false; paths.len()];
+        let mut indexes: HashMap<&str, Option<Arc<PackageIndex>>> = HashMap::new();
+        for (i, path) in paths.iter().enumerate() {
+            let tag = path.module_version().as_str();
+            if !indexes.contains_key(tag) {
+                let index = match self.index(tag).await {
+                    Ok(index) => Some(index),
+                    Err(e) if e.code == Code::NotFound => None,
+                    Err(e) => return Err(e),
+                };
+                indexes.insert(tag, index);
+            }
+            let Some(index) = &indexes[tag] else { continue };
+            let (digest, _) = index.shards[layout::shard_of(path.file_name().as_str(), index.shards.len())];
+            has[i] = self.shard(&digest).await?.iter().any(|layer| layer.file_name == *path.file_name());
+        }
+        Ok((has, self.requests.load(Ordering::Relaxed).wrapping_sub(before)))
+    }
+
     /// The layer of `path` in its tag's artifact.
     async fn layer(&self, path: &ProbePath) -> Result<ProbeLayer> {
         let tag = path.module_version().as_str();
@@ -113,6 +148,7 @@ impl RegistryUpstream {
                 return Ok(index.clone());
             }
             // Stale: a HEAD says whether the tag still names the same index.
+            self.requests.fetch_add(1, Ordering::Relaxed);
             if self.registry.manifest_digest(tag).await.map_err(status)?.as_deref() == Some(digest.as_str()) {
                 if let Some(cached) = self.indexes().get_mut(tag) {
                     cached.checked = Instant::now();
@@ -120,6 +156,7 @@ impl RegistryUpstream {
                 return Ok(index.clone());
             }
         }
+        self.requests.fetch_add(1, Ordering::Relaxed);
         let Some((bytes, media_type)) = self.registry.get_manifest(tag).await.map_err(status)? else {
             self.indexes().remove(tag);
             return Err(Error::new(
@@ -139,6 +176,7 @@ impl RegistryUpstream {
         if let Some(shard) = self.shards().get(digest) {
             return Ok(shard.clone());
         }
+        self.requests.fetch_add(1, Ordering::Relaxed);
         let bytes = read_manifest(&self.registry, digest).await.map_err(status)?;
         let shard = Arc::new(layout::parse_shard(&bytes).map_err(|e| status(e.context(self.registry.name())))?);
         let mut shards = self.shards();

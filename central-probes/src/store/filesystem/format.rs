@@ -1,5 +1,6 @@
-//! The on-disk layout: the header in front of every probe's bytes, the
-//! directory lock, the page token key, and leftovers of interrupted writes.
+//! The on-disk layout: the header in front of every probe's bytes, and
+//! leftovers of interrupted writes (the directory lock and the page token
+//! key are `store::disk`'s).
 //!
 //! Headers: "KPROBE02" (56 bytes: magic, size, SHA-256, CRC-32, and the
 //! length of the probe's signature as 4 bytes, 0 for none) is written, and
@@ -8,7 +9,7 @@
 //! size, SHA-256), written before the store recorded CRC-32s, is still
 //! read, its CRC-32 unknown.
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
@@ -16,7 +17,6 @@ use std::path::Path;
 use bytes::{Bytes, BytesMut};
 use probe_api::digest::Sha256Digest;
 use probe_api::signing::MAX_SIGNATURE_LEN;
-use tonic::Code;
 
 use crate::error::{Error, Result};
 
@@ -98,44 +98,6 @@ fn parse_header(header: &[u8], file_len: u64) -> io::Result<(Entry, u64, u32)> {
         return Err(invalid("the file length does not match its header"));
     }
     Ok((Entry { size, sha256, crc32, signature: None }, header_len, signature_len))
-}
-
-pub(super) fn sync_dir(dir: &Path) -> io::Result<()> {
-    File::open(dir)?.sync_all()
-}
-
-pub(in crate::store) fn lock_data_dir(data_dir: &Path) -> Result<File> {
-    let path = data_dir.join("lock");
-    let file = OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
-    file.try_lock().map_err(|_| {
-        Error::new(Code::FailedPrecondition, format!("{} is in use by another Central", data_dir.display()))
-    })?;
-    Ok(file)
-}
-
-/// Reads the 32-byte key at `path`, or makes one: random, readable by
-/// Central's user only, written whole or not at all.
-pub(in crate::store) fn load_or_create_key(path: &Path) -> Result<[u8; 32]> {
-    let io_error = |what: &str| {
-        let what = format!("{what} {}", path.display());
-        move |e| Error::io(what, e)
-    };
-    match fs::read(path) {
-        Ok(bytes) => {
-            return bytes.try_into().map_err(|_| Error::internal(format!("{} is not a 32-byte key", path.display())));
-        }
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => return Err(io_error("reading")(e)),
-    }
-    let mut key = [0u8; 32];
-    getrandom::getrandom(&mut key).map_err(|e| Error::internal(format!("making a page token key: {e}")))?;
-    crate::private_file::replace(path, &key).map_err(io_error("writing"))?;
-    Ok(key)
 }
 
 pub(super) fn remove_leftovers(tmp_dir: &Path) -> Result<usize> {

@@ -11,22 +11,21 @@
 //!
 //! The index of all probes (path, size, digests) is kept in memory, built at
 //! start-up from the headers, so existence checks and listings never touch
-//! the disk. This is a `Backend`: it stages bytes on a blocking thread fed
-//! through a bounded channel and commits under its index lock;
+//! the disk. This is a `Backend`: it stages bytes by blocking writes on the
+//! lane that hashes them (`store::lanes`) and commits under its index lock;
 //! `FilesystemStore` is it behind `VerifiedStore`, which hashes, verifies
 //! and keeps the disk floor.
 
 pub(in crate::store) mod entry;
 pub(in crate::store) mod format;
 mod index;
-pub(in crate::store) mod reader;
+mod reader;
 mod snapshot;
 mod state;
 #[cfg(test)]
 mod tests;
-pub(in crate::store) mod writer;
+mod writer;
 
-pub use reader::READ_CHUNK;
 #[cfg(any(test, feature = "testing"))]
 pub use reader::{flip_a_byte, read_probe_file};
 
@@ -41,18 +40,16 @@ use tracing::{info, warn};
 
 use crate::error::{Error, Result};
 use crate::store::backend::{Backend, Stage};
+use crate::store::disk::{DAMAGE_FILE, available_bytes, load_or_create_key, lock_data_dir, sync_dir};
 use crate::store::verified::VerifiedStore;
 use crate::store::{ModuleSummary, ProbeReader, StoredProbe, list_range};
 
 use entry::stored;
-use format::{load_or_create_key, lock_data_dir, remove_leftovers, sync_dir};
+use format::remove_leftovers;
 use index::load_index;
 use reader::open_probe;
 use state::Inner;
-use writer::{FsStaging, available_bytes};
-
-/// Where the damaged probes reads found are kept (`store::damage`).
-pub(in crate::store) const DAMAGE_FILE: &str = "damaged-probes";
+use writer::FsStaging;
 
 /// Settings of the embedded store.
 #[derive(Clone, Debug)]
@@ -223,7 +220,7 @@ impl Backend for FilesystemBackend {
     }
 
     async fn stage(&self, path: &ProbePath, _size: u64) -> Result<Stage> {
-        Ok(Stage::Async(Box::new(FsStaging::start(&self.inner, path)?)))
+        Ok(Stage::Blocking(Box::new(FsStaging::start(&self.inner, path)?)))
     }
 
     fn available_bytes(&self) -> Result<u64> {

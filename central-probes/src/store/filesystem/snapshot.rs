@@ -27,7 +27,7 @@ use probe_api::names::ProbePath;
 use tracing::warn;
 
 use super::entry::Entry;
-use super::format::sync_dir;
+use crate::store::disk::sync_dir;
 
 const FILE: &str = "index.snapshot";
 /// Version 1 (no CRC-32) is read as a missing snapshot: one full read.

@@ -12,6 +12,7 @@ use super::entry::Entry;
 use super::format::header;
 use super::*;
 use crate::error::Result;
+use crate::store::disk::READ_CHUNK;
 use crate::store::{CommitOutcome, ProbeStore, StoredProbe};
 
 use tokio_stream::StreamExt;

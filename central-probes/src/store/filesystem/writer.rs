@@ -1,26 +1,26 @@
-//! Staging and committing a probe: bytes to a temporary file in `tmp/` on a
-//! blocking thread, then the commit (header, fsync, rename under the index
-//! lock by the overwrite rule, directory fsync).
+//! Staging and committing a probe: bytes to a temporary file in `tmp/`,
+//! written on the lane that hashes them (`backend::Stage::Blocking`), then
+//! the commit (header, fsync, rename under the index lock by the overwrite
+//! rule, directory fsync).
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
+use std::io::{Seek, SeekFrom, Write};
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use bytes::Bytes;
 use probe_api::names::ProbePath;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 use tracing::warn;
 
 use crate::error::{Error, Result};
-use crate::store::backend::{Staged, Staging};
-use crate::store::chunk_writer::ChunkWriter;
+use crate::store::backend::{BlockingStaging, FileEnd, Staged};
+use crate::store::disk::sync_dir;
 use crate::store::{CommitOutcome, Content, Decision, StoredProbe, overwrite_rule, report_taken};
 
 use super::entry::{Entry, stored};
-use super::format::{HEADER_LEN, header, sync_dir};
+use super::format::{HEADER_LEN, header};
 use super::state::Inner;
 
 /// A file in `tmp/`, removed on drop unless it was renamed into place.
@@ -40,13 +40,13 @@ impl Drop for TempFile {
     }
 }
 
-/// Bytes being written to a file in `tmp/` by a blocking thread.
+/// Bytes being written to a file in `tmp/`, on the lane that hashes them.
+/// Dropped unfinished (on that lane, after the chunks queued before), its
+/// `TempFile` removes the file.
 pub(super) struct FsStaging {
     inner: Arc<Inner>,
     path: ProbePath,
-    /// The writing thread. Dropping the staging ends it, and its
-    /// `TempFile` removes the file.
-    writer: ChunkWriter<TempFile>,
+    temp: TempFile,
 }
 
 /// A written temporary file, ready to be renamed into place.
@@ -58,7 +58,8 @@ pub(super) struct FsStaged {
 }
 
 impl FsStaging {
-    /// Starts the writing thread on a new temporary file.
+    /// Creates the temporary file, its bytes to be written after the room
+    /// for the header (which `prepare` writes).
     pub(super) fn start(inner: &Arc<Inner>, path: &ProbePath) -> Result<FsStaging> {
         let n = inner.next_temp.fetch_add(1, Ordering::Relaxed);
         let temp_path = inner.tmp_dir.join(format!("{}-{n}.part", std::process::id()));
@@ -67,30 +68,23 @@ impl FsStaging {
             .create_new(true)
             .open(&temp_path)
             .map_err(|e| Error::io(format!("creating {}", temp_path.display()), e))?;
-        let temp = TempFile { path: temp_path, file, renamed: false };
-        let writer = ChunkWriter::start(path, move |chunks| write_all_chunks(temp, chunks));
-        Ok(FsStaging { inner: inner.clone(), path: path.clone(), writer })
+        let mut temp = TempFile { path: temp_path, file, renamed: false };
+        temp.file
+            .seek(SeekFrom::Start(HEADER_LEN))
+            .map_err(|e| Error::io(format!("creating {}", temp.path.display()), e))?;
+        Ok(FsStaging { inner: inner.clone(), path: path.clone(), temp })
     }
 }
 
-/// Writes a blank header, then every chunk, until the channel closes.
-fn write_all_chunks(mut temp: TempFile, mut chunks: mpsc::Receiver<Bytes>) -> io::Result<TempFile> {
-    temp.file.write_all(&[0u8; HEADER_LEN as usize])?;
-    while let Some(chunk) = chunks.blocking_recv() {
-        temp.file.write_all(&chunk)?;
-    }
-    Ok(temp)
-}
-
-#[tonic::async_trait]
-impl Staging for FsStaging {
-    async fn write(&mut self, chunk: Bytes) -> Result<()> {
-        self.writer.write(chunk).await
+impl BlockingStaging for FsStaging {
+    fn write(&mut self, chunk: &[u8]) -> Result<()> {
+        self.temp.file.write_all(chunk).map_err(|e| Error::io(format!("writing {}", self.path), e))
     }
 
-    async fn finish(self: Box<Self>) -> Result<Box<dyn Staged>> {
-        let FsStaging { inner, path, writer } = *self;
-        let temp = writer.finish().await?;
+    /// The header and signature are written by `prepare`, which has the
+    /// probe as verified.
+    fn finish(self: Box<Self>, _end: FileEnd) -> Result<Box<dyn Staged>> {
+        let FsStaging { inner, path, temp } = *self;
         Ok(Box::new(FsStaged { inner, path, temp: Some(temp) }))
     }
 }
@@ -198,19 +192,4 @@ fn commit(
         }
         Ok(outcome)
     }
-}
-
-/// Free bytes on the file system holding `dir`, as an unprivileged user sees it.
-pub(in crate::store) fn available_bytes(dir: &Path) -> Result<u64> {
-    use std::os::unix::ffi::OsStrExt;
-    let c_path = std::ffi::CString::new(dir.as_os_str().as_bytes())
-        .map_err(|_| Error::internal("data directory path holds a NUL byte"))?;
-    let mut stats: libc::statvfs = unsafe { std::mem::zeroed() };
-    // SAFETY: `c_path` is a valid C string and `stats` a writable statvfs.
-    if unsafe { libc::statvfs(c_path.as_ptr(), &mut stats) } != 0 {
-        return Err(Error::io("checking free disk space", io::Error::last_os_error()));
-    }
-    // The field types differ between platforms; u64 holds all of them.
-    #[allow(clippy::useless_conversion)]
-    Ok(u64::from(stats.f_bavail).saturating_mul(u64::from(stats.f_frsize)))
 }

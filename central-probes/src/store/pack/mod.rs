@@ -6,8 +6,9 @@
 //!
 //! Layout of the data directory: `packs/<id>.pack` (records, `record.rs`),
 //! `index/` (a snapshot and the logs after it, `journal.rs`), `lock` and
-//! `page-token.key` as in the per-file store. A data directory in the
-//! per-file layout (`probes/`) is converted at start (`migrate.rs`).
+//! `page-token.key` as in the per-file store (both `store::disk`'s). A
+//! data directory in the per-file layout (`probes/`) is converted at start
+//! (`migrate.rs`).
 //!
 //! The index is in memory; each commit is decided under its lock by the
 //! overwrite rule against the newest decision on the path, and becomes
@@ -17,7 +18,7 @@
 
 mod appender;
 mod compact;
-mod direct;
+mod direct_io;
 mod faults;
 mod group_commit;
 mod index;
@@ -50,9 +51,7 @@ use tracing::{info, warn};
 
 use crate::error::{Error, Result};
 use crate::store::backend::{Backend, Stage};
-use crate::store::filesystem::format::{load_or_create_key, lock_data_dir};
-use crate::store::filesystem::reader::{READ_CHUNK, read_on_demand};
-use crate::store::filesystem::writer::available_bytes;
+use crate::store::disk::{DAMAGE_FILE, READ_CHUNK, available_bytes, load_or_create_key, lock_data_dir, read_on_demand};
 use crate::store::verified::VerifiedStore;
 use crate::store::{ModuleSummary, ProbeReader, StoredProbe, list_range};
 
@@ -323,7 +322,7 @@ impl Backend for PackBackend {
     }
 
     fn damage_file(&self) -> Option<PathBuf> {
-        Some(self.inner.data_dir.join(crate::store::filesystem::DAMAGE_FILE))
+        Some(self.inner.data_dir.join(DAMAGE_FILE))
     }
 
     /// The newest record of the path: the one a read that just failed read,

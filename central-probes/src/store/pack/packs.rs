@@ -14,14 +14,14 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 use tracing::warn;
 
-use super::direct::{self, Buffers, Target};
+use super::direct_io::{self, Buffers, Target};
 use super::faults::Faults;
 
 /// A pack open for appending.
 pub(super) struct Writer {
     pub(super) id: u32,
     pub(super) file: Arc<File>,
-    /// The same pack opened for direct writes (`direct`), if allowed.
+    /// The same pack opened for direct writes (`direct_io`), if allowed.
     pub(super) direct: Option<Arc<File>>,
     pub(super) len: u64,
 }
@@ -79,7 +79,7 @@ impl Packs {
         self.files.write().unwrap_or_else(|p| p.into_inner()).insert(id, file.clone());
         self.next_id.fetch_max(id + 1, Ordering::SeqCst);
         if len < self.target_len {
-            let direct = direct::open(&pack_path(&self.dir, id)).map(Arc::new);
+            let direct = direct_io::open(&pack_path(&self.dir, id)).map(Arc::new);
             lock(&self.open).insert(id);
             lock(&self.idle).push(Writer { id, file, direct, len });
         }
@@ -158,7 +158,7 @@ impl Packs {
         let id = self.next_id.fetch_add(1, Ordering::SeqCst);
         let path = pack_path(&self.dir, id);
         let file = Arc::new(self.faults.create(&path)?);
-        let direct = direct::open(&path).map(Arc::new);
+        let direct = direct_io::open(&path).map(Arc::new);
         // The pack's name is durable before any log entry names it.
         self.faults.sync_dir(&self.dir)?;
         self.files.write().unwrap_or_else(|p| p.into_inner()).insert(id, file.clone());

@@ -18,7 +18,7 @@ use crate::store::backend::{BlockingStaging, FileEnd, Staged};
 use crate::store::{CommitOutcome, Decision, StoredProbe, overwrite_rule, report_taken};
 
 use super::appender::{Appended, Appending};
-use super::direct::RecordWriter;
+use super::direct_io::RecordWriter;
 use super::index::{Change, Loc};
 use super::packs::{InFlight, Lease};
 use super::record::{HEADER_LEN, stamp, tombstone};

@@ -16,7 +16,7 @@ use crate::error::{Error, Result};
 /// repeatable-read transaction keeps reading the old rows. Paths compare
 /// byte by byte (`COLLATE "C"`), the API's listing order. Version 2: API
 /// tokens (their SHA-256 only), shared by every replica. Version 3: the
-/// misses of every replica (`crate::misses`; times in Unix seconds, client
+/// misses of every replica (`store::misses`; times in Unix seconds, client
 /// ids as their 64 bits). Version 4: each probe's minisign signature, NULL
 /// for an unsigned probe, written in the row's one statement with the probe.
 const MIGRATIONS: &[&str] = &[

@@ -6,7 +6,7 @@
 
 use std::path::Path;
 
-use crate::store::filesystem::READ_CHUNK;
+use crate::store::disk::READ_CHUNK;
 
 use super::*;
 
