@@ -47,6 +47,9 @@ struct Fetched {
     layer: ProbeLayer,
     bytes: Option<Bytes>,
     signature: Option<Bytes>,
+    /// Held until the probe is handed to the writer: fetched probes
+    /// waiting their turn count against the concurrency too.
+    _permit: tokio::sync::OwnedSemaphorePermit,
 }
 
 enum Piece {
@@ -102,7 +105,6 @@ async fn send_probes(
             let permit = limit.clone().acquire_owned().await.expect("never closed");
             let registry = starter_registry.clone();
             let fetch = tokio::spawn(async move {
-                let _permit = permit;
                 let bytes = match layer.size as usize <= WHOLE_BLOB_MAX {
                     true => Some(fetch_blob(&registry, &layer.digest, layer.size).await?),
                     false => None,
@@ -111,7 +113,7 @@ async fn send_probes(
                     Some((digest, size)) => Some(fetch_blob(&registry, digest, *size).await?),
                     None => None,
                 };
-                Ok(Fetched { layer, bytes, signature })
+                Ok(Fetched { layer, bytes, signature, _permit: permit })
             });
             if fetches.send(fetch).await.is_err() {
                 return;
