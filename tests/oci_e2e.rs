@@ -565,3 +565,37 @@ async fn coverage_asks_a_registry_upstream_through_its_manifests_without_downloa
     assert!(report["upstream_requests"].as_u64().unwrap() >= 1, "{report}");
     central.stop().await;
 }
+
+#[tokio::test]
+async fn a_tag_pushed_again_is_followed_once_the_index_is_stale_and_kept_until_then() {
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let a = TestRegistry::start(&pki);
+    let (old, new) = (spec(6, 0), spec(6, 1));
+    push(&package(dir.path(), "old", &old, None).await, &a, &[]).await;
+    // Two Centrals on the same tag: one revalidates its index on every miss,
+    // one keeps it for an hour.
+    let mut centrals = Vec::new();
+    for (name, ttl) in [("fresh", Duration::ZERO), ("kept", Duration::from_secs(3600))] {
+        let kind =
+            UpstreamKind::Registry { repository: repository(&a), auth_file: Some(a.auth_file.clone()), index_ttl: ttl };
+        let upstream = common::upstream_config(&pki, kind, &dir.path().join(name).join("cache"));
+        let options = CentralOptions { upstream: Some(upstream), ..CentralOptions::default() };
+        centrals.push(Central::start_with(&pki, &dir.path().join(name).join("central"), options).await);
+    }
+    let paths = old.probe_paths();
+    for central in &centrals {
+        let (module_version, file_name) = split(&paths[0]);
+        let fetched = central.collector(&pki, Some(&pki.collector)).fetch(module_version, file_name).await.unwrap();
+        assert_eq!(fetched.bytes, old.probe_bytes(&paths[0]));
+    }
+    push(&package(dir.path(), "new", &new, None).await, &a, &[]).await;
+    let (module_version, file_name) = split(&paths[1]);
+    let fresh = centrals[0].collector(&pki, Some(&pki.collector)).fetch(module_version, file_name).await.unwrap();
+    assert_eq!(fresh.bytes, new.probe_bytes(&paths[1]), "a stale index is checked by digest and read again");
+    let kept = centrals[1].collector(&pki, Some(&pki.collector)).fetch(module_version, file_name).await.unwrap();
+    assert_eq!(kept.bytes, old.probe_bytes(&paths[1]), "within its TTL the index is used as it was read");
+    for central in centrals {
+        central.stop().await;
+    }
+}
