@@ -269,6 +269,10 @@ async fn a_push_killed_midway_completes_when_run_again_and_no_tag_pointed_at_a_m
     let spec = spec(150, 0);
     let package = package(dir.path(), "pkg", &spec, None).await;
     let repository = repository(&a);
+    // A reader polling the tag throughout: whenever it names an index,
+    // every blob that index names must be there.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watcher = tokio::spawn(watch_tag(options_for(&a), repository.clone(), stop.clone()));
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_central-probes"))
         .args(["package", "push", path(&package), "--repository", &repository])
         .args(["--registry-ca", path(&a.ca_file()), "--registry-auth-file", path(&a.auth_file)])
@@ -278,7 +282,7 @@ async fn a_push_killed_midway_completes_when_run_again_and_no_tag_pointed_at_a_m
     // kill -9 once some blobs are in.
     while a.blob_files().len() < 40 {
         assert!(child.try_wait().unwrap().is_none(), "the push ended before it could be interrupted");
-        std::thread::sleep(Duration::from_millis(20));
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
     child.kill().unwrap();
     child.wait().unwrap();
@@ -290,9 +294,40 @@ async fn a_push_killed_midway_completes_when_run_again_and_no_tag_pointed_at_a_m
     let report = push(&package, &a, &[]).await;
     let sent = report["blobs_sent"].as_u64().unwrap();
     assert!(sent > 0 && sent < 300, "only what the first push did not send: {report}");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let seen = watcher.await.unwrap();
+    assert!(seen >= 1, "the reader saw the finished index");
     let (ok, stdout, stderr) = pull(&a, MODULE, &reader, &a.auth_file).await;
     assert!(ok, "{stdout}\n{stderr}");
     assert_eq!(zip_entries(&reader), zip_entries(&package));
+}
+
+/// Polls `repository`'s tag until `stop` (and once more after it); each
+/// time it names an index, checks that every blob of it is there. Returns
+/// how often it saw an index.
+async fn watch_tag(
+    options: central_probes::oci::RegistryOptions,
+    repository: String,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> usize {
+    let reference = central_probes::oci::Reference::parse(&repository, false).unwrap();
+    let registry = options.open(&reference, false).unwrap();
+    let mut seen = 0;
+    loop {
+        let last = stop.load(std::sync::atomic::Ordering::Relaxed);
+        if registry.manifest_digest(MODULE).await.unwrap().is_some() {
+            let (_, _, probes) = central_probes::oci::checked::read_artifact(&registry, MODULE).await.unwrap();
+            for probe in probes {
+                let digest = central_probes::oci::layout::digest_text(&probe.digest);
+                assert!(registry.has_blob(&digest).await.unwrap(), "the tag named {digest} before it was in");
+            }
+            seen += 1;
+        }
+        if last {
+            return seen;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 fn options_for(registry: &TestRegistry) -> central_probes::oci::RegistryOptions {
