@@ -563,6 +563,7 @@ section "8. pack store against the per-file store"
 SKIP_BUILD=1 SECONDS_PER_RUN="$SECONDS_PER_RUN" PACKS_BENCH_DIR="$WORK/packs" PACKAGE="$PACKAGE" bash bench/packs.sh >>"$RESULTS"
 SKIP_BUILD=1 COVERAGE_BENCH_DIR="$WORK/coverage" PACKAGE="$PACKAGE" bash bench/coverage.sh >>"$RESULTS"  # 9. coverage
 
+SKIP_BUILD=1 OCI_BENCH_DIR="$WORK/oci" PACKAGE="$PACKAGE" bash bench/oci.sh >>"$RESULTS"  # 9. through a registry
 echo "$(date +%s.%N) $(steal_cs) end" >>"$SECTIONS"
 {
   echo

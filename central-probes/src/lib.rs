@@ -8,6 +8,7 @@
 
 pub mod admin;
 pub mod error;
+pub mod oci;
 pub mod pki;
 pub mod private_file;
 pub mod server;

@@ -11,5 +11,8 @@ pub mod export;
 pub mod package;
 mod package_file;
 pub mod progress;
+pub mod registry_pull;
+pub mod registry_push;
+pub mod registry_target;
 pub mod signatures;
 pub mod upload;

@@ -8,6 +8,7 @@ mod ls;
 mod misses;
 mod package;
 mod pki;
+mod registry;
 mod rm;
 mod serve;
 mod token;
@@ -55,7 +56,7 @@ pub enum Command {
         #[command(subcommand)]
         command: token::TokenCommand,
     },
-    /// Sign a support package's probes, or check their signatures (minisign).
+    /// Sign a support package's probes, check their signatures (minisign), push or pull it through a registry.
     Package {
         #[command(subcommand)]
         command: package::PackageCommand,

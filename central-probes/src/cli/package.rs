@@ -1,6 +1,7 @@
 //! `central-probes package sign` and `package verify`: signatures of a
 //! support package's probes, made and checked on the clean side of an air
-//! gap (docs/security.md, "Signed probes").
+//! gap (docs/security.md, "Signed probes"); `package push` and `pull`
+//! (`registry`): the package through an OCI registry.
 
 use std::path::PathBuf;
 
@@ -19,6 +20,10 @@ pub enum PackageCommand {
     /// Make a minisign key pair without a password, as `minisign -G -W` does
     /// (for tests and demos; a site signs with keys it keeps offline).
     Keygen(KeygenArgs),
+    /// Push a support package to an OCI registry (or an OCI layout directory), sending only the blobs it lacks.
+    Push(super::registry::PushArgs),
+    /// Pull a support package from an OCI registry into a zip that upload and roxctl take.
+    Pull(super::registry::PullArgs),
 }
 
 #[derive(Args)]
@@ -72,6 +77,8 @@ pub async fn run(command: PackageCommand) -> Result<(), CliError> {
         PackageCommand::Sign(args) => sign(args).await,
         PackageCommand::Verify(args) => verify(args).await,
         PackageCommand::Keygen(args) => keygen(&args),
+        PackageCommand::Push(args) => super::registry::push(args).await,
+        PackageCommand::Pull(args) => super::registry::pull(args).await,
     }
 }
 

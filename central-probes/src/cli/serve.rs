@@ -20,7 +20,7 @@ use super::{CliError, parse_size, read};
 #[command(
     after_help = "  https_proxy    the HTTP CONNECT proxy to the upstream, else HTTPS_PROXY (--upstream-proxy overrides both)
   no_proxy       upstream hosts reached without the proxy, else NO_PROXY
-  SSL_CERT_FILE  the CA bundle for --upstream-url without --upstream-ca"
+  SSL_CERT_FILE  the CA bundle for --upstream-url and --upstream-oci without --upstream-ca"
 )]
 pub struct ServeArgs {
     /// Address to listen on; port 0 picks a free port (the log says which).
@@ -85,16 +85,17 @@ pub struct ServeArgs {
     /// The upstream probe server speaking this API's GetProbe (another
     /// Central), https://HOST:PORT, asked when no uploaded package has a
     /// probe.
-    #[arg(long, env = "CENTRAL_UPSTREAM", conflicts_with = "upstream_url")]
+    #[arg(long, env = "CENTRAL_UPSTREAM", conflicts_with_all = ["upstream_url", "upstream_oci"])]
     upstream: Option<String>,
     /// Instead of --upstream: a static HTTPS probe bucket,
     /// https://HOST[:PORT]/BASE/, holding BASE/<module version>/<file name>
     /// (the product's ROX_COLLECTOR_MODULES_BASE_URL layout).
-    #[arg(long, env = "CENTRAL_UPSTREAM_URL")]
+    #[arg(long, env = "CENTRAL_UPSTREAM_URL", conflicts_with = "upstream_oci")]
     upstream_url: Option<String>,
-    /// The CA certificates (PEM) trusted for the upstream. Needed with
-    /// --upstream; with --upstream-url the system's bundle is used when
-    /// absent (SSL_CERT_FILE, else the usual paths).
+    #[command(flatten)]
+    oci: super::registry::OciUpstreamArgs,
+    /// The CA certificates (PEM) trusted for the upstream. Needed with --upstream; for the others
+    /// the system's bundle is used when absent (SSL_CERT_FILE, else the usual paths).
     #[arg(long, env = "CENTRAL_UPSTREAM_CA")]
     upstream_ca: Option<PathBuf>,
     /// The HTTP CONNECT proxy for the upstream, http://[USER:PASSWORD@]HOST:PORT;
@@ -289,10 +290,11 @@ pub async fn serve(args: ServeArgs) -> Result<(), CliError> {
 
 /// The upstream's settings, unless offline or none is configured.
 fn upstream_config(args: &ServeArgs) -> Result<Option<UpstreamConfig>, CliError> {
-    let kind = match (&args.upstream, &args.upstream_url) {
-        (Some(address), _) => UpstreamKind::Grpc { address: address.clone() },
-        (None, Some(base_url)) => UpstreamKind::Bucket { base_url: base_url.clone() },
-        (None, None) => {
+    let kind = match (&args.upstream, &args.upstream_url, args.oci.kind()) {
+        (Some(address), _, _) => UpstreamKind::Grpc { address: address.clone() },
+        (None, Some(base_url), _) => UpstreamKind::Bucket { base_url: base_url.clone() },
+        (None, None, Some(kind)) => kind,
+        (None, None, None) => {
             info!("no upstream configured: only uploaded probes are served");
             return Ok(None);
         }
@@ -304,9 +306,7 @@ fn upstream_config(args: &ServeArgs) -> Result<Option<UpstreamConfig>, CliError>
     let ca_pem = match (&args.upstream_ca, &kind) {
         (Some(ca), _) => probe_api::client_tls::read_ca_file(ca)?,
         (None, UpstreamKind::Grpc { .. }) => return Err("--upstream needs --upstream-ca".into()),
-        (None, UpstreamKind::Bucket { .. }) => {
-            probe_api::https::system_ca_bundle().map_err(|e| format!("--upstream-url without --upstream-ca: {e}"))?
-        }
+        (None, _) => probe_api::https::system_ca_bundle().map_err(|e| format!("without --upstream-ca: {e}"))?,
     };
     let proxies = ProxySettings::from_env().map_err(|e| format!("https_proxy/no_proxy: {e}"))?;
     let proxies = match &args.upstream_proxy {

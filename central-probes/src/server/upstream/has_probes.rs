@@ -2,7 +2,8 @@
 //! last source of a coverage check (`server::coverage`). An upstream
 //! Central answers GetExistingProbes (its admin API, with the view token
 //! of `serve --upstream-token-file`) for a batch of paths at a time; a
-//! bucket answers HEAD, a request per path, a few at once.
+//! bucket answers HEAD, a request per path, a few at once; a registry
+//! answers from its indexes and shard manifests (`registry`).
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -40,6 +41,10 @@ impl UpstreamSource {
             match &self.client {
                 Client::Grpc(_, channel) => self.existing_in_central(channel, paths).await,
                 Client::Bucket(bucket) => existing_in_bucket(bucket, paths).await,
+                Client::Registry(registry) => {
+                    let (has, requests) = registry.has(paths).await?;
+                    Ok(UpstreamAnswer { has, requests })
+                }
             }
         };
         tokio::time::timeout(timeout, asked).await.unwrap_or_else(|_| {

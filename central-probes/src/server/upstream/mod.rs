@@ -1,7 +1,8 @@
 //! The upstream probe server as a source: on a miss in the uploaded
 //! probes, Central fetches the probe from the upstream (another Central,
 //! through the same `ProbeService.GetProbe` API, or a static HTTPS bucket:
-//! `bucket`), directly or through an HTTP CONNECT proxy, verifies it, and
+//! `bucket`; or an OCI registry holding pushed support packages:
+//! `registry`), directly or through an HTTP CONNECT proxy, verifies it, and
 //! keeps it in a bounded on-disk cache, apart from uploaded probes.
 //!
 //! Concurrent misses for one probe share one upstream fetch
@@ -15,6 +16,7 @@ mod bucket;
 mod checked_by;
 mod has_probes;
 mod not_found;
+mod registry;
 mod single_flight;
 
 use std::sync::{Arc, Mutex};
@@ -29,6 +31,7 @@ use probe_api::signing::MAX_SIGNATURE_LEN;
 use probe_api::transport::{self, ClientTls};
 use probe_api::v1::probe_service_client::ProbeServiceClient;
 use probe_api::v1::{GetProbeRequest, ProbeSource as ApiSource};
+use registry::RegistryUpstream;
 use tonic::Code;
 use tonic::transport::Channel;
 use tracing::{info, warn};
@@ -54,6 +57,16 @@ pub enum UpstreamKind {
     /// A static HTTPS bucket, `https://HOST[:PORT]/BASE/`, holding
     /// `<BASE>/<module version>/<file name>` (`bucket`).
     Bucket { base_url: String },
+    /// An OCI registry repository, `HOST[:PORT]/PATH`, holding support
+    /// packages pushed with `package push`, tagged by module version
+    /// (`registry`).
+    Registry {
+        repository: String,
+        /// containers-auth.json / Docker config.json with its credentials.
+        auth_file: Option<std::path::PathBuf>,
+        /// How long a tag's index is used before it is revalidated.
+        index_ttl: Duration,
+    },
 }
 
 /// How Central reaches the upstream and keeps what it fetched.
@@ -109,6 +122,18 @@ impl UpstreamSource {
                 let https = HttpsClient::new(&config.tls, config.proxies.clone(), config.connect_timeout)
                     .map_err(|e| invalid(&e))?;
                 (Client::Bucket(Bucket::new(https, base)), base_url.clone())
+            }
+            UpstreamKind::Registry { repository, auth_file, index_ttl } => {
+                let reference = crate::oci::Reference::parse(repository, false).map_err(|e| invalid(&e))?;
+                let options = crate::oci::RegistryOptions {
+                    ca_pem: config.tls.ca_pem.clone(),
+                    proxies: config.proxies.clone(),
+                    auth_file: auth_file.clone(),
+                    connect_timeout: config.connect_timeout,
+                    answer_timeout: config.fetch_timeout,
+                };
+                let registry = options.open(&reference, false).map_err(|e| invalid(&e))?;
+                (Client::Registry(Box::new(RegistryUpstream::new(registry, *index_ttl))), repository.clone())
             }
         };
         let lru = Lru::of(cache.as_ref()).await?;
@@ -177,6 +202,7 @@ impl UpstreamSource {
         let fetched = match &self.client {
             Client::Grpc(client, _) => self.download_grpc(client, path).await,
             Client::Bucket(bucket) => bucket.fetch(path, self.cache.as_ref()).await,
+            Client::Registry(registry) => registry.fetch(path, self.cache.as_ref()).await,
         };
         // The cache refused the probe for its signature (trusted keys).
         let fetched = fetched.map_err(|e| if e.code == Code::FailedPrecondition { refused(e) } else { e })?;
@@ -241,6 +267,7 @@ enum Client {
     /// GetProbe's client, and its channel for the admin API's lookups.
     Grpc(ProbeServiceClient<Channel>, Channel),
     Bucket(Bucket),
+    Registry(Box<RegistryUpstream>),
 }
 
 /// An upstream probe the cache refused for its signature (a Central with
