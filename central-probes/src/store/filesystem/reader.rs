@@ -4,7 +4,6 @@
 
 use std::fs::File;
 use std::io;
-use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -42,6 +41,7 @@ pub(super) fn open_probe(path: ProbePath, file_path: &Path) -> Result<Option<Pro
 /// Reads a whole stored probe file's content, for tests.
 #[cfg(any(test, feature = "testing"))]
 pub fn read_probe_file(file_path: &Path) -> io::Result<(probe_api::digest::Sha256Digest, Vec<u8>)> {
+    use std::os::unix::fs::FileExt;
     let file = File::open(file_path)?;
     let (entry, offset) = read_header(&file)?;
     let mut content = vec![0u8; entry.size as usize];
@@ -53,6 +53,7 @@ pub fn read_probe_file(file_path: &Path) -> io::Result<(probe_api::digest::Sha25
 /// `file_path`, as rot on the disk would (tests of damaged probes).
 #[cfg(any(test, feature = "testing"))]
 pub fn flip_a_byte(file_path: &Path, at: u64) -> io::Result<()> {
+    use std::os::unix::fs::FileExt;
     let file = std::fs::OpenOptions::new().read(true).write(true).open(file_path)?;
     let (_, offset) = read_header(&file)?;
     let mut byte = [0u8];
