@@ -24,7 +24,11 @@
 #   7. signed probes (bench/signed.sh): GetProbe of signed against unsigned
 #      probes, and the Collector's CPU per signature check;
 #   8. the pack store against the per-file store (bench/packs.sh): upload,
-#      re-upload, start-up, GetProbe at 1-256 clients, export.
+#      re-upload, start-up, GetProbe at 1-256 clients, export;
+#   9. coverage of 8,128 kernels before a rollout (bench/coverage.sh);
+#   10. support packages through an OCI registry (bench/oci.sh): push
+#      against skopeo copy and curl, pull, cold GetProbe via the registry.
+# bench/compare.sh (not run here) sets two builds of Central side by side.
 # Sections 1-6 run Central with its default store, the pack store.
 # Results: bench/work/results.md; section 2's rows also go to
 # bench/work/serving.tsv, which bench/plot.py draws as bench/serving.svg.
@@ -561,9 +565,10 @@ SKIP_BUILD=1 SECONDS_PER_RUN="$SECONDS_PER_RUN" SIGNED_BENCH_DIR="$WORK/signed" 
 # ------------------------------------------------- 8. pack store vs per-file
 section "8. pack store against the per-file store"
 SKIP_BUILD=1 SECONDS_PER_RUN="$SECONDS_PER_RUN" PACKS_BENCH_DIR="$WORK/packs" PACKAGE="$PACKAGE" bash bench/packs.sh >>"$RESULTS"
-SKIP_BUILD=1 COVERAGE_BENCH_DIR="$WORK/coverage" PACKAGE="$PACKAGE" bash bench/coverage.sh >>"$RESULTS"  # 9. coverage
-
-SKIP_BUILD=1 OCI_BENCH_DIR="$WORK/oci" PACKAGE="$PACKAGE" bash bench/oci.sh >>"$RESULTS"  # 9. through a registry
+section "9. coverage"
+SKIP_BUILD=1 COVERAGE_BENCH_DIR="$WORK/coverage" PACKAGE="$PACKAGE" bash bench/coverage.sh >>"$RESULTS"
+section "10. through a registry"
+SKIP_BUILD=1 OCI_BENCH_DIR="$WORK/oci" PACKAGE="$PACKAGE" bash bench/oci.sh >>"$RESULTS"
 echo "$(date +%s.%N) $(steal_cs) end" >>"$SECTIONS"
 {
   echo
