@@ -136,7 +136,7 @@ read -r curl_s _ <"$WORK/curl.t"
 read -r pull_s pull_rss <"$WORK/pull.t"
 cold_grpc=$(median "$WORK/cold-grpc.ms"); cold_oci=$(median "$WORK/cold-oci.ms")
 echo
-echo "## 9. Support packages through an OCI registry"
+echo "## 10. Support packages through an OCI registry"
 echo
 echo "One docker-registry $(docker-registry --version 2>/dev/null | awk '{ print $3 }') on loopback (TLS, htpasswd: it checks"
 echo "the bcrypt password on every request), package $((SIZE / 1048576)) MiB with $PROBES probes, release build."
