@@ -4,20 +4,21 @@
 //! the tunnels it relays.
 
 mod common;
+#[path = "common/connect_proxy.rs"]
+mod connect_proxy;
 #[path = "common/served.rs"]
 mod served;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use central_probes::server::upstream::{UpstreamConfig, UpstreamKind};
 use common::{Central, CentralOptions, TestPki};
+use connect_proxy::ConnectProxy;
 use probe_api::digest::Sha256Digest;
 use probe_api::https::ProxySettings;
 use probe_api::v1::ProbeSource;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::Code;
 
 const MODULE: &str = "2.5.0";
@@ -62,54 +63,6 @@ impl Bucket {
 
     fn put(&self, name: &str, bytes: &[u8]) {
         std::fs::write(self.module_dir().join(name), bytes).unwrap();
-    }
-}
-
-/// An HTTP CONNECT proxy: relays tunnels and keeps each request head.
-struct ConnectProxy {
-    address: String,
-    requests: Arc<Mutex<Vec<String>>>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl ConnectProxy {
-    async fn start() -> ConnectProxy {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let address = listener.local_addr().unwrap().to_string();
-        let requests = Arc::new(Mutex::new(Vec::new()));
-        let seen = requests.clone();
-        let task = tokio::spawn(async move {
-            while let Ok((mut client, _)) = listener.accept().await {
-                let seen = seen.clone();
-                tokio::spawn(async move {
-                    let mut head = Vec::new();
-                    while !head.ends_with(b"\r\n\r\n") {
-                        let Ok(byte) = client.read_u8().await else { return };
-                        head.push(byte);
-                    }
-                    let head = String::from_utf8_lossy(&head).into_owned();
-                    seen.lock().unwrap().push(head.clone());
-                    let target = head.strip_prefix("CONNECT ").and_then(|rest| rest.split(' ').next()).unwrap();
-                    let Ok(mut upstream) = tokio::net::TcpStream::connect(target).await else {
-                        let _ = client.write_all(b"HTTP/1.1 502 Bad Gateway\r\n\r\n").await;
-                        return;
-                    };
-                    client.write_all(b"HTTP/1.1 200 Connection Established\r\n\r\n").await.unwrap();
-                    let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
-                });
-            }
-        });
-        ConnectProxy { address, requests, task }
-    }
-
-    fn tunnels(&self) -> Vec<String> {
-        self.requests.lock().unwrap().clone()
-    }
-}
-
-impl Drop for ConnectProxy {
-    fn drop(&mut self) {
-        self.task.abort();
     }
 }
 

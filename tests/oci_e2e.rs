@@ -10,6 +10,8 @@
 #[path = "common/cli.rs"]
 mod cli;
 mod common;
+#[path = "common/connect_proxy.rs"]
+mod connect_proxy;
 #[path = "common/raw_grpc.rs"]
 mod raw_grpc;
 #[path = "common/registry.rs"]
@@ -24,6 +26,7 @@ use central_probes::server::upstream::UpstreamKind;
 use central_probes::synthetic::PackageSpec;
 use cli::central_cli;
 use common::{Central, CentralOptions, TestPki};
+use connect_proxy::ConnectProxy;
 use registry::{TestRegistry, skopeo_copy};
 
 const MODULE: &str = "2.5.0";
@@ -635,49 +638,6 @@ async fn a_tag_pushed_again_is_followed_once_the_index_is_stale_and_kept_until_t
     }
 }
 
-/// An HTTP CONNECT proxy that relays tunnels and keeps each CONNECT line;
-/// stopped when dropped.
-struct ConnectProxy {
-    address: String,
-    tunnels: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl ConnectProxy {
-    async fn start() -> ConnectProxy {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let address = listener.local_addr().unwrap().to_string();
-        let tunnels = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let seen = tunnels.clone();
-        let task = tokio::spawn(async move {
-            while let Ok((mut client, _)) = listener.accept().await {
-                let seen = seen.clone();
-                tokio::spawn(async move {
-                    let mut head = Vec::new();
-                    while !head.ends_with(b"\r\n\r\n") {
-                        let Ok(byte) = client.read_u8().await else { return };
-                        head.push(byte);
-                    }
-                    let head = String::from_utf8_lossy(&head).into_owned();
-                    let target = head.strip_prefix("CONNECT ").and_then(|rest| rest.split(' ').next()).unwrap();
-                    seen.lock().unwrap().push(target.to_owned());
-                    let Ok(mut upstream) = tokio::net::TcpStream::connect(target).await else { return };
-                    client.write_all(b"HTTP/1.1 200 Connection Established\r\n\r\n").await.unwrap();
-                    let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
-                });
-            }
-        });
-        ConnectProxy { address, tunnels, task }
-    }
-}
-
-impl Drop for ConnectProxy {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
 #[tokio::test]
 async fn push_and_pull_go_through_the_https_proxy_unless_no_proxy_names_the_registry() {
     let pki = TestPki::new();
@@ -706,16 +666,16 @@ async fn push_and_pull_go_through_the_https_proxy_unless_no_proxy_names_the_regi
     push_args.extend(registry_flags);
     let output = run(push_args.iter().map(|a| a.to_string()).collect(), "").await.unwrap();
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
-    let tunnels = proxy.tunnels.lock().unwrap().clone();
+    let tunnels = proxy.targets();
     assert!(!tunnels.is_empty() && tunnels.iter().all(|t| *t == a.address), "{tunnels:?}");
 
-    let before = proxy.tunnels.lock().unwrap().len();
+    let before = proxy.targets().len();
     let reference = format!("{repository}:{MODULE}");
     let out = dir.path().join("pulled.zip");
     let mut pull_args = vec!["package", "pull", "--repository", &reference, "--out", path(&out)];
     pull_args.extend(registry_flags);
     let output = run(pull_args.iter().map(|a| a.to_string()).collect(), "127.0.0.1").await.unwrap();
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
-    assert_eq!(proxy.tunnels.lock().unwrap().len(), before, "NO_PROXY bypasses the proxy");
+    assert_eq!(proxy.targets().len(), before, "NO_PROXY bypasses the proxy");
     assert_eq!(zip_entries(&out), zip_entries(&package));
 }
