@@ -76,7 +76,7 @@ pub struct MessagePieces<B, M> {
     done: bool,
     /// The stream ends when the body brings nothing for this long.
     idle_timeout: Option<Duration>,
-    /// Armed while the body is waited on; whatever arrives disarms it.
+    /// Armed while the body is waited on; only bytes received disarm it.
     idle: Option<Pin<Box<tokio::time::Sleep>>>,
     message: PhantomData<fn() -> M>,
 }
@@ -233,12 +233,14 @@ where
                 this.done = true;
                 return Poll::Ready(Some(Err(idle_error(timeout))));
             };
-            this.idle = None;
             match polled {
                 Some(Ok(frame)) => {
+                    // Only bytes count as activity: empty DATA frames or
+                    // other frames would otherwise keep a stalled upload open.
                     if let Ok(data) = frame.into_data()
                         && !data.is_empty()
                     {
+                        this.idle = None;
                         this.buffered += data.len();
                         this.received.push_back(data);
                     }

@@ -39,7 +39,10 @@ where
     B: http_body::Body<Data = Bytes> + Unpin,
     B::Error: std::fmt::Display,
 {
-    while let Some(frame) = tokio::time::timeout(idle, body.frame()).await.map_err(|_| idle_error(idle))? {
+    // One deadline for the whole wait: frames without bytes (empty DATA,
+    // trailers) do not restart it.
+    let deadline = tokio::time::Instant::now() + idle;
+    while let Some(frame) = tokio::time::timeout_at(deadline, body.frame()).await.map_err(|_| idle_error(idle))? {
         let frame = frame.map_err(|e| Error::new(Code::Cancelled, format!("the body broke off: {e}")))?;
         if let Ok(mut data) = frame.into_data()
             && data.has_remaining()
@@ -48,4 +51,24 @@ where
         }
     }
     Ok(None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body::Frame;
+    use http_body_util::StreamBody;
+
+    #[tokio::test]
+    async fn empty_frames_do_not_restart_the_idle_deadline() {
+        let frames = futures_util::stream::unfold((), |()| async {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            Some((Ok::<_, std::io::Error>(Frame::data(Bytes::new())), ()))
+        });
+        let mut body = StreamBody::new(Box::pin(frames));
+        let read =
+            tokio::time::timeout(Duration::from_secs(20), next_data(&mut body, Duration::from_millis(200))).await;
+        let error = read.expect("still waiting after 20 s of empty frames").unwrap_err();
+        assert_eq!(error.code, Code::DeadlineExceeded, "{error}");
+    }
 }

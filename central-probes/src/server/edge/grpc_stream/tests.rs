@@ -190,3 +190,21 @@ async fn bad_bodies_get_the_codes_the_proto_names() {
     assert!(decoded[0].0.is_err());
     assert_eq!(decoded[0].0, Err(Code::Cancelled), "a broken body is the client gone");
 }
+
+/// A body that sends an empty DATA frame every 20 ms and never ends.
+fn empty_frames_for_ever() -> StreamBody<impl Stream<Item = Result<Frame<Bytes>, std::io::Error>> + Unpin> {
+    let frames = futures_util::stream::unfold((), |()| async {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        Some((Ok(Frame::data(Bytes::new())), ()))
+    });
+    StreamBody::new(Box::pin(frames))
+}
+
+#[tokio::test]
+async fn empty_frames_do_not_keep_an_idle_upload_open() {
+    let mut parts = upload_parts(empty_frames_for_ever()).ending_after_idle(Duration::from_millis(200));
+    let first = tokio::time::timeout(Duration::from_secs(20), parts.next()).await;
+    let error = first.expect("the upload is still open after 20 s of empty frames").unwrap().unwrap_err();
+    assert_eq!(error.code, Code::DeadlineExceeded, "{error}");
+    assert!(parts.next().await.is_none());
+}
