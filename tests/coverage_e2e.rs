@@ -293,7 +293,7 @@ async fn prefetched_probes_serve_collectors_after_the_upstream_stops() {
 
     // Fetching needs an admin.
     let (code, _, stderr) = coverage(&central, &pki, &central.view_token, &args).await;
-    assert_eq!(code, 1);
+    assert_eq!(code, 2);
     assert!(stderr.contains("PermissionDenied") || stderr.contains("role admin"), "{stderr}");
 
     let (code, stdout, stderr) = coverage(&central, &pki, &central.admin_token, &args).await;
@@ -345,30 +345,30 @@ async fn bad_input_is_refused_with_an_error_that_says_what_to_do() {
 
     // A line that is neither a kernel release nor a facts line: named.
     let (code, stdout, stderr) = run(vec!["5.4.0-1-generic".into(), "{\"kernel\": ".into()], MODULE).await;
-    assert_eq!((code, stdout.as_str()), (1, ""));
+    assert_eq!((code, stdout.as_str()), (2, ""), "a check that could not be made exits 2");
     assert!(
         stderr.contains("nodes.txt:2: not valid JSON") && stderr.contains("collector-client facts -o json"),
         "{stderr}"
     );
     let (code, _, stderr) = run(vec!["Linux node-1 5.4.0".into()], MODULE).await;
-    assert_eq!(code, 1);
+    assert_eq!(code, 2);
     assert!(stderr.contains("nodes.txt:1: \"Linux node-1 5.4.0\" is not a kernel release"), "{stderr}");
 
     // A module version no source knows, and one that is not one.
     let (code, _, stderr) = run(vec!["5.4.0-1-generic".into()], "9.9.9").await;
-    assert_eq!(code, 1);
+    assert_eq!(code, 2);
     assert!(
         stderr.contains("no source has any probe of module version 9.9.9") && stderr.contains("MODULE_VERSION.txt"),
         "{stderr}"
     );
     let (code, _, stderr) = run(vec!["5.4.0-1-generic".into()], "latest").await;
-    assert_eq!(code, 1);
+    assert_eq!(code, 2);
     assert!(stderr.contains("InvalidArgument") || stderr.contains("latest"), "{stderr}");
 
     // More nodes than one call takes.
     let many: Vec<String> = (0..20_001).map(|i| format!("5.4.0-{i}-generic")).collect();
     let (code, _, stderr) = run(many, MODULE).await;
-    assert_eq!(code, 1);
+    assert_eq!(code, 2);
     assert!(stderr.contains("20001 nodes: a check needs 1 to 20000 nodes"), "{stderr}");
 }
 
@@ -384,7 +384,7 @@ async fn an_upstream_central_without_a_token_is_a_clear_failed_precondition() {
     let nodes_file = write_nodes(dir.path(), &["5.4.0-1-generic".to_owned()]);
     let args = ["--module-version", MODULE, "--nodes", nodes_file.to_str().unwrap()];
     let (code, _, stderr) = coverage(&central, &pki, &central.view_token, &args).await;
-    assert_eq!(code, 1);
+    assert_eq!(code, 2);
     assert!(stderr.contains("--upstream-token-file"), "{stderr}");
 }
 

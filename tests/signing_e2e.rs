@@ -38,9 +38,9 @@ async fn cli(central: Option<&Central>, pki: &TestPki, args: &[&str]) -> (bool, 
 }
 
 /// `package verify` of `package` against `keys`.
-async fn verify(keys: &MinisignKey, package: &Path) -> (bool, String, String) {
+async fn verify(keys: &MinisignKey, package: &Path) -> (i32, String, String) {
     let (keys, package) = (keys.public.display().to_string(), package.display().to_string());
-    central_cli(&["package", "verify", &package, "--trusted-keys", &keys], "").await
+    cli::central_cli_status(&["package", "verify", &package, "--trusted-keys", &keys], "").await
 }
 
 /// The entries of a zip file, by name.
@@ -101,12 +101,15 @@ async fn a_signed_package_verifies_with_minisign_uploads_to_a_checking_central_a
         let path = probe_api::names::ProbePath::parse(name.strip_prefix("kernel-modules/").unwrap()).unwrap();
         assert!(String::from_utf8_lossy(signature).contains(&trusted_comment(&path, 5)));
     }
-    let (ok, out, _) = verify(&key, &signed).await;
-    assert!(ok && out.contains("6 of 6 probes verified"), "{out}");
-    let (ok, out, _) = verify(&stranger, &signed).await;
-    assert!(!ok && out.matches("FAILED").count() == 6 && out.contains("not trusted"), "{out}");
-    let (ok, out, _) = verify(&key, &package).await;
-    assert!(!ok && out.contains("not signed"), "{out}");
+    let (status, out, _) = verify(&key, &signed).await;
+    assert!(status == 0 && out.contains("6 of 6 probes verified"), "{out}");
+    let (status, out, _) = verify(&stranger, &signed).await;
+    assert!(status == 1 && out.matches("FAILED").count() == 6 && out.contains("not trusted"), "{out}");
+    let (status, out, _) = verify(&key, &package).await;
+    assert!(status == 1 && out.contains("not signed"), "{out}");
+    // A package that cannot be read is no finding: exit status 2.
+    let (status, out, err) = verify(&key, &dir.path().join("missing.zip")).await;
+    assert!(status == 2 && err.contains("missing.zip"), "{status} {out}\n{err}");
 
     // A Central that checks: the signed package is stored, its signatures
     // listed and served byte for byte.
@@ -159,8 +162,8 @@ async fn a_signed_package_verifies_with_minisign_uploads_to_a_checking_central_a
     let exported = dir.path().join("exported.zip");
     let (ok, _, err) = cli(Some(&central), &pki, &["export", "--out", exported.to_str().unwrap()]).await;
     assert!(ok, "{err}");
-    let (ok, out, _) = verify(&key, &exported).await;
-    assert!(ok && out.contains("6 of 6 probes verified"), "{out}");
+    let (status, out, _) = verify(&key, &exported).await;
+    assert!(status == 0 && out.contains("6 of 6 probes verified"), "{out}");
     let options = CentralOptions { trusted_keys: trusted(&key), ..Default::default() };
     let fresh = Central::start_with(&pki, &dir.path().join("fresh"), options).await;
     let (ok, out, err) = cli(Some(&fresh), &pki, &["upload", "-o", "json", exported.to_str().unwrap()]).await;

@@ -18,7 +18,7 @@ use std::time::Duration;
 use central_probes::server::{DatabaseConfig, PostgresConfig, StoreLayout};
 use central_probes::store::postgres::test_cluster::TestCluster;
 use central_probes::synthetic::PackageSpec;
-use cli::central_cli;
+use cli::{central_cli, central_cli_status};
 use collector_client::central::FetchError;
 use common::{Central, CentralOptions, TestPki};
 use probe_api::names::ProbePath;
@@ -117,8 +117,8 @@ impl Setup {
         }
     }
 
-    /// `central-probes verify` of the stopped store: (success, stdout, stderr).
-    async fn verify_offline(&self, extra: &[&str]) -> (bool, String, String) {
+    /// `central-probes verify` of the stopped store: (exit status, stdout, stderr).
+    async fn verify_offline(&self, extra: &[&str]) -> (i32, String, String) {
         let data_dir = self.data_dir();
         let url = self.url.clone().unwrap_or_default();
         let mut args = match self.kind {
@@ -127,7 +127,7 @@ impl Setup {
         };
         args.extend_from_slice(extra);
         wait_unlocked(&self.data_dir().join("lock")).await;
-        central_cli(&args, "").await
+        central_cli_status(&args, "").await
     }
 }
 
@@ -145,9 +145,9 @@ async fn wait_unlocked(lock: &Path) {
     panic!("{} stays locked after Central stopped", lock.display());
 }
 
-async fn verify_over_the_api(setup: &Setup, central: &Central) -> (bool, String, String) {
+async fn verify_over_the_api(setup: &Setup, central: &Central) -> (i32, String, String) {
     let ca = setup.pki.ca_file();
-    central_cli(&["verify", "-e", &central.address, "--ca", ca.to_str().unwrap()], &central.view_token).await
+    central_cli_status(&["verify", "-e", &central.address, "--ca", ca.to_str().unwrap()], &central.view_token).await
 }
 
 async fn upload(setup: &Setup, central: &Central, package: &Path) -> String {
@@ -235,8 +235,8 @@ async fn a_flipped_byte_is_refused_named_by_verify_and_repaired_by_a_reupload(ki
     assert!(collector.fetch(module_version, file_name).await.is_ok(), "{kind:?}: the intact probes are served");
 
     // Over the API: the same names, exit status 1.
-    let (ok, stdout, stderr) = verify_over_the_api(&setup, &central).await;
-    assert!(!ok, "{kind:?}: {stdout}\n{stderr}");
+    let (status, stdout, stderr) = verify_over_the_api(&setup, &central).await;
+    assert_eq!(status, 1, "{kind:?}: {stdout}\n{stderr}");
     let named: Vec<&str> = stdout.lines().filter_map(|line| line.strip_prefix("damaged  ")).collect();
     assert!(named.len() == 2 && named[0].starts_with(small) && named[1].starts_with(LARGE), "{kind:?}: {stdout}");
 
@@ -260,8 +260,8 @@ async fn a_flipped_byte_is_refused_named_by_verify_and_repaired_by_a_reupload(ki
     central.stop().await;
 
     // Offline: each damaged probe named, exit status 1.
-    let (ok, stdout, stderr) = setup.verify_offline(&[]).await;
-    assert!(!ok, "{kind:?}: {stdout}\n{stderr}");
+    let (status, stdout, stderr) = setup.verify_offline(&[]).await;
+    assert_eq!(status, 1, "{kind:?}: {stdout}\n{stderr}");
     let named: Vec<&str> = stdout.lines().filter_map(|line| line.strip_prefix("damaged  ")).collect();
     assert_eq!(named.len(), 2, "{kind:?}: {stdout}\n{stderr}");
     assert!(named[0].starts_with(small) && named[1].starts_with(LARGE), "{kind:?}: {stdout}");
@@ -277,7 +277,7 @@ async fn a_flipped_byte_is_refused_named_by_verify_and_repaired_by_a_reupload(ki
     let central = setup.start().await;
     let collector = central.collector(&setup.pki, Some(&setup.pki.collector));
     if let Kind::Database = kind {
-        assert!(!verify_over_the_api(&setup, &central).await.0);
+        assert_eq!(verify_over_the_api(&setup, &central).await.0, 1);
     }
     let report = upload(&setup, &central, &package).await;
     assert!(report.contains("1 stored"), "{kind:?}: the damaged probe is sent and stored again: {report}");
@@ -290,11 +290,11 @@ async fn a_flipped_byte_is_refused_named_by_verify_and_repaired_by_a_reupload(ki
         let answer = tokio::task::block_in_place(|| curl(&setup, &central, path, "--http2"));
         assert_eq!(answer, Ok((200, expected.len())), "{kind:?} {path}");
     }
-    let (ok, stdout, stderr) = verify_over_the_api(&setup, &central).await;
-    assert!(ok, "{kind:?}: {stdout}\n{stderr}");
+    let (status, stdout, stderr) = verify_over_the_api(&setup, &central).await;
+    assert_eq!(status, 0, "{kind:?}: {stdout}\n{stderr}");
     central.stop().await;
-    let (ok, stdout, stderr) = setup.verify_offline(&[]).await;
-    assert!(ok && stdout.is_empty(), "{kind:?}: {stdout}\n{stderr}");
+    let (status, stdout, stderr) = setup.verify_offline(&[]).await;
+    assert!(status == 0 && stdout.is_empty(), "{kind:?}: {stdout}\n{stderr}");
     assert!(stderr.contains("7 probes checked") && stderr.contains("0 damaged"), "{kind:?}: {stderr}");
 }
 
@@ -311,4 +311,20 @@ async fn a_flipped_byte_in_a_probe_file_is_refused_named_by_verify_and_repaired_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flipped_byte_in_a_database_row_is_refused_named_by_verify_and_repaired_by_a_reupload() {
     a_flipped_byte_is_refused_named_by_verify_and_repaired_by_a_reupload(Kind::Database).await;
+}
+
+#[tokio::test]
+async fn a_verify_that_cannot_check_exits_2_not_1() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("no-such-data-dir");
+    let (status, stdout, stderr) = central_cli_status(&["verify", "--data-dir", missing.to_str().unwrap()], "").await;
+    assert_eq!(status, 2, "{stdout}\n{stderr}");
+    assert!(stderr.contains("no-such-data-dir"), "{stderr}");
+
+    let pki = TestPki::new();
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string();
+    let ca = pki.ca_file();
+    let (status, stdout, stderr) =
+        central_cli_status(&["verify", "-e", &closed, "--ca", ca.to_str().unwrap(), "--timeout", "5s"], "t").await;
+    assert_eq!(status, 2, "{stdout}\n{stderr}");
 }

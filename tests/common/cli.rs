@@ -5,6 +5,13 @@
 
 /// Runs the `central-probes` binary and returns (success, stdout, stderr).
 pub async fn central_cli(args: &[&str], token: &str) -> (bool, String, String) {
+    let (status, stdout, stderr) = central_cli_status(args, token).await;
+    (status == 0, stdout, stderr)
+}
+
+/// Runs the `central-probes` binary and returns (exit status, stdout,
+/// stderr); -1 when a signal ended it.
+pub async fn central_cli_status(args: &[&str], token: &str) -> (i32, String, String) {
     let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
     let token = token.to_owned();
     tokio::task::spawn_blocking(move || {
@@ -16,7 +23,7 @@ pub async fn central_cli(args: &[&str], token: &str) -> (bool, String, String) {
             .output()
             .unwrap();
         (
-            output.status.success(),
+            output.status.code().unwrap_or(-1),
             String::from_utf8_lossy(&output.stdout).into_owned(),
             String::from_utf8_lossy(&output.stderr).into_owned(),
         )

@@ -1,7 +1,8 @@
 //! `central-probes coverage`: before a kernel rollout, which probe each
 //! node would be served and from where, asked of Central (CheckCoverage);
-//! exit status 1 when a node would crash-loop. `--prefetch` has Central
-//! fetch and keep what only its upstream has.
+//! exit status 1 when a node would crash-loop, 2 when the check could not
+//! be made. `--prefetch` has Central fetch and keep what only its
+//! upstream has.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

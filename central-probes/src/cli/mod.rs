@@ -45,11 +45,11 @@ pub enum Command {
     Rm(rm::RmArgs),
     /// The probes Collectors asked for that no source had, and the support packages to upload.
     Misses(misses::MissesArgs),
-    /// Before a kernel rollout: the probe each node would be served and its source (exit 1 if a node would crash-loop).
+    /// Before a kernel rollout: the probe each node would be served and its source (exit 1 if a node would crash-loop, 2 if the check failed).
     Coverage(coverage::CoverageArgs),
     /// Write stored probes into a support package (zip) for another Central.
     Export(export::ExportArgs),
-    /// Read every stored probe and name those whose bytes no longer match their upload (exit 1 if any).
+    /// Read every stored probe and name those whose bytes no longer match their upload (exit 1 if any, 2 if the check failed).
     Verify(verify::VerifyArgs),
     /// Create, revoke and list API tokens (in the data directory, or in the shared database).
     Token {
@@ -121,7 +121,8 @@ fn long_about_of_upload() -> String {
 }
 
 /// A command that did its work but not all of it (an upload that skipped
-/// entries): `main` prints `message` as the error and exits with `status`.
+/// entries), or a check's finding or failure: `main` prints `message` as
+/// the error and exits with `status`.
 #[derive(Debug)]
 pub struct Incomplete {
     pub status: u8,
@@ -187,13 +188,29 @@ pub async fn run(command: Command) -> Result<(), CliError> {
         Command::Ls(args) => ls::ls(args).await,
         Command::Rm(args) => rm::rm(args).await,
         Command::Export(args) => export::export(args).await,
-        Command::Verify(args) => verify::verify(args).await,
+        Command::Verify(args) => check_result(verify::verify(args).await),
         Command::Misses(args) => misses::misses(args).await,
-        Command::Coverage(args) => coverage::coverage(args).await,
+        Command::Coverage(args) => check_result(coverage::coverage(args).await),
         Command::Token { command } => token::token(command).await,
         Command::Package { command } => package::run(command).await,
         Command::Pki { command } => pki::pki(command),
     }
+}
+
+/// The exit status of a check (`verify`, `coverage`, `package verify`)
+/// that could not be made: 2, as grep's and diff's, so that 1 always means
+/// the check found something (a damaged probe, a node that would
+/// crash-loop, a signature that fails).
+const CHECK_FAILED: u8 = 2;
+
+pub(crate) fn check_result(result: Result<(), CliError>) -> Result<(), CliError> {
+    result.map_err(|error| {
+        if error.is::<Incomplete>() {
+            return error;
+        }
+        let message = central_probes::admin::error::chain(error.as_ref());
+        Box::new(Incomplete { status: CHECK_FAILED, message }) as CliError
+    })
 }
 
 pub(crate) fn read(path: &Path, what: &str) -> Result<Vec<u8>, Context> {

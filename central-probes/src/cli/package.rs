@@ -9,13 +9,13 @@ use central_probes::admin::signatures::{self, Checked};
 use clap::{Args, Subcommand};
 use probe_api::signing::TrustedKeys;
 
-use super::{CliError, OutputFormat, format_and_file};
+use super::{CliError, Incomplete, OutputFormat, format_and_file};
 
 #[derive(Subcommand)]
 pub enum PackageCommand {
     /// Write a copy of a support package with a minisign signature beside every probe.
     Sign(SignArgs),
-    /// Check the signature of every probe of a support package; names each failure.
+    /// Check the signature of every probe of a support package; names each failure (exit 1 if any, 2 if the check failed).
     Verify(VerifyArgs),
     /// Make a minisign key pair without a password, as `minisign -G -W` does
     /// (for tests and demos; a site signs with keys it keeps offline).
@@ -75,7 +75,7 @@ pub struct VerifyArgs {
 pub async fn run(command: PackageCommand) -> Result<(), CliError> {
     match command {
         PackageCommand::Sign(args) => sign(args).await,
-        PackageCommand::Verify(args) => verify(args).await,
+        PackageCommand::Verify(args) => super::check_result(verify(args).await),
         PackageCommand::Keygen(args) => keygen(&args),
         PackageCommand::Push(args) => super::registry::push(args).await,
         PackageCommand::Pull(args) => super::registry::pull(args).await,
@@ -151,7 +151,8 @@ async fn verify(args: VerifyArgs) -> Result<(), CliError> {
         }
     }
     if !failed.is_empty() {
-        return Err(format!("{} probes of {} failed verification", failed.len(), args.package.display()).into());
+        let message = format!("{} probes of {} failed verification", failed.len(), args.package.display());
+        return Err(Box::new(Incomplete { status: 1, message }));
     }
     Ok(())
 }

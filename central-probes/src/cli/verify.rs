@@ -2,7 +2,8 @@
 //! whose bytes no longer match what was recorded when it was uploaded.
 //! Offline, from a stopped Central's `--data-dir` or from the database
 //! replicas share (`--database-url`); or over the API from a running
-//! Central (`-e`, VerifyProbes). Exits 1 when any probe is damaged.
+//! Central (`-e`, VerifyProbes). Exits 1 when any probe is damaged, 2
+//! when the check could not be made.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -18,7 +19,7 @@ use probe_api::v1::verify_probes_response::Message;
 use probe_api::v1::{ProbeInfo, VerifyProbesRequest};
 
 use super::upload::Endpoint;
-use super::{CliError, OutputFormat, read};
+use super::{CliError, Incomplete, OutputFormat, read};
 
 #[derive(Args)]
 pub struct VerifyArgs {
@@ -122,13 +123,13 @@ fn report(args: &VerifyArgs, damaged: &[Damaged], summary: VerifySummary) -> Res
     }
     let mut versions: Vec<&str> = damaged.iter().filter_map(|d| d.probe.path.split_once('/')).map(|(v, _)| v).collect();
     versions.dedup();
-    Err(format!(
+    let message = format!(
         "{} damaged probes: Central does not serve them; upload the support packages of module version(s) {} \
          again to repair them",
         summary.damaged,
         versions.join(", ")
-    )
-    .into())
+    );
+    Err(Box::new(Incomplete { status: 1, message }))
 }
 
 async fn offline(
