@@ -43,6 +43,39 @@ pub fn system_ca_bundle() -> Result<Vec<u8>, HttpsError> {
     std::fs::read(&path).map_err(|e| error(format!("reading the CA bundle {}: {e}", path.display())))
 }
 
+/// A TLS connector for HTTP/1.1 that trusts only `tls.ca_pem` and presents
+/// `tls.identity`, if any: the HTTPS probe client's and the registry
+/// client's.
+pub fn tls_connector(tls: &ClientTls) -> Result<tokio_rustls::TlsConnector, HttpsError> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in CertificateDer::pem_slice_iter(&tls.ca_pem) {
+        let ca = ca.map_err(|e| error(format!("the CA certificate: {e}")))?;
+        roots.add(ca).map_err(|e| error(format!("the CA certificate: {e}")))?;
+    }
+    if roots.is_empty() {
+        return Err(error("no CA certificate given"));
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| error(format!("TLS settings: {e}")))?
+        .with_root_certificates(roots);
+    let mut config = match &tls.identity {
+        None => builder.with_no_client_auth(),
+        Some((cert_pem, key_pem)) => {
+            let certs = CertificateDer::pem_slice_iter(cert_pem)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| error(format!("the client certificate: {e}")))?;
+            let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| error(format!("the client key: {e}")))?;
+            builder.with_client_auth_cert(certs, key).map_err(|e| error(format!("the client identity: {e}")))?
+        }
+    };
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
+}
+
 /// Sends GET and HEAD requests over TLS.
 #[derive(Clone)]
 pub struct HttpsClient {
@@ -58,33 +91,7 @@ impl HttpsClient {
     /// A client trusting `tls.ca_pem` (the system's roots are not used: a
     /// probe source's CA is always given), presenting `tls.identity` if any.
     pub fn new(tls: &ClientTls, proxies: ProxySettings, connect_timeout: Duration) -> Result<HttpsClient, HttpsError> {
-        use rustls::pki_types::pem::PemObject;
-        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-        let mut roots = rustls::RootCertStore::empty();
-        for ca in CertificateDer::pem_slice_iter(&tls.ca_pem) {
-            let ca = ca.map_err(|e| error(format!("the CA certificate: {e}")))?;
-            roots.add(ca).map_err(|e| error(format!("the CA certificate: {e}")))?;
-        }
-        if roots.is_empty() {
-            return Err(error("no CA certificate given"));
-        }
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let builder = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .map_err(|e| error(format!("TLS settings: {e}")))?
-            .with_root_certificates(roots);
-        let mut config = match &tls.identity {
-            None => builder.with_no_client_auth(),
-            Some((cert_pem, key_pem)) => {
-                let certs = CertificateDer::pem_slice_iter(cert_pem)
-                    .collect::<Result<Vec<_>, _>>()
-                    .map_err(|e| error(format!("the client certificate: {e}")))?;
-                let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| error(format!("the client key: {e}")))?;
-                builder.with_client_auth_cert(certs, key).map_err(|e| error(format!("the client identity: {e}")))?
-            }
-        };
-        config.alpn_protocols = vec![b"http/1.1".to_vec()];
-        let tls = tokio_rustls::TlsConnector::from(Arc::new(config));
+        let tls = tls_connector(tls)?;
         Ok(HttpsClient { tls, proxies, connect_timeout, server_name: None })
     }
 

@@ -14,7 +14,7 @@ use central_probes::server::UpstreamKind;
 use clap::Args;
 use probe_api::https::ProxySettings;
 
-use super::{CliError, OutputFormat, read};
+use super::{CliError, OutputFormat};
 
 /// The variables push and pull read without a flag of their own.
 const REGISTRY_ENV: &str = "  https_proxy    the HTTP CONNECT proxy to the registry, else HTTPS_PROXY
@@ -65,7 +65,7 @@ pub struct RegistryArgs {
 impl RegistryArgs {
     fn options(&self) -> Result<RegistryOptions, CliError> {
         let ca_pem = match &self.registry_ca {
-            Some(file) => read(file, "the registry CA")?,
+            Some(file) => probe_api::client_tls::read_ca_file(file)?,
             None => probe_api::https::system_ca_bundle().map_err(|e| format!("without --registry-ca: {e}"))?,
         };
         Ok(RegistryOptions {

@@ -21,7 +21,8 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
-use probe_api::https::{HttpsUrl, ProxySettings};
+use probe_api::client_tls::ClientTls;
+use probe_api::https::{HttpsUrl, ProxySettings, tls_connector};
 use tokio::net::TcpStream;
 
 use super::error::{OciResult, invalid, unavailable};
@@ -50,30 +51,9 @@ impl Connections {
         connect_timeout: Duration,
         answer_timeout: Duration,
     ) -> OciResult<Self> {
-        use rustls::pki_types::CertificateDer;
-        use rustls::pki_types::pem::PemObject;
-        let mut roots = rustls::RootCertStore::empty();
-        for ca in CertificateDer::pem_slice_iter(ca_pem) {
-            let ca = ca.map_err(|e| invalid(format!("the registry CA: {e}")))?;
-            roots.add(ca).map_err(|e| invalid(format!("the registry CA: {e}")))?;
-        }
-        if roots.is_empty() {
-            return Err(invalid("the registry CA file holds no certificate"));
-        }
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut config = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .map_err(|e| invalid(format!("TLS settings: {e}")))?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        config.alpn_protocols = vec![b"http/1.1".to_vec()];
-        Ok(Connections {
-            tls: tokio_rustls::TlsConnector::from(Arc::new(config)),
-            proxies,
-            connect_timeout,
-            answer_timeout,
-            idle: Default::default(),
-        })
+        let tls = ClientTls { ca_pem: ca_pem.to_vec(), identity: None };
+        let tls = tls_connector(&tls).map_err(|e| invalid(format!("the registry CA: {e}")))?;
+        Ok(Connections { tls, proxies, connect_timeout, answer_timeout, idle: Default::default() })
     }
 
     /// Sends `request` to `url`'s host and returns the answer's head; its
