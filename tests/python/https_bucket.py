@@ -15,6 +15,8 @@ import http.server
 import ssl
 import sys
 
+from tls_server import serve_tls
+
 
 class Logged(http.server.SimpleHTTPRequestHandler):
     log_file = ""
@@ -53,12 +55,7 @@ def main() -> None:
     if "--endless" in options:
         Endless.size = int(options["--endless"])
         handler = functools.partial(Endless, directory=directory)
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(cert, key)
-    server.socket = context.wrap_socket(server.socket, server_side=True)
-    print(f"listening on {server.server_address[1]}", flush=True)
-    server.serve_forever()
+    serve_tls(handler, cert, key)
 
 
 if __name__ == "__main__":

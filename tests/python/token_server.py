@@ -8,8 +8,9 @@ port; prints "listening on PORT" once it accepts connections.
 
 import http.server
 import json
-import ssl
 import sys
+
+from tls_server import serve_tls
 
 
 def main() -> None:
@@ -33,12 +34,7 @@ def main() -> None:
         def log_message(self, *args) -> None:
             pass
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Tokens)
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(cert, key)
-    server.socket = context.wrap_socket(server.socket, server_side=True)
-    print(f"listening on {server.server_address[1]}", flush=True)
-    server.serve_forever()
+    serve_tls(Tokens, cert, key)
 
 
 if __name__ == "__main__":
