@@ -328,3 +328,33 @@ async fn a_verify_that_cannot_check_exits_2_not_1() {
         central_cli_status(&["verify", "-e", &closed, "--ca", ca.to_str().unwrap(), "--timeout", "5s"], "t").await;
     assert_eq!(status, 2, "{stdout}\n{stderr}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upload_verify_repairs_a_damaged_copy_that_no_read_has_found_yet() {
+    let setup = Setup::new(Kind::Packs);
+    let spec = spec();
+    let package = setup.dir.path().join("support-pkg-2.5.0.zip");
+    spec.write(&package).unwrap();
+    let central = setup.start().await;
+    upload(&setup, &central, &package).await;
+    central.stop().await;
+    let paths = spec.probe_paths();
+    setup.flip_a_byte(&paths[2], 50).await;
+
+    // Nothing has read the probe since: by its record, Central has it.
+    let central = setup.start().await;
+    let report = upload(&setup, &central, &package).await;
+    assert!(report.contains("Nothing to do"), "the record alone says identical: {report}");
+
+    let ca = setup.pki.ca_file();
+    let args = ["upload", "--verify", package.to_str().unwrap(), "-e", &central.address, "--ca", ca.to_str().unwrap()];
+    let (ok, stdout, stderr) = central_cli(&args, &central.admin_token).await;
+    assert!(ok, "{stdout}\n{stderr}");
+    assert!(stdout.contains("1 stored"), "the damaged copy is sent again: {stdout}\n{stderr}");
+    assert!(stderr.contains("found 1 of its stored copies damaged"), "{stderr}");
+    let (module_version, file_name) = paths[2].split_once('/').unwrap();
+    let collector = central.collector(&setup.pki, Some(&setup.pki.collector));
+    assert!(collector.fetch(module_version, file_name).await.unwrap().bytes == spec.probe_bytes(&paths[2]));
+    let (status, stdout, stderr) = verify_over_the_api(&setup, &central).await;
+    assert_eq!(status, 0, "repaired: {stdout}\n{stderr}");
+}

@@ -1,12 +1,16 @@
 //! What Central has of a package, asked before anything is sent: one
 //! GetExistingProbes per batch of paths, the batches at once, and for each
-//! probe what to do with it given what Central has under its path.
+//! probe what to do with it given what Central has under its path. Under
+//! `--verify`, Central first reads its own copies (VerifyProbes): a copy
+//! found damaged is then left out of what it says it has, so the upload
+//! sends it again and repairs it.
 
 use std::collections::HashMap;
 
 use probe_api::digest::Sha256Digest;
 use probe_api::signing::ProbeSignature;
-use probe_api::v1::{GetExistingProbesRequest, ProbeInfo};
+use probe_api::v1::verify_probes_response::Message;
+use probe_api::v1::{GetExistingProbesRequest, ProbeInfo, VerifyProbesRequest};
 
 use crate::admin::client::AdminClient;
 use crate::admin::error::AdminError;
@@ -55,6 +59,26 @@ fn same_signature(probe: &PackageProbe, info: &ProbeInfo) -> bool {
         .map(|bytes| ProbeSignature::parse(bytes).map(|s| (s.key_id().to_string(), s.serial())).unwrap_or_default());
     let stored = (!info.signature_key_id.is_empty()).then(|| (info.signature_key_id.clone(), info.signature_serial));
     signed == stored
+}
+
+/// Has Central read every stored probe of the package's module versions
+/// and check it against its record; the number of damaged copies found.
+pub(super) async fn check_stored_copies(client: &mut AdminClient, index: &PackageIndex) -> Result<u64, AdminError> {
+    let mut module_versions: Vec<String> = index.probes.iter().map(|p| p.path.module_version().to_string()).collect();
+    module_versions.sort();
+    module_versions.dedup();
+    let what = "having Central check its stored copies (--verify)";
+    let mut stream = client
+        .verify_probes(VerifyProbesRequest { module_versions })
+        .await
+        .map_err(AdminError::rpc(what))?
+        .into_inner();
+    while let Some(message) = stream.message().await.map_err(AdminError::rpc(what))? {
+        if let Some(Message::Summary(summary)) = message.message {
+            return Ok(summary.damaged_count);
+        }
+    }
+    Err(AdminError::BadReply("Central's verification ended without its summary".into()))
 }
 
 pub(super) async fn existing_probes(

@@ -8,7 +8,9 @@
 //! with another size, CRC-32 or signature differs and is sent only with
 //! `--overwrite`. Each file's signature entry goes in its trailer. Only files Central
 //! stored without a CRC-32 (by an older Central), or every file Central has
-//! under `--verify`, are read and hashed (SHA-256, on every core) to decide.
+//! under `--verify`, are read and hashed (SHA-256, on every core) to decide;
+//! `--verify` also has Central read its stored copies first, so that a
+//! damaged one is sent again.
 //! Then one sequential pass over the package on a blocking thread streams
 //! what is to be sent, with each entry's CRC-32 from the central directory
 //! in its trailer: the uploader computes no digest of its own, and the zip
@@ -30,7 +32,7 @@ use crate::admin::checksum;
 use crate::admin::chunk_pool::ChunkPool;
 use crate::admin::client::AdminClient;
 use crate::admin::error::{AdminError, PackageError};
-use crate::admin::existing::{Action, decide, existing_probes};
+use crate::admin::existing::{Action, check_stored_copies, decide, existing_probes};
 use crate::admin::package::{Package, PackageIndex, PackageProbe, PackageReads};
 use crate::admin::progress::Progress;
 use crate::admin::signatures;
@@ -83,6 +85,9 @@ pub struct UploadPlan {
     pub to_compare: usize,
     /// Files Central has, decided by size and CRC-32 without reading them.
     pub decided_from_directory: usize,
+    /// Under `--verify`: Central's stored copies found damaged (of the
+    /// package's module versions), sent again among the new files.
+    pub damaged_in_central: u64,
 }
 
 /// What the reading thread found while streaming.
@@ -120,6 +125,7 @@ pub async fn upload(
     if index.probes.is_empty() {
         return Err(AdminError::NoProbes { package: request.package.clone() });
     }
+    let damaged_in_central = if request.verify { check_stored_copies(client, &index).await? } else { 0 };
     let existing = existing_probes(client, &index).await?;
     let actions: Vec<Action> = index
         .probes
@@ -138,6 +144,7 @@ pub async fn upload(
             .sum(),
         to_compare: actions.iter().filter(|a| matches!(a, Action::Compare(_))).count(),
         decided_from_directory: actions.iter().filter(|a| matches!(a, Action::Identical | Action::Differs)).count(),
+        damaged_in_central,
     };
     let to_read: u64 = index
         .probes

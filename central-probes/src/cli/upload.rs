@@ -43,7 +43,9 @@ pub struct UploadArgs {
     /// Read every file Central already has from the package and compare
     /// SHA-256s. Without it, such a file is compared by the size and CRC-32
     /// the package's directory records, and not read: that catches any
-    /// changed file, not one forged to keep its CRC-32.
+    /// changed file, not one forged to keep its CRC-32. Central also reads
+    /// its stored copies of the package's module versions first (as
+    /// `verify -e` does), and a copy found damaged is sent again, repaired.
     #[arg(long)]
     verify: bool,
     /// `text`, or `json`: per-file outcomes and totals as one object.
@@ -134,6 +136,13 @@ pub async fn upload(args: UploadArgs) -> Result<(), CliError> {
             plan.decided_from_directory,
             plan.to_compare,
         );
+        if plan.damaged_in_central > 0 {
+            eprintln!(
+                "Central found {} of its stored copies damaged (--verify): the package's files are sent again to \
+                 repair them",
+                plan.damaged_in_central
+            );
+        }
         Progress::for_stderr()
     });
     let report = endpoint.within("the upload", upload).await?;
