@@ -358,3 +358,23 @@ async fn upload_verify_repairs_a_damaged_copy_that_no_read_has_found_yet() {
     let (status, stdout, stderr) = verify_over_the_api(&setup, &central).await;
     assert_eq!(status, 0, "repaired: {stdout}\n{stderr}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_module_version_with_no_probes_is_no_all_clear() {
+    let setup = Setup::new(Kind::Packs);
+    let package = setup.dir.path().join("support-pkg-2.5.0.zip");
+    spec().write(&package).unwrap();
+    let central = setup.start().await;
+    upload(&setup, &central, &package).await;
+    let ca = setup.pki.ca_file();
+    let args = ["verify", "-e", &central.address, "--ca", ca.to_str().unwrap(), "--module-version", "9.9.9"];
+    let (status, stdout, stderr) = central_cli_status(&args, &central.view_token).await;
+    assert_eq!(status, 2, "{stdout}\n{stderr}");
+    assert!(stderr.contains("no probes for module version 9.9.9"), "{stderr}");
+    central.stop().await;
+    let (status, stdout, stderr) = setup.verify_offline(&["--module-version", "9.9.9"]).await;
+    assert_eq!(status, 2, "{stdout}\n{stderr}");
+    assert!(stderr.contains("no probes for module version 9.9.9"), "{stderr}");
+    let (status, _, stderr) = setup.verify_offline(&["--module-version", "2.5.0"]).await;
+    assert_eq!(status, 0, "{stderr}");
+}

@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use central_probes::admin::error::AdminError;
 use central_probes::server::{PostgresConfig, open_to_verify};
 use central_probes::store::ProbeStore;
 use central_probes::store::check::{VerifySummary, verify_all};
@@ -16,7 +17,7 @@ use central_probes::store::postgres::PostgresStore;
 use clap::Args;
 use probe_api::names::ModuleVersion;
 use probe_api::v1::verify_probes_response::Message;
-use probe_api::v1::{ProbeInfo, VerifyProbesRequest};
+use probe_api::v1::{ListModuleVersionsRequest, ProbeInfo, VerifyProbesRequest};
 
 use super::upload::Endpoint;
 use super::{CliError, Incomplete, OutputFormat, read};
@@ -132,11 +133,30 @@ fn report(args: &VerifyArgs, damaged: &[Damaged], summary: VerifySummary) -> Res
     Err(Box::new(Incomplete { status: 1, message }))
 }
 
+/// A module version asked for that the store has no probes of fails the
+/// check: "0 damaged" would read as an all-clear for a mistyped version.
+fn none_unknown<'a>(asked: &[String], known: impl IntoIterator<Item = &'a str>) -> Result<(), CliError> {
+    let known: std::collections::HashSet<&str> = known.into_iter().collect();
+    let mut missing: Vec<String> = asked.iter().filter(|v| !known.contains(v.as_str())).cloned().collect();
+    missing.sort();
+    missing.dedup();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    Err(Box::new(AdminError::NoProbesFor { module_versions: missing }))
+}
+
 async fn offline(
     store: Arc<dyn ProbeStore>,
     versions: &[ModuleVersion],
     found: &mut impl FnMut(Damaged),
 ) -> Result<VerifySummary, CliError> {
+    if !versions.is_empty() {
+        let summaries = store.summaries().await?;
+        let asked: Vec<String> = versions.iter().map(ToString::to_string).collect();
+        let known: Vec<String> = summaries.iter().map(|s| s.module_version.to_string()).collect();
+        none_unknown(&asked, known.iter().map(String::as_str))?;
+    }
     let summary = verify_all(store.as_ref(), versions, |damaged| {
         found(Damaged { probe: damaged.probe.into(), reason: damaged.why });
         Ok(())
@@ -151,6 +171,11 @@ async fn online(
     found: &mut impl FnMut(Damaged),
 ) -> Result<VerifySummary, CliError> {
     let mut client = endpoint.connect()?;
+    if !versions.is_empty() {
+        let listing = client.list_module_versions(ListModuleVersionsRequest {});
+        let known = endpoint.call("listing module versions", listing).await?.module_versions;
+        none_unknown(versions, known.iter().map(|s| s.module_version.as_str()))?;
+    }
     let request = VerifyProbesRequest { module_versions: versions.to_vec() };
     let mut stream = endpoint.call("starting the verification", client.verify_probes(request)).await?;
     let failed = |status: tonic::Status| format!("verifying: {}", probe_api::transport::describe(&status));
