@@ -14,6 +14,11 @@ pub const MAX_UPLOAD_CHUNK: usize = 4 << 20;
 /// Largest probe file accepted in one upload.
 pub const MAX_FILE_SIZE: u64 = 4 << 30;
 
+/// Largest probe file (gzip'd, as served) a Collector receives. Central
+/// stores larger files, but no Collector loads one, so the uploader warns
+/// of them. Real probes are at most a few MiB.
+pub const COLLECTOR_MAX_PROBE_FILE: u64 = 32 << 20;
+
 /// Most paths one GetExistingProbes call may ask for.
 pub const MAX_EXISTING_PATHS: usize = 100_000;
 

@@ -897,3 +897,29 @@ async fn an_upload_that_skipped_invalid_entries_says_so_in_its_summary_and_exits
     }
     central.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_probe_larger_than_a_collector_takes_is_stored_with_a_warning() {
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let central = Central::start(&pki, &dir.path().join("data")).await;
+    let package = dir.path().join("support-pkg-2.5.0-large.zip");
+    let (small, large) = ("2.5.0/collector-ebpf-5.4.0-1-generic.o.gz", "2.5.0/collector-ebpf-5.4.0-2-generic.o.gz");
+    let limit = probe_api::limits::COLLECTOR_MAX_PROBE_FILE as usize;
+    {
+        use std::io::Write;
+        let mut zip = zip::ZipWriter::new(std::fs::File::create(&package).unwrap());
+        let options = zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Deflated);
+        for (path, size) in [(small, 1000), (large, limit + 1)] {
+            zip.start_file(format!("kernel-modules/{path}"), options).unwrap();
+            zip.write_all(&vec![7u8; size]).unwrap();
+        }
+        zip.finish().unwrap();
+    }
+    let (status, stdout, stderr) = cli_status(&central, &pki, &["upload", package.to_str().unwrap()]).await;
+    assert_eq!(status, Some(0), "{stdout}\n{stderr}");
+    assert!(stdout.contains("Uploaded 2 files"), "both are stored: {stdout}");
+    let warning = stderr.lines().find(|l| l.starts_with("warning: 1 probe files are larger than a Collector"));
+    assert!(warning.is_some_and(|w| w.ends_with(large)), "{stderr}");
+    central.stop().await;
+}

@@ -23,6 +23,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use probe_api::digest::{Sha256Digest, Sha256Hasher};
+use probe_api::limits::COLLECTOR_MAX_PROBE_FILE;
 use probe_api::v1::upload_probes_request::Message;
 use probe_api::v1::{FileHeader, FileTrailer, UploadOptions, UploadProbesRequest, UploadProbesResponse};
 use tokio::sync::mpsc;
@@ -88,6 +89,9 @@ pub struct UploadPlan {
     /// Under `--verify`: Central's stored copies found damaged (of the
     /// package's module versions), sent again among the new files.
     pub damaged_in_central: u64,
+    /// Probes of the package larger than a Collector receives: stored, but
+    /// no node can load them.
+    pub too_large_for_collectors: Vec<String>,
 }
 
 /// What the reading thread found while streaming.
@@ -145,6 +149,12 @@ pub async fn upload(
         to_compare: actions.iter().filter(|a| matches!(a, Action::Compare(_))).count(),
         decided_from_directory: actions.iter().filter(|a| matches!(a, Action::Identical | Action::Differs)).count(),
         damaged_in_central,
+        too_large_for_collectors: index
+            .probes
+            .iter()
+            .filter(|p| p.size > COLLECTOR_MAX_PROBE_FILE)
+            .map(|p| p.path.to_string())
+            .collect(),
     };
     let to_read: u64 = index
         .probes

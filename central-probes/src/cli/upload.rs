@@ -136,6 +136,15 @@ pub async fn upload(args: UploadArgs) -> Result<(), CliError> {
             plan.decided_from_directory,
             plan.to_compare,
         );
+        if !plan.too_large_for_collectors.is_empty() {
+            eprintln!(
+                "warning: {} probe files are larger than a Collector receives ({} MiB gzip'd), so no node can \
+                 load them: {}",
+                plan.too_large_for_collectors.len(),
+                probe_api::limits::COLLECTOR_MAX_PROBE_FILE >> 20,
+                plan.too_large_for_collectors.join(", ")
+            );
+        }
         if plan.damaged_in_central > 0 {
             eprintln!(
                 "Central found {} of its stored copies damaged (--verify): the package's files are sent again to \
