@@ -274,12 +274,14 @@ mod tests {
     fn runs_at_once_lose_no_entry_and_lower_no_serial() {
         let dir = tempfile::tempdir().unwrap();
         let names: Vec<ProbePath> = (0..8).map(|i| path(&format!("2.5.0/collector-ebpf-5.4.{i}.o.gz"))).collect();
+        let all_opened = std::sync::Barrier::new(names.len());
         std::thread::scope(|scope| {
             for (i, name) in names.iter().enumerate() {
-                let dir = dir.path();
+                let (dir, all_opened) = (dir.path(), &all_opened);
                 scope.spawn(move || {
-                    // Each run opened the state before any other wrote it.
+                    // Each run opens the state before any other writes it.
                     let serials = AcceptedSerials::open(dir).unwrap();
+                    all_opened.wait();
                     for serial in [3, 10 + i as u64, 5] {
                         let _ = serials.raise(name, serial, std::slice::from_ref(name)).unwrap();
                     }
