@@ -147,8 +147,8 @@ pub async fn upload(args: UploadArgs) -> Result<(), CliError> {
         }
         if plan.damaged_in_central > 0 {
             eprintln!(
-                "Central found {} of its stored copies damaged (--verify): the package's files are sent again to \
-                 repair them",
+                "Central found {} of its stored copies damaged (--verify): those files are sent again to repair \
+                 them",
                 plan.damaged_in_central
             );
         }
