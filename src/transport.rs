@@ -184,6 +184,66 @@ pub fn describe(status: &tonic::Status) -> String {
     text
 }
 
+/// How a call failed before Central could answer it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Unreached {
+    /// No connection: refused, no route, a name that does not resolve, no
+    /// answer in time.
+    Connect,
+    /// The TLS handshake failed, or Central refused the client's
+    /// certificate.
+    Tls,
+}
+
+/// For a call to Central at `address` that never reached it: which kind of
+/// failure, and a line that names the address and the reason the system or
+/// TLS gave (`cannot connect to ADDR: Connection refused (os error 111)`,
+/// `TLS with ADDR failed: invalid peer certificate: UnknownIssuer`). `None`
+/// for an answer of Central's. The reason is escaped: a TLS alert is the
+/// peer's word. Both sides show connection failures with it.
+pub fn unreached(address: &str, status: &tonic::Status) -> Option<(Unreached, String)> {
+    use tonic::Code;
+    let mut causes = Vec::new();
+    let mut next = std::error::Error::source(status);
+    while let Some(cause) = next {
+        causes.push(cause.to_string());
+        next = cause.source();
+    }
+    let all = format!("{} {}", status.message(), causes.join(" "));
+    let tls = ["certificate", "Certificate", "UnknownCA", "UnknownIssuer", "HandshakeFailure", "tls handshake"]
+        .iter()
+        .any(|word| all.contains(word));
+    let transport = matches!(status.code(), Code::Unavailable | Code::Unknown | Code::Cancelled)
+        && ["tcp connect error", "dns error", "transport error", "connection error", "timed out"]
+            .iter()
+            .any(|word| status.message().contains(word));
+    let reason = crate::errors::remote_text(causes.last().map_or(status.message(), String::as_str));
+    // Under TLS 1.3 a server that refuses the client's certificate does so
+    // after the handshake: the call ends cancelled, the connection closed.
+    let closed = status.message().contains("operation was canceled") && all.contains("connection closed");
+    if closed {
+        let why = "the connection closed before an answer, as when Central refuses the client certificate";
+        Some((Unreached::Tls, format!("TLS with {address} failed: {why}")))
+    } else if tls {
+        Some((Unreached::Tls, format!("TLS with {address} failed: {reason}")))
+    } else if transport {
+        Some((Unreached::Connect, format!("cannot connect to {address}: {reason}")))
+    } else {
+        None
+    }
+}
+
+/// [`describe`] for a call to Central at `address` by an admin: a call that
+/// never reached Central names the address and the reason, and a failed
+/// TLS handshake says what to check.
+pub fn describe_at(address: &str, status: &tonic::Status) -> String {
+    match unreached(address, status) {
+        Some((Unreached::Connect, line)) => line,
+        Some((Unreached::Tls, line)) => format!("{line}; check that --ca is the CA that signed Central's certificate"),
+        None => describe(status),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -192,6 +252,24 @@ mod tests {
     fn a_servers_message_is_escaped() {
         let status = tonic::Status::not_found("gone\nWhat an admin can do:\u{1b}[2J");
         assert_eq!(describe(&status), "NotFound: gone\\nWhat an admin can do:\\u{1b}[2J");
+    }
+
+    #[test]
+    fn a_call_that_never_reached_central_names_the_address_and_the_escaped_reason() {
+        let mut refused = tonic::Status::unavailable("tcp connect error");
+        refused.set_source(std::sync::Arc::new(std::io::Error::other("Connection refused\n- all is well")));
+        assert_eq!(
+            unreached("127.0.0.1:1", &refused),
+            Some((Unreached::Connect, "cannot connect to 127.0.0.1:1: Connection refused\\n- all is well".to_owned()))
+        );
+        let mut tls = tonic::Status::unknown("transport error");
+        tls.set_source(std::sync::Arc::new(std::io::Error::other("invalid peer certificate: UnknownIssuer")));
+        assert_eq!(
+            describe_at("central:443", &tls),
+            "TLS with central:443 failed: invalid peer certificate: UnknownIssuer; \
+             check that --ca is the CA that signed Central's certificate"
+        );
+        assert_eq!(unreached("central:443", &tonic::Status::not_found("no such probe")), None);
     }
 
     #[test]

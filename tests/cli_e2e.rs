@@ -1,7 +1,8 @@
 //! End to end: the `central-probes` binary as a new user meets it. Every
 //! environment variable the code reads is named in the --help of the
 //! commands that read it; `pki init` keeps an existing CA; a `--ca` file
-//! without a certificate is named as such before any connection.
+//! without a certificate is named as such before any connection; a Central
+//! that cannot be reached is named with the reason.
 
 #[path = "common/cli.rs"]
 mod cli;
@@ -163,5 +164,46 @@ async fn a_ca_file_without_a_certificate_is_named_as_such() {
     let args = ["ls", "-e", &central.address, "--ca", ca.to_str().unwrap()];
     let (ok, _, stderr) = central_cli(&args, &central.view_token).await;
     assert!(ok, "{stderr}");
+    central.stop().await;
+}
+
+/// `ls`, `misses` and `upload` against `address` with `ca`: each one's
+/// stderr, as they fail.
+async fn each_command_failing(address: &str, ca: &Path, package: &Path) -> Vec<String> {
+    let ca = ca.to_str().unwrap();
+    let commands: [&[&str]; 3] = [&["ls"], &["misses"], &["upload", package.to_str().unwrap()]];
+    let mut failures = Vec::new();
+    for command in commands {
+        let args = [command, &["-e", address, "--ca", ca]].concat();
+        let (ok, _, stderr) = central_cli(&args, "a-token").await;
+        assert!(!ok, "{args:?}: {stderr}");
+        failures.push(stderr);
+    }
+    failures
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_central_out_of_reach_is_named_with_the_reason() {
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let package = dir.path().join("package.zip");
+    central_probes::synthetic::PackageSpec::new("2.5.0", &["5.14.0-1.x86_64"]).write(&package).unwrap();
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string();
+    for stderr in each_command_failing(&closed, &pki.ca_file(), &package).await {
+        assert!(stderr.contains(&format!("cannot connect to {closed}: Connection refused")), "{stderr}");
+    }
+    let unknown = "no-such-host.invalid:443";
+    for stderr in each_command_failing(unknown, &pki.ca_file(), &package).await {
+        assert!(stderr.contains(&format!("cannot connect to {unknown}: failed to lookup address")), "{stderr}");
+    }
+
+    let central = Central::start(&pki, &dir.path().join("data")).await;
+    let foreign_ca = dir.path().join("foreign-ca.pem");
+    std::fs::write(&foreign_ca, TestPki::new().ca.cert_pem).unwrap();
+    for stderr in each_command_failing(&central.address, &foreign_ca, &package).await {
+        let tls = format!("TLS with {} failed: invalid peer certificate", central.address);
+        assert!(stderr.contains(&tls), "{stderr}");
+        assert!(stderr.contains("check that --ca is the CA that signed Central's certificate"), "{stderr}");
+    }
     central.stop().await;
 }

@@ -1,15 +1,18 @@
 //! End to end: the Collector against hostile or broken peers and a hostile
 //! node. What a peer says reaches the crash-loop report escaped; each kind
-//! of failure gets the advice that fits it; an endless answer is cut off in
-//! bounded memory; a temporary file left by a killed run never wedges the
-//! next one, also as pid 1.
+//! of failure gets the advice that fits it, TLS with a download site its
+//! own; an endless answer is cut off in bounded memory; a temporary file
+//! left by a killed run never wedges the next one, also as pid 1.
 
 mod common;
+#[path = "common/connect_proxy.rs"]
+mod connect_proxy;
 
 use std::path::Path;
 use std::pin::Pin;
 
 use common::{Central, TestPki};
+use connect_proxy::ConnectProxy;
 use probe_api::v1::probe_service_server::{ProbeService, ProbeServiceServer};
 use probe_api::v1::{GetProbeRequest, GetProbeResponse};
 use tokio_stream::Stream;
@@ -130,6 +133,32 @@ async fn each_failure_gets_advice_that_fits_it() {
     assert_eq!(code, 1, "{stderr}");
     assert!(stderr.contains("stored copy of the probe is damaged (above): `central-probes verify`"), "{stderr}");
     server.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_failing_with_a_download_site_is_advised_on_what_the_collector_trusts_for_it() {
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().unwrap();
+    // The site's certificate comes from a CA that SSL_CERT_FILE does not hold.
+    let bucket = common::https_bucket(&TestPki::new(), dir.path(), dir.path());
+    let base = format!("https://localhost:{}/modules", bucket.port);
+    let bundle = format!("SSL_CERT_FILE ({})", pki.ca_file().display());
+    let central_advice = ["--ca is the CA", "SNI_HOSTNAME", "--cert", "cluster CA"];
+
+    let (code, stderr, _) = get_probe(&pki, dir.path(), &["--module-download-base-url", &base], &[]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("invalid peer certificate"), "{stderr}");
+    assert!(stderr.contains(&format!("TLS with the download site failed (above): check that {bundle}")), "{stderr}");
+    assert!(stderr.contains("that the certificate names localhost"), "{stderr}");
+    assert!(!stderr.contains("https_proxy"), "no proxy is set: {stderr}");
+    assert!(central_advice.iter().all(|advice| !stderr.contains(advice)), "{stderr}");
+
+    let proxy = ConnectProxy::start().await;
+    let https_proxy = format!("https_proxy=http://{}", proxy.address);
+    let (code, stderr, _) = get_probe(&pki, dir.path(), &["--module-download-base-url", &base], &["env", &https_proxy]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains(&format!("through the proxy http://{} (https_proxy)", proxy.address)), "{stderr}");
+    assert!(central_advice.iter().all(|advice| !stderr.contains(advice)), "{stderr}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -5,7 +5,7 @@ use std::time::Duration;
 use probe_api::digest::{Sha256Digest, Sha256Hasher};
 use probe_api::errors::remote_text;
 use probe_api::probe_stream::ProbeReply;
-use probe_api::transport::{self, ClientTls};
+use probe_api::transport::{self, ClientTls, Unreached};
 use probe_api::v1::probe_service_client::ProbeServiceClient;
 use probe_api::v1::{GetProbeRequest, ProbeSource};
 use tonic::Code;
@@ -79,38 +79,16 @@ impl CentralClient {
 /// What kind of trouble a failed fetch from Central at `address` was, and
 /// a line saying it: for a connection that never came up, the address and
 /// the system's reason ("Connection refused", a name that does not
-/// resolve); for TLS, what was refused. Central's words are escaped.
+/// resolve); for TLS, what was refused (`transport::unreached`). Central's
+/// words are escaped.
 pub fn failure(address: &str, error: &FetchError) -> (Outcome, String) {
     let FetchError::Status(status) = error else { return (Outcome::Failed, remote_text(&error.to_string())) };
     if status.code() == Code::DataLoss {
         return (Outcome::Damaged, remote_text(&error.to_string()));
     }
-    let mut causes = Vec::new();
-    let mut next = std::error::Error::source(status);
-    while let Some(cause) = next {
-        causes.push(cause.to_string());
-        next = cause.source();
-    }
-    let all = format!("{} {}", status.message(), causes.join(" "));
-    let tls = ["certificate", "Certificate", "UnknownCA", "UnknownIssuer", "HandshakeFailure", "tls handshake"]
-        .iter()
-        .any(|word| all.contains(word));
-    let transport = matches!(status.code(), Code::Unavailable | Code::Unknown | Code::Cancelled)
-        && ["tcp connect error", "dns error", "transport error", "connection error", "timed out"]
-            .iter()
-            .any(|word| status.message().contains(word));
-    let reason = causes.last().map_or(status.message(), String::as_str);
-    // Under TLS 1.3 a server that refuses the client's certificate does so
-    // after the handshake: the call ends cancelled, the connection closed.
-    let closed = status.message().contains("operation was canceled") && all.contains("connection closed");
-    if closed {
-        let why = "the connection closed before an answer, as when Central refuses this node's client certificate";
-        (Outcome::Tls, format!("TLS with {address} failed: {why}"))
-    } else if tls {
-        (Outcome::Tls, format!("TLS with {address} failed: {}", remote_text(reason)))
-    } else if transport {
-        (Outcome::Unreachable, format!("cannot connect to {address}: {}", remote_text(reason)))
-    } else {
-        (Outcome::Failed, remote_text(&error.to_string()))
+    match transport::unreached(address, status) {
+        Some((Unreached::Connect, line)) => (Outcome::Unreachable, line),
+        Some((Unreached::Tls, line)) => (Outcome::Tls, line),
+        None => (Outcome::Failed, remote_text(&error.to_string())),
     }
 }

@@ -21,7 +21,7 @@ use crate::central::CentralClient;
 use crate::chain::{self, RetryPolicy, Served};
 use crate::https_probes::HttpsProbeClient;
 use crate::output;
-use crate::report::{NotServed, Outcome, Tried};
+use crate::report::{DownloadSite, NotServed, Outcome, Tried};
 use crate::signatures::{Checked, Mode, SignaturePolicy};
 use crate::sources::{BuiltinDir, CentralSource, HttpsSource, ProbeSource};
 
@@ -121,11 +121,12 @@ pub async fn fetch(settings: Settings) -> Result<Fetched, FetchError> {
     let signatures =
         SignaturePolicy::new(signature.mode, signature.keys.clone(), signature.min_serial, state_dir, kernel.collect())
             .map_err(setup)?;
-    let sources = sources(&settings, signatures.wants_signatures())?;
+    let (sources, download_site) = sources(&settings, signatures.wants_signatures())?;
     let cache = settings.cache_dir.as_deref().map(ProbeCache::new);
     let not_served = |mut report: NotServed| {
         report.signature_policy = signatures.mode();
         report.signature_refusals = signatures.refusals();
+        report.download_site = download_site.clone();
         FetchError::NotServed(Box::new(report))
     };
     let served = match chain::get_probe(&sources, module_version, candidates, settings.retry, &signatures).await {
@@ -174,9 +175,13 @@ pub async fn fetch(settings: Settings) -> Result<Fetched, FetchError> {
     Ok(Fetched { served, verified, signature_policy, signature_refusals })
 }
 
-/// The sources `settings` name, in the order they are asked.
-fn sources(settings: &Settings, with_signatures: bool) -> Result<Vec<Box<dyn ProbeSource>>, FetchError> {
-    let mut sources: Vec<Box<dyn ProbeSource>> = Vec::new();
+/// The sources to look in, in the order they are asked.
+type Sources = Vec<Box<dyn ProbeSource>>;
+
+/// The sources `settings` name, and how the download site is reached when
+/// one is named.
+fn sources(settings: &Settings, with_signatures: bool) -> Result<(Sources, Option<DownloadSite>), FetchError> {
+    let mut sources: Sources = Vec::new();
     if let Some(dir) = &settings.builtin_dir {
         sources.push(Box::new(BuiltinDir { dir: dir.clone(), uncompressed: false }));
         sources.push(Box::new(BuiltinDir { dir: dir.clone(), uncompressed: true }));
@@ -193,10 +198,17 @@ fn sources(settings: &Settings, with_signatures: bool) -> Result<Vec<Box<dyn Pro
             sources.push(Box::new(CentralSource { address: address.to_owned(), client, request_timeout }));
         }
     }
+    let mut download_site = None;
     if let Some(base_url) = &settings.download_base_url {
-        let tls = ClientTls { ca_pem: probe_api::https::system_ca_bundle().map_err(setup)?, identity: None };
+        let ca_bundle = probe_api::https::system_ca_bundle_file().map_err(setup)?;
+        let tls = ClientTls { ca_pem: ca_bundle.read().map_err(setup)?, identity: None };
         let client = HttpsProbeClient::bucket(base_url, &tls, connect_timeout).map_err(setup)?;
         let name = format!("download site {}", client.base());
+        download_site = Some(DownloadSite {
+            host: client.base().host.clone(),
+            ca_bundle: ca_bundle.to_string(),
+            proxy: client.proxy().map(ToString::to_string),
+        });
         sources.push(Box::new(HttpsSource { name, client, request_timeout, with_signatures }));
     }
     if sources.is_empty() {
@@ -205,5 +217,5 @@ fn sources(settings: &Settings, with_signatures: bool) -> Result<Vec<Box<dyn Pro
              or --module-download-base-url (MODULE_DOWNLOAD_BASE_URL)",
         ));
     }
-    Ok(sources)
+    Ok((sources, download_site))
 }

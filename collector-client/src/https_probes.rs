@@ -11,7 +11,7 @@ use base64::Engine;
 use http_body_util::BodyExt;
 use probe_api::digest::{Sha256Digest, Sha256Hasher};
 use probe_api::errors::remote_text;
-use probe_api::https::{HttpsClient, HttpsError, HttpsUrl, ProxySettings, Step};
+use probe_api::https::{HttpsClient, HttpsError, HttpsUrl, Proxy, ProxySettings, Step};
 use probe_api::signing::{MAX_SIGNATURE_LEN, SIGNATURE_SUFFIX};
 use probe_api::transport::ClientTls;
 
@@ -46,11 +46,12 @@ impl std::fmt::Display for HttpsFetchError {
     }
 }
 
-/// A request that got no HTTP answer, as a failure of its kind.
-fn unanswered(url: &impl std::fmt::Display, error: HttpsError) -> HttpsFetchError {
+/// A request that got no HTTP answer, as a failure of its kind; a failed
+/// TLS handshake as `tls`.
+fn unanswered(url: &impl std::fmt::Display, error: HttpsError, tls: Outcome) -> HttpsFetchError {
     let outcome = match error.step() {
         Step::Connect => Outcome::Unreachable,
-        Step::Tls => Outcome::Tls,
+        Step::Tls => tls,
         Step::Other => Outcome::Failed,
     };
     HttpsFetchError::Failed(outcome, format!("{url}: {error}"))
@@ -74,6 +75,9 @@ const ERROR_TEXT: usize = 500;
 pub struct HttpsProbeClient {
     client: HttpsClient,
     base: HttpsUrl,
+    /// What a failed TLS handshake is: with Central or with a download
+    /// site, whose advice differs.
+    tls_outcome: Outcome,
 }
 
 impl HttpsProbeClient {
@@ -89,14 +93,15 @@ impl HttpsProbeClient {
         let url = if address.starts_with("https://") { address.to_owned() } else { format!("https://{address}") };
         let base = HttpsUrl::parse(&url)?;
         let client = HttpsClient::new(tls, ProxySettings::default(), connect_timeout)?.with_server_name(server_name);
-        Ok(HttpsProbeClient { client, base: HttpsUrl { path: "/kernel-objects/".to_owned(), ..base } })
+        let base = HttpsUrl { path: "/kernel-objects/".to_owned(), ..base };
+        Ok(HttpsProbeClient { client, base, tls_outcome: Outcome::Tls })
     }
 
     /// A bucket at `base_url`, trusted by the CAs of `tls`, through the
     /// proxy of the environment.
     pub fn bucket(base_url: &str, tls: &ClientTls, connect_timeout: Duration) -> Result<Self, HttpsError> {
         let client = HttpsClient::new(tls, ProxySettings::from_env()?, connect_timeout)?;
-        Ok(HttpsProbeClient { client, base: HttpsUrl::parse(base_url)? })
+        Ok(HttpsProbeClient { client, base: HttpsUrl::parse(base_url)?, tls_outcome: Outcome::SiteTls })
     }
 
     /// Where the probes are.
@@ -104,10 +109,16 @@ impl HttpsProbeClient {
         &self.base
     }
 
+    /// The proxy requests go through, if any.
+    pub fn proxy(&self) -> Option<&Proxy> {
+        self.client.proxy_for(&self.base)
+    }
+
     pub async fn fetch(&self, module_version: &str, file_name: &str) -> Result<HttpsProbe, HttpsFetchError> {
         let url = self.base.join(&format!("{module_version}/{file_name}"));
         let failed = |why: String| HttpsFetchError::Failed(Outcome::Failed, format!("{url}: {why}"));
-        let mut response = self.client.request(http::Method::GET, &url).await.map_err(|e| unanswered(&url, e))?;
+        let mut response =
+            self.client.request(http::Method::GET, &url).await.map_err(|e| unanswered(&url, e, self.tls_outcome))?;
         let status = response.status();
         if status != http::StatusCode::OK {
             // The start of an error body says why; the rest is left unread,
@@ -176,7 +187,8 @@ impl HttpsProbeClient {
     ) -> Result<Option<Vec<u8>>, HttpsFetchError> {
         let url = self.base.join(&format!("{module_version}/{file_name}{SIGNATURE_SUFFIX}"));
         let failed = |why: String| HttpsFetchError::Failed(Outcome::Failed, format!("{url}: {why}"));
-        let mut response = self.client.request(http::Method::GET, &url).await.map_err(|e| unanswered(&url, e))?;
+        let mut response =
+            self.client.request(http::Method::GET, &url).await.map_err(|e| unanswered(&url, e, self.tls_outcome))?;
         match response.status() {
             http::StatusCode::OK => {}
             http::StatusCode::NOT_FOUND | http::StatusCode::FORBIDDEN | http::StatusCode::GONE => return Ok(None),

@@ -22,9 +22,11 @@ pub enum Outcome {
     Refused,
     /// No connection: refused, no route, a name that does not resolve.
     Unreachable,
-    /// The TLS handshake failed, or the peer refused this node's
-    /// certificate.
+    /// The TLS handshake with Central failed, or Central refused this
+    /// node's certificate.
     Tls,
+    /// The TLS handshake with the download site failed.
+    SiteTls,
     /// Central holds the probe but its stored copy no longer matches what
     /// was uploaded (DATA_LOSS).
     Damaged,
@@ -57,6 +59,22 @@ pub struct NotServed {
     /// The signature policy in force, and its refusals by reason.
     pub signature_policy: Mode,
     pub signature_refusals: BTreeMap<&'static str, u64>,
+    /// How the download site is reached, when one is set: what the advice
+    /// on a failed TLS handshake with it names.
+    pub download_site: Option<DownloadSite>,
+}
+
+/// What the Collector trusts and goes through to reach its download site.
+#[derive(Clone, Debug)]
+pub struct DownloadSite {
+    /// The URL's host, which the site's certificate must name.
+    pub host: String,
+    /// The CA bundle trusted for it (`SSL_CERT_FILE (PATH)`, or the
+    /// system's bundle and its path).
+    pub ca_bundle: String,
+    /// The proxy of `https_proxy` it is reached through, credentials left
+    /// out.
+    pub proxy: Option<String>,
 }
 
 impl NotServed {
@@ -70,6 +88,7 @@ impl NotServed {
             remote_answered: false,
             signature_policy: Mode::Off,
             signature_refusals: BTreeMap::new(),
+            download_site: None,
         }
     }
 
@@ -137,6 +156,9 @@ impl fmt::Display for NotServed {
                  are a client identity issued by Central's cluster CA and still valid"
             )?;
         }
+        if saw(Outcome::SiteTls) {
+            writeln!(f, "  - {}", site_tls_advice(self.download_site.as_ref()))?;
+        }
         if saw(Outcome::Refused) {
             writeln!(
                 f,
@@ -164,5 +186,70 @@ impl fmt::Display for NotServed {
     }
 }
 
+/// What to check when TLS with the download site failed: it is no part of
+/// the cluster, so Central's CA and this node's identity play no part.
+fn site_tls_advice(site: Option<&DownloadSite>) -> String {
+    let Some(site) = site else {
+        return "TLS with the download site failed (above): check the CA bundle the Collector trusts \
+                (SSL_CERT_FILE, else the system's), and that the site's certificate names its host"
+            .to_owned();
+    };
+    let mut advice = format!(
+        "TLS with the download site failed (above): check that {}, the CA bundle this Collector trusts for \
+         it, holds the CA that signed the site's certificate (set SSL_CERT_FILE to a bundle that does), and \
+         that the certificate names {}",
+        site.ca_bundle, site.host
+    );
+    if let Some(proxy) = &site.proxy {
+        advice.push_str(&format!(
+            "; requests go through the proxy {proxy} (https_proxy): a proxy that inspects TLS presents a \
+             certificate of its own, whose CA must be in that bundle"
+        ));
+    }
+    advice
+}
+
 /// The report is the error: `get-probe` prints it and exits 1.
 impl std::error::Error for NotServed {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn failed_tls(source: &str, kind: Outcome) -> NotServed {
+        let module_version = ModuleVersion::parse("2.5.0").unwrap();
+        let tried = Tried {
+            file_name: "collector-ebpf-6.1.0.o.gz".to_owned(),
+            source: source.to_owned(),
+            outcome: "the TLS handshake failed: invalid peer certificate: UnknownIssuer".to_owned(),
+            kind,
+            attempts: 1,
+        };
+        let mut report = NotServed::new(&module_version, &["6.1.0".to_owned()], vec![tried], Duration::ZERO);
+        report.download_site = Some(DownloadSite {
+            host: "probes.example.com".to_owned(),
+            ca_bundle: "SSL_CERT_FILE (/etc/bundle.pem)".to_owned(),
+            proxy: Some("http://proxy.example.com:3128".to_owned()),
+        });
+        report
+    }
+
+    #[test]
+    fn tls_failing_with_the_download_site_gets_advice_on_what_the_collector_trusts_for_it() {
+        let text = failed_tls("download site https://probes.example.com/", Outcome::SiteTls).to_string();
+        assert!(text.contains("TLS with the download site failed (above)"), "{text}");
+        assert!(text.contains("check that SSL_CERT_FILE (/etc/bundle.pem), the CA bundle"), "{text}");
+        assert!(text.contains("that the certificate names probes.example.com"), "{text}");
+        assert!(text.contains("the proxy http://proxy.example.com:3128 (https_proxy)"), "{text}");
+        for central_only in ["--ca", "SNI_HOSTNAME", "--cert", "cluster CA"] {
+            assert!(!text.contains(central_only), "{central_only}: {text}");
+        }
+    }
+
+    #[test]
+    fn tls_failing_with_central_keeps_its_advice() {
+        let text = failed_tls("Central localhost:8443", Outcome::Tls).to_string();
+        assert!(text.contains("TLS failed (above): check that --ca is the CA that signed Central's"), "{text}");
+        assert!(!text.contains("download site"), "{text}");
+    }
+}

@@ -34,13 +34,47 @@ pub use url::HttpsUrl;
 /// The system's CA bundle (PEM): `SSL_CERT_FILE`, else the first of the
 /// usual places (Debian and Ubuntu, RHEL and Fedora, Alpine and others).
 pub fn system_ca_bundle() -> Result<Vec<u8>, HttpsError> {
+    system_ca_bundle_file()?.read()
+}
+
+/// Where [`system_ca_bundle`] reads the bundle from, and why there: advice
+/// on a failed TLS handshake names the file that was trusted.
+pub fn system_ca_bundle_file() -> Result<CaBundleFile, HttpsError> {
     const USUAL: [&str; 3] =
         ["/etc/ssl/certs/ca-certificates.crt", "/etc/pki/tls/certs/ca-bundle.crt", "/etc/ssl/cert.pem"];
-    let from_env = std::env::var_os("SSL_CERT_FILE").map(std::path::PathBuf::from);
-    let path = from_env
-        .or_else(|| USUAL.iter().map(std::path::PathBuf::from).find(|path| path.exists()))
+    if let Some(path) = std::env::var_os("SSL_CERT_FILE") {
+        return Ok(CaBundleFile { path: path.into(), from_ssl_cert_file: true });
+    }
+    let path = USUAL
+        .iter()
+        .map(std::path::PathBuf::from)
+        .find(|path| path.exists())
         .ok_or_else(|| error("no system CA bundle found (set SSL_CERT_FILE)"))?;
-    std::fs::read(&path).map_err(|e| error(format!("reading the CA bundle {}: {e}", path.display())))
+    Ok(CaBundleFile { path, from_ssl_cert_file: false })
+}
+
+/// A CA bundle file of the system.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CaBundleFile {
+    pub path: std::path::PathBuf,
+    /// Named by `SSL_CERT_FILE` rather than found in a usual place.
+    pub from_ssl_cert_file: bool,
+}
+
+impl CaBundleFile {
+    pub fn read(&self) -> Result<Vec<u8>, HttpsError> {
+        std::fs::read(&self.path).map_err(|e| error(format!("reading the CA bundle {}: {e}", self.path.display())))
+    }
+}
+
+/// `SSL_CERT_FILE (PATH)`, or `the system's CA bundle PATH`.
+impl std::fmt::Display for CaBundleFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.from_ssl_cert_file {
+            true => write!(f, "SSL_CERT_FILE ({})", self.path.display()),
+            false => write!(f, "the system's CA bundle {}", self.path.display()),
+        }
+    }
 }
 
 /// A TLS connector for HTTP/1.1 that trusts only `tls.ca_pem` and presents

@@ -5,9 +5,11 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use central_probes::admin::client as admin_client;
+use central_probes::admin::error::AdminError;
 use central_probes::admin::progress::Progress;
 use central_probes::admin::upload::{self as admin_upload, UploadReport, UploadRequest};
 use clap::Args;
+use probe_api::transport;
 use probe_api::v1::FileOutcome;
 
 use super::{CliError, OutputFormat};
@@ -77,14 +79,15 @@ impl Endpoint {
     }
 
     /// `work` given at most `--timeout`; `what` names it in the error
-    /// ("the export").
+    /// ("the export"), and a call that never reached Central names its
+    /// address and the reason.
     pub(crate) async fn within<T, E: Into<CliError>>(
         &self,
         what: &str,
         work: impl Future<Output = Result<T, E>>,
     ) -> Result<T, CliError> {
         match tokio::time::timeout(self.timeout, work).await {
-            Ok(result) => result.map_err(Into::into),
+            Ok(result) => result.map_err(|error| self.unreached(error.into())),
             Err(_) => {
                 Err(format!("{what} did not finish within --timeout {}", humantime::format_duration(self.timeout))
                     .into())
@@ -93,8 +96,8 @@ impl Endpoint {
     }
 
     /// One call to Central given at most `--timeout`, its failure shown
-    /// with the hints of `transport::describe`; `what` names it ("listing
-    /// misses").
+    /// with the hints of `transport::describe_at`; `what` names it
+    /// ("listing misses").
     pub(crate) async fn call<T>(
         &self,
         what: &str,
@@ -103,9 +106,22 @@ impl Endpoint {
         let described = async {
             call.await
                 .map(tonic::Response::into_inner)
-                .map_err(|status| format!("{what}: {}", probe_api::transport::describe(&status)))
+                .map_err(|status| format!("{what}: {}", transport::describe_at(&self.endpoint, &status)))
         };
         self.within(what, described).await
+    }
+
+    /// `error`, or, for a call of the admin API that never reached Central,
+    /// a line naming Central's address and the system's or TLS's reason:
+    /// the call's status alone knows neither the address nor, in its
+    /// message, the reason.
+    fn unreached(&self, error: CliError) -> CliError {
+        match error.downcast_ref::<AdminError>() {
+            Some(AdminError::Rpc { what, status }) if transport::unreached(&self.endpoint, &status.0).is_some() => {
+                format!("{what}: {}", transport::describe_at(&self.endpoint, &status.0)).into()
+            }
+            _ => error,
+        }
     }
 }
 
