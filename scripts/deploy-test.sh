@@ -422,10 +422,11 @@ said() {
     tail -n 4 "$WORK/play-$1.txt" | sed 's/^/    /'
   fi
 }
-# first_exit: the exit status of the init container's first run.
+# first_exit: the exit status of the init container's first run; none when
+# there is no init container (the pod was never made: said tells why).
 first_exit() {
   local id
-  id=$(podman container inspect collector-get-probe --format '{{.Id}}')
+  id=$(podman container inspect collector-get-probe --format '{{.Id}}' 2>/dev/null) || return 0
   podman events --stream=false --filter "container=$id" --filter event=died \
     --format '{{.ContainerExitCode}}' | sed -n 1p
 }
