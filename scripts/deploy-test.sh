@@ -6,9 +6,14 @@
 #      Central pod, and the Collector container reads that probe;
 #   2. a new Collector pod started while Central is stopped gets the probe
 #      from the node cache (the hostPath);
-#   3. a probe that is not signed is refused (the init container exits 1).
-# One line per check; exits non-zero when any fails. Needs root (podman as
-# root, apt-get for what is missing).
+#   3. a probe that is not signed is refused (the init container exits 1);
+# and, before anything is played, that the kubelet would start every
+# container of central.yaml and of collector.yaml as to runAsNonRoot, which
+# podman 4.3 ignores (a container with runAsNonRoot and runAsUser 0 runs as
+# root under podman, and is never started by the kubelet).
+# One line per check, and after a failed one the last lines the pod wrote,
+# which say why; exits non-zero when any fails. Needs root (podman as root,
+# apt-get for what is missing).
 #
 # What is played: central.yaml as it is (its PersistentVolumeClaim and
 # Deployment; podman ignores the Service, which a forwarder container plays:
@@ -128,6 +133,16 @@ check() { # check WHAT CONDITION-COMMAND...: one line, counted when it fails
     FAILED=1
   fi
 }
+# check_run RUN WHAT CONDITION-COMMAND...: check; when it fails, also what
+# the pod of run RUN said (see said), so that a CI log shows why.
+check_run() {
+  local run=$1 failed_before=$FAILED
+  shift
+  FAILED=0
+  check "$@"
+  if [ "$FAILED" != 0 ]; then said "$run" >&2 || true; fi
+  FAILED=$((FAILED | failed_before))
+}
 
 # make_rootfs DIR FILE...: each FILE at /usr/local/bin, the shared libraries
 # ldd lists for it at their own paths, and distroless' users.
@@ -223,6 +238,50 @@ EOF
 secret central-tls tls.crt="$WORK/pki/server.pem" tls.key="$WORK/pki/server-key.pem" ca.crt="$WORK/pki/ca.pem"
 secret collector-tls ca.pem="$WORK/pki/ca.pem" cert.pem="$WORK/pki/collector.pem" key.pem="$WORK/pki/collector-key.pem"
 
+# nonroot_admitted MANIFEST...: the kubelet's runAsNonRoot rule, which podman
+# 4.3 does not apply: a container whose securityContext (its own, else the
+# pod's) says runAsNonRoot must run as a known UID other than 0 (runAsUser,
+# else the image's USER, which must then be numeric). Prints the kubelet's
+# refusal for each container it would not start.
+nonroot_admitted() {
+  python3 - "$@" <<'EOF'
+import subprocess, sys, yaml
+refused = []
+for manifest in sys.argv[1:]:
+    for doc in yaml.safe_load_all(open(manifest)):
+        if not doc or doc.get("kind") not in ("Pod", "Deployment", "DaemonSet", "StatefulSet"):
+            continue
+        spec = doc["spec"] if doc["kind"] == "Pod" else doc["spec"]["template"]["spec"]
+        pod = {k: v for k, v in (spec.get("securityContext") or {}).items() if k in ("runAsNonRoot", "runAsUser")}
+        for container in spec.get("initContainers", []) + spec["containers"]:
+            context = {**pod, **(container.get("securityContext") or {})}
+            if not context.get("runAsNonRoot"):
+                continue
+            where = f"{manifest}, {doc['kind']} {doc['metadata']['name']}, container {container['name']}"
+            if "runAsUser" in context:
+                if context["runAsUser"] == 0:
+                    refused.append(f"{where}: container's runAsUser breaks non-root policy")
+                continue
+            inspect = subprocess.run(["podman", "image", "inspect", "--format", "{{.Config.User}}", container["image"]],
+                                     capture_output=True, text=True)
+            if inspect.returncode != 0:
+                refused.append(f"{where}: no image {container['image']} to read its USER from")
+                continue
+            user = inspect.stdout.strip().split(":")[0]
+            if user in ("", "0"):
+                refused.append(f"{where}: container has runAsNonRoot and image will run as root")
+            elif not user.isdigit():
+                refused.append(f"{where}: container has runAsNonRoot and image has non-numeric user ({user}), "
+                               "cannot verify user is non-root")
+for line in refused:
+    print(f"    kubelet: {line}", file=sys.stderr)
+sys.exit(1 if refused else 0)
+EOF
+}
+echo "== the kubelet's runAsNonRoot rule, which podman 4.3 ignores"
+check "runAsNonRoot holds for every container of central.yaml and collector.yaml (the kubelet would start them)" \
+  nonroot_admitted deploy/k8s/central.yaml deploy/k8s/collector.yaml
+
 echo "== Central: deploy/k8s/central.yaml on the network deploytest at $CENTRAL_IP"
 podman network create --subnet "$NET.0/24" deploytest >/dev/null
 podman kube play --network deploytest --ip "$CENTRAL_IP" deploy/k8s/central.yaml >"$WORK/play-central.txt" 2>&1
@@ -302,11 +361,12 @@ configmap "$WORK/cm-2.6.0.json" collector-module-version MODULE_VERSION.txt=2.6.
 # version's ConfigMap, played in the background (PLAY_PID); returns once the
 # Collector container has said what it read, or once the init container's
 # first run has failed (podman runs it again: the log shows a second start),
-# or after 6 minutes (the retry budget is 3). The pod's containers log to
+# or once kube play has failed (the pod was not made: nothing will come), or
+# after 6 minutes (the retry budget is 3). The pod's containers log to
 # $WORK/collector-RUN.log: podman removes an init container once it
 # succeeded, and its log with it.
 play_collector() {
-  local log=$WORK/collector-$1.log
+  local log=$WORK/collector-$1.log played
   remove_collector
   collector_pod collector
   : >"$log"
@@ -317,6 +377,12 @@ play_collector() {
   for _ in $(seq 1 360); do
     grep -q "collector: /module/probe.o sha256" "$log" && return 0
     [ "$(grep -c "kernel candidates" "$log")" -ge 2 ] && return 0
+    if ! kill -0 "$PLAY_PID" 2>/dev/null; then
+      played=0
+      wait "$PLAY_PID" || played=$?
+      PLAY_PID=
+      [ "$played" = 0 ] || return 0
+    fi
     sleep 1
   done
 }
@@ -345,10 +411,22 @@ probe_read_in() { # the SHA-256 the Collector container printed in run $1
 }
 # first_try RUN: what the init container said in its first run.
 first_try() { awk '/kernel candidates/ { runs++ } runs <= 1' "$WORK/collector-$1.log"; }
-# first_exit: the exit status of the init container's first run.
+# said RUN: the last lines of the init container's first run in RUN (the
+# Collector container's, if it started), without the log's time stamps and
+# with partial lines joined; or, when the pod was never made, kube play's.
+said() {
+  if [ -s "$WORK/collector-$1.log" ]; then
+    first_try "$1" | awk '{ tag = $3; sub(/^[^ ]+ [^ ]+ [FP] ?/, ""); line = line $0 }
+      tag == "F" { print line; line = "" }' | grep -v '^$' | tail -n 8 | sed 's/^/    /'
+  else
+    tail -n 4 "$WORK/play-$1.txt" | sed 's/^/    /'
+  fi
+}
+# first_exit: the exit status of the init container's first run; none when
+# there is no init container (the pod was never made: said tells why).
 first_exit() {
   local id
-  id=$(podman container inspect collector-get-probe --format '{{.Id}}')
+  id=$(podman container inspect collector-get-probe --format '{{.Id}}' 2>/dev/null) || return 0
   podman events --stream=false --filter "container=$id" --filter event=died \
     --format '{{.ContainerExitCode}}' | sed -n 1p
 }
@@ -358,9 +436,9 @@ fetched() {
   [ "$(probe_read_in signed)" = "$EXPECTED" ] &&
     first_try signed | grep "from Central central-probes:443 .*signed by key" >/dev/null
 }
-check "signed probe fetched from the Central pod by the init container and read by the Collector (sha256 $EXPECTED)" \
+check_run signed "signed probe fetched from the Central pod by the init container and read by the Collector (sha256 $EXPECTED)" \
   fetched
-check "the node cache (hostPath) holds the probe's signature and the node's state" \
+check_run signed "the node cache (hostPath) holds the probe's signature and the node's state" \
   test -n "$(find "$NODE_CACHE" -name '*.minisig' 2>/dev/null)" -a -d "$NODE_CACHE/state"
 
 echo "== a Collector of module version 2.6.0, whose package was uploaded unsigned (its retry budget: 3 minutes)"
@@ -368,7 +446,7 @@ play_collector unsigned 2.6.0
 refused() {
   [ "$(first_exit)" = 1 ] && first_try unsigned | grep "signature refused: the probe is not signed" >/dev/null
 }
-check "unsigned probe refused: the init container exits 1 and says signature refused" refused
+check_run unsigned "unsigned probe refused: the init container exits 1 and says signature refused" refused
 
 echo "== Central stopped; a new Collector pod (the same node cache; its retry budget: 3 minutes)"
 podman pod stop "$CENTRAL_POD" >/dev/null 2>&1
@@ -378,7 +456,7 @@ from_cache() {
   [ "$(probe_read_in cached)" = "$EXPECTED" ] &&
     first_try cached | grep "from the node-local cache .*signed by key" >/dev/null
 }
-check "with Central stopped, the new pod's probe came from the node cache (sha256 $EXPECTED)" from_cache
+check_run cached "with Central stopped, the new pod's probe came from the node cache (sha256 $EXPECTED)" from_cache
 remove_collector
 
 if [ "$FAILED" != 0 ]; then
