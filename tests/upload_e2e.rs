@@ -555,9 +555,19 @@ async fn a_full_disk_refuses_the_upload_keeps_stored_probes_and_keeps_serving() 
     let error = admin_upload::upload(&mut admin, &request, |_| Progress::Silent).await.unwrap_err();
     assert_eq!(error.code(), Some(Code::ResourceExhausted), "{error}");
 
-    let kept = settled_whole_probes(&central, &spec).await;
+    // Under load, commits of the files before the refused one may land
+    // after a pause longer than `settled_whole_probes` waits out: wait until
+    // what is listed and what is whole on disk agree.
+    let mut tries = 0;
+    let (kept, stored) = loop {
+        let kept = settled_whole_probes(&central, &spec).await;
+        let stored = admin_client::list_all(&mut admin, None).await.unwrap();
+        tries += 1;
+        if stored.len() == kept || tries == 50 {
+            break (kept, stored);
+        }
+    };
     assert!(kept > 0 && kept < spec.probe_paths().len(), "{kept} probes fit");
-    let stored = admin_client::list_all(&mut admin, None).await.unwrap();
     assert_eq!(stored.len(), kept);
     let (module_version, file_name) = stored[0].path.split_once('/').unwrap();
     let probe = central.collector(&pki, Some(&pki.collector)).fetch(module_version, file_name).await.unwrap();
