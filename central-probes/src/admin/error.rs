@@ -151,6 +151,21 @@ impl fmt::Display for Rpc {
 impl std::error::Error for Rpc {}
 
 impl AdminError {
+    /// `NoProbesFor` the module versions of `asked` that are not among
+    /// `held` (each named once, in order), if any: a version asked for by
+    /// name that Central has no probes of is an error, never an empty
+    /// answer (`export`, `verify`).
+    pub fn unless_held<S: AsRef<str>>(asked: &[String], held: impl IntoIterator<Item = S>) -> Result<(), AdminError> {
+        let held: std::collections::HashSet<String> = held.into_iter().map(|v| v.as_ref().to_owned()).collect();
+        let mut missing: Vec<String> = asked.iter().filter(|v| !held.contains(v.as_str())).cloned().collect();
+        missing.sort();
+        missing.dedup();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        Err(AdminError::NoProbesFor { module_versions: missing })
+    }
+
     pub fn rpc(what: &'static str) -> impl FnOnce(tonic::Status) -> AdminError {
         move |status| AdminError::Rpc { what, status: Rpc(status) }
     }

@@ -54,9 +54,7 @@ pub async fn export(
     let (sender, receiver) = mpsc::channel(QUEUE);
     let writer_partial = partial.clone();
     let writer = tokio::task::spawn_blocking(move || write_package(file, receiver, &writer_partial));
-    let mut asked = module_versions.clone();
-    asked.sort();
-    asked.dedup();
+    let asked = module_versions.clone();
     let received = receive(client, module_versions, sender).await;
     // The writer ends once the sender is gone: with what was received, or
     // early with its own error.
@@ -64,11 +62,9 @@ pub async fn export(
     // An empty stream that ends OK is Central's answer for module versions
     // it has no probes of (they are not an error of the API).
     let report = received.and(written).and_then(|report| {
-        let missing: Vec<String> =
-            asked.iter().filter(|version| !report.module_versions.contains(version)).cloned().collect();
-        match (report.probes, missing.is_empty()) {
-            (0, true) => Err(AdminError::NothingStored),
-            (_, false) => Err(AdminError::NoProbesFor { module_versions: missing }),
+        AdminError::unless_held(&asked, &report.module_versions)?;
+        match report.probes {
+            0 => Err(AdminError::NothingStored),
             _ => Ok(report),
         }
     });

@@ -133,29 +133,16 @@ fn report(args: &VerifyArgs, damaged: &[Damaged], summary: VerifySummary) -> Res
     Err(Box::new(Incomplete { status: 1, message }))
 }
 
-/// A module version asked for that the store has no probes of fails the
-/// check: "0 damaged" would read as an all-clear for a mistyped version.
-fn none_unknown<'a>(asked: &[String], known: impl IntoIterator<Item = &'a str>) -> Result<(), CliError> {
-    let known: std::collections::HashSet<&str> = known.into_iter().collect();
-    let mut missing: Vec<String> = asked.iter().filter(|v| !known.contains(v.as_str())).cloned().collect();
-    missing.sort();
-    missing.dedup();
-    if missing.is_empty() {
-        return Ok(());
-    }
-    Err(Box::new(AdminError::NoProbesFor { module_versions: missing }))
-}
-
 async fn offline(
     store: Arc<dyn ProbeStore>,
     versions: &[ModuleVersion],
     found: &mut impl FnMut(Damaged),
 ) -> Result<VerifySummary, CliError> {
+    // "0 damaged" would read as an all-clear for a mistyped version.
     if !versions.is_empty() {
-        let summaries = store.summaries().await?;
         let asked: Vec<String> = versions.iter().map(ToString::to_string).collect();
-        let known: Vec<String> = summaries.iter().map(|s| s.module_version.to_string()).collect();
-        none_unknown(&asked, known.iter().map(String::as_str))?;
+        let held = store.summaries().await?.into_iter().map(|s| s.module_version.to_string());
+        AdminError::unless_held(&asked, held)?;
     }
     let summary = verify_all(store.as_ref(), versions, |damaged| {
         found(Damaged { probe: damaged.probe.into(), reason: damaged.why });
@@ -173,8 +160,8 @@ async fn online(
     let mut client = endpoint.connect()?;
     if !versions.is_empty() {
         let listing = client.list_module_versions(ListModuleVersionsRequest {});
-        let known = endpoint.call("listing module versions", listing).await?.module_versions;
-        none_unknown(versions, known.iter().map(|s| s.module_version.as_str()))?;
+        let held = endpoint.call("listing module versions", listing).await?.module_versions;
+        AdminError::unless_held(versions, held.into_iter().map(|s| s.module_version))?;
     }
     let request = VerifyProbesRequest { module_versions: versions.to_vec() };
     let mut stream = endpoint.call("starting the verification", client.verify_probes(request)).await?;
