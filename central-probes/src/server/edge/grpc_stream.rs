@@ -235,8 +235,9 @@ where
             };
             match polled {
                 Some(Ok(frame)) => {
-                    // Only bytes count as activity: empty DATA frames or
-                    // other frames would otherwise keep a stalled upload open.
+                    // Only bytes count as activity, whatever frames the
+                    // HTTP layer hands on (h2 drops empty DATA frames
+                    // itself; the rule does not lean on that).
                     if let Ok(data) = frame.into_data()
                         && !data.is_empty()
                     {

@@ -39,8 +39,8 @@ where
     B: http_body::Body<Data = Bytes> + Unpin,
     B::Error: std::fmt::Display,
 {
-    // One deadline for the whole wait: frames without bytes (empty DATA,
-    // trailers) do not restart it.
+    // One deadline for the whole wait: a frame without bytes, whatever
+    // the HTTP layer hands on, does not restart it.
     let deadline = tokio::time::Instant::now() + idle;
     while let Some(frame) = tokio::time::timeout_at(deadline, body.frame()).await.map_err(|_| idle_error(idle))? {
         let frame = frame.map_err(|e| Error::new(Code::Cancelled, format!("the body broke off: {e}")))?;
